@@ -1,0 +1,325 @@
+//! The rule IR: what one node receives.
+//!
+//! ```text
+//!  NodeSnapshot ── endpoints ──► Endpoint { addrs, ingress: rule ids, egress: rule ids }
+//!       │                                               │
+//!       ├── rules ──► Rule { direction, tier, priority, action, peers, ports }
+//!       │                                  │
+//!       └── groups ─► Group { id, members } ◄┘  (shared by every rule and node using them)
+//! ```
+//!
+//! * A node gets its *span*: its local endpoints, the rules that apply to them and the groups
+//!   those rules reference. No policy or pod names travel; IDs are content hashes the server
+//!   maps back for humans.
+//! * Group IDs come from the group's *definition* (selector, ipBlock, named port), so a pod
+//!   appearing changes a group's members, never a rule.
+//! * Nothing here forces a per-packet loop over rules: a dataplane classifies an address into
+//!   its groups (hash/LPM lookups), then looks up (endpoint, group class, proto, port).
+//! * Every rule carries a tier, a priority and an action, so ClusterNetworkPolicy (Admin and
+//!   Baseline tiers; Deny and Pass) fits without a new format.
+
+pub mod digest;
+pub mod sim;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Cidr, Protocol};
+use digest::{Acc, Digest, Enc};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RuleId(pub u64);
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupId(pub u64);
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointId(pub u64);
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// Tiers are evaluated in this order. Kubernetes NetworkPolicy lives entirely in
+/// `NetworkPolicy`: allow rules, and default deny for isolated endpoints at the tier's end.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Tier {
+    Admin = 0,
+    NetworkPolicy = 1,
+    Baseline = 2,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Skip the remaining Admin rules and continue at the NetworkPolicy tier.
+    Pass,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub proto: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Peers {
+    Any,
+    /// The peer address is in at least one of these groups (sorted).
+    Groups(Vec<GroupId>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Ports {
+    /// Every protocol and port, ICMP included.
+    Any,
+    /// Sorted, non-overlapping per protocol. Never empty: a rule whose ports all failed to
+    /// resolve is not emitted.
+    Ranges(Vec<PortRange>),
+    /// The peer groups hold (address, protocol, port) members: an egress named port resolved
+    /// per destination pod.
+    FromGroups,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: RuleId,
+    pub direction: Direction,
+    pub tier: Tier,
+    pub priority: u32,
+    pub action: Action,
+    pub peers: Peers,
+    pub ports: Ports,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AddrPort {
+    pub addr: IpAddr,
+    pub proto: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Members {
+    /// Pod addresses, sorted.
+    Addrs(Vec<IpAddr>),
+    /// An ipBlock: `cidr` minus every `except` (sorted).
+    Block { cidr: Cidr, except: Vec<Cidr> },
+    /// Pod addresses with one resolved named port each, sorted.
+    AddrPorts(Vec<AddrPort>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Group {
+    pub id: GroupId,
+    pub members: Members,
+}
+
+/// What applies to an endpoint in one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirectionRules {
+    /// Whether a NetworkPolicy selects the endpoint for this direction (default deny).
+    pub isolated: bool,
+    /// Sorted rule IDs.
+    pub rules: Vec<RuleId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: EndpointId,
+    /// Sorted.
+    pub addrs: Vec<IpAddr>,
+    pub ingress: DirectionRules,
+    pub egress: DirectionRules,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSnapshot {
+    pub node: String,
+    pub version: u64,
+    pub digest: Digest,
+    /// The node's own addresses: traffic between a node and its pods is always allowed.
+    pub node_addrs: Vec<IpAddr>,
+    /// Sorted by ID.
+    pub endpoints: Vec<Endpoint>,
+    pub rules: Vec<Arc<Rule>>,
+    pub groups: Vec<Arc<Group>>,
+}
+
+/// How big a snapshot is, in entries a dataplane has to hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Size {
+    pub endpoints: usize,
+    pub rules: usize,
+    pub groups: usize,
+    pub members: usize,
+}
+
+impl Size {
+    pub fn total(&self) -> usize {
+        self.endpoints + self.rules + self.groups + self.members
+    }
+}
+
+impl NodeSnapshot {
+    /// The digest recomputed from content alone; equal to `digest` for a well-formed snapshot.
+    pub fn content_digest(&self) -> Digest {
+        let mut acc = Acc::default();
+        acc.add(&node_item(&self.node_addrs));
+        for e in &self.endpoints {
+            acc.add(&endpoint_item(e));
+        }
+        for r in &self.rules {
+            acc.add(&rule_hash(r));
+        }
+        for g in &self.groups {
+            acc.add(&group_item(g.id, &members_hash(&g.members)));
+        }
+        acc.digest()
+    }
+
+    pub fn size(&self) -> Size {
+        Size {
+            endpoints: self.endpoints.len(),
+            rules: self.rules.len(),
+            groups: self.groups.len(),
+            members: self
+                .groups
+                .iter()
+                .map(|g| match &g.members {
+                    Members::Addrs(a) => a.len(),
+                    Members::Block { except, .. } => 1 + except.len(),
+                    Members::AddrPorts(a) => a.len(),
+                })
+                .sum(),
+        }
+    }
+}
+
+// === item hashes (shared by the incremental compiler and `content_digest`) ===
+
+pub fn node_item(addrs: &[IpAddr]) -> [u8; 32] {
+    let mut e = Enc::new("node");
+    e.u32(addrs.len() as u32);
+    for a in addrs {
+        e.ip(*a);
+    }
+    e.finish()
+}
+
+fn direction_rules(e: &mut Enc, isolated: bool, rules: &[RuleId]) {
+    e.u8(u8::from(isolated)).u32(rules.len() as u32);
+    for r in rules {
+        e.u64(r.0);
+    }
+}
+
+pub fn endpoint_item(ep: &Endpoint) -> [u8; 32] {
+    endpoint_item_parts(
+        ep.id,
+        &ep.addrs,
+        (ep.ingress.isolated, &ep.ingress.rules),
+        (ep.egress.isolated, &ep.egress.rules),
+    )
+}
+
+/// `endpoint_item` from parts: (isolated, sorted rule IDs) per direction.
+pub fn endpoint_item_parts(id: EndpointId, addrs: &[IpAddr], ingress: (bool, &[RuleId]), egress: (bool, &[RuleId])) -> [u8; 32] {
+    let mut e = Enc::new("endpoint");
+    e.u64(id.0).u32(addrs.len() as u32);
+    for a in addrs {
+        e.ip(*a);
+    }
+    direction_rules(&mut e, ingress.0, ingress.1);
+    direction_rules(&mut e, egress.0, egress.1);
+    e.finish()
+}
+
+/// Hash of a rule's content (everything but `id`); the rule ID is its first 64 bits.
+pub fn rule_hash(r: &Rule) -> [u8; 32] {
+    rule_enc(r.direction, r.tier, r.priority, r.action, &r.peers, &r.ports).finish()
+}
+
+pub fn rule_id(direction: Direction, tier: Tier, priority: u32, action: Action, peers: &Peers, ports: &Ports) -> RuleId {
+    RuleId(rule_enc(direction, tier, priority, action, peers, ports).finish_id())
+}
+
+fn rule_enc(direction: Direction, tier: Tier, priority: u32, action: Action, peers: &Peers, ports: &Ports) -> Enc {
+    let mut e = Enc::new("rule");
+    e.u8(direction as u8).u8(tier as u8).u32(priority).u8(action as u8);
+    match peers {
+        Peers::Any => {
+            e.u8(0);
+        }
+        Peers::Groups(g) => {
+            e.u8(1).u32(g.len() as u32);
+            for id in g {
+                e.u64(id.0);
+            }
+        }
+    }
+    match ports {
+        Ports::Any => {
+            e.u8(0);
+        }
+        Ports::Ranges(r) => {
+            e.u8(1).u32(r.len() as u32);
+            for p in r {
+                e.u8(p.proto.number()).u16(p.first).u16(p.last);
+            }
+        }
+        Ports::FromGroups => {
+            e.u8(2);
+        }
+    }
+    e
+}
+
+pub fn group_item(id: GroupId, members: &[u8; 32]) -> [u8; 32] {
+    Enc::new("group").u64(id.0).bytes32(members).finish()
+}
+
+pub fn addr_member(a: IpAddr) -> [u8; 32] {
+    Enc::new("member.addr").ip(a).finish()
+}
+
+pub fn addr_port_member(m: &AddrPort) -> [u8; 32] {
+    Enc::new("member.addrport")
+        .ip(m.addr)
+        .u8(m.proto.number())
+        .u16(m.port)
+        .finish()
+}
+
+pub fn block_members(cidr: &Cidr, except: &[Cidr]) -> [u8; 32] {
+    let mut e = Enc::new("member.block");
+    e.ip(cidr.addr()).u8(cidr.len()).u32(except.len() as u32);
+    for x in except {
+        e.ip(x.addr()).u8(x.len());
+    }
+    e.finish()
+}
+
+pub fn members_hash(m: &Members) -> [u8; 32] {
+    match m {
+        Members::Addrs(a) => {
+            let mut acc = Acc::default();
+            for x in a {
+                acc.add(&addr_member(*x));
+            }
+            acc.to_bytes()
+        }
+        Members::AddrPorts(a) => {
+            let mut acc = Acc::default();
+            for x in a {
+                acc.add(&addr_port_member(x));
+            }
+            acc.to_bytes()
+        }
+        Members::Block { cidr, except } => block_members(cidr, except),
+    }
+}
