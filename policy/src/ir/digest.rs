@@ -120,8 +120,36 @@ fn lane_of(h: &[u8; 32], i: usize) -> u64 {
     u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(format!("digest {s:?} is not 64 hex digits"));
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).map_err(|_| format!("digest {s:?} is not hex"))?;
+        }
+        Ok(Digest(out))
+    }
+}
 
 impl Digest {
     pub fn short(&self) -> String {
@@ -164,6 +192,18 @@ mod tests {
         s3.add(&b);
         assert_eq!(s1, s3);
         assert_ne!(s1.digest(), s2.digest());
+    }
+
+    #[test]
+    fn digest_round_trips_as_hex() {
+        let d = Acc::default().digest();
+        let mut a = Acc::default();
+        a.add(&Enc::new("x").finish());
+        let e = a.digest();
+        for x in [d, e] {
+            assert_eq!(x.to_string().parse::<Digest>().unwrap(), x);
+        }
+        assert!("zz".parse::<Digest>().is_err());
     }
 
     #[test]

@@ -1,0 +1,196 @@
+//! `moatctl explain`: the reference evaluator's verdict on one flow, with its reasons.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use moat_policy::eval::{self, Flow, Reason, Side, Verdict};
+use moat_policy::model::{K8sObject, Object};
+use serde::Serialize;
+
+use crate::manifests;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory of Kubernetes manifests (searched recursively).
+    #[arg(long, env = "MOAT_MANIFESTS")]
+    manifests: PathBuf,
+    /// Source: `namespace/pod`, `node:NAME`, or an IP address.
+    #[arg(long)]
+    from: String,
+    /// Destination: `namespace/pod`, `node:NAME`, or an IP address.
+    #[arg(long)]
+    to: String,
+    /// `PORT/PROTOCOL` (`80/TCP`, `53/UDP`, `9000/SCTP`; the protocol defaults to TCP), or `icmp`.
+    #[arg(long, default_value = "80/TCP")]
+    port: String,
+    /// Address family when both ends have both.
+    #[arg(long, value_parser = ["ipv4", "ipv6"])]
+    family: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    from: &'a str,
+    from_ip: IpAddr,
+    to: &'a str,
+    to_ip: IpAddr,
+    protocol: &'a str,
+    port: u16,
+    verdict: &'a Verdict,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let set = manifests::load(&args.manifests)?;
+    let objects: Vec<Object> = set.objects().cloned().collect();
+    let (proto, port, proto_name) = parse_port(&args.port)?;
+    let want_v6 = match args.family.as_deref() {
+        Some("ipv6") => Some(true),
+        Some(_) => Some(false),
+        None => None,
+    };
+    let src_all = addresses(&objects, &args.from)?;
+    let dst_all = addresses(&objects, &args.to)?;
+    let (src, dst) = pick(&src_all, &dst_all, want_v6)
+        .ok_or_else(|| anyhow!("{} and {} have no address of a common family", args.from, args.to))?;
+    let cluster = eval::Cluster::from_objects(set.k8s_objects());
+    let verdict = eval::verdict(&cluster, &Flow { src, dst, proto, port });
+    if args.json {
+        let out = Output {
+            from: &args.from,
+            from_ip: src,
+            to: &args.to,
+            to_ip: dst,
+            protocol: &proto_name,
+            port,
+            verdict: &verdict,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let what = if proto_name == "ICMP" { "ICMP".to_string() } else { format!("{proto_name}/{port}") };
+    println!(
+        "{} ({src}) -> {} ({dst}) {what}: {}",
+        args.from,
+        args.to,
+        if verdict.allowed { "ALLOWED" } else { "DENIED" }
+    );
+    let k8s = set.k8s_objects();
+    print_side("egress ", &args.from, &verdict.egress, &k8s, true);
+    print_side("ingress", &args.to, &verdict.ingress, &k8s, false);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_port(s: &str) -> Result<(u8, u16, String)> {
+    if s.eq_ignore_ascii_case("icmp") {
+        return Ok((1, 0, "ICMP".into()));
+    }
+    let (p, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = proto.to_ascii_uppercase();
+    let n = match proto.as_str() {
+        "TCP" => 6,
+        "UDP" => 17,
+        "SCTP" => 132,
+        _ => bail!("unknown protocol {proto:?} in --port (TCP, UDP, SCTP, or icmp)"),
+    };
+    let port: u16 = p.parse().with_context(|| format!("bad port {p:?} in --port"))?;
+    if port == 0 {
+        bail!("port 0 in --port");
+    }
+    Ok((n, port, proto))
+}
+
+/// Addresses of `ns/pod`, `node:NAME` or a literal address.
+fn addresses(objects: &[Object], who: &str) -> Result<Vec<IpAddr>> {
+    if let Ok(ip) = who.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    if let Some(node) = who.strip_prefix("node:") {
+        for o in objects {
+            if let Object::Node(n) = o
+                && n.name == node
+            {
+                if n.addrs.is_empty() {
+                    bail!("node {node} has no InternalIP or ExternalIP address");
+                }
+                return Ok(n.addrs.clone());
+            }
+        }
+        bail!("no node {node:?} in the manifests");
+    }
+    let (ns, name) = who
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{who:?}: expected namespace/pod, node:NAME or an IP address"))?;
+    for o in objects {
+        if let Object::Pod(p) = o
+            && p.namespace == ns
+            && p.name == name
+        {
+            if p.ips.is_empty() {
+                bail!("pod {who} has no IP address (status.podIPs) in the manifests");
+            }
+            return Ok(p.ips.clone());
+        }
+    }
+    bail!("no pod {who:?} in the manifests")
+}
+
+fn pick(src: &[IpAddr], dst: &[IpAddr], v6: Option<bool>) -> Option<(IpAddr, IpAddr)> {
+    let families = match v6 {
+        Some(f) => vec![f],
+        None => vec![false, true],
+    };
+    for f in families {
+        let s = src.iter().find(|a| a.is_ipv6() == f);
+        let d = dst.iter().find(|a| a.is_ipv6() == f);
+        if let (Some(s), Some(d)) = (s, d) {
+            return Some((*s, *d));
+        }
+    }
+    None
+}
+
+fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject], egress: bool) {
+    let dir = if egress { "egress" } else { "ingress" };
+    let verdict = if side.allowed { "allowed" } else { "DENIED" };
+    match &side.reason {
+        Reason::NotAPod => println!("  {label} {who}: {verdict}: not a pod that policy applies to (external address, node, or host-network pod)"),
+        Reason::NodeLocal => println!("  {label} {who}: {verdict}: traffic between a pod and its own node is always allowed"),
+        Reason::NotIsolated => println!("  {label} {who}: {verdict}: no NetworkPolicy selects it for {dir}"),
+        Reason::AllowedBy(rules) => {
+            println!("  {label} {who}: {verdict} by:");
+            for r in rules {
+                println!("      {} spec.{dir}[{}]: {}", r.policy, r.index, rule_json(k8s, &r.policy, egress, r.index));
+            }
+        }
+        Reason::DeniedBy(policies) => {
+            let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+            println!("  {label} {who}: {verdict}: isolated for {dir} by {}; none of their {dir} rules allows this flow", names.join(", "));
+        }
+    }
+}
+
+/// The rule as written, for humans.
+fn rule_json(k8s: &[K8sObject], p: &eval::PolicyRef, egress: bool, i: usize) -> String {
+    for o in k8s {
+        let K8sObject::NetworkPolicy(np) = o else { continue };
+        let ns = np.metadata.namespace.as_deref().unwrap_or("default");
+        if ns != p.namespace || np.metadata.name.as_deref() != Some(p.name.as_str()) {
+            continue;
+        }
+        let spec = np.spec.as_ref();
+        let rule = if egress {
+            spec.and_then(|s| s.egress.as_ref()).and_then(|r| r.get(i)).map(serde_json::to_string)
+        } else {
+            spec.and_then(|s| s.ingress.as_ref()).and_then(|r| r.get(i)).map(serde_json::to_string)
+        };
+        if let Some(Ok(s)) = rule {
+            return s;
+        }
+    }
+    "?".into()
+}

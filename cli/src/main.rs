@@ -1,0 +1,46 @@
+//! `moatctl`: ask the policy model questions.
+
+mod conformance;
+mod explain;
+mod manifests;
+mod snapshot;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moatctl", version, about = "Moat command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Why is a flow allowed or denied? Both directions, with the deciding policies and rules.
+    Explain(explain::Args),
+    /// Run NetworkPolicy conformance cases.
+    Conformance(conformance::Args),
+    /// Print the snapshot a node would receive (JSON).
+    Snapshot(snapshot::Args),
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moatctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Explain(a) => explain::run(a),
+        Command::Conformance(a) => conformance::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
+    }
+}

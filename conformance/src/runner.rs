@@ -1,0 +1,276 @@
+//! Runs cases against backends and compares every probe with the expected truth table.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use moat_policy::model::K8sObject;
+
+use crate::Error;
+use crate::case::{Case, ProbeSpec};
+use crate::cluster::{self, Family, Plan};
+
+/// One probe: `from` connects to `to`'s address with `spec`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub from_ip: IpAddr,
+    pub to_ip: IpAddr,
+    pub spec: ProbeSpec,
+}
+
+/// Something that enforces policy on the conformance cluster: the model, or a dataplane.
+pub trait Backend {
+    /// Makes the cluster hold exactly `objects`, as live updates from what it held before,
+    /// and returns once the new state is enforced.
+    fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error>;
+    /// Whether each probe's connection succeeds.
+    fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error>;
+}
+
+/// Builds a backend for a cluster with this addressing.
+pub type Factory<'a> = Box<dyn FnMut(Plan) -> Result<Box<dyn Backend>, Error> + 'a>;
+
+pub struct Options {
+    pub families: Vec<Family>,
+    /// A fresh cluster for every case file.
+    pub scratch: bool,
+    /// One cluster for the whole run, every case applied as a live update to the last.
+    pub live: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    pub from: String,
+    pub to: String,
+    pub spec: ProbeSpec,
+    pub expected: bool,
+    pub got: bool,
+}
+
+impl fmt::Display for Cell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = |b: bool| if b { "allowed" } else { "denied" };
+        write!(
+            f,
+            "{} -> {} {}/{}: expected {}, got {}",
+            self.from,
+            self.to,
+            self.spec.protocol,
+            self.spec.port,
+            word(self.expected),
+            word(self.got)
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Every non-loopback cell matched. Loopback cells that differ are listed, not counted.
+    Pass { loopback: Vec<Cell> },
+    Fail { wrong: Vec<Cell>, loopback: Vec<Cell> },
+    Skipped(String),
+    Error(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// e.g. `compiled ipv6 live`.
+    pub label: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaseReport {
+    pub name: String,
+    pub runs: Vec<Run>,
+}
+
+impl CaseReport {
+    pub fn passed(&self) -> bool {
+        self.runs
+            .iter()
+            .all(|r| matches!(r.outcome, Outcome::Pass { .. } | Outcome::Skipped(_)))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub cases: Vec<CaseReport>,
+}
+
+impl Report {
+    pub fn passed(&self) -> usize {
+        self.cases.iter().filter(|c| c.passed()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.cases.len() - self.passed()
+    }
+
+    fn case(&mut self, name: &str) -> &mut CaseReport {
+        if let Some(i) = self.cases.iter().position(|c| c.name == name) {
+            return &mut self.cases[i];
+        }
+        self.cases.push(CaseReport {
+            name: name.to_string(),
+            runs: Vec::new(),
+        });
+        self.cases.last_mut().expect("pushed")
+    }
+}
+
+impl fmt::Display for CaseReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let loopback: usize = self
+            .runs
+            .iter()
+            .map(|r| match &r.outcome {
+                Outcome::Pass { loopback } | Outcome::Fail { loopback, .. } => loopback.len(),
+                _ => 0,
+            })
+            .sum();
+        let skipped: Vec<&str> = self
+            .runs
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Skipped(why) => Some(why.as_str()),
+                _ => None,
+            })
+            .collect();
+        let ran = self.runs.len() - skipped.len();
+        write!(f, "{} {} ({ran} runs", if self.passed() { "PASS" } else { "FAIL" }, self.name)?;
+        if let Some(why) = skipped.first() {
+            write!(f, "; {} skipped: {why}", skipped.len())?;
+        }
+        if loopback > 0 {
+            write!(f, "; {loopback} loopback cells differ, not counted")?;
+        }
+        write!(f, ")")?;
+        for r in &self.runs {
+            match &r.outcome {
+                Outcome::Fail { wrong, .. } => {
+                    write!(f, "\n    {}: {} cells wrong", r.label, wrong.len())?;
+                    for c in wrong.iter().take(12) {
+                        write!(f, "\n      {c}")?;
+                    }
+                    if wrong.len() > 12 {
+                        write!(f, "\n      …")?;
+                    }
+                }
+                Outcome::Error(e) => write!(f, "\n    {}: error: {e}", r.label)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.cases {
+            writeln!(f, "{c}")?;
+        }
+        write!(f, "{} passed, {} failed", self.passed(), self.failed())
+    }
+}
+
+/// Every ordered pod pair × every probe of the case.
+pub fn probes(case: &Case, plan: Plan) -> Vec<Probe> {
+    let mut out = Vec::new();
+    for spec in &case.probes {
+        for from in cluster::all_pods() {
+            for to in cluster::all_pods() {
+                out.push(Probe {
+                    from_ip: plan.ip_of(&from).expect("known pod"),
+                    to_ip: plan.ip_of(&to).expect("known pod"),
+                    from: from.clone(),
+                    to,
+                    spec: *spec,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn check(case: &Case, backend: &mut dyn Backend, plan: Plan) -> Outcome {
+    let objects = match cluster::objects(case, plan) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    if let Err(e) = backend.apply(&objects) {
+        return Outcome::Error(e.to_string());
+    }
+    let probes = probes(case, plan);
+    let got = match backend.probe(&probes) {
+        Ok(g) => g,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let mut wrong = Vec::new();
+    let mut loopback = Vec::new();
+    for (p, got) in probes.iter().zip(got) {
+        let exp = case
+            .expect
+            .iter()
+            .find(|e| e.probe == p.spec)
+            .expect("validated: one expectation per probe");
+        let expected = exp.allowed(&p.from, &p.to);
+        if expected != got {
+            let cell = Cell {
+                from: p.from.clone(),
+                to: p.to.clone(),
+                spec: p.spec,
+                expected,
+                got,
+            };
+            if p.from == p.to {
+                loopback.push(cell);
+            } else {
+                wrong.push(cell);
+            }
+        }
+    }
+    if wrong.is_empty() {
+        Outcome::Pass { loopback }
+    } else {
+        Outcome::Fail { wrong, loopback }
+    }
+}
+
+/// Runs every case on every named backend, per family, from scratch and/or live.
+pub fn run(cases: &[Case], backends: &mut [(String, Factory<'_>)], opts: &Options) -> Report {
+    let mut report = Report::default();
+    for (name, factory) in backends.iter_mut() {
+        for &family in &opts.families {
+            let plan = Plan::new(family);
+            let skip = |case: &Case| (family == Family::Ipv6 && case.ipv4_only()).then(|| "-ipv4 case, IPv6 run skipped".to_string());
+            if opts.scratch {
+                for case in cases {
+                    let label = format!("{name} {family} scratch");
+                    let outcome = match skip(case) {
+                        Some(why) => Outcome::Skipped(why),
+                        None => match factory(plan) {
+                            Ok(mut b) => check(case, b.as_mut(), plan),
+                            Err(e) => Outcome::Error(e.to_string()),
+                        },
+                    };
+                    report.case(&case.name).runs.push(Run { label, outcome });
+                }
+            }
+            if opts.live {
+                let mut backend = factory(plan);
+                for case in cases {
+                    let label = format!("{name} {family} live");
+                    let outcome = match (skip(case), &mut backend) {
+                        (Some(why), _) => Outcome::Skipped(why),
+                        (None, Ok(b)) => check(case, b.as_mut(), plan),
+                        (None, Err(e)) => Outcome::Error(e.to_string()),
+                    };
+                    report.case(&case.name).runs.push(Run { label, outcome });
+                }
+            }
+        }
+    }
+    report
+}

@@ -1,0 +1,59 @@
+//! Every case in `shared/conformance/netpol` and `conformance/cases` passes in model mode:
+//! IPv4 and IPv6, from scratch and as live updates.
+
+use std::path::Path;
+
+use moat_conformance::cluster::Family;
+use moat_conformance::{Options, load_dir, model_backends, run};
+
+fn run_dir(dir: &Path, expect_cases: Option<usize>) {
+    let cases = load_dir(dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    if let Some(n) = expect_cases {
+        assert_eq!(cases.len(), n, "case count in {}", dir.display());
+    }
+    let report = run(
+        &cases,
+        &mut model_backends(),
+        &Options {
+            families: vec![Family::Ipv4, Family::Ipv6],
+            scratch: true,
+            live: true,
+        },
+    );
+    println!("{report}");
+    assert_eq!(report.failed(), 0, "\n{report}");
+}
+
+#[test]
+fn shared_cases_pass_in_model_mode() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/netpol");
+    run_dir(&dir, Some(47));
+}
+
+#[test]
+fn own_cases_pass_in_model_mode() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases");
+    run_dir(&dir, None);
+}
+
+#[test]
+fn a_wrong_expectation_fails_and_names_the_cells() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases");
+    let mut cases = load_dir(&dir).unwrap();
+    cases.retain(|c| c.name == "moat-endport-range");
+    // Claim that x/a's port 81 is open to y/b: the runner must catch it on every run.
+    cases[0].expect[1]
+        .exceptions
+        .retain(|e| !(e.from == "y/b" && e.to == "x/a"));
+    let report = run(
+        &cases,
+        &mut model_backends(),
+        &Options { families: vec![Family::Ipv4, Family::Ipv6], scratch: true, live: true },
+    );
+    let text = report.to_string();
+    assert_eq!(report.failed(), 1, "{text}");
+    assert!(text.contains("y/b -> x/a TCP/81: expected allowed, got denied"), "{text}");
+    assert!(text.ends_with("0 passed, 1 failed"), "{text}");
+    // Both model backends, both families, scratch and live: 8 failing runs.
+    assert_eq!(text.matches("1 cells wrong").count(), 8, "{text}");
+}

@@ -1,0 +1,25 @@
+//! Helpers for tests that run Moat's real binaries.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+/// Path of a workspace binary built alongside the tests (`cargo test --workspace` and
+/// `cargo nextest run --workspace` build every binary before running tests).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with --workspace (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

@@ -1,0 +1,97 @@
+//! The file source: a directory of manifests, reloaded when it changes.
+//!
+//! inotify (through `notify`) triggers a reload after a short debounce, so an editor's
+//! write-rename dance becomes one reload; a slow poll catches anything the watcher missed
+//! (network filesystems, a watcher that failed to start).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use moat_manifests::{ManifestSet, Reload, Severity};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::SourceEvent;
+
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Manifests(#[from] moat_manifests::Error),
+}
+
+/// Loads `dir` once (failing if it can't be read at all), sends the full state as a
+/// `Reset`, then keeps sending changes until the receiver goes away.
+pub async fn spawn(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let mut set = ManifestSet::new(dir.clone());
+    let first = set.reload()?;
+    let mut shown = report(&first, &BTreeSet::new());
+    info!(dir = %dir.display(), objects = set.len(), "loaded manifests");
+    let objects = set.objects().cloned().collect();
+    let span = info_span!("source", dir = %dir.display());
+    Ok(tokio::spawn(
+        async move {
+            if tx.send(SourceEvent::Reset(objects)).await.is_err() {
+                return;
+            }
+            let (wake_tx, mut wake) = mpsc::channel::<()>(1);
+            let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok() {
+                    let _ = wake_tx.try_send(());
+                }
+            })
+            .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|_| w));
+            let _watcher = match watcher {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(error = %e, poll = ?poll, "cannot watch the directory; polling only");
+                    None
+                }
+            };
+            let mut tick = tokio::time::interval(poll);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    Some(()) = wake.recv() => {
+                        tokio::time::sleep(DEBOUNCE).await;
+                        while wake.try_recv().is_ok() {}
+                    }
+                    _ = tick.tick() => {}
+                    _ = tx.closed() => return,
+                }
+                match set.reload() {
+                    Ok(r) => {
+                        shown = report(&r, &shown);
+                        if !r.events.is_empty() {
+                            debug!(events = r.events.len(), "manifests changed");
+                            if tx.send(SourceEvent::Batch(r.events)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => error!(error = %e, "reload failed; keeping the last state"),
+                }
+            }
+        }
+        .instrument(span),
+    ))
+}
+
+/// Logs diagnostics that weren't shown last time (a poll mustn't repeat every warning).
+fn report(r: &Reload, shown: &BTreeSet<String>) -> BTreeSet<String> {
+    let now: BTreeSet<String> = r.diagnostics.iter().map(ToString::to_string).collect();
+    for d in &r.diagnostics {
+        let text = d.to_string();
+        if shown.contains(&text) {
+            continue;
+        }
+        match d.severity {
+            Severity::Error => error!("{text}"),
+            Severity::Warning => warn!("{text}"),
+        }
+    }
+    now
+}
