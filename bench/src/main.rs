@@ -84,12 +84,20 @@ fn input(scale: Scale) -> Input {
     let t = Instant::now();
     let objects: Vec<Object> = k8s
         .iter()
-        .map(|o| model::parse::object(o).expect("synthetic objects are valid").value)
+        .map(|o| {
+            model::parse::object(o)
+                .expect("synthetic objects are valid")
+                .value
+        })
         .collect();
     let parse = t.elapsed();
     let bytes = alloc::live() - live;
     drop(k8s);
-    Input { objects, parse, bytes }
+    Input {
+        objects,
+        parse,
+        bytes,
+    }
 }
 
 struct CompileResult {
@@ -156,7 +164,7 @@ impl CompileResult {
     fn row(&self) -> String {
         let s = self.scale;
         format!(
-            "| {} / {} / {} / {} | {} | {} | **{}** | {:.2}× | {} | {} | {} | {} | {} |",
+            "| {} / {} / {} / {} | {} | {} | **{}** | {:.2}× | {} | {} | {} | {} | {} | {} / {} |",
             s.nodes,
             s.namespaces,
             s.pods,
@@ -170,11 +178,13 @@ impl CompileResult {
             secs(self.materialize),
             self.stats.groups,
             self.stats.rules,
+            self.snapshot_entries,
+            self.largest_snapshot,
         )
     }
 }
 
-const COMPILE_HEADER: &str = "| nodes / namespaces / pods / policies | baseline: validate + convert input | input size | full compile | compile ÷ baseline | peak heap (input + index) | index after compile | materialise all snapshots | groups | rules |\n|---|---|---|---|---|---|---|---|---|---|\n";
+const COMPILE_HEADER: &str = "| nodes / namespaces / pods / policies | baseline: validate + convert input | input size | full compile | compile ÷ baseline | peak heap (input + index) | index after compile | materialise all snapshots | groups | rules | snapshot entries: all nodes / largest node |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
 
 struct EventResult {
     what: &'static str,
@@ -196,7 +206,13 @@ fn events(scale: Scale, iterations: usize) -> (Duration, Vec<EventResult>) {
         labels: model::Namespace::implicit_labels("bench-ten"),
     })];
     for i in 0..10 {
-        setup.push(pod("bench-ten", &format!("p{i}"), "peer", i * (scale.nodes / 10), 1_000_000 + i));
+        setup.push(pod(
+            "bench-ten",
+            &format!("p{i}"),
+            "peer",
+            i * (scale.nodes / 10),
+            1_000_000 + i,
+        ));
     }
     setup.push(Object::Policy(model::Policy {
         namespace: "bench-ten".into(),
@@ -215,10 +231,22 @@ fn events(scale: Scale, iterations: usize) -> (Duration, Vec<EventResult>) {
 
     let node = scale.nodes / 2 + 1;
     let kinds: [(&'static str, Object); 4] = [
-        ("pod added in a namespace without policies", pod("bench-solo", "new", "solo", node, 2_000_000)),
-        ("pod added to a 10-node mesh", pod("bench-ten", "new", "peer", node, 2_000_001)),
-        ("pod added in an app namespace (100 pods)", pod("ns-00000", "new", "app-1", node, 2_000_002)),
-        ("DNS replica added (every node's DNS egress rule)", pod("kube-system", "coredns-new", "dns", node, 2_000_003)),
+        (
+            "pod added in a namespace without policies",
+            pod("bench-solo", "new", "solo", node, 2_000_000),
+        ),
+        (
+            "pod added to a 10-node mesh",
+            pod("bench-ten", "new", "peer", node, 2_000_001),
+        ),
+        (
+            "pod added in an app namespace (100 pods)",
+            pod("ns-00000", "new", "app-1", node, 2_000_002),
+        ),
+        (
+            "DNS replica added (every node's DNS egress rule)",
+            pod("kube-system", "coredns-new", "dns", node, 2_000_003),
+        ),
     ];
     let mut out = Vec::new();
     for (what, obj) in kinds {
@@ -235,12 +263,22 @@ fn events(scale: Scale, iterations: usize) -> (Duration, Vec<EventResult>) {
             index.delete(&key);
             del.push(t.elapsed());
         }
-        out.push(EventResult { what, nodes, median: median(&mut add), p90: p90(&mut add) });
+        out.push(EventResult {
+            what,
+            nodes,
+            median: median(&mut add),
+            p90: p90(&mut add),
+        });
         let what_del: &'static str = match what {
             w if w.starts_with("DNS") => "DNS replica deleted",
             _ => "… and deleted again",
         };
-        out.push(EventResult { what: what_del, nodes, median: median(&mut del), p90: p90(&mut del) });
+        out.push(EventResult {
+            what: what_del,
+            nodes,
+            median: median(&mut del),
+            p90: p90(&mut del),
+        });
     }
     // A relabel moves one pod between app groups.
     let mut relabel = Vec::new();
@@ -270,7 +308,11 @@ fn pod(ns: &str, name: &str, app: &str, node: usize, n: usize) -> Object {
     let labels = if app == "dns" {
         [("k8s-app".to_string(), "kube-dns".to_string())].into()
     } else {
-        [("app".to_string(), app.to_string()), ("tier".to_string(), "frontend".to_string())].into()
+        [
+            ("app".to_string(), app.to_string()),
+            ("tier".to_string(), "frontend".to_string()),
+        ]
+        .into()
     };
     Object::Pod(model::Pod {
         namespace: ns.into(),
@@ -278,7 +320,11 @@ fn pod(ns: &str, name: &str, app: &str, node: usize, n: usize) -> Object {
         labels,
         node: Some(synthetic::node_name(node)),
         ips: vec![synthetic::pod_ip_v4(n)],
-        ports: vec![model::ContainerPort { name: "http".into(), proto: model::Protocol::Tcp, port: 8080 }],
+        ports: vec![model::ContainerPort {
+            name: "http".into(),
+            proto: model::Protocol::Tcp,
+            port: 8080,
+        }],
         host_network: false,
         terminal: false,
     })
@@ -303,9 +349,17 @@ fn report(quick: bool) -> String {
         md.push_str(&compile(scale).row());
         md.push('\n');
     }
-    for (name, scale) in [("1,000 nodes / 30,000 pods", Scale::MEDIUM), ("5,000 nodes / 100,000 pods", Scale::ANTREA)] {
+    for (name, scale) in [
+        ("1,000 nodes / 30,000 pods", Scale::MEDIUM),
+        ("5,000 nodes / 100,000 pods", Scale::ANTREA),
+    ] {
         let (full, rows) = events(scale, iterations);
-        writeln!(md, "\n## One pod event, {name} (baseline: full compile {})\n", secs(full)).unwrap();
+        writeln!(
+            md,
+            "\n## One pod event, {name} (baseline: full compile {})\n",
+            secs(full)
+        )
+        .unwrap();
         md.push_str("| event | nodes whose snapshot changed | median | p90 | median ÷ full compile |\n|---|---|---|---|---|\n");
         for r in rows {
             writeln!(
@@ -320,7 +374,13 @@ fn report(quick: bool) -> String {
             .unwrap();
         }
     }
-    for (name, scale) in [("1,000 nodes / 30,000 pods / 3,000 policies", Scale::MEDIUM), ("5,000 nodes / 100,000 pods / 75,000 policies", Scale::ANTREA)] {
+    for (name, scale) in [
+        ("1,000 nodes / 30,000 pods / 3,000 policies", Scale::MEDIUM),
+        (
+            "5,000 nodes / 100,000 pods / 75,000 policies",
+            Scale::ANTREA,
+        ),
+    ] {
         if quick && scale == Scale::ANTREA {
             continue;
         }

@@ -55,10 +55,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let src_all = addresses(&objects, &args.from)?;
     let dst_all = addresses(&objects, &args.to)?;
-    let (src, dst) = pick(&src_all, &dst_all, want_v6)
-        .ok_or_else(|| anyhow!("{} and {} have no address of a common family", args.from, args.to))?;
+    let (src, dst) = pick(&src_all, &dst_all, want_v6).ok_or_else(|| {
+        anyhow!(
+            "{} and {} have no address of a common family",
+            args.from,
+            args.to
+        )
+    })?;
     let cluster = eval::Cluster::from_objects(set.k8s_objects());
-    let verdict = eval::verdict(&cluster, &Flow { src, dst, proto, port });
+    let verdict = eval::verdict(
+        &cluster,
+        &Flow {
+            src,
+            dst,
+            proto,
+            port,
+        },
+    );
     if args.json {
         let out = Output {
             from: &args.from,
@@ -72,7 +85,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let what = if proto_name == "ICMP" { "ICMP".to_string() } else { format!("{proto_name}/{port}") };
+    let what = if proto_name == "ICMP" {
+        "ICMP".to_string()
+    } else {
+        format!("{proto_name}/{port}")
+    };
     println!(
         "{} ({src}) -> {} ({dst}) {what}: {}",
         args.from,
@@ -97,7 +114,9 @@ fn parse_port(s: &str) -> Result<(u8, u16, String)> {
         "SCTP" => 132,
         _ => bail!("unknown protocol {proto:?} in --port (TCP, UDP, SCTP, or icmp)"),
     };
-    let port: u16 = p.parse().with_context(|| format!("bad port {p:?} in --port"))?;
+    let port: u16 = p
+        .parse()
+        .with_context(|| format!("bad port {p:?} in --port"))?;
     if port == 0 {
         bail!("port 0 in --port");
     }
@@ -158,18 +177,32 @@ fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject], egress: bo
     let dir = if egress { "egress" } else { "ingress" };
     let verdict = if side.allowed { "allowed" } else { "DENIED" };
     match &side.reason {
-        Reason::NotAPod => println!("  {label} {who}: {verdict}: not a pod that policy applies to (external address, node, or host-network pod)"),
-        Reason::NodeLocal => println!("  {label} {who}: {verdict}: traffic between a pod and its own node is always allowed"),
-        Reason::NotIsolated => println!("  {label} {who}: {verdict}: no NetworkPolicy selects it for {dir}"),
+        Reason::NotAPod => println!(
+            "  {label} {who}: {verdict}: not a pod that policy applies to (external address, node, or host-network pod)"
+        ),
+        Reason::NodeLocal => println!(
+            "  {label} {who}: {verdict}: traffic between a pod and its own node is always allowed"
+        ),
+        Reason::NotIsolated => {
+            println!("  {label} {who}: {verdict}: no NetworkPolicy selects it for {dir}")
+        }
         Reason::AllowedBy(rules) => {
             println!("  {label} {who}: {verdict} by:");
             for r in rules {
-                println!("      {} spec.{dir}[{}]: {}", r.policy, r.index, rule_json(k8s, &r.policy, egress, r.index));
+                println!(
+                    "      {} spec.{dir}[{}]: {}",
+                    r.policy,
+                    r.index,
+                    rule_json(k8s, &r.policy, egress, r.index)
+                );
             }
         }
         Reason::DeniedBy(policies) => {
             let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
-            println!("  {label} {who}: {verdict}: isolated for {dir} by {}; none of their {dir} rules allows this flow", names.join(", "));
+            println!(
+                "  {label} {who}: {verdict}: isolated for {dir} by {}; none of their {dir} rules allows this flow",
+                names.join(", ")
+            );
         }
     }
 }
@@ -177,16 +210,22 @@ fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject], egress: bo
 /// The rule as written, for humans.
 fn rule_json(k8s: &[K8sObject], p: &eval::PolicyRef, egress: bool, i: usize) -> String {
     for o in k8s {
-        let K8sObject::NetworkPolicy(np) = o else { continue };
+        let K8sObject::NetworkPolicy(np) = o else {
+            continue;
+        };
         let ns = np.metadata.namespace.as_deref().unwrap_or("default");
         if ns != p.namespace || np.metadata.name.as_deref() != Some(p.name.as_str()) {
             continue;
         }
         let spec = np.spec.as_ref();
         let rule = if egress {
-            spec.and_then(|s| s.egress.as_ref()).and_then(|r| r.get(i)).map(serde_json::to_string)
+            spec.and_then(|s| s.egress.as_ref())
+                .and_then(|r| r.get(i))
+                .map(serde_json::to_string)
         } else {
-            spec.and_then(|s| s.ingress.as_ref()).and_then(|r| r.get(i)).map(serde_json::to_string)
+            spec.and_then(|s| s.ingress.as_ref())
+                .and_then(|r| r.get(i))
+                .map(serde_json::to_string)
         };
         if let Some(Ok(s)) = rule {
             return s;

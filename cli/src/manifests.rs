@@ -14,7 +14,11 @@ pub fn load(dir: &Path) -> Result<ManifestSet> {
         eprintln!("{d}");
     }
     if set.is_empty() {
-        let errors = r.diagnostics.iter().filter(|d| d.severity == Severity::Error).count();
+        let errors = r
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
         bail!("no usable objects in {} ({errors} errors)", dir.display());
     }
     Ok(set)

@@ -22,7 +22,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let set = manifests::load(&args.manifests)?;
     let index = Index::build(set.objects().cloned());
     let snap = index.snapshot(&args.node).ok_or_else(|| {
-        let known: Vec<String> = index.nodes().into_iter().map(|n| n.node.to_string()).collect();
+        let known: Vec<String> = index
+            .nodes()
+            .into_iter()
+            .map(|n| n.node.to_string())
+            .collect();
         anyhow!("no node {:?} (nodes: {})", args.node, known.join(", "))
     })?;
     println!("{}", serde_json::to_string_pretty(&snap)?);

@@ -125,11 +125,18 @@ impl Case {
             message,
         };
         if case.probes.len() != case.expect.len() {
-            return Err(bad(format!("{} probes but {} expectations", case.probes.len(), case.expect.len())));
+            return Err(bad(format!(
+                "{} probes but {} expectations",
+                case.probes.len(),
+                case.expect.len()
+            )));
         }
         for (i, (p, e)) in case.probes.iter().zip(&case.expect).enumerate() {
             if *p != e.probe {
-                return Err(bad(format!("expect[{i}] is for {:?}, probes[{i}] is {p:?}", e.probe)));
+                return Err(bad(format!(
+                    "expect[{i}] is for {:?}, probes[{i}] is {p:?}",
+                    e.probe
+                )));
             }
         }
         Ok(case)
@@ -138,12 +145,28 @@ impl Case {
 
 /// Every case file in `dir`, in run order: by test, then by step number.
 pub fn load_dir(dir: &Path) -> Result<Vec<Case>, Error> {
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.to_path_buf(), source: e });
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| Error::Io {
+            path: p.to_path_buf(),
+            source: e,
+        })
+    };
     let mut cases = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     for entry in entries {
-        let path = entry.map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?.path();
-        if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        let path = entry
+            .map_err(|e| Error::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?
+            .path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             cases.push(Case::parse(&path, &read(&path)?)?);
         }
     }

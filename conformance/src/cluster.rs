@@ -47,14 +47,32 @@ impl Plan {
     pub fn pod_ip(&self, ns: usize, pod: usize) -> IpAddr {
         match self.family {
             Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(10, self.id, ns as u8, pod as u8 + 10)),
-            Family::Ipv6 => IpAddr::V6(Ipv6Addr::new(0xfd00, u16::from(self.id), 0, 0, 0, 0, ns as u16, pod as u16 + 10)),
+            Family::Ipv6 => IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                u16::from(self.id),
+                0,
+                0,
+                0,
+                0,
+                ns as u16,
+                pod as u16 + 10,
+            )),
         }
     }
 
     pub fn node_ip(&self, node: usize) -> IpAddr {
         match self.family {
             Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(192, 168, self.id, node as u8 + 1)),
-            Family::Ipv6 => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, u16::from(self.id), 0, 0, 0, 0, node as u16 + 1)),
+            Family::Ipv6 => IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                u16::from(self.id),
+                0,
+                0,
+                0,
+                0,
+                node as u16 + 1,
+            )),
         }
     }
 
@@ -122,11 +140,20 @@ pub fn objects(case: &Case, plan: Plan) -> Result<Vec<K8sObject>, Error> {
                 ("kubernetes.io/metadata.name".to_string(), ns.to_string()),
             ])
         });
-        out.push(K8sObject::Namespace(k8s(json!({"metadata": {"name": ns, "labels": labels}}))));
+        out.push(K8sObject::Namespace(k8s(
+            json!({"metadata": {"name": ns, "labels": labels}}),
+        )));
     }
-    for key in case.namespace_labels.keys().chain(case.pod_labels.keys()).chain(case.pod_ports.keys()) {
+    for key in case
+        .namespace_labels
+        .keys()
+        .chain(case.pod_labels.keys())
+        .chain(case.pod_ports.keys())
+    {
         if !NAMESPACES.contains(&key.as_str()) && parse_pod(key).is_none() {
-            return Err(bad(format!("{key:?} is not one of the case's namespaces or pods")));
+            return Err(bad(format!(
+                "{key:?} is not one of the case's namespaces or pods"
+            )));
         }
     }
     for (i, ns) in NAMESPACES.iter().enumerate() {
@@ -170,11 +197,7 @@ fn k8s<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
 /// Resolves `{{podIP ns/pod}}`, `{{podCIDR ns/pod}}` and `{{podLargeCIDR ns/pod}}`.
 fn substitute(v: &mut serde_yaml::Value, plan: Plan) -> Result<(), String> {
     match v {
-        serde_yaml::Value::String(s) => {
-            if s.contains("{{") {
-                *s = resolve(s, plan)?;
-            }
-        }
+        serde_yaml::Value::String(s) if s.contains("{{") => *s = resolve(s, plan)?,
         serde_yaml::Value::Sequence(items) => {
             for i in items {
                 substitute(i, plan)?;

@@ -24,7 +24,9 @@ impl Backend for Compiled {
     fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error> {
         let mut next = BTreeMap::new();
         for o in objects {
-            let m = model::parse::object(o).map_err(|e| Error::Backend(e.to_string()))?.value;
+            let m = model::parse::object(o)
+                .map_err(|e| Error::Backend(e.to_string()))?
+                .value;
             next.insert(m.key(), m);
         }
         let mut events = Vec::new();

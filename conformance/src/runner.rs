@@ -67,8 +67,13 @@ impl fmt::Display for Cell {
 #[derive(Clone, Debug)]
 pub enum Outcome {
     /// Every non-loopback cell matched. Loopback cells that differ are listed, not counted.
-    Pass { loopback: Vec<Cell> },
-    Fail { wrong: Vec<Cell>, loopback: Vec<Cell> },
+    Pass {
+        loopback: Vec<Cell>,
+    },
+    Fail {
+        wrong: Vec<Cell>,
+        loopback: Vec<Cell>,
+    },
     Skipped(String),
     Error(String),
 }
@@ -139,7 +144,12 @@ impl fmt::Display for CaseReport {
             })
             .collect();
         let ran = self.runs.len() - skipped.len();
-        write!(f, "{} {} ({ran} runs", if self.passed() { "PASS" } else { "FAIL" }, self.name)?;
+        write!(
+            f,
+            "{} {} ({ran} runs",
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.name
+        )?;
         if let Some(why) = skipped.first() {
             write!(f, "; {} skipped: {why}", skipped.len())?;
         }
@@ -244,7 +254,10 @@ pub fn run(cases: &[Case], backends: &mut [(String, Factory<'_>)], opts: &Option
     for (name, factory) in backends.iter_mut() {
         for &family in &opts.families {
             let plan = Plan::new(family);
-            let skip = |case: &Case| (family == Family::Ipv6 && case.ipv4_only()).then(|| "-ipv4 case, IPv6 run skipped".to_string());
+            let skip = |case: &Case| {
+                (family == Family::Ipv6 && case.ipv4_only())
+                    .then(|| "-ipv4 case, IPv6 run skipped".to_string())
+            };
             if opts.scratch {
                 for case in cases {
                     let label = format!("{name} {family} scratch");

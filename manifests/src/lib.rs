@@ -39,7 +39,10 @@ pub fn manifest_files(root: &Path) -> Result<Vec<PathBuf>, Error> {
             }
             if path.is_dir() {
                 walk(&path, out)?;
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
                 out.push(path);
             }
         }
@@ -74,7 +77,9 @@ pub struct Reload {
 
 impl Reload {
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Error)
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
     }
 }
 
@@ -145,11 +150,20 @@ impl ManifestSet {
                         file: file.clone(),
                         object: Some(key.to_string()),
                         field: None,
-                        message: format!("also defined in {}; using that one", first.file.display()),
+                        message: format!(
+                            "also defined in {}; using that one",
+                            first.file.display()
+                        ),
                     });
                     continue;
                 }
-                next.insert(key, Entry { file: file.clone(), loaded });
+                next.insert(
+                    key,
+                    Entry {
+                        file: file.clone(),
+                        loaded,
+                    },
+                );
             }
         }
         // Never fail open: invalid updates and unparseable files keep the last valid objects.
@@ -183,7 +197,10 @@ impl ManifestSet {
             }
         }
         self.objects = next;
-        Reload { events, diagnostics }
+        Reload {
+            events,
+            diagnostics,
+        }
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
@@ -191,7 +208,10 @@ impl ManifestSet {
     }
 
     pub fn k8s_objects(&self) -> Vec<K8sObject> {
-        self.objects.values().map(|e| e.loaded.k8s.clone()).collect()
+        self.objects
+            .values()
+            .map(|e| e.loaded.k8s.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -62,7 +62,13 @@ pub struct FileResult {
 }
 
 impl FileResult {
-    fn error(&mut self, file: &Path, object: Option<String>, field: Option<String>, message: impl Into<String>) {
+    fn error(
+        &mut self,
+        file: &Path,
+        object: Option<String>,
+        field: Option<String>,
+        message: impl Into<String>,
+    ) {
         self.diagnostics.push(Diagnostic {
             severity: Severity::Error,
             file: file.to_path_buf(),
@@ -82,7 +88,12 @@ pub fn parse_file(file: &Path, text: &str) -> FileResult {
         match Value::deserialize(de) {
             Ok(v) => docs.push((i + 1, v)),
             Err(e) => {
-                out.error(file, Some(format!("document {}", i + 1)), None, format!("malformed YAML: {e}"));
+                out.error(
+                    file,
+                    Some(format!("document {}", i + 1)),
+                    None,
+                    format!("malformed YAML: {e}"),
+                );
                 out.unreadable = true;
                 return out;
             }
@@ -99,24 +110,46 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         return;
     }
     let Value::Mapping(map) = &doc else {
-        out.error(file, Some(format!("document {n}")), None, "not a Kubernetes object (expected a mapping)");
+        out.error(
+            file,
+            Some(format!("document {n}")),
+            None,
+            "not a Kubernetes object (expected a mapping)",
+        );
         return;
     };
     let text = |k: &str| map.get(k).and_then(Value::as_str).map(str::to_string);
     let (Some(api), Some(kind)) = (text("apiVersion"), text("kind")) else {
-        out.error(file, Some(format!("document {n}")), None, "missing apiVersion or kind");
+        out.error(
+            file,
+            Some(format!("document {n}")),
+            None,
+            "missing apiVersion or kind",
+        );
         return;
     };
     if kind == "List" || (kind.ends_with("List") && api == "v1") {
-        let items = map.get("items").and_then(Value::as_sequence).cloned().unwrap_or_default();
+        let items = map
+            .get("items")
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
         for item in items {
             document(file, n, item, out);
         }
         return;
     }
     let meta = map.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>").to_string();
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default").to_string();
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
     let (name, ns) = (name.as_str(), ns.as_str());
     let label = match kind.as_str() {
         "Namespace" | "Node" => format!("{kind} {name}"),
@@ -128,7 +161,12 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         ("v1", "Node") => typed(doc).map(K8sObject::Node),
         ("networking.k8s.io/v1", "NetworkPolicy") => typed(doc).map(K8sObject::NetworkPolicy),
         (_, "NetworkPolicy") => {
-            out.error(file, Some(label), Some("apiVersion".into()), format!("{api} is not supported (use networking.k8s.io/v1)"));
+            out.error(
+                file,
+                Some(label),
+                Some("apiVersion".into()),
+                format!("{api} is not supported (use networking.k8s.io/v1)"),
+            );
             return;
         }
         _ => return,
@@ -154,7 +192,10 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
                     message: w.message,
                 });
             }
-            out.objects.push(Loaded { object: parsed.value, k8s });
+            out.objects.push(Loaded {
+                object: parsed.value,
+                k8s,
+            });
         }
         Err(e) => {
             out.error(file, Some(e.object), Some(e.field), e.message);
@@ -169,7 +210,14 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
 fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
-        (if path == "." { "(object)".to_string() } else { path }, e.into_inner().to_string())
+        (
+            if path == "." {
+                "(object)".to_string()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -178,8 +226,14 @@ fn key_of(kind: &str, ns: &str, name: &str) -> Option<model::ObjectKey> {
     Some(match kind {
         "Namespace" => model::ObjectKey::Namespace(name),
         "Node" => model::ObjectKey::Node(name),
-        "Pod" => model::ObjectKey::Pod { namespace: ns, name },
-        "NetworkPolicy" => model::ObjectKey::Policy { namespace: ns, name },
+        "Pod" => model::ObjectKey::Pod {
+            namespace: ns,
+            name,
+        },
+        "NetworkPolicy" => model::ObjectKey::Policy {
+            namespace: ns,
+            name,
+        },
         _ => return None,
     })
 }

@@ -2,7 +2,8 @@ use std::fs;
 
 use super::*;
 
-const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {env: prod}\n";
+const NS: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {env: prod}\n";
 
 fn policy(name: &str, cidr: &str) -> String {
     format!(
@@ -37,46 +38,89 @@ fn loads_multi_document_files_and_skips_other_kinds() {
     assert_eq!(r.errors().count(), 0, "{:?}", r.diagnostics);
     assert_eq!(
         keys(&r.events),
-        vec!["apply Namespace shop", "apply NetworkPolicy shop/egress", "apply Pod shop/web-1"]
+        vec![
+            "apply Namespace shop",
+            "apply NetworkPolicy shop/egress",
+            "apply Pod shop/web-1"
+        ]
     );
-    assert!(set.reload().unwrap().events.is_empty(), "unchanged files give no events");
+    assert!(
+        set.reload().unwrap().events.is_empty(),
+        "unchanged files give no events"
+    );
 }
 
 #[test]
 fn invalid_update_keeps_the_last_valid_version() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("p.yaml");
-    fs::write(&f, format!("{NS}---\n{}---\n{}", policy("a", "10.0.0.0/8"), policy("b", "10.1.0.0/16"))).unwrap();
+    fs::write(
+        &f,
+        format!(
+            "{NS}---\n{}---\n{}",
+            policy("a", "10.0.0.0/8"),
+            policy("b", "10.1.0.0/16")
+        ),
+    )
+    .unwrap();
     let mut set = ManifestSet::new(dir.path());
     set.reload().unwrap();
 
     // `a` becomes invalid, `b` changes validly, `c` is new and invalid.
     fs::write(
         &f,
-        format!("{NS}---\n{}---\n{}---\n{}", policy("a", "10.0.0.0/33"), policy("b", "10.2.0.0/16"), policy("c", "nope")),
+        format!(
+            "{NS}---\n{}---\n{}---\n{}",
+            policy("a", "10.0.0.0/33"),
+            policy("b", "10.2.0.0/16"),
+            policy("c", "nope")
+        ),
     )
     .unwrap();
     let r = set.reload().unwrap();
     assert_eq!(keys(&r.events), vec!["apply NetworkPolicy shop/b"]);
     let errors: Vec<String> = r.errors().map(|d| d.to_string()).collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].contains("p.yaml: NetworkPolicy shop/a: spec.egress[0].to[0].ipBlock.cidr: prefix length 33"), "{}", errors[0]);
-    assert!(errors[1].contains("NetworkPolicy shop/c: spec.egress[0].to[0].ipBlock.cidr"), "{}", errors[1]);
-    assert!(r.diagnostics.iter().any(|d| d.message.contains("keeping its last valid version")));
+    assert!(
+        errors[0].contains(
+            "p.yaml: NetworkPolicy shop/a: spec.egress[0].to[0].ipBlock.cidr: prefix length 33"
+        ),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("NetworkPolicy shop/c: spec.egress[0].to[0].ipBlock.cidr"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        r.diagnostics
+            .iter()
+            .any(|d| d.message.contains("keeping its last valid version"))
+    );
     let a = set
         .objects()
         .find(|o| o.key().to_string() == "NetworkPolicy shop/a")
         .expect("a is kept");
     assert!(format!("{a:?}").contains("10.0.0.0"));
-    assert!(!set.objects().any(|o| o.key().to_string() == "NetworkPolicy shop/c"));
+    assert!(
+        !set.objects()
+            .any(|o| o.key().to_string() == "NetworkPolicy shop/c")
+    );
 
     // Fixing it applies the fix; deleting the file deletes its objects.
     fs::write(&f, format!("{NS}---\n{}", policy("a", "10.3.0.0/16"))).unwrap();
     let r = set.reload().unwrap();
-    assert_eq!(keys(&r.events), vec!["apply NetworkPolicy shop/a", "delete NetworkPolicy shop/b"]);
+    assert_eq!(
+        keys(&r.events),
+        vec!["apply NetworkPolicy shop/a", "delete NetworkPolicy shop/b"]
+    );
     fs::remove_file(&f).unwrap();
     let r = set.reload().unwrap();
-    assert_eq!(keys(&r.events), vec!["delete Namespace shop", "delete NetworkPolicy shop/a"]);
+    assert_eq!(
+        keys(&r.events),
+        vec!["delete Namespace shop", "delete NetworkPolicy shop/a"]
+    );
 }
 
 #[test]
@@ -90,7 +134,10 @@ fn malformed_yaml_keeps_the_whole_file() {
     let r = set.reload().unwrap();
     assert!(r.events.is_empty(), "nothing deleted: {:?}", r.events);
     let e = r.errors().next().expect("an error");
-    assert!(e.to_string().contains("p.yaml: document 1: malformed YAML"), "{e}");
+    assert!(
+        e.to_string().contains("p.yaml: document 1: malformed YAML"),
+        "{e}"
+    );
     assert_eq!(set.len(), 2);
 }
 
@@ -106,9 +153,22 @@ fn type_errors_name_the_field_and_duplicates_are_refused() {
     let mut set = ManifestSet::new(dir.path());
     let r = set.reload().unwrap();
     let errors: Vec<String> = r.errors().map(|d| d.to_string()).collect();
-    assert!(errors[0].contains("a.yaml: NetworkPolicy shop/p: spec.ingress[0].ports[0].port"), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("b.yaml: Namespace shop: also defined in")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("NetworkPolicy default/old: apiVersion: networking.k8s.io/v1beta1 is not supported")), "{errors:?}");
+    assert!(
+        errors[0].contains("a.yaml: NetworkPolicy shop/p: spec.ingress[0].ports[0].port"),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("b.yaml: Namespace shop: also defined in")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "NetworkPolicy default/old: apiVersion: networking.k8s.io/v1beta1 is not supported"
+        )),
+        "{errors:?}"
+    );
     assert_eq!(keys(&r.events), vec!["apply Namespace shop"]);
 }
 
@@ -118,5 +178,9 @@ fn warnings_for_normalised_input() {
     assert_eq!(r.objects.len(), 1);
     assert_eq!(r.diagnostics.len(), 1);
     assert_eq!(r.diagnostics[0].severity, Severity::Warning);
-    assert!(r.diagnostics[0].to_string().contains("host bits set; using 10.0.0.0/8"));
+    assert!(
+        r.diagnostics[0]
+            .to_string()
+            .contains("host bits set; using 10.0.0.0/8")
+    );
 }

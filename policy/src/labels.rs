@@ -36,7 +36,11 @@ struct Slot {
 
 impl LabelSets {
     /// Interns a label map, taking one reference on the set.
-    pub fn intern(&mut self, strings: &mut Interner, labels: &BTreeMap<String, String>) -> LabelSetId {
+    pub fn intern(
+        &mut self,
+        strings: &mut Interner,
+        labels: &BTreeMap<String, String>,
+    ) -> LabelSetId {
         // Fast path: every string is already known and so is the set.
         let mut probe: Vec<(Sym, Sym)> = Vec::with_capacity(labels.len());
         let mut known = true;
@@ -121,7 +125,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

@@ -146,7 +146,10 @@ impl Selectors {
     }
 
     pub fn matches(&self, id: SelId, labels: &Labels) -> bool {
-        self.slots[id.0 as usize].reqs.iter().all(|r| r.matches(labels))
+        self.slots[id.0 as usize]
+            .reqs
+            .iter()
+            .all(|r| r.matches(labels))
     }
 
     pub fn content(&self, id: SelId) -> &[u8; 32] {

@@ -41,7 +41,12 @@ fn check_semantics(world: &World, rng: &mut SmallRng, flows: usize) -> Result<()
 }
 
 /// Compares `index` (which must hold `world`) with the evaluator on sampled flows.
-fn check_index(index: &Index, world: &World, rng: &mut SmallRng, flows: usize) -> Result<(), String> {
+fn check_index(
+    index: &Index,
+    world: &World,
+    rng: &mut SmallRng,
+    flows: usize,
+) -> Result<(), String> {
     let cluster = eval::Cluster::from_objects(world.objects());
     index.verify()?;
     let snaps: Vec<_> = index
@@ -53,11 +58,28 @@ fn check_index(index: &Index, world: &World, rng: &mut SmallRng, flows: usize) -
     let addrs = world.addresses();
     for _ in 0..flows {
         let src = *addrs.choose(rng).expect("addresses");
-        let same_family: Vec<IpAddr> = addrs.iter().copied().filter(|a| a.is_ipv4() == src.is_ipv4()).collect();
+        let same_family: Vec<IpAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == src.is_ipv4())
+            .collect();
         let dst = *same_family.choose(rng).expect("src itself");
         let (proto, port) = *PROBES.choose(rng).expect("probes");
-        let want = eval::verdict(&cluster, &Flow { src, dst, proto, port });
-        let got = fleet.allows(&Packet { src, dst, proto, port });
+        let want = eval::verdict(
+            &cluster,
+            &Flow {
+                src,
+                dst,
+                proto,
+                port,
+            },
+        );
+        let got = fleet.allows(&Packet {
+            src,
+            dst,
+            proto,
+            port,
+        });
         if want.allowed != got {
             return Err(format!(
                 "{src} -> {dst} proto {proto} port {port}: evaluator says {} ({want:?}), compiled snapshots say {got}",
@@ -106,7 +128,11 @@ fn compiled_snapshots_agree_with_the_evaluator() {
         "peer: podSelector AND namespaceSelector",
         "port: SCTP",
     ] {
-        assert!(features.get(must) >= n / 20, "{must} generated only {} times", features.get(must));
+        assert!(
+            features.get(must) >= n / 20,
+            "{must} generated only {} times",
+            features.get(must)
+        );
     }
 }
 
@@ -119,12 +145,16 @@ fn planted_semantic_bugs_are_caught() {
             (0..3000u64).find_map(|case| {
                 let mut rng = SmallRng::seed_from_u64(seed.wrapping_add(case));
                 let world = World::generate(&mut rng, &mut features);
-                check_semantics(&world, &mut rng, 300).err().map(|e| (case, e))
+                check_semantics(&world, &mut rng, 300)
+                    .err()
+                    .map(|e| (case, e))
             })
         });
         match found {
             Some((case, e)) => eprintln!("{fault:?}: caught at case {case}: {e}"),
-            None => panic!("planted bug {fault:?} was not caught in 3000 clusters (MOAT_SEED={seed})"),
+            None => {
+                panic!("planted bug {fault:?} was not caught in 3000 clusters (MOAT_SEED={seed})")
+            }
         }
     }
 }
@@ -140,7 +170,11 @@ fn keyed(objects: Vec<K8sObject>) -> BTreeMap<ObjectKey, K8sObject> {
 }
 
 /// The events that turn `from` into `to`, in random order.
-fn diff(from: &BTreeMap<ObjectKey, K8sObject>, to: &BTreeMap<ObjectKey, K8sObject>, rng: &mut SmallRng) -> Vec<Event> {
+fn diff(
+    from: &BTreeMap<ObjectKey, K8sObject>,
+    to: &BTreeMap<ObjectKey, K8sObject>,
+    rng: &mut SmallRng,
+) -> Vec<Event> {
     let mut events: Vec<Event> = Vec::new();
     for (k, o) in to {
         if from.get(k) != Some(o) {
@@ -172,23 +206,40 @@ fn contents(index: &Index) -> BTreeMap<Arc<str>, Digest> {
 /// with versions that only grow.
 fn apply_checked(index: &mut Index, event: Event) -> Result<(), String> {
     let before = contents(index);
-    let versions: BTreeMap<_, _> = index.nodes().into_iter().map(|n| (n.node, n.version)).collect();
+    let versions: BTreeMap<_, _> = index
+        .nodes()
+        .into_iter()
+        .map(|n| (n.node, n.version))
+        .collect();
     let changes = index.batch([event.clone()]);
     index.verify()?;
     let after = contents(index);
-    let changed: BTreeSet<&Arc<str>> = after.iter().filter(|(n, d)| before.get(*n) != Some(d)).map(|(n, _)| n).collect();
+    let changed: BTreeSet<&Arc<str>> = after
+        .iter()
+        .filter(|(n, d)| before.get(*n) != Some(d))
+        .map(|(n, _)| n)
+        .collect();
     let reported: BTreeSet<&Arc<str>> = changes.updated.iter().map(|u| &u.node).collect();
     if changed != reported {
-        return Err(format!("{event:?}: nodes changed {changed:?}, reported {reported:?}"));
+        return Err(format!(
+            "{event:?}: nodes changed {changed:?}, reported {reported:?}"
+        ));
     }
     let removed: BTreeSet<&Arc<str>> = before.keys().filter(|n| !after.contains_key(*n)).collect();
     let reported_removed: BTreeSet<&Arc<str>> = changes.removed.iter().collect();
     if removed != reported_removed {
-        return Err(format!("{event:?}: nodes removed {removed:?}, reported {reported_removed:?}"));
+        return Err(format!(
+            "{event:?}: nodes removed {removed:?}, reported {reported_removed:?}"
+        ));
     }
     for u in &changes.updated {
         if versions.get(&u.node).is_some_and(|v| *v >= u.version) {
-            return Err(format!("{}: version went from {:?} to {}", u.node, versions.get(&u.node), u.version));
+            return Err(format!(
+                "{}: version went from {:?} to {}",
+                u.node,
+                versions.get(&u.node),
+                u.version
+            ));
         }
     }
     Ok(())
@@ -216,14 +267,28 @@ fn incremental_compile_matches_full_compile_in_any_order() {
             }
             current = next;
             let fresh = Index::build(parse_all(&current.values().cloned().collect::<Vec<_>>()));
-            let incremental: Vec<_> = index.nodes().into_iter().map(|n| (n.node, n.digest)).collect();
-            let full: Vec<_> = fresh.nodes().into_iter().map(|n| (n.node, n.digest)).collect();
-            assert_eq!(incremental, full, "case {case} round {round} (MOAT_SEED={seed}): incremental != full compile");
+            let incremental: Vec<_> = index
+                .nodes()
+                .into_iter()
+                .map(|n| (n.node, n.digest))
+                .collect();
+            let full: Vec<_> = fresh
+                .nodes()
+                .into_iter()
+                .map(|n| (n.node, n.digest))
+                .collect();
+            assert_eq!(
+                incremental, full,
+                "case {case} round {round} (MOAT_SEED={seed}): incremental != full compile"
+            );
 
             // A relist of the same state is a no-op: same digests, same versions, no changes.
             let before = index.nodes();
             let changes = index.reset(parse_all(&current.values().cloned().collect::<Vec<_>>()));
-            assert!(changes.is_empty(), "case {case}: relist of unchanged state reported {changes:?}");
+            assert!(
+                changes.is_empty(),
+                "case {case}: relist of unchanged state reported {changes:?}"
+            );
             assert_eq!(index.nodes(), before);
             index.verify().unwrap();
         }
@@ -238,7 +303,17 @@ fn incremental_compile_matches_full_compile_in_any_order() {
         }
         let stats = index.stats();
         assert_eq!(
-            (stats.pods, stats.policies, stats.groups, stats.rules, stats.strings, stats.label_sets, stats.selectors, stats.nodes, stats.namespaces),
+            (
+                stats.pods,
+                stats.policies,
+                stats.groups,
+                stats.rules,
+                stats.strings,
+                stats.label_sets,
+                stats.selectors,
+                stats.nodes,
+                stats.namespaces
+            ),
             (0, 0, 0, 0, 0, 0, 0, 0, 0),
             "case {case} (MOAT_SEED={seed}): state left after deleting everything: {stats:?}"
         );

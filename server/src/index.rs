@@ -13,7 +13,11 @@ pub type SharedIndex = Arc<RwLock<Index>>;
 
 /// Applies events until the source ends. `on_change` sees every non-empty change with the
 /// index it produced (under the read lock, so it must not block).
-pub async fn run(mut rx: mpsc::Receiver<SourceEvent>, index: SharedIndex, mut on_change: impl FnMut(&Changes, &Index, bool)) {
+pub async fn run(
+    mut rx: mpsc::Receiver<SourceEvent>,
+    index: SharedIndex,
+    mut on_change: impl FnMut(&Changes, &Index, bool),
+) {
     let mut synced = false;
     while let Some(ev) = rx.recv().await {
         let first = !synced;
@@ -23,7 +27,12 @@ pub async fn run(mut rx: mpsc::Receiver<SourceEvent>, index: SharedIndex, mut on
                 SourceEvent::Reset(objects) => {
                     let n = objects.len();
                     let c = idx.reset(objects);
-                    info!(objects = n, nodes = idx.nodes().len(), generation = c.generation, "full sync");
+                    info!(
+                        objects = n,
+                        nodes = idx.nodes().len(),
+                        generation = c.generation,
+                        "full sync"
+                    );
                     synced = true;
                     c
                 }

@@ -31,7 +31,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let Args { source, poll_seconds, once, log } = args;
+    let Args {
+        source,
+        poll_seconds,
+        once,
+        log,
+    } = args;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&log).context("--log")?)
         .with_writer(std::io::stderr)
@@ -67,7 +72,12 @@ fn print_changes(changes: &Changes, idx: &Index, first: bool) {
     };
     nodes.sort();
     if first {
-        let _ = writeln!(out, "synced generation={} nodes={}", changes.generation, nodes.len());
+        let _ = writeln!(
+            out,
+            "synced generation={} nodes={}",
+            changes.generation,
+            nodes.len()
+        );
     }
     for name in nodes {
         if let Some(s) = idx.snapshot(&name) {

@@ -7,7 +7,11 @@ use crate::intern::Sym;
 use crate::ir::{self, PortRange, RuleId};
 use crate::model::Protocol;
 
-type PerPod = (Option<Box<[GroupIdx]>>, Vec<PortRange>, Vec<(Sym, Protocol)>);
+type PerPod = (
+    Option<Box<[GroupIdx]>>,
+    Vec<PortRange>,
+    Vec<(Sym, Protocol)>,
+);
 
 impl Index {
     /// What the pod's node must enforce for it now; `None` if it isn't an endpoint (host
@@ -60,7 +64,10 @@ impl Index {
         let ingress = ingress.map(|v| self.sorted_by_id(v));
         let egress = egress.map(|v| self.sorted_by_id(v));
         let ids = |l: &Option<Box<[RuleIdx]>>| -> SmallVec<[RuleId; 16]> {
-            l.iter().flatten().map(|r| self.rules[r.get()].rule.id).collect()
+            l.iter()
+                .flatten()
+                .map(|r| self.rules[r.get()].rule.id)
+                .collect()
         };
         let pod = &self.pods[p.get()];
         let item = ir::endpoint_item_parts(
@@ -101,7 +108,12 @@ impl Index {
         let n = ep.node;
         self.nodes[n.get()].acc.add(&ep.item);
         self.touch(n);
-        for r in ep.ingress.iter().flatten().chain(ep.egress.iter().flatten()) {
+        for r in ep
+            .ingress
+            .iter()
+            .flatten()
+            .chain(ep.egress.iter().flatten())
+        {
             self.node_ref_rule(n, *r);
         }
     }
@@ -110,7 +122,12 @@ impl Index {
         let n = ep.node;
         self.nodes[n.get()].acc.sub(&ep.item);
         self.touch(n);
-        for r in ep.ingress.iter().flatten().chain(ep.egress.iter().flatten()) {
+        for r in ep
+            .ingress
+            .iter()
+            .flatten()
+            .chain(ep.egress.iter().flatten())
+        {
             self.node_unref_rule(n, *r);
         }
     }

@@ -21,9 +21,10 @@ impl Index {
                 let pods_sel = self.selectors.intern(&mut self.strings, pods);
                 let scope = match namespaces {
                     Some(s) => Scope::Sel(self.selectors.intern(&mut self.strings, s)),
-                    None if faults::active(Fault::PodPeerAnyNamespace) => {
-                        Scope::Sel(self.selectors.intern(&mut self.strings, &Selector::everything()))
-                    }
+                    None if faults::active(Fault::PodPeerAnyNamespace) => Scope::Sel(
+                        self.selectors
+                            .intern(&mut self.strings, &Selector::everything()),
+                    ),
                     None => Scope::Ns(ns),
                 };
                 PeerDef::Pods {
@@ -72,10 +73,16 @@ impl Index {
         }));
         self.group_by_def.insert(def.clone(), g);
         match def.peer() {
-            PeerDef::Pods { scope: Scope::Ns(ns), .. } => {
+            PeerDef::Pods {
+                scope: Scope::Ns(ns),
+                ..
+            } => {
                 self.namespaces[ns.get()].scoped_groups.push(g);
             }
-            PeerDef::Pods { scope: Scope::Sel(s), .. } => {
+            PeerDef::Pods {
+                scope: Scope::Sel(s),
+                ..
+            } => {
                 let s = *s;
                 if !self.nssel.contains_key(&s) {
                     let mut namespaces = Vec::new();
@@ -118,17 +125,25 @@ impl Index {
 
     pub(crate) fn gc_group(&mut self, g: GroupIdx) {
         match self.groups.get(g.get()) {
-            Some(gs) if gs.refs == 0 => debug_assert!(gs.nodes.is_empty(), "unreferenced group still on a node"),
+            Some(gs) if gs.refs == 0 => {
+                debug_assert!(gs.nodes.is_empty(), "unreferenced group still on a node")
+            }
             _ => return,
         }
         let gs = self.groups.remove(g.get());
         self.group_by_def.remove(&gs.def);
         match gs.def.peer() {
-            PeerDef::Pods { scope: Scope::Ns(ns), .. } => {
+            PeerDef::Pods {
+                scope: Scope::Ns(ns),
+                ..
+            } => {
                 self.namespaces[ns.get()].scoped_groups.retain(|x| *x != g);
                 self.work.ns_gc.push(*ns);
             }
-            PeerDef::Pods { scope: Scope::Sel(s), .. } => {
+            PeerDef::Pods {
+                scope: Scope::Sel(s),
+                ..
+            } => {
                 let entry = self.nssel.get_mut(s).expect("registered");
                 entry.groups.retain(|x| *x != g);
                 if entry.groups.is_empty() {
@@ -159,20 +174,29 @@ impl Index {
     fn group_id(&self, def: &GroupDef) -> GroupId {
         let mut e = Enc::new("group.def");
         let peer = |e: &mut Enc, p: &PeerDef| match p {
-            PeerDef::Pods { scope: Scope::Ns(ns), pods } => {
+            PeerDef::Pods {
+                scope: Scope::Ns(ns),
+                pods,
+            } => {
                 e.u8(0)
                     .str(&self.namespaces[ns.get()].name)
                     .bytes32(self.selectors.content(*pods));
             }
-            PeerDef::Pods { scope: Scope::Sel(s), pods } => {
+            PeerDef::Pods {
+                scope: Scope::Sel(s),
+                pods,
+            } => {
                 e.u8(1)
                     .bytes32(self.selectors.content(*s))
                     .bytes32(self.selectors.content(*pods));
             }
             PeerDef::Block(b) => {
-                e.u8(2).ip(b.cidr.addr()).u8(b.cidr.len()).u32(b.except.len() as u32);
+                e.u8(2)
+                    .ip(b.cidr.addr())
+                    .u8(b.cidr.prefix_len())
+                    .u32(b.except.len() as u32);
                 for x in &b.except {
-                    e.ip(x.addr()).u8(x.len());
+                    e.ip(x.addr()).u8(x.prefix_len());
                 }
             }
         };
@@ -181,7 +205,11 @@ impl Index {
                 e.u8(0);
                 peer(&mut e, p);
             }
-            GroupDef::Named { peer: p, name, proto } => {
+            GroupDef::Named {
+                peer: p,
+                name,
+                proto,
+            } => {
                 e.u8(1);
                 peer(&mut e, p);
                 e.str(self.strings.resolve(*name)).u8(proto.number());
@@ -230,12 +258,15 @@ impl Index {
     fn pod_members(&self, def: &GroupDef, p: PodIdx) -> SmallVec<[Member; 4]> {
         let pod = &self.pods[p.get()];
         match def {
-            GroupDef::Peer(PeerDef::Pods { .. }) => pod.ips.iter().map(|ip| Member::Addr(*ip)).collect(),
+            GroupDef::Peer(PeerDef::Pods { .. }) => {
+                pod.ips.iter().map(|ip| Member::Addr(*ip)).collect()
+            }
             GroupDef::Peer(PeerDef::Block(_)) => SmallVec::new(),
             GroupDef::Named { peer, name, proto } => {
                 let mut out = SmallVec::new();
                 for port in pod.ports.iter() {
-                    let proto_ok = port.proto == *proto || faults::active(Fault::NamedPortIgnoresProtocol);
+                    let proto_ok =
+                        port.proto == *proto || faults::active(Fault::NamedPortIgnoresProtocol);
                     if port.name != *name || !proto_ok {
                         continue;
                     }
@@ -306,7 +337,10 @@ impl Index {
             *c += 1;
             *c == 1
         } else {
-            let c = gs.members.get_mut(&m).expect("removing a member that was never added");
+            let c = gs
+                .members
+                .get_mut(&m)
+                .expect("removing a member that was never added");
             *c -= 1;
             if *c == 0 {
                 gs.members.remove(&m);

@@ -144,7 +144,11 @@ impl Index {
             }
         }
         self.gc_nodes();
-        self.generation = if changes.is_empty() { old.generation } else { next };
+        self.generation = if changes.is_empty() {
+            old.generation
+        } else {
+            next
+        };
         changes.generation = self.generation;
         changes
     }
@@ -201,7 +205,11 @@ impl Index {
             .map(|r| self.rules[r.get()].rule.clone())
             .collect();
         rules.sort_by_key(|r| r.id);
-        let mut groups: Vec<_> = ns.group_refs.keys().map(|g| self.group_snapshot(*g)).collect();
+        let mut groups: Vec<_> = ns
+            .group_refs
+            .keys()
+            .map(|g| self.group_snapshot(*g))
+            .collect();
         groups.sort_by_key(|g| g.id);
         Some(NodeSnapshot {
             node: node.to_string(),

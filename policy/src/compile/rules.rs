@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use crate::faults::{self, Fault};
-use crate::index::{GroupDef, GroupIdx, Index, NamedPort, NsIdx, PortsKey, RuleIdx, RuleKey, RuleState, Template};
+use crate::index::{
+    GroupDef, GroupIdx, Index, NamedPort, NsIdx, PortsKey, RuleIdx, RuleKey, RuleState, Template,
+};
 use crate::ir::{self, Action, Direction, PortRange, Tier};
 use crate::model::{self, PortSpec};
 
@@ -12,7 +14,12 @@ const NP_TIER: Tier = Tier::NetworkPolicy;
 const NP_PRIORITY: u32 = 0;
 
 impl Index {
-    pub(crate) fn build_templates(&mut self, ns: NsIdx, direction: Direction, rules: &[model::Rule]) -> Vec<Template> {
+    pub(crate) fn build_templates(
+        &mut self,
+        ns: NsIdx,
+        direction: Direction,
+        rules: &[model::Rule],
+    ) -> Vec<Template> {
         rules
             .iter()
             .map(|r| self.build_template(ns, direction, r))
@@ -101,7 +108,11 @@ impl Index {
             let mut key = t.named_groups.clone();
             key.sort_unstable();
             key.dedup();
-            let r = self.intern_rule(direction, Some(key.into_boxed_slice()), PortsKey::FromGroups);
+            let r = self.intern_rule(
+                direction,
+                Some(key.into_boxed_slice()),
+                PortsKey::FromGroups,
+            );
             self.rules[r.get()].refs += 1;
             t.named_rule = Some(r);
         }
@@ -124,7 +135,13 @@ impl Index {
 
     /// The rule an ingress template gives for one destination pod, resolving named ports
     /// against that pod's container ports. `None` if no port resolves.
-    pub(crate) fn ingress_rule_for(&mut self, t_peers: Option<&[GroupIdx]>, t_ranges: &[PortRange], t_named: &[(crate::intern::Sym, model::Protocol)], pod_ports: &[NamedPort]) -> Option<RuleIdx> {
+    pub(crate) fn ingress_rule_for(
+        &mut self,
+        t_peers: Option<&[GroupIdx]>,
+        t_ranges: &[PortRange],
+        t_named: &[(crate::intern::Sym, model::Protocol)],
+        pod_ports: &[NamedPort],
+    ) -> Option<RuleIdx> {
         let mut ranges = t_ranges.to_vec();
         for (name, proto) in t_named {
             for p in pod_ports {
@@ -151,7 +168,12 @@ impl Index {
 
     /// Finds or creates the rule with this content. A new rule starts unreferenced (and is
     /// queued for collection in case nobody takes it) and holds a reference on its groups.
-    pub(crate) fn intern_rule(&mut self, direction: Direction, peers: Option<Box<[GroupIdx]>>, ports: PortsKey) -> RuleIdx {
+    pub(crate) fn intern_rule(
+        &mut self,
+        direction: Direction,
+        peers: Option<Box<[GroupIdx]>>,
+        ports: PortsKey,
+    ) -> RuleIdx {
         let key = RuleKey {
             direction,
             tier: NP_TIER,
@@ -176,7 +198,14 @@ impl Index {
             PortsKey::Ranges(r) => ir::Ports::Ranges(r.to_vec()),
             PortsKey::FromGroups => ir::Ports::FromGroups,
         };
-        let id = ir::rule_id(key.direction, key.tier, key.priority, key.action, &peers, &ports);
+        let id = ir::rule_id(
+            key.direction,
+            key.tier,
+            key.priority,
+            key.action,
+            &peers,
+            &ports,
+        );
         let rule = ir::Rule {
             id,
             direction: key.direction,
@@ -260,8 +289,18 @@ mod tests {
 
     #[test]
     fn normalize_merges_per_protocol() {
-        let got = normalize(vec![r(Tcp, 80, 80), r(Udp, 81, 81), r(Tcp, 81, 90), r(Tcp, 85, 85), r(Tcp, 100, 200), r(Udp, 80, 80)]);
+        let got = normalize(vec![
+            r(Tcp, 80, 80),
+            r(Udp, 81, 81),
+            r(Tcp, 81, 90),
+            r(Tcp, 85, 85),
+            r(Tcp, 100, 200),
+            r(Udp, 80, 80),
+        ]);
         assert_eq!(got, vec![r(Tcp, 80, 90), r(Tcp, 100, 200), r(Udp, 80, 81)]);
-        assert_eq!(normalize(vec![r(Tcp, 0, u16::MAX), r(Tcp, 5, 5)]), vec![r(Tcp, 0, u16::MAX)]);
+        assert_eq!(
+            normalize(vec![r(Tcp, 0, u16::MAX), r(Tcp, 5, 5)]),
+            vec![r(Tcp, 0, u16::MAX)]
+        );
     }
 }

@@ -148,13 +148,19 @@ fn owner(c: &Cluster, ip: IpAddr) -> Owner<'_> {
 
 /// Pods policy applies to: not host-network, not finished, with an address.
 fn policy_pod(p: &core::Pod) -> bool {
-    let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let host_network = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     !host_network && !matches!(phase, Some("Succeeded" | "Failed")) && !pod_ips(p).is_empty()
 }
 
 fn pod_ips(p: &core::Pod) -> Vec<IpAddr> {
-    let Some(st) = &p.status else { return Vec::new() };
+    let Some(st) = &p.status else {
+        return Vec::new();
+    };
     let list: Vec<&str> = match &st.pod_ips {
         Some(l) if !l.is_empty() => l.iter().map(|x| x.ip.as_str()).collect(),
         _ => st.pod_ip.as_deref().into_iter().collect(),
@@ -172,7 +178,10 @@ fn node_ips(n: &core::Node) -> Vec<IpAddr> {
 }
 
 fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
-    meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default")
+    meta.namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
 }
 
 /// A namespace's labels as the API server has them, `kubernetes.io/metadata.name` included,
@@ -217,9 +226,19 @@ fn side(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: &Flow) -> Side 
             namespace: pod_ns.to_string(),
             name: np.metadata.name.clone().unwrap_or_default(),
         };
-        let rules: Vec<(Option<&Vec<net::NetworkPolicyPeer>>, Option<&Vec<net::NetworkPolicyPort>>)> = match dir {
-            Dir::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
-            Dir::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
+        let rules: Vec<RuleView<'_>> = match dir {
+            Dir::Ingress => spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                .collect(),
+            Dir::Egress => spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                .collect(),
         };
         // The pod whose ports a named port refers to: the destination.
         let dst_pod = match dir {
@@ -257,6 +276,12 @@ fn side(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: &Flow) -> Side 
     }
 }
 
+/// A rule's peers (`from`/`to`) and ports, whichever direction it is.
+type RuleView<'a> = (
+    Option<&'a Vec<net::NetworkPolicyPeer>>,
+    Option<&'a Vec<net::NetworkPolicyPort>>,
+);
+
 fn has_type(spec: &net::NetworkPolicySpec, dir: Dir) -> bool {
     match spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
         Some(types) => types.iter().any(|t| match dir {
@@ -270,7 +295,12 @@ fn has_type(spec: &net::NetworkPolicySpec, dir: Dir) -> bool {
     }
 }
 
-fn peers_match(c: &Cluster, policy_ns: &str, peers: Option<&Vec<net::NetworkPolicyPeer>>, ip: IpAddr) -> bool {
+fn peers_match(
+    c: &Cluster,
+    policy_ns: &str,
+    peers: Option<&Vec<net::NetworkPolicyPeer>>,
+    ip: IpAddr,
+) -> bool {
     let Some(peers) = peers.filter(|p| !p.is_empty()) else {
         return true;
     };
@@ -307,7 +337,11 @@ fn in_block(b: &net::IPBlock, ip: IpAddr) -> bool {
             .any(|e| e.contains(&ip))
 }
 
-fn ports_match(ports: Option<&Vec<net::NetworkPolicyPort>>, dst_pod: Option<&core::Pod>, f: &Flow) -> bool {
+fn ports_match(
+    ports: Option<&Vec<net::NetworkPolicyPort>>,
+    dst_pod: Option<&core::Pod>,
+    f: &Flow,
+) -> bool {
     let Some(ports) = ports.filter(|p| !p.is_empty()) else {
         return true;
     };

@@ -95,7 +95,8 @@ pub struct Index {
     pub(crate) policies: Slab<PolicyState>,
     pub(crate) policy_by_key: rustc_hash::FxHashMap<(NsIdx, Arc<str>), PolicyIdx>,
     /// Selectable pods by address, for named ports behind an ipBlock.
-    pub(crate) pods_by_ip: std::collections::BTreeMap<std::net::IpAddr, smallvec::SmallVec<[PodIdx; 1]>>,
+    pub(crate) pods_by_ip:
+        std::collections::BTreeMap<std::net::IpAddr, smallvec::SmallVec<[PodIdx; 1]>>,
 
     pub(crate) groups: Slab<GroupState>,
     pub(crate) group_by_def: rustc_hash::FxHashMap<GroupDef, GroupIdx>,
@@ -206,7 +207,12 @@ impl Index {
                 Object::Policy(_) => policies.push(o),
             }
         }
-        for o in nodes.into_iter().chain(namespaces).chain(pods).chain(policies) {
+        for o in nodes
+            .into_iter()
+            .chain(namespaces)
+            .chain(pods)
+            .chain(policies)
+        {
             self.upsert(o);
         }
     }

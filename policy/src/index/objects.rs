@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use super::{Index, NamedPort, NodeIdx, NodeState, NsIdx, NsState, PodIdx, PodState, PolicyIdx, PolicyState};
+use super::{
+    Index, NamedPort, NodeIdx, NodeState, NsIdx, NsState, PodIdx, PodState, PolicyIdx, PolicyState,
+};
 use crate::ir::digest::Enc;
 use crate::ir::{self, Direction, EndpointId};
 use crate::labels::value_of;
@@ -264,7 +266,11 @@ impl Index {
         let state = &self.pods[p.get()];
         if state.selectable() {
             let ls = state.labels;
-            self.namespaces[ns.get()].classes.entry(ls).or_default().push(p);
+            self.namespaces[ns.get()]
+                .classes
+                .entry(ls)
+                .or_default()
+                .push(p);
             for ip in state.ips.clone() {
                 self.pods_by_ip.entry(ip).or_default().push(p);
             }
@@ -284,12 +290,13 @@ impl Index {
         };
         let labels = self.labels.get(s.labels);
         let labels_same = labels.len() == pod.labels.len()
-            && pod.labels.iter().all(|(k, v)| {
-                match (self.strings.get(k), self.strings.get(v)) {
+            && pod
+                .labels
+                .iter()
+                .all(|(k, v)| match (self.strings.get(k), self.strings.get(v)) {
                     (Some(k), Some(v)) => value_of(labels, k) == Some(v),
                     _ => false,
-                }
-            });
+                });
         let ports_same = s.ports.len() == pod.ports.len()
             && s.ports.iter().zip(&pod.ports).all(|(a, b)| {
                 self.strings.resolve(a.name) == b.name && a.proto == b.proto && a.port == b.port
@@ -360,7 +367,9 @@ impl Index {
             }
             self.policy_out(p);
         }
-        let selector = self.selectors.intern(&mut self.strings, &policy.pod_selector);
+        let selector = self
+            .selectors
+            .intern(&mut self.strings, &policy.pod_selector);
         let ingress = policy
             .ingress
             .as_ref()

@@ -145,7 +145,11 @@ pub(crate) enum PeerDef {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum GroupDef {
     Peer(PeerDef),
-    Named { peer: PeerDef, name: Sym, proto: Protocol },
+    Named {
+        peer: PeerDef,
+        name: Sym,
+        proto: Protocol,
+    },
 }
 
 impl GroupDef {

@@ -145,7 +145,8 @@ impl std::str::FromStr for Digest {
         }
         let mut out = [0u8; 32];
         for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).map_err(|_| format!("digest {s:?} is not hex"))?;
+            *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16)
+                .map_err(|_| format!("digest {s:?} is not hex"))?;
         }
         Ok(Digest(out))
     }

@@ -50,7 +50,9 @@ macro_rules! hex_id {
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
-                u64::from_str_radix(&s, 16).map($name).map_err(serde::de::Error::custom)
+                u64::from_str_radix(&s, 16)
+                    .map($name)
+                    .map_err(serde::de::Error::custom)
             }
         }
     };
@@ -251,7 +253,12 @@ pub fn endpoint_item(ep: &Endpoint) -> [u8; 32] {
 }
 
 /// `endpoint_item` from parts: (isolated, sorted rule IDs) per direction.
-pub fn endpoint_item_parts(id: EndpointId, addrs: &[IpAddr], ingress: (bool, &[RuleId]), egress: (bool, &[RuleId])) -> [u8; 32] {
+pub fn endpoint_item_parts(
+    id: EndpointId,
+    addrs: &[IpAddr],
+    ingress: (bool, &[RuleId]),
+    egress: (bool, &[RuleId]),
+) -> [u8; 32] {
     let mut e = Enc::new("endpoint");
     e.u64(id.0).u32(addrs.len() as u32);
     for a in addrs {
@@ -264,16 +271,41 @@ pub fn endpoint_item_parts(id: EndpointId, addrs: &[IpAddr], ingress: (bool, &[R
 
 /// Hash of a rule's content (everything but `id`); the rule ID is its first 64 bits.
 pub fn rule_hash(r: &Rule) -> [u8; 32] {
-    rule_enc(r.direction, r.tier, r.priority, r.action, &r.peers, &r.ports).finish()
+    rule_enc(
+        r.direction,
+        r.tier,
+        r.priority,
+        r.action,
+        &r.peers,
+        &r.ports,
+    )
+    .finish()
 }
 
-pub fn rule_id(direction: Direction, tier: Tier, priority: u32, action: Action, peers: &Peers, ports: &Ports) -> RuleId {
+pub fn rule_id(
+    direction: Direction,
+    tier: Tier,
+    priority: u32,
+    action: Action,
+    peers: &Peers,
+    ports: &Ports,
+) -> RuleId {
     RuleId(rule_enc(direction, tier, priority, action, peers, ports).finish_id())
 }
 
-fn rule_enc(direction: Direction, tier: Tier, priority: u32, action: Action, peers: &Peers, ports: &Ports) -> Enc {
+fn rule_enc(
+    direction: Direction,
+    tier: Tier,
+    priority: u32,
+    action: Action,
+    peers: &Peers,
+    ports: &Ports,
+) -> Enc {
     let mut e = Enc::new("rule");
-    e.u8(direction as u8).u8(tier as u8).u32(priority).u8(action as u8);
+    e.u8(direction as u8)
+        .u8(tier as u8)
+        .u32(priority)
+        .u8(action as u8);
     match peers {
         Peers::Any => {
             e.u8(0);
@@ -320,9 +352,11 @@ pub fn addr_port_member(m: &AddrPort) -> [u8; 32] {
 
 pub fn block_members(cidr: &Cidr, except: &[Cidr]) -> [u8; 32] {
     let mut e = Enc::new("member.block");
-    e.ip(cidr.addr()).u8(cidr.len()).u32(except.len() as u32);
+    e.ip(cidr.addr())
+        .u8(cidr.prefix_len())
+        .u32(except.len() as u32);
     for x in except {
-        e.ip(x.addr()).u8(x.len());
+        e.ip(x.addr()).u8(x.prefix_len());
     }
     e.finish()
 }

@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::{Action, DirectionRules, Endpoint, Group, GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId, Tier};
+use super::{
+    Action, DirectionRules, Endpoint, Group, GroupId, Members, NodeSnapshot, Peers, Ports, Rule,
+    RuleId, Tier,
+};
 use crate::model::Protocol;
 
 /// A new flow as the dataplane sees it (after DNAT, before SNAT).
@@ -84,7 +87,12 @@ fn judge(node: &NodeView<'_>, d: &DirectionRules, peer: IpAddr, p: &Packet) -> b
     let mut rules: Vec<&Rule> = d
         .rules
         .iter()
-        .map(|id| *node.rules.get(id).expect("snapshot references a rule it doesn't hold"))
+        .map(|id| {
+            *node
+                .rules
+                .get(id)
+                .expect("snapshot references a rule it doesn't hold")
+        })
         .collect();
     rules.sort_by_key(|r| (r.tier, r.priority));
     for tier in [Tier::Admin, Tier::NetworkPolicy, Tier::Baseline] {
@@ -107,7 +115,12 @@ fn judge(node: &NodeView<'_>, d: &DirectionRules, peer: IpAddr, p: &Packet) -> b
 }
 
 fn rule_matches(node: &NodeView<'_>, r: &Rule, peer: IpAddr, p: &Packet) -> bool {
-    let group = |id: &GroupId| *node.groups.get(id).expect("snapshot references a group it doesn't hold");
+    let group = |id: &GroupId| {
+        *node
+            .groups
+            .get(id)
+            .expect("snapshot references a group it doesn't hold")
+    };
     match &r.ports {
         Ports::Any => peers_match(&r.peers, peer, group),
         Ports::Ranges(ranges) => {
@@ -141,7 +154,9 @@ fn peers_match<'g>(peers: &Peers, peer: IpAddr, group: impl Fn(&GroupId) -> &'g 
         Peers::Any => true,
         Peers::Groups(ids) => ids.iter().any(|id| match &group(id).members {
             Members::Addrs(a) => a.binary_search(&peer).is_ok(),
-            Members::Block { cidr, except } => cidr.contains(peer) && !except.iter().any(|e| e.contains(peer)),
+            Members::Block { cidr, except } => {
+                cidr.contains(peer) && !except.iter().any(|e| e.contains(peer))
+            }
             Members::AddrPorts(_) => false,
         }),
     }

@@ -78,7 +78,7 @@ impl Cidr {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -132,7 +132,11 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
             IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
     }
@@ -149,9 +153,27 @@ mod tests {
         assert_eq!(p.cidr.to_string(), "10.0.0.0/8");
         let p = Cidr::parse("fd00::1/128").unwrap();
         assert!(!p.had_host_bits);
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().cidr.contains("1.2.3.4".parse().unwrap()));
-        assert!(!Cidr::parse("0.0.0.0/0").unwrap().cidr.contains("::1".parse().unwrap()));
-        for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0/8", "::/129", "x/1", "10.0.0.0/-1", "10.0.0.0/ 8"] {
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .cidr
+                .contains("1.2.3.4".parse().unwrap())
+        );
+        assert!(
+            !Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .cidr
+                .contains("::1".parse().unwrap())
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "::/129",
+            "x/1",
+            "10.0.0.0/-1",
+            "10.0.0.0/ 8",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }
@@ -162,10 +184,7 @@ mod tests {
         let small = Cidr::parse("10.2.0.0/16").unwrap().cidr;
         assert!(big.covers(&small));
         assert!(!small.covers(&big));
-        assert_eq!(
-            small.range().1,
-            "10.2.255.255".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(small.range().1, "10.2.255.255".parse::<IpAddr>().unwrap());
         let all6 = Cidr::parse("::/0").unwrap().cidr;
         assert_eq!(all6.range().1, IpAddr::V6(Ipv6Addr::from(u128::MAX)));
         let host = Cidr::parse("10.0.0.7/32").unwrap().cidr;

@@ -137,7 +137,11 @@ pub enum PortSpec {
     /// Every port of one protocol (a port entry with only `protocol`).
     All(Protocol),
     /// `port`..=`endPort` (a single port has `first == last`).
-    Range { proto: Protocol, first: u16, last: u16 },
+    Range {
+        proto: Protocol,
+        first: u16,
+        last: u16,
+    },
     /// A container port name, resolved against the destination pod.
     Named { proto: Protocol, name: String },
 }

@@ -89,7 +89,10 @@ fn namespaced_name(kind: &str, meta: &ObjectMeta) -> (Ctx, Result<(String, Strin
         .unwrap_or_else(|| "default".to_string());
     let name = meta.name.clone().unwrap_or_default();
     let ctx = Ctx {
-        object: format!("{kind} {ns}/{}", if name.is_empty() { "<unnamed>" } else { &name }),
+        object: format!(
+            "{kind} {ns}/{}",
+            if name.is_empty() { "<unnamed>" } else { &name }
+        ),
         warnings: Vec::new(),
     };
     let r = check_name(&ctx, "metadata.name", &name)
@@ -101,7 +104,10 @@ fn namespaced_name(kind: &str, meta: &ObjectMeta) -> (Ctx, Result<(String, Strin
 fn cluster_name(kind: &str, meta: &ObjectMeta) -> (Ctx, Result<String>) {
     let name = meta.name.clone().unwrap_or_default();
     let ctx = Ctx {
-        object: format!("{kind} {}", if name.is_empty() { "<unnamed>" } else { &name }),
+        object: format!(
+            "{kind} {}",
+            if name.is_empty() { "<unnamed>" } else { &name }
+        ),
         warnings: Vec::new(),
     };
     let r = check_name(&ctx, "metadata.name", &name).map(|_| name);
@@ -176,14 +182,20 @@ pub fn pod(pod: &core::Pod) -> Result<Parsed<Pod>> {
     let status = pod.status.as_ref();
 
     let mut ips = Vec::new();
-    match status.and_then(|s| s.pod_ips.as_ref()).filter(|l| !l.is_empty()) {
+    match status
+        .and_then(|s| s.pod_ips.as_ref())
+        .filter(|l| !l.is_empty())
+    {
         Some(list) => {
             for (i, p) in list.iter().enumerate() {
                 ips.push(parse_ip(&ctx, &format!("status.podIPs[{i}].ip"), &p.ip)?);
             }
         }
         None => {
-            if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).filter(|s| !s.is_empty()) {
+            if let Some(ip) = status
+                .and_then(|s| s.pod_ip.as_ref())
+                .filter(|s| !s.is_empty())
+            {
                 ips.push(parse_ip(&ctx, "status.podIP", ip)?);
             }
         }
@@ -210,7 +222,8 @@ pub fn pod(pod: &core::Pod) -> Result<Parsed<Pod>> {
                 let Some(pname) = &p.name else { continue };
                 let field = format!("{path}.ports[{j}]");
                 check_port_name(&ctx, &format!("{field}.name"), pname)?;
-                let port = check_port_number(&ctx, &format!("{field}.containerPort"), p.container_port)?;
+                let port =
+                    check_port_number(&ctx, &format!("{field}.containerPort"), p.container_port)?;
                 let proto = protocol(&ctx, &format!("{field}.protocol"), p.protocol.as_deref())?;
                 ports.push(ContainerPort {
                     name: pname.clone(),
@@ -231,7 +244,9 @@ pub fn pod(pod: &core::Pod) -> Result<Parsed<Pod>> {
         namespace,
         name,
         labels,
-        node: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
+        node: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
         ips,
         ports,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -280,12 +295,24 @@ pub fn network_policy(np: &net::NetworkPolicy) -> Result<Parsed<Policy>> {
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         let path = format!("spec.ingress[{i}]");
-        ingress.push(rule(&mut ctx, &path, "from", r.from.as_deref(), r.ports.as_deref())?);
+        ingress.push(rule(
+            &mut ctx,
+            &path,
+            "from",
+            r.from.as_deref(),
+            r.ports.as_deref(),
+        )?);
     }
     let mut egress = Vec::new();
     for (i, r) in spec.egress.iter().flatten().enumerate() {
         let path = format!("spec.egress[{i}]");
-        egress.push(rule(&mut ctx, &path, "to", r.to.as_deref(), r.ports.as_deref())?);
+        egress.push(rule(
+            &mut ctx,
+            &path,
+            "to",
+            r.to.as_deref(),
+            r.ports.as_deref(),
+        )?);
     }
     Ok(ctx.done(Policy {
         namespace,
@@ -308,7 +335,8 @@ fn rule(
         ports: Vec::new(),
     };
     for (j, p) in peers.unwrap_or_default().iter().enumerate() {
-        out.peers.push(peer(ctx, &format!("{path}.{peers_field}[{j}]"), p)?);
+        out.peers
+            .push(peer(ctx, &format!("{path}.{peers_field}[{j}]"), p)?);
     }
     for (j, p) in ports.unwrap_or_default().iter().enumerate() {
         out.ports.push(port(ctx, &format!("{path}.ports[{j}]"), p)?);
@@ -323,11 +351,17 @@ fn peer(ctx: &mut Ctx, path: &str, p: &net::NetworkPolicyPeer) -> Result<Peer> {
         + usize::from(p.namespace_selector.is_some())
         + usize::from(p.ip_block.is_some());
     if n == 0 {
-        return Err(ctx.err(path, "must specify a peer (podSelector, namespaceSelector or ipBlock)"));
+        return Err(ctx.err(
+            path,
+            "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+        ));
     }
     if let Some(b) = &p.ip_block {
         if n > 1 {
-            return Err(ctx.err(path, "ipBlock may not be combined with podSelector or namespaceSelector"));
+            return Err(ctx.err(
+                path,
+                "ipBlock may not be combined with podSelector or namespaceSelector",
+            ));
         }
         return Ok(Peer::Block(ip_block(ctx, &format!("{path}.ipBlock"), b)?));
     }
@@ -348,8 +382,11 @@ fn ip_block(ctx: &mut Ctx, path: &str, b: &net::IPBlock) -> Result<IpBlock> {
     for (k, e) in b.except.iter().flatten().enumerate() {
         let field = format!("{path}.except[{k}]");
         let c = parse_cidr(ctx, &field, e)?;
-        if !cidr.covers(&c) || c.len() <= cidr.len() {
-            return Err(ctx.err(field, format!("{e} must be a strict subset of cidr {}", b.cidr)));
+        if !cidr.covers(&c) || c.prefix_len() <= cidr.prefix_len() {
+            return Err(ctx.err(
+                field,
+                format!("{e} must be a strict subset of cidr {}", b.cidr),
+            ));
         }
         except.push(c);
     }
@@ -363,7 +400,10 @@ fn parse_cidr(ctx: &mut Ctx, field: &str, s: &str) -> Result<Cidr> {
     if p.had_host_bits {
         ctx.warn(
             field,
-            format!("{s} has host bits set; using {} (older API servers accepted this)", p.cidr),
+            format!(
+                "{s} has host bits set; using {} (older API servers accepted this)",
+                p.cidr
+            ),
         );
     }
     Ok(p.cidr)
@@ -374,7 +414,10 @@ fn port(ctx: &Ctx, path: &str, p: &net::NetworkPolicyPort) -> Result<PortSpec> {
     match &p.port {
         None => {
             if p.end_port.is_some() {
-                return Err(ctx.err(format!("{path}.endPort"), "may not be specified when `port` is not specified"));
+                return Err(ctx.err(
+                    format!("{path}.endPort"),
+                    "may not be specified when `port` is not specified",
+                ));
             }
             Ok(PortSpec::All(proto))
         }
@@ -397,7 +440,10 @@ fn port(ctx: &Ctx, path: &str, p: &net::NetworkPolicyPort) -> Result<PortSpec> {
         }
         Some(IntOrString::String(name)) => {
             if p.end_port.is_some() {
-                return Err(ctx.err(format!("{path}.endPort"), "may not be specified when `port` is non-numeric"));
+                return Err(ctx.err(
+                    format!("{path}.endPort"),
+                    "may not be specified when `port` is non-numeric",
+                ));
             }
             check_port_name(ctx, &format!("{path}.port"), name)?;
             Ok(PortSpec::Named {
@@ -412,7 +458,12 @@ fn protocol(ctx: &Ctx, field: &str, p: Option<&str>) -> Result<Protocol> {
     match p {
         None => Ok(Protocol::Tcp),
         Some(s) => Protocol::parse(s).ok_or_else(|| {
-            ctx.err(field, format!("unsupported protocol {s:?}: supported values are \"TCP\", \"UDP\", \"SCTP\""))
+            ctx.err(
+                field,
+                format!(
+                    "unsupported protocol {s:?}: supported values are \"TCP\", \"UDP\", \"SCTP\""
+                ),
+            )
         }),
     }
 }
@@ -429,7 +480,8 @@ fn check_port_name(ctx: &Ctx, field: &str, name: &str) -> Result<()> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 15
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.iter().any(|c| c.is_ascii_lowercase())
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
@@ -449,7 +501,11 @@ fn parse_ip(ctx: &Ctx, field: &str, s: &str) -> Result<IpAddr> {
         .map_err(|_| ctx.err(field, format!("{s:?} is not an IP address")))
 }
 
-fn labels(ctx: &Ctx, path: &str, l: Option<&BTreeMap<String, String>>) -> Result<BTreeMap<String, String>> {
+fn labels(
+    ctx: &Ctx,
+    path: &str,
+    l: Option<&BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, String>> {
     let l = l.cloned().unwrap_or_default();
     for (k, v) in &l {
         check_label_key(ctx, &format!("{path}[{k}]"), k)?;
@@ -481,17 +537,25 @@ fn selector(ctx: &Ctx, path: &str, s: &LabelSelector) -> Result<Selector> {
             other => {
                 return Err(ctx.err(
                     format!("{field}.operator"),
-                    format!("unknown operator {other:?}: supported are In, NotIn, Exists, DoesNotExist"),
+                    format!(
+                        "unknown operator {other:?}: supported are In, NotIn, Exists, DoesNotExist"
+                    ),
                 ));
             }
         };
         let mut values = e.values.clone().unwrap_or_default();
         match op {
             Op::In | Op::NotIn if values.is_empty() => {
-                return Err(ctx.err(format!("{field}.values"), format!("must be non-empty when operator is {}", e.operator)));
+                return Err(ctx.err(
+                    format!("{field}.values"),
+                    format!("must be non-empty when operator is {}", e.operator),
+                ));
             }
             Op::Exists | Op::DoesNotExist if !values.is_empty() => {
-                return Err(ctx.err(format!("{field}.values"), format!("must be empty when operator is {}", e.operator)));
+                return Err(ctx.err(
+                    format!("{field}.values"),
+                    format!("must be empty when operator is {}", e.operator),
+                ));
             }
             _ => {}
         }
@@ -534,7 +598,8 @@ fn check_label_key(ctx: &Ctx, field: &str, key: &str) -> Result<()> {
                 !b.is_empty()
                     && b[0].is_ascii_alphanumeric()
                     && b[b.len() - 1].is_ascii_alphanumeric()
-                    && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
             })
     });
     if prefix_ok && is_label_name(name) {
@@ -553,6 +618,8 @@ fn check_label_value(ctx: &Ctx, field: &str, v: &str) -> Result<()> {
 }
 
 /// The Kubernetes objects the model reads, as the API (or a manifest) delivers them.
+// Short-lived on the way into the model; boxing would only add noise at every use.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum K8sObject {
     Namespace(core::Namespace),

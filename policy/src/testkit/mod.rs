@@ -18,6 +18,10 @@ pub fn k8s<T: DeserializeOwned>(v: serde_json::Value) -> T {
 pub fn parse_all(objects: &[crate::model::K8sObject]) -> Vec<crate::model::Object> {
     objects
         .iter()
-        .map(|o| crate::model::parse::object(o).expect("generated object is valid").value)
+        .map(|o| {
+            crate::model::parse::object(o)
+                .expect("generated object is valid")
+                .value
+        })
         .collect()
 }

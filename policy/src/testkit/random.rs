@@ -136,7 +136,12 @@ impl World {
     fn add_pod(&mut self, rng: &mut SmallRng, f: &mut Features) {
         let n = self.next_pod;
         self.next_pod += 1;
-        let ns = self.namespaces.choose(rng).expect("namespaces").name.clone();
+        let ns = self
+            .namespaces
+            .choose(rng)
+            .expect("namespaces")
+            .name
+            .clone();
         let node = self.nodes.choose(rng).expect("nodes").clone();
         let mut pod = GenPod {
             namespace: ns,
@@ -181,7 +186,12 @@ impl World {
     fn add_policy(&mut self, rng: &mut SmallRng, f: &mut Features) {
         let n = self.next_policy;
         self.next_policy += 1;
-        let ns = self.namespaces.choose(rng).expect("namespaces").name.clone();
+        let ns = self
+            .namespaces
+            .choose(rng)
+            .expect("namespaces")
+            .name
+            .clone();
         let p = self.random_policy(rng, f, &ns, &format!("pol{n}"));
         self.policies.push(p);
     }
@@ -284,7 +294,11 @@ impl World {
         } else {
             IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
         });
-        let lens: &[u8] = if v6 { &[0, 8, 64, 112, 120, 128] } else { &[0, 8, 16, 24, 28, 32] };
+        let lens: &[u8] = if v6 {
+            &[0, 8, 64, 112, 120, 128]
+        } else {
+            &[0, 8, 16, 24, 28, 32]
+        };
         let len = *lens.choose(rng).expect("lens");
         f.hit(if v6 { "ipBlock: IPv6" } else { "ipBlock: IPv4" });
         if len == 0 {
@@ -348,8 +362,14 @@ impl World {
                 }
                 5 if !self.policies.is_empty() => {
                     let i = rng.random_range(0..self.policies.len());
-                    let ns = self.policies[i]["metadata"]["namespace"].as_str().expect("ns").to_string();
-                    let name = self.policies[i]["metadata"]["name"].as_str().expect("name").to_string();
+                    let ns = self.policies[i]["metadata"]["namespace"]
+                        .as_str()
+                        .expect("ns")
+                        .to_string();
+                    let name = self.policies[i]["metadata"]["name"]
+                        .as_str()
+                        .expect("name")
+                        .to_string();
                     self.policies[i] = self.random_policy(rng, f, &ns, &name);
                     f.hit("mutation: policy updated");
                 }
@@ -399,8 +419,22 @@ impl World {
                         self.next_pod += 1;
                         for ip in &mut p.ips {
                             *ip = match ip {
-                                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, (n / 200) as u8, (n % 200) as u8 + 1)),
-                                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n as u16 + 1)),
+                                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(
+                                    10,
+                                    0,
+                                    (n / 200) as u8,
+                                    (n % 200) as u8 + 1,
+                                )),
+                                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(
+                                    0xfd00,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                    n as u16 + 1,
+                                )),
                             };
                         }
                         f.hit("mutation: pod address changed");
@@ -448,7 +482,11 @@ impl World {
                 .iter()
                 .map(|(name, proto, port)| json!({"name": name, "protocol": proto, "containerPort": port}))
                 .collect();
-            let ips: Vec<Value> = p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+            let ips: Vec<Value> = p
+                .ips
+                .iter()
+                .map(|ip| json!({"ip": ip.to_string()}))
+                .collect();
             out.push(K8sObject::Pod(k8s(json!({
                 "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
                 "spec": {"nodeName": p.node, "hostNetwork": p.host_network,
@@ -484,8 +522,14 @@ impl World {
 fn random_labels(rng: &mut SmallRng, keys: &[&str]) -> BTreeMap<String, String> {
     keys.iter()
         .filter_map(|k| {
-            rng.random_bool(0.6)
-                .then(|| (k.to_string(), VALUES.choose(rng).expect("values").to_string()))
+            if rng.random_bool(0.6) {
+                Some((
+                    k.to_string(),
+                    VALUES.choose(rng).expect("values").to_string(),
+                ))
+            } else {
+                None
+            }
         })
         .collect()
 }
@@ -497,7 +541,11 @@ fn random_ports(rng: &mut SmallRng) -> Vec<(String, &'static str, u16)> {
             if !rng.random_bool(0.6) {
                 return None;
             }
-            let proto = if rng.random_bool(0.6) { "TCP" } else { PROTOS.choose(rng).expect("protos") };
+            let proto = if rng.random_bool(0.6) {
+                "TCP"
+            } else {
+                PROTOS.choose(rng).expect("protos")
+            };
             Some((n.to_string(), proto, *PORTS.choose(rng).expect("ports")))
         })
         .collect()
@@ -512,8 +560,14 @@ fn selector(rng: &mut SmallRng, f: &mut Features, keys: &[&str]) -> Value {
     let labels: BTreeMap<String, String> = keys
         .iter()
         .filter_map(|k| {
-            rng.random_bool(0.35)
-                .then(|| (k.to_string(), VALUES.choose(rng).expect("values").to_string()))
+            if rng.random_bool(0.35) {
+                Some((
+                    k.to_string(),
+                    VALUES.choose(rng).expect("values").to_string(),
+                ))
+            } else {
+                None
+            }
         })
         .collect();
     if !labels.is_empty() {
@@ -523,8 +577,16 @@ fn selector(rng: &mut SmallRng, f: &mut Features, keys: &[&str]) -> Value {
     let mut exprs = Vec::new();
     for _ in 0..rng.random_range(0..=2) {
         // "zone" never appears on objects: exercises absent keys.
-        let key = if rng.random_bool(0.2) { "zone" } else { keys.choose(rng).expect("keys") };
-        let values: Vec<&str> = VALUES.iter().copied().filter(|_| rng.random_bool(0.5)).collect();
+        let key = if rng.random_bool(0.2) {
+            "zone"
+        } else {
+            keys.choose(rng).expect("keys")
+        };
+        let values: Vec<&str> = VALUES
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.5))
+            .collect();
         let values = if values.is_empty() { vec!["a"] } else { values };
         let e = match rng.random_range(0..4) {
             0 => {
@@ -532,7 +594,11 @@ fn selector(rng: &mut SmallRng, f: &mut Features, keys: &[&str]) -> Value {
                 json!({"key": key, "operator": "In", "values": values})
             }
             1 => {
-                f.hit(if key == "zone" { "selector: NotIn on an absent key" } else { "selector: NotIn" });
+                f.hit(if key == "zone" {
+                    "selector: NotIn on an absent key"
+                } else {
+                    "selector: NotIn"
+                });
                 json!({"key": key, "operator": "NotIn", "values": values})
             }
             2 => {
@@ -595,11 +661,19 @@ fn random_port(rng: &mut SmallRng, f: &mut Features) -> Value {
 fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
     }

@@ -59,11 +59,18 @@ const TEAMS: usize = 20;
 
 pub fn pod_ip_v4(n: usize) -> IpAddr {
     let n = n as u32 + 1;
-    IpAddr::V4(Ipv4Addr::new(10, 64 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        64 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
 }
 
 pub fn pod_ip_v6(n: usize) -> IpAddr {
-    IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 | (n as u128 + 1)))
+    IpAddr::V6(Ipv6Addr::from(
+        0xfd00_0000_0000_0000_0000_0000_0000_0000u128 | (n as u128 + 1),
+    ))
 }
 
 pub fn node_name(i: usize) -> String {
@@ -75,7 +82,12 @@ pub fn node_name(i: usize) -> String {
 pub fn generate(scale: Scale, seed: u64, mut emit: impl FnMut(K8sObject)) {
     let mut rng = SmallRng::seed_from_u64(seed);
     for i in 0..scale.nodes {
-        let v4 = IpAddr::V4(Ipv4Addr::new(172, 16 + (i >> 16) as u8, (i >> 8) as u8, i as u8));
+        let v4 = IpAddr::V4(Ipv4Addr::new(
+            172,
+            16 + (i >> 16) as u8,
+            (i >> 8) as u8,
+            i as u8,
+        ));
         emit(K8sObject::Node(k8s(json!({
             "metadata": {"name": node_name(i), "labels": {"kubernetes.io/hostname": node_name(i)}},
             "status": {"addresses": [{"type": "InternalIP", "address": v4.to_string()},
@@ -83,8 +95,13 @@ pub fn generate(scale: Scale, seed: u64, mut emit: impl FnMut(K8sObject)) {
         }))));
     }
     let mut pod_no = 0usize;
-    let mut pod = |rng: &mut SmallRng, ns: &str, name: String, labels: Value, ports: Value, emit: &mut dyn FnMut(K8sObject)| {
-        let ips = if pod_no % 2 == 0 {
+    let mut pod = |rng: &mut SmallRng,
+                   ns: &str,
+                   name: String,
+                   labels: Value,
+                   ports: Value,
+                   emit: &mut dyn FnMut(K8sObject)| {
+        let ips = if pod_no.is_multiple_of(2) {
             json!([{"ip": pod_ip_v4(pod_no).to_string()}, {"ip": pod_ip_v6(pod_no).to_string()}])
         } else {
             json!([{"ip": pod_ip_v4(pod_no).to_string()}])
@@ -100,13 +117,25 @@ pub fn generate(scale: Scale, seed: u64, mut emit: impl FnMut(K8sObject)) {
 
     emit(namespace("kube-system", json!({})));
     for r in 0..2 {
-        pod(&mut rng, "kube-system", format!("coredns-{r}"), json!({"k8s-app": "kube-dns"}),
-            json!([{"name": "dns", "containerPort": 53, "protocol": "UDP"}, {"name": "dns-tcp", "containerPort": 53}]), &mut emit);
+        pod(
+            &mut rng,
+            "kube-system",
+            format!("coredns-{r}"),
+            json!({"k8s-app": "kube-dns"}),
+            json!([{"name": "dns", "containerPort": 53, "protocol": "UDP"}, {"name": "dns-tcp", "containerPort": 53}]),
+            &mut emit,
+        );
     }
     emit(namespace("monitoring", json!({"team": "platform"})));
     for r in 0..2 {
-        pod(&mut rng, "monitoring", format!("prometheus-{r}"), json!({"app": "prometheus"}),
-            json!([{"name": "web", "containerPort": 9090}]), &mut emit);
+        pod(
+            &mut rng,
+            "monitoring",
+            format!("prometheus-{r}"),
+            json!({"app": "prometheus"}),
+            json!([{"name": "web", "containerPort": 9090}]),
+            &mut emit,
+        );
     }
 
     let pods_per_ns = scale.pods.div_ceil(scale.namespaces);
@@ -116,17 +145,30 @@ pub fn generate(scale: Scale, seed: u64, mut emit: impl FnMut(K8sObject)) {
     for i in 0..scale.namespaces {
         let ns = format!("ns-{i:05}");
         let team = format!("team-{}", i % TEAMS);
-        emit(namespace(&ns, json!({"team": team, "env": ENVS[i % ENVS.len()]})));
+        emit(namespace(
+            &ns,
+            json!({"team": team, "env": ENVS[i % ENVS.len()]}),
+        ));
         for p in 0..pods_per_ns.min(pods_left) {
             let app = p % apps;
             let tier = TIERS[app % TIERS.len()];
             let labels = json!({"app": format!("app-{app}"), "tier": tier, "version": format!("v{}", app % 3),
                                 "pod-template-hash": format!("{:08x}", (i * 131 + app * 7919) as u32)});
-            let mut ports = vec![json!({"name": "http", "containerPort": 8080}), json!({"name": "metrics", "containerPort": 9090})];
+            let mut ports = vec![
+                json!({"name": "http", "containerPort": 8080}),
+                json!({"name": "metrics", "containerPort": 9090}),
+            ];
             if tier == "backend" {
                 ports.push(json!({"name": "grpc", "containerPort": 9000 + (app % 4)}));
             }
-            pod(&mut rng, &ns, format!("app-{app}-{p:04}"), labels, Value::Array(ports), &mut emit);
+            pod(
+                &mut rng,
+                &ns,
+                format!("app-{app}-{p:04}"),
+                labels,
+                Value::Array(ports),
+                &mut emit,
+            );
         }
         pods_left = pods_left.saturating_sub(pods_per_ns);
         for k in 0..policies_per_ns.min(policies_left) {
@@ -176,14 +218,16 @@ fn policy(ns: &str, team: &str, k: usize, apps: usize) -> Value {
                                                    "podSelector": {"matchLabels": {"tier": "frontend"}}},
                                                   {"ipBlock": {"cidr": "192.0.2.0/24"}}],
                                          "ports": [{"port": 8000, "endPort": 8100}]}]}),
-                _ => json!({"podSelector": {"matchLabels": {"app": target}}, "policyTypes": ["Ingress", "Egress"],
+                _ => {
+                    json!({"podSelector": {"matchLabels": {"app": target}}, "policyTypes": ["Ingress", "Egress"],
                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": peer}}},
                                                   {"namespaceSelector": {"matchExpressions": [
                                                       {"key": "env", "operator": "NotIn", "values": ["dev"]}]},
                                                    "podSelector": {"matchLabels": {"app": target}}}]}],
                             "egress": [{"to": [{"podSelector": {"matchLabels": {"app": peer}}}], "ports": [{"port": "http"}]},
                                        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.96.0.0/12"]}}],
-                                        "ports": [{"port": 5432}]}]}),
+                                        "ports": [{"port": 5432}]}]})
+                }
             };
             json!({"metadata": meta(format!("app-policy-{k:03}")), "spec": spec})
         }

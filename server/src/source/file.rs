@@ -25,7 +25,11 @@ pub enum Error {
 
 /// Loads `dir` once (failing if it can't be read at all), sends the full state as a
 /// `Reset`, then keeps sending changes until the receiver goes away.
-pub async fn spawn(dir: PathBuf, tx: mpsc::Sender<SourceEvent>, poll: Duration) -> Result<tokio::task::JoinHandle<()>, Error> {
+pub async fn spawn(
+    dir: PathBuf,
+    tx: mpsc::Sender<SourceEvent>,
+    poll: Duration,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
     let mut set = ManifestSet::new(dir.clone());
     let first = set.reload()?;
     let mut shown = report(&first, &BTreeSet::new());

@@ -37,7 +37,7 @@ impl FromStr for SourceSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
-            Some(("dir", path)) if path.is_empty() => Err(SpecError::EmptyPath(s.to_string())),
+            Some(("dir", "")) => Err(SpecError::EmptyPath(s.to_string())),
             Some(("dir", path)) => Ok(SourceSpec::Dir(PathBuf::from(path))),
             _ => Err(SpecError::Unknown(s.to_string())),
         }
@@ -50,7 +50,10 @@ mod tests {
 
     #[test]
     fn parses_specs() {
-        assert_eq!("dir:examples".parse::<SourceSpec>().unwrap(), SourceSpec::Dir("examples".into()));
+        assert_eq!(
+            "dir:examples".parse::<SourceSpec>().unwrap(),
+            SourceSpec::Dir("examples".into())
+        );
         assert!("dir:".parse::<SourceSpec>().is_err());
         assert!("kube:prod".parse::<SourceSpec>().is_err());
         assert!("examples".parse::<SourceSpec>().is_err());

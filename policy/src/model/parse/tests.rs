@@ -29,42 +29,117 @@ fn defaults_policy_types_and_protocol() {
     assert_eq!(
         egress[0].ports,
         vec![
-            PortSpec::Range { proto: Protocol::Tcp, first: 80, last: 80 },
-            PortSpec::Range { proto: Protocol::Udp, first: 53, last: 53 },
+            PortSpec::Range {
+                proto: Protocol::Tcp,
+                first: 80,
+                last: 80
+            },
+            PortSpec::Range {
+                proto: Protocol::Udp,
+                first: 53,
+                last: 53
+            },
         ]
     );
-    let p = network_policy(&np(json!({"podSelector": {}, "egress": []}))).unwrap().value;
-    assert_eq!(p.egress, None, "empty egress does not imply Egress");
-    let p = network_policy(&np(json!({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [{}]})))
+    let p = network_policy(&np(json!({"podSelector": {}, "egress": []})))
         .unwrap()
         .value;
-    assert_eq!(p.ingress, None, "ingress rules are ignored without the Ingress type");
+    assert_eq!(p.egress, None, "empty egress does not imply Egress");
+    let p = network_policy(&np(
+        json!({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [{}]}),
+    ))
+    .unwrap()
+    .value;
+    assert_eq!(
+        p.ingress, None,
+        "ingress rules are ignored without the Ingress type"
+    );
     assert_eq!(p.egress, Some(vec![]));
 }
 
 #[test]
 fn rejects_bad_input_naming_the_field() {
     let cases = [
-        (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}), "spec.ingress[0].from[0].ipBlock.cidr"),
-        (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "bogus"}}]}]}), "spec.ingress[0].from[0].ipBlock.cidr"),
-        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
-        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
-        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
-        (json!({"ingress": [{"ports": [{"port": 0}]}]}), "spec.ingress[0].ports[0].port"),
-        (json!({"ingress": [{"ports": [{"port": 65536}]}]}), "spec.ingress[0].ports[0].port"),
-        (json!({"ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"ingress": [{"ports": [{"port": "http", "endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"ingress": [{"ports": [{"endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"ingress": [{"ports": [{"port": "HTTP"}]}]}), "spec.ingress[0].ports[0].port"),
-        (json!({"ingress": [{"ports": [{"port": "80"}]}]}), "spec.ingress[0].ports[0].port"),
-        (json!({"ingress": [{"ports": [{"port": 80, "protocol": "ICMP"}]}]}), "spec.ingress[0].ports[0].protocol"),
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Like", "values": ["b"]}]}}), "spec.podSelector.matchExpressions[0].operator"),
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}), "spec.podSelector.matchExpressions[0].values"),
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}), "spec.podSelector.matchExpressions[0].values"),
-        (json!({"podSelector": {"matchLabels": {"bad key!": "x"}}}), "spec.podSelector.matchLabels[bad key!]"),
-        (json!({"ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0]"),
-        (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}), "spec.ingress[0].from[0]"),
-        (json!({"policyTypes": ["Ingress", "Sideways"]}), "spec.policyTypes[1]"),
+        (
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "bogus"}}]}]}),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (
+            json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}),
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
+        (
+            json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}),
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
+        (
+            json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}]}]}),
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": 0}]}]}),
+            "spec.ingress[0].ports[0].port",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": 65536}]}]}),
+            "spec.ingress[0].ports[0].port",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": "http", "endPort": 80}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"endPort": 80}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": "HTTP"}]}]}),
+            "spec.ingress[0].ports[0].port",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": "80"}]}]}),
+            "spec.ingress[0].ports[0].port",
+        ),
+        (
+            json!({"ingress": [{"ports": [{"port": 80, "protocol": "ICMP"}]}]}),
+            "spec.ingress[0].ports[0].protocol",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Like", "values": ["b"]}]}}),
+            "spec.podSelector.matchExpressions[0].operator",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}),
+            "spec.podSelector.matchExpressions[0].values",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}),
+            "spec.podSelector.matchExpressions[0].values",
+        ),
+        (
+            json!({"podSelector": {"matchLabels": {"bad key!": "x"}}}),
+            "spec.podSelector.matchLabels[bad key!]",
+        ),
+        (
+            json!({"ingress": [{"from": [{}]}]}),
+            "spec.ingress[0].from[0]",
+        ),
+        (
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
+            "spec.ingress[0].from[0]",
+        ),
+        (
+            json!({"policyTypes": ["Ingress", "Sideways"]}),
+            "spec.policyTypes[1]",
+        ),
     ];
     for (spec, field) in cases {
         let e = err(spec.clone());
@@ -82,7 +157,9 @@ fn normalises_cidr_host_bits_with_a_warning() {
     .unwrap();
     assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
     assert_eq!(p.warnings[0].field, "spec.egress[0].to[0].ipBlock.cidr");
-    let Peer::Block(b) = &p.value.egress.unwrap()[0].peers[0] else { panic!() };
+    let Peer::Block(b) = &p.value.egress.unwrap()[0].peers[0] else {
+        panic!()
+    };
     assert_eq!(b.cidr.to_string(), "10.0.0.0/8");
     assert_eq!(b.except[0].to_string(), "10.1.0.0/16");
 }
@@ -125,9 +202,26 @@ fn pods_keep_only_what_policy_needs() {
     }))
     .unwrap();
     let p = pod(&p).unwrap().value;
-    assert_eq!(p.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
-    let names: Vec<_> = p.ports.iter().map(|c| (c.name.as_str(), c.proto, c.port)).collect();
-    assert_eq!(names, vec![("dns", Protocol::Udp, 53), ("http", Protocol::Tcp, 8080), ("metrics", Protocol::Tcp, 9090)]);
+    assert_eq!(
+        p.ips,
+        vec![
+            "10.0.0.5".parse::<IpAddr>().unwrap(),
+            "fd00::5".parse().unwrap()
+        ]
+    );
+    let names: Vec<_> = p
+        .ports
+        .iter()
+        .map(|c| (c.name.as_str(), c.proto, c.port))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("dns", Protocol::Udp, 53),
+            ("http", Protocol::Tcp, 8080),
+            ("metrics", Protocol::Tcp, 9090)
+        ]
+    );
     assert_eq!(p.node.as_deref(), Some("n1"));
     assert!(p.is_policy_endpoint());
 
