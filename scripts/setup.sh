@@ -27,7 +27,7 @@ fi
 
 if ! command -v cargo-nextest >/dev/null; then
     say "installing cargo-nextest"
-    cargo install cargo-nextest --locked
+    cargo install cargo-nextest --version 0.9.143 --locked
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     say "installing cargo-fuzz"

@@ -10,83 +10,47 @@
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use crate::table::Table;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sym(u32);
 
 #[derive(Default)]
-pub struct Interner {
-    ids: FxHashMap<Arc<str>, Sym>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-}
-
-struct Slot {
-    text: Option<Arc<str>>,
-    refs: u32,
-}
+pub struct Interner(Table<Arc<str>>);
 
 impl Interner {
     /// Returns the symbol for `s`, taking one reference on it.
     pub fn intern(&mut self, s: &str) -> Sym {
-        if let Some(&sym) = self.ids.get(s) {
-            self.slots[sym.0 as usize].refs += 1;
-            return sym;
+        match self.0.retain_existing(s) {
+            Some(id) => Sym(id),
+            None => Sym(self.0.insert_new(Arc::from(s))),
         }
-        let text: Arc<str> = Arc::from(s);
-        let slot = Slot {
-            text: Some(text.clone()),
-            refs: 1,
-        };
-        let sym = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = slot;
-                Sym(i)
-            }
-            None => {
-                self.slots.push(slot);
-                Sym(u32::try_from(self.slots.len() - 1).expect("more than 2^32 strings"))
-            }
-        };
-        self.ids.insert(text, sym);
-        sym
     }
 
     /// Looks a string up without taking a reference.
     pub fn get(&self, s: &str) -> Option<Sym> {
-        self.ids.get(s).copied()
+        self.0.find(s).map(Sym)
     }
 
     pub fn retain(&mut self, sym: Sym) {
-        self.slots[sym.0 as usize].refs += 1;
+        self.0.retain(sym.0);
     }
 
     pub fn release(&mut self, sym: Sym) {
-        let slot = &mut self.slots[sym.0 as usize];
-        debug_assert!(slot.refs > 0, "released a dead symbol");
-        slot.refs -= 1;
-        if slot.refs == 0 {
-            let text = slot.text.take().expect("live slot has text");
-            self.ids.remove(&*text);
-            self.free.push(sym.0);
-        }
+        self.0.release(sym.0);
     }
 
     pub fn resolve(&self, sym: Sym) -> &str {
-        self.slots[sym.0 as usize]
-            .text
-            .as_deref()
-            .expect("resolved a dead symbol")
+        self.0.get(sym.0)
     }
 
     /// Number of live strings (for leak tests and memory reports).
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.0.is_empty()
     }
 }
 

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
-
 use crate::intern::{Interner, Sym};
+use crate::table::Table;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LabelSetId(u32);
@@ -22,17 +21,9 @@ pub fn value_of(labels: &Labels, key: Sym) -> Option<Sym> {
         .map(|i| labels[i].1)
 }
 
+/// Label sets, each holding one reference on each of its strings.
 #[derive(Default)]
-pub struct LabelSets {
-    ids: FxHashMap<Box<Labels>, LabelSetId>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-}
-
-struct Slot {
-    labels: Box<Labels>,
-    refs: u32,
-}
+pub struct LabelSets(Table<Box<Labels>>);
 
 impl LabelSets {
     /// Interns a label map, taking one reference on the set.
@@ -41,23 +32,15 @@ impl LabelSets {
         strings: &mut Interner,
         labels: &BTreeMap<String, String>,
     ) -> LabelSetId {
-        // Fast path: every string is already known and so is the set.
-        let mut probe: Vec<(Sym, Sym)> = Vec::with_capacity(labels.len());
-        let mut known = true;
-        for (k, v) in labels {
-            match (strings.get(k), strings.get(v)) {
-                (Some(k), Some(v)) => probe.push((k, v)),
-                _ => {
-                    known = false;
-                    break;
-                }
-            }
-        }
-        if known {
+        // Fast path, no allocation of strings: every string is already known and so is the set.
+        let probe: Option<Vec<(Sym, Sym)>> = labels
+            .iter()
+            .map(|(k, v)| Some((strings.get(k)?, strings.get(v)?)))
+            .collect();
+        if let Some(mut probe) = probe {
             probe.sort_unstable();
-            if let Some(&id) = self.ids.get(probe.as_slice()) {
-                self.slots[id.0 as usize].refs += 1;
-                return id;
+            if let Some(id) = self.0.retain_existing(probe.as_slice()) {
+                return LabelSetId(id);
             }
         }
         let mut set: Vec<(Sym, Sym)> = labels
@@ -65,58 +48,36 @@ impl LabelSets {
             .map(|(k, v)| (strings.intern(k), strings.intern(v)))
             .collect();
         set.sort_unstable();
-        if let Some(&id) = self.ids.get(set.as_slice()) {
+        if let Some(id) = self.0.retain_existing(set.as_slice()) {
+            // The existing set already holds these strings.
             for (k, v) in set {
                 strings.release(k);
                 strings.release(v);
             }
-            self.slots[id.0 as usize].refs += 1;
-            return id;
+            return LabelSetId(id);
         }
-        let labels: Box<Labels> = set.into_boxed_slice();
-        let slot = Slot {
-            labels: labels.clone(),
-            refs: 1,
-        };
-        let id = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = slot;
-                LabelSetId(i)
-            }
-            None => {
-                self.slots.push(slot);
-                LabelSetId(u32::try_from(self.slots.len() - 1).expect("too many label sets"))
-            }
-        };
-        self.ids.insert(labels, id);
-        id
+        LabelSetId(self.0.insert_new(set.into_boxed_slice()))
     }
 
     pub fn release(&mut self, strings: &mut Interner, id: LabelSetId) {
-        let slot = &mut self.slots[id.0 as usize];
-        debug_assert!(slot.refs > 0);
-        slot.refs -= 1;
-        if slot.refs == 0 {
-            let labels = std::mem::take(&mut slot.labels);
-            self.ids.remove(&labels);
+        if let Some(labels) = self.0.release(id.0) {
             for &(k, v) in labels.iter() {
                 strings.release(k);
                 strings.release(v);
             }
-            self.free.push(id.0);
         }
     }
 
     pub fn get(&self, id: LabelSetId) -> &Labels {
-        &self.slots[id.0 as usize].labels
+        self.0.get(id.0)
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.0.is_empty()
     }
 }
 

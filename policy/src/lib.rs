@@ -22,6 +22,7 @@ pub mod ir;
 pub mod labels;
 pub mod model;
 pub mod selector;
+mod table;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

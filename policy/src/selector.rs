@@ -3,13 +3,12 @@
 //! Identical selectors (same requirements, whatever the order they were written in) share one
 //! [`SelId`], which is what lets identical peers in different policies share one address group.
 
-use rustc_hash::FxHashMap;
-
 use crate::faults::{self, Fault};
 use crate::intern::{Interner, Sym};
 use crate::ir::digest::Enc;
 use crate::labels::{Labels, value_of};
 use crate::model::{self, Op};
+use crate::table::Table;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SelId(u32);
@@ -52,17 +51,11 @@ fn contains(vs: &[Sym], v: Sym) -> bool {
     }
 }
 
-struct Slot {
-    reqs: Box<[Req]>,
-    content: [u8; 32],
-    refs: u32,
-}
-
+/// Selectors, each holding one reference on each of its strings, with their content hashes.
 #[derive(Default)]
 pub struct Selectors {
-    ids: FxHashMap<Box<[Req]>, SelId>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    table: Table<Box<[Req]>>,
+    content: Vec<[u8; 32]>,
 }
 
 /// Content hash of a selector: a function of its strings only (never of symbol numbers).
@@ -98,69 +91,47 @@ impl Selectors {
                 }
             })
             .collect();
-        // Order by symbols for the map key; the model already removed duplicates.
+        // Order by symbols for the table key; the model already removed duplicates.
         reqs.sort_unstable();
-        let reqs = reqs.into_boxed_slice();
-        if let Some(&id) = self.ids.get(&reqs) {
+        if let Some(id) = self.table.retain_existing(reqs.as_slice()) {
             for s in reqs.iter().flat_map(Req::syms) {
                 strings.release(s);
             }
-            self.slots[id.0 as usize].refs += 1;
-            return id;
+            return SelId(id);
         }
-        let slot = Slot {
-            reqs: reqs.clone(),
-            content: content_hash(sel),
-            refs: 1,
-        };
-        let id = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = slot;
-                SelId(i)
-            }
-            None => {
-                self.slots.push(slot);
-                SelId(u32::try_from(self.slots.len() - 1).expect("too many selectors"))
-            }
-        };
-        self.ids.insert(reqs, id);
-        id
+        let id = self.table.insert_new(reqs.into_boxed_slice());
+        if self.content.len() <= id as usize {
+            self.content.resize(id as usize + 1, [0; 32]);
+        }
+        self.content[id as usize] = content_hash(sel);
+        SelId(id)
     }
 
     pub fn retain(&mut self, id: SelId) {
-        self.slots[id.0 as usize].refs += 1;
+        self.table.retain(id.0);
     }
 
     pub fn release(&mut self, strings: &mut Interner, id: SelId) {
-        let slot = &mut self.slots[id.0 as usize];
-        debug_assert!(slot.refs > 0);
-        slot.refs -= 1;
-        if slot.refs == 0 {
-            let reqs = std::mem::take(&mut slot.reqs);
-            self.ids.remove(&reqs);
+        if let Some(reqs) = self.table.release(id.0) {
             for s in reqs.iter().flat_map(Req::syms) {
                 strings.release(s);
             }
-            self.free.push(id.0);
         }
     }
 
     pub fn matches(&self, id: SelId, labels: &Labels) -> bool {
-        self.slots[id.0 as usize]
-            .reqs
-            .iter()
-            .all(|r| r.matches(labels))
+        self.table.get(id.0).iter().all(|r| r.matches(labels))
     }
 
     pub fn content(&self, id: SelId) -> &[u8; 32] {
-        &self.slots[id.0 as usize].content
+        &self.content[id.0 as usize]
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.table.is_empty()
     }
 }

@@ -9,6 +9,7 @@ use clap::Parser;
 use moat_policy::{Changes, Index};
 use moat_server::source::{self, SourceSpec};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -54,7 +55,8 @@ async fn main() -> Result<()> {
         if once {
             std::process::exit(0);
         }
-    });
+    })
+    .instrument(tracing::info_span!("index"));
     tokio::select! {
         _ = task => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
