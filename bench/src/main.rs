@@ -6,6 +6,7 @@
 //! implementation has to do), event latencies against a full compile.
 
 mod alloc;
+mod plot;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -40,6 +41,9 @@ enum Command {
         /// Fewer iterations and no 5,000-node growth table (a quick look, not for the docs).
         #[arg(long)]
         quick: bool,
+        /// Also write the growth chart here (SVG).
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
     },
 }
 
@@ -65,7 +69,13 @@ fn main() -> Result<()> {
             let r = compile(scale.scale().percent(percent));
             println!("{}", r.row());
         }
-        Command::Report { quick } => print!("{}", report(quick)),
+        Command::Report { quick, svg } => {
+            let (md, chart) = report(quick);
+            print!("{md}");
+            if let Some(path) = svg {
+                std::fs::write(&path, chart)?;
+            }
+        }
     }
     Ok(())
 }
@@ -340,8 +350,10 @@ fn p90(v: &mut [Duration]) -> Duration {
     v[v.len() * 9 / 10]
 }
 
-fn report(quick: bool) -> String {
+fn report(quick: bool) -> (String, String) {
     let mut md = String::new();
+    let mut time = Vec::new();
+    let mut memory = Vec::new();
     let iterations = if quick { 50 } else { 500 };
     writeln!(md, "## Full compile\n").unwrap();
     md.push_str(COMPILE_HEADER);
@@ -386,10 +398,28 @@ fn report(quick: bool) -> String {
         }
         writeln!(md, "\n## Growth: 10% to 100% of {name}\n").unwrap();
         md.push_str(COMPILE_HEADER);
+        let mut t = plot::Series {
+            name: name.to_string(),
+            points: Vec::new(),
+        };
+        let mut m = plot::Series {
+            name: name.to_string(),
+            points: Vec::new(),
+        };
         for pct in [10, 25, 50, 75, 100] {
-            md.push_str(&compile(scale.percent(pct)).row());
+            let r = compile(scale.percent(pct));
+            md.push_str(&r.row());
             md.push('\n');
+            t.points.push((pct as f64, r.build.as_secs_f64()));
+            m.points
+                .push((pct as f64, r.peak_bytes as f64 / (1024.0 * 1024.0)));
         }
+        time.push(t);
+        memory.push(m);
     }
-    md
+    let chart = plot::growth(
+        ("full compile (seconds)", &time),
+        ("peak heap (MiB)", &memory),
+    );
+    (md, chart)
 }
