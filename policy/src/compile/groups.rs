@@ -422,7 +422,7 @@ impl Index {
                         Members::AddrPorts(v)
                     }
                 };
-                Arc::new(ir::Group { id: gs.id, members })
+                Arc::new(ir::Group::with_hash(gs.id, members, members_bytes(gs)))
             })
             .clone()
     }

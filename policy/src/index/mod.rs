@@ -20,6 +20,7 @@
 //! never looks like deletes followed by adds.
 
 mod objects;
+mod query;
 mod state;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::labels::LabelSets;
 use crate::model::{Object, ObjectKey};
 use crate::selector::Selectors;
 
+pub use query::PolicySpan;
 pub(crate) use state::*;
 
 /// One change from a source.

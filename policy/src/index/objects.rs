@@ -382,6 +382,7 @@ impl Index {
             ns,
             name: name.clone(),
             model: policy,
+            generation: self.generation + 1,
             selector,
             ingress,
             egress,

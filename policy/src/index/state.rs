@@ -111,6 +111,8 @@ pub(crate) struct PolicyState {
     pub ns: NsIdx,
     pub name: Arc<str>,
     pub model: Policy,
+    /// The generation whose flush first compiled this content.
+    pub generation: u64,
     pub selector: SelId,
     pub ingress: Option<Vec<Template>>,
     pub egress: Option<Vec<Template>>,

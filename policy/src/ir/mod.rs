@@ -18,11 +18,12 @@
 //! * Every rule carries a tier, a priority and an action, so ClusterNetworkPolicy (Admin and
 //!   Baseline tiers; Deny and Pass) fits without a new format.
 
+pub mod delta;
 pub mod digest;
 pub mod sim;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -138,10 +139,67 @@ pub enum Members {
     AddrPorts(Vec<AddrPort>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Group {
     pub id: GroupId,
     pub members: Members,
+    /// `members_hash(&members)`, computed once: a digest over a group of 100,000 addresses
+    /// must not be recomputed on every delta.
+    #[serde(skip)]
+    hash: OnceLock<[u8; 32]>,
+}
+
+impl Group {
+    pub fn new(id: GroupId, members: Members) -> Self {
+        Self {
+            id,
+            members,
+            hash: OnceLock::new(),
+        }
+    }
+
+    /// A group whose members hash the caller already knows (it must equal
+    /// `members_hash(&members)`; `debug_assert`ed).
+    pub fn with_hash(id: GroupId, members: Members, hash: [u8; 32]) -> Self {
+        debug_assert_eq!(hash, members_hash(&members), "wrong cached members hash");
+        Self {
+            id,
+            members,
+            hash: OnceLock::from(hash),
+        }
+    }
+
+    pub fn members_hash(&self) -> [u8; 32] {
+        *self.hash.get_or_init(|| members_hash(&self.members))
+    }
+
+    /// Number of entries a dataplane holds for this group.
+    pub fn len(&self) -> usize {
+        match &self.members {
+            Members::Addrs(a) => a.len(),
+            Members::Block { except, .. } => 1 + except.len(),
+            Members::AddrPorts(a) => a.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for Group {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.members == other.members
+    }
+}
+
+impl Eq for Group {}
+
+impl std::hash::Hash for Group {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+        self.members.hash(state);
+    }
 }
 
 /// What applies to an endpoint in one direction.
@@ -202,7 +260,7 @@ impl NodeSnapshot {
             acc.add(&rule_hash(r));
         }
         for g in &self.groups {
-            acc.add(&group_item(g.id, &members_hash(&g.members)));
+            acc.add(&group_item(g.id, &g.members_hash()));
         }
         acc.digest()
     }
@@ -212,15 +270,7 @@ impl NodeSnapshot {
             endpoints: self.endpoints.len(),
             rules: self.rules.len(),
             groups: self.groups.len(),
-            members: self
-                .groups
-                .iter()
-                .map(|g| match &g.members {
-                    Members::Addrs(a) => a.len(),
-                    Members::Block { except, .. } => 1 + except.len(),
-                    Members::AddrPorts(a) => a.len(),
-                })
-                .sum(),
+            members: self.groups.iter().map(|g| g.len()).sum(),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod cidr;
 pub mod parse;
+pub mod render;
 
 use std::collections::BTreeMap;
 use std::fmt;

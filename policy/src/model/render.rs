@@ -1,0 +1,187 @@
+//! Model objects back to Kubernetes objects, keeping every field policy reads. Lets the
+//! server answer live `explain` questions with the reference evaluator from its compact
+//! index, without holding full Kubernetes objects.
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{K8sObject, Object, Op, Peer, PortSpec, Rule, Selector};
+
+pub fn to_k8s(o: &Object) -> K8sObject {
+    match o {
+        Object::Namespace(n) => K8sObject::Namespace(core::Namespace {
+            metadata: ObjectMeta {
+                name: Some(n.name.clone()),
+                labels: Some(n.labels.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        Object::Node(n) => K8sObject::Node(core::Node {
+            metadata: ObjectMeta {
+                name: Some(n.name.clone()),
+                ..Default::default()
+            },
+            status: Some(core::NodeStatus {
+                addresses: Some(
+                    n.addrs
+                        .iter()
+                        .map(|a| core::NodeAddress {
+                            type_: "InternalIP".into(),
+                            address: a.to_string(),
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        Object::Pod(p) => K8sObject::Pod(core::Pod {
+            metadata: ObjectMeta {
+                name: Some(p.name.clone()),
+                namespace: Some(p.namespace.clone()),
+                labels: Some(p.labels.clone()),
+                ..Default::default()
+            },
+            spec: Some(core::PodSpec {
+                node_name: p.node.clone(),
+                host_network: Some(p.host_network),
+                containers: vec![core::Container {
+                    name: "main".into(),
+                    ports: Some(
+                        p.ports
+                            .iter()
+                            .map(|c| core::ContainerPort {
+                                name: Some(c.name.clone()),
+                                protocol: Some(c.proto.as_str().into()),
+                                container_port: i32::from(c.port),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(core::PodStatus {
+                phase: Some(if p.terminal { "Succeeded" } else { "Running" }.into()),
+                pod_ips: Some(p.ips.iter().map(|ip| core::PodIP { ip: ip.to_string() }).collect()),
+                ..Default::default()
+            }),
+        }),
+        Object::Policy(p) => {
+            let mut types = Vec::new();
+            if p.ingress.is_some() {
+                types.push("Ingress".to_string());
+            }
+            if p.egress.is_some() {
+                types.push("Egress".to_string());
+            }
+            K8sObject::NetworkPolicy(net::NetworkPolicy {
+                metadata: ObjectMeta {
+                    name: Some(p.name.clone()),
+                    namespace: Some(p.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(net::NetworkPolicySpec {
+                    pod_selector: Some(selector(&p.pod_selector)),
+                    policy_types: Some(types),
+                    ingress: p.ingress.as_ref().map(|rules| {
+                        rules
+                            .iter()
+                            .map(|r| net::NetworkPolicyIngressRule {
+                                from: peers(r),
+                                ports: ports(r),
+                            })
+                            .collect()
+                    }),
+                    egress: p.egress.as_ref().map(|rules| {
+                        rules
+                            .iter()
+                            .map(|r| net::NetworkPolicyEgressRule {
+                                to: peers(r),
+                                ports: ports(r),
+                            })
+                            .collect()
+                    }),
+                }),
+            })
+        }
+    }
+}
+
+fn selector(s: &Selector) -> LabelSelector {
+    LabelSelector {
+        match_labels: None,
+        match_expressions: Some(
+            s.reqs
+                .iter()
+                .map(|r| LabelSelectorRequirement {
+                    key: r.key.clone(),
+                    operator: match r.op {
+                        Op::In => "In",
+                        Op::NotIn => "NotIn",
+                        Op::Exists => "Exists",
+                        Op::DoesNotExist => "DoesNotExist",
+                    }
+                    .into(),
+                    values: (!r.values.is_empty()).then(|| r.values.clone()),
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn peers(r: &Rule) -> Option<Vec<net::NetworkPolicyPeer>> {
+    if r.peers.is_empty() {
+        return None;
+    }
+    Some(
+        r.peers
+            .iter()
+            .map(|p| match p {
+                Peer::Pods { namespaces, pods } => net::NetworkPolicyPeer {
+                    pod_selector: Some(selector(pods)),
+                    namespace_selector: namespaces.as_ref().map(selector),
+                    ip_block: None,
+                },
+                Peer::Block(b) => net::NetworkPolicyPeer {
+                    ip_block: Some(net::IPBlock {
+                        cidr: b.cidr.to_string(),
+                        except: (!b.except.is_empty()).then(|| b.except.iter().map(ToString::to_string).collect()),
+                    }),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    )
+}
+
+fn ports(r: &Rule) -> Option<Vec<net::NetworkPolicyPort>> {
+    if r.ports.is_empty() {
+        return None;
+    }
+    Some(
+        r.ports
+            .iter()
+            .map(|p| match p {
+                PortSpec::All(proto) => net::NetworkPolicyPort {
+                    protocol: Some(proto.as_str().into()),
+                    ..Default::default()
+                },
+                PortSpec::Range { proto, first, last } => net::NetworkPolicyPort {
+                    protocol: Some(proto.as_str().into()),
+                    port: Some(IntOrString::Int(i32::from(*first))),
+                    end_port: (last > first).then_some(i32::from(*last)),
+                },
+                PortSpec::Named { proto, name } => net::NetworkPolicyPort {
+                    protocol: Some(proto.as_str().into()),
+                    port: Some(IntOrString::String(name.clone())),
+                    end_port: None,
+                },
+            })
+            .collect(),
+    )
+}
