@@ -6,16 +6,19 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use moat_policy::eval::{self, Flow, Reason, Side, Verdict};
-use moat_policy::model::{K8sObject, Object};
+use moat_policy::model::{K8sObject, Object, lookup};
 use serde::Serialize;
 
 use crate::manifests;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Directory of Kubernetes manifests (searched recursively).
+    /// Directory of Kubernetes manifests (searched recursively). Without it, ask the
+    /// server's live state through the admin API (`--server`, admin certificate).
     #[arg(long, env = "MOAT_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    #[command(flatten)]
+    conn: crate::admin::Connection,
     /// Source: `namespace/pod`, `node:NAME`, or an IP address.
     #[arg(long)]
     from: String,
@@ -45,7 +48,11 @@ struct Output<'a> {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let set = manifests::load(&args.manifests)?;
+    let (proto, port, _) = parse_port(&args.port)?;
+    let Some(dir) = &args.manifests else {
+        return crate::admin::explain(&args.conn, &args.from, &args.to, proto, port, args.family.clone(), args.json);
+    };
+    let set = manifests::load(dir)?;
     let objects: Vec<Object> = set.objects().cloned().collect();
     let (proto, port, proto_name) = parse_port(&args.port)?;
     let want_v6 = match args.family.as_deref() {
@@ -53,9 +60,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(_) => Some(false),
         None => None,
     };
-    let src_all = addresses(&objects, &args.from)?;
-    let dst_all = addresses(&objects, &args.to)?;
-    let (src, dst) = pick(&src_all, &dst_all, want_v6).ok_or_else(|| {
+    let src_all = lookup::addresses(&objects, &args.from).map_err(|e| anyhow!("{e} in the manifests"))?;
+    let dst_all = lookup::addresses(&objects, &args.to).map_err(|e| anyhow!("{e} in the manifests"))?;
+    let (src, dst) = lookup::pick(&src_all, &dst_all, want_v6).ok_or_else(|| {
         anyhow!(
             "{} and {} have no address of a common family",
             args.from,
@@ -123,57 +130,7 @@ fn parse_port(s: &str) -> Result<(u8, u16, String)> {
     Ok((n, port, proto))
 }
 
-/// Addresses of `ns/pod`, `node:NAME` or a literal address.
-fn addresses(objects: &[Object], who: &str) -> Result<Vec<IpAddr>> {
-    if let Ok(ip) = who.parse::<IpAddr>() {
-        return Ok(vec![ip]);
-    }
-    if let Some(node) = who.strip_prefix("node:") {
-        for o in objects {
-            if let Object::Node(n) = o
-                && n.name == node
-            {
-                if n.addrs.is_empty() {
-                    bail!("node {node} has no InternalIP or ExternalIP address");
-                }
-                return Ok(n.addrs.clone());
-            }
-        }
-        bail!("no node {node:?} in the manifests");
-    }
-    let (ns, name) = who
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{who:?}: expected namespace/pod, node:NAME or an IP address"))?;
-    for o in objects {
-        if let Object::Pod(p) = o
-            && p.namespace == ns
-            && p.name == name
-        {
-            if p.ips.is_empty() {
-                bail!("pod {who} has no IP address (status.podIPs) in the manifests");
-            }
-            return Ok(p.ips.clone());
-        }
-    }
-    bail!("no pod {who:?} in the manifests")
-}
-
-fn pick(src: &[IpAddr], dst: &[IpAddr], v6: Option<bool>) -> Option<(IpAddr, IpAddr)> {
-    let families = match v6 {
-        Some(f) => vec![f],
-        None => vec![false, true],
-    };
-    for f in families {
-        let s = src.iter().find(|a| a.is_ipv6() == f);
-        let d = dst.iter().find(|a| a.is_ipv6() == f);
-        if let (Some(s), Some(d)) = (s, d) {
-            return Some((*s, *d));
-        }
-    }
-    None
-}
-
-fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject], egress: bool) {
+pub(crate) fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject], egress: bool) {
     let dir = if egress { "egress" } else { "ingress" };
     let verdict = if side.allowed { "allowed" } else { "DENIED" };
     match &side.reason {

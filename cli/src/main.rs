@@ -1,5 +1,7 @@
 //! `moatctl`: ask the policy model questions.
 
+mod admin;
+mod certs;
 mod conformance;
 mod explain;
 mod manifests;
@@ -25,6 +27,11 @@ enum Command {
     Conformance(conformance::Args),
     /// Print the snapshot a node would receive (JSON).
     Snapshot(snapshot::Args),
+    /// Every node's sync status (admin API), or where one policy is enforced (`--policy`).
+    Status(admin::StatusArgs),
+    /// Create the CA and the server, node and admin certificates.
+    #[command(subcommand)]
+    Certs(certs::Command),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +49,7 @@ fn run() -> Result<ExitCode> {
         Command::Explain(a) => explain::run(a),
         Command::Conformance(a) => conformance::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Certs(c) => certs::run(c),
+        Command::Status(a) => admin::status(a),
     }
 }

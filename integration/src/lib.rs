@@ -25,6 +25,7 @@ pub fn repo() -> PathBuf {
 }
 
 pub mod process;
+pub mod record;
 
 /// Copies a directory tree (for tests that edit example manifests).
 pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

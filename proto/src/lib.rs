@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod identity;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
@@ -13,6 +14,7 @@ pub mod v1 {
 }
 
 pub use convert::{ConvertError, FromProto, ToProto};
+pub use identity::Identity;
 
 /// Largest message either side accepts. A full snapshot of a very large node (100,000
 /// addresses in its groups) is a few MiB; anything far beyond is an attack or a bug.

@@ -1,52 +1,53 @@
-//! The index task: applies source events to the index, one synchronous step each.
+//! The index task: applies source events to a cluster's index, one synchronous step each,
+//! then publishes the nodes that changed.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Instant;
 
+use moat_policy::ir::digest::Digest;
 use moat_policy::{Changes, Index};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
+use crate::hub::ClusterState;
+use crate::metrics::Metrics;
 use crate::source::SourceEvent;
+use crate::status::Fleet;
 
-/// Shared, lock-protected index. Writers hold the lock only for one synchronous step.
-pub type SharedIndex = Arc<RwLock<Index>>;
-
-/// Applies events until the source ends. `on_change` sees every non-empty change with the
-/// index it produced (under the read lock, so it must not block).
+/// Applies events until the source ends. `on_change` sees every change (under the index
+/// read lock, so it must not block), the first full sync included.
 pub async fn run(
     mut rx: mpsc::Receiver<SourceEvent>,
-    index: SharedIndex,
+    cluster: Arc<ClusterState>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    previous: std::collections::HashMap<String, (u64, Digest)>,
     mut on_change: impl FnMut(&Changes, &Index, bool),
 ) {
-    let mut synced = false;
     while let Some(ev) = rx.recv().await {
-        let first = !synced;
-        let changes = {
-            let mut idx = index.write().expect("index lock poisoned");
-            match ev {
-                SourceEvent::Reset(objects) => {
-                    let n = objects.len();
-                    let c = idx.reset(objects);
-                    info!(
-                        objects = n,
-                        nodes = idx.nodes().len(),
-                        generation = c.generation,
-                        "full sync"
-                    );
-                    synced = true;
-                    c
-                }
-                SourceEvent::Batch(events) => {
-                    debug!(events = events.len(), "applying changes");
-                    idx.batch(events)
-                }
-            }
+        let first = !cluster.is_synced();
+        if first && !matches!(ev, SourceEvent::Reset(_)) {
+            // A source always starts with its full state; nothing before it counts.
+            continue;
+        }
+        let t = Instant::now();
+        let what = match &ev {
+            SourceEvent::Reset(o) => format!("full sync of {} objects", o.len()),
+            SourceEvent::Batch(e) => format!("{} changes", e.len()),
         };
+        let changes = cluster.apply(ev, |n| previous.get(n).copied());
+        metrics.compile_seconds.observe(t.elapsed().as_secs_f64());
+        metrics.generation.set(changes.generation as i64);
+        if first {
+            info!(generation = changes.generation, nodes = changes.updated.len(), "{what}");
+        } else {
+            debug!(generation = changes.generation, nodes = changes.updated.len(), "{what}");
+        }
         // Nothing is published before the first full sync: an empty cache must never look
         // like "no policies" to a node.
-        if synced && (first || !changes.is_empty()) {
-            let idx = index.read().expect("index lock poisoned");
-            on_change(&changes, &idx, first);
+        cluster.publish(&changes, &fleet);
+        if first || !changes.is_empty() {
+            cluster.read(|idx| on_change(&changes, idx, first));
         }
     }
 }

@@ -1,15 +1,24 @@
-//! The policy server: sources feed the index, the index compiles per-node snapshots.
+//! The policy server: sources feed the index, the index compiles per-node snapshots, the
+//! sync service streams them to node enforcers over mutually authenticated TLS.
 //!
 //! ```text
-//!  source::file (manifest dir, watched) ──SourceEvent──► index task ──Changes──► output
-//!                                                        (sync updates under a
-//!                                                         std RwLock, never across .await)
+//!  source::file ──SourceEvent──► index task ──► hub::ClusterState ──watch per node──► sync (gRPC)
+//!                                 (sync updates,       │   ▲                              │
+//!                                  std RwLock)         │   └── delta bases ◄── store ◄── Ack
+//!                                                      └──► status::Fleet ◄──────────────┘
 //! ```
 //!
-//! Later stages (gRPC sync, sled history, Kubernetes sources) attach to the same seams.
+//! `main.rs` is the one place that wires them.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod hub;
 pub mod index;
+pub mod metrics;
 pub mod source;
+pub mod status;
+pub mod store;
+pub mod sync;
+pub mod tls;

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::K8sObject;
 
@@ -52,7 +52,7 @@ pub struct Flow {
     pub port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyRef {
     pub namespace: String,
     pub name: String,
@@ -65,13 +65,13 @@ impl fmt::Display for PolicyRef {
 }
 
 /// One rule of one policy: `spec.ingress[index]` or `spec.egress[index]`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleRef {
     pub policy: PolicyRef,
     pub index: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reason {
     /// This end is not a pod that policy applies to (external address, node, host-network pod).
     NotAPod,
@@ -85,13 +85,13 @@ pub enum Reason {
     DeniedBy(Vec<PolicyRef>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Side {
     pub allowed: bool,
     pub reason: Reason,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub allowed: bool,
     pub egress: Side,

@@ -6,6 +6,7 @@
 //! form. These values own plain strings and are independent of any index.
 
 pub mod cidr;
+pub mod lookup;
 pub mod parse;
 pub mod render;
 

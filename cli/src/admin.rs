@@ -1,0 +1,231 @@
+//! The admin API client: `moatctl status` and live `moatctl explain --server`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use moat_proto::v1;
+use moat_proto::v1::admin_client::AdminClient;
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How to reach the admin API with an admin certificate.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// Policy server URL.
+    #[arg(long, env = "MOAT_SERVER", default_value = "https://127.0.0.1:7443")]
+    pub server: String,
+    #[arg(long, env = "MOAT_TLS_CA", default_value = ".moat/certs/ca.pem")]
+    pub tls_ca: PathBuf,
+    /// An admin certificate (`moatctl certs issue-admin`).
+    #[arg(long, env = "MOAT_ADMIN_CERT", default_value = ".moat/certs/admin-admin.pem")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "MOAT_ADMIN_KEY", default_value = ".moat/certs/admin-admin-key.pem")]
+    pub tls_key: PathBuf,
+    #[arg(long, env = "MOAT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// DANGER: plaintext, for a server started with --insecure-dev-plaintext.
+    #[arg(long)]
+    pub insecure_dev_plaintext: bool,
+}
+
+impl Connection {
+    pub async fn client(&self) -> Result<AdminClient<Channel>> {
+        let mut ep = Endpoint::from_shared(self.server.clone())?.connect_timeout(std::time::Duration::from_secs(5));
+        if !self.insecure_dev_plaintext {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(&self.tls_ca)?))
+                .identity(Identity::from_pem(read(&self.tls_cert)?, read(&self.tls_key)?));
+            if let Some(n) = &self.tls_server_name {
+                tls = tls.domain_name(n.clone());
+            }
+            ep = ep.tls_config(tls)?;
+        }
+        let ch = ep.connect().await.with_context(|| format!("connecting to {}", self.server))?;
+        Ok(AdminClient::new(ch))
+    }
+
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if self.insecure_dev_plaintext {
+            let id = moat_proto::Identity::Admin { name: "dev".into() }.uri();
+            r.metadata_mut().insert("x-moat-identity", id.parse().expect("ascii"));
+        }
+        r
+    }
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// `table` or `json`.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    /// Where one policy's current content is enforced: `NAMESPACE/NAME`.
+    #[arg(long)]
+    policy: Option<String>,
+    /// The cluster (needed only when the server serves several).
+    #[arg(long, default_value = "")]
+    cluster: String,
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut client = args.conn.client().await?;
+        if let Some(p) = &args.policy {
+            let (ns, name) = p.split_once('/').ok_or_else(|| anyhow!("--policy wants NAMESPACE/NAME"))?;
+            let r = client
+                .policy_status(args.conn.request(v1::PolicyStatusRequest {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    cluster: args.cluster.clone(),
+                }))
+                .await
+                .map_err(|s| anyhow!("{}", s.message()))?
+                .into_inner();
+            print_policy(&r, &args.output);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let r = client
+            .status(args.conn.request(v1::StatusRequest {}))
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        if args.output == "json" {
+            let nodes: Vec<_> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "cluster": n.cluster, "node": n.node, "backend": n.backend, "kernel": n.kernel,
+                        "connected": n.connected, "applied_version": n.applied_version,
+                        "latest_version": n.latest_version, "in_sync": n.in_sync,
+                        "lag_versions": n.lag_versions, "lag_seconds": n.lag_seconds,
+                        "last_error": n.last_error, "applied_digest": n.applied_digest,
+                        "latest_digest": n.latest_digest, "last_ack_unix_micros": n.last_ack_unix_micros,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json!({"generation": r.generation, "synced": r.synced, "nodes": nodes}))?);
+        } else {
+            print_table(&r);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_table(r: &v1::StatusResponse) {
+    let header = ["CLUSTER", "NODE", "BACKEND", "KERNEL", "CONNECTED", "APPLIED", "LATEST", "IN SYNC", "LAG", "LAST ERROR"];
+    let rows: Vec<[String; 10]> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            let lag = if n.in_sync { "-".into() } else { format!("{} versions / {:.1}s", n.lag_versions, n.lag_seconds) };
+            [
+                n.cluster.clone(),
+                n.node.clone(),
+                or_dash(&n.backend),
+                or_dash(&n.kernel),
+                if n.connected { "yes" } else { "no" }.into(),
+                n.applied_version.to_string(),
+                n.latest_version.to_string(),
+                if n.in_sync { "yes" } else { "NO" }.into(),
+                lag,
+                or_dash(&n.last_error),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(header.to_vec()));
+    for r in &rows {
+        println!("{}", line(r.iter().map(String::as_str).collect()));
+    }
+    let in_sync = r.nodes.iter().filter(|n| n.in_sync).count();
+    println!(
+        "\n{in_sync} of {} nodes in sync (generation {}{})",
+        r.nodes.len(),
+        r.generation,
+        if r.synced { "" } else { ", source not synced yet" }
+    );
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
+    let enforced = r.nodes.iter().filter(|n| n.enforced).count();
+    if output == "json" {
+        let nodes: Vec<_> = r
+            .nodes
+            .iter()
+            .map(|n| json!({"node": n.node, "enforced": n.enforced, "applied_version": n.applied_version, "needed_version": n.needed_version, "last_error": n.last_error}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"cluster": r.cluster, "namespace": r.namespace, "name": r.name,
+                "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes}))
+            .expect("json")
+        );
+        return;
+    }
+    println!(
+        "NetworkPolicy {}/{} (generation {}): enforced on {enforced} of {} nodes",
+        r.namespace,
+        r.name,
+        r.generation,
+        r.nodes.len()
+    );
+    for n in r.nodes.iter().filter(|n| !n.enforced) {
+        let why = if n.last_error.is_empty() { "not applied yet".to_string() } else { n.last_error.clone() };
+        println!("  {}: applied version {}, needs {}: {why}", n.node, n.applied_version, n.needed_version);
+    }
+}
+
+/// `moatctl explain --server …`: the server's live state instead of a directory.
+pub fn explain(conn: &Connection, from: &str, to: &str, proto: u8, port: u16, family: Option<String>, json: bool) -> Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let mut client = conn.client().await?;
+        let r = client
+            .explain(conn.request(v1::ExplainRequest {
+                cluster: String::new(),
+                from: from.into(),
+                to: to.into(),
+                protocol: u32::from(proto),
+                port: u32::from(port),
+                family: family.unwrap_or_default(),
+            }))
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        let verdict: moat_policy::eval::Verdict = serde_json::from_str(&r.verdict_json).context("verdict")?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&json!({"from": from, "from_ip": r.from_ip, "to": to, "to_ip": r.to_ip, "verdict": verdict}))?);
+        } else {
+            println!("{from} ({}) -> {to} ({}): {}", r.from_ip, r.to_ip, if r.allowed { "ALLOWED" } else { "DENIED" });
+            crate::explain::print_side("egress ", from, &verdict.egress, &[], true);
+            crate::explain::print_side("ingress", to, &verdict.ingress, &[], false);
+        }
+        if r.allowed != verdict.allowed {
+            bail!("server answer is inconsistent");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

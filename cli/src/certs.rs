@@ -1,0 +1,196 @@
+//! `moatctl certs`: a CA and the certificates Moat's mutual TLS needs, for the quick start
+//! and for clusters without a PKI of their own.
+//!
+//! Identities live in URI SANs (see `moat_proto::identity`); the server certificate carries
+//! DNS and IP SANs for the addresses enforcers dial.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use moat_proto::Identity;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Create a CA and the server certificate.
+    Init {
+        #[arg(long, default_value = ".moat/certs")]
+        dir: PathBuf,
+        /// DNS names enforcers use to reach the server.
+        #[arg(long = "server-name", default_values = ["moat-server", "localhost"])]
+        server_names: Vec<String>,
+        /// IP addresses enforcers use to reach the server.
+        #[arg(long = "server-ip", default_values = ["127.0.0.1", "::1"])]
+        server_ips: Vec<IpAddr>,
+        /// Replace an existing CA (every certificate it signed stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate for one node's enforcer.
+    IssueNode {
+        #[arg(long, default_value = ".moat/certs")]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "default")]
+        cluster: String,
+        /// Validity, e.g. `90d`, `12h`, `30s`.
+        #[arg(long, default_value = "90d")]
+        valid_for: String,
+    },
+    /// Issue a certificate for an operator (the admin API: status, explain).
+    IssueAdmin {
+        #[arg(long, default_value = ".moat/certs")]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "30d")]
+        valid_for: String,
+    },
+    /// Re-issue the server certificate (e.g. to rotate it; the server reloads it live).
+    IssueServer {
+        #[arg(long, default_value = ".moat/certs")]
+        dir: PathBuf,
+        #[arg(long = "server-name", default_values = ["moat-server", "localhost"])]
+        server_names: Vec<String>,
+        #[arg(long = "server-ip", default_values = ["127.0.0.1", "::1"])]
+        server_ips: Vec<IpAddr>,
+        #[arg(long, default_value = "365d")]
+        valid_for: String,
+    },
+}
+
+pub fn run(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Init { dir, server_names, server_ips, force } => {
+            if dir.join("ca.pem").exists() && !force {
+                bail!("{} already holds a CA; use --force to replace it", dir.display());
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let key = KeyPair::generate()?;
+            let mut p = CertificateParams::default();
+            p.distinguished_name = name("Moat CA");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            validity(&mut p, parse_duration("3650d")?);
+            let cert = p.self_signed(&key)?;
+            write(&dir.join("ca.pem"), &cert.pem(), false)?;
+            write(&dir.join("ca-key.pem"), &key.serialize_pem(), true)?;
+            server(&dir, &server_names, &server_ips, parse_duration("365d")?)?;
+            println!("wrote {}/{{ca,ca-key,server,server-key}}.pem", dir.display());
+        }
+        Command::IssueServer { dir, server_names, server_ips, valid_for } => {
+            server(&dir, &server_names, &server_ips, parse_duration(&valid_for)?)?;
+            println!("wrote {}/{{server,server-key}}.pem", dir.display());
+        }
+        Command::IssueNode { dir, node, cluster, valid_for } => {
+            let id = Identity::node(&cluster, &node);
+            if Identity::from_uri(&id.uri()).is_none() {
+                bail!("{cluster:?}/{node:?} is not a valid node identity (letters, digits, '-' and '.')");
+            }
+            let base = format!("node-{node}");
+            leaf(&dir, &base, &id, ExtendedKeyUsagePurpose::ClientAuth, parse_duration(&valid_for)?)?;
+            println!("wrote {}/{base}.pem and {base}-key.pem for {}", dir.display(), id.uri());
+        }
+        Command::IssueAdmin { dir, name, valid_for } => {
+            let id = Identity::Admin { name: name.clone() };
+            if Identity::from_uri(&id.uri()).is_none() {
+                bail!("{name:?} is not a valid admin name (letters, digits, '-' and '.')");
+            }
+            let base = format!("admin-{name}");
+            leaf(&dir, &base, &id, ExtendedKeyUsagePurpose::ClientAuth, parse_duration(&valid_for)?)?;
+            println!("wrote {}/{base}.pem and {base}-key.pem for {}", dir.display(), id.uri());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut d = DistinguishedName::new();
+    d.push(DnType::OrganizationName, "Moat");
+    d.push(DnType::CommonName, cn);
+    d
+}
+
+/// Valid from a minute ago (tolerates small clock skew) for `d`.
+fn validity(p: &mut CertificateParams, d: Duration) {
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(1);
+    p.not_after = now + time::Duration::try_from(d).unwrap_or(time::Duration::days(3650));
+}
+
+fn ca(dir: &Path) -> Result<(String, KeyPair)> {
+    let cert = std::fs::read_to_string(dir.join("ca.pem"))
+        .with_context(|| format!("reading {}/ca.pem (run `moatctl certs init` first)", dir.display()))?;
+    let key = std::fs::read_to_string(dir.join("ca-key.pem")).with_context(|| format!("reading {}/ca-key.pem", dir.display()))?;
+    Ok((cert, KeyPair::from_pem(&key)?))
+}
+
+fn server(dir: &Path, names: &[String], ips: &[IpAddr], d: Duration) -> Result<()> {
+    let (ca_pem, ca_key) = ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(names.to_vec())?;
+    p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    p.distinguished_name = name("moat-server");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut p, d);
+    let cert = p.signed_by(&key, &issuer)?;
+    // Key first, then certificate: a reloading server never pairs a new cert with an old key
+    // for longer than one reload interval, and both are written atomically.
+    write(&dir.join("server-key.pem"), &key.serialize_pem(), true)?;
+    write(&dir.join("server.pem"), &cert.pem(), false)?;
+    Ok(())
+}
+
+fn leaf(dir: &Path, base: &str, id: &Identity, usage: ExtendedKeyUsagePurpose, d: Duration) -> Result<()> {
+    let (ca_pem, ca_key) = ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.uri().try_into()?)];
+    p.distinguished_name = name(&id.to_string());
+    p.extended_key_usages = vec![usage];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut p, d);
+    let cert = p.signed_by(&key, &issuer)?;
+    write(&dir.join(format!("{base}-key.pem")), &key.serialize_pem(), true)?;
+    write(&dir.join(format!("{base}.pem")), &cert.pem(), false)?;
+    Ok(())
+}
+
+/// Writes via a temporary file and rename, so readers never see half a file.
+fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    if secret {
+        o.mode(0o600);
+    }
+    std::io::Write::write_all(&mut o.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?, text.as_bytes())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `90d`, `12h`, `30m`, `45s`.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().with_context(|| format!("duration {s:?}: expected e.g. 90d, 12h, 30m, 45s"))?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        "s" => n,
+        _ => bail!("duration {s:?}: unit must be d, h, m or s"),
+    };
+    Ok(Duration::from_secs(secs))
+}

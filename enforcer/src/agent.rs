@@ -1,0 +1,383 @@
+//! The agent loop: adopt what a previous run left, then connect, apply, acknowledge — and
+//! keep enforcing the last good version whatever happens to the connection.
+//!
+//! ```text
+//!  start ─► adopt(last persisted) ─► "" SERVING (fail-static)
+//!    loop: connect (backoff + jitter) ─► Hello{enforcing} ─► for each message:
+//!            Snapshot | Delta | Current ─► verify digest ─► backend ─► persist ─► Ack
+//!                                                 └─ any error ─► Nack (old version stays)
+//! ```
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moat_policy::ir::NodeSnapshot;
+use moat_policy::ir::delta::{self, VersionRef};
+use moat_proto::convert::{self, FromProto, ToProto};
+use moat_proto::v1;
+use moat_proto::v1::enforcer_message::Kind as Out;
+use moat_proto::v1::server_message::Kind as In;
+use prost::Message;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{debug, info, warn};
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::state::LocalState;
+
+/// The health service that is SERVING only while the newest offered version is applied.
+pub const SYNC_SERVICE: &str = "moat.sync";
+
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Tls {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        /// The server's certificate name (a DNS SAN), if it differs from the URL's host.
+        server_name: Option<String>,
+    },
+    /// `--insecure-dev-plaintext`: identity asserted in a header, for development only.
+    Plaintext { cluster: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: String,
+    pub node: String,
+    pub transport: Transport,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub report_every: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("server: {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
+}
+
+pub struct Agent<B: Backend> {
+    cfg: Config,
+    backend: Arc<Mutex<B>>,
+    state: Arc<LocalState>,
+    health: HealthReporter,
+    metrics: Arc<Metrics>,
+    enforcing: Option<Arc<NodeSnapshot>>,
+    sessions: u64,
+}
+
+fn version_of(s: &NodeSnapshot) -> VersionRef {
+    VersionRef {
+        version: s.version,
+        digest: s.digest,
+    }
+}
+
+impl<B: Backend> Agent<B> {
+    pub fn new(cfg: Config, backend: B, state: LocalState, health: HealthReporter, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cfg,
+            backend: Arc::new(Mutex::new(backend)),
+            state: Arc::new(state),
+            health,
+            metrics,
+            enforcing: None,
+            sessions: 0,
+        }
+    }
+
+    /// Runs until `shutdown` turns true. Enforcement stays in place on exit.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+        let last = self.state.load()?;
+        let adopted = {
+            let backend = self.backend.clone();
+            let last2 = last.clone();
+            tokio::task::spawn_blocking(move || backend.lock().expect("backend lock").adopt(last2.as_ref()))
+                .await
+                .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
+        };
+        match (adopted, last) {
+            (Ok(()), Some(s)) => {
+                info!(version = s.version, digest = %s.digest.short(), "enforcing the last known rules");
+                self.metrics.applied_version.set(s.version as i64);
+                self.enforcing = Some(Arc::new(s));
+                self.health.set_service_status("", ServingStatus::Serving).await;
+            }
+            (Ok(()), None) => info!("no previous rules; waiting for the server"),
+            (Err(e), _) => warn!(error = %e, "could not adopt the previous run's state; waiting for the server"),
+        }
+        let mut backoff = self.cfg.backoff_min;
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            self.metrics.connected.set(0);
+            self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+            match result {
+                Ok(()) => info!("server closed the stream"),
+                Err(e) => warn!(error = %e, "sync stream ended; enforcing version {:?} meanwhile", self.enforcing.as_ref().map(|s| s.version)),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = self.cfg.backoff_min;
+            }
+            // Full jitter: a fleet that lost its server does not come back in lockstep.
+            let wait = Duration::from_millis(rand::rng().random_range(0..=backoff.as_millis() as u64).max(50));
+            debug!(?wait, "reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, Error> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|source| Error::Read { path: p.clone(), source });
+        let mut ep = Endpoint::from_shared(self.cfg.server.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Transport::Tls { ca, cert, key, server_name } = &self.cfg.transport {
+            // Read afresh on every connection: rotated certificates take effect on the next one.
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?));
+            if let Some(n) = server_name {
+                tls = tls.domain_name(n.clone());
+            }
+            ep = ep.tls_config(tls)?;
+        }
+        Ok(ep.connect().await?)
+    }
+
+    async fn session(&mut self) -> Result<(), Error> {
+        let channel = self.connect().await?;
+        let mut client = v1::policy_sync_client::PolicySyncClient::new(channel)
+            .max_decoding_message_size(moat_proto::MAX_SERVER_MESSAGE)
+            .max_encoding_message_size(moat_proto::MAX_ENFORCER_MESSAGE);
+        let (tx, rx) = mpsc::channel::<v1::EnforcerMessage>(4);
+        let caps = {
+            let b = self.backend.lock().expect("backend lock");
+            (b.name().to_string(), b.capabilities())
+        };
+        let hello = v1::Hello {
+            backend: caps.0,
+            capabilities: Some(v1::Capabilities {
+                kernel: caps.1.kernel,
+                probes: caps.1.probes.into_iter().collect(),
+            }),
+            enforcing: self.enforcing.as_ref().map(|s| version_of(s).to_proto()),
+            node: self.cfg.node.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        tx.send(v1::EnforcerMessage { kind: Some(Out::Hello(hello)) })
+            .await
+            .map_err(|_| Error::Protocol("stream closed".into()))?;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if let Transport::Plaintext { cluster } = &self.cfg.transport {
+            let id = moat_proto::Identity::node(cluster, &self.cfg.node).uri();
+            req.metadata_mut()
+                .insert("x-moat-identity", id.parse().map_err(|_| Error::Protocol("bad identity".into()))?);
+        }
+        let mut inbound = client.sync(req).await?.into_inner();
+        self.sessions += 1;
+        if self.sessions > 1 {
+            self.metrics.reconnects.inc();
+        }
+        self.metrics.connected.set(1);
+        info!(server = %self.cfg.server, "connected");
+        let mut report = tokio::time::interval(self.cfg.report_every);
+        report.tick().await;
+        loop {
+            tokio::select! {
+                m = inbound.message() => {
+                    let Some(m) = m? else { return Ok(()) };
+                    self.metrics.received_bytes.inc_by(m.encoded_len() as u64);
+                    let reply = self.handle(m).await?;
+                    tx.send(reply).await.map_err(|_| Error::Protocol("stream closed".into()))?;
+                }
+                _ = report.tick() => {
+                    let counters = self.backend.lock().expect("backend lock").counters();
+                    let r = v1::Report {
+                        enforcing: self.enforcing.as_ref().map(|s| version_of(s).to_proto()),
+                        counters: counters.into_iter().collect(),
+                    };
+                    let _ = tx.try_send(v1::EnforcerMessage { kind: Some(Out::Report(r)) });
+                }
+            }
+        }
+    }
+
+    /// Verifies and applies one server message; the reply is an Ack or a Nack.
+    async fn handle(&mut self, m: v1::ServerMessage) -> Result<v1::EnforcerMessage, Error> {
+        let t = Instant::now();
+        let (nonce, offered, outcome) = match m.kind {
+            Some(In::Snapshot(s)) => {
+                let v = s
+                    .version
+                    .as_ref()
+                    .map(VersionRef::from_proto)
+                    .transpose()
+                    .map_err(|e| Error::Protocol(e.to_string()))?
+                    .ok_or_else(|| Error::Protocol("snapshot without version".into()))?;
+                let r = self.apply_snapshot(&v, s.content.unwrap_or_default()).await;
+                (s.nonce, v, r)
+            }
+            Some(In::Delta(d)) => {
+                let parsed = convert::delta_from_proto(&d).map_err(|e| e.to_string());
+                let v = match &parsed {
+                    Ok(p) => p.version,
+                    Err(_) => d
+                        .version
+                        .as_ref()
+                        .and_then(|v| VersionRef::from_proto(v).ok())
+                        .ok_or_else(|| Error::Protocol("delta without version".into()))?,
+                };
+                let r = match parsed {
+                    Ok(p) => self.apply_delta(p).await,
+                    Err(e) => Err(e),
+                };
+                (d.nonce, v, r)
+            }
+            Some(In::Current(c)) => {
+                let v = c
+                    .version
+                    .as_ref()
+                    .map(VersionRef::from_proto)
+                    .transpose()
+                    .map_err(|e| Error::Protocol(e.to_string()))?
+                    .ok_or_else(|| Error::Protocol("current without version".into()))?;
+                let r = self.rename(&v).await;
+                (c.nonce, v, r)
+            }
+            None => return Err(Error::Protocol("empty message from the server".into())),
+        };
+        let enforcing = self.enforcing.as_ref().map(|s| version_of(s).to_proto());
+        Ok(match outcome {
+            Ok(()) => {
+                let micros = t.elapsed().as_micros() as u64;
+                self.metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+                self.metrics.applied.inc();
+                self.metrics.applied_version.set(offered.version as i64);
+                self.health.set_service_status("", ServingStatus::Serving).await;
+                self.health.set_service_status(SYNC_SERVICE, ServingStatus::Serving).await;
+                info!(version = offered.version, micros, "applied");
+                v1::EnforcerMessage {
+                    kind: Some(Out::Ack(v1::Ack {
+                        nonce,
+                        applied: Some(offered.to_proto()),
+                        apply_micros: micros,
+                    })),
+                }
+            }
+            Err(error) => {
+                self.metrics.nacks.inc();
+                self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+                warn!(version = offered.version, %error, "rejected a version; the previous one stays in force");
+                v1::EnforcerMessage {
+                    kind: Some(Out::Nack(v1::Nack {
+                        nonce,
+                        rejected: Some(offered.to_proto()),
+                        error,
+                        enforcing,
+                    })),
+                }
+            }
+        })
+    }
+
+    async fn apply_snapshot(&mut self, v: &VersionRef, content: v1::NodeContent) -> Result<(), String> {
+        let snap = convert::snapshot_from_proto(&self.cfg.node, v, &content).map_err(|e| e.to_string())?;
+        delta::check_references(&snap).map_err(|e| e.to_string())?;
+        let got = snap.content_digest();
+        if got != v.digest {
+            return Err(format!("content digest {} does not match the announced {}", got.short(), v.digest.short()));
+        }
+        let snap = Arc::new(snap);
+        let s2 = snap.clone();
+        self.commit(snap, move |b| b.apply_full(&s2)).await
+    }
+
+    async fn apply_delta(&mut self, d: delta::Delta) -> Result<(), String> {
+        let old = self
+            .enforcing
+            .clone()
+            .ok_or_else(|| "a delta arrived but this node holds no version".to_string())?;
+        let new = Arc::new(delta::apply(&old, &d).map_err(|e| e.to_string())?);
+        let n2 = new.clone();
+        self.commit(new, move |b| b.apply_delta(&old, &d, &n2)).await
+    }
+
+    /// The server renames the content this node holds (same digest, new version).
+    async fn rename(&mut self, v: &VersionRef) -> Result<(), String> {
+        let old = self
+            .enforcing
+            .clone()
+            .ok_or_else(|| "a rename arrived but this node holds no version".to_string())?;
+        if old.digest != v.digest {
+            return Err(format!("rename to {} names content {} this node does not hold", v.version, v.digest.short()));
+        }
+        let mut s = (*old).clone();
+        s.version = v.version;
+        let s = Arc::new(s);
+        let state = self.state.clone();
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || state.save(&s2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.enforcing = Some(s);
+        Ok(())
+    }
+
+    /// Applies through the backend, then persists, then (by returning Ok) lets the caller
+    /// acknowledge. A persist failure after a successful apply is reported, and the new
+    /// version is what the node enforces.
+    async fn commit(&mut self, snap: Arc<NodeSnapshot>, f: impl FnOnce(&mut B) -> Result<(), crate::backend::BackendError> + Send + 'static) -> Result<(), String> {
+        let backend = self.backend.clone();
+        let state = self.state.clone();
+        let s2 = snap.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            f(&mut backend.lock().expect("backend lock")).map_err(|e| (false, e.to_string()))?;
+            state.save(&s2).map_err(|e| (true, e.to_string()))
+        })
+        .await
+        .map_err(|e| format!("apply panicked: {e}"))?;
+        match r {
+            Ok(()) => {
+                self.enforcing = Some(snap);
+                Ok(())
+            }
+            Err((applied, e)) => {
+                if applied {
+                    self.enforcing = Some(snap);
+                    return Err(format!("applied but not persisted: {e}"));
+                }
+                Err(e)
+            }
+        }
+    }
+}

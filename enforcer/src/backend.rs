@@ -1,0 +1,45 @@
+//! The dataplane seam. A backend turns snapshots into kernel state; the agent handles
+//! everything else (connection, verification, persistence, acknowledgement).
+
+use std::collections::BTreeMap;
+
+use moat_policy::ir::NodeSnapshot;
+use moat_policy::ir::delta::Delta;
+
+/// What this node's kernel offers, reported to the server and shown in `moatctl status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub kernel: String,
+    /// Probe name → "ok" or why not.
+    pub probes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The version can't be enforced as given (e.g. a map would overflow); nothing of it
+    /// was applied.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The dataplane failed; the previous version is still in force.
+    #[error("dataplane error: {0}")]
+    Failed(String),
+}
+
+/// A dataplane. Every method is all-or-nothing: after an error the previously applied
+/// version is still fully in force.
+pub trait Backend: Send + 'static {
+    fn name(&self) -> &str;
+    fn capabilities(&self) -> Capabilities;
+    /// Takes over whatever a previous run left in the kernel, given the snapshot the node
+    /// persisted last (if any), without ever removing enforcement first. Called once, before
+    /// anything else.
+    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<(), BackendError>;
+    /// Replaces whatever is enforced with `snap`, atomically.
+    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError>;
+    /// Moves from `old` to `new`; `delta` is the difference, for backends that update in place.
+    fn apply_delta(&mut self, old: &NodeSnapshot, delta: &Delta, new: &NodeSnapshot) -> Result<(), BackendError>;
+    /// Dataplane counters (packets allowed, denied, …), reported to the server.
+    fn counters(&self) -> BTreeMap<String, u64>;
+    /// Removes everything this backend installed (uninstall).
+    fn remove_all(&mut self) -> Result<(), BackendError>;
+}

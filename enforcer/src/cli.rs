@@ -1,0 +1,118 @@
+//! Command-line options and startup shared by every enforcer binary; only the backend differs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{Instrument, info, warn};
+
+use crate::agent::{Agent, Config, Transport};
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::state::LocalState;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Policy server URL.
+    #[arg(long, env = "MOAT_SERVER", default_value = "https://127.0.0.1:7443")]
+    pub server: String,
+    /// This node's name (in Kubernetes: the downward API's spec.nodeName). Must match the
+    /// certificate; the server refuses anything else.
+    #[arg(long, env = "MOAT_NODE")]
+    pub node: String,
+    /// The cluster name (only used with --insecure-dev-plaintext; with TLS it is in the certificate).
+    #[arg(long, env = "MOAT_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// CA certificate (PEM) the server's certificate must chain to.
+    #[arg(long, env = "MOAT_TLS_CA", default_value = ".moat/certs/ca.pem")]
+    pub tls_ca: PathBuf,
+    /// This node's certificate (PEM), read again on every reconnect.
+    #[arg(long, env = "MOAT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "MOAT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The name in the server's certificate, if not the URL's host.
+    #[arg(long, env = "MOAT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// DANGER: connect without TLS, asserting the node identity in a header. Development only.
+    #[arg(long)]
+    pub insecure_dev_plaintext: bool,
+    /// Where the last applied snapshot is kept (sled).
+    #[arg(long, env = "MOAT_STATE_DIR", default_value = "/var/lib/moat-enforcer")]
+    pub state_dir: PathBuf,
+    /// Plaintext gRPC health (grpc.health.v1): "" = a valid snapshot is enforced, "moat.sync"
+    /// = the newest version the server offered is applied.
+    #[arg(long, env = "MOAT_HEALTH_ADDR", default_value = "127.0.0.1:7446")]
+    pub health_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "MOAT_METRICS_ADDR", default_value = "127.0.0.1:7447")]
+    pub metrics_addr: SocketAddr,
+    /// Longest wait between reconnection attempts, in seconds.
+    #[arg(long, env = "MOAT_BACKOFF_MAX_SECONDS", default_value_t = 30)]
+    pub backoff_max_seconds: u64,
+    /// Seconds between status reports to the server.
+    #[arg(long, env = "MOAT_REPORT_SECONDS", default_value_t = 30)]
+    pub report_seconds: u64,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "MOAT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Runs the enforcer with `backend` until SIGTERM/ctrl-c.
+pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
+    moat_telemetry::init_logging(&args.log)?;
+    let transport = if args.insecure_dev_plaintext {
+        warn!("!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!");
+        Transport::Plaintext { cluster: args.cluster.clone() }
+    } else {
+        Transport::Tls {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone().context("--tls-cert is required (or --insecure-dev-plaintext)")?,
+            key: args.tls_key.clone().context("--tls-key is required (or --insecure-dev-plaintext)")?,
+            server_name: args.tls_server_name.clone(),
+        }
+    };
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let state = LocalState::open(&args.state_dir).with_context(|| format!("opening {}", args.state_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind(args.health_addr)
+        .await
+        .with_context(|| format!("--health-addr {}", args.health_addr))?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let m = metrics.clone();
+    moat_telemetry::serve_metrics(args.metrics_addr, Arc::new(move || m.encode()))
+        .await
+        .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
+    let cfg = Config {
+        server: args.server.clone(),
+        node: args.node.clone(),
+        transport,
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(args.backoff_max_seconds.max(1)),
+        report_every: Duration::from_secs(args.report_seconds.max(1)),
+    };
+    info!(node = %args.node, server = %args.server, backend = backend.name(), "enforcer starting");
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    let span = tracing::info_span!("agent", node = %args.node);
+    Agent::new(cfg, backend, state, health, metrics).run(rx).instrument(span).await?;
+    info!("stopped; the last applied rules stay in force");
+    Ok(())
+}

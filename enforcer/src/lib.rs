@@ -1,0 +1,14 @@
+//! The node enforcer: receives this node's snapshots from the policy server, applies them
+//! through a dataplane [`Backend`], acknowledges each version, and keeps enforcing the last
+//! good one through restarts and outages.
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backend;
+pub mod cli;
+pub mod metrics;
+pub mod state;
+
+pub use backend::{Backend, BackendError, Capabilities};

@@ -1,0 +1,73 @@
+//! Who is on the other end of a stream: carried as a URI SAN in the client certificate.
+//!
+//! * node: `spiffe://moat/cluster/<cluster>/node/<node>`
+//! * admin: `spiffe://moat/admin/<name>`
+
+use std::fmt;
+
+const PREFIX: &str = "spiffe://moat/";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Identity {
+    Node { cluster: String, node: String },
+    Admin { name: String },
+}
+
+impl Identity {
+    pub fn node(cluster: &str, node: &str) -> Self {
+        Identity::Node {
+            cluster: cluster.into(),
+            node: node.into(),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        match self {
+            Identity::Node { cluster, node } => format!("{PREFIX}cluster/{cluster}/node/{node}"),
+            Identity::Admin { name } => format!("{PREFIX}admin/{name}"),
+        }
+    }
+
+    /// Parses a URI SAN; `None` for anything that isn't exactly a Moat identity.
+    pub fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(PREFIX)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let ok = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        match parts.as_slice() {
+            ["cluster", c, "node", n] if ok(c) && ok(n) => Some(Identity::node(c, n)),
+            ["admin", name] if ok(name) => Some(Identity::Admin { name: name.to_string() }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Node { cluster, node } => write!(f, "node {cluster}/{node}"),
+            Identity::Admin { name } => write!(f, "admin {name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_lookalikes() {
+        for id in [Identity::node("prod", "node-1.example"), Identity::Admin { name: "ops".into() }] {
+            assert_eq!(Identity::from_uri(&id.uri()), Some(id));
+        }
+        for bad in [
+            "spiffe://moat/cluster/prod/node/",
+            "spiffe://moat/cluster/prod/node/a/b",
+            "spiffe://other/cluster/prod/node/a",
+            "spiffe://moat/admin/",
+            "spiffe://moat/cluster/pr od/node/a",
+            "https://moat/cluster/prod/node/a",
+        ] {
+            assert_eq!(Identity::from_uri(bad), None, "{bad}");
+        }
+    }
+}

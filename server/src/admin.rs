@@ -1,0 +1,116 @@
+//! The admin surface: fleet status, per-policy enforcement, live explain. Admin certificates
+//! only; a node certificate is refused and the attempt logged.
+
+use std::sync::Arc;
+
+use moat_policy::eval::{self, Flow};
+use moat_policy::model::{lookup, render};
+use moat_proto::{Identity, v1};
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::hub::{ClusterState, Hub};
+use crate::sync::peer_identity;
+
+pub struct AdminService {
+    hub: Arc<Hub>,
+    insecure: bool,
+}
+
+impl AdminService {
+    pub fn new(hub: Arc<Hub>, insecure: bool) -> Self {
+        Self { hub, insecure }
+    }
+
+    pub fn svc(self) -> v1::admin_server::AdminServer<Self> {
+        v1::admin_server::AdminServer::new(self).max_decoding_message_size(64 * 1024)
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let (id, _) = peer_identity(req, self.insecure)?;
+        match id {
+            Identity::Admin { .. } => Ok(()),
+            other => {
+                self.hub.metrics.refused("not-an-admin");
+                warn!(peer = ?req.remote_addr(), identity = %other, "refused an admin call from a non-admin certificate");
+                Err(Status::permission_denied("the admin API needs an admin certificate"))
+            }
+        }
+    }
+
+    fn cluster(&self, name: &str) -> Result<&Arc<ClusterState>, Status> {
+        if name.is_empty() {
+            let mut all = self.hub.clusters();
+            return match (all.next(), all.next()) {
+                (Some(c), None) => Ok(c),
+                _ => Err(Status::invalid_argument("several clusters are served: name one")),
+            };
+        }
+        self.hub
+            .cluster(name)
+            .ok_or_else(|| Status::not_found(format!("cluster {name:?} is not served here")))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for AdminService {
+    async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        self.authorize(&req)?;
+        // Every node the source published is in the view, connected or not.
+        let mut nodes = self.hub.fleet.view(None);
+        nodes.sort_by(|a, b| (&a.cluster, &a.node).cmp(&(&b.cluster, &b.node)));
+        let generation = self.hub.clusters().map(|c| c.read(|i| i.generation())).max().unwrap_or(0);
+        let synced = self.hub.clusters().all(|c| c.is_synced());
+        Ok(Response::new(v1::StatusResponse {
+            nodes,
+            generation,
+            synced,
+        }))
+    }
+
+    async fn policy_status(
+        &self,
+        req: Request<v1::PolicyStatusRequest>,
+    ) -> Result<Response<v1::PolicyStatusResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let cluster = self.cluster(&r.cluster)?;
+        let span = cluster
+            .read(|i| i.policy_span(&r.namespace, &r.name))
+            .ok_or_else(|| Status::not_found(format!("no NetworkPolicy {}/{}", r.namespace, r.name)))?;
+        Ok(Response::new(v1::PolicyStatusResponse {
+            cluster: cluster.name.to_string(),
+            namespace: r.namespace,
+            name: r.name,
+            generation: span.generation,
+            nodes: self.hub.fleet.policy(&cluster.name, &span),
+        }))
+    }
+
+    async fn explain(&self, req: Request<v1::ExplainRequest>) -> Result<Response<v1::ExplainResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let cluster = self.cluster(&r.cluster)?;
+        let objects = cluster.read(|i| i.objects());
+        let src = lookup::addresses(&objects, &r.from).map_err(Status::not_found)?;
+        let dst = lookup::addresses(&objects, &r.to).map_err(Status::not_found)?;
+        let v6 = match r.family.as_str() {
+            "" => None,
+            "ipv4" => Some(false),
+            "ipv6" => Some(true),
+            f => return Err(Status::invalid_argument(format!("family {f:?}"))),
+        };
+        let (src, dst) = lookup::pick(&src, &dst, v6)
+            .ok_or_else(|| Status::invalid_argument("the two ends have no address of a common family"))?;
+        let proto = u8::try_from(r.protocol).map_err(|_| Status::invalid_argument("protocol"))?;
+        let port = u16::try_from(r.port).map_err(|_| Status::invalid_argument("port"))?;
+        let c = eval::Cluster::from_objects(objects.iter().map(render::to_k8s));
+        let verdict = eval::verdict(&c, &Flow { src, dst, proto, port });
+        Ok(Response::new(v1::ExplainResponse {
+            allowed: verdict.allowed,
+            from_ip: src.to_string(),
+            to_ip: dst.to_string(),
+            verdict_json: serde_json::to_string(&verdict).map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+}

@@ -1,0 +1,225 @@
+//! The fleet view: per node, what the server published and what the enforcer says it applied.
+//!
+//! Everything here comes from the enforcers' own acknowledgements on their streams — the
+//! proof that node N enforces version V — and is persisted, so a restarted server still knows.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_policy::index::PolicySpan;
+use moat_policy::ir::NodeSnapshot;
+use moat_policy::ir::delta::VersionRef;
+use moat_proto::v1;
+
+use crate::store::{self, StoredStatus};
+
+/// How many published versions per node are remembered for lag and policy accounting.
+const PUBLISHED_LOG: usize = 64;
+
+/// Something a sync stream observed.
+#[derive(Debug)]
+pub enum StreamEvent {
+    Connected {
+        backend: String,
+        kernel: String,
+    },
+    Acked {
+        version: VersionRef,
+        apply_micros: u64,
+        /// The content, when the server still has it (persisted as a future delta base).
+        snapshot: Option<Arc<NodeSnapshot>>,
+    },
+    Nacked {
+        rejected: VersionRef,
+        error: String,
+    },
+    Report {
+        counters: HashMap<String, u64>,
+    },
+    Disconnected,
+}
+
+#[derive(Clone, Debug, Default)]
+struct NodeState {
+    backend: String,
+    kernel: String,
+    streams: u32,
+    applied: Option<VersionRef>,
+    last_error: String,
+    last_ack: Option<SystemTime>,
+    published: VecDeque<(VersionRef, SystemTime)>,
+    counters: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+pub struct Fleet {
+    nodes: Mutex<BTreeMap<(Arc<str>, Arc<str>), NodeState>>,
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Fleet {
+    /// Seeds the view from the store after a restart.
+    pub fn restore(&self, saved: Vec<(String, String, StoredStatus)>) {
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        for (cluster, node, s) in saved {
+            let applied = store::digest_of(&s.applied_digest).map(|digest| VersionRef {
+                version: s.applied_version,
+                digest,
+            });
+            nodes.insert(
+                (Arc::from(cluster.as_str()), Arc::from(node.as_str())),
+                NodeState {
+                    backend: s.backend,
+                    kernel: s.kernel,
+                    applied: applied.filter(|a| a.version > 0),
+                    last_error: s.last_error,
+                    last_ack: (s.last_ack_unix_micros > 0)
+                        .then(|| UNIX_EPOCH + Duration::from_micros(s.last_ack_unix_micros)),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+
+    /// What a node was last published as before a restart (for version continuity).
+    pub fn saved_published(saved: &[(String, String, StoredStatus)], cluster: &str) -> HashMap<String, (u64, moat_policy::ir::digest::Digest)> {
+        saved
+            .iter()
+            .filter(|(c, _, _)| c == cluster)
+            .filter_map(|(_, n, s)| Some((n.clone(), (s.published_version, store::digest_of(&s.published_digest)?))))
+            .filter(|(_, (v, _))| *v > 0)
+            .collect()
+    }
+
+    pub fn published(&self, cluster: &Arc<str>, node: &Arc<str>, v: VersionRef, at: SystemTime) {
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        let n = nodes.entry((cluster.clone(), node.clone())).or_default();
+        if n.published.back().is_some_and(|(p, _)| *p == v) {
+            return;
+        }
+        n.published.push_back((v, at));
+        while n.published.len() > PUBLISHED_LOG {
+            n.published.pop_front();
+        }
+    }
+
+    pub fn removed(&self, cluster: &Arc<str>, node: &Arc<str>) {
+        self.nodes.lock().expect("fleet lock").remove(&(cluster.clone(), node.clone()));
+    }
+
+    /// Applies a stream event; returns the record to persist, if it changed durably.
+    pub fn event(&self, cluster: &str, node: &str, ev: StreamEvent) -> Option<StoredStatus> {
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        let n = nodes.entry((Arc::from(cluster), Arc::from(node))).or_default();
+        match ev {
+            StreamEvent::Connected { backend, kernel } => {
+                n.streams += 1;
+                n.backend = backend;
+                n.kernel = kernel;
+            }
+            StreamEvent::Acked { version, .. } => {
+                n.applied = Some(version);
+                n.last_ack = Some(SystemTime::now());
+                n.last_error.clear();
+            }
+            StreamEvent::Nacked { rejected, error } => {
+                n.last_error = format!("version {} rejected: {error}", rejected.version);
+            }
+            StreamEvent::Report { counters } => {
+                n.counters = counters;
+                return None;
+            }
+            StreamEvent::Disconnected => {
+                n.streams = n.streams.saturating_sub(1);
+                return None;
+            }
+        }
+        let latest = n.published.back().map(|(v, _)| *v);
+        Some(StoredStatus {
+            backend: n.backend.clone(),
+            kernel: n.kernel.clone(),
+            applied_version: n.applied.map_or(0, |a| a.version),
+            applied_digest: n.applied.map(|a| a.digest.0.to_vec()).unwrap_or_default(),
+            last_error: n.last_error.clone(),
+            last_ack_unix_micros: n.last_ack.map_or(0, micros),
+            published_version: latest.map_or(0, |v| v.version),
+            published_digest: latest.map(|v| v.digest.0.to_vec()).unwrap_or_default(),
+        })
+    }
+
+    pub fn connected(&self) -> usize {
+        self.nodes.lock().expect("fleet lock").values().filter(|n| n.streams > 0).count()
+    }
+
+    /// Every node of `cluster` (or of every cluster), as the admin API reports it.
+    pub fn view(&self, cluster: Option<&str>) -> Vec<v1::NodeStatus> {
+        let now = SystemTime::now();
+        let nodes = self.nodes.lock().expect("fleet lock");
+        nodes
+            .iter()
+            .filter(|((c, _), _)| cluster.is_none_or(|x| **c == *x))
+            .map(|((c, node), n)| {
+                let latest = n.published.back().map(|(v, _)| *v);
+                let in_sync = matches!((n.applied, latest), (Some(a), Some(l)) if a.digest == l.digest);
+                let unapplied: Vec<&(VersionRef, SystemTime)> = if in_sync {
+                    Vec::new()
+                } else {
+                    let applied = n.applied.map_or(0, |a| a.version);
+                    n.published.iter().filter(|(v, _)| v.version > applied).collect()
+                };
+                v1::NodeStatus {
+                    cluster: c.to_string(),
+                    node: node.to_string(),
+                    backend: n.backend.clone(),
+                    kernel: n.kernel.clone(),
+                    connected: n.streams > 0,
+                    applied_version: n.applied.map_or(0, |a| a.version),
+                    latest_version: latest.map_or(0, |v| v.version),
+                    in_sync,
+                    lag_versions: unapplied.len() as u64,
+                    lag_seconds: unapplied
+                        .first()
+                        .map_or(0.0, |(_, at)| now.duration_since(*at).unwrap_or_default().as_secs_f64()),
+                    last_error: n.last_error.clone(),
+                    last_ack_unix_micros: n.last_ack.map_or(0, micros),
+                    applied_digest: n.applied.map(|a| a.digest.to_string()).unwrap_or_default(),
+                    latest_digest: latest.map(|v| v.digest.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether each node that needs a policy enforces its current content: the node has
+    /// applied the version it was given when that content was compiled, or a later one.
+    pub fn policy(&self, cluster: &str, span: &PolicySpan) -> Vec<v1::PolicyNode> {
+        let nodes = self.nodes.lock().expect("fleet lock");
+        span.nodes
+            .iter()
+            .map(|node| {
+                let n = nodes.get(&(Arc::from(cluster), node.clone()));
+                let published = n.map(|n| &n.published);
+                // The node's version once this content was compiled: the newest published at or
+                // before the policy's generation, else (history truncated) the oldest known.
+                let needed = published.and_then(|p| {
+                    p.iter()
+                        .rev()
+                        .find(|(v, _)| v.version <= span.generation)
+                        .or_else(|| p.front())
+                        .map(|(v, _)| v.version)
+                });
+                let applied = n.and_then(|n| n.applied).map_or(0, |a| a.version);
+                v1::PolicyNode {
+                    node: node.to_string(),
+                    enforced: needed.is_some_and(|needed| applied >= needed),
+                    applied_version: applied,
+                    needed_version: needed.unwrap_or(0),
+                    last_error: n.map(|n| n.last_error.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+}

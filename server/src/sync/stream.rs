@@ -1,0 +1,351 @@
+//! One enforcer's stream: hello, then stop-and-wait delivery of the newest version.
+//!
+//! ```text
+//!  Hello{enforcing} ─► wait for first full sync ─► subscribe(node)
+//!      loop: newest published ≠ enforcing ─► Current | Delta (base held) | Snapshot
+//!            ◄─ Ack (enforcing := version) | Nack (keep enforcing, don't resend that content)
+//! ```
+//!
+//! At most one version is in flight; updates published meanwhile coalesce in the node's watch
+//! channel, so a slow enforcer gets the newest state, never a queue.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_policy::ir::NodeSnapshot;
+use moat_policy::ir::delta::{self, VersionRef};
+use moat_policy::ir::digest::Digest;
+use moat_proto::convert::{self, FromProto, ToProto};
+use moat_proto::v1;
+use moat_proto::v1::enforcer_message::Kind as In;
+use moat_proto::v1::server_message::Kind as Out;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::Source;
+use crate::hub::Published;
+use crate::status::StreamEvent;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct InFlight {
+    nonce: String,
+    version: VersionRef,
+    snapshot: Option<Arc<NodeSnapshot>>,
+}
+
+pub(super) async fn run<S: Source>(
+    source: Arc<S>,
+    cluster: String,
+    node: String,
+    expires: Option<SystemTime>,
+    inbound: Streaming<v1::EnforcerMessage>,
+    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut s = Stream {
+        source,
+        cluster,
+        node,
+        tx,
+        nonce: 0,
+    };
+    if let Err(status) = s.serve(expires, inbound, shutdown).await {
+        if status.code() != tonic::Code::Cancelled {
+            warn!(code = ?status.code(), error = status.message(), "stream ended");
+        }
+        let _ = s.tx.send(Err(status)).await;
+    }
+}
+
+struct Stream<S> {
+    source: Arc<S>,
+    cluster: String,
+    node: String,
+    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    nonce: u64,
+}
+
+/// Counts the stream as connected until dropped.
+struct Connected<S: Source> {
+    source: Arc<S>,
+    cluster: String,
+    node: String,
+}
+
+impl<S: Source> Drop for Connected<S> {
+    fn drop(&mut self) {
+        self.source.metrics().connected.dec();
+        self.source.observe(&self.cluster, &self.node, StreamEvent::Disconnected);
+        info!("enforcer disconnected");
+    }
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl<S: Source> Stream<S> {
+    async fn serve(
+        &mut self,
+        expires: Option<SystemTime>,
+        mut inbound: Streaming<v1::EnforcerMessage>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Status> {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(v1::EnforcerMessage { kind: Some(In::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello")),
+        };
+        if !hello.node.is_empty() && hello.node != self.node {
+            self.source.metrics().refused("wrong-node");
+            warn!(asked_as = %hello.node, "refused: enforcer asked for another node's rules");
+            return Err(Status::permission_denied(format!(
+                "this certificate is for node {:?}, not {:?}",
+                self.node, hello.node
+            )));
+        }
+        let mut enforcing = match &hello.enforcing {
+            Some(v) if v.version > 0 => {
+                Some(VersionRef::from_proto(v).map_err(|e| Status::invalid_argument(format!("hello: {e}")))?)
+            }
+            _ => None,
+        };
+        let mut synced = self
+            .source
+            .synced(&self.cluster)
+            .ok_or_else(|| Status::not_found("cluster not served"))?;
+        // Nothing is served before the first full sync of the source.
+        while !*synced.borrow_and_update() {
+            tokio::select! {
+                r = synced.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
+                _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
+            }
+        }
+        let Some(mut rx) = self.source.subscribe(&self.cluster, &self.node) else {
+            self.source.metrics().refused("unknown-node");
+            warn!("refused: the source does not know this node");
+            return Err(Status::not_found(format!(
+                "node {:?} does not exist in cluster {:?}",
+                self.node, self.cluster
+            )));
+        };
+        info!(backend = %hello.backend, enforcing = ?enforcing.map(|v| v.version), "enforcer connected");
+        self.source.metrics().connected.inc();
+        self.source.observe(
+            &self.cluster,
+            &self.node,
+            StreamEvent::Connected {
+                backend: hello.backend.clone(),
+                kernel: hello.capabilities.as_ref().map(|c| c.kernel.clone()).unwrap_or_default(),
+            },
+        );
+        let _connected = Connected {
+            source: self.source.clone(),
+            cluster: self.cluster.clone(),
+            node: self.node.clone(),
+        };
+
+        let expiry = tokio::time::sleep(
+            expires
+                .and_then(|e| e.duration_since(SystemTime::now()).ok())
+                .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600)),
+        );
+        tokio::pin!(expiry);
+        if expires.is_some_and(|e| e <= SystemTime::now()) {
+            return Err(Status::unauthenticated("client certificate expired"));
+        }
+        let mut in_flight: Option<InFlight> = None;
+        let mut rejected: Option<Digest> = None;
+        let mut check = true;
+        loop {
+            if in_flight.is_none() && check {
+                check = false;
+                let published = rx.borrow_and_update().clone();
+                in_flight = self.offer(&published, enforcing, rejected).await?;
+            }
+            tokio::select! {
+                r = rx.changed(), if in_flight.is_none() => {
+                    if r.is_err() {
+                        return Err(Status::not_found("node removed from the cluster"));
+                    }
+                    check = true;
+                }
+                m = inbound.message() => {
+                    let m = match m {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                    match m.kind {
+                        Some(In::Ack(a)) => {
+                            let f = in_flight.take().ok_or_else(|| Status::invalid_argument("Ack with nothing in flight"))?;
+                            let applied = a.applied.as_ref().map(VersionRef::from_proto).transpose()
+                                .map_err(|e| Status::invalid_argument(format!("ack: {e}")))?;
+                            if a.nonce != f.nonce || applied != Some(f.version) {
+                                return Err(Status::invalid_argument("Ack does not match the version in flight"));
+                            }
+                            debug!(version = f.version.version, micros = a.apply_micros, "acknowledged");
+                            self.source.metrics().acks.inc();
+                            enforcing = Some(f.version);
+                            rejected = None;
+                            self.source.observe(&self.cluster, &self.node, StreamEvent::Acked {
+                                version: f.version,
+                                apply_micros: a.apply_micros,
+                                snapshot: f.snapshot,
+                            });
+                            check = true;
+                        }
+                        Some(In::Nack(n)) => {
+                            let f = in_flight.take().ok_or_else(|| Status::invalid_argument("Nack with nothing in flight"))?;
+                            if n.nonce != f.nonce {
+                                return Err(Status::invalid_argument("Nack does not match the version in flight"));
+                            }
+                            warn!(version = f.version.version, error = %n.error, "enforcer rejected a version; it keeps its last good one");
+                            self.source.metrics().nacks.inc();
+                            enforcing = match &n.enforcing {
+                                Some(v) if v.version > 0 => VersionRef::from_proto(v).ok(),
+                                _ => None,
+                            };
+                            rejected = Some(f.version.digest);
+                            self.source.observe(&self.cluster, &self.node, StreamEvent::Nacked {
+                                rejected: f.version,
+                                error: n.error,
+                            });
+                            check = true;
+                        }
+                        Some(In::Report(r)) => {
+                            self.source.observe(&self.cluster, &self.node, StreamEvent::Report {
+                                counters: r.counters.into_iter().collect(),
+                            });
+                        }
+                        Some(In::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice")),
+                        None => return Err(Status::invalid_argument("empty message")),
+                    }
+                }
+                _ = &mut expiry => {
+                    info!("client certificate expired; closing the stream");
+                    return Err(Status::unauthenticated("client certificate expired"));
+                }
+                _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
+            }
+        }
+    }
+
+    /// Sends what brings the enforcer from `enforcing` to the newest version, if anything.
+    async fn offer(
+        &mut self,
+        published: &Published,
+        enforcing: Option<VersionRef>,
+        rejected: Option<Digest>,
+    ) -> Result<Option<InFlight>, Status> {
+        if !published.exists {
+            return Err(Status::not_found("node removed from the cluster"));
+        }
+        if enforcing.is_some_and(|e| e.digest == published.digest) {
+            let current = VersionRef {
+                version: published.version,
+                digest: published.digest,
+            };
+            if enforcing.is_some_and(|e| e.version == published.version) {
+                return Ok(None);
+            }
+            // Same content under a newer name (e.g. after a server restart): just rename it.
+            let renamed = self.renamed(enforcing, current);
+            return self.send_current(current, published.at, renamed).await.map(Some);
+        }
+        if rejected == Some(published.digest) {
+            return Ok(None);
+        }
+        let snap = self
+            .source
+            .snapshot(&self.cluster, &self.node)
+            .ok_or_else(|| Status::not_found("node removed from the cluster"))?;
+        let version = VersionRef {
+            version: snap.version,
+            digest: snap.digest,
+        };
+        if enforcing.is_some_and(|e| e.digest == snap.digest) {
+            return self.send_current(version, published.at, Some(snap)).await.map(Some);
+        }
+        self.source
+            .sending(&self.cluster, &snap)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record the version: {e}")))?;
+        let base = enforcing.and_then(|e| self.source.base(&self.cluster, &self.node, &e));
+        let nonce = self.next_nonce();
+        let at = micros(published.at);
+        let (kind, msg) = match &base {
+            Some(base) => {
+                let d = delta::diff(base, &snap);
+                let mut p = convert::delta_to_proto(&d);
+                p.nonce = nonce.clone();
+                p.published_unix_micros = at;
+                ("delta", Out::Delta(p))
+            }
+            None => (
+                "snapshot",
+                Out::Snapshot(v1::Snapshot {
+                    nonce: nonce.clone(),
+                    version: Some(version.to_proto()),
+                    content: Some(snap.to_proto()),
+                    published_unix_micros: at,
+                }),
+            ),
+        };
+        debug!(version = version.version, kind, base = ?base.as_ref().map(|b| b.version), "sending");
+        self.send(kind, msg).await?;
+        Ok(Some(InFlight {
+            nonce,
+            version,
+            snapshot: Some(snap),
+        }))
+    }
+
+    /// The content the enforcer holds under the new version number, to persist as its base.
+    fn renamed(&self, enforcing: Option<VersionRef>, v: VersionRef) -> Option<Arc<NodeSnapshot>> {
+        let base = self.source.base(&self.cluster, &self.node, &enforcing?)?;
+        let mut s = (*base).clone();
+        s.version = v.version;
+        Some(Arc::new(s))
+    }
+
+    async fn send_current(&mut self, v: VersionRef, at: SystemTime, snapshot: Option<Arc<NodeSnapshot>>) -> Result<InFlight, Status> {
+        let nonce = self.next_nonce();
+        let msg = Out::Current(v1::Current {
+            nonce: nonce.clone(),
+            version: Some(v.to_proto()),
+            published_unix_micros: micros(at),
+        });
+        if let Some(s) = &snapshot {
+            self.source
+                .sending(&self.cluster, s)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot record the version: {e}")))?;
+        }
+        self.send("current", msg).await?;
+        Ok(InFlight {
+            nonce,
+            version: v,
+            snapshot,
+        })
+    }
+
+    async fn send(&mut self, kind: &str, msg: Out) -> Result<(), Status> {
+        let msg = v1::ServerMessage { kind: Some(msg) };
+        self.source.metrics().sent(kind, msg.encoded_len());
+        self.tx
+            .send(Ok(msg))
+            .await
+            .map_err(|_| Status::cancelled("enforcer went away"))
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+}
