@@ -18,9 +18,17 @@ pub struct Connection {
     #[arg(long, env = "MOAT_TLS_CA", default_value = ".moat/certs/ca.pem")]
     pub tls_ca: PathBuf,
     /// An admin certificate (`moatctl certs issue-admin`).
-    #[arg(long, env = "MOAT_ADMIN_CERT", default_value = ".moat/certs/admin-admin.pem")]
+    #[arg(
+        long,
+        env = "MOAT_ADMIN_CERT",
+        default_value = ".moat/certs/admin-admin.pem"
+    )]
     pub tls_cert: PathBuf,
-    #[arg(long, env = "MOAT_ADMIN_KEY", default_value = ".moat/certs/admin-admin-key.pem")]
+    #[arg(
+        long,
+        env = "MOAT_ADMIN_KEY",
+        default_value = ".moat/certs/admin-admin-key.pem"
+    )]
     pub tls_key: PathBuf,
     #[arg(long, env = "MOAT_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
@@ -31,18 +39,26 @@ pub struct Connection {
 
 impl Connection {
     pub async fn client(&self) -> Result<AdminClient<Channel>> {
-        let mut ep = Endpoint::from_shared(self.server.clone())?.connect_timeout(std::time::Duration::from_secs(5));
+        let mut ep = Endpoint::from_shared(self.server.clone())?
+            .connect_timeout(std::time::Duration::from_secs(5));
         if !self.insecure_dev_plaintext {
-            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(&self.tls_ca)?))
-                .identity(Identity::from_pem(read(&self.tls_cert)?, read(&self.tls_key)?));
+                .identity(Identity::from_pem(
+                    read(&self.tls_cert)?,
+                    read(&self.tls_key)?,
+                ));
             if let Some(n) = &self.tls_server_name {
                 tls = tls.domain_name(n.clone());
             }
             ep = ep.tls_config(tls)?;
         }
-        let ch = ep.connect().await.with_context(|| format!("connecting to {}", self.server))?;
+        let ch = ep
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.server))?;
         Ok(AdminClient::new(ch))
     }
 
@@ -50,7 +66,8 @@ impl Connection {
         let mut r = tonic::Request::new(msg);
         if self.insecure_dev_plaintext {
             let id = moat_proto::Identity::Admin { name: "dev".into() }.uri();
-            r.metadata_mut().insert("x-moat-identity", id.parse().expect("ascii"));
+            r.metadata_mut()
+                .insert("x-moat-identity", id.parse().expect("ascii"));
         }
         r
     }
@@ -117,12 +134,27 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
 }
 
 fn print_table(r: &v1::StatusResponse) {
-    let header = ["CLUSTER", "NODE", "BACKEND", "KERNEL", "CONNECTED", "APPLIED", "LATEST", "IN SYNC", "LAG", "LAST ERROR"];
+    let header = [
+        "CLUSTER",
+        "NODE",
+        "BACKEND",
+        "KERNEL",
+        "CONNECTED",
+        "APPLIED",
+        "LATEST",
+        "IN SYNC",
+        "LAG",
+        "LAST ERROR",
+    ];
     let rows: Vec<[String; 10]> = r
         .nodes
         .iter()
         .map(|n| {
-            let lag = if n.in_sync { "-".into() } else { format!("{} versions / {:.1}s", n.lag_versions, n.lag_seconds) };
+            let lag = if n.in_sync {
+                "-".into()
+            } else {
+                format!("{} versions / {:.1}s", n.lag_versions, n.lag_seconds)
+            };
             [
                 n.cluster.clone(),
                 n.node.clone(),
@@ -162,7 +194,11 @@ fn print_table(r: &v1::StatusResponse) {
         "\n{in_sync} of {} nodes in sync (generation {}{})",
         r.nodes.len(),
         r.generation,
-        if r.synced { "" } else { ", source not synced yet" }
+        if r.synced {
+            ""
+        } else {
+            ", source not synced yet"
+        }
     );
 }
 
@@ -194,13 +230,28 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
         r.nodes.len()
     );
     for n in r.nodes.iter().filter(|n| !n.enforced) {
-        let why = if n.last_error.is_empty() { "not applied yet".to_string() } else { n.last_error.clone() };
-        println!("  {}: applied version {}, needs {}: {why}", n.node, n.applied_version, n.needed_version);
+        let why = if n.last_error.is_empty() {
+            "not applied yet".to_string()
+        } else {
+            n.last_error.clone()
+        };
+        println!(
+            "  {}: applied version {}, needs {}: {why}",
+            n.node, n.applied_version, n.needed_version
+        );
     }
 }
 
 /// `moatctl explain --server …`: the server's live state instead of a directory.
-pub fn explain(conn: &Connection, from: &str, to: &str, proto: u8, port: u16, family: Option<String>, json: bool) -> Result<ExitCode> {
+pub fn explain(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+    proto: u8,
+    port: u16,
+    family: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let mut client = conn.client().await?;
         let r = client

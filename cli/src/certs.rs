@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use moat_proto::Identity;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
 
@@ -69,44 +69,100 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Init { dir, server_names, server_ips, force } => {
+        Command::Init {
+            dir,
+            server_names,
+            server_ips,
+            force,
+        } => {
             if dir.join("ca.pem").exists() && !force {
-                bail!("{} already holds a CA; use --force to replace it", dir.display());
+                bail!(
+                    "{} already holds a CA; use --force to replace it",
+                    dir.display()
+                );
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let key = KeyPair::generate()?;
             let mut p = CertificateParams::default();
             p.distinguished_name = name("Moat CA");
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            p.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
             validity(&mut p, parse_duration("3650d")?);
             let cert = p.self_signed(&key)?;
             write(&dir.join("ca.pem"), &cert.pem(), false)?;
             write(&dir.join("ca-key.pem"), &key.serialize_pem(), true)?;
             server(&dir, &server_names, &server_ips, parse_duration("365d")?)?;
-            println!("wrote {}/{{ca,ca-key,server,server-key}}.pem", dir.display());
+            println!(
+                "wrote {}/{{ca,ca-key,server,server-key}}.pem",
+                dir.display()
+            );
         }
-        Command::IssueServer { dir, server_names, server_ips, valid_for } => {
-            server(&dir, &server_names, &server_ips, parse_duration(&valid_for)?)?;
+        Command::IssueServer {
+            dir,
+            server_names,
+            server_ips,
+            valid_for,
+        } => {
+            server(
+                &dir,
+                &server_names,
+                &server_ips,
+                parse_duration(&valid_for)?,
+            )?;
             println!("wrote {}/{{server,server-key}}.pem", dir.display());
         }
-        Command::IssueNode { dir, node, cluster, valid_for } => {
+        Command::IssueNode {
+            dir,
+            node,
+            cluster,
+            valid_for,
+        } => {
             let id = Identity::node(&cluster, &node);
             if Identity::from_uri(&id.uri()).is_none() {
-                bail!("{cluster:?}/{node:?} is not a valid node identity (letters, digits, '-' and '.')");
+                bail!(
+                    "{cluster:?}/{node:?} is not a valid node identity (letters, digits, '-' and '.')"
+                );
             }
             let base = format!("node-{node}");
-            leaf(&dir, &base, &id, ExtendedKeyUsagePurpose::ClientAuth, parse_duration(&valid_for)?)?;
-            println!("wrote {}/{base}.pem and {base}-key.pem for {}", dir.display(), id.uri());
+            leaf(
+                &dir,
+                &base,
+                &id,
+                ExtendedKeyUsagePurpose::ClientAuth,
+                parse_duration(&valid_for)?,
+            )?;
+            println!(
+                "wrote {}/{base}.pem and {base}-key.pem for {}",
+                dir.display(),
+                id.uri()
+            );
         }
-        Command::IssueAdmin { dir, name, valid_for } => {
+        Command::IssueAdmin {
+            dir,
+            name,
+            valid_for,
+        } => {
             let id = Identity::Admin { name: name.clone() };
             if Identity::from_uri(&id.uri()).is_none() {
                 bail!("{name:?} is not a valid admin name (letters, digits, '-' and '.')");
             }
             let base = format!("admin-{name}");
-            leaf(&dir, &base, &id, ExtendedKeyUsagePurpose::ClientAuth, parse_duration(&valid_for)?)?;
-            println!("wrote {}/{base}.pem and {base}-key.pem for {}", dir.display(), id.uri());
+            leaf(
+                &dir,
+                &base,
+                &id,
+                ExtendedKeyUsagePurpose::ClientAuth,
+                parse_duration(&valid_for)?,
+            )?;
+            println!(
+                "wrote {}/{base}.pem and {base}-key.pem for {}",
+                dir.display(),
+                id.uri()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -127,9 +183,14 @@ fn validity(p: &mut CertificateParams, d: Duration) {
 }
 
 fn ca(dir: &Path) -> Result<(String, KeyPair)> {
-    let cert = std::fs::read_to_string(dir.join("ca.pem"))
-        .with_context(|| format!("reading {}/ca.pem (run `moatctl certs init` first)", dir.display()))?;
-    let key = std::fs::read_to_string(dir.join("ca-key.pem")).with_context(|| format!("reading {}/ca-key.pem", dir.display()))?;
+    let cert = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
+        format!(
+            "reading {}/ca.pem (run `moatctl certs init` first)",
+            dir.display()
+        )
+    })?;
+    let key = std::fs::read_to_string(dir.join("ca-key.pem"))
+        .with_context(|| format!("reading {}/ca-key.pem", dir.display()))?;
     Ok((cert, KeyPair::from_pem(&key)?))
 }
 
@@ -138,7 +199,8 @@ fn server(dir: &Path, names: &[String], ips: &[IpAddr], d: Duration) -> Result<(
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(names.to_vec())?;
-    p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    p.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     p.distinguished_name = name("moat-server");
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -151,7 +213,13 @@ fn server(dir: &Path, names: &[String], ips: &[IpAddr], d: Duration) -> Result<(
     Ok(())
 }
 
-fn leaf(dir: &Path, base: &str, id: &Identity, usage: ExtendedKeyUsagePurpose, d: Duration) -> Result<()> {
+fn leaf(
+    dir: &Path,
+    base: &str,
+    id: &Identity,
+    usage: ExtendedKeyUsagePurpose,
+    d: Duration,
+) -> Result<()> {
     let (ca_pem, ca_key) = ca(dir)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
@@ -162,7 +230,11 @@ fn leaf(dir: &Path, base: &str, id: &Identity, usage: ExtendedKeyUsagePurpose, d
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut p, d);
     let cert = p.signed_by(&key, &issuer)?;
-    write(&dir.join(format!("{base}-key.pem")), &key.serialize_pem(), true)?;
+    write(
+        &dir.join(format!("{base}-key.pem")),
+        &key.serialize_pem(),
+        true,
+    )?;
     write(&dir.join(format!("{base}.pem")), &cert.pem(), false)?;
     Ok(())
 }
@@ -176,7 +248,12 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     if secret {
         o.mode(0o600);
     }
-    std::io::Write::write_all(&mut o.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?, text.as_bytes())?;
+    std::io::Write::write_all(
+        &mut o
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?,
+        text.as_bytes(),
+    )?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -184,7 +261,9 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
 /// `90d`, `12h`, `30m`, `45s`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().with_context(|| format!("duration {s:?}: expected e.g. 90d, 12h, 30m, 45s"))?;
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("duration {s:?}: expected e.g. 90d, 12h, 30m, 45s"))?;
     let secs = match unit {
         "d" => n * 86_400,
         "h" => n * 3_600,

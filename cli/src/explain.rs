@@ -50,7 +50,15 @@ struct Output<'a> {
 pub fn run(args: Args) -> Result<ExitCode> {
     let (proto, port, _) = parse_port(&args.port)?;
     let Some(dir) = &args.manifests else {
-        return crate::admin::explain(&args.conn, &args.from, &args.to, proto, port, args.family.clone(), args.json);
+        return crate::admin::explain(
+            &args.conn,
+            &args.from,
+            &args.to,
+            proto,
+            port,
+            args.family.clone(),
+            args.json,
+        );
     };
     let set = manifests::load(dir)?;
     let objects: Vec<Object> = set.objects().cloned().collect();
@@ -60,8 +68,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(_) => Some(false),
         None => None,
     };
-    let src_all = lookup::addresses(&objects, &args.from).map_err(|e| anyhow!("{e} in the manifests"))?;
-    let dst_all = lookup::addresses(&objects, &args.to).map_err(|e| anyhow!("{e} in the manifests"))?;
+    let src_all =
+        lookup::addresses(&objects, &args.from).map_err(|e| anyhow!("{e} in the manifests"))?;
+    let dst_all =
+        lookup::addresses(&objects, &args.to).map_err(|e| anyhow!("{e} in the manifests"))?;
     let (src, dst) = lookup::pick(&src_all, &dst_all, want_v6).ok_or_else(|| {
         anyhow!(
             "{} and {} have no address of a common family",

@@ -93,7 +93,13 @@ fn version_of(s: &NodeSnapshot) -> VersionRef {
 }
 
 impl<B: Backend> Agent<B> {
-    pub fn new(cfg: Config, backend: B, state: LocalState, health: HealthReporter, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cfg: Config,
+        backend: B,
+        state: LocalState,
+        health: HealthReporter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             cfg,
             backend: Arc::new(Mutex::new(backend)),
@@ -107,25 +113,35 @@ impl<B: Backend> Agent<B> {
 
     /// Runs until `shutdown` turns true. Enforcement stays in place on exit.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-        self.health.set_service_status("", ServingStatus::NotServing).await;
-        self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
+            .await;
         let last = self.state.load()?;
         let adopted = {
             let backend = self.backend.clone();
             let last2 = last.clone();
-            tokio::task::spawn_blocking(move || backend.lock().expect("backend lock").adopt(last2.as_ref()))
-                .await
-                .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                backend.lock().expect("backend lock").adopt(last2.as_ref())
+            })
+            .await
+            .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
         };
         match (adopted, last) {
             (Ok(()), Some(s)) => {
                 info!(version = s.version, digest = %s.digest.short(), "enforcing the last known rules");
                 self.metrics.applied_version.set(s.version as i64);
                 self.enforcing = Some(Arc::new(s));
-                self.health.set_service_status("", ServingStatus::Serving).await;
+                self.health
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
             }
             (Ok(()), None) => info!("no previous rules; waiting for the server"),
-            (Err(e), _) => warn!(error = %e, "could not adopt the previous run's state; waiting for the server"),
+            (Err(e), _) => {
+                warn!(error = %e, "could not adopt the previous run's state; waiting for the server")
+            }
         }
         let mut backoff = self.cfg.backoff_min;
         loop {
@@ -135,16 +151,24 @@ impl<B: Backend> Agent<B> {
                 _ = shutdown.changed() => return Ok(()),
             };
             self.metrics.connected.set(0);
-            self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
+                .await;
             match result {
                 Ok(()) => info!("server closed the stream"),
-                Err(e) => warn!(error = %e, "sync stream ended; enforcing version {:?} meanwhile", self.enforcing.as_ref().map(|s| s.version)),
+                Err(e) => {
+                    warn!(error = %e, "sync stream ended; enforcing version {:?} meanwhile", self.enforcing.as_ref().map(|s| s.version))
+                }
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = self.cfg.backoff_min;
             }
             // Full jitter: a fleet that lost its server does not come back in lockstep.
-            let wait = Duration::from_millis(rand::rng().random_range(0..=backoff.as_millis() as u64).max(50));
+            let wait = Duration::from_millis(
+                rand::rng()
+                    .random_range(0..=backoff.as_millis() as u64)
+                    .max(50),
+            );
             debug!(?wait, "reconnecting");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -155,12 +179,23 @@ impl<B: Backend> Agent<B> {
     }
 
     async fn connect(&self) -> Result<Channel, Error> {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|source| Error::Read { path: p.clone(), source });
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| Error::Read {
+                path: p.clone(),
+                source,
+            })
+        };
         let mut ep = Endpoint::from_shared(self.cfg.server.clone())?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        if let Transport::Tls { ca, cert, key, server_name } = &self.cfg.transport {
+        if let Transport::Tls {
+            ca,
+            cert,
+            key,
+            server_name,
+        } = &self.cfg.transport
+        {
             // Read afresh on every connection: rotated certificates take effect on the next one.
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(ca)?))
@@ -193,14 +228,19 @@ impl<B: Backend> Agent<B> {
             node: self.cfg.node.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        tx.send(v1::EnforcerMessage { kind: Some(Out::Hello(hello)) })
-            .await
-            .map_err(|_| Error::Protocol("stream closed".into()))?;
+        tx.send(v1::EnforcerMessage {
+            kind: Some(Out::Hello(hello)),
+        })
+        .await
+        .map_err(|_| Error::Protocol("stream closed".into()))?;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Transport::Plaintext { cluster } = &self.cfg.transport {
             let id = moat_proto::Identity::node(cluster, &self.cfg.node).uri();
-            req.metadata_mut()
-                .insert("x-moat-identity", id.parse().map_err(|_| Error::Protocol("bad identity".into()))?);
+            req.metadata_mut().insert(
+                "x-moat-identity",
+                id.parse()
+                    .map_err(|_| Error::Protocol("bad identity".into()))?,
+            );
         }
         let mut inbound = client.sync(req).await?.into_inner();
         self.sessions += 1;
@@ -279,11 +319,17 @@ impl<B: Backend> Agent<B> {
         Ok(match outcome {
             Ok(()) => {
                 let micros = t.elapsed().as_micros() as u64;
-                self.metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+                self.metrics
+                    .apply_seconds
+                    .observe(t.elapsed().as_secs_f64());
                 self.metrics.applied.inc();
                 self.metrics.applied_version.set(offered.version as i64);
-                self.health.set_service_status("", ServingStatus::Serving).await;
-                self.health.set_service_status(SYNC_SERVICE, ServingStatus::Serving).await;
+                self.health
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+                self.health
+                    .set_service_status(SYNC_SERVICE, ServingStatus::Serving)
+                    .await;
                 info!(version = offered.version, micros, "applied");
                 v1::EnforcerMessage {
                     kind: Some(Out::Ack(v1::Ack {
@@ -295,7 +341,9 @@ impl<B: Backend> Agent<B> {
             }
             Err(error) => {
                 self.metrics.nacks.inc();
-                self.health.set_service_status(SYNC_SERVICE, ServingStatus::NotServing).await;
+                self.health
+                    .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
+                    .await;
                 warn!(version = offered.version, %error, "rejected a version; the previous one stays in force");
                 v1::EnforcerMessage {
                     kind: Some(Out::Nack(v1::Nack {
@@ -309,12 +357,21 @@ impl<B: Backend> Agent<B> {
         })
     }
 
-    async fn apply_snapshot(&mut self, v: &VersionRef, content: v1::NodeContent) -> Result<(), String> {
-        let snap = convert::snapshot_from_proto(&self.cfg.node, v, &content).map_err(|e| e.to_string())?;
+    async fn apply_snapshot(
+        &mut self,
+        v: &VersionRef,
+        content: v1::NodeContent,
+    ) -> Result<(), String> {
+        let snap =
+            convert::snapshot_from_proto(&self.cfg.node, v, &content).map_err(|e| e.to_string())?;
         delta::check_references(&snap).map_err(|e| e.to_string())?;
         let got = snap.content_digest();
         if got != v.digest {
-            return Err(format!("content digest {} does not match the announced {}", got.short(), v.digest.short()));
+            return Err(format!(
+                "content digest {} does not match the announced {}",
+                got.short(),
+                v.digest.short()
+            ));
         }
         let snap = Arc::new(snap);
         let s2 = snap.clone();
@@ -328,7 +385,8 @@ impl<B: Backend> Agent<B> {
             .ok_or_else(|| "a delta arrived but this node holds no version".to_string())?;
         let new = Arc::new(delta::apply(&old, &d).map_err(|e| e.to_string())?);
         let n2 = new.clone();
-        self.commit(new, move |b| b.apply_delta(&old, &d, &n2)).await
+        self.commit(new, move |b| b.apply_delta(&old, &d, &n2))
+            .await
     }
 
     /// The server renames the content this node holds (same digest, new version).
@@ -338,7 +396,11 @@ impl<B: Backend> Agent<B> {
             .clone()
             .ok_or_else(|| "a rename arrived but this node holds no version".to_string())?;
         if old.digest != v.digest {
-            return Err(format!("rename to {} names content {} this node does not hold", v.version, v.digest.short()));
+            return Err(format!(
+                "rename to {} names content {} this node does not hold",
+                v.version,
+                v.digest.short()
+            ));
         }
         let mut s = (*old).clone();
         s.version = v.version;
@@ -356,7 +418,11 @@ impl<B: Backend> Agent<B> {
     /// Applies through the backend, then persists, then (by returning Ok) lets the caller
     /// acknowledge. A persist failure after a successful apply is reported, and the new
     /// version is what the node enforces.
-    async fn commit(&mut self, snap: Arc<NodeSnapshot>, f: impl FnOnce(&mut B) -> Result<(), crate::backend::BackendError> + Send + 'static) -> Result<(), String> {
+    async fn commit(
+        &mut self,
+        snap: Arc<NodeSnapshot>,
+        f: impl FnOnce(&mut B) -> Result<(), crate::backend::BackendError> + Send + 'static,
+    ) -> Result<(), String> {
         let backend = self.backend.clone();
         let state = self.state.clone();
         let s2 = snap.clone();

@@ -37,7 +37,12 @@ pub trait Backend: Send + 'static {
     /// Replaces whatever is enforced with `snap`, atomically.
     fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError>;
     /// Moves from `old` to `new`; `delta` is the difference, for backends that update in place.
-    fn apply_delta(&mut self, old: &NodeSnapshot, delta: &Delta, new: &NodeSnapshot) -> Result<(), BackendError>;
+    fn apply_delta(
+        &mut self,
+        old: &NodeSnapshot,
+        delta: &Delta,
+        new: &NodeSnapshot,
+    ) -> Result<(), BackendError>;
     /// Dataplane counters (packets allowed, denied, …), reported to the server.
     fn counters(&self) -> BTreeMap<String, u64>;
     /// Removes everything this backend installed (uninstall).

@@ -67,18 +67,30 @@ pub struct Args {
 pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
     moat_telemetry::init_logging(&args.log)?;
     let transport = if args.insecure_dev_plaintext {
-        warn!("!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!");
-        Transport::Plaintext { cluster: args.cluster.clone() }
+        warn!(
+            "!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!"
+        );
+        Transport::Plaintext {
+            cluster: args.cluster.clone(),
+        }
     } else {
         Transport::Tls {
             ca: args.tls_ca.clone(),
-            cert: args.tls_cert.clone().context("--tls-cert is required (or --insecure-dev-plaintext)")?,
-            key: args.tls_key.clone().context("--tls-key is required (or --insecure-dev-plaintext)")?,
+            cert: args
+                .tls_cert
+                .clone()
+                .context("--tls-cert is required (or --insecure-dev-plaintext)")?,
+            key: args
+                .tls_key
+                .clone()
+                .context("--tls-key is required (or --insecure-dev-plaintext)")?,
             server_name: args.tls_server_name.clone(),
         }
     };
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let state = LocalState::open(&args.state_dir).with_context(|| format!("opening {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let state = LocalState::open(&args.state_dir)
+        .with_context(|| format!("opening {}", args.state_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let (health, health_svc) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind(args.health_addr)
@@ -104,7 +116,8 @@ pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
     info!(node = %args.node, server = %args.server, backend = backend.name(), "enforcer starting");
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -112,7 +125,10 @@ pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
         let _ = tx.send(true);
     });
     let span = tracing::info_span!("agent", node = %args.node);
-    Agent::new(cfg, backend, state, health, metrics).run(rx).instrument(span).await?;
+    Agent::new(cfg, backend, state, health, metrics)
+        .run(rx)
+        .instrument(span)
+        .await?;
     info!("stopped; the last applied rules stay in force");
     Ok(())
 }

@@ -29,13 +29,33 @@ impl Default for Metrics {
             received_bytes: Counter::default(),
         };
         let mut registry = Registry::with_prefix("moat_enforcer");
-        registry.register("connected", "1 while a sync stream is open", m.connected.clone());
-        registry.register("applied_version", "Version enforced now", m.applied_version.clone());
-        registry.register("apply_seconds", "Time to verify, apply and persist one version", m.apply_seconds.clone());
+        registry.register(
+            "connected",
+            "1 while a sync stream is open",
+            m.connected.clone(),
+        );
+        registry.register(
+            "applied_version",
+            "Version enforced now",
+            m.applied_version.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time to verify, apply and persist one version",
+            m.apply_seconds.clone(),
+        );
         registry.register("applied", "Versions applied", m.applied.clone());
         registry.register("nacks", "Versions rejected", m.nacks.clone());
-        registry.register("reconnects", "Sync streams opened after the first", m.reconnects.clone());
-        registry.register("received_bytes", "Encoded bytes received from the server", m.received_bytes.clone());
+        registry.register(
+            "reconnects",
+            "Sync streams opened after the first",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Encoded bytes received from the server",
+            m.received_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -43,7 +63,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String");
         s
     }
 }

@@ -40,14 +40,25 @@ impl LocalState {
 
     /// The last applied snapshot, verified against its digest.
     pub fn load(&self) -> Result<Option<NodeSnapshot>, Error> {
-        let Some(raw) = self.db.get("applied")? else { return Ok(None) };
+        let Some(raw) = self.db.get("applied")? else {
+            return Ok(None);
+        };
         let s = Stored::decode(raw.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
-        let v = VersionRef::from_proto(s.version.as_ref().ok_or_else(|| Error::Corrupt("no version".into()))?)
+        let v = VersionRef::from_proto(
+            s.version
+                .as_ref()
+                .ok_or_else(|| Error::Corrupt("no version".into()))?,
+        )
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let content = s
+            .content
+            .ok_or_else(|| Error::Corrupt("no content".into()))?;
+        let snap = convert::snapshot_from_proto(&s.node, &v, &content)
             .map_err(|e| Error::Corrupt(e.to_string()))?;
-        let content = s.content.ok_or_else(|| Error::Corrupt("no content".into()))?;
-        let snap = convert::snapshot_from_proto(&s.node, &v, &content).map_err(|e| Error::Corrupt(e.to_string()))?;
         if snap.content_digest() != v.digest {
-            return Err(Error::Corrupt("stored snapshot does not match its digest".into()));
+            return Err(Error::Corrupt(
+                "stored snapshot does not match its digest".into(),
+            ));
         }
         Ok(Some(snap))
     }

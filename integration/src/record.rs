@@ -38,12 +38,21 @@ impl Recording {
         }
     }
 
-    fn enforce(&mut self, op: &str, snap: &NodeSnapshot, entries: Option<usize>) -> Result<(), BackendError> {
+    fn enforce(
+        &mut self,
+        op: &str,
+        snap: &NodeSnapshot,
+        entries: Option<usize>,
+    ) -> Result<(), BackendError> {
         self.check_fail()?;
         let tmp = self.dir.join("applied.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(snap).map_err(|e| BackendError::Failed(e.to_string()))?)
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(snap).map_err(|e| BackendError::Failed(e.to_string()))?,
+        )
+        .map_err(|e| BackendError::Failed(e.to_string()))?;
+        std::fs::rename(&tmp, self.dir.join("applied.json"))
             .map_err(|e| BackendError::Failed(e.to_string()))?;
-        std::fs::rename(&tmp, self.dir.join("applied.json")).map_err(|e| BackendError::Failed(e.to_string()))?;
         self.applies += 1;
         self.event(json!({"op": op, "version": snap.version, "digest": snap.digest, "delta_entries": entries, "size": snap.size().total()}))
     }
@@ -72,7 +81,12 @@ impl Backend for Recording {
         self.enforce("full", snap, None)
     }
 
-    fn apply_delta(&mut self, _old: &NodeSnapshot, delta: &Delta, new: &NodeSnapshot) -> Result<(), BackendError> {
+    fn apply_delta(
+        &mut self,
+        _old: &NodeSnapshot,
+        delta: &Delta,
+        new: &NodeSnapshot,
+    ) -> Result<(), BackendError> {
         self.enforce("delta", new, Some(delta.entries()))
     }
 

@@ -25,7 +25,10 @@ fn snapshots(index: &Index) -> BTreeMap<Arc<str>, NodeSnapshot> {
 
 #[test]
 fn applying_a_diff_reproduces_the_new_snapshot() {
-    let seed: u64 = std::env::var("MOAT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seed: u64 = std::env::var("MOAT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     let mut features = Features::default();
     let mut deltas = 0;
     for case in 0..400u64 {
@@ -37,7 +40,9 @@ fn applying_a_diff_reproduces_the_new_snapshot() {
             world.mutate(&mut rng, &mut features, false);
             index.reset(parse_all(&world.objects()));
             for (node, new) in snapshots(&index) {
-                let Some(old) = before.get(&node) else { continue };
+                let Some(old) = before.get(&node) else {
+                    continue;
+                };
                 let d = delta::diff(old, &new);
                 let got = delta::apply(old, &d).unwrap_or_else(|e| panic!("case {case}: {e}"));
                 assert_eq!(got, new, "case {case} node {node}");
@@ -70,21 +75,35 @@ fn refuses_the_wrong_base_and_wrong_results() {
     // Against a base with another version or digest.
     let mut other = a.clone();
     other.version += 1;
-    assert!(matches!(delta::apply(&other, &d), Err(DeltaError::WrongBase { .. })));
+    assert!(matches!(
+        delta::apply(&other, &d),
+        Err(DeltaError::WrongBase { .. })
+    ));
     // A delta that announces a digest its content doesn't have.
     let mut lying = d.clone();
     lying.version.digest = Digest([7; 32]);
-    assert!(matches!(delta::apply(&a, &lying), Err(DeltaError::Digest { .. })));
+    assert!(matches!(
+        delta::apply(&a, &lying),
+        Err(DeltaError::Digest { .. })
+    ));
     // A delta removing something the base lacks.
     let mut bogus = d.clone();
     bogus.remove_rules.push(moat_policy::ir::RuleId(42));
-    assert!(matches!(delta::apply(&a, &bogus), Err(DeltaError::Missing { .. })));
+    assert!(matches!(
+        delta::apply(&a, &bogus),
+        Err(DeltaError::Missing { .. })
+    ));
     assert_eq!(delta::apply(&a, &d).unwrap(), b);
 }
 
 #[test]
 fn a_one_pod_change_is_a_small_delta() {
-    let scale = Scale { nodes: 50, namespaces: 10, pods: 2_000, policies: 100 };
+    let scale = Scale {
+        nodes: 50,
+        namespaces: 10,
+        pods: 2_000,
+        policies: 100,
+    };
     let mut objects = Vec::new();
     synthetic::generate(scale, 1, |o| objects.push(o));
     let mut index = Index::build(parse_all(&objects));
@@ -105,7 +124,12 @@ fn a_one_pod_change_is_a_small_delta() {
     for (node, new) in snapshots(&index) {
         let old = &before[&node];
         let d = delta::diff(old, &new);
-        assert!(d.entries() <= 4, "{node}: {} entries for one new pod (snapshot has {})", d.entries(), new.size().total());
+        assert!(
+            d.entries() <= 4,
+            "{node}: {} entries for one new pod (snapshot has {})",
+            d.entries(),
+            new.size().total()
+        );
         assert!(new.size().total() > 100 * d.entries());
     }
 }

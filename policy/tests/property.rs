@@ -170,17 +170,34 @@ fn index_objects_round_trip_through_the_evaluator() {
         let world = World::generate(&mut rng, &mut features);
         let original = eval::Cluster::from_objects(world.objects());
         let index = Index::build(parse_all(&world.objects()));
-        let rendered = eval::Cluster::from_objects(index.objects().iter().map(model::render::to_k8s));
+        let rendered =
+            eval::Cluster::from_objects(index.objects().iter().map(model::render::to_k8s));
         let again = Index::build(parse_all(&rendered_objects(&index)));
-        let d1: Vec<_> = index.nodes().into_iter().map(|n| (n.node, n.digest)).collect();
-        let d2: Vec<_> = again.nodes().into_iter().map(|n| (n.node, n.digest)).collect();
-        assert_eq!(d1, d2, "case {case} (MOAT_SEED={seed}): re-parsed objects compile differently");
+        let d1: Vec<_> = index
+            .nodes()
+            .into_iter()
+            .map(|n| (n.node, n.digest))
+            .collect();
+        let d2: Vec<_> = again
+            .nodes()
+            .into_iter()
+            .map(|n| (n.node, n.digest))
+            .collect();
+        assert_eq!(
+            d1, d2,
+            "case {case} (MOAT_SEED={seed}): re-parsed objects compile differently"
+        );
         let addrs = world.addresses();
         for _ in 0..200 {
             let src = *addrs.choose(&mut rng).expect("addresses");
             let dst = *addrs.choose(&mut rng).expect("addresses");
             let (proto, port) = *PROBES.choose(&mut rng).expect("probes");
-            let f = Flow { src, dst, proto, port };
+            let f = Flow {
+                src,
+                dst,
+                proto,
+                port,
+            };
             assert_eq!(
                 eval::verdict(&original, &f).allowed,
                 eval::verdict(&rendered, &f).allowed,

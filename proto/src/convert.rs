@@ -6,8 +6,8 @@ use std::sync::Arc;
 use moat_policy::ir::delta::{Delta, GroupPatch, VersionRef};
 use moat_policy::ir::digest::Digest;
 use moat_policy::ir::{
-    self, Action, AddrPort, Direction, DirectionRules, Endpoint, EndpointId, Group, GroupId, Members, NodeSnapshot,
-    Peers, PortRange, Ports, Rule, RuleId, Tier,
+    self, Action, AddrPort, Direction, DirectionRules, Endpoint, EndpointId, Group, GroupId,
+    Members, NodeSnapshot, Peers, PortRange, Ports, Rule, RuleId, Tier,
 };
 use moat_policy::model::{Cidr, Protocol};
 
@@ -64,8 +64,12 @@ pub fn addr_bytes(a: &IpAddr) -> Vec<u8> {
 
 pub fn addr(what: &'static str, b: &[u8]) -> Result<IpAddr> {
     match b.len() {
-        4 => Ok(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).expect("4 bytes")))),
-        16 => Ok(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes")))),
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(b).expect("4 bytes"),
+        ))),
+        16 => Ok(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(b).expect("16 bytes"),
+        ))),
         n => Err(ConvertError::Addr(what, n)),
     }
 }
@@ -203,16 +207,21 @@ impl ToProto for Rule {
 impl FromProto for Rule {
     type Proto = v1::Rule;
     fn from_proto(p: &v1::Rule) -> Result<Self> {
-        let direction = match v1::Direction::try_from(p.direction).map_err(|_| ConvertError::Enum("direction", p.direction))? {
+        let direction = match v1::Direction::try_from(p.direction)
+            .map_err(|_| ConvertError::Enum("direction", p.direction))?
+        {
             v1::Direction::Ingress => Direction::Ingress,
             v1::Direction::Egress => Direction::Egress,
         };
-        let tier = match v1::Tier::try_from(p.tier).map_err(|_| ConvertError::Enum("tier", p.tier))? {
-            v1::Tier::Admin => Tier::Admin,
-            v1::Tier::NetworkPolicy => Tier::NetworkPolicy,
-            v1::Tier::Baseline => Tier::Baseline,
-        };
-        let action = match v1::Action::try_from(p.action).map_err(|_| ConvertError::Enum("action", p.action))? {
+        let tier =
+            match v1::Tier::try_from(p.tier).map_err(|_| ConvertError::Enum("tier", p.tier))? {
+                v1::Tier::Admin => Tier::Admin,
+                v1::Tier::NetworkPolicy => Tier::NetworkPolicy,
+                v1::Tier::Baseline => Tier::Baseline,
+            };
+        let action = match v1::Action::try_from(p.action)
+            .map_err(|_| ConvertError::Enum("action", p.action))?
+        {
             v1::Action::Allow => Action::Allow,
             v1::Action::Deny => Action::Deny,
             v1::Action::Pass => Action::Pass,
@@ -225,7 +234,9 @@ impl FromProto for Rule {
             g.dedup();
             Peers::Groups(g)
         };
-        let ports = match v1::PortsKind::try_from(p.ports).map_err(|_| ConvertError::Enum("ports", p.ports))? {
+        let ports = match v1::PortsKind::try_from(p.ports)
+            .map_err(|_| ConvertError::Enum("ports", p.ports))?
+        {
             v1::PortsKind::AnyPort => Ports::Any,
             v1::PortsKind::FromGroups => Ports::FromGroups,
             v1::PortsKind::Ranges => {
@@ -326,10 +337,18 @@ impl FromProto for Group {
     type Proto = v1::Group;
     fn from_proto(p: &v1::Group) -> Result<Self> {
         use v1::group::Members as M;
-        let members = match p.members.as_ref().ok_or(ConvertError::Missing("group members"))? {
+        let members = match p
+            .members
+            .as_ref()
+            .ok_or(ConvertError::Missing("group members"))?
+        {
             M::Addrs(a) => Members::Addrs(sorted_unique(addrs("group member", &a.addrs)?, p.id)?),
             M::Block(b) => {
-                let mut except = b.except.iter().map(|c| cidr(&Some(c.clone()))).collect::<Result<Vec<_>>>()?;
+                let mut except = b
+                    .except
+                    .iter()
+                    .map(|c| cidr(&Some(c.clone())))
+                    .collect::<Result<Vec<_>>>()?;
                 except.sort_unstable();
                 except.dedup();
                 Members::Block {
@@ -362,8 +381,16 @@ impl ToProto for NodeSnapshot {
 
 /// A full snapshot from the wire. The caller checks the digest (`content_digest`) against
 /// the announced one before enforcing anything.
-pub fn snapshot_from_proto(node: &str, version: &VersionRef, c: &v1::NodeContent) -> Result<NodeSnapshot> {
-    let mut endpoints = c.endpoints.iter().map(Endpoint::from_proto).collect::<Result<Vec<_>>>()?;
+pub fn snapshot_from_proto(
+    node: &str,
+    version: &VersionRef,
+    c: &v1::NodeContent,
+) -> Result<NodeSnapshot> {
+    let mut endpoints = c
+        .endpoints
+        .iter()
+        .map(Endpoint::from_proto)
+        .collect::<Result<Vec<_>>>()?;
     endpoints.sort_by_key(|e| e.id);
     if let Some(w) = endpoints.windows(2).find(|w| w[0].id == w[1].id) {
         return Err(ConvertError::Duplicate("endpoint", w[0].id.0));
@@ -446,7 +473,11 @@ pub fn delta_to_proto(d: &Delta) -> v1::Delta {
 
 pub fn delta_from_proto(p: &v1::Delta) -> Result<Delta> {
     let base = VersionRef::from_proto(p.base.as_ref().ok_or(ConvertError::Missing("delta base"))?)?;
-    let version = VersionRef::from_proto(p.version.as_ref().ok_or(ConvertError::Missing("delta version"))?)?;
+    let version = VersionRef::from_proto(
+        p.version
+            .as_ref()
+            .ok_or(ConvertError::Missing("delta version"))?,
+    )?;
     let mut patch_groups = Vec::new();
     for g in &p.patch_groups {
         let has_addrs = g.add_addrs.is_some() || g.remove_addrs.is_some();
@@ -454,12 +485,21 @@ pub fn delta_from_proto(p: &v1::Delta) -> Result<Delta> {
         patch_groups.push(match (has_addrs, has_ports) {
             (true, false) => GroupPatch::Addrs {
                 id: GroupId(g.id),
-                add: sorted_unique(addrs("patch", &g.add_addrs.clone().unwrap_or_default().addrs)?, g.id)?,
-                remove: sorted_unique(addrs("patch", &g.remove_addrs.clone().unwrap_or_default().addrs)?, g.id)?,
+                add: sorted_unique(
+                    addrs("patch", &g.add_addrs.clone().unwrap_or_default().addrs)?,
+                    g.id,
+                )?,
+                remove: sorted_unique(
+                    addrs("patch", &g.remove_addrs.clone().unwrap_or_default().addrs)?,
+                    g.id,
+                )?,
             },
             (false, true) => {
                 let items = |x: &Option<v1::AddrPorts>| -> Result<Vec<AddrPort>> {
-                    x.iter().flat_map(|a| a.items.iter()).map(addr_port).collect()
+                    x.iter()
+                        .flat_map(|a| a.items.iter())
+                        .map(addr_port)
+                        .collect()
                 };
                 GroupPatch::AddrPorts {
                     id: GroupId(g.id),
@@ -481,7 +521,11 @@ pub fn delta_from_proto(p: &v1::Delta) -> Result<Delta> {
         } else {
             None
         },
-        upsert_endpoints: p.upsert_endpoints.iter().map(Endpoint::from_proto).collect::<Result<_>>()?,
+        upsert_endpoints: p
+            .upsert_endpoints
+            .iter()
+            .map(Endpoint::from_proto)
+            .collect::<Result<_>>()?,
         remove_endpoints: p.remove_endpoints.iter().copied().map(EndpointId).collect(),
         add_rules: p
             .add_rules

@@ -32,10 +32,17 @@ impl Identity {
     pub fn from_uri(uri: &str) -> Option<Identity> {
         let rest = uri.strip_prefix(PREFIX)?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let ok = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        };
         match parts.as_slice() {
             ["cluster", c, "node", n] if ok(c) && ok(n) => Some(Identity::node(c, n)),
-            ["admin", name] if ok(name) => Some(Identity::Admin { name: name.to_string() }),
+            ["admin", name] if ok(name) => Some(Identity::Admin {
+                name: name.to_string(),
+            }),
             _ => None,
         }
     }
@@ -56,7 +63,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_lookalikes() {
-        for id in [Identity::node("prod", "node-1.example"), Identity::Admin { name: "ops".into() }] {
+        for id in [
+            Identity::node("prod", "node-1.example"),
+            Identity::Admin { name: "ops".into() },
+        ] {
             assert_eq!(Identity::from_uri(&id.uri()), Some(id));
         }
         for bad in [

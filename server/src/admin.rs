@@ -33,7 +33,9 @@ impl AdminService {
             other => {
                 self.hub.metrics.refused("not-an-admin");
                 warn!(peer = ?req.remote_addr(), identity = %other, "refused an admin call from a non-admin certificate");
-                Err(Status::permission_denied("the admin API needs an admin certificate"))
+                Err(Status::permission_denied(
+                    "the admin API needs an admin certificate",
+                ))
             }
         }
     }
@@ -43,7 +45,9 @@ impl AdminService {
             let mut all = self.hub.clusters();
             return match (all.next(), all.next()) {
                 (Some(c), None) => Ok(c),
-                _ => Err(Status::invalid_argument("several clusters are served: name one")),
+                _ => Err(Status::invalid_argument(
+                    "several clusters are served: name one",
+                )),
             };
         }
         self.hub
@@ -54,12 +58,20 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl v1::admin_server::Admin for AdminService {
-    async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
         self.authorize(&req)?;
         // Every node the source published is in the view, connected or not.
         let mut nodes = self.hub.fleet.view(None);
         nodes.sort_by(|a, b| (&a.cluster, &a.node).cmp(&(&b.cluster, &b.node)));
-        let generation = self.hub.clusters().map(|c| c.read(|i| i.generation())).max().unwrap_or(0);
+        let generation = self
+            .hub
+            .clusters()
+            .map(|c| c.read(|i| i.generation()))
+            .max()
+            .unwrap_or(0);
         let synced = self.hub.clusters().all(|c| c.is_synced());
         Ok(Response::new(v1::StatusResponse {
             nodes,
@@ -77,7 +89,9 @@ impl v1::admin_server::Admin for AdminService {
         let cluster = self.cluster(&r.cluster)?;
         let span = cluster
             .read(|i| i.policy_span(&r.namespace, &r.name))
-            .ok_or_else(|| Status::not_found(format!("no NetworkPolicy {}/{}", r.namespace, r.name)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("no NetworkPolicy {}/{}", r.namespace, r.name))
+            })?;
         Ok(Response::new(v1::PolicyStatusResponse {
             cluster: cluster.name.to_string(),
             namespace: r.namespace,
@@ -87,7 +101,10 @@ impl v1::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn explain(&self, req: Request<v1::ExplainRequest>) -> Result<Response<v1::ExplainResponse>, Status> {
+    async fn explain(
+        &self,
+        req: Request<v1::ExplainRequest>,
+    ) -> Result<Response<v1::ExplainResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
         let cluster = self.cluster(&r.cluster)?;
@@ -100,17 +117,27 @@ impl v1::admin_server::Admin for AdminService {
             "ipv6" => Some(true),
             f => return Err(Status::invalid_argument(format!("family {f:?}"))),
         };
-        let (src, dst) = lookup::pick(&src, &dst, v6)
-            .ok_or_else(|| Status::invalid_argument("the two ends have no address of a common family"))?;
+        let (src, dst) = lookup::pick(&src, &dst, v6).ok_or_else(|| {
+            Status::invalid_argument("the two ends have no address of a common family")
+        })?;
         let proto = u8::try_from(r.protocol).map_err(|_| Status::invalid_argument("protocol"))?;
         let port = u16::try_from(r.port).map_err(|_| Status::invalid_argument("port"))?;
         let c = eval::Cluster::from_objects(objects.iter().map(render::to_k8s));
-        let verdict = eval::verdict(&c, &Flow { src, dst, proto, port });
+        let verdict = eval::verdict(
+            &c,
+            &Flow {
+                src,
+                dst,
+                proto,
+                port,
+            },
+        );
         Ok(Response::new(v1::ExplainResponse {
             allowed: verdict.allowed,
             from_ip: src.to_string(),
             to_ip: dst.to_string(),
-            verdict_json: serde_json::to_string(&verdict).map_err(|e| Status::internal(e.to_string()))?,
+            verdict_json: serde_json::to_string(&verdict)
+                .map_err(|e| Status::internal(e.to_string()))?,
         }))
     }
 }

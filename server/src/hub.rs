@@ -55,7 +55,11 @@ impl ClusterState {
 
     /// Applies one source event (a synchronous step under the write lock). On the first
     /// `Reset`, versions of unchanged nodes are carried over from `previous` (the store).
-    pub fn apply(&self, ev: SourceEvent, previous: impl Fn(&str) -> Option<(u64, Digest)>) -> Changes {
+    pub fn apply(
+        &self,
+        ev: SourceEvent,
+        previous: impl Fn(&str) -> Option<(u64, Digest)>,
+    ) -> Changes {
         let mut idx = self.index.write().expect("index lock");
         match ev {
             SourceEvent::Reset(objects) => {
@@ -83,11 +87,20 @@ impl ClusterState {
                 at: now,
                 exists: true,
             };
-            fleet.published(&self.name, &u.node, VersionRef { version: u.version, digest: u.digest }, now);
+            fleet.published(
+                &self.name,
+                &u.node,
+                VersionRef {
+                    version: u.version,
+                    digest: u.digest,
+                },
+                now,
+            );
             match nodes.get(&u.node) {
                 Some(tx) => {
                     tx.send_if_modified(|cur| {
-                        let changed = (cur.version, cur.digest) != (p.version, p.digest) || !cur.exists;
+                        let changed =
+                            (cur.version, cur.digest) != (p.version, p.digest) || !cur.exists;
                         if changed {
                             *cur = p.clone();
                         }
@@ -107,7 +120,8 @@ impl ClusterState {
             fleet.removed(&self.name, r);
         }
         drop(nodes);
-        self.synced.send_if_modified(|s| !std::mem::replace(s, true));
+        self.synced
+            .send_if_modified(|s| !std::mem::replace(s, true));
     }
 
     pub fn synced(&self) -> watch::Receiver<bool> {
@@ -119,12 +133,20 @@ impl ClusterState {
     }
 
     pub fn subscribe(&self, node: &str) -> Option<watch::Receiver<Published>> {
-        self.nodes.lock().expect("publish lock").get(node).map(|tx| tx.subscribe())
+        self.nodes
+            .lock()
+            .expect("publish lock")
+            .get(node)
+            .map(|tx| tx.subscribe())
     }
 
     /// The node's current snapshot; its version may be newer than what a receiver last saw.
     pub fn snapshot(&self, node: &str) -> Option<Arc<NodeSnapshot>> {
-        self.index.read().expect("index lock").snapshot(node).map(Arc::new)
+        self.index
+            .read()
+            .expect("index lock")
+            .snapshot(node)
+            .map(Arc::new)
     }
 
     pub fn remember_sent(&self, snap: &Arc<NodeSnapshot>) {
@@ -164,7 +186,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(clusters: Vec<Arc<ClusterState>>, fleet: Arc<Fleet>, store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        clusters: Vec<Arc<ClusterState>>,
+        fleet: Arc<Fleet>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let writer = Writer::spawn(store.clone());
         Arc::new(Self {
             clusters: clusters.into_iter().map(|c| (c.name.clone(), c)).collect(),
@@ -185,7 +212,12 @@ impl Hub {
 
     /// A delta base: the node's snapshot with exactly this version and digest, from memory
     /// or from the store (after a restart).
-    pub fn base(&self, cluster: &ClusterState, node: &str, v: &VersionRef) -> Option<Arc<NodeSnapshot>> {
+    pub fn base(
+        &self,
+        cluster: &ClusterState,
+        node: &str,
+        v: &VersionRef,
+    ) -> Option<Arc<NodeSnapshot>> {
         if v.version == 0 {
             return None;
         }
@@ -203,7 +235,10 @@ impl Hub {
 
     /// Records what a stream saw, and persists what must survive a restart.
     pub fn stream_event(&self, cluster: &str, node: &str, ev: StreamEvent) {
-        if let StreamEvent::Acked { snapshot: Some(s), .. } = &ev {
+        if let StreamEvent::Acked {
+            snapshot: Some(s), ..
+        } = &ev
+        {
             self.writer.acked(cluster, s.clone());
         }
         if let Some(status) = self.fleet.event(cluster, node, ev)
@@ -214,10 +249,13 @@ impl Hub {
     }
 }
 
+/// (cluster, node).
+pub type NodeKey = (Arc<str>, Arc<str>);
+
 /// Persists acknowledged snapshots in the background, newest per node only, so a burst of
 /// acknowledgements never waits on the disk.
 struct Writer {
-    pending: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<NodeSnapshot>>>,
+    pending: Mutex<HashMap<NodeKey, Arc<NodeSnapshot>>>,
     wake: Notify,
 }
 
@@ -242,6 +280,11 @@ impl Writer {
                     Ok::<_, crate::store::Error>(())
                 })
                 .await;
+                // Durable before the next batch: a crash loses at most what is in flight, and
+                // then the node gets a full snapshot instead of a delta, nothing worse.
+                if let Err(e) = store.flush().await {
+                    warn!(error = %e, "cannot flush the state store");
+                }
                 match res {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => warn!(error = %e, "cannot persist acknowledged snapshots"),

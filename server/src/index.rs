@@ -39,9 +39,17 @@ pub async fn run(
         metrics.compile_seconds.observe(t.elapsed().as_secs_f64());
         metrics.generation.set(changes.generation as i64);
         if first {
-            info!(generation = changes.generation, nodes = changes.updated.len(), "{what}");
+            info!(
+                generation = changes.generation,
+                nodes = changes.updated.len(),
+                "{what}"
+            );
         } else {
-            debug!(generation = changes.generation, nodes = changes.updated.len(), "{what}");
+            debug!(
+                generation = changes.generation,
+                nodes = changes.updated.len(),
+                "{what}"
+            );
         }
         // Nothing is published before the first full sync: an empty cache must never look
         // like "no policies" to a node.

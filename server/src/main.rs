@@ -45,7 +45,11 @@ struct Args {
     #[arg(long, env = "MOAT_TLS_CERT", default_value = ".moat/certs/server.pem")]
     tls_cert: PathBuf,
     /// This server's private key (PEM).
-    #[arg(long, env = "MOAT_TLS_KEY", default_value = ".moat/certs/server-key.pem")]
+    #[arg(
+        long,
+        env = "MOAT_TLS_KEY",
+        default_value = ".moat/certs/server-key.pem"
+    )]
     tls_key: PathBuf,
     /// Seconds between checks of the TLS files for rotation.
     #[arg(long, env = "MOAT_TLS_RELOAD_SECONDS", default_value_t = 2)]
@@ -96,7 +100,9 @@ async fn main() -> Result<()> {
     } = args;
     moat_telemetry::init_logging(&log)?;
     if insecure_dev_plaintext {
-        warn!("!!! --insecure-dev-plaintext: NO TLS, NO AUTHENTICATION. Any process that can reach {listen} may read any node's rules and act as admin. Development only. !!!");
+        warn!(
+            "!!! --insecure-dev-plaintext: NO TLS, NO AUTHENTICATION. Any process that can reach {listen} may read any node's rules and act as admin. Development only. !!!"
+        );
     }
 
     let (tx, rx) = mpsc::channel(64);
@@ -108,31 +114,55 @@ async fn main() -> Result<()> {
     if once {
         let cluster = ClusterState::new(&cluster, 0);
         let fleet = Arc::new(Fleet::default());
-        moat_server::index::run(rx, cluster, fleet, Arc::new(Metrics::default()), HashMap::new(), |c, i, first| {
-            print_changes(c, i, first);
-            std::process::exit(0);
-        })
+        moat_server::index::run(
+            rx,
+            cluster,
+            fleet,
+            Arc::new(Metrics::default()),
+            HashMap::new(),
+            |c, i, first| {
+                print_changes(c, i, first);
+                std::process::exit(0);
+            },
+        )
         .await;
         bail!("the source ended before its first full sync");
     }
 
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-    let store = Store::open(&state_dir, history).with_context(|| format!("opening the state store in {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let store = Store::open(&state_dir, history)
+        .with_context(|| format!("opening the state store in {}", state_dir.display()))?;
     let saved = store.statuses()?;
     let previous = Fleet::saved_published(&saved, &cluster);
     let fleet = Arc::new(Fleet::default());
     fleet.restore(saved);
     let metrics = Arc::new(Metrics::default());
-    info!(reserved = store.reserved(), nodes = previous.len(), "state loaded");
+    info!(
+        reserved = store.reserved(),
+        nodes = previous.len(),
+        "state loaded"
+    );
 
     let cluster_state = ClusterState::new(&cluster, store.reserved());
-    let hub = Hub::new(vec![cluster_state.clone()], fleet.clone(), store.clone(), metrics.clone());
+    let hub = Hub::new(
+        vec![cluster_state.clone()],
+        fleet.clone(),
+        store.clone(),
+        metrics.clone(),
+    );
 
     // Health: SERVING once the source's first full sync is in.
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status("moat.sync.v1.PolicySync", ServingStatus::NotServing).await;
-    let health_listener = tokio::net::TcpListener::bind(health_addr).await.with_context(|| format!("--health-addr {health_addr}"))?;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("moat.sync.v1.PolicySync", ServingStatus::NotServing)
+        .await;
+    let health_listener = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .with_context(|| format!("--health-addr {health_addr}"))?;
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_svc)
@@ -144,19 +174,28 @@ async fn main() -> Result<()> {
         .with_context(|| format!("--metrics-addr {metrics_addr}"))?;
     info!(health = %health_addr, metrics = %bound, "probe endpoints up");
 
-    let index_task = moat_server::index::run(rx, cluster_state.clone(), fleet, metrics.clone(), previous, {
-        let health = health.clone();
-        move |c, i, first| {
-            print_changes(c, i, first);
-            if first {
-                let health = health.clone();
-                tokio::spawn(async move {
-                    health.set_service_status("", ServingStatus::Serving).await;
-                    health.set_service_status("moat.sync.v1.PolicySync", ServingStatus::Serving).await;
-                });
+    let index_task = moat_server::index::run(
+        rx,
+        cluster_state.clone(),
+        fleet,
+        metrics.clone(),
+        previous,
+        {
+            let health = health.clone();
+            move |c, i, first| {
+                print_changes(c, i, first);
+                if first {
+                    let health = health.clone();
+                    tokio::spawn(async move {
+                        health.set_service_status("", ServingStatus::Serving).await;
+                        health
+                            .set_service_status("moat.sync.v1.PolicySync", ServingStatus::Serving)
+                            .await;
+                    });
+                }
             }
-        }
-    })
+        },
+    )
     .instrument(tracing::info_span!("index"));
     tokio::spawn(index_task);
 
@@ -164,9 +203,13 @@ async fn main() -> Result<()> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(SyncService::new(hub.clone(), shutdown_rx.clone(), insecure_dev_plaintext).svc())
+        .add_service(
+            SyncService::new(hub.clone(), shutdown_rx.clone(), insecure_dev_plaintext).svc(),
+        )
         .add_service(AdminService::new(hub.clone(), insecure_dev_plaintext).svc());
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen {listen}"))?;
     info!(%listen, tls = !insecure_dev_plaintext, "serving sync and admin");
     let shutdown = async move {
         shutdown_signal().await;
@@ -201,7 +244,8 @@ async fn main() -> Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -218,7 +262,12 @@ fn print_changes(changes: &Changes, idx: &Index, first: bool) {
     };
     nodes.sort();
     if first {
-        let _ = writeln!(out, "synced generation={} nodes={}", changes.generation, nodes.len());
+        let _ = writeln!(
+            out,
+            "synced generation={} nodes={}",
+            changes.generation,
+            nodes.len()
+        );
     }
     for name in nodes {
         if let Some(s) = idx.snapshot(&name) {

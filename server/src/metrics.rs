@@ -44,21 +44,45 @@ impl Default for Metrics {
             refused: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connected_enforcers", "Enforcer streams open now", m.connected.clone());
-        registry.register("generation", "Newest version the compiler produced", m.generation.clone());
-        registry.register("compile_seconds", "Time to apply one source event to the index", m.compile_seconds.clone());
+        registry.register(
+            "connected_enforcers",
+            "Enforcer streams open now",
+            m.connected.clone(),
+        );
+        registry.register(
+            "generation",
+            "Newest version the compiler produced",
+            m.generation.clone(),
+        );
+        registry.register(
+            "compile_seconds",
+            "Time to apply one source event to the index",
+            m.compile_seconds.clone(),
+        );
         registry.register("messages", "Messages sent to enforcers", m.messages.clone());
-        registry.register("sent_bytes", "Encoded bytes sent to enforcers", m.bytes_sent.clone());
+        registry.register(
+            "sent_bytes",
+            "Encoded bytes sent to enforcers",
+            m.bytes_sent.clone(),
+        );
         registry.register("acks", "Versions acknowledged by enforcers", m.acks.clone());
         registry.register("nacks", "Versions rejected by enforcers", m.nacks.clone());
-        registry.register("refused", "Connections and streams refused", m.refused.clone());
+        registry.register(
+            "refused",
+            "Connections and streams refused",
+            m.refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
     pub fn refused(&self, reason: &str) {
-        self.refused.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn sent(&self, kind: &str, bytes: usize) {
@@ -69,7 +93,8 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String");
         s
     }
 }

@@ -12,6 +12,7 @@ use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::VersionRef;
 use moat_proto::v1;
 
+use crate::hub::NodeKey;
 use crate::store::{self, StoredStatus};
 
 /// How many published versions per node are remembered for lag and policy accounting.
@@ -54,11 +55,12 @@ struct NodeState {
 
 #[derive(Default)]
 pub struct Fleet {
-    nodes: Mutex<BTreeMap<(Arc<str>, Arc<str>), NodeState>>,
+    nodes: Mutex<BTreeMap<NodeKey, NodeState>>,
 }
 
 fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Fleet {
@@ -86,11 +88,19 @@ impl Fleet {
     }
 
     /// What a node was last published as before a restart (for version continuity).
-    pub fn saved_published(saved: &[(String, String, StoredStatus)], cluster: &str) -> HashMap<String, (u64, moat_policy::ir::digest::Digest)> {
+    pub fn saved_published(
+        saved: &[(String, String, StoredStatus)],
+        cluster: &str,
+    ) -> HashMap<String, (u64, moat_policy::ir::digest::Digest)> {
         saved
             .iter()
             .filter(|(c, _, _)| c == cluster)
-            .filter_map(|(_, n, s)| Some((n.clone(), (s.published_version, store::digest_of(&s.published_digest)?))))
+            .filter_map(|(_, n, s)| {
+                Some((
+                    n.clone(),
+                    (s.published_version, store::digest_of(&s.published_digest)?),
+                ))
+            })
             .filter(|(_, (v, _))| *v > 0)
             .collect()
     }
@@ -108,13 +118,18 @@ impl Fleet {
     }
 
     pub fn removed(&self, cluster: &Arc<str>, node: &Arc<str>) {
-        self.nodes.lock().expect("fleet lock").remove(&(cluster.clone(), node.clone()));
+        self.nodes
+            .lock()
+            .expect("fleet lock")
+            .remove(&(cluster.clone(), node.clone()));
     }
 
     /// Applies a stream event; returns the record to persist, if it changed durably.
     pub fn event(&self, cluster: &str, node: &str, ev: StreamEvent) -> Option<StoredStatus> {
         let mut nodes = self.nodes.lock().expect("fleet lock");
-        let n = nodes.entry((Arc::from(cluster), Arc::from(node))).or_default();
+        let n = nodes
+            .entry((Arc::from(cluster), Arc::from(node)))
+            .or_default();
         match ev {
             StreamEvent::Connected { backend, kernel } => {
                 n.streams += 1;
@@ -152,7 +167,12 @@ impl Fleet {
     }
 
     pub fn connected(&self) -> usize {
-        self.nodes.lock().expect("fleet lock").values().filter(|n| n.streams > 0).count()
+        self.nodes
+            .lock()
+            .expect("fleet lock")
+            .values()
+            .filter(|n| n.streams > 0)
+            .count()
     }
 
     /// Every node of `cluster` (or of every cluster), as the admin API reports it.
@@ -164,12 +184,16 @@ impl Fleet {
             .filter(|((c, _), _)| cluster.is_none_or(|x| **c == *x))
             .map(|((c, node), n)| {
                 let latest = n.published.back().map(|(v, _)| *v);
-                let in_sync = matches!((n.applied, latest), (Some(a), Some(l)) if a.digest == l.digest);
+                let in_sync =
+                    matches!((n.applied, latest), (Some(a), Some(l)) if a.digest == l.digest);
                 let unapplied: Vec<&(VersionRef, SystemTime)> = if in_sync {
                     Vec::new()
                 } else {
                     let applied = n.applied.map_or(0, |a| a.version);
-                    n.published.iter().filter(|(v, _)| v.version > applied).collect()
+                    n.published
+                        .iter()
+                        .filter(|(v, _)| v.version > applied)
+                        .collect()
                 };
                 v1::NodeStatus {
                     cluster: c.to_string(),
@@ -181,9 +205,9 @@ impl Fleet {
                     latest_version: latest.map_or(0, |v| v.version),
                     in_sync,
                     lag_versions: unapplied.len() as u64,
-                    lag_seconds: unapplied
-                        .first()
-                        .map_or(0.0, |(_, at)| now.duration_since(*at).unwrap_or_default().as_secs_f64()),
+                    lag_seconds: unapplied.first().map_or(0.0, |(_, at)| {
+                        now.duration_since(*at).unwrap_or_default().as_secs_f64()
+                    }),
                     last_error: n.last_error.clone(),
                     last_ack_unix_micros: n.last_ack.map_or(0, micros),
                     applied_digest: n.applied.map(|a| a.digest.to_string()).unwrap_or_default(),

@@ -123,7 +123,10 @@ fn group_key(id: u64, members: &[u8; 32]) -> Vec<u8> {
 
 impl Store {
     pub fn open(path: &Path, retention: usize) -> Result<Arc<Store>> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let meta = db.open_tree("meta")?;
         let reserved = meta
             .get("reserved")?
@@ -172,10 +175,15 @@ impl Store {
         let mut out = Vec::new();
         for item in self.status.iter() {
             let (k, v) = item?;
-            let Some(i) = k.iter().position(|b| *b == 0) else { continue };
+            let Some(i) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
             let cluster = String::from_utf8_lossy(&k[..i]).into_owned();
             let node = String::from_utf8_lossy(&k[i + 1..]).into_owned();
-            let s = StoredStatus::decode(v.as_ref()).map_err(|source| Error::Decode { what: "status", source })?;
+            let s = StoredStatus::decode(v.as_ref()).map_err(|source| Error::Decode {
+                what: "status",
+                source,
+            })?;
             out.push((cluster, node, s));
         }
         Ok(out)
@@ -221,12 +229,18 @@ impl Store {
             }
         }
         drop(known);
-        self.snapshots
-            .insert(snap_key(cluster, &snap.node, snap.version), stored.encode_to_vec())?;
+        self.snapshots.insert(
+            snap_key(cluster, &snap.node, snap.version),
+            stored.encode_to_vec(),
+        )?;
         // Retention: keep the newest versions of this node.
         let mut prefix = key(cluster, &snap.node);
         prefix.push(0);
-        let keys: Vec<_> = self.snapshots.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
+        let keys: Vec<_> = self
+            .snapshots
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()?;
         if keys.len() > self.retention {
             for k in &keys[..keys.len() - self.retention] {
                 self.snapshots.remove(k)?;
@@ -240,22 +254,35 @@ impl Store {
         let Some(raw) = self.snapshots.get(snap_key(cluster, node, v.version))? else {
             return Ok(None);
         };
-        let s = StoredSnapshot::decode(raw.as_ref()).map_err(|source| Error::Decode { what: "snapshot", source })?;
+        let s = StoredSnapshot::decode(raw.as_ref()).map_err(|source| Error::Decode {
+            what: "snapshot",
+            source,
+        })?;
         if s.digest != v.digest.0 {
             return Ok(None);
         }
         let conv = |what| move |source| Error::Convert { what, source };
         let mut rules = Vec::with_capacity(s.rules.len());
         for id in &s.rules {
-            let Some(b) = self.rules.get(id.to_be_bytes())? else { return Ok(None) };
-            let p = v1::Rule::decode(b.as_ref()).map_err(|source| Error::Decode { what: "rule", source })?;
+            let Some(b) = self.rules.get(id.to_be_bytes())? else {
+                return Ok(None);
+            };
+            let p = v1::Rule::decode(b.as_ref()).map_err(|source| Error::Decode {
+                what: "rule",
+                source,
+            })?;
             rules.push(Arc::new(Rule::from_proto(&p).map_err(conv("rule"))?));
         }
         let mut groups = Vec::with_capacity(s.groups.len());
         for g in &s.groups {
             let h: [u8; 32] = g.members.as_slice().try_into().unwrap_or([0; 32]);
-            let Some(b) = self.groups.get(group_key(g.id, &h))? else { return Ok(None) };
-            let p = v1::Group::decode(b.as_ref()).map_err(|source| Error::Decode { what: "group", source })?;
+            let Some(b) = self.groups.get(group_key(g.id, &h))? else {
+                return Ok(None);
+            };
+            let p = v1::Group::decode(b.as_ref()).map_err(|source| Error::Decode {
+                what: "group",
+                source,
+            })?;
             groups.push(Arc::new(Group::from_proto(&p).map_err(conv("group"))?));
         }
         let content = v1::NodeContent {
@@ -280,7 +307,10 @@ impl Store {
         let mut rules = HashSet::new();
         let mut groups = HashSet::new();
         for v in self.snapshots.iter().values() {
-            let s = StoredSnapshot::decode(v?.as_ref()).map_err(|source| Error::Decode { what: "snapshot", source })?;
+            let s = StoredSnapshot::decode(v?.as_ref()).map_err(|source| Error::Decode {
+                what: "snapshot",
+                source,
+            })?;
             rules.extend(s.rules.iter().map(|r| r.to_be_bytes().to_vec()));
             for g in s.groups {
                 let h: [u8; 32] = g.members.as_slice().try_into().unwrap_or([0; 32]);
@@ -349,14 +379,20 @@ mod tests {
             let mut versions: Vec<_> = snaps.iter().map(|s| s.version).collect();
             versions.dedup();
             for s in &snaps {
-                let v = VersionRef { version: s.version, digest: s.digest };
+                let v = VersionRef {
+                    version: s.version,
+                    digest: s.digest,
+                };
                 let got = store.load("c", &node, &v).unwrap();
                 let recent = versions.iter().rev().take(2).any(|x| *x == s.version);
                 assert_eq!(got.is_some(), recent, "{node} v{}", s.version);
                 if let Some(g) = got {
                     assert_eq!(&g, s);
                 }
-                let wrong = VersionRef { version: s.version, digest: Digest([1; 32]) };
+                let wrong = VersionRef {
+                    version: s.version,
+                    digest: Digest([1; 32]),
+                };
                 assert!(store.load("c", &node, &wrong).unwrap().is_none());
             }
         }
@@ -373,6 +409,9 @@ mod tests {
             assert!(store.reserved() >= 5);
         }
         let store = Store::open(dir.path(), 2).unwrap();
-        assert!(store.reserved() >= 5, "a reopened store never hands out version 5 again");
+        assert!(
+            store.reserved() >= 5,
+            "a reopened store never hands out version 5 again"
+        );
     }
 }

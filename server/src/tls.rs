@@ -90,7 +90,8 @@ fn build(files: &TlsFiles, pems: &[Vec<u8>; 3]) -> Result<ServerConfig, Error> {
     for c in certs(&files.ca, &pems[0])? {
         roots.add(c)?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -124,7 +125,11 @@ impl Reloading {
     /// Rebuilds the config if any file changed. A broken new set of files is reported and
     /// the old config stays in use.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
-        let pems = [read(&self.files.ca)?, read(&self.files.cert)?, read(&self.files.key)?];
+        let pems = [
+            read(&self.files.ca)?,
+            read(&self.files.cert)?,
+            read(&self.files.key)?,
+        ];
         if *self.loaded.lock().expect("tls lock") == pems {
             return Ok(false);
         }
@@ -144,7 +149,9 @@ impl Reloading {
                 match me.reload_if_changed() {
                     Ok(true) => info!(cert = %me.files.cert.display(), "TLS certificates reloaded"),
                     Ok(false) => {}
-                    Err(e) => warn!(error = %e, "TLS files changed but cannot be loaded; keeping the previous ones"),
+                    Err(e) => {
+                        warn!(error = %e, "TLS files changed but cannot be loaded; keeping the previous ones")
+                    }
                 }
             }
         });
@@ -196,7 +203,8 @@ fn refuse(metrics: &Metrics, peer: SocketAddr, why: &str) {
 /// The Moat identity in a peer certificate and when the certificate expires.
 pub fn identity_of(der: &[u8]) -> Option<(Identity, SystemTime)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).ok()?);
+    let not_after = UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).ok()?);
     let san = cert.subject_alternative_name().ok()??;
     let mut ids = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) => Identity::from_uri(u),

@@ -22,7 +22,10 @@ pub fn init_logging(filter: &str) -> anyhow::Result<()> {
 
 /// Serves `GET /metrics` (Prometheus text format) on `addr` until the process ends.
 /// Returns the bound address (useful with port 0).
-pub async fn serve_metrics(addr: SocketAddr, encode: Arc<dyn Fn() -> String + Send + Sync>) -> anyhow::Result<SocketAddr> {
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    encode: Arc<dyn Fn() -> String + Send + Sync>,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new().route(
@@ -31,7 +34,10 @@ pub async fn serve_metrics(addr: SocketAddr, encode: Arc<dyn Fn() -> String + Se
             let encode = encode.clone();
             async move {
                 (
-                    [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     encode(),
                 )
             }

@@ -26,7 +26,9 @@ impl Index {
     pub fn adopt_versions(&mut self, previous: impl Fn(&str) -> Option<(u64, Digest)>) -> usize {
         let mut adopted = 0;
         for (_, node) in self.nodes.iter_mut() {
-            let Some((_, digest)) = node.published else { continue };
+            let Some((_, digest)) = node.published else {
+                continue;
+            };
             if let Some((v, d)) = previous(&node.name)
                 && d == digest
                 && v <= self.generation
@@ -73,7 +75,12 @@ impl Index {
             self.labels
                 .get(ls)
                 .iter()
-                .map(|(k, v)| (self.strings.resolve(*k).to_string(), self.strings.resolve(*v).to_string()))
+                .map(|(k, v)| {
+                    (
+                        self.strings.resolve(*k).to_string(),
+                        self.strings.resolve(*v).to_string(),
+                    )
+                })
                 .collect()
         };
         for (_, ns) in self.namespaces.iter().filter(|(_, ns)| ns.known) {

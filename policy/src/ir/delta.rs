@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::{Acc, Digest};
 use super::{
-    AddrPort, Endpoint, EndpointId, Group, GroupId, Members, NodeSnapshot, Rule, RuleId, addr_member,
-    addr_port_member, rule_hash,
+    AddrPort, Endpoint, EndpointId, Group, GroupId, Members, NodeSnapshot, Rule, RuleId,
+    addr_member, addr_port_member, rule_hash,
 };
 
 /// A version as the sync plane names it.
@@ -83,7 +83,11 @@ impl Delta {
             + self.remove_endpoints.len()
             + self.add_rules.len()
             + self.remove_rules.len()
-            + self.upsert_groups.iter().map(|g| 1 + g.len()).sum::<usize>()
+            + self
+                .upsert_groups
+                .iter()
+                .map(|g| 1 + g.len())
+                .sum::<usize>()
             + self.remove_groups.len()
             + self.patch_groups.iter().map(|p| 1 + p.len()).sum::<usize>()
     }
@@ -134,30 +138,45 @@ pub fn diff(old: &NodeSnapshot, new: &NodeSnapshot) -> Delta {
         remove_groups: Vec::new(),
         patch_groups: Vec::new(),
     };
-    merge(&old.endpoints, &new.endpoints, |e| e.id, |step| match step {
-        Step::Old(e) => d.remove_endpoints.push(e.id),
-        Step::New(e) => d.upsert_endpoints.push(e.clone()),
-        Step::Both(a, b) if a != b => d.upsert_endpoints.push(b.clone()),
-        Step::Both(..) => {}
-    });
-    merge(&old.rules, &new.rules, |r| r.id, |step| match step {
-        Step::Old(r) => d.remove_rules.push(r.id),
-        Step::New(r) => d.add_rules.push(r.clone()),
-        Step::Both(..) => {}
-    });
-    merge(&old.groups, &new.groups, |g| g.id, |step| match step {
-        Step::Old(g) => d.remove_groups.push(g.id),
-        Step::New(g) => d.upsert_groups.push(g.clone()),
-        Step::Both(a, b) => {
-            if Arc::ptr_eq(a, b) || a.members == b.members {
-                return;
+    merge(
+        &old.endpoints,
+        &new.endpoints,
+        |e| e.id,
+        |step| match step {
+            Step::Old(e) => d.remove_endpoints.push(e.id),
+            Step::New(e) => d.upsert_endpoints.push(e.clone()),
+            Step::Both(a, b) if a != b => d.upsert_endpoints.push(b.clone()),
+            Step::Both(..) => {}
+        },
+    );
+    merge(
+        &old.rules,
+        &new.rules,
+        |r| r.id,
+        |step| match step {
+            Step::Old(r) => d.remove_rules.push(r.id),
+            Step::New(r) => d.add_rules.push(r.clone()),
+            Step::Both(..) => {}
+        },
+    );
+    merge(
+        &old.groups,
+        &new.groups,
+        |g| g.id,
+        |step| match step {
+            Step::Old(g) => d.remove_groups.push(g.id),
+            Step::New(g) => d.upsert_groups.push(g.clone()),
+            Step::Both(a, b) => {
+                if Arc::ptr_eq(a, b) || a.members == b.members {
+                    return;
+                }
+                match patch(a, b) {
+                    Some(p) if p.len() < b.len() => d.patch_groups.push(p),
+                    _ => d.upsert_groups.push(b.clone()),
+                }
             }
-            match patch(a, b) {
-                Some(p) if p.len() < b.len() => d.patch_groups.push(p),
-                _ => d.upsert_groups.push(b.clone()),
-            }
-        }
-    });
+        },
+    );
     d
 }
 
@@ -173,36 +192,52 @@ pub fn apply(base: &NodeSnapshot, d: &Delta) -> Result<NodeSnapshot, DeltaError>
             have_digest: base.digest,
         });
     }
-    let mut endpoints: HashMap<EndpointId, Endpoint> = base.endpoints.iter().map(|e| (e.id, e.clone())).collect();
+    let mut endpoints: HashMap<EndpointId, Endpoint> =
+        base.endpoints.iter().map(|e| (e.id, e.clone())).collect();
     for id in &d.remove_endpoints {
-        endpoints.remove(id).ok_or(DeltaError::Missing { what: "removes endpoint", id: id.0 })?;
+        endpoints.remove(id).ok_or(DeltaError::Missing {
+            what: "removes endpoint",
+            id: id.0,
+        })?;
     }
     for e in &d.upsert_endpoints {
         endpoints.insert(e.id, e.clone());
     }
-    let mut rules: HashMap<RuleId, Arc<Rule>> = base.rules.iter().map(|r| (r.id, r.clone())).collect();
+    let mut rules: HashMap<RuleId, Arc<Rule>> =
+        base.rules.iter().map(|r| (r.id, r.clone())).collect();
     for id in &d.remove_rules {
-        rules.remove(id).ok_or(DeltaError::Missing { what: "removes rule", id: id.0 })?;
+        rules.remove(id).ok_or(DeltaError::Missing {
+            what: "removes rule",
+            id: id.0,
+        })?;
     }
     for r in &d.add_rules {
         if rule_hash(r)[..8] != r.id.0.to_le_bytes() {
             return Err(DeltaError::RuleId(r.id.0));
         }
         if rules.insert(r.id, r.clone()).is_some() {
-            return Err(DeltaError::Duplicate { what: "rule", id: r.id.0 });
+            return Err(DeltaError::Duplicate {
+                what: "rule",
+                id: r.id.0,
+            });
         }
     }
-    let mut groups: HashMap<GroupId, Arc<Group>> = base.groups.iter().map(|g| (g.id, g.clone())).collect();
+    let mut groups: HashMap<GroupId, Arc<Group>> =
+        base.groups.iter().map(|g| (g.id, g.clone())).collect();
     for id in &d.remove_groups {
-        groups.remove(id).ok_or(DeltaError::Missing { what: "removes group", id: id.0 })?;
+        groups.remove(id).ok_or(DeltaError::Missing {
+            what: "removes group",
+            id: id.0,
+        })?;
     }
     for g in &d.upsert_groups {
         groups.insert(g.id, g.clone());
     }
     for p in &d.patch_groups {
-        let old = groups
-            .get(&p.id())
-            .ok_or(DeltaError::Missing { what: "patches group", id: p.id().0 })?;
+        let old = groups.get(&p.id()).ok_or(DeltaError::Missing {
+            what: "patches group",
+            id: p.id().0,
+        })?;
         let new = apply_patch(old, p)?;
         groups.insert(p.id(), Arc::new(new));
     }
@@ -210,7 +245,10 @@ pub fn apply(base: &NodeSnapshot, d: &Delta) -> Result<NodeSnapshot, DeltaError>
         node: base.node.clone(),
         version: d.version.version,
         digest: d.version.digest,
-        node_addrs: d.node_addrs.clone().unwrap_or_else(|| base.node_addrs.clone()),
+        node_addrs: d
+            .node_addrs
+            .clone()
+            .unwrap_or_else(|| base.node_addrs.clone()),
         endpoints: endpoints.into_values().collect(),
         rules: rules.into_values().collect(),
         groups: groups.into_values().collect(),
@@ -236,7 +274,10 @@ pub fn check_references(s: &NodeSnapshot) -> Result<(), DeltaError> {
     for e in &s.endpoints {
         for id in e.ingress.rules.iter().chain(&e.egress.rules) {
             if !rules.contains_key(id) {
-                return Err(DeltaError::Dangling { what: "rule", id: id.0 });
+                return Err(DeltaError::Dangling {
+                    what: "rule",
+                    id: id.0,
+                });
             }
         }
     }
@@ -244,7 +285,10 @@ pub fn check_references(s: &NodeSnapshot) -> Result<(), DeltaError> {
         if let super::Peers::Groups(ids) = &r.peers {
             for id in ids {
                 if !groups.contains(id) {
-                    return Err(DeltaError::Dangling { what: "group", id: id.0 });
+                    return Err(DeltaError::Dangling {
+                        what: "group",
+                        id: id.0,
+                    });
                 }
             }
         }
@@ -256,11 +300,19 @@ fn patch(a: &Group, b: &Group) -> Option<GroupPatch> {
     match (&a.members, &b.members) {
         (Members::Addrs(x), Members::Addrs(y)) => {
             let (add, remove) = sorted_diff(x, y);
-            Some(GroupPatch::Addrs { id: b.id, add, remove })
+            Some(GroupPatch::Addrs {
+                id: b.id,
+                add,
+                remove,
+            })
         }
         (Members::AddrPorts(x), Members::AddrPorts(y)) => {
             let (add, remove) = sorted_diff(x, y);
-            Some(GroupPatch::AddrPorts { id: b.id, add, remove })
+            Some(GroupPatch::AddrPorts {
+                id: b.id,
+                add,
+                remove,
+            })
         }
         _ => None,
     }
@@ -297,7 +349,12 @@ fn patched<T: Ord + Copy>(m: &[T], add: &[T], remove: &[T], id: u64) -> Result<V
             Ok(i) => {
                 v.remove(i);
             }
-            Err(_) => return Err(DeltaError::PatchMember { id, what: "removes" }),
+            Err(_) => {
+                return Err(DeltaError::PatchMember {
+                    id,
+                    what: "removes",
+                });
+            }
         }
     }
     for a in add {
@@ -348,7 +405,12 @@ enum Step<'a, T> {
 }
 
 /// Merge-joins two slices sorted by `key`.
-fn merge<'a, T, K: Ord>(old: &'a [T], new: &'a [T], key: impl Fn(&T) -> K, mut f: impl FnMut(Step<'a, T>)) {
+fn merge<'a, T, K: Ord>(
+    old: &'a [T],
+    new: &'a [T],
+    key: impl Fn(&T) -> K,
+    mut f: impl FnMut(Step<'a, T>),
+) {
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {
         match (old.get(i), new.get(j)) {

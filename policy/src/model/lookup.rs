@@ -15,7 +15,9 @@ pub fn addresses(objects: &[Object], who: &str) -> Result<Vec<IpAddr>, String> {
                 && n.name == node
             {
                 if n.addrs.is_empty() {
-                    return Err(format!("node {node} has no InternalIP or ExternalIP address"));
+                    return Err(format!(
+                        "node {node} has no InternalIP or ExternalIP address"
+                    ));
                 }
                 return Ok(n.addrs.clone());
             }

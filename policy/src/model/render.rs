@@ -4,7 +4,9 @@
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{K8sObject, Object, Op, Peer, PortSpec, Rule, Selector};
@@ -67,7 +69,12 @@ pub fn to_k8s(o: &Object) -> K8sObject {
             }),
             status: Some(core::PodStatus {
                 phase: Some(if p.terminal { "Succeeded" } else { "Running" }.into()),
-                pod_ips: Some(p.ips.iter().map(|ip| core::PodIP { ip: ip.to_string() }).collect()),
+                pod_ips: Some(
+                    p.ips
+                        .iter()
+                        .map(|ip| core::PodIP { ip: ip.to_string() })
+                        .collect(),
+                ),
                 ..Default::default()
             }),
         }),
@@ -150,7 +157,8 @@ fn peers(r: &Rule) -> Option<Vec<net::NetworkPolicyPeer>> {
                 Peer::Block(b) => net::NetworkPolicyPeer {
                     ip_block: Some(net::IPBlock {
                         cidr: b.cidr.to_string(),
-                        except: (!b.except.is_empty()).then(|| b.except.iter().map(ToString::to_string).collect()),
+                        except: (!b.except.is_empty())
+                            .then(|| b.except.iter().map(ToString::to_string).collect()),
                     }),
                     ..Default::default()
                 },

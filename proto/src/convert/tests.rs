@@ -9,7 +9,10 @@ use rand::rngs::SmallRng;
 use super::*;
 
 fn version(s: &NodeSnapshot) -> VersionRef {
-    VersionRef { version: s.version, digest: s.digest }
+    VersionRef {
+        version: s.version,
+        digest: s.digest,
+    }
 }
 
 #[test]
@@ -19,17 +22,28 @@ fn snapshots_and_deltas_round_trip() {
         let mut rng = SmallRng::seed_from_u64(case);
         let mut world = World::generate(&mut rng, &mut f);
         let mut index = Index::build(parse_all(&world.objects()));
-        let before: Vec<_> = index.nodes().iter().map(|n| index.snapshot(&n.node).unwrap()).collect();
+        let before: Vec<_> = index
+            .nodes()
+            .iter()
+            .map(|n| index.snapshot(&n.node).unwrap())
+            .collect();
         for s in &before {
             let wire = s.to_proto().encode_to_vec();
-            let back = snapshot_from_proto(&s.node, &version(s), &v1::NodeContent::decode(&*wire).unwrap()).unwrap();
+            let back = snapshot_from_proto(
+                &s.node,
+                &version(s),
+                &v1::NodeContent::decode(&*wire).unwrap(),
+            )
+            .unwrap();
             assert_eq!(&back, s);
             assert_eq!(back.content_digest(), s.digest);
         }
         world.mutate(&mut rng, &mut f, false);
         index.reset(parse_all(&world.objects()));
         for old in &before {
-            let Some(new) = index.snapshot(&old.node) else { continue };
+            let Some(new) = index.snapshot(&old.node) else {
+                continue;
+            };
             let d = delta::diff(old, &new);
             let wire = delta_to_proto(&d).encode_to_vec();
             let back = delta_from_proto(&v1::Delta::decode(&*wire).unwrap()).unwrap();
@@ -46,7 +60,13 @@ fn rejects_malformed_content() {
     let index = loop {
         let w = World::generate(&mut rng, &mut f);
         let i = Index::build(parse_all(&w.objects()));
-        if i.nodes().iter().any(|n| i.snapshot(&n.node).unwrap().groups.iter().any(|g| matches!(g.members, Members::Addrs(ref a) if a.len() > 1))) {
+        if i.nodes().iter().any(|n| {
+            i.snapshot(&n.node)
+                .unwrap()
+                .groups
+                .iter()
+                .any(|g| matches!(g.members, Members::Addrs(ref a) if a.len() > 1))
+        }) {
             break i;
         }
     };
@@ -54,7 +74,11 @@ fn rejects_malformed_content() {
         .nodes()
         .iter()
         .map(|n| index.snapshot(&n.node).unwrap())
-        .find(|s| s.groups.iter().any(|g| matches!(g.members, Members::Addrs(ref a) if a.len() > 1)))
+        .find(|s| {
+            s.groups
+                .iter()
+                .any(|g| matches!(g.members, Members::Addrs(ref a) if a.len() > 1))
+        })
         .unwrap();
     let good = s.to_proto();
     let v = version(&s);
@@ -62,12 +86,17 @@ fn rejects_malformed_content() {
         let mut c = good.clone();
         mutate(&mut c);
         let e = snapshot_from_proto("n", &v, &c).expect_err(want);
-        assert!(e.to_string().contains(want), "{e} does not mention {want:?}");
+        assert!(
+            e.to_string().contains(want),
+            "{e} does not mention {want:?}"
+        );
     };
     let gi = good
         .groups
         .iter()
-        .position(|g| matches!(g.members, Some(v1::group::Members::Addrs(ref a)) if a.addrs.len() > 1))
+        .position(
+            |g| matches!(g.members, Some(v1::group::Members::Addrs(ref a)) if a.addrs.len() > 1),
+        )
         .unwrap();
     check(&|c| c.node_addrs.push(vec![1, 2, 3]), "3 bytes");
     check(
@@ -86,7 +115,11 @@ fn rejects_malformed_content() {
         check(
             &|c| {
                 c.rules[0].ports = v1::PortsKind::Ranges as i32;
-                c.rules[0].ranges = vec![v1::PortRange { protocol: 1, first: 1, last: 2 }];
+                c.rules[0].ranges = vec![v1::PortRange {
+                    protocol: 1,
+                    first: 1,
+                    last: 2,
+                }];
             },
             "protocol 1",
         );

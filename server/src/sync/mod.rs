@@ -34,7 +34,11 @@ pub trait Source: Send + Sync + 'static {
     fn base(&self, cluster: &str, node: &str, v: &VersionRef) -> Option<Arc<NodeSnapshot>>;
     /// Called before a version is sent: makes it durable as handed out, remembers it as a
     /// delta base.
-    fn sending(&self, cluster: &str, snap: &Arc<NodeSnapshot>) -> impl Future<Output = Result<(), String>> + Send;
+    fn sending(
+        &self,
+        cluster: &str,
+        snap: &Arc<NodeSnapshot>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     fn observe(&self, cluster: &str, node: &str, ev: StreamEvent);
     fn metrics(&self) -> &Metrics;
 }
@@ -57,7 +61,10 @@ impl Source for Hub {
     }
 
     async fn sending(&self, cluster: &str, snap: &Arc<NodeSnapshot>) -> Result<(), String> {
-        self.store.reserve(snap.version).await.map_err(|e| e.to_string())?;
+        self.store
+            .reserve(snap.version)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Some(c) = self.cluster(cluster) {
             c.remember_sent(snap);
         }
@@ -75,14 +82,18 @@ impl Source for Hub {
 
 /// The peer's identity: from its verified client certificate, or — only with
 /// `--insecure-dev-plaintext` — from the `x-moat-identity` header.
-pub fn peer_identity<T>(req: &Request<T>, insecure: bool) -> Result<(Identity, Option<SystemTime>), Status> {
+pub fn peer_identity<T>(
+    req: &Request<T>,
+    insecure: bool,
+) -> Result<(Identity, Option<SystemTime>), Status> {
     if insecure {
         let uri = req
             .metadata()
             .get("x-moat-identity")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Status::unauthenticated("plaintext mode: set x-moat-identity"))?;
-        let id = Identity::from_uri(uri).ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
+        let id = Identity::from_uri(uri)
+            .ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
         return Ok((id, None));
     }
     let certs = req
@@ -91,8 +102,9 @@ pub fn peer_identity<T>(req: &Request<T>, insecure: bool) -> Result<(Identity, O
     let der = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let (id, expires) = crate::tls::identity_of(der)
-        .ok_or_else(|| Status::permission_denied("client certificate carries no (or more than one) Moat identity"))?;
+    let (id, expires) = crate::tls::identity_of(der).ok_or_else(|| {
+        Status::permission_denied("client certificate carries no (or more than one) Moat identity")
+    })?;
     Ok((id, Some(expires)))
 }
 
@@ -124,7 +136,10 @@ type ServerStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>>
 impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
     type SyncStream = ServerStream;
 
-    async fn sync(&self, req: Request<Streaming<v1::EnforcerMessage>>) -> Result<Response<ServerStream>, Status> {
+    async fn sync(
+        &self,
+        req: Request<Streaming<v1::EnforcerMessage>>,
+    ) -> Result<Response<ServerStream>, Status> {
         let remote = req.remote_addr();
         let (id, expires) = peer_identity(&req, self.insecure).inspect_err(|e| {
             self.source.metrics().refused("identity");
@@ -138,7 +153,9 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
         if self.source.synced(&cluster).is_none() {
             self.source.metrics().refused("unknown-cluster");
             warn!(peer = ?remote, %cluster, %node, "refused a sync stream: unknown cluster");
-            return Err(Status::not_found(format!("cluster {cluster:?} is not served here")));
+            return Err(Status::not_found(format!(
+                "cluster {cluster:?} is not served here"
+            )));
         }
         let (tx, rx) = mpsc::channel(2);
         let span = info_span!("stream", %cluster, %node);

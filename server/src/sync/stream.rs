@@ -78,13 +78,15 @@ struct Connected<S: Source> {
 impl<S: Source> Drop for Connected<S> {
     fn drop(&mut self) {
         self.source.metrics().connected.dec();
-        self.source.observe(&self.cluster, &self.node, StreamEvent::Disconnected);
+        self.source
+            .observe(&self.cluster, &self.node, StreamEvent::Disconnected);
         info!("enforcer disconnected");
     }
 }
 
 fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl<S: Source> Stream<S> {
@@ -95,8 +97,12 @@ impl<S: Source> Stream<S> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), Status> {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(v1::EnforcerMessage { kind: Some(In::Hello(h)) }))) => h,
-            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Ok(Some(v1::EnforcerMessage {
+                kind: Some(In::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument("the first message must be Hello"));
+            }
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello")),
@@ -110,9 +116,10 @@ impl<S: Source> Stream<S> {
             )));
         }
         let mut enforcing = match &hello.enforcing {
-            Some(v) if v.version > 0 => {
-                Some(VersionRef::from_proto(v).map_err(|e| Status::invalid_argument(format!("hello: {e}")))?)
-            }
+            Some(v) if v.version > 0 => Some(
+                VersionRef::from_proto(v)
+                    .map_err(|e| Status::invalid_argument(format!("hello: {e}")))?,
+            ),
             _ => None,
         };
         let mut synced = self
@@ -141,7 +148,11 @@ impl<S: Source> Stream<S> {
             &self.node,
             StreamEvent::Connected {
                 backend: hello.backend.clone(),
-                kernel: hello.capabilities.as_ref().map(|c| c.kernel.clone()).unwrap_or_default(),
+                kernel: hello
+                    .capabilities
+                    .as_ref()
+                    .map(|c| c.kernel.clone())
+                    .unwrap_or_default(),
             },
         );
         let _connected = Connected {
@@ -256,7 +267,10 @@ impl<S: Source> Stream<S> {
             }
             // Same content under a newer name (e.g. after a server restart): just rename it.
             let renamed = self.renamed(enforcing, current);
-            return self.send_current(current, published.at, renamed).await.map(Some);
+            return self
+                .send_current(current, published.at, renamed)
+                .await
+                .map(Some);
         }
         if rejected == Some(published.digest) {
             return Ok(None);
@@ -270,7 +284,10 @@ impl<S: Source> Stream<S> {
             digest: snap.digest,
         };
         if enforcing.is_some_and(|e| e.digest == snap.digest) {
-            return self.send_current(version, published.at, Some(snap)).await.map(Some);
+            return self
+                .send_current(version, published.at, Some(snap))
+                .await
+                .map(Some);
         }
         self.source
             .sending(&self.cluster, &snap)
@@ -314,7 +331,12 @@ impl<S: Source> Stream<S> {
         Some(Arc::new(s))
     }
 
-    async fn send_current(&mut self, v: VersionRef, at: SystemTime, snapshot: Option<Arc<NodeSnapshot>>) -> Result<InFlight, Status> {
+    async fn send_current(
+        &mut self,
+        v: VersionRef,
+        at: SystemTime,
+        snapshot: Option<Arc<NodeSnapshot>>,
+    ) -> Result<InFlight, Status> {
         let nonce = self.next_nonce();
         let msg = Out::Current(v1::Current {
             nonce: nonce.clone(),

@@ -1,0 +1,379 @@
+//! A sync test bed: certificates, a manifest directory, one real `moat-server` and real
+//! enforcer processes (`moat-test-enforcer`, recording backend), all on loopback in a
+//! temporary directory that disappears with the bed (processes are killed on drop).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use moat_policy::Index;
+use moat_policy::ir::digest::Digest;
+use serde_json::Value;
+
+use crate::binary;
+use crate::process::Proc;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub struct Enforcer {
+    pub proc: Proc,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<String>,
+    pub listen: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+    pub server: Option<Proc>,
+    pub enforcers: BTreeMap<String, Enforcer>,
+    pub server_args: Vec<String>,
+}
+
+/// Runs `moatctl` and returns (exit code, stdout, stderr).
+pub fn moatctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("moatctl"))
+        .args(args)
+        .output()
+        .expect("moatctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Bed {
+    /// A bed whose cluster has these nodes, each running two pods, with a few policies.
+    pub fn new(nodes: &[&str]) -> Bed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bed = Bed {
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            listen: free_port(),
+            health: free_port(),
+            metrics: free_port(),
+            server: None,
+            enforcers: BTreeMap::new(),
+            server_args: Vec::new(),
+            dir,
+        };
+        let certs = bed.certs();
+        let (code, _, err) = moatctl(&["certs", "init", "--dir", certs.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        for n in nodes {
+            bed.issue_node(n, "90d");
+        }
+        let (code, _, err) = moatctl(&[
+            "certs",
+            "issue-admin",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--name",
+            "ops",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        std::fs::create_dir_all(bed.manifests()).unwrap();
+        bed.write_cluster(nodes);
+        bed
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.path("certs")
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.path("manifests")
+    }
+
+    pub fn issue_node(&self, node: &str, valid_for: &str) {
+        let (code, _, err) = moatctl(&[
+            "certs",
+            "issue-node",
+            "--dir",
+            self.certs().to_str().unwrap(),
+            "--node",
+            node,
+            "--valid-for",
+            valid_for,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    /// Nodes, a namespace `app` with pods `web-<node>` (app=web) and `db-<node>` (app=db) on
+    /// every node, and a policy letting web reach db on 5432.
+    fn write_cluster(&self, nodes: &[&str]) {
+        let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n");
+        for (i, n) in nodes.iter().enumerate() {
+            y += &format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.50.{}}}]}}\n",
+                i + 1
+            );
+            for (j, app) in ["web", "db"].iter().enumerate() {
+                y += &format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}-{n}, namespace: app, labels: {{app: {app}}}}}\nspec: {{nodeName: {n}, containers: [{{name: c, ports: [{{name: main, containerPort: 5432}}]}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.50.{i}.{}}}]}}\n",
+                    j + 1
+                );
+            }
+        }
+        std::fs::write(self.manifests().join("cluster.yaml"), y).unwrap();
+        self.write_policy("db", "5432");
+    }
+
+    /// (Re)writes the policy selecting `app=<target>` pods, allowing web on `port`.
+    pub fn write_policy(&self, target: &str, port: &str) {
+        let y = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {target}-from-web, namespace: app}}\nspec:\n  podSelector: {{matchLabels: {{app: {target}}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n    ports: [{{port: {port}}}]\n"
+        );
+        std::fs::write(self.manifests().join(format!("policy-{target}.yaml")), y).unwrap();
+    }
+
+    /// Digest of every node's snapshot, compiled here from the manifests.
+    pub fn expected(&self) -> BTreeMap<String, Digest> {
+        let mut set = moat_manifests_shim::load(&self.manifests());
+        let index = Index::build(set.drain(..));
+        index
+            .nodes()
+            .into_iter()
+            .map(|n| (n.node.to_string(), n.digest))
+            .collect()
+    }
+
+    pub fn start_server(&mut self) {
+        self.start_server_with(&[]);
+    }
+
+    pub fn start_server_with(&mut self, extra: &[&str]) {
+        let c = self.certs();
+        let mut cmd = Command::new(binary("moat-server"));
+        cmd.arg("--source")
+            .arg(format!("dir:{}", self.manifests().display()))
+            .args(["--poll-seconds", "1", "--tls-reload-seconds", "1"])
+            .arg("--listen")
+            .arg(self.listen.to_string())
+            .arg("--health-addr")
+            .arg(self.health.to_string())
+            .arg("--metrics-addr")
+            .arg(self.metrics.to_string())
+            .arg("--tls-ca")
+            .arg(c.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(c.join("server.pem"))
+            .arg("--tls-key")
+            .arg(c.join("server-key.pem"))
+            .arg("--state-dir")
+            .arg(self.path("state/server"))
+            .args(extra)
+            .env("MOAT_LOG", "info,moat_server=debug")
+            .env("NO_COLOR", "1");
+        let mut p = Proc::spawn(&mut cmd);
+        p.until(WAIT, |l| l.starts_with("synced "));
+        self.server = Some(p);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill_server(&mut self) {
+        self.server = None;
+    }
+
+    pub fn start_enforcer(&mut self, node: &str) {
+        self.start_enforcer_as(node, node, &format!("node-{node}"));
+    }
+
+    /// An enforcer for `node` presenting the certificate files `<cert_base>.pem`.
+    pub fn start_enforcer_as(&mut self, node: &str, claims: &str, cert_base: &str) {
+        let c = self.certs();
+        let health = free_port();
+        let metrics = free_port();
+        let mut cmd = Command::new(binary("moat-test-enforcer"));
+        cmd.arg("--record-dir")
+            .arg(self.path(&format!("rec/{node}")))
+            .args(["--node", claims])
+            .arg("--server")
+            .arg(format!("https://{}", self.listen))
+            .args(["--tls-server-name", "localhost"])
+            .arg("--tls-ca")
+            .arg(c.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(c.join(format!("{cert_base}.pem")))
+            .arg("--tls-key")
+            .arg(c.join(format!("{cert_base}-key.pem")))
+            .arg("--state-dir")
+            .arg(self.path(&format!("state/{node}")))
+            .arg("--health-addr")
+            .arg(health.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(["--backoff-max-seconds", "1", "--report-seconds", "1"])
+            .env("MOAT_LOG", "info,moat_enforcer=debug")
+            .env("NO_COLOR", "1");
+        let proc = Proc::spawn(&mut cmd);
+        self.enforcers.insert(
+            node.to_string(),
+            Enforcer {
+                proc,
+                health,
+                metrics,
+            },
+        );
+    }
+
+    pub fn kill_enforcer(&mut self, node: &str) {
+        self.enforcers.remove(node);
+    }
+
+    fn admin_args(&self) -> Vec<String> {
+        let c = self.certs();
+        vec![
+            "--server".into(),
+            format!("https://{}", self.listen),
+            "--tls-server-name".into(),
+            "localhost".into(),
+            "--tls-ca".into(),
+            c.join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            c.join("admin-ops.pem").display().to_string(),
+            "--tls-key".into(),
+            c.join("admin-ops-key.pem").display().to_string(),
+        ]
+    }
+
+    /// `moatctl status` plus extra arguments; (code, stdout, stderr).
+    pub fn moatctl_admin(&self, cmd: &[&str], extra: &[&str]) -> (i32, String, String) {
+        let admin = self.admin_args();
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.extend(admin.iter().map(String::as_str));
+        args.extend(extra);
+        moatctl(&args)
+    }
+
+    pub fn status(&self) -> Value {
+        let (code, out, err) = self.moatctl_admin(&["status", "-o", "json"], &[]);
+        assert_eq!(code, 0, "moatctl status: {err}");
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    pub fn node_status(&self, node: &str) -> Value {
+        self.status()["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["node"] == node)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until every listed node applied exactly what the manifests compile to.
+    pub fn wait_in_sync(&self, nodes: &[&str]) {
+        let want = self.expected();
+        wait_until(&format!("{nodes:?} in sync"), WAIT, || {
+            nodes
+                .iter()
+                .all(|n| self.applied(n).map(|(_, d)| d) == want.get(*n).copied())
+        });
+        wait_until("status in sync", WAIT, || {
+            let s = self.status();
+            nodes.iter().all(|n| {
+                s["nodes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["node"] == *n && x["in_sync"] == true))
+            })
+        });
+    }
+
+    /// (version, digest) the node's recording backend enforces.
+    pub fn applied(&self, node: &str) -> Option<(u64, Digest)> {
+        let raw = std::fs::read(self.path(&format!("rec/{node}/applied.json"))).ok()?;
+        let v: Value = serde_json::from_slice(&raw).ok()?;
+        Some((v["version"].as_u64()?, v["digest"].as_str()?.parse().ok()?))
+    }
+
+    pub fn events(&self, node: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.path(&format!("rec/{node}/events.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event json"))
+            .collect()
+    }
+
+    pub fn server_stderr(&mut self) -> String {
+        self.server.as_mut().map(|s| s.stderr()).unwrap_or_default()
+    }
+
+    pub fn enforcer_stderr(&mut self, node: &str) -> String {
+        self.enforcers
+            .get_mut(node)
+            .map(|e| e.proc.stderr())
+            .unwrap_or_default()
+    }
+}
+
+/// Scrapes a Prometheus endpoint (plain HTTP/1.0 over loopback).
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of one sample (`name` or `name{labels}` as printed), summed if repeated.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(k, _)| *k == name)
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
+/// Tiny local copy of the manifest loading the server does, so tests compute expectations
+/// independently of the server process.
+mod moat_manifests_shim {
+    use std::path::Path;
+
+    use moat_policy::model::Object;
+
+    pub fn load(dir: &Path) -> Vec<Object> {
+        let mut out = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let r = moat_manifests::parse_file(&f, &text);
+            out.extend(r.objects.into_iter().map(|l| l.object));
+        }
+        out
+    }
+}
+
+pub fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_default()
+}
