@@ -7,6 +7,7 @@
 
 mod alloc;
 mod plot;
+mod sync;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -35,6 +36,18 @@ enum Command {
         scale: ScaleArg,
         #[arg(long, default_value_t = 100)]
         percent: usize,
+    },
+    /// The sync plane: simulated enforcers against a real server process.
+    Sync {
+        /// Streams for the latency and bytes scenarios.
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Streams held for the idle-memory measurement (0 to skip).
+        #[arg(long, default_value_t = 5000)]
+        idle: usize,
+        /// The server binary (a release build).
+        #[arg(long, default_value = "target/release/moat-server")]
+        server_bin: std::path::PathBuf,
     },
     /// Everything, as the Markdown of docs/benchmarks.md.
     Report {
@@ -69,6 +82,11 @@ fn main() -> Result<()> {
             let r = compile(scale.scale().percent(percent));
             println!("{}", r.row());
         }
+        Command::Sync {
+            nodes,
+            idle,
+            server_bin,
+        } => print!("{}", sync::run(server_bin, nodes, idle)?),
         Command::Report { quick, svg } => {
             let (md, chart) = report(quick);
             print!("{md}");

@@ -270,7 +270,13 @@ pub fn explain(
         if json {
             println!("{}", serde_json::to_string_pretty(&json!({"from": from, "from_ip": r.from_ip, "to": to, "to_ip": r.to_ip, "verdict": verdict}))?);
         } else {
-            println!("{from} ({}) -> {to} ({}): {}", r.from_ip, r.to_ip, if r.allowed { "ALLOWED" } else { "DENIED" });
+            let what = match proto {
+                6 => format!("TCP/{port}"),
+                17 => format!("UDP/{port}"),
+                132 => format!("SCTP/{port}"),
+                _ => "ICMP".to_string(),
+            };
+            println!("{from} ({}) -> {to} ({}) {what}: {}", r.from_ip, r.to_ip, if r.allowed { "ALLOWED" } else { "DENIED" });
             crate::explain::print_side("egress ", from, &verdict.egress, &[], true);
             crate::explain::print_side("ingress", to, &verdict.ingress, &[], false);
         }

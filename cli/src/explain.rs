@@ -156,12 +156,13 @@ pub(crate) fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject],
         Reason::AllowedBy(rules) => {
             println!("  {label} {who}: {verdict} by:");
             for r in rules {
-                println!(
-                    "      {} spec.{dir}[{}]: {}",
-                    r.policy,
-                    r.index,
-                    rule_json(k8s, &r.policy, egress, r.index)
-                );
+                // From a server there are no manifests to quote: name the rule only.
+                if k8s.is_empty() {
+                    println!("      {} spec.{dir}[{}]", r.policy, r.index);
+                } else {
+                    let rule = rule_json(k8s, &r.policy, egress, r.index);
+                    println!("      {} spec.{dir}[{}]: {rule}", r.policy, r.index);
+                }
             }
         }
         Reason::DeniedBy(policies) => {

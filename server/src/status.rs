@@ -142,7 +142,7 @@ impl Fleet {
                 n.last_error.clear();
             }
             StreamEvent::Nacked { rejected, error } => {
-                n.last_error = format!("version {} rejected: {error}", rejected.version);
+                n.last_error = format!("version {}: {error}", rejected.version);
             }
             StreamEvent::Report { counters } => {
                 n.counters = counters;
