@@ -122,24 +122,7 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
             valid_for,
         } => {
             let id = Identity::node(&cluster, &node);
-            if Identity::from_uri(&id.uri()).is_none() {
-                bail!(
-                    "{cluster:?}/{node:?} is not a valid node identity (letters, digits, '-' and '.')"
-                );
-            }
-            let base = format!("node-{node}");
-            leaf(
-                &dir,
-                &base,
-                &id,
-                ExtendedKeyUsagePurpose::ClientAuth,
-                parse_duration(&valid_for)?,
-            )?;
-            println!(
-                "wrote {}/{base}.pem and {base}-key.pem for {}",
-                dir.display(),
-                id.uri()
-            );
+            identity(&dir, &format!("node-{node}"), &id, &valid_for)?;
         }
         Command::IssueAdmin {
             dir,
@@ -147,25 +130,30 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
             valid_for,
         } => {
             let id = Identity::Admin { name: name.clone() };
-            if Identity::from_uri(&id.uri()).is_none() {
-                bail!("{name:?} is not a valid admin name (letters, digits, '-' and '.')");
-            }
-            let base = format!("admin-{name}");
-            leaf(
-                &dir,
-                &base,
-                &id,
-                ExtendedKeyUsagePurpose::ClientAuth,
-                parse_duration(&valid_for)?,
-            )?;
-            println!(
-                "wrote {}/{base}.pem and {base}-key.pem for {}",
-                dir.display(),
-                id.uri()
-            );
+            identity(&dir, &format!("admin-{name}"), &id, &valid_for)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Issues a client certificate for a node or admin identity into `<dir>/<base>{,-key}.pem`.
+fn identity(dir: &Path, base: &str, id: &Identity, valid_for: &str) -> Result<()> {
+    if Identity::from_uri(&id.uri()).is_none() {
+        bail!("{id} is not a valid identity (names use letters, digits, '-' and '.')");
+    }
+    leaf(
+        dir,
+        base,
+        id,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        parse_duration(valid_for)?,
+    )?;
+    println!(
+        "wrote {}/{base}.pem and {base}-key.pem for {}",
+        dir.display(),
+        id.uri()
+    );
+    Ok(())
 }
 
 fn name(cn: &str) -> DistinguishedName {

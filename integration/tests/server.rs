@@ -22,12 +22,23 @@ fn parse(line: &str) -> Option<(String, (u64, String))> {
     ))
 }
 
-fn server(dir: &std::path::Path) -> Proc {
+/// The server on the file source; the sync side (plaintext here, port 0) is not under test.
+fn server(dir: &std::path::Path, state: &std::path::Path) -> Proc {
     Proc::spawn(
         Command::new(binary("moat-server"))
             .arg("--source")
             .arg(format!("dir:{}", dir.display()))
-            .args(["--poll-seconds", "1"])
+            .args(["--poll-seconds", "1", "--insecure-dev-plaintext"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--health-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--state-dir")
+            .arg(state)
             .env("MOAT_LOG", "info")
             .env("NO_COLOR", "1"),
     )
@@ -37,7 +48,8 @@ fn server(dir: &std::path::Path) -> Proc {
 fn prints_snapshots_and_follows_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&repo().join("examples"), dir.path());
-    let mut s = server(dir.path());
+    let state = tempfile::tempdir().unwrap();
+    let mut s = server(dir.path(), state.path());
 
     let first = s.line(T);
     assert_eq!(first, "synced generation=1 nodes=3");

@@ -774,10 +774,13 @@ fn live_explain_answers_from_the_servers_state() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.starts_with("app/web-n1 (10.50.0.1) -> app/db-n2 (10.50.1.2): ALLOWED"),
+        out.starts_with("app/web-n1 (10.50.0.1) -> app/db-n2 (10.50.1.2) TCP/5432: ALLOWED"),
         "{out}"
     );
-    assert!(out.contains("app/db-from-web spec.ingress[0]"), "{out}");
+    assert!(
+        out.contains("      app/db-from-web spec.ingress[0]\n"),
+        "{out}"
+    );
     // The live state follows the files.
     bed.write_policy("db", "6000");
     wait_until("live state updated", WAIT, || {

@@ -20,6 +20,13 @@ pub fn init_logging(filter: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("logging: {e}"))
 }
 
+/// A registry in the Prometheus text format.
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut s = String::new();
+    prometheus_client::encoding::text::encode(&mut s, registry).expect("writing to a String");
+    s
+}
+
 /// Serves `GET /metrics` (Prometheus text format) on `addr` until the process ends.
 /// Returns the bound address (useful with port 0).
 pub async fn serve_metrics(
