@@ -1,0 +1,425 @@
+//! Nodes and pods as network namespaces.
+//!
+//! ```text
+//!   fabric netns: br0 (192.168.<id>.254, 2001:db8:<id>::fe) ── the policy server lives here
+//!     ├─ veth ── node netns n0: eth0 192.168.<id>.1 ── vpK (169.254.1.1, fe80::1) ── pod netns: eth0 <pod ip>/32
+//!     ├─ veth ── node netns n1 …
+//! ```
+//!
+//! Routed like a CNI without overlay: a pod's default route points at its node (link-local
+//! gateway), nodes route each pod address to the pod's veth or to the owning node over the
+//! fabric. Nothing is reachable from the root namespace, and only addresses inside these
+//! namespaces are used. Everything is deleted on drop (also on panic), and `sweep` removes
+//! what a crashed run left behind.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::agent::{ProbeReq, Proto, Request, Response};
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    /// `namespace/name`.
+    pub key: String,
+    pub node: usize,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Address slot (1..=200): keeps clusters that run side by side apart.
+    pub id: u8,
+    pub nodes: usize,
+    pub pods: Vec<PodSpec>,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+    pub sctp: Vec<u16>,
+}
+
+impl Spec {
+    pub fn node_v4(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, self.id, i as u8 + 1)
+    }
+
+    pub fn node_v6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, u16::from(self.id), 0, 0, 0, 0, i as u16 + 1)
+    }
+
+    pub fn fabric_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, self.id, 254)
+    }
+
+    pub fn fabric_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, u16::from(self.id), 0, 0, 0, 0, 0xfe)
+    }
+}
+
+struct Agent {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+pub struct Cluster {
+    pub spec: Spec,
+    prefix: String,
+    namespaces: Vec<String>,
+    agents: BTreeMap<String, Agent>,
+    /// Other processes started inside the namespaces, killed on drop.
+    children: Vec<Child>,
+}
+
+const PREFIX: &str = "moat-";
+
+/// Runs `ip` with `args`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    let mut args = vec!["netns", "exec", ns, "sysctl", "-q", "-w"];
+    args.extend_from_slice(settings);
+    ip(&args)
+}
+
+/// Removes namespaces (and kills what runs in them) left by runs whose process is gone.
+pub fn sweep() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        if pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            continue;
+        }
+        delete_netns(name);
+    }
+}
+
+fn delete_netns(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+/// Where sibling binaries live: `MOAT_BIN_DIR`, else next to this executable (or one level
+/// up, for test executables in `target/<profile>/deps`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("MOAT_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found next to {} (build the workspace binaries first)", exe.display())
+}
+
+/// A lock on an address slot, released on drop.
+pub struct Slot {
+    pub id: u8,
+    path: PathBuf,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes a free address slot (1..=200), reclaiming those of dead processes.
+pub fn slot() -> Result<Slot> {
+    let dir = std::env::temp_dir().join("moat-harness-slots");
+    std::fs::create_dir_all(&dir)?;
+    let me = std::process::id();
+    for id in 1..=200u8 {
+        let path = dir.join(id.to_string());
+        let taken = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if taken {
+            continue;
+        }
+        let _ = std::fs::remove_file(&path);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                write!(f, "{me}")?;
+                return Ok(Slot { id, path });
+            }
+            Err(_) => continue,
+        }
+    }
+    bail!("no free harness address slot")
+}
+
+impl Cluster {
+    pub fn create(spec: Spec) -> Result<Cluster> {
+        sweep();
+        let prefix = format!("{PREFIX}{}-{}", std::process::id(), spec.id);
+        let mut c = Cluster {
+            spec,
+            prefix,
+            namespaces: Vec::new(),
+            agents: BTreeMap::new(),
+            children: Vec::new(),
+        };
+        c.build().context("building the netns cluster")?;
+        Ok(c)
+    }
+
+    pub fn fabric(&self) -> String {
+        format!("{}-fab", self.prefix)
+    }
+
+    pub fn node(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+
+    pub fn pod(&self, key: &str) -> String {
+        let i = self.spec.pods.iter().position(|p| p.key == key).expect("known pod");
+        format!("{}-p{i}", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        sysctl(
+            name,
+            &[
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.dad_transmits=0",
+                "net.ipv6.conf.default.dad_transmits=0",
+            ],
+        )?;
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let s = self.spec.clone();
+        let fab = self.fabric();
+        self.add_ns(&fab)?;
+        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fab, "addr", "add", &format!("{}/24", s.fabric_v4()), "dev", "br0"])?;
+        ip(&["-n", &fab, "addr", "add", &format!("{}/64", s.fabric_v6()), "dev", "br0", "nodad"])?;
+        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        for i in 0..s.nodes {
+            let n = self.node(i);
+            self.add_ns(&n)?;
+            sysctl(
+                &n,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            let fab_if = format!("n{i}");
+            ip(&["-n", &fab, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+            ip(&["-n", &fab, "link", "set", &fab_if, "master", "br0", "up"])?;
+            ip(&["-n", &n, "addr", "add", &format!("{}/24", s.node_v4(i)), "dev", "eth0"])?;
+            ip(&["-n", &n, "addr", "add", &format!("{}/64", s.node_v6(i)), "dev", "eth0", "nodad"])?;
+            ip(&["-n", &n, "link", "set", "eth0", "up"])?;
+        }
+        for (k, p) in s.pods.iter().enumerate() {
+            let pn = self.pod(&p.key);
+            let n = self.node(p.node);
+            self.add_ns(&pn)?;
+            let host_if = format!("vp{k}");
+            ip(&["-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pn])?;
+            ip(&["-n", &n, "addr", "add", "169.254.1.1/32", "dev", &host_if])?;
+            ip(&["-n", &n, "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+            ip(&["-n", &n, "link", "set", &host_if, "up"])?;
+            ip(&["-n", &pn, "addr", "add", &format!("{}/32", p.v4), "dev", "eth0"])?;
+            ip(&["-n", &pn, "addr", "add", &format!("{}/128", p.v6), "dev", "eth0", "nodad"])?;
+            ip(&["-n", &pn, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+            ip(&["-n", &pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+            ip(&["-n", &pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+            for i in 0..s.nodes {
+                let ni = self.node(i);
+                if i == p.node {
+                    ip(&["-n", &ni, "route", "add", &format!("{}/32", p.v4), "dev", &host_if])?;
+                    ip(&["-n", &ni, "-6", "route", "add", &format!("{}/128", p.v6), "dev", &host_if])?;
+                } else {
+                    ip(&["-n", &ni, "route", "add", &format!("{}/32", p.v4), "via", &s.node_v4(p.node).to_string()])?;
+                    ip(&["-n", &ni, "-6", "route", "add", &format!("{}/128", p.v6), "via", &s.node_v6(p.node).to_string()])?;
+                }
+            }
+        }
+        let agent = binary("moat-pod")?;
+        let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        for p in &s.pods {
+            let pn = self.pod(&p.key);
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &pn])
+                .arg(&agent)
+                .args(["--tcp", &ports(&s.tcp), "--udp", &ports(&s.udp), "--sctp", &ports(&s.sctp)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting moat-pod")?;
+            let stdin = child.stdin.take().expect("stdin");
+            let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+            let mut ready = String::new();
+            stdout.read_line(&mut ready)?;
+            if !ready.contains("ready") {
+                bail!("pod agent in {pn} did not start: {ready:?}");
+            }
+            self.agents.insert(p.key.clone(), Agent { child, stdin, stdout });
+        }
+        self.warm_up()
+    }
+
+    /// Waits until every pod reaches every pod in both families (links, neighbours, routes).
+    fn warm_up(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut reqs = Vec::new();
+            for from in self.spec.pods.iter().map(|p| p.key.clone()) {
+                let probes = self
+                    .spec
+                    .pods
+                    .iter()
+                    .flat_map(|p| [IpAddr::V4(p.v4), IpAddr::V6(p.v6)])
+                    .map(|dst| ProbeReq { dst, proto: Proto::Tcp, port: self.spec.tcp[0] })
+                    .collect();
+                reqs.push((from, probes));
+            }
+            let results = self.probe(&reqs, Duration::from_millis(500), 0)?;
+            if results.iter().flatten().all(|ok| *ok) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster never became fully reachable");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Sends each pod its probes (all at once, all pods in parallel); results per request.
+    pub fn probe(&mut self, reqs: &[(String, Vec<ProbeReq>)], timeout: Duration, retries: u32) -> Result<Vec<Vec<bool>>> {
+        for (from, probes) in reqs {
+            let a = self.agents.get_mut(from).with_context(|| format!("no pod {from}"))?;
+            let line = serde_json::to_string(&Request {
+                probes: probes.clone(),
+                timeout_ms: timeout.as_millis() as u64,
+                retries,
+            })?;
+            a.stdin.write_all(line.as_bytes())?;
+            a.stdin.write_all(b"\n")?;
+            a.stdin.flush()?;
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for (from, probes) in reqs {
+            let a = self.agents.get_mut(from).expect("checked");
+            let mut line = String::new();
+            a.stdout.read_line(&mut line)?;
+            let r: Response = serde_json::from_str(&line).with_context(|| format!("pod {from} answered {line:?}"))?;
+            if r.results.len() != probes.len() {
+                bail!("pod {from} answered {} results for {} probes", r.results.len(), probes.len());
+            }
+            out.push(r.results);
+        }
+        Ok(out)
+    }
+
+    /// Starts a process inside a namespace; it is killed when the cluster is dropped.
+    pub fn spawn_in(&mut self, netns: &str, cmd: &mut Command) -> Result<&mut Child> {
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).arg(program).args(args);
+        for (k, v) in envs {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.stdin(Stdio::null());
+        let child = c.spawn().context("spawning in a namespace")?;
+        self.children.push(child);
+        Ok(self.children.last_mut().expect("pushed"))
+    }
+
+    /// Runs a command inside a namespace to completion.
+    pub fn run_in(&self, netns: &str, program: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip").args(["netns", "exec", netns, program]).args(args).output()?;
+        if !out.status.success() {
+            bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// kube-proxy's situation: traffic to `service:port` arriving at node `i` is DNATed to
+    /// `backend:target` in prerouting, before any filtering.
+    pub fn dnat(&self, i: usize, service: IpAddr, port: u16, backend: IpAddr, target: u16) -> Result<()> {
+        let fam = if service.is_ipv6() { "ip6" } else { "ip" };
+        let to = if backend.is_ipv6() { format!("[{backend}]:{target}") } else { format!("{backend}:{target}") };
+        let script = format!(
+            "table {fam} kubeproxy {{\n chain pre {{ type nat hook prerouting priority -100; {fam} daddr {service} tcp dport {port} dnat to {to}; }}\n}}\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node(i), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("installing the DNAT rule failed");
+        }
+        Ok(())
+    }
+
+    /// Adds a route for `addr` in every pod (e.g. a service address) via its node.
+    pub fn route_everywhere(&self, addr: IpAddr) -> Result<()> {
+        for k in 0..self.spec.pods.len() {
+            let pn = format!("{}-p{k}", self.prefix);
+            if addr.is_ipv6() {
+                ip(&["-n", &pn, "-6", "route", "replace", &format!("{addr}/128"), "via", "fe80::1", "dev", "eth0"])?;
+            } else {
+                ip(&["-n", &pn, "route", "replace", &format!("{addr}/32"), "via", "169.254.1.1", "dev", "eth0"])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut a) in std::mem::take(&mut self.agents) {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            delete_netns(ns);
+        }
+    }
+}
