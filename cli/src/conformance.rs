@@ -1,20 +1,24 @@
-//! `moatctl conformance`: run case files against the model (and, later, dataplanes).
+//! `moatctl conformance`: run case files against the model or a dataplane on real packets.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use moat_conformance::cluster::Family;
-use moat_conformance::{Options, load_dir, model_backends, run as run_cases};
+use moat_conformance::{Backend, Factory, Options, load_dir, model_backends, run as run_cases};
+use moat_harness::packets::PacketBackend;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Directory of case files (the schema of shared/conformance/README.md).
     #[arg(long)]
     cases: PathBuf,
-    /// What enforces the cases.
+    /// The model (compiled snapshots and the reference evaluator), when no --backend is given.
     #[arg(long, value_enum, default_value = "model")]
     mode: Mode,
+    /// Enforce with this dataplane on a netns cluster with real packets (needs root).
+    #[arg(long, value_parser = ["nft"])]
+    backend: Option<String>,
     /// Address families to run.
     #[arg(long, default_value = "both", value_parser = ["ipv4", "ipv6", "both"])]
     family: String,
@@ -34,22 +38,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "ipv6" => vec![Family::Ipv6],
         _ => vec![Family::Ipv4, Family::Ipv6],
     };
-    let mut backends = match args.mode {
-        Mode::Model => model_backends(),
+    let report = match args.backend {
+        None => {
+            let Mode::Model = args.mode;
+            let opts = Options { families, plan_id: 0, scratch: true, live: true };
+            run_cases(&cases, &mut model_backends(), &opts)
+        }
+        Some(backend) => {
+            // One netns cluster per family, every case applied to it as a live update.
+            let slot = moat_harness::cluster::slot()?;
+            let b = backend.clone();
+            let factory: Factory<'_> = Box::new(move |plan| Ok(Box::new(PacketBackend::start(plan, &b)?) as Box<dyn Backend>));
+            let opts = Options { families, plan_id: slot.id, scratch: false, live: true };
+            run_cases(&cases, &mut [(backend, factory)], &opts)
+        }
     };
-    let report = run_cases(
-        &cases,
-        &mut backends,
-        &Options {
-            families,
-            scratch: true,
-            live: true,
-        },
-    );
     println!("{report}");
-    Ok(if report.failed() == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -33,6 +33,8 @@ pub type Factory<'a> = Box<dyn FnMut(Plan) -> Result<Box<dyn Backend>, Error> + 
 
 pub struct Options {
     pub families: Vec<Family>,
+    /// Address slot of the clusters (see `Plan::id`); packet backends take a free one.
+    pub plan_id: u8,
     /// A fresh cluster for every case file.
     pub scratch: bool,
     /// One cluster for the whole run, every case applied as a live update to the last.
@@ -253,7 +255,10 @@ pub fn run(cases: &[Case], backends: &mut [(String, Factory<'_>)], opts: &Option
     let mut report = Report::default();
     for (name, factory) in backends.iter_mut() {
         for &family in &opts.families {
-            let plan = Plan::new(family);
+            let plan = Plan {
+                family,
+                id: opts.plan_id,
+            };
             let skip = |case: &Case| {
                 (family == Family::Ipv6 && case.ipv4_only())
                     .then(|| "-ipv4 case, IPv6 run skipped".to_string())

@@ -16,6 +16,7 @@ fn run_dir(dir: &Path, expect_cases: Option<usize>) {
         &mut model_backends(),
         &Options {
             families: vec![Family::Ipv4, Family::Ipv6],
+            plan_id: 0,
             scratch: true,
             live: true,
         },
@@ -86,6 +87,7 @@ fn a_wrong_expectation_fails_and_names_the_cells() {
         &mut model_backends(),
         &Options {
             families: vec![Family::Ipv4, Family::Ipv6],
+            plan_id: 0,
             scratch: true,
             live: true,
         },

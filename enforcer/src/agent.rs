@@ -27,7 +27,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{debug, info, warn};
 
-use crate::backend::Backend;
+use crate::backend::{Adopted, Backend};
 use crate::metrics::Metrics;
 use crate::state::LocalState;
 
@@ -130,7 +130,7 @@ impl<B: Backend> Agent<B> {
             .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
         };
         match (adopted, last) {
-            (Ok(()), Some(s)) => {
+            (Ok(Adopted::Enforcing), Some(s)) => {
                 info!(version = s.version, digest = %s.digest.short(), "enforcing the last known rules");
                 self.metrics.applied_version.set(s.version as i64);
                 self.enforcing = Some(Arc::new(s));
@@ -138,7 +138,17 @@ impl<B: Backend> Agent<B> {
                     .set_service_status("", ServingStatus::Serving)
                     .await;
             }
-            (Ok(()), None) => info!("no previous rules; waiting for the server"),
+            (Ok(Adopted::Unknown), _) => {
+                // Rules are in force, just not ones this agent can name: keep them, and let the
+                // server send a full snapshot to replace them atomically.
+                info!(
+                    "the kernel enforces rules the local record does not name; keeping them until the server sends a full snapshot"
+                );
+                self.health
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+            }
+            (Ok(_), _) => info!("no previous rules; waiting for the server"),
             (Err(e), _) => {
                 warn!(error = %e, "could not adopt the previous run's state; waiting for the server")
             }

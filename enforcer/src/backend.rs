@@ -25,6 +25,18 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// What `adopt` found in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// The persisted snapshot is what is enforced now (reconciled if needed).
+    Enforcing,
+    /// The kernel enforces rules the agent holds no content for (e.g. a newer version applied
+    /// just before a crash). They stay in force; the agent must ask for a full snapshot.
+    Unknown,
+    /// Nothing is enforced.
+    Nothing,
+}
+
 /// A dataplane. Every method is all-or-nothing: after an error the previously applied
 /// version is still fully in force.
 pub trait Backend: Send + 'static {
@@ -33,7 +45,7 @@ pub trait Backend: Send + 'static {
     /// Takes over whatever a previous run left in the kernel, given the snapshot the node
     /// persisted last (if any), without ever removing enforcement first. Called once, before
     /// anything else.
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<(), BackendError>;
+    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError>;
     /// Replaces whatever is enforced with `snap`, atomically.
     fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError>;
     /// Moves from `old` to `new`; `delta` is the difference, for backends that update in place.

@@ -63,8 +63,9 @@ pub struct Args {
     pub log: String,
 }
 
-/// Runs the enforcer with `backend` until SIGTERM/ctrl-c.
-pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
+/// Runs the enforcer with `backend` until SIGTERM/ctrl-c; `selection` says how the backend
+/// was chosen (logged).
+pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<()> {
     moat_telemetry::init_logging(&args.log)?;
     let transport = if args.insecure_dev_plaintext {
         warn!(
@@ -113,7 +114,7 @@ pub async fn run<B: Backend>(args: Args, backend: B) -> Result<()> {
         backoff_max: Duration::from_secs(args.backoff_max_seconds.max(1)),
         report_every: Duration::from_secs(args.report_seconds.max(1)),
     };
-    info!(node = %args.node, server = %args.server, backend = backend.name(), "enforcer starting");
+    info!(node = %args.node, server = %args.server, backend = backend.name(), selection, "enforcer starting");
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -11,4 +11,4 @@ pub mod cli;
 pub mod metrics;
 pub mod state;
 
-pub use backend::{Backend, BackendError, Capabilities};
+pub use backend::{Adopted, Backend, BackendError, Capabilities};

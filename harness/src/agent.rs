@@ -81,7 +81,9 @@ impl Sctp {
         let sock = if v6 { &self.v6 } else { &self.v4 };
         let mut buf = vec![0u8; 65536];
         loop {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
             let data = &buf[..n];
             // IPv4 raw sockets deliver the IP header too; IPv6 ones don't.
             let payload = if v6 {
@@ -101,7 +103,12 @@ impl Sctp {
                     let _ = sock.send_to(&reply, SocketAddr::new(peer, 0));
                 }
                 Some(sctp::Packet::InitAck { src, dst, vtag }) => {
-                    if let Some(tx) = self.waiters.lock().expect("waiters").remove(&(peer, src, dst, vtag)) {
+                    if let Some(tx) = self
+                        .waiters
+                        .lock()
+                        .expect("waiters")
+                        .remove(&(peer, src, dst, vtag))
+                    {
                         let _ = tx.send(());
                     }
                 }
@@ -114,22 +121,42 @@ impl Sctp {
         let src: u16 = rand::random::<u16>() % 28000 + 32768;
         let tag = rand::random::<u32>() | 1;
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters").insert((dst, port, src, tag), tx);
+        self.waiters
+            .lock()
+            .expect("waiters")
+            .insert((dst, port, src, tag), tx);
         let sock = if dst.is_ipv6() { &self.v6 } else { &self.v4 };
-        let sent = sock.send_to(&sctp::init(src, port, tag), SocketAddr::new(dst, 0)).is_ok();
-        let ok = sent && tokio::time::timeout(timeout, rx).await.is_ok_and(|r| r.is_ok());
-        self.waiters.lock().expect("waiters").remove(&(dst, port, src, tag));
+        let sent = sock
+            .send_to(&sctp::init(src, port, tag), SocketAddr::new(dst, 0))
+            .is_ok();
+        let ok = sent
+            && tokio::time::timeout(timeout, rx)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        self.waiters
+            .lock()
+            .expect("waiters")
+            .remove(&(dst, port, src, tag));
         ok
     }
 }
 
 async fn tcp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, TcpStream::connect((dst, port))).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect((dst, port))).await,
+        Ok(Ok(_))
+    )
 }
 
 async fn udp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    let bind: SocketAddr = if dst.is_ipv6() { (Ipv6Addr::UNSPECIFIED, 0).into() } else { ([0, 0, 0, 0], 0).into() };
-    let Ok(s) = UdpSocket::bind(bind).await else { return false };
+    let bind: SocketAddr = if dst.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        ([0, 0, 0, 0], 0).into()
+    };
+    let Ok(s) = UdpSocket::bind(bind).await else {
+        return false;
+    };
     let token: [u8; 8] = rand::random();
     if s.send_to(&token, (dst, port)).await.is_err() {
         return false;
@@ -145,12 +172,19 @@ async fn udp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
 }
 
 /// Runs the agent: serves `tcp`/`udp`/`sctp` ports, then answers probe requests on stdin.
-pub async fn serve(tcp_ports: Vec<u16>, udp_ports: Vec<u16>, sctp_ports: Vec<u16>) -> anyhow::Result<()> {
+pub async fn serve(
+    tcp_ports: Vec<u16>,
+    udp_ports: Vec<u16>,
+    sctp_ports: Vec<u16>,
+) -> anyhow::Result<()> {
     for port in tcp_ports {
         let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
         s.set_only_v6(false)?;
         s.set_reuse_address(true)?;
-        s.bind(&SockAddr::from(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))))?;
+        s.bind(&SockAddr::from(SocketAddr::from((
+            Ipv6Addr::UNSPECIFIED,
+            port,
+        ))))?;
         s.listen(1024)?;
         s.set_nonblocking(true)?;
         let l = TcpListener::from_std(s.into())?;
@@ -167,7 +201,10 @@ pub async fn serve(tcp_ports: Vec<u16>, udp_ports: Vec<u16>, sctp_ports: Vec<u16
     for port in udp_ports {
         let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
         s.set_only_v6(false)?;
-        s.bind(&SockAddr::from(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))))?;
+        s.bind(&SockAddr::from(SocketAddr::from((
+            Ipv6Addr::UNSPECIFIED,
+            port,
+        ))))?;
         s.set_nonblocking(true)?;
         let u = UdpSocket::from_std(s.into())?;
         tokio::spawn(async move {
@@ -211,7 +248,8 @@ pub async fn serve(tcp_ports: Vec<u16>, udp_ports: Vec<u16>, sctp_ports: Vec<u16
         for t in tasks {
             results.push(t.await.unwrap_or(false));
         }
-        out.write_all(serde_json::to_string(&Response { results })?.as_bytes()).await?;
+        out.write_all(serde_json::to_string(&Response { results })?.as_bytes())
+            .await?;
         out.write_all(b"\n").await?;
         out.flush().await?;
     }

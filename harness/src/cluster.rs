@@ -80,9 +80,16 @@ const PREFIX: &str = "moat-";
 
 /// Runs `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -95,10 +102,14 @@ fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
 
 /// Removes namespaces (and kills what runs in them) left by runs whose process is gone.
 pub fn sweep() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
         if pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()) {
             continue;
@@ -132,7 +143,10 @@ pub fn binary(name: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("{name} not found next to {} (build the workspace binaries first)", exe.display())
+    bail!(
+        "{name} not found next to {} (build the workspace binaries first)",
+        exe.display()
+    )
 }
 
 /// A lock on an address slot, released on drop.
@@ -162,7 +176,11 @@ pub fn slot() -> Result<Slot> {
             continue;
         }
         let _ = std::fs::remove_file(&path);
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(mut f) => {
                 write!(f, "{me}")?;
                 return Ok(Slot { id, path });
@@ -197,7 +215,12 @@ impl Cluster {
     }
 
     pub fn pod(&self, key: &str) -> String {
-        let i = self.spec.pods.iter().position(|p| p.key == key).expect("known pod");
+        let i = self
+            .spec
+            .pods
+            .iter()
+            .position(|p| p.key == key)
+            .expect("known pod");
         format!("{}-p{i}", self.prefix)
     }
 
@@ -221,8 +244,25 @@ impl Cluster {
         let fab = self.fabric();
         self.add_ns(&fab)?;
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &fab, "addr", "add", &format!("{}/24", s.fabric_v4()), "dev", "br0"])?;
-        ip(&["-n", &fab, "addr", "add", &format!("{}/64", s.fabric_v6()), "dev", "br0", "nodad"])?;
+        ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "add",
+            &format!("{}/24", s.fabric_v4()),
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "add",
+            &format!("{}/64", s.fabric_v6()),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
         for i in 0..s.nodes {
             let n = self.node(i);
@@ -237,10 +277,30 @@ impl Cluster {
                 ],
             )?;
             let fab_if = format!("n{i}");
-            ip(&["-n", &fab, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+            ip(&[
+                "-n", &fab, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &n,
+            ])?;
             ip(&["-n", &fab, "link", "set", &fab_if, "master", "br0", "up"])?;
-            ip(&["-n", &n, "addr", "add", &format!("{}/24", s.node_v4(i)), "dev", "eth0"])?;
-            ip(&["-n", &n, "addr", "add", &format!("{}/64", s.node_v6(i)), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "-n",
+                &n,
+                "addr",
+                "add",
+                &format!("{}/24", s.node_v4(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &n,
+                "addr",
+                "add",
+                &format!("{}/64", s.node_v6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", &n, "link", "set", "eth0", "up"])?;
         }
         for (k, p) in s.pods.iter().enumerate() {
@@ -248,24 +308,109 @@ impl Cluster {
             let n = self.node(p.node);
             self.add_ns(&pn)?;
             let host_if = format!("vp{k}");
-            ip(&["-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pn])?;
+            ip(&[
+                "-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                &pn,
+            ])?;
             ip(&["-n", &n, "addr", "add", "169.254.1.1/32", "dev", &host_if])?;
-            ip(&["-n", &n, "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+            ip(&[
+                "-n",
+                &n,
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
             ip(&["-n", &n, "link", "set", &host_if, "up"])?;
-            ip(&["-n", &pn, "addr", "add", &format!("{}/32", p.v4), "dev", "eth0"])?;
-            ip(&["-n", &pn, "addr", "add", &format!("{}/128", p.v6), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "-n",
+                &pn,
+                "addr",
+                "add",
+                &format!("{}/32", p.v4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &pn,
+                "addr",
+                "add",
+                &format!("{}/128", p.v6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", &pn, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-            ip(&["-n", &pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-            ip(&["-n", &pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &pn,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            ip(&[
+                "-n",
+                &pn,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n", &pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])?;
             for i in 0..s.nodes {
                 let ni = self.node(i);
                 if i == p.node {
-                    ip(&["-n", &ni, "route", "add", &format!("{}/32", p.v4), "dev", &host_if])?;
-                    ip(&["-n", &ni, "-6", "route", "add", &format!("{}/128", p.v6), "dev", &host_if])?;
+                    ip(&[
+                        "-n",
+                        &ni,
+                        "route",
+                        "add",
+                        &format!("{}/32", p.v4),
+                        "dev",
+                        &host_if,
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &ni,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{}/128", p.v6),
+                        "dev",
+                        &host_if,
+                    ])?;
                 } else {
-                    ip(&["-n", &ni, "route", "add", &format!("{}/32", p.v4), "via", &s.node_v4(p.node).to_string()])?;
-                    ip(&["-n", &ni, "-6", "route", "add", &format!("{}/128", p.v6), "via", &s.node_v6(p.node).to_string()])?;
+                    ip(&[
+                        "-n",
+                        &ni,
+                        "route",
+                        "add",
+                        &format!("{}/32", p.v4),
+                        "via",
+                        &s.node_v4(p.node).to_string(),
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &ni,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{}/128", p.v6),
+                        "via",
+                        &s.node_v6(p.node).to_string(),
+                    ])?;
                 }
             }
         }
@@ -276,7 +421,14 @@ impl Cluster {
             let mut child = Command::new("ip")
                 .args(["netns", "exec", &pn])
                 .arg(&agent)
-                .args(["--tcp", &ports(&s.tcp), "--udp", &ports(&s.udp), "--sctp", &ports(&s.sctp)])
+                .args([
+                    "--tcp",
+                    &ports(&s.tcp),
+                    "--udp",
+                    &ports(&s.udp),
+                    "--sctp",
+                    &ports(&s.sctp),
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -289,7 +441,14 @@ impl Cluster {
             if !ready.contains("ready") {
                 bail!("pod agent in {pn} did not start: {ready:?}");
             }
-            self.agents.insert(p.key.clone(), Agent { child, stdin, stdout });
+            self.agents.insert(
+                p.key.clone(),
+                Agent {
+                    child,
+                    stdin,
+                    stdout,
+                },
+            );
         }
         self.warm_up()
     }
@@ -305,7 +464,11 @@ impl Cluster {
                     .pods
                     .iter()
                     .flat_map(|p| [IpAddr::V4(p.v4), IpAddr::V6(p.v6)])
-                    .map(|dst| ProbeReq { dst, proto: Proto::Tcp, port: self.spec.tcp[0] })
+                    .map(|dst| ProbeReq {
+                        dst,
+                        proto: Proto::Tcp,
+                        port: self.spec.tcp[0],
+                    })
                     .collect();
                 reqs.push((from, probes));
             }
@@ -321,9 +484,17 @@ impl Cluster {
     }
 
     /// Sends each pod its probes (all at once, all pods in parallel); results per request.
-    pub fn probe(&mut self, reqs: &[(String, Vec<ProbeReq>)], timeout: Duration, retries: u32) -> Result<Vec<Vec<bool>>> {
+    pub fn probe(
+        &mut self,
+        reqs: &[(String, Vec<ProbeReq>)],
+        timeout: Duration,
+        retries: u32,
+    ) -> Result<Vec<Vec<bool>>> {
         for (from, probes) in reqs {
-            let a = self.agents.get_mut(from).with_context(|| format!("no pod {from}"))?;
+            let a = self
+                .agents
+                .get_mut(from)
+                .with_context(|| format!("no pod {from}"))?;
             let line = serde_json::to_string(&Request {
                 probes: probes.clone(),
                 timeout_ms: timeout.as_millis() as u64,
@@ -338,9 +509,14 @@ impl Cluster {
             let a = self.agents.get_mut(from).expect("checked");
             let mut line = String::new();
             a.stdout.read_line(&mut line)?;
-            let r: Response = serde_json::from_str(&line).with_context(|| format!("pod {from} answered {line:?}"))?;
+            let r: Response = serde_json::from_str(&line)
+                .with_context(|| format!("pod {from} answered {line:?}"))?;
             if r.results.len() != probes.len() {
-                bail!("pod {from} answered {} results for {} probes", r.results.len(), probes.len());
+                bail!(
+                    "pod {from} answered {} results for {} probes",
+                    r.results.len(),
+                    probes.len()
+                );
             }
             out.push(r.results);
         }
@@ -351,7 +527,10 @@ impl Cluster {
     pub fn spawn_in(&mut self, netns: &str, cmd: &mut Command) -> Result<&mut Child> {
         let program = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        let envs: Vec<_> = cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+            .collect();
         let mut c = Command::new("ip");
         c.args(["netns", "exec", netns]).arg(program).args(args);
         for (k, v) in envs {
@@ -368,18 +547,36 @@ impl Cluster {
 
     /// Runs a command inside a namespace to completion.
     pub fn run_in(&self, netns: &str, program: &str, args: &[&str]) -> Result<String> {
-        let out = Command::new("ip").args(["netns", "exec", netns, program]).args(args).output()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, program])
+            .args(args)
+            .output()?;
         if !out.status.success() {
-            bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// kube-proxy's situation: traffic to `service:port` arriving at node `i` is DNATed to
     /// `backend:target` in prerouting, before any filtering.
-    pub fn dnat(&self, i: usize, service: IpAddr, port: u16, backend: IpAddr, target: u16) -> Result<()> {
+    pub fn dnat(
+        &self,
+        i: usize,
+        service: IpAddr,
+        port: u16,
+        backend: IpAddr,
+        target: u16,
+    ) -> Result<()> {
         let fam = if service.is_ipv6() { "ip6" } else { "ip" };
-        let to = if backend.is_ipv6() { format!("[{backend}]:{target}") } else { format!("{backend}:{target}") };
+        let to = if backend.is_ipv6() {
+            format!("[{backend}]:{target}")
+        } else {
+            format!("{backend}:{target}")
+        };
         let script = format!(
             "table {fam} kubeproxy {{\n chain pre {{ type nat hook prerouting priority -100; {fam} daddr {service} tcp dport {port} dnat to {to}; }}\n}}\n"
         );
@@ -387,7 +584,11 @@ impl Cluster {
             .args(["netns", "exec", &self.node(i), "nft", "-f", "-"])
             .stdin(Stdio::piped())
             .spawn()?;
-        child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())?;
         if !child.wait()?.success() {
             bail!("installing the DNAT rule failed");
         }
@@ -399,9 +600,30 @@ impl Cluster {
         for k in 0..self.spec.pods.len() {
             let pn = format!("{}-p{k}", self.prefix);
             if addr.is_ipv6() {
-                ip(&["-n", &pn, "-6", "route", "replace", &format!("{addr}/128"), "via", "fe80::1", "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &pn,
+                    "-6",
+                    "route",
+                    "replace",
+                    &format!("{addr}/128"),
+                    "via",
+                    "fe80::1",
+                    "dev",
+                    "eth0",
+                ])?;
             } else {
-                ip(&["-n", &pn, "route", "replace", &format!("{addr}/32"), "via", "169.254.1.1", "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &pn,
+                    "route",
+                    "replace",
+                    &format!("{addr}/32"),
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ])?;
             }
         }
         Ok(())

@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod sctp;
 pub mod cluster;
+pub mod sctp;
 
 pub use cluster::{Cluster, PodSpec, Spec};
+pub mod moat;
+pub mod packets;

@@ -13,7 +13,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
             }
             *e = c;
         }
@@ -121,10 +125,24 @@ mod tests {
     fn init_and_ack_round_trip() {
         let i = init(40000, 80, 0xdead_beef);
         assert_eq!(i.len(), 32);
-        assert_eq!(parse(&i), Some(Packet::Init { src: 40000, dst: 80, tag: 0xdead_beef }));
+        assert_eq!(
+            parse(&i),
+            Some(Packet::Init {
+                src: 40000,
+                dst: 80,
+                tag: 0xdead_beef
+            })
+        );
         let a = init_ack(80, 40000, 0xdead_beef, 7);
         assert_eq!(a.len() % 4, 0);
-        assert_eq!(parse(&a), Some(Packet::InitAck { src: 80, dst: 40000, vtag: 0xdead_beef }));
+        assert_eq!(
+            parse(&a),
+            Some(Packet::InitAck {
+                src: 80,
+                dst: 40000,
+                vtag: 0xdead_beef
+            })
+        );
         let mut bad = a.clone();
         bad[20] ^= 1;
         assert_eq!(parse(&bad), None, "a corrupted packet fails its checksum");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use moat_enforcer::{Backend, BackendError, Capabilities};
+use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use serde_json::json;
@@ -73,8 +73,13 @@ impl Backend for Recording {
         }
     }
 
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<(), BackendError> {
-        self.event(json!({"op": "adopt", "version": last.map(|s| s.version)}))
+    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
+        self.event(json!({"op": "adopt", "version": last.map(|s| s.version)}))?;
+        Ok(if last.is_some() {
+            Adopted::Enforcing
+        } else {
+            Adopted::Nothing
+        })
     }
 
     fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {

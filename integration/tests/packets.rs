@@ -18,7 +18,14 @@ fn three_by_three(id: u8) -> Spec {
             });
         }
     }
-    Spec { id, nodes: 3, pods, tcp: vec![80, 81], udp: vec![80, 81], sctp: vec![80, 81] }
+    Spec {
+        id,
+        nodes: 3,
+        pods,
+        tcp: vec![80, 81],
+        udp: vec![80, 81],
+        sctp: vec![80, 81],
+    }
 }
 
 #[test]
@@ -32,7 +39,11 @@ fn the_harness_reaches_everything_without_policy() {
         for to in &spec.pods {
             for dst in [IpAddr::V4(to.v4), IpAddr::V6(to.v6)] {
                 for proto in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
-                    probes.push(ProbeReq { dst, proto, port: 81 });
+                    probes.push(ProbeReq {
+                        dst,
+                        proto,
+                        port: 81,
+                    });
                 }
             }
         }
@@ -43,7 +54,13 @@ fn the_harness_reaches_everything_without_policy() {
     let failed: Vec<_> = reqs
         .iter()
         .zip(&results)
-        .flat_map(|((from, probes), r)| probes.iter().zip(r).filter(|(_, ok)| !**ok).map(move |(p, _)| format!("{from} -> {p:?}")))
+        .flat_map(|((from, probes), r)| {
+            probes
+                .iter()
+                .zip(r)
+                .filter(|(_, ok)| !**ok)
+                .map(move |(p, _)| format!("{from} -> {p:?}"))
+        })
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
     eprintln!("{} probes in {:?}", 9 * 9 * 6, t.elapsed());
@@ -53,9 +70,21 @@ fn the_harness_reaches_everything_without_policy() {
             &[(
                 "x/a".into(),
                 vec![
-                    ProbeReq { dst: IpAddr::V4(spec.pods[4].v4), proto: Proto::Tcp, port: 82 },
-                    ProbeReq { dst: IpAddr::V6(spec.pods[4].v6), proto: Proto::Udp, port: 82 },
-                    ProbeReq { dst: IpAddr::V4(spec.pods[4].v4), proto: Proto::Sctp, port: 82 },
+                    ProbeReq {
+                        dst: IpAddr::V4(spec.pods[4].v4),
+                        proto: Proto::Tcp,
+                        port: 82,
+                    },
+                    ProbeReq {
+                        dst: IpAddr::V6(spec.pods[4].v6),
+                        proto: Proto::Udp,
+                        port: 82,
+                    },
+                    ProbeReq {
+                        dst: IpAddr::V4(spec.pods[4].v4),
+                        proto: Proto::Sctp,
+                        port: 82,
+                    },
                 ],
             )],
             Duration::from_millis(300),
@@ -64,11 +93,20 @@ fn the_harness_reaches_everything_without_policy() {
         .unwrap();
     assert_eq!(r[0], vec![false, false, false]);
     // Nothing of it is reachable from the root namespace.
-    let out = std::process::Command::new("ip").args(["route", "get", &spec.pods[0].v4.to_string()]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["route", "get", &spec.pods[0].v4.to_string()])
+        .output()
+        .unwrap();
     let route = String::from_utf8_lossy(&out.stdout);
     assert!(!route.contains("vp") && !route.contains("br0"), "{route}");
     let names = c.fabric();
     drop(c);
-    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&list.stdout).contains(&names), "namespaces removed on drop");
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&names),
+        "namespaces removed on drop"
+    );
 }

@@ -1,7 +1,10 @@
 //! `moat-pod`: the agent inside a pod's network namespace (see `moat_harness::agent`).
 
 fn ports(s: &str) -> Vec<u16> {
-    s.split(',').filter(|p| !p.is_empty()).map(|p| p.parse().expect("port")).collect()
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().expect("port"))
+        .collect()
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -14,5 +17,10 @@ async fn main() -> anyhow::Result<()> {
             .cloned()
             .unwrap_or_else(|| default.to_string())
     };
-    moat_harness::agent::serve(ports(&get("--tcp", "80,81")), ports(&get("--udp", "80,81")), ports(&get("--sctp", "80,81"))).await
+    moat_harness::agent::serve(
+        ports(&get("--tcp", "80,81")),
+        ports(&get("--udp", "80,81")),
+        ports(&get("--sctp", "80,81")),
+    )
+    .await
 }

@@ -18,5 +18,5 @@ struct TestEnforcer {
 async fn main() -> Result<()> {
     let args = TestEnforcer::parse();
     let backend = moat_integration::record::Recording::new(args.record_dir)?;
-    moat_enforcer::cli::run(args.common, backend).await
+    moat_enforcer::cli::run(args.common, backend, "recording (tests only)").await
 }

@@ -1,0 +1,323 @@
+//! `Desired` → nftables JSON commands: a full replacement, or the difference between two
+//! states. Either way the commands form one `nft -j -f -` batch, which the kernel commits
+//! atomically: a packet sees the old table or the new one, never a mix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde_json::{Value, json};
+
+use crate::desired::{Desired, Ruleset};
+
+pub const TABLE: &str = "moat";
+
+fn obj(kind: &str, body: Value) -> Value {
+    let mut b = body;
+    b["family"] = json!("inet");
+    b["table"] = json!(TABLE);
+    json!({ kind: b })
+}
+
+fn cmd(verb: &str, kind: &str, body: Value) -> Value {
+    json!({ verb: obj(kind, body) })
+}
+
+/// The chain that records which version and digest the table holds (its name is the record).
+pub fn info_chain(d: &Desired) -> String {
+    format!("v_{}_{}", d.version, d.digest.map(|x| x.to_string()).unwrap_or_default())
+}
+
+/// Parses an info chain name back.
+pub fn parse_info(name: &str) -> Option<(u64, String)> {
+    let rest = name.strip_prefix("v_")?;
+    let (v, d) = rest.split_once('_')?;
+    Some((v.parse().ok()?, d.to_string()))
+}
+
+fn payload(proto: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": proto, "field": field}})
+}
+
+fn ct(key: &str) -> Value {
+    json!({"ct": {"key": key}})
+}
+
+fn l4proto() -> Value {
+    json!({"meta": {"key": "l4proto"}})
+}
+
+fn lookup(left: Value, set: &str) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": format!("@{set}")}})
+}
+
+fn concat(items: Vec<Value>) -> Value {
+    json!({"concat": items})
+}
+
+fn range(a: impl Into<Value>, b: impl Into<Value>) -> Value {
+    json!({"range": [a.into(), b.into()]})
+}
+
+fn port(a: u16, b: u16) -> Value {
+    if a == b { json!(a) } else { range(a, b) }
+}
+
+fn rule(chain: &str, expr: Vec<Value>) -> Value {
+    cmd("add", "rule", json!({"chain": chain, "expr": expr}))
+}
+
+fn set_decl(name: &str, ty: Value, interval: bool) -> Value {
+    let mut s = json!({"name": name, "type": ty});
+    if interval {
+        s["flags"] = json!(["interval"]);
+    }
+    cmd("add", "set", s)
+}
+
+fn map_decl(name: &str, ty: &str, map: &str, interval: bool) -> Value {
+    let mut s = json!({"name": name, "type": ty, "map": map});
+    if interval {
+        s["flags"] = json!(["interval"]);
+    }
+    cmd("add", "map", s)
+}
+
+fn elements(verb: &str, set: &str, elems: Vec<Value>) -> Option<Value> {
+    (!elems.is_empty()).then(|| cmd(verb, "element", json!({"name": set, "elem": elems})))
+}
+
+const ACCEPT: &str = "accept";
+const RETURN: &str = "return";
+
+/// A ruleset's set names.
+fn sets(chain: &str) -> [(String, Value, bool); 5] {
+    [
+        (format!("{chain}_ap"), json!(["inet_proto", "inet_service"]), true),
+        (format!("{chain}_aa"), json!("mark"), false),
+        (format!("{chain}_gp"), json!(["mark", "inet_proto", "inet_service"]), true),
+        (format!("{chain}_n4"), json!(["ipv4_addr", "inet_proto", "inet_service"]), false),
+        (format!("{chain}_n6"), json!(["ipv6_addr", "inet_proto", "inet_service"]), false),
+    ]
+}
+
+/// The fixed rules of a ruleset chain: a constant number of lookups whatever its size.
+fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
+    // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
+    let ok = if rs.egress { RETURN } else { ACCEPT };
+    let verdict = json!({ ok: null });
+    let peer = if rs.egress { "daddr" } else { "saddr" };
+    let mut r = Vec::new();
+    if rs.any {
+        r.push(rule(name, vec![verdict.clone()]));
+    }
+    r.push(rule(name, vec![lookup(concat(vec![l4proto(), payload("th", "dport")]), &format!("{name}_ap")), verdict.clone()]));
+    r.push(rule(name, vec![json!({"mangle": {"key": ct("mark"), "value": 0}})]));
+    for fam in ["ip", "ip6"] {
+        let map = if fam == "ip" { "class4" } else { "class6" };
+        r.push(rule(
+            name,
+            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{map}")}}}})],
+        ));
+    }
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    r.push(rule(name, vec![lookup(ct("mark"), &format!("{name}_aa")), clear.clone(), verdict.clone()]));
+    r.push(rule(
+        name,
+        vec![lookup(concat(vec![ct("mark"), l4proto(), payload("th", "dport")]), &format!("{name}_gp")), clear.clone(), verdict.clone()],
+    ));
+    if rs.egress {
+        for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
+            r.push(rule(
+                name,
+                vec![lookup(concat(vec![payload(fam, "daddr"), l4proto(), payload("th", "dport")]), &format!("{name}_{set}")), clear.clone(), verdict.clone()],
+            ));
+        }
+    }
+    r.push(rule(name, vec![clear, json!({"counter": "denied"}), json!({"drop": null})]));
+    r
+}
+
+fn base_chain() -> Vec<Value> {
+    let mut c = vec![cmd(
+        "add",
+        "chain",
+        json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
+    )];
+    let r = |expr: Vec<Value>| rule("forward", expr);
+    c.push(r(vec![json!({"match": {"op": "in", "left": ct("state"), "right": ["established", "related"]}}), json!({"accept": null})]));
+    c.push(r(vec![json!({"match": {"op": "in", "left": ct("state"), "right": "invalid"}}), json!({"counter": "denied"}), json!({"drop": null})]));
+    // Link-local traffic is never policy's business (routers don't forward it anyway).
+    c.push(r(vec![json!({"match": {"op": "==", "left": payload("ip6", "saddr"), "right": {"prefix": {"addr": "fe80::", "len": 10}}}}), json!({"accept": null})]));
+    c.push(r(vec![json!({"match": {"op": "==", "left": payload("ip", "saddr"), "right": {"prefix": {"addr": "169.254.0.0", "len": 16}}}}), json!({"accept": null})]));
+    for (fam, field, map) in [("ip", "saddr", "eg4"), ("ip6", "saddr", "eg6"), ("ip", "daddr", "ing4"), ("ip6", "daddr", "ing6")] {
+        c.push(r(vec![json!({"vmap": {"key": payload(fam, field), "data": format!("@{map}")}})]));
+    }
+    c
+}
+
+// === element encodings ===
+
+fn class4_elems<'a>(it: impl Iterator<Item = (&'a (Ipv4Addr, Ipv4Addr), &'a u32)>) -> Vec<Value> {
+    it.map(|((a, b), c)| json!([if a == b { json!(a.to_string()) } else { range(a.to_string(), b.to_string()) }, c]))
+        .collect()
+}
+
+fn class6_elems<'a>(it: impl Iterator<Item = (&'a (Ipv6Addr, Ipv6Addr), &'a u32)>) -> Vec<Value> {
+    it.map(|((a, b), c)| json!([if a == b { json!(a.to_string()) } else { range(a.to_string(), b.to_string()) }, c]))
+        .collect()
+}
+
+fn vmap_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = (&'a A, &'a String)>) -> Vec<Value> {
+    it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": chain}}])).collect()
+}
+
+fn ap_elems<'a>(it: impl Iterator<Item = &'a (u8, u16, u16)>) -> Vec<Value> {
+    it.map(|(p, a, b)| concat(vec![json!(p), port(*a, *b)])).collect()
+}
+
+fn gp_elems<'a>(it: impl Iterator<Item = &'a (u32, u8, u16, u16)>) -> Vec<Value> {
+    it.map(|(c, p, a, b)| concat(vec![json!(c), json!(p), port(*a, *b)])).collect()
+}
+
+fn n_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = &'a (A, u8, u16)>) -> Vec<Value> {
+    it.map(|(a, p, port)| concat(vec![json!(a.to_string()), json!(p), json!(port)])).collect()
+}
+
+fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
+    [
+        elements(verb, &format!("{name}_ap"), ap_elems(rs.ap.iter())),
+        elements(verb, &format!("{name}_aa"), rs.aa.iter().map(|c| json!(c)).collect()),
+        elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
+        elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
+        elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn add_ruleset(name: &str, rs: &Ruleset) -> Vec<Value> {
+    let mut c = Vec::new();
+    for (set, ty, interval) in sets(name) {
+        c.push(set_decl(&set, ty, interval));
+    }
+    c.push(cmd("add", "chain", json!({"name": name})));
+    c.extend(chain_rules(name, rs));
+    c.extend(ruleset_elements("add", name, rs));
+    c
+}
+
+fn delete_ruleset(name: &str) -> Vec<Value> {
+    let mut c = vec![cmd("delete", "chain", json!({"name": name}))];
+    for (set, ty, _) in sets(name) {
+        // `type` is redundant for nft but the nftables crate's schema requires it.
+        c.push(cmd("delete", "set", json!({"name": set, "type": ty})));
+    }
+    c
+}
+
+/// Replaces whatever the table holds with `d`: add-then-delete-then-add makes the delete
+/// safe when the table doesn't exist, and the batch is one transaction.
+pub fn full(d: &Desired) -> Vec<Value> {
+    let mut c = vec![
+        json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
+        json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
+        json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
+        cmd("add", "counter", json!({"name": "denied"})),
+        map_decl("class4", "ipv4_addr", "mark", true),
+        map_decl("class6", "ipv6_addr", "mark", true),
+    ];
+    for (m, ty) in [("ing4", "ipv4_addr"), ("ing6", "ipv6_addr"), ("eg4", "ipv4_addr"), ("eg6", "ipv6_addr")] {
+        c.push(map_decl(m, ty, "verdict", false));
+    }
+    for (name, rs) in &d.rulesets {
+        c.extend(add_ruleset(name, rs));
+    }
+    c.extend(elements("add", "class4", class4_elems(d.class4.iter())));
+    c.extend(elements("add", "class6", class6_elems(d.class6.iter())));
+    c.extend(elements("add", "ing4", vmap_elems(d.ing4.iter())));
+    c.extend(elements("add", "ing6", vmap_elems(d.ing6.iter())));
+    c.extend(elements("add", "eg4", vmap_elems(d.eg4.iter())));
+    c.extend(elements("add", "eg6", vmap_elems(d.eg6.iter())));
+    c.extend(base_chain());
+    c.push(cmd("add", "chain", json!({"name": info_chain(d)})));
+    c
+}
+
+/// (removed, added) between two maps: a changed value is a removal and an addition.
+fn map_diff<'a, K: Ord, V: PartialEq>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
+    let removed = old.iter().filter(|(k, v)| new.get(k) != Some(v)).collect();
+    let added = new.iter().filter(|(k, v)| old.get(k) != Some(v)).collect();
+    (removed, added)
+}
+
+fn set_diff<'a, T: Ord>(old: &'a BTreeSet<T>, new: &'a BTreeSet<T>) -> (Vec<&'a T>, Vec<&'a T>) {
+    (old.difference(new).collect(), new.difference(old).collect())
+}
+
+/// The commands that turn `old` (what the table holds) into `new`, as one transaction.
+pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
+    let mut c = Vec::new();
+    // New rulesets first: the verdict maps may point at them below.
+    for (name, rs) in &new.rulesets {
+        if !old.rulesets.contains_key(name) {
+            c.extend(add_ruleset(name, rs));
+        }
+    }
+    // Deletions before additions everywhere, so intervals never overlap transiently.
+    let (r4, a4) = map_diff(&old.class4, &new.class4);
+    let (r6, a6) = map_diff(&old.class6, &new.class6);
+    c.extend(elements("delete", "class4", class4_elems(r4.into_iter())));
+    c.extend(elements("delete", "class6", class6_elems(r6.into_iter())));
+    c.extend(elements("add", "class4", class4_elems(a4.into_iter())));
+    c.extend(elements("add", "class6", class6_elems(a6.into_iter())));
+    macro_rules! vmap {
+        ($field:ident, $name:expr) => {{
+            let (r, a) = map_diff(&old.$field, &new.$field);
+            c.extend(elements("delete", $name, vmap_elems(r.into_iter())));
+            c.extend(elements("add", $name, vmap_elems(a.into_iter())));
+        }};
+    }
+    vmap!(ing4, "ing4");
+    vmap!(ing6, "ing6");
+    vmap!(eg4, "eg4");
+    vmap!(eg6, "eg6");
+    for (name, rs) in &new.rulesets {
+        let Some(o) = old.rulesets.get(name) else { continue };
+        if o == rs {
+            continue;
+        }
+        if o.any != rs.any {
+            c.push(cmd("flush", "chain", json!({"name": name})));
+            c.extend(chain_rules(name, rs));
+        }
+        let (r, a) = set_diff(&o.ap, &rs.ap);
+        c.extend(elements("delete", &format!("{name}_ap"), ap_elems(r.into_iter())));
+        c.extend(elements("add", &format!("{name}_ap"), ap_elems(a.into_iter())));
+        let (r, a) = set_diff(&o.aa, &rs.aa);
+        c.extend(elements("delete", &format!("{name}_aa"), r.into_iter().map(|x| json!(x)).collect()));
+        c.extend(elements("add", &format!("{name}_aa"), a.into_iter().map(|x| json!(x)).collect()));
+        let (r, a) = set_diff(&o.gp, &rs.gp);
+        c.extend(elements("delete", &format!("{name}_gp"), gp_elems(r.into_iter())));
+        c.extend(elements("add", &format!("{name}_gp"), gp_elems(a.into_iter())));
+        let (r, a) = set_diff(&o.n4, &rs.n4);
+        c.extend(elements("delete", &format!("{name}_n4"), n_elems(r.into_iter())));
+        c.extend(elements("add", &format!("{name}_n4"), n_elems(a.into_iter())));
+        let (r, a) = set_diff(&o.n6, &rs.n6);
+        c.extend(elements("delete", &format!("{name}_n6"), n_elems(r.into_iter())));
+        c.extend(elements("add", &format!("{name}_n6"), n_elems(a.into_iter())));
+    }
+    for name in old.rulesets.keys() {
+        if !new.rulesets.contains_key(name) {
+            c.extend(delete_ruleset(name));
+        }
+    }
+    if info_chain(old) != info_chain(new) {
+        c.push(cmd("delete", "chain", json!({"name": info_chain(old)})));
+        c.push(cmd("add", "chain", json!({"name": info_chain(new)})));
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! Moat deployed on a netns cluster: the real `moat-server` in the fabric namespace (file
+//! source, sled, mutual TLS) and a real `moat-enforcer` in every node namespace.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use moat_policy::Index;
+use moat_policy::ir::digest::Digest;
+use moat_policy::model::{self, K8sObject};
+use serde_json::Value;
+
+use crate::cluster::{Cluster, Spec, binary};
+
+const SYNC_PORT: u16 = 7443;
+
+pub struct Moat {
+    pub cluster: Cluster,
+    pub dir: tempfile::TempDir,
+    pub node_names: Vec<String>,
+    pub backend: String,
+}
+
+fn moatctl(args: &[&str]) -> Result<String> {
+    let out = Command::new(binary("moatctl")?).args(args).output()?;
+    if !out.status.success() {
+        bail!("moatctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Moat {
+    /// Builds the cluster and starts the server and one enforcer per node (`backend`: the
+    /// enforcer's `--backend`). `node_names[i]` is node `i`'s name in the manifests.
+    pub fn start(spec: Spec, node_names: Vec<String>, backend: &str) -> Result<Moat> {
+        let dir = tempfile::tempdir()?;
+        let cluster = Cluster::create(spec)?;
+        let mut m = Moat {
+            cluster,
+            dir,
+            node_names,
+            backend: backend.to_string(),
+        };
+        m.certs()?;
+        std::fs::create_dir_all(m.manifests())?;
+        m.start_server()?;
+        for i in 0..m.node_names.len() {
+            m.start_enforcer(i)?;
+        }
+        Ok(m)
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.path("manifests")
+    }
+
+    fn certs(&self) -> Result<()> {
+        let c = self.path("certs");
+        let c = c.to_str().context("path")?;
+        let s = &self.cluster.spec;
+        moatctl(&[
+            "certs", "init", "--dir", c, "--server-name", "moat-server", "--server-name", "localhost",
+            "--server-ip", &s.fabric_v4().to_string(), "--server-ip", &s.fabric_v6().to_string(),
+            "--server-ip", "127.0.0.1",
+        ])?;
+        for n in &self.node_names {
+            moatctl(&["certs", "issue-node", "--dir", c, "--node", n])?;
+        }
+        moatctl(&["certs", "issue-admin", "--dir", c, "--name", "harness"])?;
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<()> {
+        let c = self.path("certs");
+        let mut cmd = Command::new(binary("moat-server")?);
+        cmd.arg("--source")
+            .arg(format!("dir:{}", self.manifests().display()))
+            .args(["--poll-seconds", "3600", "--listen", &format!("[::]:{SYNC_PORT}")])
+            .args(["--health-addr", "127.0.0.1:7444", "--metrics-addr", "127.0.0.1:7445"])
+            .arg("--tls-ca")
+            .arg(c.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(c.join("server.pem"))
+            .arg("--tls-key")
+            .arg(c.join("server-key.pem"))
+            .arg("--state-dir")
+            .arg(self.path("state/server"))
+            .env("MOAT_LOG", std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null());
+        let fab = self.cluster.fabric();
+        self.cluster.spawn_in(&fab, &mut cmd)?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) node `i`'s enforcer.
+    pub fn start_enforcer(&mut self, i: usize) -> Result<()> {
+        let c = self.path("certs");
+        let name = self.node_names[i].clone();
+        let mut cmd = Command::new(binary("moat-enforcer")?);
+        cmd.args(["--backend", &self.backend, "--node", &name])
+            .arg("--server")
+            .arg(format!("https://{}:{SYNC_PORT}", self.cluster.spec.fabric_v4()))
+            .args(["--tls-server-name", "moat-server"])
+            .arg("--tls-ca")
+            .arg(c.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(c.join(format!("node-{name}.pem")))
+            .arg("--tls-key")
+            .arg(c.join(format!("node-{name}-key.pem")))
+            .arg("--state-dir")
+            .arg(self.path(&format!("state/{name}")))
+            .args(["--health-addr", "127.0.0.1:7446", "--metrics-addr", "127.0.0.1:7447"])
+            .args(["--backoff-max-seconds", "1"])
+            .env("MOAT_LOG", std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("NO_COLOR", "1");
+        let node = self.cluster.node(i);
+        self.cluster.spawn_in(&node, &mut cmd)?;
+        Ok(())
+    }
+
+    /// Kills node `i`'s enforcer with SIGKILL (its rules stay in the kernel).
+    pub fn kill_enforcer(&mut self, i: usize) -> Result<()> {
+        let node = self.cluster.node(i);
+        let out = Command::new("ip").args(["netns", "pids", &node]).output()?;
+        let enforcer = binary("moat-enforcer")?;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            if exe == enforcer {
+                Command::new("kill").args(["-9", pid]).status()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the cluster's manifests (atomically: write, then rename).
+    pub fn write_manifests(&self, objects: &[K8sObject]) -> Result<()> {
+        let mut text = String::new();
+        for o in objects {
+            let (v, kind, api) = match o {
+                K8sObject::Namespace(x) => (serde_yaml::to_value(x)?, "Namespace", "v1"),
+                K8sObject::Pod(x) => (serde_yaml::to_value(x)?, "Pod", "v1"),
+                K8sObject::Node(x) => (serde_yaml::to_value(x)?, "Node", "v1"),
+                K8sObject::NetworkPolicy(x) => (serde_yaml::to_value(x)?, "NetworkPolicy", "networking.k8s.io/v1"),
+            };
+            let mut v = v;
+            if let serde_yaml::Value::Mapping(m) = &mut v {
+                m.insert("apiVersion".into(), api.into());
+                m.insert("kind".into(), kind.into());
+            }
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(&v)?);
+        }
+        let tmp = self.manifests().join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests().join("cluster.yaml"))?;
+        Ok(())
+    }
+
+    /// The digest every node must end up enforcing for `objects`.
+    pub fn expected(objects: &[K8sObject]) -> Result<BTreeMap<String, Digest>> {
+        let parsed: Vec<_> = objects
+            .iter()
+            .map(|o| model::parse::object(o).map(|p| p.value))
+            .collect::<Result<_, _>>()?;
+        let index = Index::build(parsed);
+        Ok(index.nodes().into_iter().map(|n| (n.node.to_string(), n.digest)).collect())
+    }
+
+    /// `moatctl status -o json`, asked inside the fabric namespace.
+    pub fn status(&self) -> Result<Value> {
+        let c = self.path("certs");
+        let out = self.cluster.run_in(
+            &self.cluster.fabric(),
+            binary("moatctl")?.to_str().context("path")?,
+            &[
+                "status", "-o", "json", "--server", &format!("https://127.0.0.1:{SYNC_PORT}"), "--tls-server-name", "localhost",
+                "--tls-ca", &c.join("ca.pem").display().to_string(),
+                "--tls-cert", &c.join("admin-harness.pem").display().to_string(),
+                "--tls-key", &c.join("admin-harness-key.pem").display().to_string(),
+            ],
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Same, as the human-readable table.
+    pub fn status_table(&self, extra: &[&str]) -> Result<String> {
+        let c = self.path("certs");
+        let mut args: Vec<String> = vec![
+            "status".into(), "--server".into(), format!("https://127.0.0.1:{SYNC_PORT}"), "--tls-server-name".into(), "localhost".into(),
+            "--tls-ca".into(), c.join("ca.pem").display().to_string(),
+            "--tls-cert".into(), c.join("admin-harness.pem").display().to_string(),
+            "--tls-key".into(), c.join("admin-harness-key.pem").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cluster.run_in(&self.cluster.fabric(), binary("moatctl")?.to_str().context("path")?, &args)
+    }
+
+    /// Waits until every node acknowledged exactly `expected` (probing before that would
+    /// test a race, not the policy).
+    pub fn wait_applied(&self, expected: &BTreeMap<String, Digest>, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            let done = s.as_ref().is_ok_and(|s| {
+                expected.iter().all(|(node, d)| {
+                    s["nodes"].as_array().is_some_and(|a| {
+                        a.iter().any(|n| n["node"] == node.as_str() && n["applied_digest"] == d.to_string())
+                    })
+                })
+            });
+            if done {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nodes did not apply the expected versions in {timeout:?}: {s:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
