@@ -41,18 +41,34 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let report = match args.backend {
         None => {
             let Mode::Model = args.mode;
-            let opts = Options { families, plan_id: 0, scratch: true, live: true };
+            let opts = Options {
+                families,
+                plan_id: 0,
+                scratch: true,
+                live: true,
+            };
             run_cases(&cases, &mut model_backends(), &opts)
         }
         Some(backend) => {
             // One netns cluster per family, every case applied to it as a live update.
             let slot = moat_harness::cluster::slot()?;
             let b = backend.clone();
-            let factory: Factory<'_> = Box::new(move |plan| Ok(Box::new(PacketBackend::start(plan, &b)?) as Box<dyn Backend>));
-            let opts = Options { families, plan_id: slot.id, scratch: false, live: true };
+            let factory: Factory<'_> = Box::new(move |plan| {
+                Ok(Box::new(PacketBackend::start(plan, &b)?) as Box<dyn Backend>)
+            });
+            let opts = Options {
+                families,
+                plan_id: slot.id,
+                scratch: false,
+                live: true,
+            };
             run_cases(&cases, &mut [(backend, factory)], &opts)
         }
     };
     println!("{report}");
-    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

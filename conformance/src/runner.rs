@@ -278,17 +278,83 @@ pub fn run(cases: &[Case], backends: &mut [(String, Factory<'_>)], opts: &Option
             }
             if opts.live {
                 let mut backend = factory(plan);
+                // A broken cluster would make every later case wait out its timeouts: after
+                // an error the cluster is rebuilt once, and a second error in a row ends the run.
+                let mut errors_in_a_row = 0;
                 for case in cases {
                     let label = format!("{name} {family} live");
                     let outcome = match (skip(case), &mut backend) {
                         (Some(why), _) => Outcome::Skipped(why),
+                        _ if errors_in_a_row >= 2 => {
+                            Outcome::Error("not run: the cluster failed twice in a row".into())
+                        }
                         (None, Ok(b)) => check(case, b.as_mut(), plan),
                         (None, Err(e)) => Outcome::Error(e.to_string()),
                     };
+                    if matches!(outcome, Outcome::Error(_)) {
+                        errors_in_a_row += 1;
+                        if errors_in_a_row == 1 {
+                            // The old cluster must be gone before its replacement takes its names.
+                            drop(std::mem::replace(
+                                &mut backend,
+                                Err(Error::Backend("rebuilding".into())),
+                            ));
+                            backend = factory(plan);
+                        }
+                    } else if !matches!(outcome, Outcome::Skipped(_)) {
+                        errors_in_a_row = 0;
+                    }
                     report.case(&case.name).runs.push(Run { label, outcome });
                 }
             }
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell as Counter;
+
+    use super::*;
+
+    /// Fails every apply; counts how often it was built.
+    struct Broken;
+
+    impl Backend for Broken {
+        fn apply(&mut self, _: &[K8sObject]) -> Result<(), Error> {
+            Err(Error::Backend("apply timed out".into()))
+        }
+        fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error> {
+            Ok(vec![true; probes.len()])
+        }
+    }
+
+    fn cases(n: usize) -> Vec<Case> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("upstream/netpol");
+        crate::load_dir(&dir).unwrap().into_iter().take(n).collect()
+    }
+
+    #[test]
+    fn a_broken_live_cluster_is_rebuilt_once_then_the_run_stops() {
+        let built = Counter::new(0);
+        let factory: Factory<'_> = Box::new(|_| {
+            built.set(built.get() + 1);
+            Ok(Box::new(Broken) as Box<dyn Backend>)
+        });
+        let opts = Options {
+            families: vec![Family::Ipv4],
+            plan_id: 0,
+            scratch: false,
+            live: true,
+        };
+        let report = run(&cases(5), &mut [("broken".into(), factory)], &opts);
+        assert_eq!(report.failed(), 5);
+        assert_eq!(built.get(), 2, "built, then rebuilt once");
+        let last = &report.cases[4].runs[0].outcome;
+        assert!(
+            matches!(last, Outcome::Error(m) if m.contains("not run")),
+            "{last:?}"
+        );
+    }
 }

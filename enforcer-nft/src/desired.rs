@@ -46,6 +46,9 @@ impl Ruleset {
 pub struct Desired {
     pub version: u64,
     pub digest: Option<Digest>,
+    /// Which class numbering the kernel's table uses: new with every full replacement, kept
+    /// by deltas. A delta only commits onto the numbering it was computed for.
+    pub epoch: u32,
     /// Inclusive address interval → class.
     pub class4: BTreeMap<(Ipv4Addr, Ipv4Addr), u32>,
     pub class6: BTreeMap<(Ipv6Addr, Ipv6Addr), u32>,
@@ -94,7 +97,12 @@ impl Classes {
 
     /// Frees the numbers of classes no longer in use.
     fn retain(&mut self, live: &BTreeSet<Vec<GroupId>>) {
-        let dead: Vec<_> = self.ids.keys().filter(|k| !live.contains(*k)).cloned().collect();
+        let dead: Vec<_> = self
+            .ids
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
         for k in dead {
             if let Some(id) = self.ids.remove(&k) {
                 self.free.push(id);
@@ -124,7 +132,9 @@ fn intervals(members: &Members, to: fn(IpAddr) -> Option<u128>) -> Vec<(u128, u1
         Members::AddrPorts(_) => Vec::new(),
         Members::Block { cidr, except } => {
             let (lo, hi) = cidr.range();
-            let (Some(lo), Some(hi)) = (to(lo), to(hi)) else { return Vec::new() };
+            let (Some(lo), Some(hi)) = (to(lo), to(hi)) else {
+                return Vec::new();
+            };
             let mut holes: Vec<(u128, u128)> = except
                 .iter()
                 .filter_map(|e| {
@@ -156,7 +166,10 @@ fn intervals(members: &Members, to: fn(IpAddr) -> Option<u128>) -> Vec<(u128, u1
 }
 
 /// Splits the address space of one family into segments with a constant set of groups.
-fn segments(snap: &NodeSnapshot, to: fn(IpAddr) -> Option<u128>) -> Vec<(u128, u128, Vec<GroupId>)> {
+fn segments(
+    snap: &NodeSnapshot,
+    to: fn(IpAddr) -> Option<u128>,
+) -> Vec<(u128, u128, Vec<GroupId>)> {
     // Boundary events: +group at start, -group after end.
     // An interval reaching the top of the space never ends.
     let mut events: Vec<(u128, bool, GroupId)> = Vec::new();
@@ -206,7 +219,10 @@ pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
     for r in rules {
         h.update(&r.0.to_le_bytes());
     }
-    let hex: String = h.finalize().as_bytes()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = h.finalize().as_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("{}{hex}", if egress { "e_" } else { "i_" })
 }
 
@@ -236,20 +252,23 @@ pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
     let mut classes_of: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
     for (a, b, set) in &segs4 {
         let id = classes.id(set);
-        d.class4.insert((Ipv4Addr::from(*a as u32), Ipv4Addr::from(*b as u32)), id);
+        d.class4
+            .insert((Ipv4Addr::from(*a as u32), Ipv4Addr::from(*b as u32)), id);
         for g in set {
             classes_of.entry(*g).or_default().insert(id);
         }
     }
     for (a, b, set) in &segs6 {
         let id = classes.id(set);
-        d.class6.insert((Ipv6Addr::from(*a), Ipv6Addr::from(*b)), id);
+        d.class6
+            .insert((Ipv6Addr::from(*a), Ipv6Addr::from(*b)), id);
         for g in set {
             classes_of.entry(*g).or_default().insert(id);
         }
     }
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
-    let groups: HashMap<GroupId, &Members> = snap.groups.iter().map(|g| (g.id, &g.members)).collect();
+    let groups: HashMap<GroupId, &Members> =
+        snap.groups.iter().map(|g| (g.id, &g.members)).collect();
     for e in &snap.endpoints {
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
             if !dir.isolated {
@@ -293,7 +312,9 @@ fn ruleset(
             (Peers::Any, Ports::Any) => rs.any = true,
             (Peers::Any, Ports::Ranges(ranges)) => {
                 for x in ranges {
-                    ap.entry(x.proto.number()).or_default().push((x.first, x.last));
+                    ap.entry(x.proto.number())
+                        .or_default()
+                        .push((x.first, x.last));
                 }
             }
             (Peers::Groups(gs), Ports::Any) => {
@@ -305,7 +326,9 @@ fn ruleset(
                 for g in gs {
                     for c in classes_of.get(g).unwrap_or(&empty) {
                         for x in ranges {
-                            gp.entry((*c, x.proto.number())).or_default().push((x.first, x.last));
+                            gp.entry((*c, x.proto.number()))
+                                .or_default()
+                                .push((x.first, x.last));
                         }
                     }
                 }

@@ -25,6 +25,7 @@ pub mod nft;
 pub mod render;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
@@ -41,21 +42,27 @@ pub struct NftBackend {
     current: Option<Desired>,
     max_elements: usize,
     version: String,
+    lock: nft::TxLock,
 }
 
 impl NftBackend {
-    pub fn new(max_elements: usize) -> Self {
+    /// Takes the table's transaction lock at `lock` (see [`nft::TxLock`]) first: after a
+    /// crash this waits for the dead enforcer's last `nft` to finish, so adoption reads a
+    /// table nothing else is about to change.
+    pub fn open(max_elements: usize, lock: &Path) -> Result<Self, nft::Error> {
+        let lock = nft::TxLock::acquire(lock, nft::LOCK_WAIT_DEFAULT)?;
         let version = std::process::Command::new("nft")
             .arg("--version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        Self {
+        Ok(Self {
             classes: Classes::default(),
             current: None,
             max_elements,
             version,
-        }
+            lock,
+        })
     }
 
     /// Checks that `nft` works here (the capability probe for this backend).
@@ -65,7 +72,10 @@ impl NftBackend {
             .output()
             .map_err(|e| format!("cannot run nft: {e}"))?;
         if !out.status.success() {
-            return Err(format!("nft list tables: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "nft list tables: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok("ok".into())
     }
@@ -86,9 +96,16 @@ impl NftBackend {
     fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
         // A fresh numbering for a full replacement: nothing in the kernel to stay close to.
         self.classes = Classes::default();
-        let d = self.desired(snap)?;
-        nft::apply(render::full(&d)).map_err(|e| BackendError::Failed(e.to_string()))?;
-        debug!(version = snap.version, elements = d.elements(), rulesets = d.rulesets.len(), "table replaced");
+        let mut d = self.desired(snap)?;
+        d.epoch = rand::random();
+        nft::apply(&self.lock, render::full(&d))
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        debug!(
+            version = snap.version,
+            elements = d.elements(),
+            rulesets = d.rulesets.len(),
+            "table replaced"
+        );
         self.current = Some(d);
         Ok(())
     }
@@ -105,7 +122,10 @@ impl Backend for NftBackend {
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
-            probes: BTreeMap::from([("nft".to_string(), NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()))]),
+            probes: BTreeMap::from([(
+                "nft".to_string(),
+                NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
+            )]),
         }
     }
 
@@ -120,12 +140,18 @@ impl Backend for NftBackend {
                 Ok(Adopted::Enforcing)
             }
             (Some((v, _)), None) => {
-                warn!(version = v, "a Moat table exists but there is no local record; keeping it until the server sends a full snapshot");
+                warn!(
+                    version = v,
+                    "a Moat table exists but there is no local record; keeping it until the server sends a full snapshot"
+                );
                 Ok(Adopted::Unknown)
             }
             (Some((v, _)), Some(s)) if v > s.version => {
                 // Newer than our record (applied just before a crash) or unnamed: keep it.
-                warn!(version = v, "the table holds rules newer than the local record; keeping them");
+                warn!(
+                    version = v,
+                    "the table holds rules newer than the local record; keeping them"
+                );
                 Ok(Adopted::Unknown)
             }
             (_, Some(s)) => {
@@ -141,18 +167,26 @@ impl Backend for NftBackend {
         self.replace(snap)
     }
 
-    fn apply_delta(&mut self, _old: &NodeSnapshot, _delta: &Delta, new: &NodeSnapshot) -> Result<(), BackendError> {
+    fn apply_delta(
+        &mut self,
+        _old: &NodeSnapshot,
+        _delta: &Delta,
+        new: &NodeSnapshot,
+    ) -> Result<(), BackendError> {
         let Some(old) = self.current.take() else {
             return self.replace(new);
         };
         let d = match self.desired(new) {
-            Ok(d) => d,
+            Ok(d) => Desired {
+                epoch: old.epoch,
+                ..d
+            },
             Err(e) => {
                 self.current = Some(old);
                 return Err(e);
             }
         };
-        match nft::apply(render::delta(&old, &d)) {
+        match nft::apply(&self.lock, render::delta(&old, &d)) {
             Ok(()) => {
                 self.current = Some(d);
                 Ok(())
@@ -181,6 +215,6 @@ impl Backend for NftBackend {
 
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.current = None;
-        nft::delete_table().map_err(|e| BackendError::Failed(e.to_string()))
+        nft::delete_table(&self.lock).map_err(|e| BackendError::Failed(e.to_string()))
     }
 }

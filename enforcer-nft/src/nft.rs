@@ -1,10 +1,19 @@
-//! Running `nft`: one JSON batch per change, which `nft -j -f -` (through the `nftables`
-//! crate's runner) applies as one kernel transaction. The batch is passed as raw JSON: the
-//! crate's schema (0.6) has no `verdict` map type, which the endpoint maps need; the unit
-//! tests check every other command against the crate's schema.
+//! Running `nft`: one JSON batch per change, which `nft -j -f -` applies as one kernel
+//! transaction. The batch is raw JSON: the `nftables` crate's schema (0.6) has no `verdict`
+//! map type, which the endpoint maps need; the unit tests check every other command against
+//! the crate's schema, and reads go through the crate.
+//!
+//! Writers are serialised by [`TxLock`], an flock whose file each `nft` child holds as its
+//! stdout: if the enforcer is killed mid-transaction, the orphaned `nft` keeps the lock until
+//! it has committed or failed, and the next enforcer waits for it before reading the table.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nftables::helper;
-use nftables::schema::{NfListObject, NfObject};
 use serde_json::Value;
 
 use crate::render::{TABLE, parse_info};
@@ -15,33 +24,105 @@ pub enum Error {
     Schema(serde_json::Error),
     #[error("nft: {0}")]
     Nft(#[from] helper::NftablesError),
+    #[error("running nft: {0}")]
+    Spawn(std::io::Error),
+    #[error("nft refused the batch: {0}")]
+    Refused(String),
+    #[error("{path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is held by another moat-enforcer or its unfinished nft transaction")]
+    Busy(PathBuf),
+}
+
+/// How long a starting enforcer waits for a predecessor's unfinished `nft` transaction.
+pub const LOCK_WAIT_DEFAULT: Duration = Duration::from_secs(10);
+
+/// The right to change the Moat table (see the module docs).
+pub struct TxLock {
+    file: File,
+}
+
+impl TxLock {
+    /// Takes the lock at `path`, waiting up to `wait` for a previous holder to finish.
+    pub fn acquire(path: &Path, wait: Duration) -> Result<TxLock, Error> {
+        let err = |source| Error::Lock {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(TxLock { file }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Busy(path.to_path_buf()));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+            }
+        }
+    }
 }
 
 /// Applies `commands` as one transaction.
-pub fn apply(commands: Vec<Value>) -> Result<(), Error> {
+pub fn apply(lock: &TxLock, commands: Vec<Value>) -> Result<(), Error> {
     if commands.is_empty() {
         return Ok(());
     }
-    let batch = serde_json::to_string(&serde_json::json!({ "nftables": commands })).map_err(Error::Schema)?;
-    helper::apply_ruleset_raw(&batch, helper::DEFAULT_NFT, helper::DEFAULT_ARGS)?;
+    let batch =
+        serde_json::to_vec(&serde_json::json!({ "nftables": commands })).map_err(Error::Schema)?;
+    let holder = lock.file.try_clone().map_err(Error::Spawn)?;
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(holder))
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::Spawn)?;
+    // A write error (nft exited early) shows up as nft's own error below.
+    let _ = child.stdin.take().expect("piped").write_all(&batch);
+    let out = child.wait_with_output().map_err(Error::Spawn)?;
+    if !out.status.success() {
+        return Err(Error::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
     Ok(())
 }
 
-/// The version and digest recorded in the Moat table, if the table exists.
+/// The version and digest recorded in the Moat table, if the table exists. Read as raw JSON:
+/// the crate's schema cannot parse the table's verdict maps.
 pub fn recorded() -> Result<Option<(u64, String)>, Error> {
-    let list = match helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE]) {
-        Ok(l) => l,
-        // No table: nothing recorded.
-        Err(helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => return Ok(None),
+    let raw = match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "chains", "inet"])
+    {
+        Ok(r) => r,
         Err(e) => return Err(e.into()),
     };
+    let v: Value = serde_json::from_str(&raw).map_err(Error::Schema)?;
+    let mut table = false;
     let mut found = None;
-    for o in list.objects.iter() {
-        if let NfObject::ListObject(NfListObject::Chain(c)) = o
-            && let Some(info) = parse_info(&c.name)
-        {
+    for o in v["nftables"].as_array().into_iter().flatten() {
+        let c = &o["chain"];
+        if c["table"] != TABLE {
+            continue;
+        }
+        table = true;
+        if let Some(info) = c["name"].as_str().and_then(parse_info) {
             found = Some(info);
         }
+    }
+    if !table {
+        return Ok(None);
     }
     // A table without a record is Moat's but unfinished: treat as holding unknown rules.
     Ok(Some(found.unwrap_or((0, String::new()))))
@@ -49,7 +130,11 @@ pub fn recorded() -> Result<Option<(u64, String)>, Error> {
 
 /// Packets dropped by Moat's rules so far.
 pub fn denied() -> Option<u64> {
-    let raw = helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "counter", "inet", TABLE, "denied"]).ok()?;
+    let raw = helper::get_current_ruleset_raw(
+        helper::DEFAULT_NFT,
+        ["list", "counter", "inet", TABLE, "denied"],
+    )
+    .ok()?;
     let v: Value = serde_json::from_str(&raw).ok()?;
     v["nftables"]
         .as_array()?
@@ -58,9 +143,12 @@ pub fn denied() -> Option<u64> {
 }
 
 /// Deletes the Moat table (uninstall).
-pub fn delete_table() -> Result<(), Error> {
-    apply(vec![
-        serde_json::json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
-        serde_json::json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
-    ])
+pub fn delete_table(lock: &TxLock) -> Result<(), Error> {
+    apply(
+        lock,
+        vec![
+            serde_json::json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
+            serde_json::json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
+        ],
+    )
 }

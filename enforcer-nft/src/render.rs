@@ -22,15 +22,22 @@ fn cmd(verb: &str, kind: &str, body: Value) -> Value {
     json!({ verb: obj(kind, body) })
 }
 
-/// The chain that records which version and digest the table holds (its name is the record).
+/// The chain that records which version, digest and class numbering (epoch) the table
+/// holds: its name is the record.
 pub fn info_chain(d: &Desired) -> String {
-    format!("v_{}_{}", d.version, d.digest.map(|x| x.to_string()).unwrap_or_default())
+    format!(
+        "v_{}_{}_{:08x}",
+        d.version,
+        d.digest.map(|x| x.to_string()).unwrap_or_default(),
+        d.epoch
+    )
 }
 
-/// Parses an info chain name back.
+/// Parses an info chain name back to (version, digest).
 pub fn parse_info(name: &str) -> Option<(u64, String)> {
-    let rest = name.strip_prefix("v_")?;
-    let (v, d) = rest.split_once('_')?;
+    let mut parts = name.strip_prefix("v_")?.split('_');
+    let (v, d, e) = (parts.next()?, parts.next()?, parts.next()?);
+    u32::from_str_radix(e, 16).ok()?;
     Some((v.parse().ok()?, d.to_string()))
 }
 
@@ -92,11 +99,27 @@ const RETURN: &str = "return";
 /// A ruleset's set names.
 fn sets(chain: &str) -> [(String, Value, bool); 5] {
     [
-        (format!("{chain}_ap"), json!(["inet_proto", "inet_service"]), true),
+        (
+            format!("{chain}_ap"),
+            json!(["inet_proto", "inet_service"]),
+            true,
+        ),
         (format!("{chain}_aa"), json!("mark"), false),
-        (format!("{chain}_gp"), json!(["mark", "inet_proto", "inet_service"]), true),
-        (format!("{chain}_n4"), json!(["ipv4_addr", "inet_proto", "inet_service"]), false),
-        (format!("{chain}_n6"), json!(["ipv6_addr", "inet_proto", "inet_service"]), false),
+        (
+            format!("{chain}_gp"),
+            json!(["mark", "inet_proto", "inet_service"]),
+            true,
+        ),
+        (
+            format!("{chain}_n4"),
+            json!(["ipv4_addr", "inet_proto", "inet_service"]),
+            false,
+        ),
+        (
+            format!("{chain}_n6"),
+            json!(["ipv6_addr", "inet_proto", "inet_service"]),
+            false,
+        ),
     ]
 }
 
@@ -110,8 +133,20 @@ fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
     if rs.any {
         r.push(rule(name, vec![verdict.clone()]));
     }
-    r.push(rule(name, vec![lookup(concat(vec![l4proto(), payload("th", "dport")]), &format!("{name}_ap")), verdict.clone()]));
-    r.push(rule(name, vec![json!({"mangle": {"key": ct("mark"), "value": 0}})]));
+    r.push(rule(
+        name,
+        vec![
+            lookup(
+                concat(vec![l4proto(), payload("th", "dport")]),
+                &format!("{name}_ap"),
+            ),
+            verdict.clone(),
+        ],
+    ));
+    r.push(rule(
+        name,
+        vec![json!({"mangle": {"key": ct("mark"), "value": 0}})],
+    ));
     for fam in ["ip", "ip6"] {
         let map = if fam == "ip" { "class4" } else { "class6" };
         r.push(rule(
@@ -120,20 +155,48 @@ fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
         ));
     }
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    r.push(rule(name, vec![lookup(ct("mark"), &format!("{name}_aa")), clear.clone(), verdict.clone()]));
     r.push(rule(
         name,
-        vec![lookup(concat(vec![ct("mark"), l4proto(), payload("th", "dport")]), &format!("{name}_gp")), clear.clone(), verdict.clone()],
+        vec![
+            lookup(ct("mark"), &format!("{name}_aa")),
+            clear.clone(),
+            verdict.clone(),
+        ],
+    ));
+    r.push(rule(
+        name,
+        vec![
+            lookup(
+                concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
+                &format!("{name}_gp"),
+            ),
+            clear.clone(),
+            verdict.clone(),
+        ],
     ));
     if rs.egress {
         for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
             r.push(rule(
                 name,
-                vec![lookup(concat(vec![payload(fam, "daddr"), l4proto(), payload("th", "dport")]), &format!("{name}_{set}")), clear.clone(), verdict.clone()],
+                vec![
+                    lookup(
+                        concat(vec![
+                            payload(fam, "daddr"),
+                            l4proto(),
+                            payload("th", "dport"),
+                        ]),
+                        &format!("{name}_{set}"),
+                    ),
+                    clear.clone(),
+                    verdict.clone(),
+                ],
             ));
         }
     }
-    r.push(rule(name, vec![clear, json!({"counter": "denied"}), json!({"drop": null})]));
+    r.push(rule(
+        name,
+        vec![clear, json!({"counter": "denied"}), json!({"drop": null})],
+    ));
     r
 }
 
@@ -144,13 +207,27 @@ fn base_chain() -> Vec<Value> {
         json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
     )];
     let r = |expr: Vec<Value>| rule("forward", expr);
-    c.push(r(vec![json!({"match": {"op": "in", "left": ct("state"), "right": ["established", "related"]}}), json!({"accept": null})]));
-    c.push(r(vec![json!({"match": {"op": "in", "left": ct("state"), "right": "invalid"}}), json!({"counter": "denied"}), json!({"drop": null})]));
+    c.push(r(vec![
+        json!({"match": {"op": "in", "left": ct("state"), "right": ["established", "related"]}}),
+        json!({"accept": null}),
+    ]));
+    c.push(r(vec![
+        json!({"match": {"op": "in", "left": ct("state"), "right": "invalid"}}),
+        json!({"counter": "denied"}),
+        json!({"drop": null}),
+    ]));
     // Link-local traffic is never policy's business (routers don't forward it anyway).
     c.push(r(vec![json!({"match": {"op": "==", "left": payload("ip6", "saddr"), "right": {"prefix": {"addr": "fe80::", "len": 10}}}}), json!({"accept": null})]));
     c.push(r(vec![json!({"match": {"op": "==", "left": payload("ip", "saddr"), "right": {"prefix": {"addr": "169.254.0.0", "len": 16}}}}), json!({"accept": null})]));
-    for (fam, field, map) in [("ip", "saddr", "eg4"), ("ip6", "saddr", "eg6"), ("ip", "daddr", "ing4"), ("ip6", "daddr", "ing6")] {
-        c.push(r(vec![json!({"vmap": {"key": payload(fam, field), "data": format!("@{map}")}})]));
+    for (fam, field, map) in [
+        ("ip", "saddr", "eg4"),
+        ("ip6", "saddr", "eg6"),
+        ("ip", "daddr", "ing4"),
+        ("ip6", "daddr", "ing6"),
+    ] {
+        c.push(r(vec![
+            json!({"vmap": {"key": payload(fam, field), "data": format!("@{map}")}}),
+        ]));
     }
     c
 }
@@ -158,35 +235,61 @@ fn base_chain() -> Vec<Value> {
 // === element encodings ===
 
 fn class4_elems<'a>(it: impl Iterator<Item = (&'a (Ipv4Addr, Ipv4Addr), &'a u32)>) -> Vec<Value> {
-    it.map(|((a, b), c)| json!([if a == b { json!(a.to_string()) } else { range(a.to_string(), b.to_string()) }, c]))
-        .collect()
+    it.map(|((a, b), c)| {
+        json!([
+            if a == b {
+                json!(a.to_string())
+            } else {
+                range(a.to_string(), b.to_string())
+            },
+            c
+        ])
+    })
+    .collect()
 }
 
 fn class6_elems<'a>(it: impl Iterator<Item = (&'a (Ipv6Addr, Ipv6Addr), &'a u32)>) -> Vec<Value> {
-    it.map(|((a, b), c)| json!([if a == b { json!(a.to_string()) } else { range(a.to_string(), b.to_string()) }, c]))
-        .collect()
+    it.map(|((a, b), c)| {
+        json!([
+            if a == b {
+                json!(a.to_string())
+            } else {
+                range(a.to_string(), b.to_string())
+            },
+            c
+        ])
+    })
+    .collect()
 }
 
 fn vmap_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = (&'a A, &'a String)>) -> Vec<Value> {
-    it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": chain}}])).collect()
+    it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": chain}}]))
+        .collect()
 }
 
 fn ap_elems<'a>(it: impl Iterator<Item = &'a (u8, u16, u16)>) -> Vec<Value> {
-    it.map(|(p, a, b)| concat(vec![json!(p), port(*a, *b)])).collect()
+    it.map(|(p, a, b)| concat(vec![json!(p), port(*a, *b)]))
+        .collect()
 }
 
 fn gp_elems<'a>(it: impl Iterator<Item = &'a (u32, u8, u16, u16)>) -> Vec<Value> {
-    it.map(|(c, p, a, b)| concat(vec![json!(c), json!(p), port(*a, *b)])).collect()
+    it.map(|(c, p, a, b)| concat(vec![json!(c), json!(p), port(*a, *b)]))
+        .collect()
 }
 
 fn n_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = &'a (A, u8, u16)>) -> Vec<Value> {
-    it.map(|(a, p, port)| concat(vec![json!(a.to_string()), json!(p), json!(port)])).collect()
+    it.map(|(a, p, port)| concat(vec![json!(a.to_string()), json!(p), json!(port)]))
+        .collect()
 }
 
 fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
     [
         elements(verb, &format!("{name}_ap"), ap_elems(rs.ap.iter())),
-        elements(verb, &format!("{name}_aa"), rs.aa.iter().map(|c| json!(c)).collect()),
+        elements(
+            verb,
+            &format!("{name}_aa"),
+            rs.aa.iter().map(|c| json!(c)).collect(),
+        ),
         elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
         elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
         elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
@@ -227,7 +330,12 @@ pub fn full(d: &Desired) -> Vec<Value> {
         map_decl("class4", "ipv4_addr", "mark", true),
         map_decl("class6", "ipv6_addr", "mark", true),
     ];
-    for (m, ty) in [("ing4", "ipv4_addr"), ("ing6", "ipv6_addr"), ("eg4", "ipv4_addr"), ("eg6", "ipv6_addr")] {
+    for (m, ty) in [
+        ("ing4", "ipv4_addr"),
+        ("ing6", "ipv6_addr"),
+        ("eg4", "ipv4_addr"),
+        ("eg6", "ipv6_addr"),
+    ] {
         c.push(map_decl(m, ty, "verdict", false));
     }
     for (name, rs) in &d.rulesets {
@@ -245,7 +353,10 @@ pub fn full(d: &Desired) -> Vec<Value> {
 }
 
 /// (removed, added) between two maps: a changed value is a removal and an addition.
-fn map_diff<'a, K: Ord, V: PartialEq>(old: &'a BTreeMap<K, V>, new: &'a BTreeMap<K, V>) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
+fn map_diff<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
     let removed = old.iter().filter(|(k, v)| new.get(k) != Some(v)).collect();
     let added = new.iter().filter(|(k, v)| old.get(k) != Some(v)).collect();
     (removed, added)
@@ -257,7 +368,10 @@ fn set_diff<'a, T: Ord>(old: &'a BTreeSet<T>, new: &'a BTreeSet<T>) -> (Vec<&'a 
 
 /// The commands that turn `old` (what the table holds) into `new`, as one transaction.
 pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
-    let mut c = Vec::new();
+    // The guard comes first: deleting the old record fails the whole batch unless the kernel
+    // holds exactly `old` in the same numbering — e.g. when an `nft` orphaned by a killed
+    // enforcer, or another writer, changed the table since.
+    let mut c = vec![cmd("delete", "chain", json!({"name": info_chain(old)}))];
     // New rulesets first: the verdict maps may point at them below.
     for (name, rs) in &new.rulesets {
         if !old.rulesets.contains_key(name) {
@@ -283,7 +397,9 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     vmap!(eg4, "eg4");
     vmap!(eg6, "eg6");
     for (name, rs) in &new.rulesets {
-        let Some(o) = old.rulesets.get(name) else { continue };
+        let Some(o) = old.rulesets.get(name) else {
+            continue;
+        };
         if o == rs {
             continue;
         }
@@ -292,30 +408,67 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             c.extend(chain_rules(name, rs));
         }
         let (r, a) = set_diff(&o.ap, &rs.ap);
-        c.extend(elements("delete", &format!("{name}_ap"), ap_elems(r.into_iter())));
-        c.extend(elements("add", &format!("{name}_ap"), ap_elems(a.into_iter())));
+        c.extend(elements(
+            "delete",
+            &format!("{name}_ap"),
+            ap_elems(r.into_iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_ap"),
+            ap_elems(a.into_iter()),
+        ));
         let (r, a) = set_diff(&o.aa, &rs.aa);
-        c.extend(elements("delete", &format!("{name}_aa"), r.into_iter().map(|x| json!(x)).collect()));
-        c.extend(elements("add", &format!("{name}_aa"), a.into_iter().map(|x| json!(x)).collect()));
+        c.extend(elements(
+            "delete",
+            &format!("{name}_aa"),
+            r.into_iter().map(|x| json!(x)).collect(),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_aa"),
+            a.into_iter().map(|x| json!(x)).collect(),
+        ));
         let (r, a) = set_diff(&o.gp, &rs.gp);
-        c.extend(elements("delete", &format!("{name}_gp"), gp_elems(r.into_iter())));
-        c.extend(elements("add", &format!("{name}_gp"), gp_elems(a.into_iter())));
+        c.extend(elements(
+            "delete",
+            &format!("{name}_gp"),
+            gp_elems(r.into_iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_gp"),
+            gp_elems(a.into_iter()),
+        ));
         let (r, a) = set_diff(&o.n4, &rs.n4);
-        c.extend(elements("delete", &format!("{name}_n4"), n_elems(r.into_iter())));
-        c.extend(elements("add", &format!("{name}_n4"), n_elems(a.into_iter())));
+        c.extend(elements(
+            "delete",
+            &format!("{name}_n4"),
+            n_elems(r.into_iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_n4"),
+            n_elems(a.into_iter()),
+        ));
         let (r, a) = set_diff(&o.n6, &rs.n6);
-        c.extend(elements("delete", &format!("{name}_n6"), n_elems(r.into_iter())));
-        c.extend(elements("add", &format!("{name}_n6"), n_elems(a.into_iter())));
+        c.extend(elements(
+            "delete",
+            &format!("{name}_n6"),
+            n_elems(r.into_iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_n6"),
+            n_elems(a.into_iter()),
+        ));
     }
     for name in old.rulesets.keys() {
         if !new.rulesets.contains_key(name) {
             c.extend(delete_ruleset(name));
         }
     }
-    if info_chain(old) != info_chain(new) {
-        c.push(cmd("delete", "chain", json!({"name": info_chain(old)})));
-        c.push(cmd("add", "chain", json!({"name": info_chain(new)})));
-    }
+    c.push(cmd("add", "chain", json!({"name": info_chain(new)})));
     c
 }
 

@@ -2,23 +2,23 @@
 //! answers SCTP INITs on its ports, and probes other addresses on command.
 //!
 //! Protocol on stdin/stdout, one JSON object per line: the agent prints `{"ready":true}` once
-//! its servers are up; each [`Request`] gets one [`Response`] with a result per probe, in order.
-//! A denied TCP probe is a SYN that is never answered; every probe runs in parallel; a failed
-//! probe is retried once before it counts as denied; every UDP and SCTP probe uses a fresh
-//! source port.
+//! its servers are up; each [`Request`] gets one [`Response`] with a result per probe and per
+//! stream operation, in order. A denied TCP probe is a SYN that is never answered; every
+//! probe runs in parallel; a failed probe is retried before it counts as denied; every UDP
+//! and SCTP probe uses a fresh source port, every ICMP echo a fresh identifier.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::oneshot;
 
-use crate::sctp;
+use crate::raw::{Action, Raw};
+use crate::{icmp, sctp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +26,8 @@ pub enum Proto {
     Tcp,
     Udp,
     Sctp,
+    /// Echo request/reply; the port is ignored.
+    Icmp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,9 +37,31 @@ pub struct ProbeReq {
     pub port: u16,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Operations on long-lived TCP connections, run in order after the probes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamOp {
+    /// Connect and keep the connection as `id`.
+    Open {
+        id: u32,
+        dst: IpAddr,
+        port: u16,
+    },
+    /// Send a token over `id` and expect it echoed back.
+    Echo {
+        id: u32,
+    },
+    Close {
+        id: u32,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Request {
+    #[serde(default)]
     pub probes: Vec<ProbeReq>,
+    #[serde(default)]
+    pub streams: Vec<StreamOp>,
     pub timeout_ms: u64,
     pub retries: u32,
 }
@@ -45,100 +69,55 @@ pub struct Request {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub results: Vec<bool>,
+    #[serde(default)]
+    pub streams: Vec<bool>,
 }
 
-type Waiters = Arc<Mutex<HashMap<(IpAddr, u16, u16, u32), oneshot::Sender<()>>>>;
-
-struct Sctp {
-    v4: std::net::UdpSocket,
-    v6: std::net::UdpSocket,
-    waiters: Waiters,
+fn sctp_key(port: u16, src: u16, tag: u32) -> u64 {
+    (u64::from(port) << 48) | (u64::from(src) << 32) | u64::from(tag)
 }
 
-/// A raw SCTP socket. std's datagram socket API works on any datagram-like fd, so raw
-/// sockets are driven through it (the port of a raw socket address is ignored or must be 0).
-fn raw(domain: Domain) -> std::io::Result<std::net::UdpSocket> {
-    Ok(Socket::new(domain, Type::RAW, Some(Protocol::from(132)))?.into())
-}
-
-impl Sctp {
-    fn start(serve: Vec<u16>) -> std::io::Result<Arc<Sctp>> {
-        let s = Arc::new(Sctp {
-            v4: raw(Domain::IPV4)?,
-            v6: raw(Domain::IPV6)?,
-            waiters: Arc::default(),
-        });
-        for v6 in [false, true] {
-            let me = s.clone();
-            let serve = serve.clone();
-            std::thread::spawn(move || me.receive(v6, &serve));
+/// SCTP over raw sockets: answers INITs to served ports, wakes probes on INIT-ACKs.
+fn start_sctp(serve: Vec<u16>) -> std::io::Result<Arc<Raw>> {
+    Raw::start(132, 132, move |payload, _| match sctp::parse(payload) {
+        Some(sctp::Packet::Init { src, dst, tag }) if serve.contains(&dst) => {
+            Action::Reply(sctp::init_ack(dst, src, tag, rand::random::<u32>() | 1))
         }
-        Ok(s)
-    }
+        Some(sctp::Packet::InitAck { src, dst, vtag }) => Action::Wake(sctp_key(src, dst, vtag)),
+        _ => Action::Ignore,
+    })
+}
 
-    /// Answers INITs to served ports; hands INIT-ACKs to the probe waiting for them.
-    fn receive(&self, v6: bool, serve: &[u16]) {
-        let sock = if v6 { &self.v6 } else { &self.v4 };
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            let data = &buf[..n];
-            // IPv4 raw sockets deliver the IP header too; IPv6 ones don't.
-            let payload = if v6 {
-                data
-            } else {
-                let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
-                if data.len() < ihl {
-                    continue;
-                }
-                &data[ihl..]
-            };
-            let peer = from.ip();
-            match sctp::parse(payload) {
-                Some(sctp::Packet::Init { src, dst, tag }) if serve.contains(&dst) => {
-                    let own = rand::random::<u32>() | 1;
-                    let reply = sctp::init_ack(dst, src, tag, own);
-                    let _ = sock.send_to(&reply, SocketAddr::new(peer, 0));
-                }
-                Some(sctp::Packet::InitAck { src, dst, vtag }) => {
-                    if let Some(tx) = self
-                        .waiters
-                        .lock()
-                        .expect("waiters")
-                        .remove(&(peer, src, dst, vtag))
-                    {
-                        let _ = tx.send(());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+async fn sctp_probe(raw: &Raw, dst: IpAddr, port: u16, timeout: Duration) -> bool {
+    let src: u16 = rand::random::<u16>() % 28000 + 32768;
+    let tag = rand::random::<u32>() | 1;
+    raw.probe(
+        dst,
+        &sctp::init(src, port, tag),
+        sctp_key(port, src, tag),
+        timeout,
+    )
+    .await
+}
 
-    async fn probe(&self, dst: IpAddr, port: u16, timeout: Duration) -> bool {
-        let src: u16 = rand::random::<u16>() % 28000 + 32768;
-        let tag = rand::random::<u32>() | 1;
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("waiters")
-            .insert((dst, port, src, tag), tx);
-        let sock = if dst.is_ipv6() { &self.v6 } else { &self.v4 };
-        let sent = sock
-            .send_to(&sctp::init(src, port, tag), SocketAddr::new(dst, 0))
-            .is_ok();
-        let ok = sent
-            && tokio::time::timeout(timeout, rx)
-                .await
-                .is_ok_and(|r| r.is_ok());
-        self.waiters
-            .lock()
-            .expect("waiters")
-            .remove(&(dst, port, src, tag));
-        ok
-    }
+/// ICMP echo over raw sockets (the kernel itself answers echo requests).
+fn start_icmp() -> std::io::Result<Arc<Raw>> {
+    Raw::start(1, 58, |payload, v6| match icmp::parse_reply(v6, payload) {
+        Some((id, seq)) => Action::Wake((u64::from(id) << 16) | u64::from(seq)),
+        None => Action::Ignore,
+    })
+}
+
+async fn icmp_probe(raw: &Raw, dst: IpAddr, timeout: Duration) -> bool {
+    let (id, seq): (u16, u16) = (rand::random(), rand::random());
+    let packet = icmp::echo_request(dst.is_ipv6(), id, seq);
+    raw.probe(
+        dst,
+        &packet,
+        (u64::from(id) << 16) | u64::from(seq),
+        timeout,
+    )
+    .await
 }
 
 async fn tcp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
@@ -171,42 +150,69 @@ async fn udp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
     }
 }
 
-/// Runs the agent: serves `tcp`/`udp`/`sctp` ports, then answers probe requests on stdin.
+/// Connects and reads the server's greeting.
+async fn open(dst: IpAddr, port: u16, timeout: Duration) -> Option<TcpStream> {
+    let mut s = tokio::time::timeout(timeout, TcpStream::connect((dst, port)))
+        .await
+        .ok()?
+        .ok()?;
+    let mut hello = [0u8; 3];
+    tokio::time::timeout(timeout, s.read_exact(&mut hello))
+        .await
+        .ok()?
+        .ok()?;
+    (&hello == b"ok\n").then_some(s)
+}
+
+async fn echo(s: &mut TcpStream, timeout: Duration) -> bool {
+    let token: [u8; 8] = rand::random();
+    let mut back = [0u8; 8];
+    let round = async {
+        s.write_all(&token).await?;
+        s.read_exact(&mut back).await?;
+        std::io::Result::Ok(())
+    };
+    matches!(tokio::time::timeout(timeout, round).await, Ok(Ok(()))) && back == token
+}
+
+fn listen(ty: Type, port: u16) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV6, ty, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SockAddr::from(SocketAddr::from((
+        Ipv6Addr::UNSPECIFIED,
+        port,
+    ))))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Runs the agent: serves `tcp`/`udp`/`sctp` ports, then answers requests on stdin.
 pub async fn serve(
     tcp_ports: Vec<u16>,
     udp_ports: Vec<u16>,
     sctp_ports: Vec<u16>,
 ) -> anyhow::Result<()> {
     for port in tcp_ports {
-        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-        s.set_only_v6(false)?;
-        s.set_reuse_address(true)?;
-        s.bind(&SockAddr::from(SocketAddr::from((
-            Ipv6Addr::UNSPECIFIED,
-            port,
-        ))))?;
+        let s = listen(Type::STREAM, port)?;
         s.listen(1024)?;
-        s.set_nonblocking(true)?;
         let l = TcpListener::from_std(s.into())?;
         tokio::spawn(async move {
             loop {
                 if let Ok((mut c, _)) = l.accept().await {
+                    // Greet, then echo: a probe only connects, a stream keeps talking.
                     tokio::spawn(async move {
-                        let _ = c.write_all(b"ok\n").await;
+                        if c.write_all(b"ok\n").await.is_ok() {
+                            let (mut r, mut w) = c.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
                     });
                 }
             }
         });
     }
     for port in udp_ports {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
-        s.set_only_v6(false)?;
-        s.bind(&SockAddr::from(SocketAddr::from((
-            Ipv6Addr::UNSPECIFIED,
-            port,
-        ))))?;
-        s.set_nonblocking(true)?;
-        let u = UdpSocket::from_std(s.into())?;
+        let u = UdpSocket::from_std(listen(Type::DGRAM, port)?.into())?;
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             loop {
@@ -216,7 +222,9 @@ pub async fn serve(
             }
         });
     }
-    let sctp = Sctp::start(sctp_ports)?;
+    let sctp = start_sctp(sctp_ports)?;
+    let icmp = start_icmp()?;
+    let mut streams: HashMap<u32, TcpStream> = HashMap::new();
     let mut out = tokio::io::stdout();
     out.write_all(b"{\"ready\":true}\n").await?;
     out.flush().await?;
@@ -228,13 +236,14 @@ pub async fn serve(
             .probes
             .into_iter()
             .map(|p| {
-                let sctp = sctp.clone();
+                let (sctp, icmp) = (sctp.clone(), icmp.clone());
                 tokio::spawn(async move {
                     for _ in 0..=req.retries {
                         let ok = match p.proto {
                             Proto::Tcp => tcp(p.dst, p.port, timeout).await,
                             Proto::Udp => udp(p.dst, p.port, timeout).await,
-                            Proto::Sctp => sctp.probe(p.dst, p.port, timeout).await,
+                            Proto::Sctp => sctp_probe(&sctp, p.dst, p.port, timeout).await,
+                            Proto::Icmp => icmp_probe(&icmp, p.dst, timeout).await,
                         };
                         if ok {
                             return true;
@@ -248,7 +257,25 @@ pub async fn serve(
         for t in tasks {
             results.push(t.await.unwrap_or(false));
         }
-        out.write_all(serde_json::to_string(&Response { results })?.as_bytes())
+        let mut done = Vec::with_capacity(req.streams.len());
+        for op in req.streams {
+            done.push(match op {
+                StreamOp::Open { id, dst, port } => match open(dst, port, timeout).await {
+                    Some(s) => streams.insert(id, s).is_none(),
+                    None => false,
+                },
+                StreamOp::Echo { id } => match streams.get_mut(&id) {
+                    Some(s) => echo(s, timeout).await,
+                    None => false,
+                },
+                StreamOp::Close { id } => streams.remove(&id).is_some(),
+            });
+        }
+        let resp = Response {
+            results,
+            streams: done,
+        };
+        out.write_all(serde_json::to_string(&resp)?.as_bytes())
             .await?;
         out.write_all(b"\n").await?;
         out.flush().await?;

@@ -13,15 +13,16 @@
 //! what a crashed run left behind.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::agent::{ProbeReq, Proto, Request, Response};
+use crate::agent::{ProbeReq, Proto, Request, StreamOp};
+use crate::client::AgentHandle;
 
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -61,17 +62,11 @@ impl Spec {
     }
 }
 
-struct Agent {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
 pub struct Cluster {
     pub spec: Spec,
     prefix: String,
     namespaces: Vec<String>,
-    agents: BTreeMap<String, Agent>,
+    agents: BTreeMap<String, AgentHandle>,
     /// Other processes started inside the namespaces, killed on drop.
     children: Vec<Child>,
 }
@@ -414,41 +409,9 @@ impl Cluster {
                 }
             }
         }
-        let agent = binary("moat-pod")?;
-        let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         for p in &s.pods {
-            let pn = self.pod(&p.key);
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &pn])
-                .arg(&agent)
-                .args([
-                    "--tcp",
-                    &ports(&s.tcp),
-                    "--udp",
-                    &ports(&s.udp),
-                    "--sctp",
-                    &ports(&s.sctp),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting moat-pod")?;
-            let stdin = child.stdin.take().expect("stdin");
-            let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-            let mut ready = String::new();
-            stdout.read_line(&mut ready)?;
-            if !ready.contains("ready") {
-                bail!("pod agent in {pn} did not start: {ready:?}");
-            }
-            self.agents.insert(
-                p.key.clone(),
-                Agent {
-                    child,
-                    stdin,
-                    stdout,
-                },
-            );
+            let a = AgentHandle::spawn(&self.pod(&p.key), &s.tcp, &s.udp, &s.sctp)?;
+            self.agents.insert(p.key.clone(), a);
         }
         self.warm_up()
     }
@@ -490,41 +453,62 @@ impl Cluster {
         timeout: Duration,
         retries: u32,
     ) -> Result<Vec<Vec<bool>>> {
-        for (from, probes) in reqs {
-            let a = self
-                .agents
-                .get_mut(from)
-                .with_context(|| format!("no pod {from}"))?;
-            let line = serde_json::to_string(&Request {
-                probes: probes.clone(),
-                timeout_ms: timeout.as_millis() as u64,
-                retries,
-            })?;
-            a.stdin.write_all(line.as_bytes())?;
-            a.stdin.write_all(b"\n")?;
-            a.stdin.flush()?;
+        let reqs: Vec<(String, Request)> = reqs
+            .iter()
+            .map(|(from, probes)| {
+                let r = Request {
+                    probes: probes.clone(),
+                    timeout_ms: timeout.as_millis() as u64,
+                    retries,
+                    ..Request::default()
+                };
+                (from.clone(), r)
+            })
+            .collect();
+        for (from, r) in &reqs {
+            self.agent(from)?.send(r)?;
         }
         let mut out = Vec::with_capacity(reqs.len());
-        for (from, probes) in reqs {
-            let a = self.agents.get_mut(from).expect("checked");
-            let mut line = String::new();
-            a.stdout.read_line(&mut line)?;
-            let r: Response = serde_json::from_str(&line)
-                .with_context(|| format!("pod {from} answered {line:?}"))?;
-            if r.results.len() != probes.len() {
-                bail!(
-                    "pod {from} answered {} results for {} probes",
-                    r.results.len(),
-                    probes.len()
-                );
-            }
-            out.push(r.results);
+        for (from, r) in &reqs {
+            out.push(self.agent(from)?.receive(r)?.results);
         }
         Ok(out)
     }
 
-    /// Starts a process inside a namespace; it is killed when the cluster is dropped.
-    pub fn spawn_in(&mut self, netns: &str, cmd: &mut Command) -> Result<&mut Child> {
+    /// Runs stream operations in pod `from`.
+    pub fn streams(
+        &mut self,
+        from: &str,
+        ops: Vec<StreamOp>,
+        timeout: Duration,
+    ) -> Result<Vec<bool>> {
+        self.agent(from)?.streams(ops, timeout)
+    }
+
+    fn agent(&mut self, key: &str) -> Result<&mut AgentHandle> {
+        self.agents
+            .get_mut(key)
+            .with_context(|| format!("no pod {key}"))
+    }
+
+    /// A second agent in pod `key` that only probes, for a test thread of its own.
+    pub fn prober(&self, key: &str) -> Result<AgentHandle> {
+        AgentHandle::spawn(&self.pod(key), &[], &[], &[])
+    }
+
+    /// A probing agent in node `i`'s namespace: traffic from the node itself.
+    pub fn node_prober(&self, i: usize) -> Result<AgentHandle> {
+        AgentHandle::spawn(&self.node(i), &[], &[], &[])
+    }
+
+    /// Starts a process inside a namespace, its stdout and stderr appended to `log`; it is
+    /// killed when the cluster is dropped.
+    pub fn spawn_in(
+        &mut self,
+        netns: &str,
+        cmd: &mut Command,
+        log: &std::path::Path,
+    ) -> Result<&mut Child> {
         let program = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let envs: Vec<_> = cmd
@@ -539,7 +523,11 @@ impl Cluster {
                 None => c.env_remove(k),
             };
         }
-        c.stdin(Stdio::null());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let child = c.spawn().context("spawning in a namespace")?;
         self.children.push(child);
         Ok(self.children.last_mut().expect("pushed"))
@@ -594,48 +582,11 @@ impl Cluster {
         }
         Ok(())
     }
-
-    /// Adds a route for `addr` in every pod (e.g. a service address) via its node.
-    pub fn route_everywhere(&self, addr: IpAddr) -> Result<()> {
-        for k in 0..self.spec.pods.len() {
-            let pn = format!("{}-p{k}", self.prefix);
-            if addr.is_ipv6() {
-                ip(&[
-                    "-n",
-                    &pn,
-                    "-6",
-                    "route",
-                    "replace",
-                    &format!("{addr}/128"),
-                    "via",
-                    "fe80::1",
-                    "dev",
-                    "eth0",
-                ])?;
-            } else {
-                ip(&[
-                    "-n",
-                    &pn,
-                    "route",
-                    "replace",
-                    &format!("{addr}/32"),
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ])?;
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (_, mut a) in std::mem::take(&mut self.agents) {
-            let _ = a.child.kill();
-            let _ = a.child.wait();
-        }
+        self.agents.clear();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

@@ -26,7 +26,11 @@ pub struct Moat {
 fn moatctl(args: &[&str]) -> Result<String> {
     let out = Command::new(binary("moatctl")?).args(args).output()?;
     if !out.status.success() {
-        bail!("moatctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "moatctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -56,6 +60,37 @@ impl Moat {
         self.dir.path().join(p)
     }
 
+    /// Where process `name` writes its output.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.path(&format!("{name}.log"))
+    }
+
+    /// The last `lines` lines of every process log, for a failure report.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        names.sort();
+        for p in names {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!(
+                "==> {} <==\n",
+                p.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub fn manifests(&self) -> PathBuf {
         self.path("manifests")
     }
@@ -65,9 +100,20 @@ impl Moat {
         let c = c.to_str().context("path")?;
         let s = &self.cluster.spec;
         moatctl(&[
-            "certs", "init", "--dir", c, "--server-name", "moat-server", "--server-name", "localhost",
-            "--server-ip", &s.fabric_v4().to_string(), "--server-ip", &s.fabric_v6().to_string(),
-            "--server-ip", "127.0.0.1",
+            "certs",
+            "init",
+            "--dir",
+            c,
+            "--server-name",
+            "moat-server",
+            "--server-name",
+            "localhost",
+            "--server-ip",
+            &s.fabric_v4().to_string(),
+            "--server-ip",
+            &s.fabric_v6().to_string(),
+            "--server-ip",
+            "127.0.0.1",
         ])?;
         for n in &self.node_names {
             moatctl(&["certs", "issue-node", "--dir", c, "--node", n])?;
@@ -81,8 +127,18 @@ impl Moat {
         let mut cmd = Command::new(binary("moat-server")?);
         cmd.arg("--source")
             .arg(format!("dir:{}", self.manifests().display()))
-            .args(["--poll-seconds", "3600", "--listen", &format!("[::]:{SYNC_PORT}")])
-            .args(["--health-addr", "127.0.0.1:7444", "--metrics-addr", "127.0.0.1:7445"])
+            .args([
+                "--poll-seconds",
+                "3600",
+                "--listen",
+                &format!("[::]:{SYNC_PORT}"),
+            ])
+            .args([
+                "--health-addr",
+                "127.0.0.1:7444",
+                "--metrics-addr",
+                "127.0.0.1:7445",
+            ])
             .arg("--tls-ca")
             .arg(c.join("ca.pem"))
             .arg("--tls-cert")
@@ -91,11 +147,14 @@ impl Moat {
             .arg(c.join("server-key.pem"))
             .arg("--state-dir")
             .arg(self.path("state/server"))
-            .env("MOAT_LOG", std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null());
+            .env(
+                "MOAT_LOG",
+                std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NO_COLOR", "1");
         let fab = self.cluster.fabric();
-        self.cluster.spawn_in(&fab, &mut cmd)?;
+        let log = self.log("server");
+        self.cluster.spawn_in(&fab, &mut cmd, &log)?;
         Ok(())
     }
 
@@ -106,7 +165,10 @@ impl Moat {
         let mut cmd = Command::new(binary("moat-enforcer")?);
         cmd.args(["--backend", &self.backend, "--node", &name])
             .arg("--server")
-            .arg(format!("https://{}:{SYNC_PORT}", self.cluster.spec.fabric_v4()))
+            .arg(format!(
+                "https://{}:{SYNC_PORT}",
+                self.cluster.spec.fabric_v4()
+            ))
             .args(["--tls-server-name", "moat-server"])
             .arg("--tls-ca")
             .arg(c.join("ca.pem"))
@@ -116,27 +178,56 @@ impl Moat {
             .arg(c.join(format!("node-{name}-key.pem")))
             .arg("--state-dir")
             .arg(self.path(&format!("state/{name}")))
-            .args(["--health-addr", "127.0.0.1:7446", "--metrics-addr", "127.0.0.1:7447"])
+            .args([
+                "--health-addr",
+                "127.0.0.1:7446",
+                "--metrics-addr",
+                "127.0.0.1:7447",
+            ])
             .args(["--backoff-max-seconds", "1"])
-            .env("MOAT_LOG", std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "MOAT_LOG",
+                std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1");
         let node = self.cluster.node(i);
-        self.cluster.spawn_in(&node, &mut cmd)?;
+        let log = self.log(&format!("enforcer-{name}"));
+        self.cluster.spawn_in(&node, &mut cmd, &log)?;
         Ok(())
+    }
+
+    /// The process id of node `i`'s running enforcer.
+    pub fn enforcer_pid(&self, i: usize) -> Result<Option<u32>> {
+        let node = self.cluster.node(i);
+        let out = Command::new("ip").args(["netns", "pids", &node]).output()?;
+        let enforcer = binary("moat-enforcer")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find_map(|pid| {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                (exe == enforcer).then(|| pid.parse().ok()).flatten()
+            }))
     }
 
     /// Kills node `i`'s enforcer with SIGKILL (its rules stay in the kernel).
     pub fn kill_enforcer(&mut self, i: usize) -> Result<()> {
-        let node = self.cluster.node(i);
-        let out = Command::new("ip").args(["netns", "pids", &node]).output()?;
-        let enforcer = binary("moat-enforcer")?;
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            if exe == enforcer {
-                Command::new("kill").args(["-9", pid]).status()?;
+        if let Some(pid) = self.enforcer_pid(i)? {
+            Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()?;
+            // Reaped by the cluster's drop; wait until it is really gone.
+            while std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         Ok(())
+    }
+
+    /// Makes the cluster hold exactly `objects` and waits until every node enforces them.
+    pub fn apply(&self, objects: &[K8sObject], timeout: Duration) -> Result<()> {
+        let expected = Self::expected(objects)?;
+        self.write_manifests(objects)?;
+        self.wait_applied(&expected, timeout)
     }
 
     /// Replaces the cluster's manifests (atomically: write, then rename).
@@ -147,7 +238,11 @@ impl Moat {
                 K8sObject::Namespace(x) => (serde_yaml::to_value(x)?, "Namespace", "v1"),
                 K8sObject::Pod(x) => (serde_yaml::to_value(x)?, "Pod", "v1"),
                 K8sObject::Node(x) => (serde_yaml::to_value(x)?, "Node", "v1"),
-                K8sObject::NetworkPolicy(x) => (serde_yaml::to_value(x)?, "NetworkPolicy", "networking.k8s.io/v1"),
+                K8sObject::NetworkPolicy(x) => (
+                    serde_yaml::to_value(x)?,
+                    "NetworkPolicy",
+                    "networking.k8s.io/v1",
+                ),
             };
             let mut v = v;
             if let serde_yaml::Value::Mapping(m) = &mut v {
@@ -170,7 +265,11 @@ impl Moat {
             .map(|o| model::parse::object(o).map(|p| p.value))
             .collect::<Result<_, _>>()?;
         let index = Index::build(parsed);
-        Ok(index.nodes().into_iter().map(|n| (n.node.to_string(), n.digest)).collect())
+        Ok(index
+            .nodes()
+            .into_iter()
+            .map(|n| (n.node.to_string(), n.digest))
+            .collect())
     }
 
     /// `moatctl status -o json`, asked inside the fabric namespace.
@@ -180,10 +279,19 @@ impl Moat {
             &self.cluster.fabric(),
             binary("moatctl")?.to_str().context("path")?,
             &[
-                "status", "-o", "json", "--server", &format!("https://127.0.0.1:{SYNC_PORT}"), "--tls-server-name", "localhost",
-                "--tls-ca", &c.join("ca.pem").display().to_string(),
-                "--tls-cert", &c.join("admin-harness.pem").display().to_string(),
-                "--tls-key", &c.join("admin-harness-key.pem").display().to_string(),
+                "status",
+                "-o",
+                "json",
+                "--server",
+                &format!("https://127.0.0.1:{SYNC_PORT}"),
+                "--tls-server-name",
+                "localhost",
+                "--tls-ca",
+                &c.join("ca.pem").display().to_string(),
+                "--tls-cert",
+                &c.join("admin-harness.pem").display().to_string(),
+                "--tls-key",
+                &c.join("admin-harness-key.pem").display().to_string(),
             ],
         )?;
         Ok(serde_json::from_str(&out)?)
@@ -193,26 +301,43 @@ impl Moat {
     pub fn status_table(&self, extra: &[&str]) -> Result<String> {
         let c = self.path("certs");
         let mut args: Vec<String> = vec![
-            "status".into(), "--server".into(), format!("https://127.0.0.1:{SYNC_PORT}"), "--tls-server-name".into(), "localhost".into(),
-            "--tls-ca".into(), c.join("ca.pem").display().to_string(),
-            "--tls-cert".into(), c.join("admin-harness.pem").display().to_string(),
-            "--tls-key".into(), c.join("admin-harness-key.pem").display().to_string(),
+            "status".into(),
+            "--server".into(),
+            format!("https://127.0.0.1:{SYNC_PORT}"),
+            "--tls-server-name".into(),
+            "localhost".into(),
+            "--tls-ca".into(),
+            c.join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            c.join("admin-harness.pem").display().to_string(),
+            "--tls-key".into(),
+            c.join("admin-harness-key.pem").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.cluster.run_in(&self.cluster.fabric(), binary("moatctl")?.to_str().context("path")?, &args)
+        self.cluster.run_in(
+            &self.cluster.fabric(),
+            binary("moatctl")?.to_str().context("path")?,
+            &args,
+        )
     }
 
     /// Waits until every node acknowledged exactly `expected` (probing before that would
     /// test a race, not the policy).
-    pub fn wait_applied(&self, expected: &BTreeMap<String, Digest>, timeout: Duration) -> Result<()> {
+    pub fn wait_applied(
+        &self,
+        expected: &BTreeMap<String, Digest>,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status();
             let done = s.as_ref().is_ok_and(|s| {
                 expected.iter().all(|(node, d)| {
                     s["nodes"].as_array().is_some_and(|a| {
-                        a.iter().any(|n| n["node"] == node.as_str() && n["applied_digest"] == d.to_string())
+                        a.iter().any(|n| {
+                            n["node"] == node.as_str() && n["applied_digest"] == d.to_string()
+                        })
                     })
                 })
             });
@@ -220,9 +345,22 @@ impl Moat {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("nodes did not apply the expected versions in {timeout:?}: {s:?}");
+                bail!(
+                    "nodes did not apply the expected versions in {timeout:?}: {s:?}\n{}",
+                    self.log_tails(20)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Moat {
+    fn drop(&mut self) {
+        // A failing test's only chance to show what the server and enforcers saw: the
+        // directory holding the logs goes away with it.
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails(40));
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::cluster::{PodSpec, Spec};
 use crate::moat::Moat;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
-const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
+const APPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct PacketBackend {
     pub moat: Moat,
@@ -22,22 +22,43 @@ pub struct PacketBackend {
 
 /// The netns layout of the conformance cluster for address slot `id` (dual-stack).
 pub fn spec(id: u8) -> Spec {
-    let v4 = Plan { family: Family::Ipv4, id };
-    let v6 = Plan { family: Family::Ipv6, id };
+    let v4 = Plan {
+        family: Family::Ipv4,
+        id,
+    };
+    let v6 = Plan {
+        family: Family::Ipv6,
+        id,
+    };
     let mut pods = Vec::new();
     for (i, ns) in NAMESPACES.iter().enumerate() {
         for (j, p) in PODS.iter().enumerate() {
-            let (IpAddr::V4(a), IpAddr::V6(b)) = (v4.pod_ip(i, j), v6.pod_ip(i, j)) else { unreachable!() };
-            pods.push(PodSpec { key: format!("{ns}/{p}"), node: cluster::node_of(i, j), v4: a, v6: b });
+            let (IpAddr::V4(a), IpAddr::V6(b)) = (v4.pod_ip(i, j), v6.pod_ip(i, j)) else {
+                unreachable!()
+            };
+            pods.push(PodSpec {
+                key: format!("{ns}/{p}"),
+                node: cluster::node_of(i, j),
+                v4: a,
+                v6: b,
+            });
         }
     }
-    Spec { id, nodes: NODES, pods, tcp: vec![80, 81], udp: vec![80, 81], sctp: vec![80, 81] }
+    Spec {
+        id,
+        nodes: NODES,
+        pods,
+        tcp: vec![80, 81],
+        udp: vec![80, 81],
+        sctp: vec![80, 81],
+    }
 }
 
 impl PacketBackend {
     pub fn start(plan: Plan, backend: &str) -> Result<Self, Error> {
         let names = (0..NODES).map(cluster::node_name).collect();
-        let moat = Moat::start(spec(plan.id), names, backend).map_err(|e| Error::Backend(format!("{e:#}")))?;
+        let moat = Moat::start(spec(plan.id), names, backend)
+            .map_err(|e| Error::Backend(format!("{e:#}")))?;
         Ok(Self { moat })
     }
 }
@@ -69,7 +90,11 @@ impl Backend for PacketBackend {
             .map(|(from, idx)| {
                 let v = idx
                     .iter()
-                    .map(|i| ProbeReq { dst: probes[*i].to_ip, proto: proto(probes[*i].spec.protocol), port: probes[*i].spec.port })
+                    .map(|i| ProbeReq {
+                        dst: probes[*i].to_ip,
+                        proto: proto(probes[*i].spec.protocol),
+                        port: probes[*i].spec.port,
+                    })
                     .collect();
                 (from.clone(), v)
             })

@@ -15,8 +15,16 @@ use super::*;
 
 fn class_of(d: &Desired, a: IpAddr) -> u32 {
     match a {
-        IpAddr::V4(a) => d.class4.iter().find(|((lo, hi), _)| *lo <= a && a <= *hi).map_or(0, |(_, c)| *c),
-        IpAddr::V6(a) => d.class6.iter().find(|((lo, hi), _)| *lo <= a && a <= *hi).map_or(0, |(_, c)| *c),
+        IpAddr::V4(a) => d
+            .class4
+            .iter()
+            .find(|((lo, hi), _)| *lo <= a && a <= *hi)
+            .map_or(0, |(_, c)| *c),
+        IpAddr::V6(a) => d
+            .class6
+            .iter()
+            .find(|((lo, hi), _)| *lo <= a && a <= *hi)
+            .map_or(0, |(_, c)| *c),
     }
 }
 
@@ -27,14 +35,24 @@ fn chain(d: &Desired, name: &str, peer: IpAddr, p: &Packet) -> bool {
     if rs.any {
         return true;
     }
-    if ported && rs.ap.iter().any(|(pr, a, b)| *pr == p.proto && *a <= p.port && p.port <= *b) {
+    if ported
+        && rs
+            .ap
+            .iter()
+            .any(|(pr, a, b)| *pr == p.proto && *a <= p.port && p.port <= *b)
+    {
         return true;
     }
     let c = class_of(d, peer);
     if rs.aa.contains(&c) {
         return true;
     }
-    if ported && rs.gp.iter().any(|(cl, pr, a, b)| *cl == c && *pr == p.proto && *a <= p.port && p.port <= *b) {
+    if ported
+        && rs
+            .gp
+            .iter()
+            .any(|(cl, pr, a, b)| *cl == c && *pr == p.proto && *a <= p.port && p.port <= *b)
+    {
         return true;
     }
     if rs.egress && ported {
@@ -78,27 +96,53 @@ fn the_table_decides_like_the_ir() {
                 world.mutate(&mut rng, &mut f, false);
             }
             let index = Index::build(parse_all(&world.objects()));
-            let snaps: Vec<_> = index.nodes().iter().map(|n| index.snapshot(&n.node).unwrap()).collect();
+            let snaps: Vec<_> = index
+                .nodes()
+                .iter()
+                .map(|n| index.snapshot(&n.node).unwrap())
+                .collect();
             let fleet = Fleet::new(&snaps);
-            let desired: Vec<_> = snaps.iter().map(|s| (s, desired(s, &mut classes))).collect();
+            let desired: Vec<_> = snaps
+                .iter()
+                .map(|s| (s, desired(s, &mut classes)))
+                .collect();
             let addrs = world.addresses();
             for _ in 0..300 {
                 let src = *addrs.choose(&mut rng).unwrap();
-                let same: Vec<_> = addrs.iter().copied().filter(|a| a.is_ipv4() == src.is_ipv4()).collect();
+                let same: Vec<_> = addrs
+                    .iter()
+                    .copied()
+                    .filter(|a| a.is_ipv4() == src.is_ipv4())
+                    .collect();
                 let dst = *same.choose(&mut rng).unwrap();
                 let (proto, port) = *PROBES.choose(&mut rng).unwrap();
-                let p = Packet { src, dst, proto, port };
+                let p = Packet {
+                    src,
+                    dst,
+                    proto,
+                    port,
+                };
                 for (snap, d) in &desired {
                     // Traffic between a node and its own pods never reaches the forward hook.
                     if snap.node_addrs.contains(&src) || snap.node_addrs.contains(&dst) {
                         continue;
                     }
                     if let Some(got) = egress(d, &p) {
-                        assert_eq!(got, fleet.egress_allows(&p), "case {case}: egress {p:?} on {}", snap.node);
+                        assert_eq!(
+                            got,
+                            fleet.egress_allows(&p),
+                            "case {case}: egress {p:?} on {}",
+                            snap.node
+                        );
                         checked += 1;
                     }
                     if let Some(got) = ingress(d, &p) {
-                        assert_eq!(got, fleet.ingress_allows(&p), "case {case}: ingress {p:?} on {}", snap.node);
+                        assert_eq!(
+                            got,
+                            fleet.ingress_allows(&p),
+                            "case {case}: ingress {p:?} on {}",
+                            snap.node
+                        );
                         checked += 1;
                     }
                 }
@@ -125,19 +169,33 @@ fn classes_are_stable_across_small_changes() {
 fn blocks_with_excepts_become_disjoint_intervals() {
     use moat_policy::model::Cidr;
     let c = |s: &str| Cidr::parse(s).unwrap().cidr;
-    let m = Members::Block { cidr: c("10.0.0.0/8"), except: vec![c("10.1.0.0/16"), c("10.1.2.0/24"), c("10.255.0.0/16")] };
+    let m = Members::Block {
+        cidr: c("10.0.0.0/8"),
+        except: vec![c("10.1.0.0/16"), c("10.1.2.0/24"), c("10.255.0.0/16")],
+    };
     let got: Vec<_> = intervals(&m, v4)
         .into_iter()
-        .map(|(a, b)| (Ipv4Addr::from(a as u32).to_string(), Ipv4Addr::from(b as u32).to_string()))
+        .map(|(a, b)| {
+            (
+                Ipv4Addr::from(a as u32).to_string(),
+                Ipv4Addr::from(b as u32).to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
-        [("10.0.0.0".into(), "10.0.255.255".into()), ("10.2.0.0".into(), "10.254.255.255".into())]
-            .to_vec()
-            .into_iter()
-            .map(|(a, b): (String, String)| (a, b))
-            .collect::<Vec<_>>()
+        [
+            ("10.0.0.0".into(), "10.0.255.255".into()),
+            ("10.2.0.0".into(), "10.254.255.255".into())
+        ]
+        .to_vec()
+        .into_iter()
+        .map(|(a, b): (String, String)| (a, b))
+        .collect::<Vec<_>>()
     );
-    let all6 = Members::Block { cidr: c("::/0"), except: vec![c("ffff::/16")] };
+    let all6 = Members::Block {
+        cidr: c("::/0"),
+        except: vec![c("ffff::/16")],
+    };
     assert_eq!(intervals(&all6, v6), vec![(0, (0xffffu128 << 112) - 1)]);
 }

@@ -42,7 +42,10 @@ fn every_command_fits_the_schema() {
                         continue;
                     }
                     if let Err(e) = serde_json::from_value::<NfObject<'_>>(c.clone()) {
-                        panic!("case {case}: {e}\n{}", serde_json::to_string_pretty(&c).unwrap());
+                        panic!(
+                            "case {case}: {e}\n{}",
+                            serde_json::to_string_pretty(&c).unwrap()
+                        );
                     }
                 }
             }

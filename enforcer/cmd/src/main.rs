@@ -25,14 +25,20 @@ struct EnforcerArgs {
 async fn main() -> Result<()> {
     let args = EnforcerArgs::parse();
     let selection = match args.backend.as_str() {
-        "ebpf" => bail!("the eBPF dataplane is not built into this binary yet; use --backend nft or auto"),
+        "ebpf" => {
+            bail!("the eBPF dataplane is not built into this binary yet; use --backend nft or auto")
+        }
         "auto" => "auto: nftables (the eBPF dataplane is not built into this binary yet)",
         _ => "nftables (--backend nft)",
     };
     if let Err(why) = NftBackend::probe() {
         bail!("the nftables dataplane cannot run here: {why}");
     }
-    let mut backend = NftBackend::new(args.nft_max_elements);
+    std::fs::create_dir_all(&args.common.state_dir)?;
+    let mut backend = NftBackend::open(
+        args.nft_max_elements,
+        &args.common.state_dir.join("nft.lock"),
+    )?;
     if args.uninstall {
         moat_enforcer::Backend::remove_all(&mut backend)?;
         println!("removed the Moat nftables table");
