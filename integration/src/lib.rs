@@ -28,6 +28,7 @@ pub mod bed;
 pub mod netns;
 pub mod process;
 pub mod record;
+pub mod world;
 
 /// Copies a directory tree (for tests that edit example manifests).
 pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -1,0 +1,147 @@
+//! A dual-stack 3×3 cluster with Moat enforcing on packets, for enforcement tests that go
+//! beyond the conformance matrix (services, node traffic, ICMP, connection state, crashes).
+//!
+//! Namespaces x, y, z (labelled `ns=<name>`), pods a, b, c in each (labelled `pod=<name>`),
+//! each pod with an IPv4 and an IPv6 address, serving TCP/UDP/SCTP on 80 and 81.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use moat_harness::agent::{ProbeReq, Proto};
+use moat_harness::cluster::{Slot, Spec, slot};
+use moat_harness::moat::Moat;
+use moat_harness::packets;
+use moat_policy::model::K8sObject;
+use moat_policy::testkit::k8s;
+use serde_json::json;
+
+pub const APPLY: Duration = Duration::from_secs(30);
+pub const PROBE: Duration = Duration::from_millis(400);
+
+pub struct World {
+    // Field order is drop order: the cluster goes before its address slot is released.
+    pub moat: Moat,
+    pub spec: Spec,
+    _slot: Slot,
+}
+
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+impl World {
+    /// Builds the cluster, starts the server and an enforcer (`backend`) per node, and waits
+    /// until every node enforces the policy-free base state.
+    pub fn start(backend: &str) -> World {
+        let s = slot().expect("address slot");
+        let spec = packets::spec(s.id);
+        let names = (0..spec.nodes).map(node_name).collect();
+        let moat = Moat::start(spec.clone(), names, backend).expect("starting moat");
+        let w = World {
+            moat,
+            spec,
+            _slot: s,
+        };
+        w.apply(&[]);
+        w
+    }
+
+    /// Nodes, namespaces and pods, without policies.
+    pub fn base(&self) -> Vec<K8sObject> {
+        let mut out = Vec::new();
+        for i in 0..self.spec.nodes {
+            out.push(K8sObject::Node(k8s(json!({
+                "metadata": {"name": node_name(i)},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": self.spec.node_v4(i).to_string()},
+                    {"type": "InternalIP", "address": self.spec.node_v6(i).to_string()},
+                ]},
+            }))));
+        }
+        for ns in ["x", "y", "z"] {
+            out.push(K8sObject::Namespace(k8s(json!({"metadata": {
+                "name": ns,
+                "labels": {"ns": ns, "kubernetes.io/metadata.name": ns},
+            }}))));
+        }
+        for p in &self.spec.pods {
+            let (ns, name) = p.key.split_once('/').expect("ns/name");
+            let mut ports = Vec::new();
+            for port in [80, 81] {
+                for proto in ["TCP", "UDP", "SCTP"] {
+                    ports.push(json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                                      "containerPort": port, "protocol": proto}));
+                }
+            }
+            out.push(K8sObject::Pod(k8s(json!({
+                "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}},
+                "spec": {"nodeName": node_name(p.node),
+                         "containers": [{"name": "server", "image": "agnhost", "ports": ports}]},
+                "status": {"phase": "Running",
+                           "podIPs": [{"ip": p.v4.to_string()}, {"ip": p.v6.to_string()}]},
+            }))));
+        }
+        out
+    }
+
+    /// Makes the cluster hold the base objects plus `policies` (YAML NetworkPolicies) and
+    /// waits until every enforcer has applied that state.
+    pub fn apply(&self, policies: &[String]) {
+        let objects = self.objects(policies);
+        self.moat.apply(&objects, APPLY).expect("applying policies");
+    }
+
+    pub fn objects(&self, policies: &[String]) -> Vec<K8sObject> {
+        let mut objects = self.base();
+        for p in policies {
+            let np = serde_yaml::from_str(p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            objects.push(K8sObject::NetworkPolicy(np));
+        }
+        objects
+    }
+
+    pub fn pod(&self, key: &str) -> &moat_harness::cluster::PodSpec {
+        self.spec
+            .pods
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no pod {key}"))
+    }
+
+    /// Both addresses of a pod.
+    pub fn ips(&self, key: &str) -> [IpAddr; 2] {
+        let p = self.pod(key);
+        [IpAddr::V4(p.v4), IpAddr::V6(p.v6)]
+    }
+
+    /// Probes from pod `from`, one result per request.
+    pub fn probe(&mut self, from: &str, probes: Vec<ProbeReq>) -> Vec<bool> {
+        let r = self
+            .moat
+            .cluster
+            .probe(&[(from.to_string(), probes)], PROBE, 1)
+            .expect("probing");
+        r.into_iter().next().expect("one result")
+    }
+
+    /// Is `to` reachable from `from` with `proto`/`port` in both families? Panics when the
+    /// families disagree (a dual-stack enforcement bug).
+    pub fn reach(&mut self, from: &str, to: &str, proto: Proto, port: u16) -> bool {
+        let probes = self
+            .ips(to)
+            .into_iter()
+            .map(|dst| ProbeReq { dst, proto, port })
+            .collect();
+        let r = self.probe(from, probes);
+        assert_eq!(r[0], r[1], "{from} -> {to} {proto:?}/{port}: v4 {r:?} v6");
+        r[0]
+    }
+}
+
+pub fn tcp(dst: IpAddr, port: u16) -> ProbeReq {
+    ProbeReq {
+        dst,
+        proto: Proto::Tcp,
+        port,
+    }
+}
