@@ -10,6 +10,20 @@ die() { printf '\033[1;31msetup: %s\033[0m\n' "$*" >&2; exit 1; }
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs) first"
 command -v rustup >/dev/null || die "rustup not found: Moat pins toolchains through rustup"
 
+# System tools the dataplane and the netns test bed drive: nft (the nftables backend's
+# transactions), ip (namespaces, veths, routes), iperf3 (datapath benchmarks).
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iperf3 >/dev/null || need+=(iperf3)
+if [ ${#need[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get: install them with your package manager"
+    [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run setup as root (apt-get install ${need[*]})"
+    say "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
 # The stable toolchain the workspace is built with (rust-version in Cargo.toml).
 if ! rustup run 1.95 rustc --version >/dev/null 2>&1 && ! rustc --version | grep -q ' 1\.9[5-9]\.'; then
     say "installing Rust 1.95"

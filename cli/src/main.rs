@@ -3,6 +3,7 @@
 mod admin;
 mod certs;
 mod conformance;
+mod demo;
 mod explain;
 mod manifests;
 mod snapshot;
@@ -29,6 +30,9 @@ enum Command {
     Snapshot(snapshot::Args),
     /// Every node's sync status (admin API), or where one policy is enforced (`--policy`).
     Status(admin::StatusArgs),
+    /// Moat end to end on network namespaces: the examples as a cluster, real server and
+    /// enforcers, the reachability matrix before and after policy (needs root).
+    Demo(demo::Args),
     /// Create the CA and the server, node and admin certificates.
     #[command(subcommand)]
     Certs(certs::Command),
@@ -50,6 +54,7 @@ fn run() -> Result<ExitCode> {
         Command::Conformance(a) => conformance::run(a),
         Command::Snapshot(a) => snapshot::run(a),
         Command::Certs(c) => certs::run(c),
+        Command::Demo(a) => demo::run(a),
         Command::Status(a) => admin::status(a),
     }
 }
