@@ -11,11 +11,12 @@ command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (h
 command -v rustup >/dev/null || die "rustup not found: Moat pins toolchains through rustup"
 
 # System tools the dataplane and the netns test bed drive: nft (the nftables backend's
-# transactions), ip (namespaces, veths, routes), iperf3 (datapath benchmarks).
+# transactions), ip (namespaces, veths, routes), iperf3 and ethtool (datapath benchmarks).
 need=()
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ethtool >/dev/null || need+=(ethtool)
 if [ ${#need[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get: install them with your package manager"
     [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run setup as root (apt-get install ${need[*]})"

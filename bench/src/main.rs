@@ -6,7 +6,11 @@
 //! implementation has to do), event latencies against a full compile.
 
 mod alloc;
+mod datapath;
+mod netns;
+mod nftapply;
 mod plot;
+mod policies;
 mod sync;
 
 use std::fmt::Write as _;
@@ -49,6 +53,37 @@ enum Command {
         #[arg(long, default_value = "target/release/moat-server")]
         server_bin: std::path::PathBuf,
     },
+    /// The nft backend applying a big snapshot and one-pod deltas (root; private netns).
+    NftApply {
+        #[arg(long, default_value_t = 10_000)]
+        rules: usize,
+        #[arg(long, default_value_t = 15)]
+        full_runs: usize,
+        #[arg(long, default_value_t = 101)]
+        delta_runs: usize,
+    },
+    /// The nft dataplane on packets in the netns harness (root; release binaries built).
+    Datapath {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 3)]
+        secs: u64,
+    },
+    /// The nft backend's user-space work for one-pod deltas, in a loop (for profiling).
+    NftCompute {
+        #[arg(long, default_value_t = 10_000)]
+        rules: usize,
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+    },
+    /// Internal: new-connection loop run inside a pod namespace by `datapath`.
+    #[command(hide = true)]
+    ConnectLoop {
+        #[arg(long)]
+        dst: std::net::SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
     /// Everything, as the Markdown of docs/benchmarks.md.
     Report {
         /// Fewer iterations and no 5,000-node growth table (a quick look, not for the docs).
@@ -87,6 +122,18 @@ fn main() -> Result<()> {
             idle,
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
+        Command::NftApply {
+            rules,
+            full_runs,
+            delta_runs,
+        } => {
+            if netns::inside()? {
+                print!("{}", nftapply::run(rules, full_runs, delta_runs)?);
+            }
+        }
+        Command::NftCompute { rules, runs } => nftapply::compute_loop(rules, runs),
+        Command::Datapath { rounds, secs } => print!("{}", datapath::run(rounds, secs)?),
+        Command::ConnectLoop { dst, secs } => datapath::connect_loop(dst, secs)?,
         Command::Report { quick, svg } => {
             let (md, chart) = report(quick);
             print!("{md}");

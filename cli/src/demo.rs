@@ -100,15 +100,7 @@ fn pods(objects: &[K8sObject]) -> Result<Vec<(DemoPod, String)>> {
             }
         }
         let node = spec.node_name.clone().context("pod without nodeName")?;
-        out.push((
-            DemoPod {
-                key,
-                v4,
-                v6,
-                ports,
-            },
-            node,
-        ));
+        out.push((DemoPod { key, v4, v6, ports }, node));
     }
     Ok(out)
 }
@@ -281,16 +273,16 @@ fn matrix(
         }
         reqs.push((from.key.clone(), probes));
     }
-    let results = moat
-        .cluster
-        .probe(&reqs, Duration::from_millis(400), 1)?;
+    let results = moat.cluster.probe(&reqs, Duration::from_millis(400), 1)?;
     let short = |k: &str| k.split_once('/').map_or(k, |(_, n)| n).to_string();
     let heads: Vec<String> = columns
         .iter()
         .map(|(to, proto, port)| format!("{}:{port}/{proto:?}", short(&to.key)))
         .collect();
     let width = pods.iter().map(|(p, _)| p.key.len()).max().unwrap_or(0);
-    println!("\nreachability {title} (IPv4 and IPv6; ✓ allowed, · denied, ! differs from the evaluator):");
+    println!(
+        "\nreachability {title} (IPv4 and IPv6; ✓ allowed, · denied, ! differs from the evaluator):"
+    );
     for (i, h) in heads.iter().enumerate() {
         println!("{:width$}   {}{h}", "", "│ ".repeat(i));
     }
@@ -302,23 +294,26 @@ fn matrix(
                 // A pod reaching itself is loopback on a real node; not a policy question.
                 "-"
             } else {
-                let expect = [from.v4, from.v6].into_iter().zip([to.v4, to.v6]).all(|(s, d)| {
-                    eval::verdict(
-                        &cluster,
-                        &Flow {
-                            src: s,
-                            dst: d,
-                            proto: match proto {
-                                Proto::Tcp => 6,
-                                Proto::Udp => 17,
-                                Proto::Sctp => 132,
-                                Proto::Icmp => 1,
+                let expect = [from.v4, from.v6]
+                    .into_iter()
+                    .zip([to.v4, to.v6])
+                    .all(|(s, d)| {
+                        eval::verdict(
+                            &cluster,
+                            &Flow {
+                                src: s,
+                                dst: d,
+                                proto: match proto {
+                                    Proto::Tcp => 6,
+                                    Proto::Udp => 17,
+                                    Proto::Sctp => 132,
+                                    Proto::Icmp => 1,
+                                },
+                                port: *port,
                             },
-                            port: *port,
-                        },
-                    )
-                    .allowed
-                });
+                        )
+                        .allowed
+                    });
                 let got = (row[2 * c], row[2 * c + 1]);
                 match got {
                     (a, b) if a == b && a == expect => {

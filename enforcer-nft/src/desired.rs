@@ -5,8 +5,10 @@
 //! one after another. Instead:
 //!
 //! * every address is mapped to a **class**: the set of address groups containing it
-//!   (like Cilium's identities). Addresses in the same groups share a class, so a class map
-//!   (`ipv4_addr : mark`, intervals) has about one entry per pod and per CIDR edge;
+//!   (like Cilium's identities). Addresses in the same groups share a class. CIDR ranges
+//!   go to an interval map (one entry per CIDR edge), single addresses — pods, /32 blocks —
+//!   to a hash map looked up after it, so the common change (a pod coming or going) never
+//!   makes `nft` read and rewrite an interval set;
 //! * every distinct rule list of a local endpoint (per direction) is a **ruleset**, a chain
 //!   doing a fixed number of set lookups: any-peer ports, peer class with any port, peer class
 //!   with ports, and (egress) named ports as address·protocol·port;
@@ -29,8 +31,12 @@ pub struct Ruleset {
     pub ap: BTreeSet<(u8, u16, u16)>,
     /// Peer classes allowed on every port.
     pub aa: BTreeSet<u32>,
-    /// Peer class, protocol, port range; disjoint per (class, protocol); none for classes in `aa`.
+    /// Peer class, protocol, port range of two or more ports; disjoint per (class,
+    /// protocol); none for classes in `aa`. An interval set.
     pub gp: BTreeSet<(u32, u8, u16, u16)>,
+    /// Peer class, protocol, single port: a hash set, so the common case never touches an
+    /// interval set (see `Desired::addr4`).
+    pub gx: BTreeSet<(u32, u8, u16)>,
     /// Egress named ports: destination address, protocol, port.
     pub n4: BTreeSet<(Ipv4Addr, u8, u16)>,
     pub n6: BTreeSet<(Ipv6Addr, u8, u16)>,
@@ -38,7 +44,12 @@ pub struct Ruleset {
 
 impl Ruleset {
     pub fn elements(&self) -> usize {
-        self.ap.len() + self.aa.len() + self.gp.len() + self.n4.len() + self.n6.len()
+        self.ap.len()
+            + self.aa.len()
+            + self.gp.len()
+            + self.gx.len()
+            + self.n4.len()
+            + self.n6.len()
     }
 }
 
@@ -49,9 +60,14 @@ pub struct Desired {
     /// Which class numbering the kernel's table uses: new with every full replacement, kept
     /// by deltas. A delta only commits onto the numbering it was computed for.
     pub epoch: u32,
-    /// Inclusive address interval → class.
+    /// Inclusive address interval → class, from groups' ranges (CIDRs) only.
     pub class4: BTreeMap<(Ipv4Addr, Ipv4Addr), u32>,
     pub class6: BTreeMap<(Ipv6Addr, Ipv6Addr), u32>,
+    /// Single addresses (pods, /32 and /128 blocks) → class, looked up after the intervals
+    /// and overriding them. Hash maps: `nft` reads every element of a table's interval sets
+    /// before any change to the table, so pod churn must not live in them.
+    pub addr4: BTreeMap<Ipv4Addr, u32>,
+    pub addr6: BTreeMap<Ipv6Addr, u32>,
     /// Chain name → content.
     pub rulesets: BTreeMap<String, Ruleset>,
     /// Local endpoint address → ruleset chain, per direction and family.
@@ -66,6 +82,8 @@ impl Desired {
     pub fn elements(&self) -> usize {
         self.class4.len()
             + self.class6.len()
+            + self.addr4.len()
+            + self.addr6.len()
             + self.ing4.len()
             + self.ing6.len()
             + self.eg4.len()
@@ -78,12 +96,13 @@ impl Desired {
 #[derive(Default)]
 pub struct Classes {
     ids: HashMap<Vec<GroupId>, u32>,
+    sets: HashMap<u32, Vec<GroupId>>,
     free: Vec<u32>,
     next: u32,
 }
 
 impl Classes {
-    fn id(&mut self, groups: &[GroupId]) -> u32 {
+    pub(crate) fn id(&mut self, groups: &[GroupId]) -> u32 {
         if let Some(id) = self.ids.get(groups) {
             return *id;
         }
@@ -92,33 +111,48 @@ impl Classes {
             self.next
         });
         self.ids.insert(groups.to_vec(), id);
+        self.sets.insert(id, groups.to_vec());
         id
     }
 
+    /// The groups of class `id` (sorted).
+    pub fn groups(&self, id: u32) -> Option<&[GroupId]> {
+        self.sets.get(&id).map(Vec::as_slice)
+    }
+
+    /// Frees one class number.
+    pub(crate) fn release(&mut self, id: u32) {
+        if let Some(set) = self.sets.remove(&id) {
+            self.ids.remove(&set);
+            self.free.push(id);
+        }
+    }
+
     /// Frees the numbers of classes no longer in use.
-    fn retain(&mut self, live: &BTreeSet<Vec<GroupId>>) {
+    fn retain(&mut self, live: &std::collections::HashSet<&[GroupId]>) {
         let dead: Vec<_> = self
             .ids
             .keys()
-            .filter(|k| !live.contains(*k))
+            .filter(|k| !live.contains(k.as_slice()))
             .cloned()
             .collect();
         for k in dead {
             if let Some(id) = self.ids.remove(&k) {
+                self.sets.remove(&id);
                 self.free.push(id);
             }
         }
     }
 }
 
-fn v4(a: IpAddr) -> Option<u128> {
+pub(crate) fn v4(a: IpAddr) -> Option<u128> {
     match a {
         IpAddr::V4(a) => Some(u128::from(u32::from(a))),
         IpAddr::V6(_) => None,
     }
 }
 
-fn v6(a: IpAddr) -> Option<u128> {
+pub(crate) fn v6(a: IpAddr) -> Option<u128> {
     match a {
         IpAddr::V6(a) => Some(u128::from(a)),
         IpAddr::V4(_) => None,
@@ -165,20 +199,40 @@ fn intervals(members: &Members, to: fn(IpAddr) -> Option<u128>) -> Vec<(u128, u1
     }
 }
 
-/// Splits the address space of one family into segments with a constant set of groups.
-fn segments(
-    snap: &NodeSnapshot,
-    to: fn(IpAddr) -> Option<u128>,
-) -> Vec<(u128, u128, Vec<GroupId>)> {
-    // Boundary events: +group at start, -group after end.
-    // An interval reaching the top of the space never ends.
-    let mut events: Vec<(u128, bool, GroupId)> = Vec::new();
+/// Every group's intervals in one family, split into single addresses and ranges.
+pub(crate) struct Spans {
+    pub(crate) singles: Vec<(u128, GroupId)>,
+    pub(crate) ranges: Vec<(u128, u128, GroupId)>,
+}
+
+pub(crate) fn spans(snap: &NodeSnapshot, to: fn(IpAddr) -> Option<u128>) -> Spans {
+    let mut s = Spans {
+        singles: Vec::new(),
+        ranges: Vec::new(),
+    };
     for g in &snap.groups {
         for (a, b) in intervals(&g.members, to) {
-            events.push((a, true, g.id));
-            if let Some(e) = b.checked_add(1) {
-                events.push((e, false, g.id));
+            if a == b {
+                s.singles.push((a, g.id));
+            } else {
+                s.ranges.push((a, b, g.id));
             }
+        }
+    }
+    s.singles.sort_unstable();
+    s.singles.dedup();
+    s
+}
+
+/// Splits the address space covered by `ranges` into segments with a constant set of groups.
+fn segments(ranges: &[(u128, u128, GroupId)]) -> Vec<(u128, u128, Vec<GroupId>)> {
+    // Boundary events: +group at start, -group after end.
+    // An interval reaching the top of the space never ends.
+    let mut events: Vec<(u128, bool, GroupId)> = Vec::with_capacity(ranges.len() * 2);
+    for (a, b, g) in ranges {
+        events.push((*a, true, *g));
+        if let Some(e) = b.checked_add(1) {
+            events.push((e, false, *g));
         }
     }
     events.sort_unstable_by_key(|e| (e.0, e.1));
@@ -212,6 +266,34 @@ fn segments(
     out
 }
 
+/// The class key of every single address: the groups listing it, plus those whose ranges
+/// contain it (`segs` sorted and disjoint).
+fn points(
+    singles: &[(u128, GroupId)],
+    segs: &[(u128, u128, Vec<GroupId>)],
+) -> Vec<(u128, Vec<GroupId>)> {
+    let mut out: Vec<(u128, Vec<GroupId>)> = Vec::new();
+    for (a, g) in singles {
+        match out.last_mut() {
+            Some(last) if last.0 == *a => last.1.push(*g),
+            _ => {
+                let i = segs.partition_point(|s| s.1 < *a);
+                let mut set = match segs.get(i) {
+                    Some(s) if s.0 <= *a => s.2.clone(),
+                    _ => Vec::new(),
+                };
+                set.push(*g);
+                out.push((*a, set));
+            }
+        }
+    }
+    for (_, set) in &mut out {
+        set.sort_unstable();
+        set.dedup();
+    }
+    out
+}
+
 /// Name of the chain for one direction's rule list (content-derived, so stable).
 pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
     let mut h = blake3::Hasher::new();
@@ -226,7 +308,7 @@ pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
     format!("{}{hex}", if egress { "e_" } else { "i_" })
 }
 
-fn merge(mut v: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+pub(crate) fn merge(mut v: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
     v.sort_unstable();
     let mut out: Vec<(u16, u16)> = Vec::new();
     for (a, b) in v {
@@ -245,36 +327,73 @@ pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
         digest: Some(snap.digest),
         ..Default::default()
     };
-    let segs4 = segments(snap, v4);
-    let segs6 = segments(snap, v6);
-    let live: BTreeSet<Vec<GroupId>> = segs4.iter().chain(&segs6).map(|s| s.2.clone()).collect();
+    let (sp4, sp6) = (spans(snap, v4), spans(snap, v6));
+    let (segs4, segs6) = (segments(&sp4.ranges), segments(&sp6.ranges));
+    let (pts4, pts6) = (points(&sp4.singles, &segs4), points(&sp6.singles, &segs6));
+    let live: std::collections::HashSet<&[GroupId]> = segs4
+        .iter()
+        .chain(&segs6)
+        .map(|s| s.2.as_slice())
+        .chain(pts4.iter().chain(&pts6).map(|p| p.1.as_slice()))
+        .collect();
     classes.retain(&live);
     let mut classes_of: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
+    let mut note = |set: &[GroupId], id: u32| {
+        for g in set {
+            classes_of.entry(*g).or_default().insert(id);
+        }
+    };
     for (a, b, set) in &segs4 {
         let id = classes.id(set);
         d.class4
             .insert((Ipv4Addr::from(*a as u32), Ipv4Addr::from(*b as u32)), id);
-        for g in set {
-            classes_of.entry(*g).or_default().insert(id);
-        }
+        note(set, id);
     }
     for (a, b, set) in &segs6 {
         let id = classes.id(set);
         d.class6
             .insert((Ipv6Addr::from(*a), Ipv6Addr::from(*b)), id);
-        for g in set {
-            classes_of.entry(*g).or_default().insert(id);
-        }
+        note(set, id);
+    }
+    for (a, set) in &pts4 {
+        let id = classes.id(set);
+        d.addr4.insert(Ipv4Addr::from(*a as u32), id);
+        note(set, id);
+    }
+    for (a, set) in &pts6 {
+        let id = classes.id(set);
+        d.addr6.insert(Ipv6Addr::from(*a), id);
+        note(set, id);
     }
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
     let groups: HashMap<GroupId, &Members> =
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
+    // Endpoints usually share rule lists: name each distinct list once (hashing a long list
+    // per endpoint is what a big policy over many pods would otherwise cost).
+    let mut names: HashMap<
+        (bool, usize, Option<RuleId>, Option<RuleId>),
+        Vec<(&[RuleId], String)>,
+    > = HashMap::new();
     for e in &snap.endpoints {
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
             if !dir.isolated {
                 continue;
             }
-            let name = chain_name(egress, &dir.rules);
+            let key = (
+                egress,
+                dir.rules.len(),
+                dir.rules.first().copied(),
+                dir.rules.last().copied(),
+            );
+            let known = names.entry(key).or_default();
+            let name = match known.iter().find(|(r, _)| *r == dir.rules.as_slice()) {
+                Some((_, n)) => n.clone(),
+                None => {
+                    let n = chain_name(egress, &dir.rules);
+                    known.push((&dir.rules, n.clone()));
+                    n
+                }
+            };
             if !d.rulesets.contains_key(&name) {
                 let rs = ruleset(egress, &dir.rules, &rules, &groups, &classes_of);
                 d.rulesets.insert(name.clone(), rs);
@@ -358,7 +477,11 @@ fn ruleset(
             continue;
         }
         for (a, b) in merge(v) {
-            rs.gp.insert((class, proto, a, b));
+            if a == b {
+                rs.gx.insert((class, proto, a));
+            } else {
+                rs.gp.insert((class, proto, a, b));
+            }
         }
     }
     rs

@@ -10,7 +10,9 @@
 //!      ip saddr vmap @eg4 / ip6 saddr vmap @eg6   ← isolated local sources: egress ruleset
 //!      ip daddr vmap @ing4 / ip6 daddr vmap @ing6 ← isolated local destinations: ingress ruleset
 //!    chain i_…/e_… per distinct rule list: a fixed number of set lookups (see `desired`)
-//!    maps class4/class6 (address → class), sets per ruleset, chain v_<version>_<digest>
+//!    maps class4/class6 (CIDR ranges → class, intervals), addr4/addr6 (single addresses →
+//!    class, hash: pod churn never touches an interval set), sets per ruleset,
+//!    set record (one element: version, digest and epoch in its comment)
 //! ```
 //!
 //! Every change is one `nft` transaction: a full snapshot replaces the table in one batch, a
@@ -21,6 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod desired;
+pub mod incremental;
+pub mod netlink;
 pub mod nft;
 pub mod render;
 
@@ -40,6 +44,11 @@ pub const DEFAULT_MAX_ELEMENTS: usize = 2_000_000;
 pub struct NftBackend {
     classes: Classes,
     current: Option<Desired>,
+    /// For in-place updates of `current`; built on the first delta that can use it, dropped
+    /// whenever `current` is recomputed.
+    cache: Option<incremental::Cache>,
+    /// Kept open across deltas (see `netlink::Conn`).
+    conn: Option<netlink::Conn>,
     max_elements: usize,
     version: String,
     lock: nft::TxLock,
@@ -59,6 +68,8 @@ impl NftBackend {
         Ok(Self {
             classes: Classes::default(),
             current: None,
+            cache: None,
+            conn: None,
             max_elements,
             version,
             lock,
@@ -96,6 +107,7 @@ impl NftBackend {
     fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
         // A fresh numbering for a full replacement: nothing in the kernel to stay close to.
         self.classes = Classes::default();
+        self.cache = None;
         let mut d = self.desired(snap)?;
         d.epoch = rand::random();
         nft::apply(&self.lock, render::full(&d))
@@ -108,6 +120,39 @@ impl NftBackend {
         );
         self.current = Some(d);
         Ok(())
+    }
+}
+
+/// Which way a delta reached the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Netlink,
+    Nft,
+}
+
+/// Commits a delta batch (from [`render::delta`]) as one transaction: element-only batches
+/// (pod churn) straight over netlink, everything else through `nft`. Same commands, same
+/// all-or-nothing guarantee either way.
+pub fn commit_delta(
+    lock: &nft::TxLock,
+    conn: &mut Option<netlink::Conn>,
+    commands: Vec<serde_json::Value>,
+) -> Result<Via, nft::Error> {
+    if !netlink::supports(&commands) {
+        return nft::apply(lock, commands).map(|()| Via::Nft);
+    }
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(netlink::Conn::open().map_err(|e| nft::Error::Refused(e.to_string()))?),
+    };
+    match c.apply(&commands) {
+        Ok(true) => Ok(Via::Netlink),
+        Ok(false) => nft::apply(lock, commands).map(|()| Via::Nft),
+        Err(e) => {
+            // A fresh socket next time: this one may hold answers we never read.
+            *conn = None;
+            Err(nft::Error::Refused(e.to_string()))
+        }
     }
 }
 
@@ -169,25 +214,50 @@ impl Backend for NftBackend {
 
     fn apply_delta(
         &mut self,
-        _old: &NodeSnapshot,
-        _delta: &Delta,
+        old_snap: &NodeSnapshot,
+        delta: &Delta,
         new: &NodeSnapshot,
     ) -> Result<(), BackendError> {
         let Some(old) = self.current.take() else {
             return self.replace(new);
         };
-        let d = match self.desired(new) {
-            Ok(d) => Desired {
+        let holds_base = old.version == old_snap.version && old.digest == Some(old_snap.digest);
+        let d = if holds_base && incremental::applies(old_snap, delta) {
+            // Pod churn elsewhere: patch the table in place, no full recomputation.
+            let cache = self
+                .cache
+                .get_or_insert_with(|| incremental::cache(old_snap, &old));
+            let d = incremental::patch(&old, cache, &mut self.classes, old_snap, new, delta);
+            if d.elements() > self.max_elements {
+                // The class numbering moved on with the patch: the next version is applied
+                // as a full replacement (the kernel keeps `old` meanwhile).
+                self.cache = None;
+                return Err(BackendError::Rejected(format!(
+                    "version {} needs {} table elements, more than the limit of {}",
+                    new.version,
+                    d.elements(),
+                    self.max_elements
+                )));
+            }
+            Desired {
                 epoch: old.epoch,
                 ..d
-            },
-            Err(e) => {
-                self.current = Some(old);
-                return Err(e);
+            }
+        } else {
+            self.cache = None;
+            match self.desired(new) {
+                Ok(d) => Desired {
+                    epoch: old.epoch,
+                    ..d
+                },
+                Err(e) => {
+                    self.current = Some(old);
+                    return Err(e);
+                }
             }
         };
-        match nft::apply(&self.lock, render::delta(&old, &d)) {
-            Ok(()) => {
+        match commit_delta(&self.lock, &mut self.conn, render::delta(&old, &d)) {
+            Ok(_) => {
                 self.current = Some(d);
                 Ok(())
             }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nftables::helper;
 use serde_json::Value;
 
-use crate::render::{TABLE, parse_info};
+use crate::render::{RECORD, TABLE, parse_info};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,28 +103,31 @@ pub fn apply(lock: &TxLock, commands: Vec<Value>) -> Result<(), Error> {
 /// The version and digest recorded in the Moat table, if the table exists. Read as raw JSON:
 /// the crate's schema cannot parse the table's verdict maps.
 pub fn recorded() -> Result<Option<(u64, String)>, Error> {
-    let raw = match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "chains", "inet"])
-    {
-        Ok(r) => r,
-        Err(e) => return Err(e.into()),
-    };
+    let raw = helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "tables", "inet"])?;
     let v: Value = serde_json::from_str(&raw).map_err(Error::Schema)?;
-    let mut table = false;
-    let mut found = None;
-    for o in v["nftables"].as_array().into_iter().flatten() {
-        let c = &o["chain"];
-        if c["table"] != TABLE {
-            continue;
-        }
-        table = true;
-        if let Some(info) = c["name"].as_str().and_then(parse_info) {
-            found = Some(info);
-        }
-    }
+    let table = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["table"]["name"] == TABLE);
     if !table {
         return Ok(None);
     }
     // A table without a record is Moat's but unfinished: treat as holding unknown rules.
+    let found = helper::get_current_ruleset_raw(
+        helper::DEFAULT_NFT,
+        ["list", "set", "inet", TABLE, RECORD],
+    )
+    .ok()
+    .and_then(|raw| serde_json::from_str::<Value>(&raw).ok())
+    .and_then(|v| {
+        v["nftables"].as_array()?.iter().find_map(|o| {
+            o["set"]["elem"]
+                .as_array()?
+                .iter()
+                .find_map(|e| e["elem"]["comment"].as_str().and_then(parse_info))
+        })
+    });
     Ok(Some(found.unwrap_or((0, String::new()))))
 }
 

@@ -22,9 +22,13 @@ fn cmd(verb: &str, kind: &str, body: Value) -> Value {
     json!({ verb: obj(kind, body) })
 }
 
-/// The chain that records which version, digest and class numbering (epoch) the table
-/// holds: its name is the record.
-pub fn info_chain(d: &Desired) -> String {
+/// The set holding the table's record: one element, whose comment says which version,
+/// digest and class numbering (epoch) the table holds. A delta deletes the old element
+/// first, so it commits only onto exactly the state it was computed from.
+pub const RECORD: &str = "record";
+
+/// The record's text (the element's comment).
+pub fn record(d: &Desired) -> String {
     format!(
         "v_{}_{}_{:08x}",
         d.version,
@@ -33,7 +37,23 @@ pub fn info_chain(d: &Desired) -> String {
     )
 }
 
-/// Parses an info chain name back to (version, digest).
+/// The record element's key: version, digest prefix, epoch.
+fn record_key(d: &Desired) -> Value {
+    let digest = d.digest.map(|x| x.to_string()).unwrap_or_default();
+    let prefix = u32::from_str_radix(digest.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    json!({"concat": [d.version as u32, prefix, d.epoch]})
+}
+
+fn record_elem(verb: &str, d: &Desired) -> Value {
+    let elem = if verb == "add" {
+        json!({"elem": {"val": record_key(d), "comment": record(d)}})
+    } else {
+        record_key(d)
+    };
+    cmd(verb, "element", json!({"name": RECORD, "elem": [elem]}))
+}
+
+/// Parses a record back to (version, digest).
 pub fn parse_info(name: &str) -> Option<(u64, String)> {
     let mut parts = name.strip_prefix("v_")?.split('_');
     let (v, d, e) = (parts.next()?, parts.next()?, parts.next()?);
@@ -97,7 +117,7 @@ const ACCEPT: &str = "accept";
 const RETURN: &str = "return";
 
 /// A ruleset's set names.
-fn sets(chain: &str) -> [(String, Value, bool); 5] {
+fn sets(chain: &str) -> [(String, Value, bool); 6] {
     [
         (
             format!("{chain}_ap"),
@@ -109,6 +129,11 @@ fn sets(chain: &str) -> [(String, Value, bool); 5] {
             format!("{chain}_gp"),
             json!(["mark", "inet_proto", "inet_service"]),
             true,
+        ),
+        (
+            format!("{chain}_gx"),
+            json!(["mark", "inet_proto", "inet_service"]),
+            false,
         ),
         (
             format!("{chain}_n4"),
@@ -147,8 +172,14 @@ fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
         name,
         vec![json!({"mangle": {"key": ct("mark"), "value": 0}})],
     ));
-    for fam in ["ip", "ip6"] {
-        let map = if fam == "ip" { "class4" } else { "class6" };
+    // Ranges first, then single addresses: a hit in the second overrides the first (a
+    // failed map lookup ends the rule and leaves the mark as it was).
+    for (fam, map) in [
+        ("ip", "class4"),
+        ("ip6", "class6"),
+        ("ip", "addr4"),
+        ("ip6", "addr6"),
+    ] {
         r.push(rule(
             name,
             vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{map}")}}}})],
@@ -169,6 +200,17 @@ fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
             lookup(
                 concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
                 &format!("{name}_gp"),
+            ),
+            clear.clone(),
+            verdict.clone(),
+        ],
+    ));
+    r.push(rule(
+        name,
+        vec![
+            lookup(
+                concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
+                &format!("{name}_gx"),
             ),
             clear.clone(),
             verdict.clone(),
@@ -262,6 +304,15 @@ fn class6_elems<'a>(it: impl Iterator<Item = (&'a (Ipv6Addr, Ipv6Addr), &'a u32)
     .collect()
 }
 
+fn addr_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = (&'a A, &'a u32)>) -> Vec<Value> {
+    it.map(|(a, c)| json!([a.to_string(), c])).collect()
+}
+
+fn gx_elems<'a>(it: impl Iterator<Item = &'a (u32, u8, u16)>) -> Vec<Value> {
+    it.map(|(c, p, port)| concat(vec![json!(c), json!(p), json!(port)]))
+        .collect()
+}
+
 fn vmap_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = (&'a A, &'a String)>) -> Vec<Value> {
     it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": chain}}]))
         .collect()
@@ -291,6 +342,7 @@ fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
             rs.aa.iter().map(|c| json!(c)).collect(),
         ),
         elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
+        elements(verb, &format!("{name}_gx"), gx_elems(rs.gx.iter())),
         elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
         elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
     ]
@@ -327,8 +379,11 @@ pub fn full(d: &Desired) -> Vec<Value> {
         json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         cmd("add", "counter", json!({"name": "denied"})),
+        set_decl(RECORD, json!(["mark", "mark", "mark"]), false),
         map_decl("class4", "ipv4_addr", "mark", true),
         map_decl("class6", "ipv6_addr", "mark", true),
+        map_decl("addr4", "ipv4_addr", "mark", false),
+        map_decl("addr6", "ipv6_addr", "mark", false),
     ];
     for (m, ty) in [
         ("ing4", "ipv4_addr"),
@@ -343,12 +398,14 @@ pub fn full(d: &Desired) -> Vec<Value> {
     }
     c.extend(elements("add", "class4", class4_elems(d.class4.iter())));
     c.extend(elements("add", "class6", class6_elems(d.class6.iter())));
+    c.extend(elements("add", "addr4", addr_elems(d.addr4.iter())));
+    c.extend(elements("add", "addr6", addr_elems(d.addr6.iter())));
     c.extend(elements("add", "ing4", vmap_elems(d.ing4.iter())));
     c.extend(elements("add", "ing6", vmap_elems(d.ing6.iter())));
     c.extend(elements("add", "eg4", vmap_elems(d.eg4.iter())));
     c.extend(elements("add", "eg6", vmap_elems(d.eg6.iter())));
     c.extend(base_chain());
-    c.push(cmd("add", "chain", json!({"name": info_chain(d)})));
+    c.push(record_elem("add", d));
     c
 }
 
@@ -371,7 +428,7 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     // The guard comes first: deleting the old record fails the whole batch unless the kernel
     // holds exactly `old` in the same numbering — e.g. when an `nft` orphaned by a killed
     // enforcer, or another writer, changed the table since.
-    let mut c = vec![cmd("delete", "chain", json!({"name": info_chain(old)}))];
+    let mut c = vec![record_elem("delete", old)];
     // New rulesets first: the verdict maps may point at them below.
     for (name, rs) in &new.rulesets {
         if !old.rulesets.contains_key(name) {
@@ -385,6 +442,12 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     c.extend(elements("delete", "class6", class6_elems(r6.into_iter())));
     c.extend(elements("add", "class4", class4_elems(a4.into_iter())));
     c.extend(elements("add", "class6", class6_elems(a6.into_iter())));
+    let (r4, a4) = map_diff(&old.addr4, &new.addr4);
+    let (r6, a6) = map_diff(&old.addr6, &new.addr6);
+    c.extend(elements("delete", "addr4", addr_elems(r4.into_iter())));
+    c.extend(elements("delete", "addr6", addr_elems(r6.into_iter())));
+    c.extend(elements("add", "addr4", addr_elems(a4.into_iter())));
+    c.extend(elements("add", "addr6", addr_elems(a6.into_iter())));
     macro_rules! vmap {
         ($field:ident, $name:expr) => {{
             let (r, a) = map_diff(&old.$field, &new.$field);
@@ -440,6 +503,17 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             &format!("{name}_gp"),
             gp_elems(a.into_iter()),
         ));
+        let (r, a) = set_diff(&o.gx, &rs.gx);
+        c.extend(elements(
+            "delete",
+            &format!("{name}_gx"),
+            gx_elems(r.into_iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &format!("{name}_gx"),
+            gx_elems(a.into_iter()),
+        ));
         let (r, a) = set_diff(&o.n4, &rs.n4);
         c.extend(elements(
             "delete",
@@ -468,7 +542,7 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             c.extend(delete_ruleset(name));
         }
     }
-    c.push(cmd("add", "chain", json!({"name": info_chain(new)})));
+    c.push(record_elem("add", new));
     c
 }
 

@@ -69,8 +69,10 @@ impl World {
             let mut ports = Vec::new();
             for port in [80, 81] {
                 for proto in ["TCP", "UDP", "SCTP"] {
-                    ports.push(json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
-                                      "containerPort": port, "protocol": proto}));
+                    ports.push(
+                        json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                                      "containerPort": port, "protocol": proto}),
+                    );
                 }
             }
             out.push(K8sObject::Pod(k8s(json!({

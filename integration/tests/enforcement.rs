@@ -26,7 +26,16 @@ fn egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port() {
     let svc = |n: u8| {
         [
             IpAddr::V4(Ipv4Addr::new(172, 16, id, n)),
-            IpAddr::V6(Ipv6Addr::new(0xfd96, u16::from(id), 0, 0, 0, 0, 0, u16::from(n))),
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd96,
+                u16::from(id),
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from(n),
+            )),
         ]
     };
     // kube-proxy on x/a's node: svc1:80 → y/b:81, svc2:80 → y/c:81.
@@ -45,7 +54,11 @@ fn egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port() {
         v
     };
     let p = probes(&w);
-    assert_eq!(w.probe("x/a", p), vec![true; 8], "everything open before policy");
+    assert_eq!(
+        w.probe("x/a", p),
+        vec![true; 8],
+        "everything open before policy"
+    );
 
     w.apply(&[policy(
         "to-b-81",
@@ -77,7 +90,11 @@ fn a_node_reaches_its_own_pods_and_other_nodes_only_by_policy() {
         "  podSelector: {}\n  policyTypes: [Ingress]\n",
     )]);
     assert_eq!(node_probe(&w, home), vec![true, true], "own node → pod");
-    assert_eq!(node_probe(&w, other), vec![false, false], "other node → pod");
+    assert_eq!(
+        node_probe(&w, other),
+        vec![false, false],
+        "other node → pod"
+    );
     assert!(!w.reach("y/a", "x/a", Proto::Tcp, 80));
 
     let (v4, v6) = (w.spec.node_v4(other), w.spec.node_v6(other));
@@ -273,7 +290,10 @@ fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
     );
     assert!(probes > 50, "the probers ran ({probes})");
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
-    assert!(!w.reach("y/b", "x/a", Proto::Tcp, 81), "y/b is in no ipBlock");
+    assert!(
+        !w.reach("y/b", "x/a", Proto::Tcp, 81),
+        "y/b is in no ipBlock"
+    );
 }
 
 /// Does process `pid` have a child running `nft`?

@@ -4,6 +4,7 @@
 use moat_enforcer_nft::desired::{Classes, Desired, desired};
 use moat_enforcer_nft::nft::{self, TxLock};
 use moat_enforcer_nft::render;
+use moat_enforcer_nft::{Via, commit_delta, netlink};
 use moat_integration::netns;
 use moat_policy::Index;
 use moat_policy::ir::NodeSnapshot;
@@ -94,7 +95,8 @@ fn deltas_leave_exactly_what_a_full_replace_leaves() {
     let lock = TxLock::acquire(&dir.path().join("lock"), nft::LOCK_WAIT_DEFAULT).unwrap();
     let mut rng = SmallRng::seed_from_u64(0x5eed_4a11);
     let mut f = Features::default();
-    let (mut deltas, mut elements) = (0, 0);
+    let (mut deltas, mut elements, mut by_netlink) = (0, 0, 0);
+    let mut conn = None;
     for _world in 0..12 {
         let mut world = World::generate(&mut rng, &mut f);
         let mut classes = Classes::default();
@@ -112,7 +114,10 @@ fn deltas_leave_exactly_what_a_full_replace_leaves() {
                 epoch: cur.epoch,
                 ..desired(&next, &mut classes)
             };
-            nft::apply(&lock, render::delta(&cur, &new)).unwrap();
+            match commit_delta(&lock, &mut conn, render::delta(&cur, &new)).unwrap() {
+                Via::Netlink => by_netlink += 1,
+                Via::Nft => {}
+            }
             let after_delta = dump();
             nft::apply(&lock, render::full(&new)).unwrap();
             same(
@@ -125,8 +130,10 @@ fn deltas_leave_exactly_what_a_full_replace_leaves() {
             cur = new;
         }
     }
-    eprintln!("{deltas} deltas checked, {elements} elements in total");
+    eprintln!("{deltas} deltas checked ({by_netlink} over netlink), {elements} elements in total");
     assert!(deltas >= 100);
+    assert!(by_netlink >= 10, "both paths are exercised");
+    assert!(by_netlink < deltas, "both paths are exercised");
 }
 
 #[test]
@@ -169,6 +176,18 @@ fn a_delta_for_another_base_never_commits() {
     let before = dump();
     let err = nft::apply(&lock, render::delta(&da, &db)).unwrap_err();
     assert!(matches!(err, nft::Error::Refused(_)), "{err}");
+    // The netlink path refuses it just the same (an element-only delta for another base).
+    let mut only_elements = db.clone();
+    only_elements.rulesets = da.rulesets.clone();
+    let batch = render::delta(&da, &only_elements);
+    assert!(netlink::supports(&batch));
+    let err = commit_delta(&lock, &mut None, batch).unwrap_err();
+    assert!(matches!(err, nft::Error::Refused(_)), "{err}");
+    same(
+        &before,
+        &dump(),
+        "nothing of the refused netlink batch is in the kernel",
+    );
     same(
         &before,
         &dump(),

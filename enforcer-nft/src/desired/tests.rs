@@ -14,6 +14,13 @@ use rand::seq::IndexedRandom;
 use super::*;
 
 fn class_of(d: &Desired, a: IpAddr) -> u32 {
+    let exact = match a {
+        IpAddr::V4(a) => d.addr4.get(&a),
+        IpAddr::V6(a) => d.addr6.get(&a),
+    };
+    if let Some(c) = exact {
+        return *c;
+    }
     match a {
         IpAddr::V4(a) => d
             .class4
@@ -53,6 +60,9 @@ fn chain(d: &Desired, name: &str, peer: IpAddr, p: &Packet) -> bool {
             .iter()
             .any(|(cl, pr, a, b)| *cl == c && *pr == p.proto && *a <= p.port && p.port <= *b)
     {
+        return true;
+    }
+    if ported && rs.gx.contains(&(c, p.proto, p.port)) {
         return true;
     }
     if rs.egress && ported {

@@ -30,6 +30,22 @@ pub async fn spawn(
     tx: mpsc::Sender<SourceEvent>,
     poll: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
+    // Watch before the first load: a change landing between the load and the watch would
+    // otherwise wait for the slow poll.
+    let (wake_tx, mut wake) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = wake_tx.try_send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|_| w));
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, poll = ?poll, "cannot watch the directory; polling only");
+            None
+        }
+    };
     let mut set = ManifestSet::new(dir.clone());
     let first = set.reload()?;
     let mut shown = report(&first, &BTreeSet::new());
@@ -38,23 +54,10 @@ pub async fn spawn(
     let span = info_span!("source", dir = %dir.display());
     Ok(tokio::spawn(
         async move {
+            let _watcher = watcher;
             if tx.send(SourceEvent::Reset(objects)).await.is_err() {
                 return;
             }
-            let (wake_tx, mut wake) = mpsc::channel::<()>(1);
-            let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
-                    let _ = wake_tx.try_send(());
-                }
-            })
-            .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|_| w));
-            let _watcher = match watcher {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    warn!(error = %e, poll = ?poll, "cannot watch the directory; polling only");
-                    None
-                }
-            };
             let mut tick = tokio::time::interval(poll);
             tick.tick().await;
             loop {

@@ -1,0 +1,328 @@
+//! The nft dataplane's cost on real packets, in the netns harness: pod x/a (client) sends to
+//! pod y/b (server) on another node, so every packet is forwarded and judged by the server
+//! node's Moat table. Configurations, side by side in one run and repeated in rounds:
+//! no policy (the baseline); Moat with 10, 1,000 and 10,000 rules plus a 10,000-member
+//! address group on the server pod; and the same filler rules as a linear nft rule list in a
+//! table of its own (the legacy way), without Moat policy.
+//!
+//! Metrics: 64-byte UDP packets received per second (GSO/GRO/TSO off on every interface:
+//! per-packet cost is invisible in bulk TCP), new TCP connections per second (every SYN is a
+//! new flow the dataplane judges), and iperf3 TCP throughput.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use moat_integration::world::World;
+use moat_policy::model::K8sObject;
+use serde_json::{Value, json};
+
+use crate::policies;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Config {
+    None,
+    Moat(usize),
+    Linear(usize),
+}
+
+impl Config {
+    fn name(self) -> String {
+        match self {
+            Config::None => "no policy".into(),
+            Config::Moat(n) => format!("Moat nft, {n} rules + 10k-member group"),
+            Config::Linear(n) => format!("linear list, {n} rules"),
+        }
+    }
+}
+
+const CONFIGS: [Config; 7] = [
+    Config::None,
+    Config::Moat(10),
+    Config::Moat(1_000),
+    Config::Moat(10_000),
+    Config::Linear(10),
+    Config::Linear(1_000),
+    Config::Linear(10_000),
+];
+
+#[derive(Default, Clone)]
+struct Sample {
+    udp_pps: f64,
+    conn_rate: f64,
+    tcp_gbps: f64,
+}
+
+pub fn run(rounds: usize, secs: u64) -> Result<String> {
+    let mut w = World::start("nft");
+    let server = w.pod("y/b").clone();
+    let client = w.pod("x/a").clone();
+    if server.node == client.node {
+        bail!("client and server must be on different nodes");
+    }
+    let cpod = w.moat.cluster.pod("x/a");
+    let spod = w.moat.cluster.pod("y/b");
+    let snode = w.moat.cluster.node(server.node);
+    offload_off(&w)?;
+    let log = w.moat.log("iperf3");
+    let mut cmd = Command::new("iperf3");
+    cmd.args(["-s", "-p", "5201"]);
+    w.moat.cluster.spawn_in(&spod, &mut cmd, &log)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let dst = IpAddr::V4(server.v4);
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); CONFIGS.len()];
+    for round in 0..rounds {
+        // Rotate the order each round so drift (thermal, caches) spreads over all configs.
+        for k in 0..CONFIGS.len() {
+            let ci = (k + round) % CONFIGS.len();
+            let c = CONFIGS[ci];
+            configure(&w, &snode, c, client.v4.into(), server.v4.into())?;
+            let s = Sample {
+                udp_pps: udp(&cpod, dst, secs)?,
+                conn_rate: conns(&cpod, SocketAddr::new(dst, 80), secs)?,
+                tcp_gbps: tcp(&cpod, dst, secs)?,
+            };
+            eprintln!(
+                "round {round} {:<40} udp {:>9.0} pps  conn {:>7.0}/s  tcp {:>6.2} Gbit/s",
+                c.name(),
+                s.udp_pps,
+                s.conn_rate,
+                s.tcp_gbps
+            );
+            samples[ci].push(s);
+        }
+    }
+    configure(&w, &snode, Config::None, client.v4.into(), server.v4.into())?;
+    Ok(table(&samples, rounds, secs))
+}
+
+/// Turns segmentation and receive offloads off on every interface of the path.
+fn offload_off(w: &World) -> Result<()> {
+    let c = &w.moat.cluster;
+    let mut namespaces = vec![c.fabric()];
+    namespaces.extend((0..w.spec.nodes).map(|i| c.node(i)));
+    namespaces.extend(w.spec.pods.iter().map(|p| c.pod(&p.key)));
+    for ns in namespaces {
+        let out = Command::new("ip")
+            .args(["-n", &ns, "-o", "link"])
+            .output()?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            if name == "lo" {
+                continue;
+            }
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &ns, "ethtool", "-K", name])
+                .args(["gso", "off", "gro", "off", "tso", "off"])
+                .stderr(Stdio::null())
+                .status()
+                .context("ethtool (installed by scripts/setup.sh)")?;
+            if !ok.success() {
+                bail!("ethtool -K {name} in {ns} failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn configure(w: &World, snode: &str, c: Config, client: IpAddr, server: IpAddr) -> Result<()> {
+    let _ = nft_in(snode, "delete table inet linear\n");
+    let mut objects = w.base();
+    match c {
+        Config::None => {}
+        Config::Moat(n) => objects.push(policies::big(
+            "bench",
+            "y",
+            json!({"matchLabels": {"pod": "b"}}),
+            n,
+            10_000,
+            Some(json!({"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]})),
+        )),
+        Config::Linear(n) => {
+            let mut s = format!(
+                "table inet linear {{\n chain forward {{ type filter hook forward priority 0; policy accept;\n  ct state established,related accept\n  ip daddr {server} jump guard\n }}\n chain guard {{\n"
+            );
+            for i in 0..n {
+                let (peer, proto, port) = policies::filler_rule(i);
+                let _ = writeln!(
+                    s,
+                    "  ip saddr {peer} {} dport {port} accept",
+                    proto.to_lowercase()
+                );
+            }
+            let _ = write!(s, "  ip saddr {client} accept\n  drop\n }}\n}}\n");
+            nft_in(snode, &s)?;
+        }
+    }
+    apply(w, &objects)
+}
+
+fn apply(w: &World, objects: &[K8sObject]) -> Result<()> {
+    w.moat.apply(objects, Duration::from_secs(60))
+}
+
+fn nft_in(ns: &str, script: &str) -> Result<()> {
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())?;
+    if !c.wait()?.success() {
+        bail!("nft in {ns} failed");
+    }
+    Ok(())
+}
+
+fn iperf3(ns: &str, args: &[&str]) -> Result<Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iperf3", "-J"])
+        .args(args)
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3 {}: {e}", args.join(" "));
+    }
+    Ok(v)
+}
+
+/// 64-byte UDP payloads as fast as the sender can; packets the server received per second.
+fn udp(ns: &str, dst: IpAddr, secs: u64) -> Result<f64> {
+    let v = iperf3(
+        ns,
+        &[
+            "-c",
+            &dst.to_string(),
+            "-p",
+            "5201",
+            "-u",
+            "-l",
+            "64",
+            "-b",
+            "0",
+            "-t",
+            &secs.to_string(),
+        ],
+    )?;
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("packets")?;
+    let lost = sum["lost_packets"].as_f64().context("lost")?;
+    let seconds = sum["seconds"].as_f64().context("seconds")?;
+    Ok((packets - lost) / seconds)
+}
+
+fn tcp(ns: &str, dst: IpAddr, secs: u64) -> Result<f64> {
+    let v = iperf3(
+        ns,
+        &[
+            "-c",
+            &dst.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+        ],
+    )?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("bps")?;
+    Ok(bps / 1e9)
+}
+
+/// New TCP connections per second from inside `ns` (this binary's `connect-loop`).
+fn conns(ns: &str, dst: SocketAddr, secs: u64) -> Result<f64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(std::env::current_exe()?)
+        .args([
+            "connect-loop",
+            "--dst",
+            &dst.to_string(),
+            "--secs",
+            &secs.to_string(),
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("connect-loop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// Connects and resets (SO_LINGER 0: no TIME_WAIT to run out of ports) for `secs`; prints
+/// completed connections per second.
+pub fn connect_loop(dst: SocketAddr, secs: u64) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_linger(Some(Duration::ZERO))?;
+        if s.connect_timeout(&dst.into(), Duration::from_secs(1))
+            .is_ok()
+        {
+            n += 1;
+        }
+    }
+    println!("{}", n as f64 / start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn stats(v: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn table(samples: &[Vec<Sample>], rounds: usize, secs: u64) -> String {
+    let base = &samples[0];
+    let (bu, _, _) = stats(base.iter().map(|s| s.udp_pps));
+    let (bc, _, _) = stats(base.iter().map(|s| s.conn_rate));
+    let (bt, _, _) = stats(base.iter().map(|s| s.tcp_gbps));
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "{rounds} rounds of {secs} s per metric and configuration; median (min–max), ratio to no policy.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | 64-byte UDP, packets/s | ratio | new TCP conns/s | ratio | iperf3 TCP, Gbit/s | ratio |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    for (c, s) in CONFIGS.iter().zip(samples) {
+        let (u, ul, uh) = stats(s.iter().map(|s| s.udp_pps));
+        let (n, nl, nh) = stats(s.iter().map(|s| s.conn_rate));
+        let (t, tl, th) = stats(s.iter().map(|s| s.tcp_gbps));
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.2} ({:.2}–{:.2}) | {:.2} |",
+            c.name(),
+            u,
+            ul,
+            uh,
+            u / bu,
+            n,
+            nl,
+            nh,
+            n / bc,
+            t,
+            tl,
+            th,
+            t / bt
+        );
+    }
+    md
+}

@@ -1,0 +1,97 @@
+//! In-place updates equal full recomputation, up to class numbering, on random clusters.
+
+use std::collections::BTreeSet;
+
+use moat_policy::Index;
+use moat_policy::ir::delta;
+use moat_policy::testkit::parse_all;
+use moat_policy::testkit::random::{Features, World};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::*;
+use crate::desired::desired;
+
+/// The table with every class number replaced by the groups it stands for.
+fn canon(d: &Desired, c: &Classes) -> String {
+    let g = |id: &u32| c.groups(*id).expect("live class").to_vec();
+    let mut out = String::new();
+    out += &format!(
+        "{:?}\n",
+        d.class4.iter().map(|(k, v)| (k, g(v))).collect::<Vec<_>>()
+    );
+    out += &format!(
+        "{:?}\n",
+        d.class6.iter().map(|(k, v)| (k, g(v))).collect::<Vec<_>>()
+    );
+    out += &format!(
+        "{:?}\n",
+        d.addr4.iter().map(|(k, v)| (k, g(v))).collect::<Vec<_>>()
+    );
+    out += &format!(
+        "{:?}\n",
+        d.addr6.iter().map(|(k, v)| (k, g(v))).collect::<Vec<_>>()
+    );
+    out += &format!("{:?} {:?} {:?} {:?}\n", d.ing4, d.ing6, d.eg4, d.eg6);
+    for (name, rs) in &d.rulesets {
+        let aa: BTreeSet<_> = rs.aa.iter().map(g).collect();
+        let gx: BTreeSet<_> = rs.gx.iter().map(|(c, p, x)| (g(c), p, x)).collect();
+        let gp: BTreeSet<_> = rs.gp.iter().map(|(c, p, a, b)| (g(c), p, a, b)).collect();
+        out += &format!(
+            "{name} {} {:?} {aa:?} {gx:?} {gp:?} {:?} {:?}\n",
+            rs.any, rs.ap, rs.n4, rs.n6
+        );
+    }
+    out
+}
+
+#[test]
+fn patching_in_place_equals_recomputing() {
+    let mut f = Features::default();
+    let (mut patched, mut full) = (0, 0);
+    for case in 0..150u64 {
+        let mut rng = SmallRng::seed_from_u64(0x1_c0de + case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let snaps = |w: &World| {
+            let index = Index::build(parse_all(&w.objects()));
+            index
+                .nodes()
+                .iter()
+                .map(|n| index.snapshot(&n.node).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut old = snaps(&world)[0].clone();
+        let mut classes = Classes::default();
+        let mut cur = desired(&old, &mut classes);
+        let mut cache = cache(&old, &cur);
+        for step in 0..20 {
+            world.mutate(&mut rng, &mut f, false);
+            let Some(new) = snaps(&world).into_iter().find(|s| s.node == old.node) else {
+                break;
+            };
+            let dl = delta::diff(&old, &new);
+            let mut fresh = Classes::default();
+            let want = desired(&new, &mut fresh);
+            if applies(&old, &dl) {
+                let got = patch(&cur, &mut cache, &mut classes, &old, &new, &dl);
+                assert_eq!(
+                    canon(&got, &classes),
+                    canon(&want, &fresh),
+                    "case {case} step {step}: {dl:?}"
+                );
+                cur = got;
+                patched += 1;
+            } else {
+                cur = desired(&new, &mut classes);
+                cache = super::cache(&new, &cur);
+                full += 1;
+            }
+            old = new;
+        }
+    }
+    eprintln!("{patched} deltas patched in place, {full} recomputed");
+    assert!(
+        patched >= 300,
+        "the generator produces membership-only deltas ({patched})"
+    );
+}
