@@ -49,6 +49,8 @@ const CONFIGS: [Config; 7] = [
     Config::Linear(10_000),
 ];
 
+const SETTLE: Duration = Duration::from_secs(5);
+
 #[derive(Default, Clone)]
 struct Sample {
     udp_pps: f64,
@@ -56,7 +58,7 @@ struct Sample {
     tcp_gbps: f64,
 }
 
-pub fn run(rounds: usize, secs: u64) -> Result<String> {
+pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
     let mut w = World::start("nft");
     let server = w.pod("y/b").clone();
     let client = w.pod("x/a").clone();
@@ -80,7 +82,12 @@ pub fn run(rounds: usize, secs: u64) -> Result<String> {
         for k in 0..CONFIGS.len() {
             let ci = (k + round) % CONFIGS.len();
             let c = CONFIGS[ci];
+            if only.is_some_and(|o| !c.name().contains(o)) {
+                continue;
+            }
             configure(&w, &snode, c, client.v4.into(), server.v4.into())?;
+            // Let the server and enforcers finish persisting the new version before measuring.
+            std::thread::sleep(SETTLE);
             let s = Sample {
                 udp_pps: udp(&cpod, dst, secs)?,
                 conn_rate: conns(&cpod, SocketAddr::new(dst, 80), secs)?,
@@ -288,14 +295,19 @@ fn stats(v: impl Iterator<Item = f64>) -> (f64, f64, f64) {
 }
 
 fn table(samples: &[Vec<Sample>], rounds: usize, secs: u64) -> String {
-    let base = &samples[0];
+    let base = if samples[0].is_empty() {
+        samples.iter().find(|s| !s.is_empty()).expect("a sample")
+    } else {
+        &samples[0]
+    };
     let (bu, _, _) = stats(base.iter().map(|s| s.udp_pps));
     let (bc, _, _) = stats(base.iter().map(|s| s.conn_rate));
     let (bt, _, _) = stats(base.iter().map(|s| s.tcp_gbps));
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "{rounds} rounds of {secs} s per metric and configuration; median (min–max), ratio to no policy.\n"
+        "{rounds} rounds of {secs} s per metric and configuration (order rotated each round, {} s of settling after each change); median (min–max), ratio of medians to no policy.\n",
+        SETTLE.as_secs()
     );
     let _ = writeln!(
         md,
@@ -303,6 +315,9 @@ fn table(samples: &[Vec<Sample>], rounds: usize, secs: u64) -> String {
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     for (c, s) in CONFIGS.iter().zip(samples) {
+        if s.is_empty() {
+            continue;
+        }
         let (u, ul, uh) = stats(s.iter().map(|s| s.udp_pps));
         let (n, nl, nh) = stats(s.iter().map(|s| s.conn_rate));
         let (t, tl, th) = stats(s.iter().map(|s| s.tcp_gbps));

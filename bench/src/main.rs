@@ -68,6 +68,9 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 3)]
         secs: u64,
+        /// Only the configurations whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// The nft backend's user-space work for one-pod deltas, in a loop (for profiling).
     NftCompute {
@@ -132,7 +135,9 @@ fn main() -> Result<()> {
             }
         }
         Command::NftCompute { rules, runs } => nftapply::compute_loop(rules, runs),
-        Command::Datapath { rounds, secs } => print!("{}", datapath::run(rounds, secs)?),
+        Command::Datapath { rounds, secs, only } => {
+            print!("{}", datapath::run(rounds, secs, only.as_deref())?)
+        }
         Command::ConnectLoop { dst, secs } => datapath::connect_loop(dst, secs)?,
         Command::Report { quick, svg } => {
             let (md, chart) = report(quick);

@@ -107,9 +107,15 @@ async fn main() -> Result<()> {
 
     let (tx, rx) = mpsc::channel(64);
     let SourceSpec::Dir(dir) = source;
-    let _source = source::file::spawn(dir.clone(), tx, Duration::from_secs(poll_seconds.max(1)))
-        .await
-        .with_context(|| format!("starting the file source on {}", dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let _source = source::file::spawn(
+        dir.clone(),
+        tx,
+        Duration::from_secs(poll_seconds.max(1)),
+        metrics.source_reloads.clone(),
+    )
+    .await
+    .with_context(|| format!("starting the file source on {}", dir.display()))?;
 
     if once {
         let cluster = ClusterState::new(&cluster, 0);
@@ -118,7 +124,7 @@ async fn main() -> Result<()> {
             rx,
             cluster,
             fleet,
-            Arc::new(Metrics::default()),
+            metrics.clone(),
             HashMap::new(),
             |c, i, first| {
                 print_changes(c, i, first);
@@ -137,7 +143,6 @@ async fn main() -> Result<()> {
     let previous = Fleet::saved_published(&saved, &cluster);
     let fleet = Arc::new(Fleet::default());
     fleet.restore(saved);
-    let metrics = Arc::new(Metrics::default());
     info!(
         reserved = store.reserved(),
         nodes = previous.len(),

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub acks: Counter,
     pub nacks: Counter,
     pub refused: Family<ReasonLabel, Counter>,
+    pub source_reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +43,7 @@ impl Default for Metrics {
             acks: Counter::default(),
             nacks: Counter::default(),
             refused: Family::default(),
+            source_reloads: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -71,6 +73,11 @@ impl Default for Metrics {
             "refused",
             "Connections and streams refused",
             m.refused.clone(),
+        );
+        registry.register(
+            "source_reloads",
+            "Times the source re-read its input after a change or a poll",
+            m.source_reloads.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use moat_manifests::{ManifestSet, Reload, Severity};
 use notify::{RecursiveMode, Watcher};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -29,12 +30,15 @@ pub async fn spawn(
     dir: PathBuf,
     tx: mpsc::Sender<SourceEvent>,
     poll: Duration,
+    reloads: Counter,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     // Watch before the first load: a change landing between the load and the watch would
     // otherwise wait for the slow poll.
     let (wake_tx, mut wake) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Only changes count: our own reload opens and reads every file, and reacting to
+        // those access events would reload forever.
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = wake_tx.try_send(());
         }
     })
@@ -69,6 +73,7 @@ pub async fn spawn(
                     _ = tick.tick() => {}
                     _ = tx.closed() => return,
                 }
+                reloads.inc();
                 match set.reload() {
                     Ok(r) => {
                         shown = report(&r, &shown);
@@ -101,4 +106,62 @@ fn report(r: &Reload, shown: &BTreeSet<String>) -> BTreeSet<String> {
         }
     }
     now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits until the counter has been still for `quiet`, returning its value.
+    async fn settled(c: &Counter, quiet: Duration) -> u64 {
+        loop {
+            let before = c.get();
+            tokio::time::sleep(quiet).await;
+            if c.get() == before {
+                return before;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reloads_once_per_change_and_never_on_its_own_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ns.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let reloads = Counter::default();
+        let _task = spawn(
+            dir.path().into(),
+            tx,
+            Duration::from_secs(3600),
+            reloads.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(rx.recv().await, Some(SourceEvent::Reset(o)) if o.len() == 1));
+        // Idle: reading the files must not wake the watcher.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(reloads.get(), 0, "reloaded without any change");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        )
+        .unwrap();
+        assert!(matches!(rx.recv().await, Some(SourceEvent::Batch(_))));
+        let after_change = settled(&reloads, Duration::from_millis(600)).await;
+        assert!(
+            (1..=2).contains(&after_change),
+            "{after_change} reloads for one write"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            reloads.get(),
+            after_change,
+            "reloads kept coming after the change"
+        );
+    }
 }
