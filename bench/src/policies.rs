@@ -19,7 +19,7 @@ pub fn member(i: usize) -> Ipv4Addr {
 /// Filler rule `i`: one /32 peer, one port; TCP and UDP alternate. None of them matches the
 /// measured traffic, so a linear list has to look at every one.
 pub fn filler_rule(i: usize) -> (Ipv4Addr, &'static str, u16) {
-    let proto = if i % 2 == 0 { "TCP" } else { "UDP" };
+    let proto = if i.is_multiple_of(2) { "TCP" } else { "UDP" };
     (filler(i), proto, 1024 + (i % 60_000) as u16)
 }
 

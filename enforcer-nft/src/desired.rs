@@ -294,6 +294,9 @@ fn points(
     out
 }
 
+/// A cheap key for a rule list: direction, length, first and last rule.
+type ListKey = (bool, usize, Option<RuleId>, Option<RuleId>);
+
 /// Name of the chain for one direction's rule list (content-derived, so stable).
 pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
     let mut h = blake3::Hasher::new();
@@ -370,10 +373,7 @@ pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
     // Endpoints usually share rule lists: name each distinct list once (hashing a long list
     // per endpoint is what a big policy over many pods would otherwise cost).
-    let mut names: HashMap<
-        (bool, usize, Option<RuleId>, Option<RuleId>),
-        Vec<(&[RuleId], String)>,
-    > = HashMap::new();
+    let mut names: HashMap<ListKey, Vec<(&[RuleId], String)>> = HashMap::new();
     for e in &snap.endpoints {
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
             if !dir.isolated {

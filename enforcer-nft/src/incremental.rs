@@ -83,7 +83,7 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
     c
 }
 
-fn old_group<'a>(old: &'a NodeSnapshot, id: GroupId) -> Option<&'a Members> {
+fn old_group(old: &NodeSnapshot, id: GroupId) -> Option<&Members> {
     old.groups.iter().find(|g| g.id == id).map(|g| &g.members)
 }
 

@@ -409,11 +409,13 @@ pub fn full(d: &Desired) -> Vec<Value> {
     c
 }
 
+type Pairs<'a, K, V> = Vec<(&'a K, &'a V)>;
+
 /// (removed, added) between two maps: a changed value is a removal and an addition.
 fn map_diff<'a, K: Ord, V: PartialEq>(
     old: &'a BTreeMap<K, V>,
     new: &'a BTreeMap<K, V>,
-) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
+) -> (Pairs<'a, K, V>, Pairs<'a, K, V>) {
     let removed = old.iter().filter(|(k, v)| new.get(k) != Some(v)).collect();
     let added = new.iter().filter(|(k, v)| old.get(k) != Some(v)).collect();
     (removed, added)

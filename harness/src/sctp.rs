@@ -58,7 +58,7 @@ fn init_body(p: &mut Vec<u8>, kind: u8, tag: u32, extra: &[u8]) {
     p.extend_from_slice(&1u16.to_be_bytes()); // inbound streams
     p.extend_from_slice(&tag.wrapping_add(1).to_be_bytes()); // initial TSN
     p.extend_from_slice(extra);
-    while p.len() % 4 != 0 {
+    while !p.len().is_multiple_of(4) {
         p.push(0);
     }
 }

@@ -256,10 +256,7 @@ fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
         // Catch the enforcer with an nft child (a transaction in flight), else give up after
         // a while and kill it wherever it is.
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let Some(pid) = w.moat.enforcer_pid(home).unwrap() else {
-                break;
-            };
+        while let Some(pid) = w.moat.enforcer_pid(home).unwrap() {
             if nft_child(pid) || Instant::now() > deadline {
                 mid_transaction += usize::from(nft_child(pid));
                 w.moat.kill_enforcer(home).unwrap();
