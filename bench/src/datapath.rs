@@ -10,7 +10,6 @@
 //! new flow the dataplane judges), and iperf3 TCP throughput.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -176,19 +175,7 @@ fn apply(w: &World, objects: &[K8sObject]) -> Result<()> {
 }
 
 fn nft_in(ns: &str, script: &str) -> Result<()> {
-    let mut c = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    c.stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())?;
-    if !c.wait()?.success() {
-        bail!("nft in {ns} failed");
-    }
-    Ok(())
+    crate::netns::nft(Some(ns), script)
 }
 
 fn iperf3(ns: &str, args: &[&str]) -> Result<Value> {

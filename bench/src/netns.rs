@@ -29,3 +29,30 @@ pub fn inside() -> Result<bool> {
     }
     Ok(false)
 }
+
+/// Runs an `nft -f -` script, in namespace `ns` or in this process's own.
+pub fn nft(ns: Option<&str>, script: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let mut c = cmd
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())?;
+    if !c.wait()?.success() {
+        bail!("nft failed (in {})", ns.unwrap_or("this namespace"));
+    }
+    Ok(())
+}

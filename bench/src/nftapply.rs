@@ -7,11 +7,9 @@
 //! `nft` transaction adding a single element (delta).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use moat_enforcer::Backend;
 use moat_enforcer_nft::NftBackend;
 use moat_policy::Index;
@@ -70,19 +68,7 @@ fn snapshot(objects: &[K8sObject]) -> moat_policy::ir::NodeSnapshot {
 }
 
 fn nft(script: &str) -> Result<()> {
-    let mut c = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    c.stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())?;
-    if !c.wait()?.success() {
-        bail!("nft failed");
-    }
-    Ok(())
+    crate::netns::nft(None, script)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

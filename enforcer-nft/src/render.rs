@@ -472,72 +472,26 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             c.push(cmd("flush", "chain", json!({"name": name})));
             c.extend(chain_rules(name, rs));
         }
-        let (r, a) = set_diff(&o.ap, &rs.ap);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_ap"),
-            ap_elems(r.into_iter()),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_ap"),
-            ap_elems(a.into_iter()),
-        ));
-        let (r, a) = set_diff(&o.aa, &rs.aa);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_aa"),
-            r.into_iter().map(|x| json!(x)).collect(),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_aa"),
-            a.into_iter().map(|x| json!(x)).collect(),
-        ));
-        let (r, a) = set_diff(&o.gp, &rs.gp);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_gp"),
-            gp_elems(r.into_iter()),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_gp"),
-            gp_elems(a.into_iter()),
-        ));
-        let (r, a) = set_diff(&o.gx, &rs.gx);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_gx"),
-            gx_elems(r.into_iter()),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_gx"),
-            gx_elems(a.into_iter()),
-        ));
-        let (r, a) = set_diff(&o.n4, &rs.n4);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_n4"),
-            n_elems(r.into_iter()),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_n4"),
-            n_elems(a.into_iter()),
-        ));
-        let (r, a) = set_diff(&o.n6, &rs.n6);
-        c.extend(elements(
-            "delete",
-            &format!("{name}_n6"),
-            n_elems(r.into_iter()),
-        ));
-        c.extend(elements(
-            "add",
-            &format!("{name}_n6"),
-            n_elems(a.into_iter()),
-        ));
+        // Deletions before additions in each set, as everywhere.
+        let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
+            c.extend(elements("delete", &format!("{name}_{set}"), r));
+            c.extend(elements("add", &format!("{name}_{set}"), a));
+        };
+        fn both<'a, T: Ord + 'a, I>(
+            (r, a): (Vec<&'a T>, Vec<&'a T>),
+            enc: impl Fn(std::vec::IntoIter<&'a T>) -> I,
+        ) -> (I, I) {
+            (enc(r.into_iter()), enc(a.into_iter()))
+        }
+        sync("ap", both(set_diff(&o.ap, &rs.ap), ap_elems));
+        sync(
+            "aa",
+            both(set_diff(&o.aa, &rs.aa), |it| it.map(|x| json!(x)).collect()),
+        );
+        sync("gp", both(set_diff(&o.gp, &rs.gp), gp_elems));
+        sync("gx", both(set_diff(&o.gx, &rs.gx), gx_elems));
+        sync("n4", both(set_diff(&o.n4, &rs.n4), n_elems));
+        sync("n6", both(set_diff(&o.n6, &rs.n6), n_elems));
     }
     for name in old.rulesets.keys() {
         if !new.rulesets.contains_key(name) {
