@@ -3,7 +3,6 @@
 //! atomically: a packet sees the old table or the new one, never a mix.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -276,30 +275,16 @@ fn base_chain() -> Vec<Value> {
 
 // === element encodings ===
 
-fn class4_elems<'a>(it: impl Iterator<Item = (&'a (Ipv4Addr, Ipv4Addr), &'a u32)>) -> Vec<Value> {
+fn class_elems<'a, A: ToString + PartialEq + 'a>(
+    it: impl Iterator<Item = (&'a (A, A), &'a u32)>,
+) -> Vec<Value> {
     it.map(|((a, b), c)| {
-        json!([
-            if a == b {
-                json!(a.to_string())
-            } else {
-                range(a.to_string(), b.to_string())
-            },
-            c
-        ])
-    })
-    .collect()
-}
-
-fn class6_elems<'a>(it: impl Iterator<Item = (&'a (Ipv6Addr, Ipv6Addr), &'a u32)>) -> Vec<Value> {
-    it.map(|((a, b), c)| {
-        json!([
-            if a == b {
-                json!(a.to_string())
-            } else {
-                range(a.to_string(), b.to_string())
-            },
-            c
-        ])
+        let key = if a == b {
+            json!(a.to_string())
+        } else {
+            range(a.to_string(), b.to_string())
+        };
+        json!([key, c])
     })
     .collect()
 }
@@ -396,8 +381,8 @@ pub fn full(d: &Desired) -> Vec<Value> {
     for (name, rs) in &d.rulesets {
         c.extend(add_ruleset(name, rs));
     }
-    c.extend(elements("add", "class4", class4_elems(d.class4.iter())));
-    c.extend(elements("add", "class6", class6_elems(d.class6.iter())));
+    c.extend(elements("add", "class4", class_elems(d.class4.iter())));
+    c.extend(elements("add", "class6", class_elems(d.class6.iter())));
     c.extend(elements("add", "addr4", addr_elems(d.addr4.iter())));
     c.extend(elements("add", "addr6", addr_elems(d.addr6.iter())));
     c.extend(elements("add", "ing4", vmap_elems(d.ing4.iter())));
@@ -440,10 +425,10 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     // Deletions before additions everywhere, so intervals never overlap transiently.
     let (r4, a4) = map_diff(&old.class4, &new.class4);
     let (r6, a6) = map_diff(&old.class6, &new.class6);
-    c.extend(elements("delete", "class4", class4_elems(r4.into_iter())));
-    c.extend(elements("delete", "class6", class6_elems(r6.into_iter())));
-    c.extend(elements("add", "class4", class4_elems(a4.into_iter())));
-    c.extend(elements("add", "class6", class6_elems(a6.into_iter())));
+    c.extend(elements("delete", "class4", class_elems(r4.into_iter())));
+    c.extend(elements("delete", "class6", class_elems(r6.into_iter())));
+    c.extend(elements("add", "class4", class_elems(a4.into_iter())));
+    c.extend(elements("add", "class6", class_elems(a6.into_iter())));
     let (r4, a4) = map_diff(&old.addr4, &new.addr4);
     let (r6, a6) = map_diff(&old.addr6, &new.addr6);
     c.extend(elements("delete", "addr4", addr_elems(r4.into_iter())));
