@@ -178,36 +178,25 @@ fn nft_in(ns: &str, script: &str) -> Result<()> {
     crate::netns::nft(Some(ns), script)
 }
 
-fn iperf3(ns: &str, args: &[&str]) -> Result<Value> {
+/// An iperf3 client run of `secs` from `ns` to the server on `dst`, with `extra` options.
+fn iperf3(ns: &str, dst: IpAddr, secs: u64, extra: &[&str]) -> Result<Value> {
+    let (dst, secs) = (dst.to_string(), secs.to_string());
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "iperf3", "-J"])
-        .args(args)
+        .args([
+            "netns", "exec", ns, "iperf3", "-J", "-c", &dst, "-p", "5201", "-t", &secs,
+        ])
+        .args(extra)
         .output()?;
     let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     if let Some(e) = v.get("error") {
-        bail!("iperf3 {}: {e}", args.join(" "));
+        bail!("iperf3 -c {dst} {}: {e}", extra.join(" "));
     }
     Ok(v)
 }
 
 /// 64-byte UDP payloads as fast as the sender can; packets the server received per second.
 fn udp(ns: &str, dst: IpAddr, secs: u64) -> Result<f64> {
-    let v = iperf3(
-        ns,
-        &[
-            "-c",
-            &dst.to_string(),
-            "-p",
-            "5201",
-            "-u",
-            "-l",
-            "64",
-            "-b",
-            "0",
-            "-t",
-            &secs.to_string(),
-        ],
-    )?;
+    let v = iperf3(ns, dst, secs, &["-u", "-l", "64", "-b", "0"])?;
     let sum = &v["end"]["sum"];
     let packets = sum["packets"].as_f64().context("packets")?;
     let lost = sum["lost_packets"].as_f64().context("lost")?;
@@ -216,17 +205,7 @@ fn udp(ns: &str, dst: IpAddr, secs: u64) -> Result<f64> {
 }
 
 fn tcp(ns: &str, dst: IpAddr, secs: u64) -> Result<f64> {
-    let v = iperf3(
-        ns,
-        &[
-            "-c",
-            &dst.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-        ],
-    )?;
+    let v = iperf3(ns, dst, secs, &[])?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("bps")?;

@@ -93,15 +93,21 @@ impl NftBackend {
 
     fn desired(&mut self, snap: &NodeSnapshot) -> Result<Desired, BackendError> {
         let d = desired::desired(snap, &mut self.classes);
+        self.fits(&d)?;
+        Ok(d)
+    }
+
+    /// Refuses a table larger than the limit, before anything reaches the kernel.
+    fn fits(&self, d: &Desired) -> Result<(), BackendError> {
         if d.elements() > self.max_elements {
             return Err(BackendError::Rejected(format!(
                 "version {} needs {} table elements, more than the limit of {}",
-                snap.version,
+                d.version,
                 d.elements(),
                 self.max_elements
             )));
         }
-        Ok(d)
+        Ok(())
     }
 
     fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
@@ -138,13 +144,14 @@ pub fn commit_delta(
     conn: &mut Option<netlink::Conn>,
     commands: Vec<serde_json::Value>,
 ) -> Result<Via, nft::Error> {
-    if !netlink::supports(&commands) {
-        return nft::apply(lock, commands).map(|()| Via::Nft);
+    if conn.is_none() {
+        // Without a netlink socket every batch goes through nft.
+        *conn = netlink::Conn::open().ok();
     }
-    let c = match conn {
-        Some(c) => c,
-        None => conn.insert(netlink::Conn::open().map_err(|e| nft::Error::Refused(e.to_string()))?),
+    let Some(c) = conn else {
+        return nft::apply(lock, commands).map(|()| Via::Nft);
     };
+    // Encodes once: `Ok(false)` (nothing sent) when the batch needs nft.
     match c.apply(&commands) {
         Ok(true) => Ok(Via::Netlink),
         Ok(false) => nft::apply(lock, commands).map(|()| Via::Nft),
@@ -162,16 +169,10 @@ impl Backend for NftBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            probes: BTreeMap::from([(
-                "nft".to_string(),
-                NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
-            )]),
-        }
+        Capabilities::of_this_kernel(BTreeMap::from([(
+            "nft".to_string(),
+            NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
+        )]))
     }
 
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
@@ -228,16 +229,11 @@ impl Backend for NftBackend {
                 .cache
                 .get_or_insert_with(|| incremental::cache(old_snap, &old));
             let d = incremental::patch(&old, cache, &mut self.classes, old_snap, new, delta);
-            if d.elements() > self.max_elements {
+            if let Err(e) = self.fits(&d) {
                 // The class numbering moved on with the patch: the next version is applied
                 // as a full replacement (the kernel keeps `old` meanwhile).
                 self.cache = None;
-                return Err(BackendError::Rejected(format!(
-                    "version {} needs {} table elements, more than the limit of {}",
-                    new.version,
-                    d.elements(),
-                    self.max_elements
-                )));
+                return Err(e);
             }
             Desired {
                 epoch: old.epoch,

@@ -14,6 +14,19 @@ pub struct Capabilities {
     pub probes: BTreeMap<String, String>,
 }
 
+impl Capabilities {
+    /// This machine's kernel release with the backend's probe results.
+    pub fn of_this_kernel(probes: BTreeMap<String, String>) -> Self {
+        Capabilities {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            probes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// The version can't be enforced as given (e.g. a map would overflow); nothing of it

@@ -364,49 +364,18 @@ impl Cluster {
             ip(&[
                 "-n", &pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
             ])?;
+            // The owning node routes the pod to its veth, every other node via the owner.
             for i in 0..s.nodes {
                 let ni = self.node(i);
-                if i == p.node {
-                    ip(&[
-                        "-n",
-                        &ni,
-                        "route",
-                        "add",
-                        &format!("{}/32", p.v4),
-                        "dev",
-                        &host_if,
-                    ])?;
-                    ip(&[
-                        "-n",
-                        &ni,
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("{}/128", p.v6),
-                        "dev",
-                        &host_if,
-                    ])?;
+                let (v4, v6) = (format!("{}/32", p.v4), format!("{}/128", p.v6));
+                let (gw4, gw6) = (s.node_v4(p.node).to_string(), s.node_v6(p.node).to_string());
+                let (to4, to6) = if i == p.node {
+                    (["dev", host_if.as_str()], ["dev", host_if.as_str()])
                 } else {
-                    ip(&[
-                        "-n",
-                        &ni,
-                        "route",
-                        "add",
-                        &format!("{}/32", p.v4),
-                        "via",
-                        &s.node_v4(p.node).to_string(),
-                    ])?;
-                    ip(&[
-                        "-n",
-                        &ni,
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("{}/128", p.v6),
-                        "via",
-                        &s.node_v6(p.node).to_string(),
-                    ])?;
-                }
+                    (["via", gw4.as_str()], ["via", gw6.as_str()])
+                };
+                ip(&["-n", &ni, "route", "add", &v4, to4[0], to4[1]])?;
+                ip(&["-n", &ni, "-6", "route", "add", &v6, to6[0], to6[1]])?;
             }
         }
         for p in &s.pods {

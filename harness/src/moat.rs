@@ -2,7 +2,7 @@
 //! source, sled, mutual TLS) and a real `moat-enforcer` in every node namespace.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,20 @@ pub struct Moat {
     pub dir: tempfile::TempDir,
     pub node_names: Vec<String>,
     pub backend: String,
+}
+
+/// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
+/// `moatctl certs` writes them (`<base>.pem`, `<base>-key.pem`, `ca.pem`).
+pub fn tls_args(dir: &Path, base: &str) -> [String; 6] {
+    let f = |name: String| dir.join(name).display().to_string();
+    [
+        "--tls-ca".into(),
+        f("ca.pem".into()),
+        "--tls-cert".into(),
+        f(format!("{base}.pem")),
+        "--tls-key".into(),
+        f(format!("{base}-key.pem")),
+    ]
 }
 
 fn moatctl(args: &[&str]) -> Result<String> {
@@ -139,12 +153,7 @@ impl Moat {
                 "--metrics-addr",
                 "127.0.0.1:7445",
             ])
-            .arg("--tls-ca")
-            .arg(c.join("ca.pem"))
-            .arg("--tls-cert")
-            .arg(c.join("server.pem"))
-            .arg("--tls-key")
-            .arg(c.join("server-key.pem"))
+            .args(tls_args(&c, "server"))
             .arg("--state-dir")
             .arg(self.path("state/server"))
             .env(
@@ -170,12 +179,7 @@ impl Moat {
                 self.cluster.spec.fabric_v4()
             ))
             .args(["--tls-server-name", "moat-server"])
-            .arg("--tls-ca")
-            .arg(c.join("ca.pem"))
-            .arg("--tls-cert")
-            .arg(c.join(format!("node-{name}.pem")))
-            .arg("--tls-key")
-            .arg(c.join(format!("node-{name}-key.pem")))
+            .args(tls_args(&c, &format!("node-{name}")))
             .arg("--state-dir")
             .arg(self.path(&format!("state/{name}")))
             .args([
@@ -274,45 +278,19 @@ impl Moat {
 
     /// `moatctl status -o json`, asked inside the fabric namespace.
     pub fn status(&self) -> Result<Value> {
-        let c = self.path("certs");
-        let out = self.cluster.run_in(
-            &self.cluster.fabric(),
-            binary("moatctl")?.to_str().context("path")?,
-            &[
-                "status",
-                "-o",
-                "json",
-                "--server",
-                &format!("https://127.0.0.1:{SYNC_PORT}"),
-                "--tls-server-name",
-                "localhost",
-                "--tls-ca",
-                &c.join("ca.pem").display().to_string(),
-                "--tls-cert",
-                &c.join("admin-harness.pem").display().to_string(),
-                "--tls-key",
-                &c.join("admin-harness-key.pem").display().to_string(),
-            ],
-        )?;
-        Ok(serde_json::from_str(&out)?)
+        Ok(serde_json::from_str(&self.status_table(&["-o", "json"])?)?)
     }
 
-    /// Same, as the human-readable table.
+    /// Same, as the human-readable table (`extra`: more `moatctl status` arguments).
     pub fn status_table(&self, extra: &[&str]) -> Result<String> {
-        let c = self.path("certs");
         let mut args: Vec<String> = vec![
             "status".into(),
             "--server".into(),
             format!("https://127.0.0.1:{SYNC_PORT}"),
             "--tls-server-name".into(),
             "localhost".into(),
-            "--tls-ca".into(),
-            c.join("ca.pem").display().to_string(),
-            "--tls-cert".into(),
-            c.join("admin-harness.pem").display().to_string(),
-            "--tls-key".into(),
-            c.join("admin-harness-key.pem").display().to_string(),
         ];
+        args.extend(tls_args(&self.path("certs"), "admin-harness"));
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.cluster.run_in(

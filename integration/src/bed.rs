@@ -12,6 +12,8 @@ use moat_policy::Index;
 use moat_policy::ir::digest::Digest;
 use serde_json::Value;
 
+use moat_harness::moat::tls_args;
+
 use crate::binary;
 use crate::process::Proc;
 
@@ -177,12 +179,7 @@ impl Bed {
             .arg(self.health.to_string())
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
-            .arg("--tls-ca")
-            .arg(c.join("ca.pem"))
-            .arg("--tls-cert")
-            .arg(c.join("server.pem"))
-            .arg("--tls-key")
-            .arg(c.join("server-key.pem"))
+            .args(tls_args(&c, "server"))
             .arg("--state-dir")
             .arg(self.path("state/server"))
             .args(extra)
@@ -214,12 +211,7 @@ impl Bed {
             .arg("--server")
             .arg(format!("https://{}", self.listen))
             .args(["--tls-server-name", "localhost"])
-            .arg("--tls-ca")
-            .arg(c.join("ca.pem"))
-            .arg("--tls-cert")
-            .arg(c.join(format!("{cert_base}.pem")))
-            .arg("--tls-key")
-            .arg(c.join(format!("{cert_base}-key.pem")))
+            .args(tls_args(&c, cert_base))
             .arg("--state-dir")
             .arg(self.path(&format!("state/{node}")))
             .arg("--health-addr")
@@ -245,19 +237,14 @@ impl Bed {
     }
 
     fn admin_args(&self) -> Vec<String> {
-        let c = self.certs();
-        vec![
+        let mut args = vec![
             "--server".into(),
             format!("https://{}", self.listen),
             "--tls-server-name".into(),
             "localhost".into(),
-            "--tls-ca".into(),
-            c.join("ca.pem").display().to_string(),
-            "--tls-cert".into(),
-            c.join("admin-ops.pem").display().to_string(),
-            "--tls-key".into(),
-            c.join("admin-ops-key.pem").display().to_string(),
-        ]
+        ];
+        args.extend(tls_args(&self.certs(), "admin-ops"));
+        args
     }
 
     /// `moatctl status` plus extra arguments; (code, stdout, stderr).

@@ -64,13 +64,7 @@ impl Backend for Recording {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            probes: BTreeMap::from([("record".to_string(), "ok".to_string())]),
-        }
+        Capabilities::of_this_kernel(BTreeMap::from([("record".to_string(), "ok".to_string())]))
     }
 
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {

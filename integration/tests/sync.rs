@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use moat_harness::moat::tls_args;
 use moat_integration::bed::{Bed, WAIT, metric, moatctl, scrape, wait_until};
 use moat_policy::ir::digest::Digest;
 
@@ -244,19 +245,17 @@ fn node_certificates_are_refused_on_the_admin_api() {
     let mut bed = Bed::new(&["n1"]);
     bed.start_server();
     let c = bed.certs();
-    let (code, _, err) = moatctl(&[
+    let server = format!("https://{}", bed.listen);
+    let tls = tls_args(&c, "node-n1");
+    let mut args = vec![
         "status",
         "--server",
-        &format!("https://{}", bed.listen),
+        &server,
         "--tls-server-name",
         "localhost",
-        "--tls-ca",
-        c.join("ca.pem").to_str().unwrap(),
-        "--tls-cert",
-        c.join("node-n1.pem").to_str().unwrap(),
-        "--tls-key",
-        c.join("node-n1-key.pem").to_str().unwrap(),
-    ]);
+    ];
+    args.extend(tls.iter().map(String::as_str));
+    let (code, _, err) = moatctl(&args);
     assert_ne!(code, 0);
     assert!(
         err.contains("the admin API needs an admin certificate"),
@@ -800,23 +799,21 @@ fn live_explain_answers_from_the_servers_state() {
     });
     // Node certificates can't ask.
     let c = bed.certs();
-    let (code, _, err) = moatctl(&[
+    let server = format!("https://{}", bed.listen);
+    let tls = tls_args(&c, "node-n1");
+    let mut args = vec![
         "explain",
         "--from",
         "app/web-n1",
         "--to",
         "app/db-n2",
         "--server",
-        &format!("https://{}", bed.listen),
+        &server,
         "--tls-server-name",
         "localhost",
-        "--tls-ca",
-        c.join("ca.pem").to_str().unwrap(),
-        "--tls-cert",
-        c.join("node-n1.pem").to_str().unwrap(),
-        "--tls-key",
-        c.join("node-n1-key.pem").to_str().unwrap(),
-    ]);
+    ];
+    args.extend(tls.iter().map(String::as_str));
+    let (code, _, err) = moatctl(&args);
     assert_ne!(code, 0);
     assert!(err.contains("admin certificate"), "{err}");
 }
