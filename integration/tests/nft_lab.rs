@@ -210,3 +210,52 @@ fn a_second_writer_waits_for_the_lock() {
     drop(first);
     TxLock::acquire(&path, std::time::Duration::from_millis(200)).unwrap();
 }
+
+#[test]
+fn a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last() {
+    if !netns::inside("a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last") {
+        return;
+    }
+    use moat_enforcer::{Backend, BackendError};
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut f = Features::default();
+    // A small first version and a bigger second one for the same node.
+    let (small, big) = loop {
+        let mut world = World::generate(&mut rng, &mut f);
+        let a = node_snapshots(&world)[0].clone();
+        world.mutate(&mut rng, &mut f, false);
+        world.mutate(&mut rng, &mut f, false);
+        let Some(b) = node_snapshots(&world)
+            .into_iter()
+            .find(|s| s.node == a.node)
+        else {
+            continue;
+        };
+        let size = |s: &NodeSnapshot| desired(s, &mut Classes::default()).elements();
+        if size(&b) > size(&a) {
+            break (a, b);
+        }
+    };
+    let limit = desired(&small, &mut Classes::default()).elements();
+    let mut backend = moat_enforcer_nft::NftBackend::open(limit, &dir.path().join("lock")).unwrap();
+    backend.adopt(None).unwrap();
+    backend.apply_full(&small).unwrap();
+    let before = dump();
+    let delta = moat_policy::ir::delta::diff(&small, &big);
+    for result in [
+        backend.apply_delta(&small, &delta, &big),
+        backend.apply_full(&big),
+    ] {
+        assert!(
+            matches!(result, Err(BackendError::Rejected(_))),
+            "{result:?}"
+        );
+        same(
+            &before,
+            &dump(),
+            "a refused version leaves the table as it was",
+        );
+    }
+    assert_eq!(nft::recorded().unwrap().map(|r| r.0), Some(small.version));
+}
