@@ -125,7 +125,18 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&json!({"generation": r.generation, "synced": r.synced, "nodes": nodes}))?);
+            let clusters: Vec<_> = r
+                .clusters
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name, "source": c.source, "synced": c.synced, "stale": c.stale,
+                        "stale_since_unix_micros": c.stale_since_unix_micros, "last_error": c.last_error,
+                        "generation": c.generation, "last_event_unix_micros": c.last_event_unix_micros,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json!({"generation": r.generation, "synced": r.synced, "clusters": clusters, "nodes": nodes}))?);
         } else {
             print_table(&r);
         }
@@ -133,7 +144,62 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     })
 }
 
+/// One block per cluster (its source's state, then its nodes), then the fleet summary.
 fn print_table(r: &v1::StatusResponse) {
+    let mut clusters: Vec<&v1::ClusterStatus> = r.clusters.iter().collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    for (i, c) in clusters.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let nodes: Vec<&v1::NodeStatus> = r.nodes.iter().filter(|n| n.cluster == c.name).collect();
+        let in_sync = nodes.iter().filter(|n| n.in_sync).count();
+        let state = if !c.synced {
+            "NOT SYNCED YET (nothing served)".to_string()
+        } else if c.stale {
+            format!(
+                "STALE for {} (serving its last state): {}",
+                ago(c.stale_since_unix_micros),
+                or_dash(&c.last_error)
+            )
+        } else {
+            "synced".to_string()
+        };
+        println!(
+            "cluster {} ({}): {state}; generation {}; {in_sync} of {} nodes in sync",
+            c.name,
+            c.source,
+            c.generation,
+            nodes.len()
+        );
+        print_nodes(&nodes);
+    }
+    if clusters.is_empty() {
+        print_nodes(&r.nodes.iter().collect::<Vec<_>>());
+    }
+    let in_sync = r.nodes.iter().filter(|n| n.in_sync).count();
+    println!(
+        "\n{in_sync} of {} nodes in sync (generation {}{})",
+        r.nodes.len(),
+        r.generation,
+        if r.synced {
+            ""
+        } else {
+            ", source not synced yet"
+        }
+    );
+}
+
+fn ago(micros: u64) -> String {
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+    let secs = std::time::SystemTime::now()
+        .duration_since(then)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{secs}s")
+}
+
+fn print_nodes(nodes: &[&v1::NodeStatus]) {
     let header = [
         "CLUSTER",
         "NODE",
@@ -146,8 +212,7 @@ fn print_table(r: &v1::StatusResponse) {
         "LAG",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 10]> = r
-        .nodes
+    let rows: Vec<[String; 10]> = nodes
         .iter()
         .map(|n| {
             let lag = if n.in_sync {
@@ -189,17 +254,6 @@ fn print_table(r: &v1::StatusResponse) {
     for r in &rows {
         println!("{}", line(r.iter().map(String::as_str).collect()));
     }
-    let in_sync = r.nodes.iter().filter(|n| n.in_sync).count();
-    println!(
-        "\n{in_sync} of {} nodes in sync (generation {}{})",
-        r.nodes.len(),
-        r.generation,
-        if r.synced {
-            ""
-        } else {
-            ", source not synced yet"
-        }
-    );
 }
 
 fn or_dash(s: &str) -> String {

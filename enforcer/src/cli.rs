@@ -12,6 +12,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::agent::{Agent, Config, Transport};
 use crate::backend::Backend;
+use crate::bootstrap::Bootstrap;
 use crate::metrics::Metrics;
 use crate::state::LocalState;
 
@@ -24,7 +25,8 @@ pub struct Args {
     /// certificate; the server refuses anything else.
     #[arg(long, env = "MOAT_NODE")]
     pub node: String,
-    /// The cluster name (only used with --insecure-dev-plaintext; with TLS it is in the certificate).
+    /// The cluster name (used by bootstrap and --insecure-dev-plaintext; with a static
+    /// certificate it is in the certificate).
     #[arg(long, env = "MOAT_CLUSTER", default_value = "default")]
     pub cluster: String,
     /// CA certificate (PEM) the server's certificate must chain to.
@@ -39,6 +41,14 @@ pub struct Args {
     /// The name in the server's certificate, if not the URL's host.
     #[arg(long, env = "MOAT_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
+    /// Bootstrap (Kubernetes): the server's bootstrap listener, `https://host:port`. With
+    /// `--bootstrap-token-file`, the node certificate is obtained and renewed from there
+    /// (written to `--tls-cert`/`--tls-key`, default in `--state-dir`).
+    #[arg(long, env = "MOAT_BOOTSTRAP_SERVER")]
+    pub bootstrap_server: Option<String>,
+    /// The projected ServiceAccount token (audience-bound), re-read at every renewal.
+    #[arg(long, env = "MOAT_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// DANGER: connect without TLS, asserting the node identity in a header. Development only.
     #[arg(long)]
     pub insecure_dev_plaintext: bool,
@@ -74,17 +84,61 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         Transport::Plaintext {
             cluster: args.cluster.clone(),
         }
-    } else {
-        Transport::Tls {
+    } else if let Some(token_file) = &args.bootstrap_token_file {
+        let b = Bootstrap {
+            server: args
+                .bootstrap_server
+                .clone()
+                .context("--bootstrap-token-file needs --bootstrap-server")?,
             ca: args.tls_ca.clone(),
+            server_name: args.tls_server_name.clone(),
+            token_file: token_file.clone(),
+            cluster: args.cluster.clone(),
+            node: args.node.clone(),
             cert: args
                 .tls_cert
                 .clone()
-                .context("--tls-cert is required (or --insecure-dev-plaintext)")?,
+                .unwrap_or_else(|| args.state_dir.join("node.pem")),
             key: args
                 .tls_key
                 .clone()
-                .context("--tls-key is required (or --insecure-dev-plaintext)")?,
+                .unwrap_or_else(|| args.state_dir.join("node-key.pem")),
+        };
+        let transport = Transport::Tls {
+            ca: b.ca.clone(),
+            cert: b.cert.clone(),
+            key: b.key.clone(),
+            server_name: b.server_name.clone(),
+        };
+        // In the background: the last rules stay enforced (and adopted) while the first
+        // certificate is fetched; the agent connects as soon as it lands.
+        tokio::spawn(
+            async move {
+                let mut backoff = Duration::from_secs(1);
+                let life = loop {
+                    match b.issue().await {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            warn!(error = %e, "bootstrap failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                };
+                b.renew_forever(life).await;
+            }
+            .instrument(tracing::info_span!("bootstrap")),
+        );
+        transport
+    } else {
+        Transport::Tls {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone().context(
+                "--tls-cert is required (or --bootstrap-token-file, or --insecure-dev-plaintext)",
+            )?,
+            key: args.tls_key.clone().context(
+                "--tls-key is required (or --bootstrap-token-file, or --insecure-dev-plaintext)",
+            )?,
             server_name: args.tls_server_name.clone(),
         }
     };

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bootstrap;
 pub mod cli;
 pub mod metrics;
 pub mod state;

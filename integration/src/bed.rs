@@ -168,10 +168,19 @@ impl Bed {
     }
 
     pub fn start_server_with(&mut self, extra: &[&str]) {
+        let source = [
+            "--source".to_string(),
+            format!("dir:{}", self.manifests().display()),
+        ];
+        self.start_server_from(&source, extra, Some("synced "));
+    }
+
+    /// The server with these source arguments; waits for a stdout line starting with
+    /// `wait_for` if given.
+    pub fn start_server_from(&mut self, source: &[String], extra: &[&str], wait_for: Option<&str>) {
         let c = self.certs();
         let mut cmd = Command::new(binary("moat-server"));
-        cmd.arg("--source")
-            .arg(format!("dir:{}", self.manifests().display()))
+        cmd.args(source)
             .args(["--poll-seconds", "1", "--tls-reload-seconds", "1"])
             .arg("--listen")
             .arg(self.listen.to_string())
@@ -186,7 +195,9 @@ impl Bed {
             .env("MOAT_LOG", "info,moat_server=debug")
             .env("NO_COLOR", "1");
         let mut p = Proc::spawn(&mut cmd);
-        p.until(WAIT, |l| l.starts_with("synced "));
+        if let Some(w) = wait_for {
+            p.until(WAIT, |l| l.starts_with(w));
+        }
         self.server = Some(p);
     }
 
@@ -201,7 +212,12 @@ impl Bed {
 
     /// An enforcer for `node` presenting the certificate files `<cert_base>.pem`.
     pub fn start_enforcer_as(&mut self, node: &str, claims: &str, cert_base: &str) {
-        let c = self.certs();
+        let id = tls_args(&self.certs(), cert_base).to_vec();
+        self.start_enforcer_args(node, claims, &id);
+    }
+
+    /// An enforcer for `node` with these identity arguments (certificates or bootstrap).
+    pub fn start_enforcer_args(&mut self, node: &str, claims: &str, identity: &[String]) {
         let health = free_port();
         let metrics = free_port();
         let mut cmd = Command::new(binary("moat-test-enforcer"));
@@ -211,7 +227,7 @@ impl Bed {
             .arg("--server")
             .arg(format!("https://{}", self.listen))
             .args(["--tls-server-name", "localhost"])
-            .args(tls_args(&c, cert_base))
+            .args(identity)
             .arg("--state-dir")
             .arg(self.path(&format!("state/{node}")))
             .arg("--health-addr")

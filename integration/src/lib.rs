@@ -25,6 +25,7 @@ pub fn repo() -> PathBuf {
 }
 
 pub mod bed;
+pub mod kubeapi;
 pub mod netns;
 pub mod process;
 pub mod record;

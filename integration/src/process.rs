@@ -72,6 +72,15 @@ impl Proc {
     }
 
     /// Stderr lines so far (accumulated).
+    /// Every stdout line not consumed yet (waits briefly for lines in flight).
+    pub fn stdout_so_far(&mut self) -> Vec<String> {
+        let mut got = Vec::new();
+        while let Ok(l) = self.out.recv_timeout(Duration::from_millis(200)) {
+            got.push(l);
+        }
+        got
+    }
+
     pub fn stderr(&mut self) -> String {
         self.drain_err();
         self.seen_err.join("\n")

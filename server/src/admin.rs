@@ -73,10 +73,28 @@ impl v1::admin_server::Admin for AdminService {
             .max()
             .unwrap_or(0);
         let synced = self.hub.clusters().all(|c| c.is_synced());
+        let clusters = self
+            .hub
+            .clusters()
+            .map(|c| {
+                let h = c.health.get();
+                v1::ClusterStatus {
+                    name: c.name.to_string(),
+                    source: c.source.clone(),
+                    synced: c.is_synced(),
+                    stale: h.stale,
+                    stale_since_unix_micros: if h.stale { micros(h.since) } else { 0 },
+                    last_error: h.last_error,
+                    generation: c.read(|i| i.generation()),
+                    last_event_unix_micros: micros(h.last_event),
+                }
+            })
+            .collect();
         Ok(Response::new(v1::StatusResponse {
             nodes,
             generation,
             synced,
+            clusters,
         }))
     }
 
@@ -140,4 +158,9 @@ impl v1::admin_server::Admin for AdminService {
                 .map_err(|e| Status::internal(e.to_string()))?,
         }))
     }
+}
+
+fn micros(t: Option<std::time::SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
 }

@@ -36,6 +36,9 @@ const HISTORY: usize = 4;
 
 pub struct ClusterState {
     pub name: Arc<str>,
+    /// Where its state comes from (`dir:…`, `kube:…`), and whether that is reachable.
+    pub source: String,
+    pub health: Arc<crate::source::Health>,
     index: RwLock<Index>,
     nodes: Mutex<HashMap<Arc<str>, watch::Sender<Published>>>,
     synced: watch::Sender<bool>,
@@ -44,8 +47,24 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn new(name: &str, first_generation: u64) -> Arc<Self> {
+        Self::with_source(
+            name,
+            first_generation,
+            String::new(),
+            Arc::new(crate::source::Health::new(Default::default())),
+        )
+    }
+
+    pub fn with_source(
+        name: &str,
+        first_generation: u64,
+        source: String,
+        health: Arc<crate::source::Health>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name: Arc::from(name),
+            source,
+            health,
             index: RwLock::new(Index::starting_at(first_generation)),
             nodes: Mutex::new(HashMap::new()),
             synced: watch::channel(false).0,
@@ -183,6 +202,9 @@ pub struct Hub {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     writer: Arc<Writer>,
+    /// The newest certificate expiry issued per node by bootstrap: a stream authenticated
+    /// as that node lives until then instead of closing at its own certificate's expiry.
+    renewed: Mutex<HashMap<NodeKey, watch::Sender<Option<SystemTime>>>>,
 }
 
 impl Hub {
@@ -199,7 +221,32 @@ impl Hub {
             store,
             metrics,
             writer,
+            renewed: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn renewal_channel(&self, cluster: &str, node: &str) -> watch::Sender<Option<SystemTime>> {
+        self.renewed
+            .lock()
+            .expect("renewal lock")
+            .entry((Arc::from(cluster), Arc::from(node)))
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
+
+    /// Bootstrap issued `node` a certificate valid until `not_after`.
+    pub fn renewed(&self, cluster: &str, node: &str, not_after: SystemTime) {
+        self.renewal_channel(cluster, node).send_if_modified(|cur| {
+            let newer = cur.is_none_or(|c| c < not_after);
+            if newer {
+                *cur = Some(not_after);
+            }
+            newer
+        });
+    }
+
+    pub fn renewals(&self, cluster: &str, node: &str) -> watch::Receiver<Option<SystemTime>> {
+        self.renewal_channel(cluster, node).subscribe()
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<ClusterState>> {

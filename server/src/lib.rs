@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bootstrap;
 pub mod hub;
 pub mod index;
 pub mod metrics;

@@ -11,9 +11,10 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use moat_policy::{Changes, Index};
 use moat_server::admin::AdminService;
+use moat_server::bootstrap;
 use moat_server::hub::{ClusterState, Hub};
 use moat_server::metrics::Metrics;
-use moat_server::source::{self, SourceSpec};
+use moat_server::source::{self, ClusterSpec, Health, SourceSpec};
 use moat_server::status::Fleet;
 use moat_server::store::Store;
 use moat_server::sync::SyncService;
@@ -26,12 +27,27 @@ use tracing::{Instrument, info, warn};
 #[derive(Parser, Debug)]
 #[command(name = "moat-server", version, about = "Moat policy server")]
 struct Args {
-    /// Where cluster state comes from: `dir:PATH` (a directory of Kubernetes manifests).
-    #[arg(long, env = "MOAT_SOURCE", default_value = "dir:examples")]
-    source: SourceSpec,
-    /// The cluster's name, as it appears in node certificates.
-    #[arg(long, env = "MOAT_CLUSTER", default_value = "default")]
-    cluster: String,
+    /// Where the cluster's state comes from: `dir:PATH` (a directory of Kubernetes
+    /// manifests), `kube` (in-cluster, or $KUBECONFIG) or `kube:KUBECONFIG[:CONTEXT]`.
+    /// Default `dir:examples`. For several clusters use `--cluster NAME=…` instead.
+    #[arg(long, env = "MOAT_SOURCE")]
+    source: Option<SourceSpec>,
+    /// `NAME`: the name of the one `--source` cluster, as it appears in node certificates
+    /// (default `default`). `NAME=KUBECONFIG[:CONTEXT]` or `NAME=in-cluster`: one of several
+    /// Kubernetes clusters served at once (repeatable).
+    #[arg(long = "cluster", env = "MOAT_CLUSTER", value_delimiter = ',')]
+    clusters: Vec<ClusterSpec>,
+    /// A YAML file listing Kubernetes clusters (`clusters: [{name, kubeconfig, context} |
+    /// {name, inCluster: true}]`), added to any `--cluster NAME=…`.
+    #[arg(long, env = "MOAT_CLUSTERS_FILE")]
+    clusters_file: Option<PathBuf>,
+    /// Initial lists as streaming lists (`sendInitialEvents`, Kubernetes ≥ 1.32) instead of
+    /// paginated list-then-watch.
+    #[arg(long, env = "MOAT_KUBE_STREAMING_LIST")]
+    kube_streaming_list: bool,
+    /// Page size of paginated initial lists.
+    #[arg(long, env = "MOAT_KUBE_PAGE_SIZE", default_value_t = 500)]
+    kube_page_size: u32,
     /// Seconds between full rescans of a directory source (changes are also watched).
     #[arg(long, env = "MOAT_POLL_SECONDS", default_value_t = 5)]
     poll_seconds: u64,
@@ -54,6 +70,27 @@ struct Args {
     /// Seconds between checks of the TLS files for rotation.
     #[arg(long, env = "MOAT_TLS_RELOAD_SECONDS", default_value_t = 2)]
     tls_reload_seconds: u64,
+    /// Serve node identity bootstrap here (TLS, server-authenticated; enforcers present
+    /// their projected ServiceAccount token). Needs Kubernetes clusters and `--bootstrap-ca-key`.
+    #[arg(long, env = "MOAT_BOOTSTRAP_LISTEN")]
+    bootstrap_listen: Option<SocketAddr>,
+    /// The CA's private key (PEM), to sign node certificates issued by bootstrap.
+    #[arg(long, env = "MOAT_BOOTSTRAP_CA_KEY")]
+    bootstrap_ca_key: Option<PathBuf>,
+    /// The audience enforcer tokens must be minted for.
+    #[arg(long, env = "MOAT_BOOTSTRAP_AUDIENCE", default_value = "moat")]
+    bootstrap_audience: String,
+    /// The enforcer DaemonSet's ServiceAccount, `NAMESPACE/NAME`: the only account that
+    /// may bootstrap.
+    #[arg(
+        long,
+        env = "MOAT_ENFORCER_SERVICE_ACCOUNT",
+        default_value = "moat-system/moat-enforcer"
+    )]
+    enforcer_service_account: String,
+    /// Lifetime of bootstrapped node certificates (`90s`, `30m`, `1h`, `7d`).
+    #[arg(long, env = "MOAT_BOOTSTRAP_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
+    bootstrap_cert_ttl: Duration,
     /// DANGER: serve without TLS and take identities from an unauthenticated header.
     /// For local development only; never with real nodes.
     #[arg(long)]
@@ -78,47 +115,131 @@ struct Args {
     log: String,
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    if secs < 5 {
+        return Err(format!("{s:?}: at least 5s"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The clusters to serve, from `--source`, `--cluster` and `--clusters-file`.
+fn clusters(
+    source: Option<SourceSpec>,
+    specs: Vec<ClusterSpec>,
+    file: Option<PathBuf>,
+) -> Result<Vec<(String, SourceSpec)>> {
+    let mut kube: Vec<ClusterSpec> = specs
+        .iter()
+        .filter(|c| c.source.is_some())
+        .cloned()
+        .collect();
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let parsed: source::ClustersFile =
+            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", f.display()))?;
+        kube.extend(
+            parsed
+                .specs()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+        );
+    }
+    let names: Vec<&ClusterSpec> = specs.iter().filter(|c| c.source.is_none()).collect();
+    if kube.is_empty() {
+        if names.len() > 1 {
+            bail!(
+                "--cluster NAME names the one --source cluster; for several clusters use --cluster NAME=KUBECONFIG[:CONTEXT]"
+            );
+        }
+        let name = names
+            .first()
+            .map_or("default".to_string(), |c| c.name.clone());
+        return Ok(vec![(
+            name,
+            source.unwrap_or_else(|| SourceSpec::Dir(PathBuf::from("examples"))),
+        )]);
+    }
+    if source.is_some() || !names.is_empty() {
+        bail!(
+            "with --cluster NAME=… (several clusters), give every cluster that way: --source and a bare --cluster NAME do not apply"
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for c in kube {
+        if !seen.insert(c.name.clone()) {
+            bail!("cluster {:?} is given twice", c.name);
+        }
+        out.push((c.name, c.source.expect("kube clusters have a source")));
+    }
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let Args {
-        source,
-        cluster,
-        poll_seconds,
-        listen,
-        tls_ca,
-        tls_cert,
-        tls_key,
-        tls_reload_seconds,
-        insecure_dev_plaintext,
-        state_dir,
-        history,
-        health_addr,
-        metrics_addr,
-        once,
-        log,
-    } = args;
-    moat_telemetry::init_logging(&log)?;
-    if insecure_dev_plaintext {
+    moat_telemetry::init_logging(&args.log)?;
+    if args.insecure_dev_plaintext {
         warn!(
-            "!!! --insecure-dev-plaintext: NO TLS, NO AUTHENTICATION. Any process that can reach {listen} may read any node's rules and act as admin. Development only. !!!"
+            "!!! --insecure-dev-plaintext: NO TLS, NO AUTHENTICATION. Any process that can reach {} may read any node's rules and act as admin. Development only. !!!",
+            args.listen
         );
     }
-
-    let (tx, rx) = mpsc::channel(64);
-    let SourceSpec::Dir(dir) = source;
+    let wanted = clusters(
+        args.source.clone(),
+        args.clusters.clone(),
+        args.clusters_file.clone(),
+    )?;
+    let several = wanted.len() > 1;
     let metrics = Arc::new(Metrics::default());
-    let _source = source::file::spawn(
-        dir.clone(),
-        tx,
-        Duration::from_secs(poll_seconds.max(1)),
-        metrics.source_reloads.clone(),
-    )
-    .await
-    .with_context(|| format!("starting the file source on {}", dir.display()))?;
+    let kube_opts = moat_server::source::kube::Options {
+        streaming_list: args.kube_streaming_list,
+        page_size: args.kube_page_size.max(1),
+    };
 
-    if once {
-        let cluster = ClusterState::new(&cluster, 0);
+    // One source and one channel per cluster: an outage of one never stalls another.
+    let mut started = Vec::new();
+    let mut kube_clients = HashMap::new();
+    for (name, spec) in wanted {
+        let (tx, rx) = mpsc::channel(64);
+        let health = Arc::new(Health::new(metrics.source_up(&name)));
+        match &spec {
+            SourceSpec::Dir(dir) => {
+                source::file::spawn(
+                    dir.clone(),
+                    tx,
+                    Duration::from_secs(args.poll_seconds.max(1)),
+                    metrics.source_reloads.clone(),
+                )
+                .await
+                .with_context(|| format!("starting the file source on {}", dir.display()))?;
+            }
+            SourceSpec::Kube(target) => {
+                let client = source::kube::client(target)
+                    .await
+                    .with_context(|| format!("cluster {name}: {target}"))?;
+                source::kube::spawn(&name, client.clone(), tx, health.clone(), kube_opts);
+                kube_clients.insert(name.clone(), client);
+            }
+        }
+        info!(cluster = %name, source = %spec, "source started");
+        started.push((name, spec, health, rx));
+    }
+
+    if args.once {
+        let (name, _, _, rx) = started.into_iter().next().expect("one cluster at least");
+        let cluster = ClusterState::new(&name, 0);
         let fleet = Arc::new(Fleet::default());
         moat_server::index::run(
             rx,
@@ -127,7 +248,7 @@ async fn main() -> Result<()> {
             metrics.clone(),
             HashMap::new(),
             |c, i, first| {
-                print_changes(c, i, first);
+                print_changes("", c, i, first);
                 std::process::exit(0);
             },
         )
@@ -135,29 +256,29 @@ async fn main() -> Result<()> {
         bail!("the source ended before its first full sync");
     }
 
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating {}", state_dir.display()))?;
-    let store = Store::open(&state_dir, history)
-        .with_context(|| format!("opening the state store in {}", state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let store = Store::open(&args.state_dir, args.history)
+        .with_context(|| format!("opening the state store in {}", args.state_dir.display()))?;
     let saved = store.statuses()?;
-    let previous = Fleet::saved_published(&saved, &cluster);
     let fleet = Arc::new(Fleet::default());
+    let mut states = Vec::new();
+    let mut pending = Vec::new();
+    for (name, spec, health, rx) in started {
+        let previous = Fleet::saved_published(&saved, &name);
+        let state = ClusterState::with_source(&name, store.reserved(), spec.to_string(), health);
+        states.push(state.clone());
+        pending.push((state, rx, previous));
+    }
     fleet.restore(saved);
     info!(
         reserved = store.reserved(),
-        nodes = previous.len(),
+        clusters = states.len(),
         "state loaded"
     );
+    let hub = Hub::new(states, fleet.clone(), store.clone(), metrics.clone());
 
-    let cluster_state = ClusterState::new(&cluster, store.reserved());
-    let hub = Hub::new(
-        vec![cluster_state.clone()],
-        fleet.clone(),
-        store.clone(),
-        metrics.clone(),
-    );
-
-    // Health: SERVING once the source's first full sync is in.
+    // Health: SERVING once every cluster's first full sync is in.
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)
@@ -165,31 +286,38 @@ async fn main() -> Result<()> {
     health
         .set_service_status("moat.sync.v1.PolicySync", ServingStatus::NotServing)
         .await;
-    let health_listener = tokio::net::TcpListener::bind(health_addr)
+    let health_listener = tokio::net::TcpListener::bind(args.health_addr)
         .await
-        .with_context(|| format!("--health-addr {health_addr}"))?;
+        .with_context(|| format!("--health-addr {}", args.health_addr))?;
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_svc)
             .serve_with_incoming(TcpListenerStream::new(health_listener)),
     );
     let m = metrics.clone();
-    let bound = moat_telemetry::serve_metrics(metrics_addr, Arc::new(move || m.encode()))
+    let bound = moat_telemetry::serve_metrics(args.metrics_addr, Arc::new(move || m.encode()))
         .await
-        .with_context(|| format!("--metrics-addr {metrics_addr}"))?;
-    info!(health = %health_addr, metrics = %bound, "probe endpoints up");
+        .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
+    info!(health = %args.health_addr, metrics = %bound, "probe endpoints up");
 
-    let index_task = moat_server::index::run(
-        rx,
-        cluster_state.clone(),
-        fleet,
-        metrics.clone(),
-        previous,
-        {
-            let health = health.clone();
+    for (state, rx, previous) in pending {
+        let prefix = if several {
+            format!("{}: ", state.name)
+        } else {
+            String::new()
+        };
+        let health = health.clone();
+        let hub = hub.clone();
+        let name = state.name.clone();
+        let index_task = moat_server::index::run(
+            rx,
+            state,
+            fleet.clone(),
+            metrics.clone(),
+            previous,
             move |c, i, first| {
-                print_changes(c, i, first);
-                if first {
+                print_changes(&prefix, c, i, first);
+                if first && hub.clusters().all(|c| c.is_synced()) {
                     let health = health.clone();
                     tokio::spawn(async move {
                         health.set_service_status("", ServingStatus::Serving).await;
@@ -198,39 +326,90 @@ async fn main() -> Result<()> {
                             .await;
                     });
                 }
-            }
-        },
-    )
-    .instrument(tracing::info_span!("index"));
-    tokio::spawn(index_task);
+            },
+        )
+        .instrument(tracing::info_span!("index", cluster = %name));
+        tokio::spawn(index_task);
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(
-            SyncService::new(hub.clone(), shutdown_rx.clone(), insecure_dev_plaintext).svc(),
+            SyncService::new(
+                hub.clone(),
+                shutdown_rx.clone(),
+                args.insecure_dev_plaintext,
+            )
+            .svc(),
         )
-        .add_service(AdminService::new(hub.clone(), insecure_dev_plaintext).svc());
-    let listener = tokio::net::TcpListener::bind(listen)
+        .add_service(AdminService::new(hub.clone(), args.insecure_dev_plaintext).svc());
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("--listen {listen}"))?;
-    info!(%listen, tls = !insecure_dev_plaintext, "serving sync and admin");
+        .with_context(|| format!("--listen {}", args.listen))?;
+    info!(listen = %args.listen, tls = !args.insecure_dev_plaintext, "serving sync and admin");
     let shutdown = async move {
         shutdown_signal().await;
         info!("shutting down");
         let _ = shutdown_tx.send(true);
     };
-    if insecure_dev_plaintext {
+    let files = TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    };
+    if let Some(addr) = args.bootstrap_listen {
+        if args.insecure_dev_plaintext {
+            bail!(
+                "--bootstrap-listen issues real certificates: it cannot run with --insecure-dev-plaintext"
+            );
+        }
+        if kube_clients.is_empty() {
+            bail!(
+                "--bootstrap-listen needs Kubernetes clusters (tokens are reviewed by the cluster they come from)"
+            );
+        }
+        let key = args.bootstrap_ca_key.clone().context(
+            "--bootstrap-listen needs --bootstrap-ca-key (the CA key that signs node certificates)",
+        )?;
+        let ca = bootstrap::Ca::load(&args.tls_ca, &key).with_context(|| {
+            format!(
+                "loading the CA from {} and {}",
+                args.tls_ca.display(),
+                key.display()
+            )
+        })?;
+        let (ns, sa) = args
+            .enforcer_service_account
+            .split_once('/')
+            .context("--enforcer-service-account wants NAMESPACE/NAME")?;
+        let policy = bootstrap::Policy {
+            audience: args.bootstrap_audience.clone(),
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+            cert_ttl: args.bootstrap_cert_ttl,
+        };
+        let tls = tls::Reloading::server_only(files.clone())
+            .with_context(|| format!("loading TLS files for --bootstrap-listen {addr}"))?;
+        tls.watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--bootstrap-listen {addr}"))?;
+        info!(%addr, service_account = %args.enforcer_service_account, audience = %args.bootstrap_audience, "serving node identity bootstrap");
+        let svc = bootstrap::BootstrapService::new(hub.clone(), kube_clients, policy, ca).svc();
+        let incoming = tls::incoming(l, tls, metrics.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming),
+        );
+    }
+    if args.insecure_dev_plaintext {
         router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await?;
     } else {
-        let files = TlsFiles {
-            ca: tls_ca,
-            cert: tls_cert,
-            key: tls_key,
-        };
         let tls = tls::Reloading::new(files.clone()).with_context(|| {
             format!(
                 "loading TLS files {}, {}, {} (create them with `moatctl certs init`)",
@@ -239,7 +418,7 @@ async fn main() -> Result<()> {
                 files.key.display()
             )
         })?;
-        tls.watch(Duration::from_secs(tls_reload_seconds.max(1)));
+        tls.watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
         router
             .serve_with_incoming_shutdown(tls::incoming(listener, tls, metrics.clone()), shutdown)
             .await?;
@@ -258,7 +437,7 @@ async fn shutdown_signal() {
 }
 
 /// One line per changed node: what the node would receive now.
-fn print_changes(changes: &Changes, idx: &Index, first: bool) {
+fn print_changes(prefix: &str, changes: &Changes, idx: &Index, first: bool) {
     let mut out = std::io::stdout().lock();
     let mut nodes: Vec<_> = if first {
         idx.nodes().into_iter().map(|n| n.node).collect()
@@ -269,7 +448,7 @@ fn print_changes(changes: &Changes, idx: &Index, first: bool) {
     if first {
         let _ = writeln!(
             out,
-            "synced generation={} nodes={}",
+            "{prefix}synced generation={} nodes={}",
             changes.generation,
             nodes.len()
         );
@@ -279,7 +458,7 @@ fn print_changes(changes: &Changes, idx: &Index, first: bool) {
             let size = s.size();
             let _ = writeln!(
                 out,
-                "snapshot node={} version={} digest={} endpoints={} rules={} groups={} members={}",
+                "{prefix}snapshot node={} version={} digest={} endpoints={} rules={} groups={} members={}",
                 s.node,
                 s.version,
                 s.digest.short(),
@@ -293,7 +472,7 @@ fn print_changes(changes: &Changes, idx: &Index, first: bool) {
     let mut removed = changes.removed.clone();
     removed.sort();
     for n in removed {
-        let _ = writeln!(out, "removed node={n}");
+        let _ = writeln!(out, "{prefix}removed node={n}");
     }
     let _ = out.flush();
 }

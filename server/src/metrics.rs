@@ -14,6 +14,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
 }
@@ -29,6 +34,9 @@ pub struct Metrics {
     pub nacks: Counter,
     pub refused: Family<ReasonLabel, Counter>,
     pub source_reloads: Counter,
+    /// 1 while a cluster's source reaches its input, 0 while it serves a stale state.
+    pub source_up: Family<ClusterLabel, Gauge>,
+    pub certificates_issued: Counter,
 }
 
 impl Default for Metrics {
@@ -44,6 +52,8 @@ impl Default for Metrics {
             nacks: Counter::default(),
             refused: Family::default(),
             source_reloads: Counter::default(),
+            source_up: Family::default(),
+            certificates_issued: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -79,6 +89,16 @@ impl Default for Metrics {
             "Times the source re-read its input after a change or a poll",
             m.source_reloads.clone(),
         );
+        registry.register(
+            "source_up",
+            "1 while the cluster's source reaches its input; 0 while its last state is served stale",
+            m.source_up.clone(),
+        );
+        registry.register(
+            "certificates_issued",
+            "Node certificates issued by bootstrap",
+            m.certificates_issued.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -96,6 +116,14 @@ impl Metrics {
         let l = KindLabel { kind: kind.into() };
         self.messages.get_or_create(&l).inc();
         self.bytes_sent.get_or_create(&l).inc_by(bytes as u64);
+    }
+
+    pub fn source_up(&self, cluster: &str) -> Gauge {
+        self.source_up
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.into(),
+            })
+            .clone()
     }
 
     pub fn encode(&self) -> String {

@@ -85,17 +85,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(files: &TlsFiles, pems: &[Vec<u8>; 3]) -> Result<ServerConfig, Error> {
+fn build(files: &TlsFiles, pems: &[Vec<u8>; 3], client_auth: bool) -> Result<ServerConfig, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(&files.ca, &pems[0])? {
         roots.add(c)?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&files.cert, &pems[1])?, key(&files.key, &pems[2])?)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = if client_auth {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut cfg =
+        builder.with_single_cert(certs(&files.cert, &pems[1])?, key(&files.key, &pems[2])?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
@@ -103,16 +108,28 @@ fn build(files: &TlsFiles, pems: &[Vec<u8>; 3]) -> Result<ServerConfig, Error> {
 /// The current server TLS config, rebuilt when its files change.
 pub struct Reloading {
     files: TlsFiles,
+    client_auth: bool,
     current: RwLock<Arc<ServerConfig>>,
     loaded: Mutex<[Vec<u8>; 3]>,
 }
 
 impl Reloading {
+    /// Mutual TLS: clients must present a certificate from the CA.
     pub fn new(files: TlsFiles) -> Result<Arc<Self>, Error> {
+        Self::with_client_auth(files, true)
+    }
+
+    /// Server authentication only, for bootstrap, where a token authenticates the client.
+    pub fn server_only(files: TlsFiles) -> Result<Arc<Self>, Error> {
+        Self::with_client_auth(files, false)
+    }
+
+    fn with_client_auth(files: TlsFiles, client_auth: bool) -> Result<Arc<Self>, Error> {
         let pems = [read(&files.ca)?, read(&files.cert)?, read(&files.key)?];
-        let cfg = build(&files, &pems)?;
+        let cfg = build(&files, &pems, client_auth)?;
         Ok(Arc::new(Self {
             files,
+            client_auth,
             current: RwLock::new(Arc::new(cfg)),
             loaded: Mutex::new(pems),
         }))
@@ -133,7 +150,7 @@ impl Reloading {
         if *self.loaded.lock().expect("tls lock") == pems {
             return Ok(false);
         }
-        let cfg = build(&self.files, &pems)?;
+        let cfg = build(&self.files, &pems, self.client_auth)?;
         *self.current.write().expect("tls lock") = Arc::new(cfg);
         *self.loaded.lock().expect("tls lock") = pems;
         Ok(true)

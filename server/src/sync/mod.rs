@@ -41,6 +41,11 @@ pub trait Source: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn observe(&self, cluster: &str, node: &str, ev: StreamEvent);
     fn metrics(&self) -> &Metrics;
+    /// Certificate expiries newly issued to this node (bootstrap renewals): a stream lives
+    /// until the newest one.
+    fn renewals(&self, _cluster: &str, _node: &str) -> watch::Receiver<Option<SystemTime>> {
+        watch::channel(None).1
+    }
 }
 
 impl Source for Hub {
@@ -77,6 +82,10 @@ impl Source for Hub {
 
     fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn renewals(&self, cluster: &str, node: &str) -> watch::Receiver<Option<SystemTime>> {
+        Hub::renewals(self, cluster, node)
     }
 }
 

@@ -161,12 +161,15 @@ impl<S: Source> Stream<S> {
             node: self.node.clone(),
         };
 
-        let expiry = tokio::time::sleep(
-            expires
-                .and_then(|e| e.duration_since(SystemTime::now()).ok())
-                .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600)),
-        );
+        let until = |e: Option<SystemTime>| {
+            tokio::time::Instant::now()
+                + e.and_then(|e| e.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600))
+        };
+        let mut expires = expires;
+        let expiry = tokio::time::sleep_until(until(expires));
         tokio::pin!(expiry);
+        let mut renewals = self.source.renewals(&self.cluster, &self.node);
         if expires.is_some_and(|e| e <= SystemTime::now()) {
             return Err(Status::unauthenticated("client certificate expired"));
         }
@@ -236,6 +239,16 @@ impl<S: Source> Stream<S> {
                         }
                         Some(In::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice")),
                         None => return Err(Status::invalid_argument("empty message")),
+                    }
+                }
+                Ok(()) = renewals.changed(), if expires.is_some() => {
+                    // Bootstrap issued this node a newer certificate: the stream lives on as
+                    // if the enforcer had reconnected with it.
+                    let renewed = *renewals.borrow_and_update();
+                    if let (Some(r), Some(e)) = (renewed, expires) && r > e {
+                        debug!(?r, "certificate renewed; stream extended");
+                        expires = Some(r);
+                        expiry.as_mut().reset(until(expires));
                     }
                 }
                 _ = &mut expiry => {

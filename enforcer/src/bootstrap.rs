@@ -1,0 +1,145 @@
+//! Node identity bootstrap, enforcer side: trade the projected ServiceAccount token for a
+//! short-lived node certificate, and renew it before it expires.
+//!
+//! The key never leaves the node (only a CSR travels). Files are written key first, then
+//! certificate, each atomically, so the agent (which reads them on every connection) never
+//! pairs a new certificate with an old key. The server extends a live stream when it issues
+//! a renewal, so renewing never drops the stream.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_proto::v1;
+use rand::Rng;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key or CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("refused: {}: {}", .0.code(), .0.message())]
+    Refused(#[from] tonic::Status),
+}
+
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    /// `https://host:port` of the server's bootstrap listener.
+    pub server: String,
+    pub ca: PathBuf,
+    pub server_name: Option<String>,
+    pub token_file: PathBuf,
+    pub cluster: String,
+    pub node: String,
+    /// Where the certificate and key go (the agent's `--tls-cert` / `--tls-key`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Bootstrap {
+    /// Gets a certificate now; returns its lifetime (issued, expires).
+    pub async fn issue(&self) -> Result<(SystemTime, SystemTime), Error> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| Error::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        // kubelet rotates the projected token: read it fresh every time.
+        let token = String::from_utf8_lossy(&read(&self.token_file)?)
+            .trim()
+            .to_string();
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some(n) = &self.server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        let channel = Endpoint::from_shared(self.server.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        let issued = SystemTime::now();
+        let r = v1::bootstrap_client::BootstrapClient::new(channel)
+            .issue(v1::IssueRequest {
+                cluster: self.cluster.clone(),
+                node: self.node.clone(),
+                token,
+                csr_pem: csr,
+            })
+            .await?
+            .into_inner();
+        write(&self.key, key.serialize_pem().as_bytes(), true)?;
+        write(&self.cert, r.cert_pem.as_bytes(), false)?;
+        let expires = UNIX_EPOCH + Duration::from_micros(r.not_after_unix_micros);
+        info!(node = %self.node, expires_in = ?expires.duration_since(SystemTime::now()).unwrap_or_default(), "node certificate issued");
+        Ok((issued, expires))
+    }
+
+    /// Renews at two thirds of each certificate's life; retries failures with backoff until
+    /// the certificate expires (and after: the agent reconnects once a new one lands).
+    pub async fn renew_forever(self, mut life: (SystemTime, SystemTime)) {
+        loop {
+            let span = life.1.duration_since(life.0).unwrap_or_default();
+            let at = life.0 + span * 2 / 3;
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let mut backoff = Duration::from_secs(1);
+            life = loop {
+                match self.issue().await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        warn!(error = %e, "certificate renewal failed; retrying");
+                        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64);
+                        tokio::time::sleep(
+                            Duration::from_millis(jitter).max(Duration::from_millis(200)),
+                        )
+                        .await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            };
+        }
+    }
+}
+
+/// Writes via a temporary file and rename, so readers never see half a file.
+fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    if secret {
+        o.mode(0o600);
+    }
+    let mut f = o.open(&tmp).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

@@ -1,0 +1,544 @@
+//! A test Kubernetes API server: the real list/watch/TokenReview protocol over HTTPS, for
+//! the real kube client, with knobs to misbehave the way real API servers do.
+//!
+//! What it speaks (the subset Moat uses, faithfully):
+//! - `GET` collections of Namespaces, Nodes, Pods, NetworkPolicies: lists with
+//!   `resourceVersion` and forced pagination (`limit` is capped at [`Options::page_size`],
+//!   `continue` tokens name a consistent snapshot), `410 Gone` as an HTTP status for an
+//!   expired `continue`;
+//! - watches from a resource version (`?watch=true&resourceVersion=…`) with bookmarks, the
+//!   streaming list (`sendInitialEvents=true`, ended by the `k8s.io/initial-events-end`
+//!   bookmark), `410 Gone` as a watch `ERROR` event for a compacted resource version;
+//! - `GET /api/v1/namespaces/{ns}/pods/{name}`;
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` (see [`token`]);
+//! - bearer-token authentication of every request.
+//!
+//! Tests change objects while clients watch ([`ApiServer::apply`], [`ApiServer::delete`]),
+//! compact history, drop every connection, or take the server away and bring it back.
+
+pub mod store;
+pub mod token;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use store::Kind;
+use store::{Objects, status};
+pub use token::Bound;
+use token::Signer;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Largest page a list returns, whatever `limit` the client asks for.
+    pub page_size: usize,
+    /// Interval of watch bookmarks (when the client allows them).
+    pub bookmark_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            page_size: 3,
+            bookmark_every: Duration::from_millis(500),
+        }
+    }
+}
+
+struct Inner {
+    objects: Mutex<Objects>,
+    signer: Signer,
+    opts: Options,
+    token: String,
+    /// Bumped to cut every open connection.
+    epoch: watch::Sender<u64>,
+    /// While true, lists (and streaming lists) wait.
+    hold_lists: watch::Sender<bool>,
+    expire_next_continue: AtomicBool,
+    log: Mutex<Vec<String>>,
+}
+
+pub struct ApiServer {
+    inner: Arc<Inner>,
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    tls: Arc<rustls::ServerConfig>,
+    rt: Option<tokio::runtime::Runtime>,
+    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl ApiServer {
+    /// Starts on a free loopback port, on its own runtime (usable from sync tests).
+    pub fn start(opts: Options) -> ApiServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-apiserver")
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (ca_pem, tls) = tls_config();
+        let inner = Arc::new(Inner {
+            objects: Mutex::new(Objects::default()),
+            signer: Signer::new(),
+            opts,
+            token: format!("{:032x}", rand::random::<u128>()),
+            epoch: watch::channel(0).0,
+            hold_lists: watch::channel(false).0,
+            expire_next_continue: AtomicBool::new(false),
+            log: Mutex::new(Vec::new()),
+        });
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = ApiServer {
+            inner,
+            addr,
+            ca_pem,
+            tls,
+            rt: Some(rt),
+            accept: Mutex::new(None),
+        };
+        s.serve(listener);
+        s
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime")
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let inner = self.inner.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let task = self.rt().spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let inner = inner.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut epoch = inner.epoch.subscribe();
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let inner = inner.clone();
+                        async move { Ok::<_, Infallible>(handle(inner, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = epoch.changed() => {}
+                    }
+                });
+            }
+        });
+        *self.accept.lock().unwrap() = Some(task);
+    }
+
+    /// Cuts every open connection (watches included); clients reconnect.
+    pub fn drop_connections(&self) {
+        self.inner.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Takes the server away: connections cut, new ones refused.
+    pub fn stop(&self) {
+        if let Some(t) = self.accept.lock().unwrap().take() {
+            t.abort();
+        }
+        self.drop_connections();
+    }
+
+    /// Brings a stopped server back on the same address, with the same state.
+    pub fn resume(&self) {
+        // The old listener closes on the runtime's thread, shortly after `stop`.
+        let mut tries = 0;
+        let listener = loop {
+            match self.rt().block_on(tokio::net::TcpListener::bind(self.addr)) {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("rebind {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    /// Writes a kubeconfig for this server (bearer token, pinned CA) with one context.
+    pub fn kubeconfig(&self, path: &Path, context: &str) {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        let y = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {context}\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\nusers:\n- name: {context}\n  user:\n    token: {}\ncontexts:\n- name: {context}\n  context: {{cluster: {context}, user: {context}}}\ncurrent-context: {context}\n",
+            self.addr, self.inner.token
+        );
+        std::fs::write(path, y).expect("write kubeconfig");
+    }
+
+    pub fn apply(&self, v: Value) -> Value {
+        self.inner.objects.lock().unwrap().apply(v).expect("apply")
+    }
+
+    /// Applies a multi-document YAML text.
+    pub fn apply_yaml(&self, text: &str) {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let v: Value = serde::Deserialize::deserialize(doc).expect("yaml");
+            if !v.is_null() {
+                self.apply(v);
+            }
+        }
+    }
+
+    pub fn delete(&self, kind: Kind, ns: &str, name: &str) -> bool {
+        self.inner
+            .objects
+            .lock()
+            .unwrap()
+            .delete(kind, ns, name)
+            .is_some()
+    }
+
+    pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        self.inner
+            .objects
+            .lock()
+            .unwrap()
+            .get(kind, ns, name)
+            .cloned()
+    }
+
+    /// Forgets the event history: resuming watches get `410 Gone` and relist.
+    pub fn compact(&self) {
+        self.inner.objects.lock().unwrap().compact();
+    }
+
+    /// The next list page asked for with a `continue` token gets `410 Gone`.
+    pub fn expire_next_continue(&self) {
+        self.inner
+            .expire_next_continue
+            .store(true, Ordering::SeqCst);
+    }
+
+    /// Holds every list until [`ApiServer::release_lists`].
+    pub fn hold_lists(&self) {
+        self.inner.hold_lists.send_replace(true);
+    }
+
+    pub fn release_lists(&self) {
+        self.inner.hold_lists.send_replace(false);
+    }
+
+    /// Every request so far, as `METHOD path?query -> status` (and `watch KIND from RV:
+    /// ERROR 410` for watches refused as too old).
+    pub fn requests(&self) -> Vec<String> {
+        self.inner.log.lock().unwrap().clone()
+    }
+
+    pub fn token(&self, b: &Bound) -> String {
+        let o = self.inner.objects.lock().unwrap();
+        self.inner.signer.bound(b, &o)
+    }
+
+    pub fn legacy_token(&self, ns: &str, sa: &str) -> String {
+        self.inner.signer.legacy(ns, sa)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn tls_config() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    p.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = p.signed_by(&key, &issuer).expect("cert");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .expect("tls config");
+    (ca_cert.pem(), Arc::new(cfg))
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).unwrap())).boxed())
+        .unwrap()
+}
+
+fn error(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    json_response(code, &status(code.as_u16(), reason, message))
+}
+
+fn query(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.replace("%3D", "=").replace("%2C", ","))
+        })
+        .collect()
+}
+
+/// Serves one request and logs it as `METHOD uri -> status`.
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let line = format!("{} {}", req.method(), req.uri());
+    let resp = route(inner.clone(), req).await;
+    inner
+        .log
+        .lock()
+        .unwrap()
+        .push(format!("{line} -> {}", resp.status().as_u16()));
+    resp
+}
+
+async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let uri = req.uri().clone();
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {}", inner.token));
+    if !authorized {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    }
+    let q = query(uri.query());
+    let path = uri.path();
+    if req.method() == Method::GET
+        && let Some(kind) = Kind::ALL.into_iter().find(|k| k.collection() == path)
+    {
+        return if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+            watch_kind(inner, kind, &q).await
+        } else {
+            list(inner, kind, &q).await
+        };
+    }
+    if req.method() == Method::GET
+        && let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+        && let [ns, "pods", name] = rest.split('/').collect::<Vec<_>>()[..]
+    {
+        return match inner.objects.lock().unwrap().get(Kind::Pod, ns, name) {
+            Some(p) => json_response(StatusCode::OK, p),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("pods \"{name}\" not found"),
+            ),
+        };
+    }
+    if req.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        let Ok(body) = req.into_body().collect().await else {
+            return error(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+        };
+        let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return error(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+        };
+        let answer = {
+            let o = inner.objects.lock().unwrap();
+            inner.signer.review(&review, &o)
+        };
+        return json_response(StatusCode::CREATED, &answer);
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("the server could not find the requested resource ({path})"),
+    )
+}
+
+async fn held(inner: &Inner) {
+    let mut h = inner.hold_lists.subscribe();
+    let _ = h.wait_for(|held| !held).await;
+}
+
+async fn list(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Response<Body> {
+    held(&inner).await;
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .map_or(inner.opts.page_size, |l| l.min(inner.opts.page_size));
+    let token = q.get("continue").filter(|t| !t.is_empty());
+    if token.is_some() && inner.expire_next_continue.swap(false, Ordering::SeqCst) {
+        inner.objects.lock().unwrap().compact();
+    }
+    let page = inner
+        .objects
+        .lock()
+        .unwrap()
+        .list(kind, Some(limit), token.map(String::as_str));
+    match page {
+        Ok((items, rv, next)) => {
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if let Some(n) = next {
+                meta["continue"] = json!(n);
+            }
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "kind": format!("{}List", kind.name()),
+                    "apiVersion": kind.api_version(),
+                    "metadata": meta,
+                    "items": items,
+                }),
+            )
+        }
+        Err(store::Expired) => error(
+            StatusCode::GONE,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results.",
+        ),
+    }
+}
+
+fn bookmark(kind: Kind, rv: u64, initial_end: bool) -> Vec<u8> {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    let mut b = serde_json::to_vec(&json!({
+        "type": "BOOKMARK",
+        "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": meta},
+    }))
+    .unwrap();
+    b.push(b'\n');
+    b
+}
+
+async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Response<Body> {
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let mut first: Vec<Vec<u8>> = Vec::new();
+    let (mut last, mut live) = if initial {
+        held(&inner).await;
+        let o = inner.objects.lock().unwrap();
+        for v in o.items(kind) {
+            let mut b = serde_json::to_vec(&json!({"type": "ADDED", "object": v})).unwrap();
+            b.push(b'\n');
+            first.push(b);
+        }
+        first.push(bookmark(kind, o.rv(), true));
+        (o.rv(), o.events.subscribe())
+    } else {
+        let o = inner.objects.lock().unwrap();
+        let from = q
+            .get("resourceVersion")
+            .and_then(|r| r.parse::<u64>().ok())
+            .filter(|r| *r > 0)
+            .unwrap_or(o.rv());
+        match o.since(kind, from) {
+            Ok((past, live)) => {
+                let last = past.last().map_or(from, |c| c.rv);
+                first.extend(past.iter().map(|c| c.line()));
+                (last, live)
+            }
+            Err(oldest) => {
+                inner
+                    .log
+                    .lock()
+                    .unwrap()
+                    .push(format!("watch {} from {from}: ERROR 410", kind.name()));
+                let mut b = serde_json::to_vec(&json!({
+                    "type": "ERROR",
+                    "object": status(410, "Expired", &format!("too old resource version: {from} ({oldest})")),
+                }))
+                .unwrap();
+                b.push(b'\n');
+                first.push(b);
+                let (_, r) = broadcast::channel(1);
+                (u64::MAX, r)
+            }
+        }
+    };
+    tokio::spawn(async move {
+        for b in first {
+            if tx.send(Ok(Frame::data(Bytes::from(b)))).await.is_err() {
+                return;
+            }
+        }
+        if last == u64::MAX {
+            return;
+        }
+        let end = tokio::time::sleep(timeout);
+        tokio::pin!(end);
+        let mut tick = tokio::time::interval(inner.opts.bookmark_every);
+        loop {
+            let line = tokio::select! {
+                c = live.recv() => match c {
+                    Ok(c) if c.kind == kind && c.rv > last => {
+                        last = c.rv;
+                        c.line()
+                    }
+                    Ok(_) => continue,
+                    // Too slow a reader: end the watch; the client resumes from `last`.
+                    Err(_) => return,
+                },
+                _ = tick.tick(), if bookmarks => {
+                    let o = inner.objects.lock().unwrap();
+                    if !live.is_empty() {
+                        continue;
+                    }
+                    last = last.max(o.rv());
+                    bookmark(kind, last, false)
+                }
+                _ = &mut end => return,
+                _ = tx.closed() => return,
+            };
+            if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
+        .unwrap()
+}

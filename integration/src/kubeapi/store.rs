@@ -1,0 +1,343 @@
+//! The test API server's object store: objects with resource versions, the event history
+//! watches resume from, compaction, and consistent paginated lists.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// The four kinds Moat watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    NetworkPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Node, Kind::Pod, Kind::NetworkPolicy];
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
+    /// The collection path of every object of this kind (all namespaces).
+    pub fn collection(self) -> &'static str {
+        match self {
+            Kind::Namespace => "/api/v1/namespaces",
+            Kind::Node => "/api/v1/nodes",
+            Kind::Pod => "/api/v1/pods",
+            Kind::NetworkPolicy => "/apis/networking.k8s.io/v1/networkpolicies",
+        }
+    }
+
+    pub fn of(v: &Value) -> Option<Kind> {
+        match v.get("kind")?.as_str()? {
+            "Namespace" => Some(Kind::Namespace),
+            "Node" => Some(Kind::Node),
+            "Pod" => Some(Kind::Pod),
+            "NetworkPolicy" => Some(Kind::NetworkPolicy),
+            _ => None,
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        matches!(self, Kind::Pod | Kind::NetworkPolicy)
+    }
+}
+
+pub type Key = (Kind, String, String);
+
+/// One change, as a watch delivers it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub rv: u64,
+    pub kind: Kind,
+    pub typ: &'static str,
+    pub object: Value,
+}
+
+impl Change {
+    pub fn line(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec(&json!({"type": self.typ, "object": self.object}))
+            .expect("event json");
+        b.push(b'\n');
+        b
+    }
+}
+
+/// A continue token that names no list in progress (compacted, or never issued).
+#[derive(Debug)]
+pub struct Expired;
+
+/// A list in progress: the snapshot its pages come from.
+struct Page {
+    rv: u64,
+    kind: Kind,
+    items: Arc<Vec<Value>>,
+}
+
+pub struct Objects {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<Change>,
+    /// Watches from a resource version below this get `410 Gone`.
+    compacted: u64,
+    pages: HashMap<u64, Page>,
+    next_page: u64,
+    uid: u64,
+    pub events: broadcast::Sender<Change>,
+}
+
+/// History kept for resuming watches (like etcd's compaction window, in events).
+const HISTORY: usize = 200_000;
+
+impl Default for Objects {
+    fn default() -> Self {
+        Objects {
+            rv: 1000,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            compacted: 0,
+            pages: HashMap::new(),
+            next_page: 1,
+            uid: 0,
+            events: broadcast::channel(1 << 16).0,
+        }
+    }
+}
+
+pub fn key_of(kind: Kind, v: &Value) -> Result<Key, String> {
+    let meta = v.get("metadata").ok_or("no metadata")?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("no metadata.name")?;
+    let ns = if kind.namespaced() {
+        meta.get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+    } else {
+        ""
+    };
+    Ok((kind, ns.to_string(), name.to_string()))
+}
+
+impl Objects {
+    pub fn rv(&self) -> u64 {
+        self.rv
+    }
+
+    /// Creates or replaces an object, as `kubectl apply` would end up. Returns the stored
+    /// object (with uid and resourceVersion).
+    pub fn apply(&mut self, mut v: Value) -> Result<Value, String> {
+        let kind = Kind::of(&v).ok_or("unknown kind")?;
+        let key = key_of(kind, &v)?;
+        self.rv += 1;
+        let old_uid = self
+            .objects
+            .get(&key)
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+        let uid = match old_uid {
+            Some(u) => u,
+            None => match v["metadata"]["uid"].as_str() {
+                Some(u) => u.to_string(),
+                None => {
+                    self.uid += 1;
+                    format!("00000000-0000-4000-8000-{:012x}", self.uid)
+                }
+            },
+        };
+        v["apiVersion"] = json!(kind.api_version());
+        let meta = &mut v["metadata"];
+        meta["uid"] = json!(uid);
+        meta["resourceVersion"] = json!(self.rv.to_string());
+        if kind.namespaced() {
+            meta["namespace"] = json!(key.1);
+        }
+        let typ = if self.objects.insert(key, v.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(kind, typ, v.clone());
+        Ok(v)
+    }
+
+    pub fn delete(&mut self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        let mut v = self
+            .objects
+            .remove(&(kind, ns.to_string(), name.to_string()))?;
+        self.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.record(kind, "DELETED", v.clone());
+        Some(v)
+    }
+
+    pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<&Value> {
+        self.objects.get(&(kind, ns.to_string(), name.to_string()))
+    }
+
+    fn record(&mut self, kind: Kind, typ: &'static str, object: Value) {
+        let c = Change {
+            rv: self.rv,
+            kind,
+            typ,
+            object,
+        };
+        self.history.push_back(c.clone());
+        while self.history.len() > HISTORY {
+            let gone = self.history.pop_front().expect("non-empty");
+            self.compacted = gone.rv + 1;
+        }
+        let _ = self.events.send(c);
+    }
+
+    /// Forgets all history: every watch resuming from before now gets `410 Gone`, and
+    /// every list in progress has an expired continue token.
+    pub fn compact(&mut self) {
+        self.rv += 1;
+        self.compacted = self.rv;
+        self.history.clear();
+        self.pages.clear();
+    }
+
+    pub fn items(&self, kind: Kind) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| k.0 == kind)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// One page of a list: `(items, resourceVersion, continue)`. `Err` = expired token.
+    pub fn list(
+        &mut self,
+        kind: Kind,
+        limit: Option<usize>,
+        token: Option<&str>,
+    ) -> Result<(Vec<Value>, u64, Option<String>), Expired> {
+        let (id, offset) = match token {
+            Some(t) => {
+                let (id, off) = t.split_once('-').ok_or(Expired)?;
+                let id: u64 = id.parse().map_err(|_| Expired)?;
+                let off: usize = off.parse().map_err(|_| Expired)?;
+                if self.pages.get(&id).is_none_or(|p| p.kind != kind) {
+                    return Err(Expired);
+                }
+                (id, off)
+            }
+            None => {
+                let id = self.next_page;
+                self.next_page += 1;
+                let items = Arc::new(self.items(kind));
+                self.pages.insert(
+                    id,
+                    Page {
+                        rv: self.rv,
+                        kind,
+                        items,
+                    },
+                );
+                (id, 0)
+            }
+        };
+        let page = &self.pages[&id];
+        let (rv, all) = (page.rv, page.items.clone());
+        let end = limit.map_or(all.len(), |l| (offset + l.max(1)).min(all.len()));
+        let items = all[offset.min(all.len())..end].to_vec();
+        let next = if end < all.len() {
+            Some(format!("{id}-{end}"))
+        } else {
+            self.pages.remove(&id);
+            None
+        };
+        Ok((items, rv, next))
+    }
+
+    /// Changes of `kind` after `rv`, and a receiver for the ones after those; `Err` = too old.
+    pub fn since(
+        &self,
+        kind: Kind,
+        rv: u64,
+    ) -> Result<(Vec<Change>, broadcast::Receiver<Change>), u64> {
+        if rv < self.compacted {
+            return Err(self.compacted);
+        }
+        let past = self
+            .history
+            .iter()
+            .filter(|c| c.rv > rv && c.kind == kind)
+            .cloned()
+            .collect();
+        Ok((past, self.events.subscribe()))
+    }
+}
+
+/// A `Status` object (the body of every API error).
+pub fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> Value {
+        json!({"kind": "Pod", "metadata": {"name": name, "namespace": "a"}})
+    }
+
+    #[test]
+    fn pages_come_from_one_snapshot_and_expire_on_compaction() {
+        let mut o = Objects::default();
+        for i in 0..5 {
+            o.apply(pod(&format!("p{i}"))).unwrap();
+        }
+        let (page, rv, next) = o.list(Kind::Pod, Some(2), None).unwrap();
+        assert_eq!(page.len(), 2);
+        o.apply(pod("late")).unwrap();
+        let (p2, rv2, next2) = o.list(Kind::Pod, Some(2), next.as_deref()).unwrap();
+        let (p3, _, next3) = o.list(Kind::Pod, Some(2), next2.as_deref()).unwrap();
+        assert_eq!((rv2, p2.len(), p3.len(), next3), (rv, 2, 1, None));
+        let (_, _, next) = o.list(Kind::Pod, Some(2), None).unwrap();
+        o.compact();
+        assert!(o.list(Kind::Pod, Some(2), next.as_deref()).is_err());
+    }
+
+    #[test]
+    fn watches_resume_from_history_until_compacted() {
+        let mut o = Objects::default();
+        o.apply(pod("a")).unwrap();
+        let rv = o.rv();
+        o.apply(pod("b")).unwrap();
+        o.delete(Kind::Pod, "a", "a").unwrap();
+        let (past, _) = o.since(Kind::Pod, rv).unwrap();
+        let types: Vec<_> = past.iter().map(|c| c.typ).collect();
+        assert_eq!(types, ["ADDED", "DELETED"]);
+        o.compact();
+        assert!(o.since(Kind::Pod, rv).is_err());
+        assert!(o.since(Kind::Pod, o.rv()).is_ok());
+    }
+}
