@@ -256,7 +256,8 @@ mod tests {
             }))
         );
         assert_eq!("prod".parse::<ClusterSpec>().unwrap().source, None);
-        assert!("Prod=/x".parse::<ClusterSpec>().is_err());
+        assert!("bad_name=/x".parse::<ClusterSpec>().is_err());
+        assert!("a/b=/x".parse::<ClusterSpec>().is_err());
         assert!("prod=".parse::<ClusterSpec>().is_err());
         assert!("kube:".parse::<SourceSpec>().is_err());
         assert!("examples".parse::<SourceSpec>().is_err());
