@@ -49,6 +49,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+# The Helm chart's checkers (helm, kubernetes-validate) into .tools/.
+./scripts/chart-tools.sh
+
 say "fetching crates"
 cargo fetch --locked
 say "ready"

@@ -14,6 +14,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "Helm chart (helm lint, helm template | kubernetes-validate)"
+./scripts/chart-check.sh
+
 step "tests (unit, property, conformance, integration)"
 cargo nextest run --workspace --locked
 

@@ -1,0 +1,183 @@
+//! The Helm chart as rendered by the real `helm` (installed by scripts/setup.sh): the
+//! properties that matter for security and for the binaries actually understanding it.
+//! (`scripts/chart-check.sh` lints it and validates it against the official schemas.)
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn render(values: Option<&str>) -> Vec<Value> {
+    let root = moat_integration::repo();
+    let helm = root.join(".tools/bin/helm");
+    assert!(
+        helm.exists(),
+        "{} missing: run ./scripts/setup.sh (it installs the chart tools)",
+        helm.display()
+    );
+    let mut cmd = Command::new(helm);
+    cmd.args(["template", "moat"])
+        .arg(root.join("charts/moat"))
+        .args(["--namespace", "moat-system"]);
+    if let Some(v) = values {
+        cmd.arg("-f").arg(root.join("charts/moat/ci").join(v));
+    }
+    let out = cmd.output().expect("helm");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn strs(v: &Value) -> BTreeSet<String> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// Every `MOAT_*` variable a container sets must be one the binary reads.
+fn env_understood(container: &Value, binary: &str) {
+    let help = Command::new(moat_integration::binary(binary))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for e in container["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(
+            help.contains(&format!("[env: {name}=")),
+            "{binary} does not read {name}"
+        );
+    }
+}
+
+#[test]
+fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
+    let objs = render(None);
+    let ds = find(&objs, "DaemonSet", "moat-enforcer");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert!(
+        pod["tolerations"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none()),
+        "must run on every node"
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strs(&sc["capabilities"]["drop"]), BTreeSet::from(["ALL".to_string()]));
+    assert_eq!(
+        strs(&sc["capabilities"]["add"]),
+        ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into()
+    );
+    assert!(sc["seccompProfile"]["type"].as_str().is_some());
+    let bpffs = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/sys/fs/bpf")
+        .expect("bpffs mount");
+    assert_eq!(bpffs["mountPropagation"], "HostToContainer");
+    assert_eq!(c["readinessProbe"]["grpc"]["port"], 7446);
+    let env = c["env"].as_sequence().unwrap();
+    let node = env.iter().find(|e| e["name"] == "MOAT_NODE").unwrap();
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let token = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "token")
+        .unwrap();
+    let sat = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], "moat");
+    // Nodes get the CA certificate only, never the CA key.
+    let ca = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "ca")
+        .unwrap();
+    assert_eq!(ca["secret"]["items"][0]["key"], "ca.pem");
+    assert_eq!(ca["secret"]["items"].as_sequence().unwrap().len(), 1);
+    env_understood(c, "moat-enforcer");
+}
+
+#[test]
+fn the_server_is_least_privileged_and_understands_its_config() {
+    let objs = render(None);
+    let role = find(&objs, "ClusterRole", "moat-server");
+    let mut granted = BTreeSet::new();
+    for r in role["rules"].as_sequence().unwrap() {
+        for res in strs(&r["resources"]) {
+            for verb in strs(&r["verbs"]) {
+                granted.insert(format!("{res}:{verb}"));
+            }
+        }
+    }
+    let want: BTreeSet<String> = [
+        "namespaces:list", "namespaces:watch", "nodes:list", "nodes:watch", "pods:list",
+        "pods:watch", "networkpolicies:list", "networkpolicies:watch", "tokenreviews:create",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(granted, want);
+    let local = find(&objs, "Role", "moat-server");
+    assert_eq!(local["metadata"]["namespace"], "moat-system");
+    assert_eq!(strs(&local["rules"][0]["verbs"]), BTreeSet::from(["get".to_string()]));
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    assert_eq!(sts["spec"]["replicas"], 1);
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    env_understood(c, "moat-server");
+    let sa = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "MOAT_ENFORCER_SERVICE_ACCOUNT")
+        .unwrap();
+    assert_eq!(sa["value"], "moat-system/moat-enforcer");
+}
+
+#[test]
+fn the_multi_cluster_values_give_the_server_a_clusters_file_it_parses() {
+    let objs = render(Some("multi-cluster-values.yaml"));
+    let cm = find(&objs, "ConfigMap", "moat-server-clusters");
+    let text = cm["data"]["clusters.yaml"].as_str().unwrap();
+    let file: moat_server::source::ClustersFile = serde_yaml::from_str(text).unwrap();
+    let specs = file.specs().unwrap();
+    let got: Vec<String> = specs
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.source.as_ref().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "hub=kube:in-cluster",
+            "east=kube:/etc/moat/clusters/east/kubeconfig",
+            "west=kube:/etc/moat/clusters/west/kubeconfig:west-admin",
+        ]
+    );
+    // Each remote kubeconfig is mounted where the file says.
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    let mounts: BTreeSet<String> = sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_string())
+        .collect();
+    assert!(mounts.contains("/etc/moat/clusters/east"));
+    assert!(mounts.contains("/etc/moat/clusters/west"));
+    // The remote-access account exists with the same read-only rules.
+    find(&objs, "ClusterRole", "moat-central");
+}
