@@ -7,6 +7,7 @@
 
 mod alloc;
 mod datapath;
+mod kube;
 mod netns;
 mod nftapply;
 mod plot;
@@ -50,6 +51,26 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         idle: usize,
         /// The server binary (a release build).
+        #[arg(long, default_value = "target/release/moat-server")]
+        server_bin: std::path::PathBuf,
+    },
+    /// The Kubernetes source: first full sync and memory at the scalability envelope, and
+    /// event-to-enforcer latency under pod churn (test API server; release server).
+    Kube {
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 150_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 10_000)]
+        policies: usize,
+        /// Nodes with a (simulated, verifying) enforcer for the latency runs.
+        #[arg(long, default_value_t = 1000)]
+        enforcers: usize,
+        /// Pod changes per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
         #[arg(long, default_value = "target/release/moat-server")]
         server_bin: std::path::PathBuf,
     },
@@ -125,6 +146,18 @@ fn main() -> Result<()> {
             idle,
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
+        Command::Kube {
+            nodes,
+            pods,
+            policies,
+            enforcers,
+            rate,
+            secs,
+            server_bin,
+        } => print!(
+            "{}",
+            kube::run(&server_bin, nodes, pods, policies, enforcers, rate, secs)?
+        ),
         Command::NftApply {
             rules,
             full_runs,

@@ -28,29 +28,29 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// One message a simulated enforcer received and handled.
 #[derive(Clone, Debug)]
-struct Received {
-    node: usize,
-    kind: &'static str,
+pub(crate) struct Received {
+    pub(crate) node: usize,
+    pub(crate) kind: &'static str,
     bytes: usize,
     /// Microseconds from the server's publication to our Ack being sent.
     publish_to_ack: u64,
-    ack_unix_micros: u64,
+    pub(crate) ack_unix_micros: u64,
 }
 
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64
 }
 
-struct Pki {
-    ca_pem: String,
+pub(crate) struct Pki {
+    pub(crate) ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new() -> Result<Pki> {
+    pub(crate) fn new() -> Result<Pki> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -79,7 +79,7 @@ impl Pki {
     }
 }
 
-fn node_name(i: usize) -> String {
+pub(crate) fn node_name(i: usize) -> String {
     format!("node-{i:05}")
 }
 
@@ -158,9 +158,9 @@ fn free_port() -> SocketAddr {
         .expect("addr")
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 impl Drop for Server {
@@ -172,6 +172,20 @@ impl Drop for Server {
 
 impl Server {
     fn start(bin: &Path, dir: &Path, pki: &Pki) -> Result<Server> {
+        let source = [
+            "--source".to_string(),
+            format!("dir:{}", dir.join("manifests").display()),
+        ];
+        Ok(Server::start_with(bin, dir, pki, &source)?.0)
+    }
+
+    /// A server on `source`; returns it with the time from spawn to its first full sync.
+    pub(crate) fn start_with(
+        bin: &Path,
+        dir: &Path,
+        pki: &Pki,
+        source: &[String],
+    ) -> Result<(Server, Duration)> {
         let (cert, key) = pki.leaf(
             SanType::DnsName("localhost".try_into()?),
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -180,9 +194,9 @@ impl Server {
         std::fs::write(dir.join("server.pem"), cert)?;
         std::fs::write(dir.join("server-key.pem"), key)?;
         let listen = free_port();
+        let spawned = Instant::now();
         let mut child = Command::new(bin)
-            .arg("--source")
-            .arg(format!("dir:{}", dir.join("manifests").display()))
+            .args(source)
             .args(["--poll-seconds", "3600", "--log", "warn"])
             .arg("--listen")
             .arg(listen.to_string())
@@ -208,18 +222,19 @@ impl Server {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(120))
+        rx.recv_timeout(Duration::from_secs(600))
             .context("server never synced")?;
-        Ok(Server { child, listen })
+        let took = spawned.elapsed();
+        Ok((Server { child, listen }, took))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
 
 /// (user + system CPU seconds, resident MiB) of a process.
-fn proc_usage(pid: u32) -> (f64, f64) {
+pub(crate) fn proc_usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -246,9 +261,9 @@ fn proc_usage(pid: u32) -> (f64, f64) {
 }
 
 #[derive(Clone)]
-struct SimConfig {
-    addr: SocketAddr,
-    ca: Certificate,
+pub(crate) struct SimConfig {
+    pub(crate) addr: SocketAddr,
+    pub(crate) ca: Certificate,
 }
 
 /// One simulated enforcer: verifies and acknowledges everything; reports what it received.
@@ -344,13 +359,17 @@ async fn simulate(
     }
 }
 
-struct Fleet {
-    events: mpsc::UnboundedReceiver<Received>,
+pub(crate) struct Fleet {
+    pub(crate) events: mpsc::UnboundedReceiver<Received>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
 
-async fn connect_fleet(cfg: &SimConfig, pki: &Pki, range: std::ops::Range<usize>) -> Result<Fleet> {
+pub(crate) async fn connect_fleet(
+    cfg: &SimConfig,
+    pki: &Pki,
+    range: std::ops::Range<usize>,
+) -> Result<Fleet> {
     let (etx, erx) = mpsc::unbounded_channel();
     let (ctx, mut crx) = mpsc::unbounded_channel();
     let (stop, srx) = watch::channel(false);
@@ -387,7 +406,7 @@ async fn connect_fleet(cfg: &SimConfig, pki: &Pki, range: std::ops::Range<usize>
 impl Fleet {
     /// Collects events until every node in `expect` has acknowledged `count` messages (or the
     /// timeout passes).
-    async fn collect(&mut self, nodes: usize, timeout: Duration) -> Vec<Received> {
+    pub(crate) async fn collect(&mut self, nodes: usize, timeout: Duration) -> Vec<Received> {
         let mut got = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -409,7 +428,7 @@ impl Fleet {
         got
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -417,7 +436,7 @@ impl Fleet {
     }
 }
 
-fn percentile(v: &mut [u64], p: f64) -> u64 {
+pub(crate) fn percentile(v: &mut [u64], p: f64) -> u64 {
     if v.is_empty() {
         return 0;
     }
@@ -425,7 +444,7 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn ms(us: u64) -> String {
+pub(crate) fn ms(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
 

@@ -23,7 +23,11 @@ fn render(values: Option<&str>) -> Vec<Value> {
         cmd.arg("-f").arg(root.join("charts/moat/ci").join(v));
     }
     let out = cmd.output().expect("helm");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_yaml::Deserializer::from_slice(&out.stdout)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|v: &Value| !v.is_null())
@@ -38,7 +42,11 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 fn strs(v: &Value) -> BTreeSet<String> {
     v.as_sequence()
-        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -77,7 +85,10 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
-    assert_eq!(strs(&sc["capabilities"]["drop"]), BTreeSet::from(["ALL".to_string()]));
+    assert_eq!(
+        strs(&sc["capabilities"]["drop"]),
+        BTreeSet::from(["ALL".to_string()])
+    );
     assert_eq!(
         strs(&sc["capabilities"]["add"]),
         ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into()
@@ -127,15 +138,25 @@ fn the_server_is_least_privileged_and_understands_its_config() {
         }
     }
     let want: BTreeSet<String> = [
-        "namespaces:list", "namespaces:watch", "nodes:list", "nodes:watch", "pods:list",
-        "pods:watch", "networkpolicies:list", "networkpolicies:watch", "tokenreviews:create",
+        "namespaces:list",
+        "namespaces:watch",
+        "nodes:list",
+        "nodes:watch",
+        "pods:list",
+        "pods:watch",
+        "networkpolicies:list",
+        "networkpolicies:watch",
+        "tokenreviews:create",
     ]
     .map(String::from)
     .into();
     assert_eq!(granted, want);
     let local = find(&objs, "Role", "moat-server");
     assert_eq!(local["metadata"]["namespace"], "moat-system");
-    assert_eq!(strs(&local["rules"][0]["verbs"]), BTreeSet::from(["get".to_string()]));
+    assert_eq!(
+        strs(&local["rules"][0]["verbs"]),
+        BTreeSet::from(["get".to_string()])
+    );
     let sts = find(&objs, "StatefulSet", "moat-server");
     assert_eq!(sts["spec"]["replicas"], 1);
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
