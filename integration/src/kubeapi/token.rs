@@ -335,4 +335,66 @@ mod tests {
         let r = s.review(&json!({"spec": {"token": t, "audiences": ["moat"]}}), &o);
         assert!(r["status"]["authenticated"].is_null());
     }
+
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    fn golden(name: &str) -> Value {
+        let path = format!("{}/src/kubeapi/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The documentation's own bodies parse as the real client types, and what this server
+    /// answers and mints has their layout.
+    #[test]
+    fn documented_golden_bodies() {
+        use k8s_openapi::api::authentication::v1::TokenReview;
+        let req = golden("tokenreview-request.json");
+        let ok = golden("tokenreview-response.json");
+        let failed = golden("tokenreview-response-failed.json");
+        for g in [&req, &ok, &failed] {
+            serde_json::from_value::<TokenReview>(g.clone()).expect("documented body parses");
+        }
+        let s = Signer::new();
+        let mut o = Objects::default();
+        let pod = o
+            .apply(json!({"kind": "Pod", "metadata": {"name": "coredns-69cbfb9798-jv9gn", "namespace": "kube-system"}}))
+            .unwrap();
+        let token = s.bound(
+            &Bound {
+                namespace: "kube-system".into(),
+                service_account: "coredns".into(),
+                pod: "coredns-69cbfb9798-jv9gn".into(),
+                pod_uid: pod["metadata"]["uid"].as_str().unwrap().into(),
+                node: "127.0.0.1".into(),
+                audiences: vec!["https://myserver.example.com".into()],
+                ttl: 600,
+            },
+            &o,
+        );
+        // The minted claims have the documented layout, key for key.
+        let claims: Value = serde_json::from_slice(
+            &B64.decode(token.split('.').nth(1).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let doc = golden("serviceaccount-token-claims.json");
+        assert_eq!(keys(&claims), keys(&doc));
+        assert_eq!(keys(&claims["kubernetes.io"]), keys(&doc["kubernetes.io"]));
+        // The documented request, with our token, gets a response of the documented shape.
+        let mut req = req;
+        req["spec"]["token"] = json!(token);
+        let r = s.review(&req, &o);
+        let parsed: TokenReview = serde_json::from_value(r.clone()).unwrap();
+        assert_eq!(parsed.status.unwrap().audiences.unwrap(), ["https://myserver.example.com"]);
+        assert_eq!(keys(&r["status"]), keys(&ok["status"]));
+        assert_eq!(keys(&r["status"]["user"]), keys(&ok["status"]["user"]));
+        // A failure carries `error`, as documented.
+        req["spec"]["token"] = json!("not-a-token");
+        let r = s.review(&req, &o);
+        assert!(r["status"]["error"].is_string());
+        serde_json::from_value::<TokenReview>(r).unwrap();
+    }
 }

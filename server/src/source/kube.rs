@@ -364,12 +364,10 @@ impl Merger {
                 for key in gone {
                     self.delete(k, key);
                 }
-                for (key, o) in l {
-                    match o {
-                        Some(o) => self.apply(k, o),
-                        None if self.known[k].contains_key(&key) => {}
-                        None => {}
-                    }
+                // An object listed but refused by the model keeps its last valid version
+                // (or stays absent): only valid ones are applied.
+                for o in l.into_values().flatten() {
+                    self.apply(k, o);
                 }
             }
             Item::Apply(Ok(o)) => self.apply(k, o),
