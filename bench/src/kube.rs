@@ -324,7 +324,7 @@ fn apply_changes(
         let i = targets[*next % targets.len()];
         *next += 1;
         // Every visit flips the label, so each change really changes the node.
-        let probe = (*next / targets.len()) % 2 == 0;
+        let probe = (*next / targets.len()).is_multiple_of(2);
         let at = now_micros();
         api.apply(pod(i, nodes, probe));
         applied.push((i % nodes, at));

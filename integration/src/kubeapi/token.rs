@@ -376,10 +376,8 @@ mod tests {
             &o,
         );
         // The minted claims have the documented layout, key for key.
-        let claims: Value = serde_json::from_slice(
-            &B64.decode(token.split('.').nth(1).unwrap()).unwrap(),
-        )
-        .unwrap();
+        let claims: Value =
+            serde_json::from_slice(&B64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
         let doc = golden("serviceaccount-token-claims.json");
         assert_eq!(keys(&claims), keys(&doc));
         assert_eq!(keys(&claims["kubernetes.io"]), keys(&doc["kubernetes.io"]));
@@ -388,7 +386,10 @@ mod tests {
         req["spec"]["token"] = json!(token);
         let r = s.review(&req, &o);
         let parsed: TokenReview = serde_json::from_value(r.clone()).unwrap();
-        assert_eq!(parsed.status.unwrap().audiences.unwrap(), ["https://myserver.example.com"]);
+        assert_eq!(
+            parsed.status.unwrap().audiences.unwrap(),
+            ["https://myserver.example.com"]
+        );
         assert_eq!(keys(&r["status"]), keys(&ok["status"]));
         assert_eq!(keys(&r["status"]["user"]), keys(&ok["status"]["user"]));
         // A failure carries `error`, as documented.
