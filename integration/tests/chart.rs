@@ -40,6 +40,15 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
+/// The item of a list whose `key` field is `value`.
+fn item<'a>(list: &'a Value, key: &str, value: &str) -> &'a Value {
+    list.as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v[key] == value)
+        .unwrap_or_else(|| panic!("no item with {key} = {value}"))
+}
+
 fn strs(v: &Value) -> BTreeSet<String> {
     v.as_sequence()
         .map(|s| {
@@ -94,32 +103,16 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
         ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into()
     );
     assert!(sc["seccompProfile"]["type"].as_str().is_some());
-    let bpffs = c["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"] == "/sys/fs/bpf")
-        .expect("bpffs mount");
+    let bpffs = item(&c["volumeMounts"], "mountPath", "/sys/fs/bpf");
     assert_eq!(bpffs["mountPropagation"], "HostToContainer");
     assert_eq!(c["readinessProbe"]["grpc"]["port"], 7446);
-    let env = c["env"].as_sequence().unwrap();
-    let node = env.iter().find(|e| e["name"] == "MOAT_NODE").unwrap();
+    let node = item(&c["env"], "name", "MOAT_NODE");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-    let token = pod["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "token")
-        .unwrap();
+    let token = item(&pod["volumes"], "name", "token");
     let sat = &token["projected"]["sources"][0]["serviceAccountToken"];
     assert_eq!(sat["audience"], "moat");
     // Nodes get the CA certificate only, never the CA key.
-    let ca = pod["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "ca")
-        .unwrap();
+    let ca = item(&pod["volumes"], "name", "ca");
     assert_eq!(ca["secret"]["items"][0]["key"], "ca.pem");
     assert_eq!(ca["secret"]["items"].as_sequence().unwrap().len(), 1);
     env_understood(c, "moat-enforcer");
@@ -161,12 +154,7 @@ fn the_server_is_least_privileged_and_understands_its_config() {
     assert_eq!(sts["spec"]["replicas"], 1);
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
     env_understood(c, "moat-server");
-    let sa = c["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "MOAT_ENFORCER_SERVICE_ACCOUNT")
-        .unwrap();
+    let sa = item(&c["env"], "name", "MOAT_ENFORCER_SERVICE_ACCOUNT");
     assert_eq!(sa["value"], "moat-system/moat-enforcer");
 }
 

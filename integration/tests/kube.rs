@@ -33,6 +33,21 @@ fn lists(api: &ApiServer, path: &str) -> usize {
         .count()
 }
 
+/// A bed whose cluster lives in a test API server, the server on the kube source (with
+/// `extra` flags), an enforcer per node, all in sync.
+fn served(nodes: &[&str], extra: &[&str]) -> (Bed, ApiServer) {
+    let mut bed = Bed::new(nodes);
+    let api = ApiServer::start(Options::default());
+    load(&bed, &api);
+    let src = kube_source(&bed, &api, "prod");
+    bed.start_server_from(&src, extra, Some("synced "));
+    for n in nodes {
+        bed.start_enforcer(n);
+    }
+    bed.wait_in_sync(nodes);
+    (bed, api)
+}
+
 #[test]
 fn first_full_sync_is_atomic_and_nothing_is_served_before_it() {
     let nodes = ["n1", "n2"];
@@ -73,15 +88,7 @@ fn first_full_sync_is_atomic_and_nothing_is_served_before_it() {
 #[test]
 fn watch_events_flow_and_a_broken_watch_resumes_without_relisting() {
     let nodes = ["n1", "n2"];
-    let mut bed = Bed::new(&nodes);
-    let api = ApiServer::start(Options::default());
-    load(&bed, &api);
-    let src = kube_source(&bed, &api, "prod");
-    bed.start_server_from(&src, &[], Some("synced "));
-    for n in nodes {
-        bed.start_enforcer(n);
-    }
-    bed.wait_in_sync(&nodes);
+    let (bed, api) = served(&nodes, &[]);
     set_policy(&bed, &api, "6432");
     bed.wait_in_sync(&nodes);
     let before = lists(&api, "/api/v1/pods");
@@ -105,15 +112,7 @@ fn watch_events_flow_and_a_broken_watch_resumes_without_relisting() {
 #[test]
 fn gone_relists_without_transient_deletes_both_as_event_and_as_status() {
     let nodes = ["n1", "n2", "n3"];
-    let mut bed = Bed::new(&nodes);
-    let api = ApiServer::start(Options::default());
-    load(&bed, &api);
-    let src = kube_source(&bed, &api, "prod");
-    bed.start_server_from(&src, &[], Some("synced "));
-    for n in nodes {
-        bed.start_enforcer(n);
-    }
-    bed.wait_in_sync(&nodes);
+    let (mut bed, api) = served(&nodes, &[]);
     let v_n1 = bed.applied("n1").unwrap();
 
     // Taken away; meanwhile n3's db pod goes and history is compacted.
@@ -152,13 +151,7 @@ fn gone_relists_without_transient_deletes_both_as_event_and_as_status() {
 #[test]
 fn an_unreachable_api_server_leaves_the_last_state_served_and_shows_stale() {
     let nodes = ["n1"];
-    let mut bed = Bed::new(&nodes);
-    let api = ApiServer::start(Options::default());
-    load(&bed, &api);
-    let src = kube_source(&bed, &api, "prod");
-    bed.start_server_from(&src, &[], Some("synced "));
-    bed.start_enforcer("n1");
-    bed.wait_in_sync(&nodes);
+    let (bed, api) = served(&nodes, &[]);
     let applied = bed.applied("n1");
     api.stop();
     wait_until("stale in status", WAIT, || {
@@ -195,15 +188,7 @@ fn an_unreachable_api_server_leaves_the_last_state_served_and_shows_stale() {
 #[test]
 fn streaming_lists_sync_the_same_state() {
     let nodes = ["n1", "n2"];
-    let mut bed = Bed::new(&nodes);
-    let api = ApiServer::start(Options::default());
-    load(&bed, &api);
-    let src = kube_source(&bed, &api, "prod");
-    bed.start_server_from(&src, &["--kube-streaming-list"], Some("synced "));
-    for n in nodes {
-        bed.start_enforcer(n);
-    }
-    bed.wait_in_sync(&nodes);
+    let (bed, api) = served(&nodes, &["--kube-streaming-list"]);
     let log = api.requests();
     assert!(log.iter().any(|r| r.contains("sendInitialEvents=true")));
     assert_eq!(

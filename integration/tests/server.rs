@@ -124,12 +124,22 @@ fn refuses_an_unreadable_directory() {
         "{err}"
     );
     let out = Command::new(binary("moat-server"))
-        .args(["--source", "kube:prod"])
+        .args(["--source", "http:prod"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("unknown source \"kube:prod\": expected dir:PATH")
+            .contains("unknown source \"http:prod\": expected dir:PATH, kube")
+    );
+    let out = Command::new(binary("moat-server"))
+        .args(["--source", "kube:/nonexistent/kubeconfig", "--once"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reading kubeconfig /nonexistent/kubeconfig"),
+        "{err}"
     );
 }

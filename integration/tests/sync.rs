@@ -114,7 +114,9 @@ fn policy_changes_reach_exactly_the_affected_nodes() {
     // The readable table, too.
     let (code, out, err) = bed.moatctl_admin(&["status"], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("CLUSTER  NODE"), "{out}");
+    assert!(out.starts_with("cluster default (dir:"), "{out}");
+    assert!(out.contains("synced; generation"), "{out}");
+    assert!(out.contains("\nCLUSTER  NODE"), "{out}");
     assert!(out.contains("3 of 3 nodes in sync"), "{out}");
 }
 

@@ -265,25 +265,36 @@ mod tests {
 
     /// The request and response bodies from the Kubernetes documentation ("Webhook token
     /// authentication"), with our own token and user.
+    /// A store with pod `ns/pod`, and a 10-minute token bound to it.
+    fn pod_and_token(
+        s: &Signer,
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        node: &str,
+        aud: &str,
+    ) -> (Objects, String) {
+        let mut o = Objects::default();
+        let p = o
+            .apply(json!({"kind": "Pod", "metadata": {"name": pod, "namespace": ns}, "spec": {"nodeName": node}}))
+            .unwrap();
+        let b = Bound {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            pod: pod.into(),
+            pod_uid: p["metadata"]["uid"].as_str().unwrap().into(),
+            node: node.into(),
+            audiences: vec![aud.into()],
+            ttl: 600,
+        };
+        let token = s.bound(&b, &o);
+        (o, token)
+    }
+
     #[test]
     fn review_bodies_have_the_documented_shape() {
         let s = Signer::new();
-        let mut o = Objects::default();
-        let pod = o
-            .apply(json!({"kind": "Pod", "metadata": {"name": "p", "namespace": "moat-system"}, "spec": {"nodeName": "n1"}}))
-            .unwrap();
-        let token = s.bound(
-            &Bound {
-                namespace: "moat-system".into(),
-                service_account: "moat-enforcer".into(),
-                pod: "p".into(),
-                pod_uid: pod["metadata"]["uid"].as_str().unwrap().into(),
-                node: "n1".into(),
-                audiences: vec!["moat".into()],
-                ttl: 600,
-            },
-            &o,
-        );
+        let (o, token) = pod_and_token(&s, "moat-system", "moat-enforcer", "p", "n1", "moat");
         let req = json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -359,21 +370,13 @@ mod tests {
             serde_json::from_value::<TokenReview>(g.clone()).expect("documented body parses");
         }
         let s = Signer::new();
-        let mut o = Objects::default();
-        let pod = o
-            .apply(json!({"kind": "Pod", "metadata": {"name": "coredns-69cbfb9798-jv9gn", "namespace": "kube-system"}}))
-            .unwrap();
-        let token = s.bound(
-            &Bound {
-                namespace: "kube-system".into(),
-                service_account: "coredns".into(),
-                pod: "coredns-69cbfb9798-jv9gn".into(),
-                pod_uid: pod["metadata"]["uid"].as_str().unwrap().into(),
-                node: "127.0.0.1".into(),
-                audiences: vec!["https://myserver.example.com".into()],
-                ttl: 600,
-            },
-            &o,
+        let (o, token) = pod_and_token(
+            &s,
+            "kube-system",
+            "coredns",
+            "coredns-69cbfb9798-jv9gn",
+            "127.0.0.1",
+            "https://myserver.example.com",
         );
         // The minted claims have the documented layout, key for key.
         let claims: Value =
