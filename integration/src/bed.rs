@@ -333,6 +333,32 @@ impl Bed {
     }
 }
 
+pub const SERVING: i32 = 1;
+pub const NOT_SERVING: i32 = 2;
+
+/// A `grpc.health.v1` check: the status, or -1 if the service is unknown or unreachable.
+pub fn health_status(addr: SocketAddr, service: &str) -> i32 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+            return -1;
+        };
+        let Ok(ch) = ep.connect().await else {
+            return -1;
+        };
+        let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+        c.check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+    })
+}
+
 /// Scrapes a Prometheus endpoint (plain HTTP/1.0 over loopback).
 pub fn scrape(addr: SocketAddr) -> String {
     use std::io::{Read, Write};

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use moat_integration::bed::{Bed, WAIT, metric, moatctl, scrape, wait_until};
+use moat_integration::bed::{
+    Bed, NOT_SERVING, SERVING, WAIT, health_status, metric, moatctl, scrape, wait_until,
+};
 use moat_integration::kubeapi::{ApiServer, Kind, Options};
 
 /// Loads every manifest of the bed into the API server (the bed's files stay the truth the
@@ -349,4 +351,53 @@ fn bad_cluster_arguments_are_clear_errors() {
         err.contains("given twice") || err.contains("kubeconfig"),
         "{err}"
     );
+}
+
+#[test]
+fn a_cluster_unreachable_at_start_holds_back_only_itself() {
+    let mut bed = Bed::new(&[]);
+    let c = bed.certs();
+    let (code, _, err) = moatctl(&[
+        "certs",
+        "issue-node",
+        "--dir",
+        c.to_str().unwrap(),
+        "--cluster",
+        "west",
+        "--node",
+        "w1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let east = ApiServer::start(Options::default());
+    let west = ApiServer::start(Options::default());
+    east.apply_yaml(&cluster_yaml(&["e1"], 61));
+    west.apply_yaml(&cluster_yaml(&["w1"], 62));
+    let (ke, kw) = (bed.path("east.kubeconfig"), bed.path("west.kubeconfig"));
+    east.kubeconfig(&ke, "east");
+    west.kubeconfig(&kw, "west");
+    east.stop();
+    let args = vec![
+        "--cluster".to_string(),
+        format!("east={}", ke.display()),
+        "--cluster".into(),
+        format!("west={}", kw.display()),
+    ];
+    bed.start_server_from(&args, &[], None);
+    bed.start_enforcer("w1");
+    wait_until("w1 served while east is down", WAIT, || {
+        applied_version(&bed, "w1") > 0
+    });
+    assert_eq!(health_status(bed.health, "moat.cluster/west"), SERVING);
+    assert_eq!(health_status(bed.health, "moat.cluster/east"), NOT_SERVING);
+    assert_eq!(health_status(bed.health, ""), NOT_SERVING);
+    let (_, table, _) = bed.moatctl_admin(&["status"], &[]);
+    assert!(
+        table.contains("cluster east (kube:") && table.contains("NOT SYNCED YET"),
+        "{table}"
+    );
+    east.resume();
+    wait_until("east synced", WAIT, || {
+        health_status(bed.health, "") == SERVING
+    });
+    assert_eq!(health_status(bed.health, "moat.cluster/east"), SERVING);
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use moat_harness::moat::tls_args;
-use moat_integration::bed::{Bed, WAIT, metric, moatctl, scrape, wait_until};
+use moat_integration::bed::{
+    Bed, NOT_SERVING, SERVING, WAIT, health_status, metric, moatctl, scrape, wait_until,
+};
 use moat_policy::ir::digest::Digest;
 
 fn ops(bed: &Bed, node: &str) -> Vec<String> {
@@ -424,25 +426,7 @@ fn health_and_metrics_report_enforcement_and_sync_separately() {
     bed.start_enforcer("n1");
     bed.wait_in_sync(&["n1"]);
     let health = bed.enforcers["n1"].health;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let check = |addr: std::net::SocketAddr, service: &str| -> i32 {
-        rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
-            c.check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .map(|r| r.into_inner().status)
-            .unwrap_or(-1)
-        })
-    };
-    const SERVING: i32 = 1;
-    const NOT_SERVING: i32 = 2;
+    let check = health_status;
     wait_until("enforcer healthy", WAIT, || {
         check(health, "") == SERVING && check(health, "moat.sync") == SERVING
     });

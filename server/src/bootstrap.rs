@@ -222,7 +222,13 @@ pub struct BootstrapService {
     clients: HashMap<String, kube::Client>,
     policy: Policy,
     ca: Ca,
+    /// Each request costs the cluster's API server a TokenReview and a pod read: at most
+    /// this many at once, so a flood of bootstrap calls cannot become a flood there.
+    in_flight: tokio::sync::Semaphore,
 }
+
+/// Concurrent bootstrap requests (a fleet restarting at once queues behind these).
+const MAX_IN_FLIGHT: usize = 16;
 
 impl BootstrapService {
     pub fn new(
@@ -236,6 +242,7 @@ impl BootstrapService {
             clients,
             policy,
             ca,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }
     }
 
@@ -300,6 +307,11 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
                 r.node
             )));
         }
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
         let reviewed = self.review(client, &r.token).await?;
         let (pod, uid) =
             check_token(&self.policy, &reviewed, &r.node).map_err(|e| self.refuse(e))?;

@@ -309,6 +309,10 @@ async fn main() -> Result<()> {
         let health = health.clone();
         let hub = hub.clone();
         let name = state.name.clone();
+        let name_for_health = name.clone();
+        health
+            .set_service_status(&format!("moat.cluster/{name}"), ServingStatus::NotServing)
+            .await;
         let index_task = moat_server::index::run(
             rx,
             state,
@@ -317,15 +321,24 @@ async fn main() -> Result<()> {
             previous,
             move |c, i, first| {
                 print_changes(&prefix, c, i, first);
-                if first && hub.clusters().all(|c| c.is_synced()) {
-                    let health = health.clone();
-                    tokio::spawn(async move {
+                if !first {
+                    return;
+                }
+                // Per cluster `moat.cluster/<name>`; overall once every cluster is in.
+                let all = hub.clusters().all(|c| c.is_synced());
+                let health = health.clone();
+                let service = format!("moat.cluster/{name_for_health}");
+                tokio::spawn(async move {
+                    health
+                        .set_service_status(&service, ServingStatus::Serving)
+                        .await;
+                    if all {
                         health.set_service_status("", ServingStatus::Serving).await;
                         health
                             .set_service_status("moat.sync.v1.PolicySync", ServingStatus::Serving)
                             .await;
-                    });
-                }
+                    }
+                });
             },
         )
         .instrument(tracing::info_span!("index", cluster = %name));

@@ -6,7 +6,8 @@
 //!   `resourceVersion` and forced pagination (`limit` is capped at [`Options::page_size`],
 //!   `continue` tokens name a consistent snapshot), `410 Gone` as an HTTP status for an
 //!   expired `continue`;
-//! - watches from a resource version (`?watch=true&resourceVersion=…`) with bookmarks, the
+//! - watches from a resource version (`?watch=true&resourceVersion=…`; without one, the
+//!   current state first as ADDED events) with bookmarks, the
 //!   streaming list (`sendInitialEvents=true`, ended by the `k8s.io/initial-events-end`
 //!   bookmark), `410 Gone` as a watch `ERROR` event for a compacted resource version;
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}`;
@@ -456,7 +457,14 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
         .map_or(Duration::from_secs(1800), Duration::from_secs);
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     let mut first: Vec<Vec<u8>> = Vec::new();
-    let (mut last, mut live) = if initial {
+    let from = q
+        .get("resourceVersion")
+        .and_then(|r| r.parse::<u64>().ok())
+        .filter(|r| *r > 0);
+    // Without a resource version ("" or "0"), a watch starts with the current state as
+    // synthetic ADDED events, as the API server does; a streaming list ends those with the
+    // initial-events-end bookmark.
+    let (mut last, mut live) = if initial || from.is_none() {
         held(&inner).await;
         let o = inner.objects.lock().unwrap();
         for v in o.items(kind) {
@@ -464,15 +472,13 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
             b.push(b'\n');
             first.push(b);
         }
-        first.push(bookmark(kind, o.rv(), true));
+        if initial {
+            first.push(bookmark(kind, o.rv(), true));
+        }
         (o.rv(), o.events.subscribe())
     } else {
         let o = inner.objects.lock().unwrap();
-        let from = q
-            .get("resourceVersion")
-            .and_then(|r| r.parse::<u64>().ok())
-            .filter(|r| *r > 0)
-            .unwrap_or(o.rv());
+        let from = from.unwrap_or(o.rv());
         match o.since(kind, from) {
             Ok((past, live)) => {
                 let last = past.last().map_or(from, |c| c.rv);
