@@ -358,3 +358,19 @@ async fn latencies(
     }
     (out, missing)
 }
+
+/// The benchmark's cluster in a test API server, until the process is killed.
+pub fn serve(nodes: usize, pods: usize, policies: usize, kubeconfig: &Path) -> ! {
+    let api = ApiServer::start(Options {
+        page_size: 500,
+        bookmark_every: Duration::from_secs(5),
+    });
+    for o in cluster(nodes, pods, policies) {
+        api.apply(o);
+    }
+    api.kubeconfig(kubeconfig, "bench");
+    eprintln!("serving; kubeconfig {}", kubeconfig.display());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -74,6 +74,19 @@ enum Command {
         #[arg(long, default_value = "target/release/moat-server")]
         server_bin: std::path::PathBuf,
     },
+    /// Internal: the benchmark's test API server alone, until killed (for profiling a
+    /// server against it).
+    #[command(hide = true)]
+    ServeApi {
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 150_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 10_000)]
+        policies: usize,
+        #[arg(long)]
+        kubeconfig: std::path::PathBuf,
+    },
     /// The nft backend applying a big snapshot and one-pod deltas (root; private netns).
     NftApply {
         #[arg(long, default_value_t = 10_000)]
@@ -158,6 +171,12 @@ fn main() -> Result<()> {
             "{}",
             kube::run(&server_bin, nodes, pods, policies, enforcers, rate, secs)?
         ),
+        Command::ServeApi {
+            nodes,
+            pods,
+            policies,
+            kubeconfig,
+        } => kube::serve(nodes, pods, policies, &kubeconfig),
         Command::NftApply {
             rules,
             full_runs,

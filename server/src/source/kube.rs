@@ -1,6 +1,6 @@
 //! The Kubernetes source: list/watch of Namespaces, Nodes, Pods and NetworkPolicies through
 //! `kube::runtime::watcher`, converted on arrival into the compact policy model (nothing
-//! else of an object is kept).
+//! else of an object is kept; the source itself keeps a 128-bit fingerprint per object).
 //!
 //! - The first full sync is one `Reset`, sent only when all four kinds have listed
 //!   (`Init … InitDone`); nothing is served before it.
@@ -12,7 +12,6 @@
 //!   `moatctl status` and metrics) and probes each failing kind until it lists again.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,10 +307,16 @@ async fn probe_kind(client: &Client, kind: Kind) -> bool {
     }
 }
 
-fn fingerprint(o: &Object) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(o).unwrap_or_default().hash(&mut h);
-    h.finish()
+/// The model content of an object, as a collision-resistant 128-bit hash: a change a tenant
+/// makes to its own pod must never look like no change (a fast, keyless 64-bit hash could be
+/// steered into a collision).
+/// `buf` is reused: serialising straight into the hasher costs one `update` per JSON token.
+fn fingerprint(o: &Object, buf: &mut Vec<u8>) -> u128 {
+    buf.clear();
+    // The model serialises infallibly into memory.
+    let _ = serde_json::to_writer(&mut *buf, o);
+    let b = blake3::hash(buf);
+    u128::from_le_bytes(b.as_bytes()[..16].try_into().expect("16 bytes"))
 }
 
 /// Turns watcher events of four kinds into index events: the first full sync as one reset,
@@ -319,7 +324,7 @@ fn fingerprint(o: &Object) -> u64 {
 #[derive(Default)]
 struct Merger {
     /// Per kind: what the index has (model fingerprint per object).
-    known: [HashMap<ObjectKey, u64>; 4],
+    known: [HashMap<ObjectKey, u128>; 4],
     /// Per kind, during a (re)list: what it has delivered so far (`None` = keep the old).
     listing: [Option<HashMap<ObjectKey, Option<Object>>>; 4],
     listed: [bool; 4],
@@ -327,6 +332,7 @@ struct Merger {
     staging: Option<HashMap<ObjectKey, Object>>,
     out: Vec<Event>,
     synced: bool,
+    buf: Vec<u8>,
 }
 
 impl Merger {
@@ -383,7 +389,7 @@ impl Merger {
     }
 
     fn apply(&mut self, k: usize, o: Object) {
-        let f = fingerprint(&o);
+        let f = fingerprint(&o, &mut self.buf);
         let key = o.key();
         if self.known[k].insert(key.clone(), f) == Some(f) {
             return;
