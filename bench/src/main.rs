@@ -57,12 +57,8 @@ enum Command {
     /// The Kubernetes source: first full sync and memory at the scalability envelope, and
     /// event-to-enforcer latency under pod churn (test API server; release server).
     Kube {
-        #[arg(long, default_value_t = 5000)]
-        nodes: usize,
-        #[arg(long, default_value_t = 150_000)]
-        pods: usize,
-        #[arg(long, default_value_t = 10_000)]
-        policies: usize,
+        #[command(flatten)]
+        cluster: KubeCluster,
         /// Nodes with a (simulated, verifying) enforcer for the latency runs.
         #[arg(long, default_value_t = 1000)]
         enforcers: usize,
@@ -78,12 +74,8 @@ enum Command {
     /// server against it).
     #[command(hide = true)]
     ServeApi {
-        #[arg(long, default_value_t = 5000)]
-        nodes: usize,
-        #[arg(long, default_value_t = 150_000)]
-        pods: usize,
-        #[arg(long, default_value_t = 10_000)]
-        policies: usize,
+        #[command(flatten)]
+        cluster: KubeCluster,
         #[arg(long)]
         kubeconfig: std::path::PathBuf,
     },
@@ -132,6 +124,17 @@ enum Command {
     },
 }
 
+/// The Kubernetes benchmark's cluster (the scalability envelope by default).
+#[derive(clap::Args)]
+struct KubeCluster {
+    #[arg(long, default_value_t = 5000)]
+    nodes: usize,
+    #[arg(long, default_value_t = 150_000)]
+    pods: usize,
+    #[arg(long, default_value_t = 10_000)]
+    policies: usize,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ScaleArg {
     Medium,
@@ -160,9 +163,12 @@ fn main() -> Result<()> {
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
         Command::Kube {
-            nodes,
-            pods,
-            policies,
+            cluster:
+                KubeCluster {
+                    nodes,
+                    pods,
+                    policies,
+                },
             enforcers,
             rate,
             secs,
@@ -172,9 +178,12 @@ fn main() -> Result<()> {
             kube::run(&server_bin, nodes, pods, policies, enforcers, rate, secs)?
         ),
         Command::ServeApi {
-            nodes,
-            pods,
-            policies,
+            cluster:
+                KubeCluster {
+                    nodes,
+                    pods,
+                    policies,
+                },
             kubeconfig,
         } => kube::serve(nodes, pods, policies, &kubeconfig),
         Command::NftApply {

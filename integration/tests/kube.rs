@@ -224,9 +224,16 @@ fn applied_version(bed: &Bed, node: &str) -> u64 {
     bed.applied(node).map_or(0, |(v, _)| v)
 }
 
-#[test]
-fn two_clusters_at_once_and_one_going_away_does_not_stall_the_other() {
-    let mut bed = Bed::new(&[]);
+/// Two clusters, `east` (node e1) and `west` (node w1), each in its own test API server with
+/// a kubeconfig (contexts `east-admin`, `west-admin`), and node certificates for both.
+fn east_and_west() -> (
+    Bed,
+    ApiServer,
+    ApiServer,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let bed = Bed::new(&[]);
     let c = bed.certs();
     for (cluster, node) in [("east", "e1"), ("west", "w1")] {
         let (code, _, err) = moatctl(&[
@@ -248,6 +255,12 @@ fn two_clusters_at_once_and_one_going_away_does_not_stall_the_other() {
     let (ke, kw) = (bed.path("east.kubeconfig"), bed.path("west.kubeconfig"));
     east.kubeconfig(&ke, "east-admin");
     west.kubeconfig(&kw, "west-admin");
+    (bed, east, west, ke, kw)
+}
+
+#[test]
+fn two_clusters_at_once_and_one_going_away_does_not_stall_the_other() {
+    let (mut bed, east, west, ke, kw) = east_and_west();
     // West by flag with an explicit context; east from a clusters file.
     let file = bed.path("clusters.yaml");
     std::fs::write(
@@ -355,26 +368,7 @@ fn bad_cluster_arguments_are_clear_errors() {
 
 #[test]
 fn a_cluster_unreachable_at_start_holds_back_only_itself() {
-    let mut bed = Bed::new(&[]);
-    let c = bed.certs();
-    let (code, _, err) = moatctl(&[
-        "certs",
-        "issue-node",
-        "--dir",
-        c.to_str().unwrap(),
-        "--cluster",
-        "west",
-        "--node",
-        "w1",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let east = ApiServer::start(Options::default());
-    let west = ApiServer::start(Options::default());
-    east.apply_yaml(&cluster_yaml(&["e1"], 61));
-    west.apply_yaml(&cluster_yaml(&["w1"], 62));
-    let (ke, kw) = (bed.path("east.kubeconfig"), bed.path("west.kubeconfig"));
-    east.kubeconfig(&ke, "east");
-    west.kubeconfig(&kw, "west");
+    let (mut bed, east, _west, ke, kw) = east_and_west();
     east.stop();
     let args = vec![
         "--cluster".to_string(),
