@@ -191,7 +191,7 @@ fn print_table(r: &v1::StatusResponse) {
 }
 
 fn ago(micros: u64) -> String {
-    let then = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+    let then = moat_proto::from_unix_micros(micros);
     let secs = std::time::SystemTime::now()
         .duration_since(then)
         .unwrap_or_default()

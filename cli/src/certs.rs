@@ -138,7 +138,7 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
 
 /// Issues a client certificate for a node or admin identity into `<dir>/<base>{,-key}.pem`.
 fn identity(dir: &Path, base: &str, id: &Identity, valid_for: &str) -> Result<()> {
-    if Identity::from_uri(&id.uri()).is_none() {
+    if !id.is_valid() {
         bail!("{id} is not a valid identity (names use letters, digits, '-' and '.')");
     }
     leaf(
@@ -227,37 +227,12 @@ fn leaf(
     Ok(())
 }
 
-/// Writes via a temporary file and rename, so readers never see half a file.
 fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    if secret {
-        o.mode(0o600);
-    }
-    std::io::Write::write_all(
-        &mut o
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?,
-        text.as_bytes(),
-    )?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    moat_proto::pki::write_pem(path, text.as_bytes(), secret)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `90d`, `12h`, `30m`, `45s`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .with_context(|| format!("duration {s:?}: expected e.g. 90d, 12h, 30m, 45s"))?;
-    let secs = match unit {
-        "d" => n * 86_400,
-        "h" => n * 3_600,
-        "m" => n * 60,
-        "s" => n,
-        _ => bail!("duration {s:?}: unit must be d, h, m or s"),
-    };
-    Ok(Duration::from_secs(secs))
+    Ok(moat_proto::pki::parse_lifetime(s)?)
 }

@@ -7,7 +7,7 @@
 //! a renewal, so renewing never drops the stream.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use moat_proto::v1;
 use rand::Rng;
@@ -89,57 +89,47 @@ impl Bootstrap {
             .into_inner();
         write(&self.key, key.serialize_pem().as_bytes(), true)?;
         write(&self.cert, r.cert_pem.as_bytes(), false)?;
-        let expires = UNIX_EPOCH + Duration::from_micros(r.not_after_unix_micros);
+        let expires = moat_proto::from_unix_micros(r.not_after_unix_micros);
         info!(node = %self.node, expires_in = ?expires.duration_since(SystemTime::now()).unwrap_or_default(), "node certificate issued");
         Ok((issued, expires))
     }
 
-    /// Renews at two thirds of each certificate's life; retries failures with backoff until
-    /// the certificate expires (and after: the agent reconnects once a new one lands).
-    pub async fn renew_forever(self, mut life: (SystemTime, SystemTime)) {
+    /// Gets the first certificate, then renews at two thirds of each one's life, for ever.
+    /// The rules in force stay in force meanwhile; the agent picks up each new certificate on
+    /// its next connection, and the server extends the current stream.
+    pub async fn run(self) {
         loop {
+            let life = self.issue_with_retry().await;
             let span = life.1.duration_since(life.0).unwrap_or_default();
             let at = life.0 + span * 2 / 3;
-            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::sleep(wait).await;
-            let mut backoff = Duration::from_secs(1);
-            life = loop {
-                match self.issue().await {
-                    Ok(l) => break l,
-                    Err(e) => {
-                        warn!(error = %e, "certificate renewal failed; retrying");
-                        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64);
-                        tokio::time::sleep(
-                            Duration::from_millis(jitter).max(Duration::from_millis(200)),
-                        )
-                        .await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
+            tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await;
+        }
+    }
+
+    /// Retries with exponential backoff and full jitter, so a fleet restarting together does
+    /// not come back in lockstep.
+    async fn issue_with_retry(&self) -> (SystemTime, SystemTime) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.issue().await {
+                Ok(life) => return life,
+                Err(e) => {
+                    warn!(error = %e, "getting a node certificate failed; retrying");
+                    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64);
+                    tokio::time::sleep(
+                        Duration::from_millis(jitter).max(Duration::from_millis(200)),
+                    )
+                    .await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-            };
+            }
         }
     }
 }
 
-/// Writes via a temporary file and rename, so readers never see half a file.
-fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| Error::Write {
+fn write(path: &Path, pem: &[u8], secret: bool) -> Result<(), Error> {
+    moat_proto::pki::write_pem(path, pem, secret).map_err(|source| Error::Write {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    if secret {
-        o.mode(0o600);
-    }
-    let mut f = o.open(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }

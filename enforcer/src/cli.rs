@@ -112,23 +112,7 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         };
         // In the background: the last rules stay enforced (and adopted) while the first
         // certificate is fetched; the agent connects as soon as it lands.
-        tokio::spawn(
-            async move {
-                let mut backoff = Duration::from_secs(1);
-                let life = loop {
-                    match b.issue().await {
-                        Ok(l) => break l,
-                        Err(e) => {
-                            warn!(error = %e, "bootstrap failed; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
-                    }
-                };
-                b.renew_forever(life).await;
-            }
-            .instrument(tracing::info_span!("bootstrap")),
-        );
+        tokio::spawn(b.run().instrument(tracing::info_span!("bootstrap")));
         transport
     } else {
         Transport::Tls {

@@ -28,16 +28,19 @@ impl Identity {
         }
     }
 
+    /// Whether every name in it is one a certificate can carry (`from_uri` accepts it back).
+    pub fn is_valid(&self) -> bool {
+        match self {
+            Identity::Node { cluster, node } => valid_name(cluster) && valid_name(node),
+            Identity::Admin { name } => valid_name(name),
+        }
+    }
+
     /// Parses a URI SAN; `None` for anything that isn't exactly a Moat identity.
     pub fn from_uri(uri: &str) -> Option<Identity> {
         let rest = uri.strip_prefix(PREFIX)?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 253
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        };
+        let ok = valid_name;
         match parts.as_slice() {
             ["cluster", c, "node", n] if ok(c) && ok(n) => Some(Identity::node(c, n)),
             ["admin", name] if ok(name) => Some(Identity::Admin {
@@ -46,6 +49,14 @@ impl Identity {
             _ => None,
         }
     }
+}
+
+/// A cluster, node or admin name: letters, digits, '-' and '.', at most 253 bytes.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 impl fmt::Display for Identity {

@@ -7,6 +7,9 @@
 
 pub mod convert;
 pub mod identity;
+pub mod pki;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
@@ -21,3 +24,14 @@ pub use identity::Identity;
 pub const MAX_SERVER_MESSAGE: usize = 64 * 1024 * 1024;
 /// Enforcers only send small control messages.
 pub const MAX_ENFORCER_MESSAGE: usize = 64 * 1024;
+
+/// A time as the `*_unix_micros` fields carry it (0 for anything before the epoch).
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The time a `*_unix_micros` field names.
+pub fn from_unix_micros(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
+}

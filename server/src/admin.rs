@@ -161,6 +161,5 @@ impl v1::admin_server::Admin for AdminService {
 }
 
 fn micros(t: Option<std::time::SystemTime>) -> u64 {
-    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_micros() as u64)
+    t.map_or(0, moat_proto::unix_micros)
 }

@@ -301,7 +301,7 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
             )));
         };
         let id = Identity::node(&r.cluster, &r.node);
-        if Identity::from_uri(&id.uri()).is_none() {
+        if !id.is_valid() {
             return Err(Status::invalid_argument(format!(
                 "{:?} is not a valid node name",
                 r.node
@@ -338,9 +338,7 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
         Ok(Response::new(v1::IssueResponse {
             cert_pem,
             ca_pem: self.ca.ca_pem.clone(),
-            not_after_unix_micros: not_after
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64),
+            not_after_unix_micros: moat_proto::unix_micros(not_after),
         }))
     }
 }

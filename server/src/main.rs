@@ -115,22 +115,13 @@ struct Args {
     log: String,
 }
 
+/// A certificate lifetime as `moatctl certs` takes it, at least 5 s.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
-    };
-    if secs < 5 {
+    let d = moat_proto::pki::parse_lifetime(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(5) {
         return Err(format!("{s:?}: at least 5s"));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(d)
 }
 
 /// The clusters to serve, from `--source`, `--cluster` and `--clusters-file`.

@@ -3,9 +3,10 @@
 //! Everything here comes from the enforcers' own acknowledgements on their streams — the
 //! proof that node N enforces version V — and is persisted, so a restarted server still knows.
 
+use moat_proto::unix_micros as micros;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use moat_policy::index::PolicySpan;
 use moat_policy::ir::NodeSnapshot;
@@ -58,11 +59,6 @@ pub struct Fleet {
     nodes: Mutex<BTreeMap<NodeKey, NodeState>>,
 }
 
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 impl Fleet {
     /// Seeds the view from the store after a restart.
     pub fn restore(&self, saved: Vec<(String, String, StoredStatus)>) {
@@ -80,7 +76,7 @@ impl Fleet {
                     applied: applied.filter(|a| a.version > 0),
                     last_error: s.last_error,
                     last_ack: (s.last_ack_unix_micros > 0)
-                        .then(|| UNIX_EPOCH + Duration::from_micros(s.last_ack_unix_micros)),
+                        .then(|| moat_proto::from_unix_micros(s.last_ack_unix_micros)),
                     ..Default::default()
                 },
             );

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use moat_proto::identity::valid_name as valid_cluster_name;
 use prometheus_client::metrics::gauge::Gauge;
 
 use moat_policy::Event;
@@ -94,10 +95,6 @@ impl FromStr for SourceSpec {
 pub struct ClusterSpec {
     pub name: String,
     pub source: Option<SourceSpec>,
-}
-
-pub fn valid_cluster_name(n: &str) -> bool {
-    moat_proto::Identity::from_uri(&moat_proto::Identity::node(n, "x").uri()).is_some()
 }
 
 impl FromStr for ClusterSpec {

@@ -9,8 +9,9 @@
 //! At most one version is in flight; updates published meanwhile coalesce in the node's watch
 //! channel, so a slow enforcer gets the newest state, never a queue.
 
+use moat_proto::unix_micros as micros;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::{self, VersionRef};
@@ -82,11 +83,6 @@ impl<S: Source> Drop for Connected<S> {
             .observe(&self.cluster, &self.node, StreamEvent::Disconnected);
         info!("enforcer disconnected");
     }
-}
-
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl<S: Source> Stream<S> {
