@@ -286,25 +286,19 @@ pub fn spawn(
 
 /// Whether the API server lists `kind` again (a one-item list).
 async fn probe_kind(client: &Client, kind: Kind) -> bool {
-    let lp = ListParams::default().limit(1);
     match kind {
-        Kind::Namespace => Api::<core::Namespace>::all(client.clone())
-            .list(&lp)
-            .await
-            .is_ok(),
-        Kind::Node => Api::<core::Node>::all(client.clone())
-            .list(&lp)
-            .await
-            .is_ok(),
-        Kind::Pod => Api::<core::Pod>::all(client.clone())
-            .list(&lp)
-            .await
-            .is_ok(),
-        Kind::Policy => Api::<net::NetworkPolicy>::all(client.clone())
-            .list(&lp)
-            .await
-            .is_ok(),
+        Kind::Namespace => lists::<core::Namespace>(client).await,
+        Kind::Node => lists::<core::Node>(client).await,
+        Kind::Pod => lists::<core::Pod>(client).await,
+        Kind::Policy => lists::<net::NetworkPolicy>(client).await,
     }
+}
+
+async fn lists<K: Convert>(client: &Client) -> bool {
+    Api::<K>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .is_ok()
 }
 
 /// The model content of an object, as a collision-resistant 128-bit hash: a change a tenant
