@@ -15,6 +15,7 @@ use serde_json::Value;
 use moat_harness::moat::tls_args;
 
 use crate::binary;
+use crate::kubeapi::ApiServer;
 use crate::process::Proc;
 
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -150,6 +151,25 @@ impl Bed {
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {target}-from-web, namespace: app}}\nspec:\n  podSelector: {{matchLabels: {{app: {target}}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n    ports: [{{port: {port}}}]\n"
         );
         std::fs::write(self.manifests().join(format!("policy-{target}.yaml")), y).unwrap();
+    }
+
+    /// Serves the bed's cluster from a test API server instead of the directory: applies
+    /// every manifest there (the files stay the truth expectations are compiled from) and
+    /// returns the server's source arguments for it.
+    pub fn kube_source(&self, api: &ApiServer, context: &str) -> Vec<String> {
+        for f in std::fs::read_dir(self.manifests()).expect("manifests") {
+            api.apply_yaml(&std::fs::read_to_string(f.expect("entry").path()).expect("read"));
+        }
+        let kc = self.path(&format!("{context}.kubeconfig"));
+        api.kubeconfig(&kc, context);
+        vec!["--source".into(), format!("kube:{}", kc.display())]
+    }
+
+    /// [`Bed::write_policy`], in the manifests and in the API server alike.
+    pub fn write_policy_to(&self, api: &ApiServer, target: &str, port: &str) {
+        self.write_policy(target, port);
+        let file = self.manifests().join(format!("policy-{target}.yaml"));
+        api.apply_yaml(&std::fs::read_to_string(file).expect("read policy"));
     }
 
     /// Digest of every node's snapshot, compiled here from the manifests.

@@ -28,13 +28,8 @@ fn world(ttl: &str) -> World {
     }
     std::fs::write(bed.manifests().join("moat.yaml"), y).unwrap();
     let api = ApiServer::start(Options::default());
-    for f in std::fs::read_dir(bed.manifests()).unwrap() {
-        api.apply_yaml(&std::fs::read_to_string(f.unwrap().path()).unwrap());
-    }
-    let kc = bed.path("kubeconfig");
-    api.kubeconfig(&kc, "prod");
+    let args = bed.kube_source(&api, "prod");
     let bootstrap = free_port();
-    let args = vec!["--source".to_string(), format!("kube:{}", kc.display())];
     let ca_key = bed.certs().join("ca-key.pem");
     bed.start_server_from(
         &args,
@@ -270,9 +265,7 @@ fn an_enforcer_bootstraps_and_renews_without_dropping_its_stream() {
     let m = scrape(w.bed.enforcers["n1"].metrics);
     assert_eq!(metric(&m, "moat_enforcer_reconnects_total"), 0.0, "{m}");
     // Long after the first certificate expired, the same stream still delivers.
-    w.bed.write_policy("db", "6432");
-    w.api
-        .apply_yaml(&std::fs::read_to_string(w.bed.manifests().join("policy-db.yaml")).unwrap());
+    w.bed.write_policy_to(&w.api, "db", "6432");
     w.bed.wait_in_sync(&["n1"]);
     let err = w.bed.enforcer_stderr("n1");
     assert_eq!(ended(&err), before, "{err}");

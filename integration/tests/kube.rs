@@ -8,26 +8,6 @@ use moat_integration::bed::{
 };
 use moat_integration::kubeapi::{ApiServer, Kind, Options};
 
-/// Loads every manifest of the bed into the API server (the bed's files stay the truth the
-/// expectations are compiled from).
-fn load(bed: &Bed, api: &ApiServer) {
-    for f in std::fs::read_dir(bed.manifests()).unwrap() {
-        api.apply_yaml(&std::fs::read_to_string(f.unwrap().path()).unwrap());
-    }
-}
-
-fn kube_source(bed: &Bed, api: &ApiServer, name: &str) -> Vec<String> {
-    let kc = bed.path(&format!("{name}.kubeconfig"));
-    api.kubeconfig(&kc, name);
-    vec!["--source".into(), format!("kube:{}", kc.display())]
-}
-
-/// Changes the policy in the manifests and in the API server alike.
-fn set_policy(bed: &Bed, api: &ApiServer, port: &str) {
-    bed.write_policy("db", port);
-    api.apply_yaml(&std::fs::read_to_string(bed.manifests().join("policy-db.yaml")).unwrap());
-}
-
 fn lists(api: &ApiServer, path: &str) -> usize {
     api.requests()
         .iter()
@@ -40,8 +20,7 @@ fn lists(api: &ApiServer, path: &str) -> usize {
 fn served(nodes: &[&str], extra: &[&str]) -> (Bed, ApiServer) {
     let mut bed = Bed::new(nodes);
     let api = ApiServer::start(Options::default());
-    load(&bed, &api);
-    let src = kube_source(&bed, &api, "prod");
+    let src = bed.kube_source(&api, "prod");
     bed.start_server_from(&src, extra, Some("synced "));
     for n in nodes {
         bed.start_enforcer(n);
@@ -55,9 +34,8 @@ fn first_full_sync_is_atomic_and_nothing_is_served_before_it() {
     let nodes = ["n1", "n2"];
     let mut bed = Bed::new(&nodes);
     let api = ApiServer::start(Options::default());
-    load(&bed, &api);
     api.hold_lists();
-    let src = kube_source(&bed, &api, "prod");
+    let src = bed.kube_source(&api, "prod");
     bed.start_server_from(&src, &[], None);
     bed.start_enforcer("n1");
     std::thread::sleep(Duration::from_secs(3));
@@ -91,12 +69,12 @@ fn first_full_sync_is_atomic_and_nothing_is_served_before_it() {
 fn watch_events_flow_and_a_broken_watch_resumes_without_relisting() {
     let nodes = ["n1", "n2"];
     let (bed, api) = served(&nodes, &[]);
-    set_policy(&bed, &api, "6432");
+    bed.write_policy_to(&api, "db", "6432");
     bed.wait_in_sync(&nodes);
     let before = lists(&api, "/api/v1/pods");
     api.drop_connections();
     std::thread::sleep(Duration::from_secs(2));
-    set_policy(&bed, &api, "7432");
+    bed.write_policy_to(&api, "db", "7432");
     bed.wait_in_sync(&nodes);
     assert_eq!(
         lists(&api, "/api/v1/pods"),
@@ -183,7 +161,7 @@ fn an_unreachable_api_server_leaves_the_last_state_served_and_shows_stale() {
         ),
         1.0
     );
-    set_policy(&bed, &api, "6543");
+    bed.write_policy_to(&api, "db", "6543");
     bed.wait_in_sync(&nodes);
 }
 
@@ -198,7 +176,7 @@ fn streaming_lists_sync_the_same_state() {
         0,
         "listed instead of streaming"
     );
-    set_policy(&bed, &api, "6432");
+    bed.write_policy_to(&api, "db", "6432");
     bed.wait_in_sync(&nodes);
 }
 
