@@ -17,6 +17,7 @@ use moat_integration::kubeapi::{ApiServer, Options};
 use serde_json::{Value, json};
 use tonic::transport::Certificate;
 
+use crate::KubeCluster;
 use crate::sync::{
     Pki, Server, SimConfig, connect_fleet, ms, node_name, now_micros, percentile, proc_usage,
 };
@@ -125,15 +126,42 @@ struct SyncRun {
     settled: f64,
 }
 
+impl SyncRun {
+    /// Starts a server on `source`, times its first full sync and reads its CPU, then its
+    /// memory once it has settled; the server stops when this returns.
+    fn measure(
+        name: &'static str,
+        bin: &Path,
+        dir: &Path,
+        pki: &Pki,
+        source: &[String],
+    ) -> Result<SyncRun> {
+        let (server, took) = Server::start_with(bin, dir, pki, source)?;
+        let cpu = proc_usage(server.pid()).0;
+        std::thread::sleep(Duration::from_secs(3));
+        let (peak, settled) = memory(server.pid());
+        Ok(SyncRun {
+            name,
+            took,
+            cpu,
+            peak,
+            settled,
+        })
+    }
+}
+
 pub fn run(
     server_bin: &Path,
-    nodes: usize,
-    pods: usize,
-    policies: usize,
+    size: &KubeCluster,
     enforcers: usize,
     rate: u32,
     secs: u64,
 ) -> Result<String> {
+    let KubeCluster {
+        nodes,
+        pods,
+        policies,
+    } = *size;
     if !server_bin.exists() {
         bail!(
             "{} not found: cargo build --release -p moat-server",
@@ -161,28 +189,17 @@ pub fn run(
             "--source".to_string(),
             format!("dir:{}", work.path().join("manifests").display()),
         ];
-        let (server, took) = Server::start_with(server_bin, work.path(), &pki, &src)?;
-        let cpu = proc_usage(server.pid()).0;
-        std::thread::sleep(Duration::from_secs(3));
-        let (peak, settled) = memory(server.pid());
-        runs.push(SyncRun {
-            name: "file source (baseline)",
-            took,
-            cpu,
-            peak,
-            settled,
-        });
+        runs.push(SyncRun::measure(
+            "file source (baseline)",
+            server_bin,
+            work.path(),
+            &pki,
+            &src,
+        )?);
     }
-    let api = ApiServer::start(Options {
-        page_size: 500,
-        bookmark_every: Duration::from_secs(5),
-    });
     let t = Instant::now();
-    for o in &objects {
-        api.apply(o.clone());
-    }
+    let api = serving(objects);
     eprintln!("loaded the test API server in {:?}", t.elapsed());
-    drop(objects);
     let work = tempfile::tempdir()?;
     let kc = work.path().join("kubeconfig");
     api.kubeconfig(&kc, "bench");
@@ -196,17 +213,7 @@ pub fn run(
         if extra {
             s.push("--kube-streaming-list".into());
         }
-        let (server, took) = Server::start_with(server_bin, w.path(), &pki, &s)?;
-        let cpu = proc_usage(server.pid()).0;
-        std::thread::sleep(Duration::from_secs(3));
-        let (peak, settled) = memory(server.pid());
-        runs.push(SyncRun {
-            name,
-            took,
-            cpu,
-            peak,
-            settled,
-        });
+        runs.push(SyncRun::measure(name, server_bin, w.path(), &pki, &s)?);
     }
     let base = &runs[0];
     writeln!(
@@ -359,15 +366,21 @@ async fn latencies(
     (out, missing)
 }
 
-/// The benchmark's cluster in a test API server, until the process is killed.
-pub fn serve(nodes: usize, pods: usize, policies: usize, kubeconfig: &Path) -> ! {
+/// A test API server holding `objects`, paging lists by 500 as the real one defaults to.
+fn serving(objects: Vec<Value>) -> ApiServer {
     let api = ApiServer::start(Options {
         page_size: 500,
         bookmark_every: Duration::from_secs(5),
     });
-    for o in cluster(nodes, pods, policies) {
+    for o in objects {
         api.apply(o);
     }
+    api
+}
+
+/// The benchmark's cluster in a test API server, until the process is killed.
+pub fn serve(size: &KubeCluster, kubeconfig: &Path) -> ! {
+    let api = serving(cluster(size.nodes, size.pods, size.policies));
     api.kubeconfig(kubeconfig, "bench");
     eprintln!("serving; kubeconfig {}", kubeconfig.display());
     loop {

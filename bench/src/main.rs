@@ -125,7 +125,7 @@ enum Command {
 }
 
 /// The Kubernetes benchmark's cluster (the scalability envelope by default).
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone, Copy)]
 struct KubeCluster {
     #[arg(long, default_value_t = 5000)]
     nodes: usize,
@@ -163,29 +163,19 @@ fn main() -> Result<()> {
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
         Command::Kube {
-            cluster:
-                KubeCluster {
-                    nodes,
-                    pods,
-                    policies,
-                },
+            cluster,
             enforcers,
             rate,
             secs,
             server_bin,
         } => print!(
             "{}",
-            kube::run(&server_bin, nodes, pods, policies, enforcers, rate, secs)?
+            kube::run(&server_bin, &cluster, enforcers, rate, secs)?
         ),
         Command::ServeApi {
-            cluster:
-                KubeCluster {
-                    nodes,
-                    pods,
-                    policies,
-                },
+            cluster,
             kubeconfig,
-        } => kube::serve(nodes, pods, policies, &kubeconfig),
+        } => kube::serve(&cluster, &kubeconfig),
         Command::NftApply {
             rules,
             full_runs,
