@@ -66,14 +66,7 @@ impl v1::admin_server::Admin for AdminService {
         // Every node the source published is in the view, connected or not.
         let mut nodes = self.hub.fleet.view(None);
         nodes.sort_by(|a, b| (&a.cluster, &a.node).cmp(&(&b.cluster, &b.node)));
-        let generation = self
-            .hub
-            .clusters()
-            .map(|c| c.read(|i| i.generation()))
-            .max()
-            .unwrap_or(0);
-        let synced = self.hub.clusters().all(|c| c.is_synced());
-        let clusters = self
+        let clusters: Vec<v1::ClusterStatus> = self
             .hub
             .clusters()
             .map(|c| {
@@ -90,6 +83,9 @@ impl v1::admin_server::Admin for AdminService {
                 }
             })
             .collect();
+        // The fleet-wide figures from the same reading as the per-cluster ones.
+        let generation = clusters.iter().map(|c| c.generation).max().unwrap_or(0);
+        let synced = clusters.iter().all(|c| c.synced);
         Ok(Response::new(v1::StatusResponse {
             nodes,
             generation,
