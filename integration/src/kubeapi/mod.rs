@@ -39,7 +39,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use store::Kind;
-use store::{Objects, status};
+use store::{Objects, event_line, status};
 pub use token::Bound;
 use token::Signer;
 
@@ -439,13 +439,10 @@ fn bookmark(kind: Kind, rv: u64, initial_end: bool) -> Vec<u8> {
     if initial_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    let mut b = serde_json::to_vec(&json!({
-        "type": "BOOKMARK",
-        "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": meta},
-    }))
-    .unwrap();
-    b.push(b'\n');
-    b
+    event_line(
+        "BOOKMARK",
+        &json!({"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": meta}),
+    )
 }
 
 async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Response<Body> {
@@ -464,43 +461,36 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
     // Without a resource version ("" or "0"), a watch starts with the current state as
     // synthetic ADDED events, as the API server does; a streaming list ends those with the
     // initial-events-end bookmark.
-    let (mut last, mut live) = if initial || from.is_none() {
-        held(&inner).await;
-        let o = inner.objects.lock().unwrap();
-        for v in o.items(kind) {
-            let mut b = serde_json::to_vec(&json!({"type": "ADDED", "object": v})).unwrap();
-            b.push(b'\n');
-            first.push(b);
-        }
-        if initial {
-            first.push(bookmark(kind, o.rv(), true));
-        }
-        (o.rv(), o.events.subscribe())
-    } else {
-        let o = inner.objects.lock().unwrap();
-        let from = from.unwrap_or(o.rv());
-        match o.since(kind, from) {
-            Ok((past, live)) => {
-                let last = past.last().map_or(from, |c| c.rv);
-                first.extend(past.iter().map(|c| c.line()));
-                (last, live)
+    let (mut last, mut live) = match from {
+        Some(from) if !initial => {
+            let o = inner.objects.lock().unwrap();
+            match o.since(kind, from) {
+                Ok((past, live)) => {
+                    let last = past.last().map_or(from, |c| c.rv);
+                    first.extend(past.iter().map(|c| c.line()));
+                    (last, live)
+                }
+                Err(oldest) => {
+                    inner
+                        .log
+                        .lock()
+                        .unwrap()
+                        .push(format!("watch {} from {from}: ERROR 410", kind.name()));
+                    let why = format!("too old resource version: {from} ({oldest})");
+                    first.push(event_line("ERROR", &status(410, "Expired", &why)));
+                    let (_, r) = broadcast::channel(1);
+                    (u64::MAX, r)
+                }
             }
-            Err(oldest) => {
-                inner
-                    .log
-                    .lock()
-                    .unwrap()
-                    .push(format!("watch {} from {from}: ERROR 410", kind.name()));
-                let mut b = serde_json::to_vec(&json!({
-                    "type": "ERROR",
-                    "object": status(410, "Expired", &format!("too old resource version: {from} ({oldest})")),
-                }))
-                .unwrap();
-                b.push(b'\n');
-                first.push(b);
-                let (_, r) = broadcast::channel(1);
-                (u64::MAX, r)
+        }
+        _ => {
+            held(&inner).await;
+            let o = inner.objects.lock().unwrap();
+            first.extend(o.items(kind).iter().map(|v| event_line("ADDED", v)));
+            if initial {
+                first.push(bookmark(kind, o.rv(), true));
             }
+            (o.rv(), o.events.subscribe())
         }
     };
     tokio::spawn(async move {

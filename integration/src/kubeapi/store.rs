@@ -73,11 +73,15 @@ pub struct Change {
 
 impl Change {
     pub fn line(&self) -> Vec<u8> {
-        let mut b = serde_json::to_vec(&json!({"type": self.typ, "object": self.object}))
-            .expect("event json");
-        b.push(b'\n');
-        b
+        event_line(self.typ, &self.object)
     }
+}
+
+/// One watch event as the API server streams it: a JSON object and a newline.
+pub fn event_line(typ: &str, object: &Value) -> Vec<u8> {
+    let mut b = serde_json::to_vec(&json!({"type": typ, "object": object})).expect("event json");
+    b.push(b'\n');
+    b
 }
 
 /// A continue token that names no list in progress (compacted, or never issued).
