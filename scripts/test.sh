@@ -4,6 +4,8 @@
 # docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-shot run gains nothing from incremental caches, which are the bulk of target/ on disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
