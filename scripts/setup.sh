@@ -33,11 +33,39 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 
-# Nightly: cargo-fuzz (libFuzzer instrumentation) needs it.
+# Nightly: cargo-fuzz (libFuzzer instrumentation) and the eBPF program's build need it.
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    say "installing the nightly toolchain (for fuzzing)"
+    say "installing the nightly toolchain (for fuzzing and the eBPF program)"
     rustup toolchain install nightly --profile minimal \
         || die "cannot install the nightly toolchain; fuzzing needs it (rustup toolchain install nightly)"
+fi
+
+# The eBPF datapath (enforcer-ebpf/program) is Rust built for bpfel-unknown-none with the
+# nightly toolchain's core sources, linked by bpf-linker against Debian's LLVM 22.
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "adding rust-src to the nightly toolchain (the eBPF program builds core from source)"
+    rustup component add rust-src --toolchain nightly || die "cannot add rust-src to the nightly toolchain.
+  The eBPF datapath (enforcer-ebpf/program) is built with 'cargo +nightly -Z build-std=core' and
+  needs it. Fix rustup's access to its dist server, or port enforcer-ebpf/program to C for
+  Debian's clang-22 (still loaded by aya) as docs/design/ebpf.md describes."
+fi
+need=()
+for pkg in llvm-22-dev libzstd-dev zlib1g-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing ${need[*]} (for bpf-linker) and no apt-get"
+    [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run setup as root (apt-get install ${need[*]})"
+    say "installing ${need[*]} (bpf-linker links against LLVM 22)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null \
+        || die "cannot install ${need[*]} from Debian's packages"
+fi
+if ! bpf-linker --version 2>/dev/null | grep -q .; then
+    say "installing bpf-linker (built against LLVM 22; takes a few minutes)"
+    PATH="/usr/lib/llvm-22/bin:$PATH" cargo install bpf-linker --version 0.13.0 \
+        --no-default-features --features llvm-22 \
+        || die "cannot build bpf-linker against /usr/lib/llvm-22 (is llvm-22-dev installed?)"
 fi
 
 if ! command -v cargo-nextest >/dev/null; then

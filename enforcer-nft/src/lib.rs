@@ -22,7 +22,8 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
-pub mod desired;
+/// The dataplane plan both backends share (classes, rulesets, endpoint maps).
+pub use moat_enforcer::plan as desired;
 pub mod incremental;
 pub mod netlink;
 pub mod nft;

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bootstrap;
 pub mod cli;
 pub mod metrics;
+pub mod plan;
 pub mod state;
 
 pub use backend::{Adopted, Backend, BackendError, Capabilities};

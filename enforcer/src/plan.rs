@@ -1,5 +1,6 @@
-//! A snapshot as nftables state: what the table must contain, computed without touching
-//! the kernel.
+//! A snapshot as dataplane state: the classes, rulesets and endpoint maps a backend must
+//! hold, computed without touching the kernel. Both backends build from it (nft: sets and
+//! verdict maps; eBPF: hash and LPM maps), which is half of why their verdicts agree.
 //!
 //! Per-packet work must not grow with the number of policies, so rules are never laid out
 //! one after another. Instead:
@@ -102,7 +103,7 @@ pub struct Classes {
 }
 
 impl Classes {
-    pub(crate) fn id(&mut self, groups: &[GroupId]) -> u32 {
+    pub fn id(&mut self, groups: &[GroupId]) -> u32 {
         if let Some(id) = self.ids.get(groups) {
             return *id;
         }
@@ -121,7 +122,7 @@ impl Classes {
     }
 
     /// Frees one class number.
-    pub(crate) fn release(&mut self, id: u32) {
+    pub fn release(&mut self, id: u32) {
         if let Some(set) = self.sets.remove(&id) {
             self.ids.remove(&set);
             self.free.push(id);
@@ -145,14 +146,14 @@ impl Classes {
     }
 }
 
-pub(crate) fn v4(a: IpAddr) -> Option<u128> {
+pub fn v4(a: IpAddr) -> Option<u128> {
     match a {
         IpAddr::V4(a) => Some(u128::from(u32::from(a))),
         IpAddr::V6(_) => None,
     }
 }
 
-pub(crate) fn v6(a: IpAddr) -> Option<u128> {
+pub fn v6(a: IpAddr) -> Option<u128> {
     match a {
         IpAddr::V6(a) => Some(u128::from(a)),
         IpAddr::V4(_) => None,
@@ -200,12 +201,12 @@ fn intervals(members: &Members, to: fn(IpAddr) -> Option<u128>) -> Vec<(u128, u1
 }
 
 /// Every group's intervals in one family, split into single addresses and ranges.
-pub(crate) struct Spans {
-    pub(crate) singles: Vec<(u128, GroupId)>,
-    pub(crate) ranges: Vec<(u128, u128, GroupId)>,
+pub struct Spans {
+    pub singles: Vec<(u128, GroupId)>,
+    pub ranges: Vec<(u128, u128, GroupId)>,
 }
 
-pub(crate) fn spans(snap: &NodeSnapshot, to: fn(IpAddr) -> Option<u128>) -> Spans {
+pub fn spans(snap: &NodeSnapshot, to: fn(IpAddr) -> Option<u128>) -> Spans {
     let mut s = Spans {
         singles: Vec::new(),
         ranges: Vec::new(),
@@ -311,7 +312,7 @@ pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
     format!("{}{hex}", if egress { "e_" } else { "i_" })
 }
 
-pub(crate) fn merge(mut v: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+pub fn merge(mut v: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
     v.sort_unstable();
     let mut out: Vec<(u16, u16)> = Vec::new();
     for (a, b) in v {

@@ -1,0 +1,28 @@
+//! Builds the datapath program (`enforcer-ebpf/program`) for the BPF target with the nightly
+//! toolchain and bpf-linker (installed by scripts/setup.sh), into OUT_DIR.
+
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let meta = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let program = meta
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "moat-ebpf-program")
+        .context("package moat-ebpf-program not in the workspace")?;
+    let root = program
+        .manifest_path
+        .parent()
+        .context("program manifest has no directory")?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: program.name.as_str(),
+            root_dir: root.as_str(),
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

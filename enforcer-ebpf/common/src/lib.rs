@@ -1,0 +1,268 @@
+//! Types shared by the datapath program (kernel) and its loader (user space).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so both sides agree on the byte
+//! layout and map keys never hash uninitialised padding. Addresses are stored in network
+//! byte order in 16 bytes; IPv4 uses the first 4 and zeroes the rest.
+//!
+//! Policy maps carry a **slot** (0 or 1) as the first key byte: the loader edits the slot no
+//! packet reads, flips [`SELECTOR`](MapNames::SELECTOR) and then replays the same edit onto
+//! the other slot, so a packet sees one version or the other, never a mix.
+
+#![no_std]
+
+/// Bump when any map's key or value layout changes: pin paths carry it, so a binary with a
+/// new layout never reads maps written in the old one.
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Class number meaning "any peer" in [`PortKey`]; real classes start at 1, and 0 means an
+/// address in no group.
+pub const CLASS_ANY: u32 = u32::MAX;
+
+/// `skb->mark` bits the datapath owns, clear of kube-proxy's 0x4000/0x8000 and Cilium's
+/// 0x0f00/0xf000: set by the ingress program, read by the egress program in the same netns.
+pub const MARK_MASK: u32 = 0x3ff0_0000;
+/// The packet answers a connection this node allowed (or is an ICMP error about one).
+pub const MARK_REPLY: u32 = 0x2000_0000;
+/// Bits 20..=27 hold the index of the local endpoint that sent the packet (1..=255), so
+/// egress is judged on the original source even after SNAT.
+pub const MARK_SRC_SHIFT: u32 = 20;
+pub const MARK_SRC_MASK: u32 = 0x0ff0_0000;
+/// Most local endpoints an index can name.
+pub const MAX_LOCAL: u32 = 255;
+
+/// Counter indices in the per-CPU `COUNTERS` array.
+pub const CNT_ALLOWED: u32 = 0;
+pub const CNT_DENIED: u32 = 1;
+pub const CNT_ESTABLISHED: u32 = 2;
+pub const CNT_REPLY: u32 = 3;
+pub const CNT_FRAG_DENIED: u32 = 4;
+pub const CNT_MALFORMED: u32 = 5;
+pub const COUNTERS: u32 = 8;
+
+/// Map names, shared so the loader finds exactly what the program declares.
+pub struct MapNames;
+
+impl MapNames {
+    pub const SELECTOR: &'static str = "SELECTOR";
+    pub const ENDPOINTS: &'static str = "ENDPOINTS";
+    pub const ADDRS: &'static str = "ADDRS";
+    pub const RANGES: &'static str = "RANGES";
+    pub const PORTS: &'static str = "PORTS";
+    pub const NAMED: &'static str = "NAMED";
+    pub const LOCAL: &'static str = "LOCAL";
+    pub const LOCAL_ADDR: &'static str = "LOCAL_ADDR";
+    pub const CT: &'static str = "CT";
+    pub const FRAGS: &'static str = "FRAGS";
+    pub const COUNTERS: &'static str = "COUNTERS";
+    pub const META: &'static str = "META";
+}
+
+/// What the maps enforce, for a restarted enforcer to adopt. Only user space reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub version: u64,
+    pub digest: [u8; 32],
+    /// [`META_VALID`], [`META_PENDING`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Set before a flip, cleared after it: a run that stopped in between leaves it set, and
+/// then which version is in force is not known (the next full snapshot settles it).
+pub const META_PENDING: u32 = 1;
+/// `version`/`digest` are set.
+pub const META_VALID: u32 = 2;
+
+/// A local endpoint address, per slot and direction → its ruleset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub slot: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+
+/// A single address (pod, /32, /128) per slot → its class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub slot: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// LPM data for CIDR ranges: slot, family, address. The prefix length counts the 16 bits of
+/// slot and family plus the address prefix; the two pad bytes are never covered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RangeKey {
+    pub slot: u8,
+    pub family: u8,
+    pub addr: [u8; 16],
+    pub _pad: [u8; 2],
+}
+
+pub const RANGE_FIXED_BITS: u32 = 16;
+
+/// LPM data for allowed ports: slot, ruleset, class (or [`CLASS_ANY`]), protocol, port, all
+/// big-endian. A range of ports is a handful of prefixes; "every port of every protocol" for
+/// a class is the prefix that stops after the class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// slot (1) · ruleset (4) · class (4) · protocol (1) · port (2).
+    pub data: [u8; 12],
+}
+
+/// Bits of [`PortKey::data`] before the protocol: slot, ruleset, class.
+pub const PORT_CLASS_BITS: u32 = 72;
+pub const PORT_FULL_BITS: u32 = 96;
+
+impl PortKey {
+    pub const fn new(slot: u8, ruleset: u32, class: u32, proto: u8, port: u16) -> Self {
+        let r = ruleset.to_be_bytes();
+        let c = class.to_be_bytes();
+        let p = port.to_be_bytes();
+        PortKey {
+            data: [
+                slot, r[0], r[1], r[2], r[3], c[0], c[1], c[2], c[3], proto, p[0], p[1],
+            ],
+        }
+    }
+}
+
+/// An egress named port resolved per destination: slot, ruleset, destination, protocol, port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedKey {
+    pub slot: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    pub ruleset: u32,
+    pub port: u16,
+    pub _pad2: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// A local endpoint's address (no slot: indices outlive versions) → its mark index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// A connection as first judged (after DNAT): the reply is looked up reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    /// Host byte order. ICMP echo: the identifier as the requester's "port".
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+impl FlowKey {
+    pub const fn reversed(&self) -> Self {
+        FlowKey {
+            family: self.family,
+            proto: self.proto,
+            _pad: [0; 2],
+            sport: self.dport,
+            dport: self.sport,
+            saddr: self.daddr,
+            daddr: self.saddr,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowVal {
+    /// `bpf_ktime_get_ns` of the last packet either way.
+    pub seen_ns: u64,
+    pub packets: u64,
+}
+
+/// The first fragment's identity: later fragments carry no ports and follow its verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub id: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// A local endpoint index's address (array value), for the egress program to judge the
+/// original source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LocalAddr {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), Copy, with explicit padding and no pointers: any bit
+    // pattern the kernel hands back is a valid value.
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for RangeKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for NamedKey {}
+    unsafe impl aya::Pod for LocalKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for LocalAddr {}
+    unsafe impl aya::Pod for Meta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn no_implicit_padding() {
+        assert_eq!(size_of::<EndpointKey>(), 20);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<RangeKey>(), 20);
+        assert_eq!(size_of::<PortKey>(), 12);
+        assert_eq!(size_of::<NamedKey>(), 28);
+        assert_eq!(size_of::<LocalKey>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowVal>(), 16);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<LocalAddr>(), 20);
+        assert_eq!(size_of::<Meta>(), 48);
+    }
+
+    #[test]
+    fn port_key_is_big_endian_in_prefix_order() {
+        let k = PortKey::new(1, 0x0102_0304, 0x0506_0708, 6, 0x090a);
+        assert_eq!(k.data, [1, 1, 2, 3, 4, 5, 6, 7, 8, 6, 9, 10]);
+    }
+}

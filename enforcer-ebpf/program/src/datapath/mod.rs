@@ -1,0 +1,297 @@
+//! Two tc programs on every interface of the node's network namespace:
+//!
+//! * `moat_ingress` (packets entering the namespace, before routing and DNAT) recognises
+//!   replies and ICMP errors of connections this node allowed, and names the local endpoint
+//!   that sent the packet; both go into `skb->mark` bits the program owns;
+//! * `moat_egress` (packets leaving, after DNAT and SNAT) judges new flows on the translated
+//!   destination and the original source: the source's egress rules and the destination's
+//!   ingress rules, each a fixed number of map lookups, and remembers allowed flows.
+//!
+//! The node's own traffic (generated on the node: `ingress_ifindex == 0`) is never judged,
+//! like the nft backend's forward hook never sees it. See docs/design/ebpf.md.
+
+mod parse;
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::TcContext;
+use moat_ebpf_common::*;
+
+use parse::{FRAG_FIRST, FRAG_LATER, Pkt};
+
+#[map]
+static SELECTOR: Array<u32> = Array::pinned(1, 0);
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::pinned(1 << 16, BPF_F_NO_PREALLOC);
+#[map]
+static ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+#[map]
+static RANGES: LpmTrie<RangeKey, u32> = LpmTrie::pinned(1 << 20, 0);
+#[map]
+static PORTS: LpmTrie<PortKey, u8> = LpmTrie::pinned(1 << 20, 0);
+#[map]
+static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+#[map]
+static LOCAL: HashMap<LocalKey, u32> = HashMap::pinned(2 * MAX_LOCAL, 0);
+#[map]
+static LOCAL_ADDR: Array<LocalAddr> = Array::pinned(MAX_LOCAL + 1, 0);
+#[map]
+static CT: LruHashMap<FlowKey, FlowVal> = LruHashMap::pinned(1 << 16, 0);
+#[map]
+static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::pinned(1 << 13, 0);
+/// Read by user space only: the version the maps hold.
+#[map]
+static META: Array<Meta> = Array::pinned(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(moat_ebpf_common::COUNTERS, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Idle time after which a remembered flow is new again (the kernel's established TCP
+/// timeout is days; ours only has to outlive real idle connections).
+const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
+const OTHER_IDLE_NS: u64 = 180 * 1_000_000_000;
+
+#[classifier]
+pub fn moat_ingress(ctx: TcContext) -> i32 {
+    // Never drops: a packet this program can't read is judged (and refused) at egress.
+    let _ = try_ingress(&ctx);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn moat_egress(ctx: TcContext) -> i32 {
+    match try_egress(&ctx) {
+        Ok(true) => TC_ACT_OK,
+        Ok(false) => {
+            count(CNT_DENIED);
+            TC_ACT_SHOT
+        }
+        Err(()) => {
+            count(CNT_MALFORMED);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn count(i: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(i) {
+        unsafe { *c += 1 };
+    }
+}
+
+fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
+    let skb = ctx.skb.skb;
+    let mut mark = unsafe { (*skb).mark } & !MARK_MASK;
+    unsafe { (*skb).mark = mark };
+    let mut p = Pkt::EMPTY;
+    if !parse::parse(ctx, &mut p)? {
+        return Ok(());
+    }
+    if answers_allowed(&p) {
+        mark |= MARK_REPLY;
+    }
+    let local = LocalKey {
+        family: p.family,
+        _pad: [0; 3],
+        addr: p.saddr,
+    };
+    if let Some(i) = unsafe { LOCAL.get(&local) } {
+        mark |= (*i << MARK_SRC_SHIFT) & MARK_SRC_MASK;
+    }
+    unsafe { (*skb).mark = mark };
+    Ok(())
+}
+
+/// Whether `p` is the reply side of a flow this node allowed, or an ICMP error about one.
+fn answers_allowed(p: &Pkt) -> bool {
+    if p.has_inner != 0 {
+        return seen(&p.inner) || seen(&p.inner.reversed());
+    }
+    match p.frag {
+        FRAG_LATER => frag_verdict(&p.frag_key()) == Some(1),
+        FRAG_FIRST => {
+            let hit = seen(&p.flow().reversed());
+            if hit {
+                let _ = FRAGS.insert(&p.frag_key(), &1, 0);
+            }
+            hit
+        }
+        _ => seen(&p.flow().reversed()),
+    }
+}
+
+/// Looks up a remembered flow, refreshing it; expired entries count as absent.
+fn seen(k: &FlowKey) -> bool {
+    let Some(v) = CT.get_ptr_mut(k) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let idle = if k.proto == parse::IPPROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        OTHER_IDLE_NS
+    };
+    unsafe {
+        if now.saturating_sub((*v).seen_ns) > idle {
+            return false;
+        }
+        (*v).seen_ns = now;
+        (*v).packets += 1;
+    }
+    true
+}
+
+fn frag_verdict(k: &FragKey) -> Option<u8> {
+    unsafe { FRAGS.get(k) }.copied()
+}
+
+impl Pkt {
+    /// The key all fragments of this packet share.
+    fn frag_key(&self) -> FragKey {
+        FragKey {
+            family: self.family,
+            proto: self.proto,
+            _pad: [0; 2],
+            id: self.frag_id,
+            saddr: self.saddr,
+            daddr: self.daddr,
+        }
+    }
+}
+
+fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
+    let skb = ctx.skb.skb;
+    let mark = unsafe { (*skb).mark };
+    if mark & MARK_REPLY != 0 {
+        count(CNT_REPLY);
+        return Ok(true);
+    }
+    // Generated on this node: the node's own traffic is never judged.
+    if unsafe { (*skb).ingress_ifindex } == 0 {
+        return Ok(true);
+    }
+    let mut p = Pkt::EMPTY;
+    if !parse::parse(ctx, &mut p)? {
+        return Ok(true);
+    }
+    if p.nd != 0 || p.link_local_source() {
+        return Ok(true);
+    }
+    if p.frag == FRAG_LATER {
+        return Ok(frag_verdict(&p.frag_key()) == Some(1));
+    }
+    let flow = p.flow();
+    if p.has_inner == 0 && seen(&flow) {
+        count(CNT_ESTABLISHED);
+        return Ok(true);
+    }
+    let slot = SELECTOR.get(0).copied().unwrap_or(0) as u8;
+    let src = original_source(&p, mark);
+    let allowed = allows(slot, DIR_EGRESS, &src, &p.daddr, &p)
+        && allows(slot, DIR_INGRESS, &p.daddr, &src, &p);
+    if p.frag == FRAG_FIRST {
+        let _ = FRAGS.insert(&p.frag_key(), &u8::from(allowed), 0);
+    }
+    if allowed {
+        // ICMP errors are judged one by one, never remembered as flows.
+        if p.has_inner == 0 {
+            let v = FlowVal {
+                seen_ns: unsafe { bpf_ktime_get_ns() },
+                packets: 1,
+            };
+            let _ = CT.insert(&flow, &v, 0);
+        }
+        count(CNT_ALLOWED);
+    }
+    Ok(allowed)
+}
+
+/// The sender as the ingress program saw it: SNAT may have rewritten the source since.
+fn original_source(p: &Pkt, mark: u32) -> [u8; 16] {
+    let i = (mark & MARK_SRC_MASK) >> MARK_SRC_SHIFT;
+    if i != 0
+        && let Some(a) = LOCAL_ADDR.get(i)
+        && a.family == p.family
+    {
+        return a.addr;
+    }
+    p.saddr
+}
+
+/// Whether the rules of `local` (if any isolate it in `dir`) allow `peer`.
+fn allows(slot: u8, dir: u8, local: &[u8; 16], peer: &[u8; 16], p: &Pkt) -> bool {
+    let ek = EndpointKey {
+        slot,
+        family: p.family,
+        dir,
+        _pad: 0,
+        addr: *local,
+    };
+    let Some(rs) = (unsafe { ENDPOINTS.get(&ek) }).copied() else {
+        return true;
+    };
+    let class = class_of(slot, p.family, peer);
+    let hit = |class: u32| {
+        let k = Key::new(
+            PORT_FULL_BITS,
+            PortKey::new(slot, rs, class, p.proto, p.port),
+        );
+        PORTS.get(&k).is_some()
+    };
+    if (class != 0 && hit(class)) || hit(CLASS_ANY) {
+        return true;
+    }
+    if dir == DIR_EGRESS {
+        let nk = NamedKey {
+            slot,
+            family: p.family,
+            proto: p.proto,
+            _pad: 0,
+            ruleset: rs,
+            port: p.port,
+            _pad2: [0; 2],
+            addr: *peer,
+        };
+        return unsafe { NAMED.get(&nk) }.is_some();
+    }
+    false
+}
+
+/// The class of an address: single addresses first, then CIDR ranges; 0 for none.
+fn class_of(slot: u8, family: u8, addr: &[u8; 16]) -> u32 {
+    let ak = AddrKey {
+        slot,
+        family,
+        _pad: [0; 2],
+        addr: *addr,
+    };
+    if let Some(c) = unsafe { ADDRS.get(&ak) } {
+        return *c;
+    }
+    let rk = Key::new(
+        RANGE_FIXED_BITS + 128,
+        RangeKey {
+            slot,
+            family,
+            addr: *addr,
+            _pad: [0; 2],
+        },
+    );
+    RANGES.get(&rk).copied().unwrap_or(0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier proves no path reaches here.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";

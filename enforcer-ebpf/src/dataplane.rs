@@ -1,0 +1,496 @@
+//! The program and its maps in the kernel: loading (adopting pinned maps), attaching to every
+//! interface through pinned TCX links, and writing versions slot by slot.
+//!
+//! ```text
+//!  <bpffs>/moat/<node>/
+//!    v<LAYOUT_VERSION>/<MAP>     maps, pinned by name: a restart adopts them as they are
+//!    links/<ifindex>-<ifname>-<ingress|egress>
+//!                                TCX links: a new program replaces the old one in place
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use moat_ebpf_common::*;
+use tracing::{debug, info};
+
+use crate::entries::{Diff, Entries};
+use crate::sys::{self, Barrier, TestRun};
+
+/// The datapath object, built by build.rs.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-datapath"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("bpffs at {0}: {1}")]
+    Bpffs(PathBuf, std::io::Error),
+    #[error("loading the datapath: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, MapError),
+    #[error("attaching to {0}: {1}")]
+    Attach(String, String),
+    #[error("{0}: {1}")]
+    Sys(&'static str, std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+struct Maps {
+    selector: Array<MapData, u32>,
+    endpoints: HashMap<MapData, EndpointKey, u32>,
+    addrs: HashMap<MapData, AddrKey, u32>,
+    ranges: LpmTrie<MapData, RangeKey, u32>,
+    ports: LpmTrie<MapData, PortKey, u8>,
+    named: HashMap<MapData, NamedKey, u8>,
+    local: HashMap<MapData, LocalKey, u32>,
+    local_addr: Array<MapData, LocalAddr>,
+    meta: Array<MapData, Meta>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Map(
+        name,
+        MapError::InvalidName { name: name.into() },
+    ))?;
+    T::try_from(map).map_err(|e| DataplaneError::Map(name, e))
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    barrier: Barrier,
+    links: PathBuf,
+    /// Interfaces this process attached to (or took over): ifindex → name.
+    attached: BTreeMap<u32, String>,
+}
+
+pub const INGRESS: &str = "moat_ingress";
+pub const EGRESS: &str = "moat_egress";
+
+impl Dataplane {
+    /// Loads the program with its maps pinned under `<bpffs>/moat/<node>/`, adopting maps a
+    /// previous run left there. Attaches nothing yet.
+    pub fn open(bpffs: &Path, node: &str) -> Result<Self> {
+        sys::ensure_bpffs(bpffs).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
+        let root = bpffs.join("moat").join(node);
+        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let links = root.join("links");
+        for d in [&dir, &links] {
+            std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(PROGRAM)?;
+        for name in [INGRESS, EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program(
+                    name,
+                    aya::programs::ProgramError::NotLoaded,
+                ))?
+                .try_into()
+                .map_err(|e| DataplaneError::Program(name, e))?;
+            prog.load().map_err(|e| DataplaneError::Program(name, e))?;
+        }
+        let maps = Maps {
+            selector: take(&mut ebpf, MapNames::SELECTOR)?,
+            endpoints: take(&mut ebpf, MapNames::ENDPOINTS)?,
+            addrs: take(&mut ebpf, MapNames::ADDRS)?,
+            ranges: take(&mut ebpf, MapNames::RANGES)?,
+            ports: take(&mut ebpf, MapNames::PORTS)?,
+            named: take(&mut ebpf, MapNames::NAMED)?,
+            local: take(&mut ebpf, MapNames::LOCAL)?,
+            local_addr: take(&mut ebpf, MapNames::LOCAL_ADDR)?,
+            meta: take(&mut ebpf, MapNames::META)?,
+            counters: take(&mut ebpf, MapNames::COUNTERS)?,
+        };
+        let barrier = Barrier::new().map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+        Ok(Dataplane {
+            ebpf,
+            maps,
+            barrier,
+            links,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Program(
+                name,
+                aya::programs::ProgramError::NotLoaded,
+            ))?
+            .try_into()
+            .map_err(|e| DataplaneError::Program(name, e))
+    }
+
+    /// Runs one program once on a crafted frame (`BPF_PROG_TEST_RUN`).
+    pub fn test_run(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        mark: u32,
+        ingress_ifindex: u32,
+    ) -> Result<TestRun> {
+        let prog = self.program(name)?;
+        let fd = prog.fd().map_err(|e| DataplaneError::Program(name, e))?;
+        sys::test_run(fd.as_fd(), frame, mark, ingress_ifindex)
+            .map_err(|e| DataplaneError::Sys("BPF_PROG_TEST_RUN", e))
+    }
+
+    /// Attaches both programs to every interface but loopback that has none from this run,
+    /// replacing (atomically, through the pinned link) what a previous run attached.
+    pub fn attach_all(&mut self) -> Result<usize> {
+        let ifaces = sys::interfaces().map_err(|e| DataplaneError::Sys("if_nameindex", e))?;
+        let mut added = 0;
+        for (index, name) in &ifaces {
+            if name == "lo" || self.attached.get(index) == Some(name) {
+                continue;
+            }
+            for (prog, ty, dir) in [
+                (INGRESS, TcAttachType::Ingress, "ingress"),
+                (EGRESS, TcAttachType::Egress, "egress"),
+            ] {
+                let pin = self.links.join(format!("{index}-{name}-{dir}"));
+                self.attach_one(prog, ty, name, &pin)?;
+            }
+            self.attached.insert(*index, name.clone());
+            added += 1;
+        }
+        // Pins of interfaces that are gone hold defunct links: drop them.
+        let live: BTreeSet<String> = ifaces.iter().map(|(i, n)| format!("{i}-{n}-")).collect();
+        if let Ok(dir) = std::fs::read_dir(&self.links) {
+            for e in dir.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if !live.iter().any(|p| f.starts_with(p.as_str())) {
+                    debug!(pin = %f, "removing the link pin of a vanished interface");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.attached
+            .retain(|i, n| ifaces.iter().any(|(j, m)| i == j && n == m));
+        Ok(added)
+    }
+
+    fn attach_one(
+        &mut self,
+        prog_name: &'static str,
+        ty: TcAttachType,
+        iface: &str,
+        pin: &Path,
+    ) -> Result<()> {
+        let err = |e: String| DataplaneError::Attach(format!("{iface} ({prog_name})"), e);
+        let prog = self.program(prog_name)?;
+        let id = match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| err(e.to_string()))?;
+                let id = prog.attach_to_link(link).map_err(|e| err(e.to_string()))?;
+                info!(
+                    iface,
+                    prog = prog_name,
+                    "replaced the program on a pinned link"
+                );
+                // Already pinned: keep it, this process's handle just closes later.
+                let _ = prog.take_link(id);
+                return Ok(());
+            }
+            Err(_) => prog
+                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| err(e.to_string()))?,
+        };
+        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        fd.pin(pin).map_err(|e| err(e.to_string()))?;
+        info!(iface, prog = prog_name, "attached");
+        Ok(())
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        self.maps
+            .meta
+            .get(&0, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::META, e))
+    }
+
+    pub fn set_meta(&mut self, m: Meta) -> Result<()> {
+        self.maps
+            .meta
+            .set(0, m, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::META, e))
+    }
+
+    pub fn active_slot(&self) -> Result<u8> {
+        let s = self
+            .maps
+            .selector
+            .get(&0, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::SELECTOR, e))?;
+        Ok((s & 1) as u8)
+    }
+
+    /// Points every packet from now on at `slot`, and returns once no packet still reads
+    /// the other one.
+    pub fn flip(&mut self, slot: u8) -> Result<()> {
+        self.maps
+            .selector
+            .set(0, u32::from(slot), 0)
+            .map_err(|e| DataplaneError::Map(MapNames::SELECTOR, e))?;
+        self.barrier
+            .wait()
+            .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))
+    }
+
+    /// Writes `diff` into `slot`: additions and changes first, removals last.
+    pub fn write(&mut self, slot: u8, diff: &Diff) -> Result<()> {
+        let m = &mut self.maps;
+        let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
+        for (k, v) in &diff.endpoints.0 {
+            m.endpoints
+                .insert(EndpointKey { slot, ..*k }, v, 0)
+                .map_err(e(MapNames::ENDPOINTS))?;
+        }
+        for (k, v) in &diff.addrs.0 {
+            m.addrs
+                .insert(AddrKey { slot, ..*k }, v, 0)
+                .map_err(e(MapNames::ADDRS))?;
+        }
+        for ((len, k), v) in &diff.ranges.0 {
+            m.ranges
+                .insert(&Key::new(*len, RangeKey { slot, ..*k }), v, 0)
+                .map_err(e(MapNames::RANGES))?;
+        }
+        for (len, k) in &diff.ports.0 {
+            m.ports
+                .insert(&Key::new(*len, with_slot(k, slot)), 1, 0)
+                .map_err(e(MapNames::PORTS))?;
+        }
+        for k in &diff.named.0 {
+            m.named
+                .insert(NamedKey { slot, ..*k }, 1, 0)
+                .map_err(e(MapNames::NAMED))?;
+        }
+        for k in &diff.endpoints.1 {
+            gone(m.endpoints.remove(&EndpointKey { slot, ..*k }))
+                .map_err(e(MapNames::ENDPOINTS))?;
+        }
+        for k in &diff.addrs.1 {
+            gone(m.addrs.remove(&AddrKey { slot, ..*k })).map_err(e(MapNames::ADDRS))?;
+        }
+        for (len, k) in &diff.ranges.1 {
+            gone(m.ranges.remove(&Key::new(*len, RangeKey { slot, ..*k })))
+                .map_err(e(MapNames::RANGES))?;
+        }
+        for (len, k) in &diff.ports.1 {
+            gone(m.ports.remove(&Key::new(*len, with_slot(k, slot))))
+                .map_err(e(MapNames::PORTS))?;
+        }
+        for k in &diff.named.1 {
+            gone(m.named.remove(&NamedKey { slot, ..*k })).map_err(e(MapNames::NAMED))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of `slot` (after a crash left it unknown).
+    pub fn clear(&mut self, slot: u8) -> Result<()> {
+        let m = &mut self.maps;
+        let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
+        let keys: Vec<_> = m
+            .endpoints
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.slot == slot)
+            .collect();
+        for k in keys {
+            gone(m.endpoints.remove(&k)).map_err(e(MapNames::ENDPOINTS))?;
+        }
+        let keys: Vec<_> = m
+            .addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.slot == slot)
+            .collect();
+        for k in keys {
+            gone(m.addrs.remove(&k)).map_err(e(MapNames::ADDRS))?;
+        }
+        let keys: Vec<_> = m
+            .ranges
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in keys {
+            gone(m.ranges.remove(&k)).map_err(e(MapNames::RANGES))?;
+        }
+        let keys: Vec<_> = m
+            .ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().data[0] == slot)
+            .collect();
+        for k in keys {
+            gone(m.ports.remove(&k)).map_err(e(MapNames::PORTS))?;
+        }
+        let keys: Vec<_> = m
+            .named
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.slot == slot)
+            .collect();
+        for k in keys {
+            gone(m.named.remove(&k)).map_err(e(MapNames::NAMED))?;
+        }
+        Ok(())
+    }
+
+    /// Gives every address in `want` a mark index (kept for addresses that have one) and
+    /// returns the indices no longer wanted, to [`release_local`](Self::release_local) once
+    /// no slot refers to them.
+    pub fn assign_local(&mut self, want: &BTreeSet<LocalAddr>) -> Result<Vec<LocalKey>> {
+        let e = |err| DataplaneError::Map(MapNames::LOCAL, err);
+        let have: BTreeMap<LocalKey, u32> = self.maps.local.iter().filter_map(|r| r.ok()).collect();
+        let used: BTreeSet<u32> = have.values().copied().collect();
+        let mut free = (1..=MAX_LOCAL).filter(|i| !used.contains(i));
+        for a in want {
+            let k = LocalKey {
+                family: a.family,
+                _pad: [0; 3],
+                addr: a.addr,
+            };
+            if have.contains_key(&k) {
+                continue;
+            }
+            let i = free.next().ok_or(DataplaneError::Map(
+                MapNames::LOCAL,
+                MapError::OutOfBounds {
+                    index: MAX_LOCAL + 1,
+                    max_entries: MAX_LOCAL,
+                },
+            ))?;
+            // The address first: the ingress program may use the index the moment it exists.
+            self.maps
+                .local_addr
+                .set(i, *a, 0)
+                .map_err(|err| DataplaneError::Map(MapNames::LOCAL_ADDR, err))?;
+            self.maps.local.insert(k, i, 0).map_err(e)?;
+        }
+        Ok(have
+            .keys()
+            .filter(|k| {
+                !want.contains(&LocalAddr {
+                    family: k.family,
+                    _pad: [0; 3],
+                    addr: k.addr,
+                })
+            })
+            .copied()
+            .collect())
+    }
+
+    pub fn release_local(&mut self, stale: &[LocalKey]) -> Result<()> {
+        for k in stale {
+            gone(self.maps.local.remove(k)).map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
+        }
+        Ok(())
+    }
+
+    /// Per-CPU counters summed.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (i, name) in [
+            (CNT_ALLOWED, "allowed"),
+            (CNT_DENIED, "denied"),
+            (CNT_ESTABLISHED, "established"),
+            (CNT_REPLY, "reply"),
+            (CNT_MALFORMED, "malformed"),
+        ] {
+            if let Ok(v) = self.maps.counters.get(&i, 0) {
+                out.insert(name.to_string(), v.iter().sum());
+            }
+        }
+        out
+    }
+
+    /// Entries currently written for `slot`, read back from the kernel (tests, adoption
+    /// checks).
+    pub fn read_slot(&self, slot: u8) -> Entries {
+        let m = &self.maps;
+        let mut e = Entries::default();
+        for (k, v) in m.endpoints.iter().filter_map(|r| r.ok()) {
+            if k.slot == slot {
+                e.endpoints.insert(EndpointKey { slot: 0, ..k }, v);
+            }
+        }
+        for (k, v) in m.addrs.iter().filter_map(|r| r.ok()) {
+            if k.slot == slot {
+                e.addrs.insert(AddrKey { slot: 0, ..k }, v);
+            }
+        }
+        for (k, v) in m.ranges.iter().filter_map(|r| r.ok()) {
+            if k.data().slot == slot {
+                e.ranges.insert(
+                    (
+                        k.prefix_len(),
+                        RangeKey {
+                            slot: 0,
+                            ..k.data()
+                        },
+                    ),
+                    v,
+                );
+            }
+        }
+        for k in m.ports.keys().filter_map(|r| r.ok()) {
+            if k.data().data[0] == slot {
+                e.ports.insert((k.prefix_len(), with_slot(&k.data(), 0)));
+            }
+        }
+        for k in m.named.keys().filter_map(|r| r.ok()) {
+            if k.slot == slot {
+                e.named.insert(NamedKey { slot: 0, ..k });
+            }
+        }
+        // Mark indices are shared by both slots.
+        for k in m.local.keys().filter_map(|r| r.ok()) {
+            e.local.insert(LocalAddr {
+                family: k.family,
+                _pad: [0; 3],
+                addr: k.addr,
+            });
+        }
+        e
+    }
+}
+
+fn with_slot(k: &PortKey, slot: u8) -> PortKey {
+    let mut k = *k;
+    k.data[0] = slot;
+    k
+}
+
+/// Removing what is already gone is success (a replay after a crash may repeat removals).
+fn gone(r: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

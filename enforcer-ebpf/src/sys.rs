@@ -1,0 +1,193 @@
+//! The few kernel calls aya 0.14 does not offer: `BPF_PROG_TEST_RUN` on a tc program, the
+//! RCU barrier behind a version flip, and mounting bpffs. All `unsafe` of the crate is here.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `union bpf_attr` is larger than any command's part of it; the kernel wants the rest zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+
+    fn put_u32(&mut self, at: usize, v: u32) -> &mut Self {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn put_u64(&mut self, at: usize, v: u64) -> &mut Self {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        u32::from_ne_bytes(self.0[at..at + 4].try_into().expect("4 bytes"))
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, writable `bpf_attr`-sized buffer that outlives the call;
+    // every pointer stored in it points into memory the caller keeps alive.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            std::mem::size_of::<Attr>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn map_create(map_type: u32, key: u32, value: u32, max: u32, inner: i32) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.put_u32(0, map_type)
+        .put_u32(4, key)
+        .put_u32(8, value)
+        .put_u32(12, max)
+        .put_u32(20, inner as u32);
+    let fd = bpf(BPF_MAP_CREATE, &mut a)? as i32;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until every BPF program that may have read a map before this call has finished.
+///
+/// The kernel promises exactly that after an update of a map-of-maps
+/// (`maybe_wait_bpf_programs`: a `synchronize_rcu`). tc programs run inside an RCU read
+/// section, so after the selector flips and this returns, no packet still reads the old slot.
+pub struct Barrier {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl Barrier {
+    pub fn new() -> io::Result<Self> {
+        let inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0)?;
+        let outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, inner.as_raw_fd())?;
+        Ok(Barrier { outer, inner })
+    }
+
+    pub fn wait(&self) -> io::Result<()> {
+        let key: u32 = 0;
+        let value: u32 = self.inner.as_raw_fd() as u32;
+        let mut a = Attr::new();
+        a.put_u32(0, self.outer.as_raw_fd() as u32)
+            .put_u64(8, &key as *const u32 as u64)
+            .put_u64(16, &value as *const u32 as u64);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
+    }
+}
+
+/// What one `BPF_PROG_TEST_RUN` of a tc program returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestRun {
+    pub retval: u32,
+    /// `skb->mark` after the run.
+    pub mark: u32,
+}
+
+/// Offsets in `struct __sk_buff` (uapi, stable).
+const SKB_MARK: usize = 8;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_SIZE: usize = 192;
+
+/// Runs a tc program once on `frame` (an Ethernet frame) with the given mark and ingress
+/// interface (0: generated on this host).
+pub fn test_run(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    mark: u32,
+    ingress_ifindex: u32,
+) -> io::Result<TestRun> {
+    let mut ctx_in = [0u8; SKB_SIZE];
+    ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+    ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut ctx_out = [0u8; SKB_SIZE];
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut a = Attr::new();
+    a.put_u32(0, prog.as_raw_fd() as u32)
+        .put_u32(8, frame.len() as u32)
+        .put_u32(12, out.len() as u32)
+        .put_u64(16, frame.as_ptr() as u64)
+        .put_u64(24, out.as_mut_ptr() as u64)
+        .put_u32(32, 1)
+        .put_u32(40, SKB_SIZE as u32)
+        .put_u32(44, SKB_SIZE as u32)
+        .put_u64(48, ctx_in.as_ptr() as u64)
+        .put_u64(56, ctx_out.as_mut_ptr() as u64);
+    bpf(BPF_PROG_TEST_RUN, &mut a)?;
+    Ok(TestRun {
+        retval: a.u32_at(4),
+        mark: u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes")),
+    })
+}
+
+/// Mounts a bpffs at `path` unless one is there already. `ip netns exec` remounts /sys, so
+/// enforcers in network namespaces pin under a bpffs mounted elsewhere (shared by all of
+/// them, each under its own node directory).
+pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    if is_bpffs(path)? {
+        return Ok(());
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let fs = CString::new("bpf").expect("no NUL");
+    // SAFETY: every argument is a valid NUL-terminated string or null.
+    let r = unsafe { libc::mount(fs.as_ptr(), c.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `st` is written by statfs before it is read.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Interfaces of the current network namespace: (index, name).
+pub fn interfaces() -> io::Result<Vec<(u32, String)>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+        Ok(out)
+    }
+}
