@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "model")]
     mode: Mode,
     /// Enforce with this dataplane on a netns cluster with real packets (needs root).
-    #[arg(long, value_parser = ["nft"])]
+    #[arg(long, value_parser = ["nft", "ebpf"])]
     backend: Option<String>,
     /// Address families to run.
     #[arg(long, default_value = "both", value_parser = ["ipv4", "ipv6", "both"])]

@@ -224,6 +224,19 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches both programs to `iface` and detaches them again (the capability probe).
+    pub fn probe_attach(&mut self, iface: &str) -> Result<()> {
+        for (name, ty) in [(INGRESS, TcAttachType::Ingress), (EGRESS, TcAttachType::Egress)] {
+            let prog = self.program(name)?;
+            let id = prog
+                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
+            prog.detach(id)
+                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
+        }
+        Ok(())
+    }
+
     pub fn meta(&self) -> Result<Meta> {
         self.maps
             .meta

@@ -11,6 +11,7 @@
 
 pub mod dataplane;
 pub mod entries;
+pub mod probe;
 pub mod sys;
 
 use std::collections::BTreeMap;
@@ -63,6 +64,10 @@ impl EbpfBackend {
             bpffs,
             node: node.to_string(),
         })
+    }
+
+    pub fn set_probes(&mut self, probes: BTreeMap<String, String>) {
+        self.probes = probes;
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {

@@ -191,3 +191,38 @@ pub fn interfaces() -> io::Result<Vec<(u32, String)>> {
         Ok(out)
     }
 }
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+fn map_create_flags(map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.put_u32(0, map_type)
+        .put_u32(4, key)
+        .put_u32(8, value)
+        .put_u32(12, max)
+        .put_u32(16, flags);
+    let fd = bpf(BPF_MAP_CREATE, &mut a)? as i32;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the bpf() syscall works at all (a one-entry array, closed at once).
+pub fn map_probe() -> io::Result<()> {
+    map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0).map(drop)
+}
+
+/// Each map type the datapath declares, created small and closed.
+pub fn map_type_probes() -> Vec<(&'static str, io::Result<()>)> {
+    vec![
+        ("hash", map_create_flags(BPF_MAP_TYPE_HASH, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop)),
+        ("lru_hash", map_create_flags(BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0).map(drop)),
+        // LPM keys: 4 bytes of prefix length, then data.
+        ("lpm_trie", map_create_flags(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop)),
+        ("percpu_array", map_create_flags(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0).map(drop)),
+        ("array_of_maps", Barrier::new().map(drop)),
+    ]
+}

@@ -53,6 +53,8 @@ pub struct NftBackend {
     max_elements: usize,
     version: String,
     lock: nft::TxLock,
+    /// Other probes' findings (why not eBPF), reported with this backend's own.
+    probes: BTreeMap<String, String>,
 }
 
 impl NftBackend {
@@ -74,7 +76,14 @@ impl NftBackend {
             max_elements,
             version,
             lock,
+            probes: BTreeMap::new(),
         })
+    }
+
+    /// Reports `probes` (e.g. the eBPF probe that failed) alongside nft's own.
+    pub fn with_probes(mut self, probes: BTreeMap<String, String>) -> Self {
+        self.probes = probes;
+        self
     }
 
     /// Checks that `nft` works here (the capability probe for this backend).
@@ -170,10 +179,12 @@ impl Backend for NftBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::of_this_kernel(BTreeMap::from([(
+        let mut probes = self.probes.clone();
+        probes.insert(
             "nft".to_string(),
             NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
-        )]))
+        );
+        Capabilities::of_this_kernel(probes)
     }
 
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {

@@ -76,7 +76,12 @@ pub struct Args {
 /// Runs the enforcer with `backend` until SIGTERM/ctrl-c; `selection` says how the backend
 /// was chosen (logged).
 pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<()> {
-    moat_telemetry::init_logging(&args.log)?;
+    // A binary may have set up logging already (to log its backend probe).
+    if let Err(e) = moat_telemetry::init_logging(&args.log)
+        && !tracing::dispatcher::has_been_set()
+    {
+        return Err(e);
+    }
     let transport = if args.insecure_dev_plaintext {
         warn!(
             "!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!"

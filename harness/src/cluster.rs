@@ -113,7 +113,28 @@ pub fn sweep() {
     }
 }
 
+/// The bpffs every harness node pins its eBPF maps and links under, each in a directory
+/// named after its namespace. Mounted here, in the test's own mount namespace, because
+/// `ip netns exec` remounts /sys (and with it /sys/fs/bpf) for the commands it runs.
+pub const BPFFS: &str = "/run/moat-harness/bpf";
+
+/// Mounts [`BPFFS`] unless a bpffs is there already.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    std::fs::create_dir_all(BPFFS)?;
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS));
+    if !mounted {
+        let st = Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]).status()?;
+        anyhow::ensure!(st.success(), "mount -t bpf bpf {BPFFS} failed");
+    }
+    Ok(())
+}
+
 fn delete_netns(name: &str) {
+    // Pins of the node's eBPF dataplane: without them its programs and maps go with the
+    // namespace's interfaces.
+    let _ = std::fs::remove_dir_all(std::path::Path::new(BPFFS).join(name));
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = Command::new("kill").args(["-9", pid]).status();

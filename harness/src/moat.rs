@@ -54,6 +54,7 @@ impl Moat {
     /// enforcer's `--backend`). `node_names[i]` is node `i`'s name in the manifests.
     pub fn start(spec: Spec, node_names: Vec<String>, backend: &str) -> Result<Moat> {
         let dir = tempfile::tempdir()?;
+        crate::cluster::ensure_bpffs()?;
         let cluster = Cluster::create(spec)?;
         let mut m = Moat {
             cluster,
@@ -172,7 +173,10 @@ impl Moat {
         let c = self.path("certs");
         let name = self.node_names[i].clone();
         let mut cmd = Command::new(binary("moat-enforcer")?);
+        let node_ns = self.cluster.node(i);
         cmd.args(["--backend", &self.backend, "--node", &name])
+            .arg("--bpffs")
+            .arg(std::path::Path::new(crate::cluster::BPFFS).join(&node_ns))
             .arg("--server")
             .arg(format!(
                 "https://{}:{SYNC_PORT}",

@@ -1,19 +1,27 @@
 //! `moat-enforcer`: the node agent with a real dataplane.
 
-use anyhow::{Result, bail};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
 use clap::Parser;
+use moat_enforcer::Backend as _;
 use moat_enforcer_nft::NftBackend;
 
 #[derive(Parser, Debug)]
 #[command(name = "moat-enforcer", version, about = "Moat node enforcer")]
 struct EnforcerArgs {
-    /// Dataplane: `auto` picks the best one this kernel can run (today: nftables), `nft`
-    /// forces nftables.
+    /// Dataplane: `auto` probes the kernel and runs eBPF where it can, nftables otherwise
+    /// (saying which probe failed); `ebpf` and `nft` force one.
     #[arg(long, env = "MOAT_BACKEND", default_value = "auto", value_parser = ["auto", "ebpf", "nft"])]
     backend: String,
     /// Largest table (elements) the nft backend accepts before refusing a version.
     #[arg(long, env = "MOAT_NFT_MAX_ELEMENTS", default_value_t = moat_enforcer_nft::DEFAULT_MAX_ELEMENTS)]
     nft_max_elements: usize,
+    /// A bpffs the eBPF dataplane pins its maps and links under (in `moat/<node>/`), mounted
+    /// there if it is not one yet. Pins outlive the enforcer, so a restart leaves no gap.
+    #[arg(long, env = "MOAT_BPFFS", default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
     /// Remove everything this node's dataplane holds, and exit.
     #[arg(long)]
     uninstall: bool,
@@ -21,27 +29,65 @@ struct EnforcerArgs {
     common: moat_enforcer::cli::Args,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = EnforcerArgs::parse();
-    let selection = match args.backend.as_str() {
-        "ebpf" => {
-            bail!("the eBPF dataplane is not built into this binary yet; use --backend nft or auto")
-        }
-        "auto" => "auto: nftables (the eBPF dataplane is not built into this binary yet)",
-        _ => "nftables (--backend nft)",
-    };
+fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBackend> {
     if let Err(why) = NftBackend::probe() {
         bail!("the nftables dataplane cannot run here: {why}");
     }
     std::fs::create_dir_all(&args.common.state_dir)?;
-    let mut backend = NftBackend::open(
+    Ok(NftBackend::open(
         args.nft_max_elements,
         &args.common.state_dir.join("nft.lock"),
-    )?;
+    )?
+    .with_probes(probes))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = EnforcerArgs::parse();
+    moat_telemetry::init_logging(&args.common.log)?;
+    let node = args.common.node.clone();
+    let ebpf = match args.backend.as_str() {
+        "nft" => None,
+        forced_or_auto => match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &node) {
+            Ok(b) => Some(b),
+            Err(failed) if forced_or_auto == "auto" => {
+                tracing::warn!(
+                    probe = %failed.probe,
+                    why = %failed.why,
+                    "the eBPF dataplane cannot run on this node; falling back to nftables"
+                );
+                let summary = format!("nft: {failed}");
+                let mut probes = failed.probes;
+                probes.insert("selected".into(), summary);
+                let backend = nft(&args, probes)?;
+                return run(args, backend, "auto: nftables (an eBPF probe failed)").await;
+            }
+            Err(failed) => bail!("--backend ebpf: {failed}"),
+        },
+    };
+    match ebpf {
+        Some(mut b) => {
+            let mut probes = b.capabilities().probes;
+            probes.insert("selected".into(), format!("ebpf: --backend {}", args.backend));
+            b.set_probes(probes);
+            run(args, b, "eBPF").await
+        }
+        None => {
+            let probes = BTreeMap::from([("selected".to_string(), "nft: --backend nft".to_string())]);
+            let backend = nft(&args, probes)?;
+            run(args, backend, "nftables (--backend nft)").await
+        }
+    }
+}
+
+async fn run<B: moat_enforcer::Backend>(
+    args: EnforcerArgs,
+    mut backend: B,
+    selection: &str,
+) -> Result<()> {
     if args.uninstall {
-        moat_enforcer::Backend::remove_all(&mut backend)?;
-        println!("removed the Moat nftables table");
+        backend.remove_all().context("uninstall")?;
+        println!("removed the Moat {} dataplane", backend.name());
         return Ok(());
     }
     moat_enforcer::cli::run(args.common, backend, selection).await
