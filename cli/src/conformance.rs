@@ -16,8 +16,9 @@ pub struct Args {
     /// The model (compiled snapshots and the reference evaluator), when no --backend is given.
     #[arg(long, value_enum, default_value = "model")]
     mode: Mode,
-    /// Enforce with this dataplane on a netns cluster with real packets (needs root).
-    #[arg(long, value_parser = ["nft", "ebpf"])]
+    /// Enforce with this dataplane on a netns cluster with real packets (needs root);
+    /// `mixed` runs eBPF and nft on alternate nodes.
+    #[arg(long, value_parser = ["nft", "ebpf", "mixed"])]
     backend: Option<String>,
     /// Address families to run.
     #[arg(long, default_value = "both", value_parser = ["ipv4", "ipv6", "both"])]

@@ -226,7 +226,10 @@ impl Dataplane {
 
     /// Attaches both programs to `iface` and detaches them again (the capability probe).
     pub fn probe_attach(&mut self, iface: &str) -> Result<()> {
-        for (name, ty) in [(INGRESS, TcAttachType::Ingress), (EGRESS, TcAttachType::Egress)] {
+        for (name, ty) in [
+            (INGRESS, TcAttachType::Ingress),
+            (EGRESS, TcAttachType::Egress),
+        ] {
             let prog = self.program(name)?;
             let id = prog
                 .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))

@@ -198,7 +198,13 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-fn map_create_flags(map_type: u32, key: u32, value: u32, max: u32, flags: u32) -> io::Result<OwnedFd> {
+fn map_create_flags(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
     let mut a = Attr::new();
     a.put_u32(0, map_type)
         .put_u32(4, key)
@@ -218,11 +224,23 @@ pub fn map_probe() -> io::Result<()> {
 /// Each map type the datapath declares, created small and closed.
 pub fn map_type_probes() -> Vec<(&'static str, io::Result<()>)> {
     vec![
-        ("hash", map_create_flags(BPF_MAP_TYPE_HASH, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop)),
-        ("lru_hash", map_create_flags(BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0).map(drop)),
+        (
+            "hash",
+            map_create_flags(BPF_MAP_TYPE_HASH, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop),
+        ),
+        (
+            "lru_hash",
+            map_create_flags(BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0).map(drop),
+        ),
         // LPM keys: 4 bytes of prefix length, then data.
-        ("lpm_trie", map_create_flags(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop)),
-        ("percpu_array", map_create_flags(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0).map(drop)),
+        (
+            "lpm_trie",
+            map_create_flags(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop),
+        ),
+        (
+            "percpu_array",
+            map_create_flags(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0).map(drop),
+        ),
         ("array_of_maps", Barrier::new().map(drop)),
     ]
 }

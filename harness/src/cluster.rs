@@ -125,7 +125,9 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
         .lines()
         .any(|l| l.split_whitespace().nth(1) == Some(BPFFS));
     if !mounted {
-        let st = Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]).status()?;
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .status()?;
         anyhow::ensure!(st.success(), "mount -t bpf bpf {BPFFS} failed");
     }
     Ok(())

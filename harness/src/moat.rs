@@ -71,6 +71,14 @@ impl Moat {
         Ok(m)
     }
 
+    /// Node `i`'s `--backend`: `mixed` alternates eBPF and nft across nodes.
+    pub fn backend_of(&self, i: usize) -> &str {
+        match self.backend.as_str() {
+            "mixed" => ["ebpf", "nft"][i % 2],
+            b => b,
+        }
+    }
+
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
@@ -174,7 +182,7 @@ impl Moat {
         let name = self.node_names[i].clone();
         let mut cmd = Command::new(binary("moat-enforcer")?);
         let node_ns = self.cluster.node(i);
-        cmd.args(["--backend", &self.backend, "--node", &name])
+        cmd.args(["--backend", self.backend_of(i), "--node", &name])
             .arg("--bpffs")
             .arg(std::path::Path::new(crate::cluster::BPFFS).join(&node_ns))
             .arg("--server")

@@ -1,6 +1,6 @@
-//! Enforcement on real packets beyond the conformance matrix, with the nft dataplane:
+//! Enforcement on real packets beyond the conformance matrix, with each dataplane:
 //! ClusterIP services (egress judged after DNAT), traffic from nodes, ICMP, connection state
-//! across policy changes and enforcer restarts, and enforcers killed mid-transaction.
+//! across policy changes and enforcer restarts, and (nft) enforcers killed mid-transaction.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -12,15 +12,39 @@ use moat_integration::world::{PROBE, World, tcp};
 
 const BACKEND: &str = "nft";
 
+/// The same test on each dataplane: their verdicts must not differ.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod nft {
+            $(#[test]
+            fn $name() {
+                super::$name("nft")
+            })*
+        }
+        mod ebpf {
+            $(#[test]
+            fn $name() {
+                super::$name("ebpf")
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port,
+    a_node_reaches_its_own_pods_and_other_nodes_only_by_policy,
+    a_port_less_rule_allows_ping_and_a_ported_rule_does_not,
+    established_connections_survive_changes_that_still_allow_them_and_restarts,
+);
+
 fn policy(name: &str, ns: &str, spec: &str) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
     )
 }
 
-#[test]
-fn egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port() {
-    let mut w = World::start(BACKEND);
+fn egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port(backend: &str) {
+    let mut w = World::start(backend);
     let id = w.spec.id;
     let node = w.pod("x/a").node;
     let svc = |n: u8| {
@@ -74,9 +98,8 @@ fn egress_to_a_cluster_ip_is_judged_against_the_backend_pod_and_target_port() {
     );
 }
 
-#[test]
-fn a_node_reaches_its_own_pods_and_other_nodes_only_by_policy() {
-    let mut w = World::start(BACKEND);
+fn a_node_reaches_its_own_pods_and_other_nodes_only_by_policy(backend: &str) {
+    let mut w = World::start(backend);
     let home = w.pod("x/a").node;
     let other = (home + 1) % w.spec.nodes;
     let node_probe = |w: &World, i: usize| {
@@ -116,9 +139,8 @@ fn a_node_reaches_its_own_pods_and_other_nodes_only_by_policy() {
     assert!(!w.reach("y/a", "x/a", Proto::Tcp, 80), "pods still denied");
 }
 
-#[test]
-fn a_port_less_rule_allows_ping_and_a_ported_rule_does_not() {
-    let mut w = World::start(BACKEND);
+fn a_port_less_rule_allows_ping_and_a_ported_rule_does_not(backend: &str) {
+    let mut w = World::start(backend);
     let ping = |w: &mut World, from: &str| w.reach(from, "x/a", Proto::Icmp, 0);
     assert!(ping(&mut w, "z/b"), "ping works without policy");
     w.apply(&[policy(
@@ -139,9 +161,8 @@ fn a_port_less_rule_allows_ping_and_a_ported_rule_does_not() {
     assert!(!w.reach("y/b", "x/a", Proto::Tcp, 81));
 }
 
-#[test]
-fn established_connections_survive_changes_that_still_allow_them_and_restarts() {
-    let mut w = World::start(BACKEND);
+fn established_connections_survive_changes_that_still_allow_them_and_restarts(backend: &str) {
+    let mut w = World::start(backend);
     let allow = |ports: &str| {
         policy(
             "from-y",

@@ -68,12 +68,16 @@ async fn main() -> Result<()> {
     match ebpf {
         Some(mut b) => {
             let mut probes = b.capabilities().probes;
-            probes.insert("selected".into(), format!("ebpf: --backend {}", args.backend));
+            probes.insert(
+                "selected".into(),
+                format!("ebpf: --backend {}", args.backend),
+            );
             b.set_probes(probes);
             run(args, b, "eBPF").await
         }
         None => {
-            let probes = BTreeMap::from([("selected".to_string(), "nft: --backend nft".to_string())]);
+            let probes =
+                BTreeMap::from([("selected".to_string(), "nft: --backend nft".to_string())]);
             let backend = nft(&args, probes)?;
             run(args, backend, "nftables (--backend nft)").await
         }
