@@ -122,6 +122,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                         "lag_versions": n.lag_versions, "lag_seconds": n.lag_seconds,
                         "last_error": n.last_error, "applied_digest": n.applied_digest,
                         "latest_digest": n.latest_digest, "last_ack_unix_micros": n.last_ack_unix_micros,
+                        "selection": n.selection,
                     })
                 })
                 .collect();
@@ -253,6 +254,14 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
     println!("{}", line(header.to_vec()));
     for r in &rows {
         println!("{}", line(r.iter().map(String::as_str).collect()));
+    }
+    // Why each node runs its backend (a fallback names the probe that failed).
+    let why: Vec<_> = nodes.iter().filter(|n| !n.selection.is_empty()).collect();
+    if !why.is_empty() {
+        println!("backend selection:");
+        for n in why {
+            println!("  {}: {}", n.node, n.selection);
+        }
     }
 }
 

@@ -32,8 +32,9 @@ pub struct Args {
         default_value = "examples/three-tier/shop.yaml"
     )]
     policies: PathBuf,
-    /// Dataplane of the enforcers.
-    #[arg(long, env = "MOAT_DEMO_BACKEND", default_value = "nft")]
+    /// Dataplane of the enforcers: `auto` (eBPF where the kernel can run it), `ebpf`, `nft`,
+    /// or `mixed` (eBPF and nft on alternate nodes).
+    #[arg(long, env = "MOAT_DEMO_BACKEND", default_value = "auto", value_parser = ["auto", "ebpf", "nft", "mixed"])]
     backend: String,
     /// Keep everything running after the demo until Ctrl-C (edit the printed manifest
     /// directory to change policy live).

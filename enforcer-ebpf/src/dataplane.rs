@@ -27,6 +27,14 @@ use crate::sys::{self, Barrier, TestRun};
 /// The datapath object, built by build.rs.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat-datapath"));
 
+/// Loads the datapath from this file instead of the built-in object (to try a build).
+pub const OBJECT_ENV: &str = "MOAT_EBPF_OBJECT";
+
+/// The datapath object built into this binary.
+pub fn builtin_object() -> &'static [u8] {
+    PROGRAM
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("bpffs at {0}: {1}")]
@@ -92,9 +100,17 @@ impl Dataplane {
         for d in [&dir, &links] {
             std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
         }
+        let object = match std::env::var_os(OBJECT_ENV) {
+            Some(path) => {
+                info!(path = %path.to_string_lossy(), "loading the datapath from {OBJECT_ENV}");
+                std::fs::read(&path)
+                    .map_err(|e| DataplaneError::Sys("reading MOAT_EBPF_OBJECT", e))?
+            }
+            None => PROGRAM.to_vec(),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
-            .load(PROGRAM)?;
+            .load(&object)?;
         for name in [INGRESS, EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

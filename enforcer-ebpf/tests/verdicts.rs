@@ -352,3 +352,25 @@ fn a_new_version_replaces_the_old_whole() {
     );
     assert!(b.dp.read_slot(0).is_empty() && b.dp.read_slot(1).is_empty());
 }
+
+#[test]
+fn a_syn_on_a_remembered_tuple_is_judged_again() {
+    let mut b = Bed::new("syn");
+    let mut d = policy();
+    b.install(&d);
+    let syn4 = V4::new("10.0.1.5", "10.0.0.1", TCP).frame(&syn(1000, 80));
+    assert_eq!(b.egress(&syn4), OK);
+    d.rulesets.get_mut("i_a").unwrap().gx.clear();
+    b.install(&d);
+    assert_eq!(
+        b.egress(&tcp4("10.0.1.5", "10.0.0.1", 1000, 80)),
+        OK,
+        "the open connection"
+    );
+    assert_eq!(b.egress(&syn4), SHOT, "a new connection on the same ports");
+    let reply = tcp4("10.0.0.1", "10.0.1.5", 80, 1000);
+    let mut syn_back = reply.clone();
+    syn_back[14 + 20 + 13] = 0x02;
+    assert_ne!(b.ingress(&reply) & MARK_REPLY, 0);
+    assert_eq!(b.ingress(&syn_back) & MARK_REPLY, 0, "a SYN never answers");
+}

@@ -21,6 +21,9 @@ pub struct Moat {
     pub dir: tempfile::TempDir,
     pub node_names: Vec<String>,
     pub backend: String,
+    /// Node index → a command line node's enforcer runs under (e.g. `env VAR=…`, a seccomp
+    /// wrapper), the enforcer and its arguments appended.
+    pub wrappers: std::collections::BTreeMap<usize, Vec<String>>,
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
@@ -53,6 +56,16 @@ impl Moat {
     /// Builds the cluster and starts the server and one enforcer per node (`backend`: the
     /// enforcer's `--backend`). `node_names[i]` is node `i`'s name in the manifests.
     pub fn start(spec: Spec, node_names: Vec<String>, backend: &str) -> Result<Moat> {
+        Self::start_wrapped(spec, node_names, backend, Default::default())
+    }
+
+    /// [`start`](Self::start), with some enforcers run under a wrapper command.
+    pub fn start_wrapped(
+        spec: Spec,
+        node_names: Vec<String>,
+        backend: &str,
+        wrappers: std::collections::BTreeMap<usize, Vec<String>>,
+    ) -> Result<Moat> {
         let dir = tempfile::tempdir()?;
         crate::cluster::ensure_bpffs()?;
         let cluster = Cluster::create(spec)?;
@@ -61,6 +74,7 @@ impl Moat {
             dir,
             node_names,
             backend: backend.to_string(),
+            wrappers,
         };
         m.certs()?;
         std::fs::create_dir_all(m.manifests())?;
@@ -180,7 +194,15 @@ impl Moat {
     pub fn start_enforcer(&mut self, i: usize) -> Result<()> {
         let c = self.path("certs");
         let name = self.node_names[i].clone();
-        let mut cmd = Command::new(binary("moat-enforcer")?);
+        let enforcer = binary("moat-enforcer")?;
+        let mut cmd = match self.wrappers.get(&i) {
+            Some(w) if !w.is_empty() => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]).arg(enforcer);
+                c
+            }
+            _ => Command::new(enforcer),
+        };
         let node_ns = self.cluster.node(i);
         cmd.args(["--backend", self.backend_of(i), "--node", &name])
             .arg("--bpffs")

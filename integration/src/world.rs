@@ -33,10 +33,20 @@ impl World {
     /// Builds the cluster, starts the server and an enforcer (`backend`) per node, and waits
     /// until every node enforces the policy-free base state.
     pub fn start(backend: &str) -> World {
+        Self::start_wrapped(backend, Default::default())
+    }
+
+    /// [`start`](Self::start) with some nodes' enforcers under a wrapper command (see
+    /// `Moat::wrappers`).
+    pub fn start_wrapped(
+        backend: &str,
+        wrappers: std::collections::BTreeMap<usize, Vec<String>>,
+    ) -> World {
         let s = slot().expect("address slot");
         let spec = packets::spec(s.id);
         let names = (0..spec.nodes).map(node_name).collect();
-        let moat = Moat::start(spec.clone(), names, backend).expect("starting moat");
+        let moat =
+            Moat::start_wrapped(spec.clone(), names, backend, wrappers).expect("starting moat");
         let w = World {
             moat,
             spec,

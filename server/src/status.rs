@@ -25,6 +25,8 @@ pub enum StreamEvent {
     Connected {
         backend: String,
         kernel: String,
+        /// The enforcer's "selected" probe: why it runs this backend.
+        selection: String,
     },
     Acked {
         version: VersionRef,
@@ -46,6 +48,7 @@ pub enum StreamEvent {
 struct NodeState {
     backend: String,
     kernel: String,
+    selection: String,
     streams: u32,
     applied: Option<VersionRef>,
     last_error: String,
@@ -73,6 +76,7 @@ impl Fleet {
                 NodeState {
                     backend: s.backend,
                     kernel: s.kernel,
+                    selection: s.selection,
                     applied: applied.filter(|a| a.version > 0),
                     last_error: s.last_error,
                     last_ack: (s.last_ack_unix_micros > 0)
@@ -127,10 +131,15 @@ impl Fleet {
             .entry((Arc::from(cluster), Arc::from(node)))
             .or_default();
         match ev {
-            StreamEvent::Connected { backend, kernel } => {
+            StreamEvent::Connected {
+                backend,
+                kernel,
+                selection,
+            } => {
                 n.streams += 1;
                 n.backend = backend;
                 n.kernel = kernel;
+                n.selection = selection;
             }
             StreamEvent::Acked { version, .. } => {
                 n.applied = Some(version);
@@ -159,6 +168,7 @@ impl Fleet {
             last_ack_unix_micros: n.last_ack.map_or(0, micros),
             published_version: latest.map_or(0, |v| v.version),
             published_digest: latest.map(|v| v.digest.0.to_vec()).unwrap_or_default(),
+            selection: n.selection.clone(),
         })
     }
 
@@ -208,6 +218,7 @@ impl Fleet {
                     last_ack_unix_micros: n.last_ack.map_or(0, micros),
                     applied_digest: n.applied.map(|a| a.digest.to_string()).unwrap_or_default(),
                     latest_digest: latest.map(|v| v.digest.to_string()).unwrap_or_default(),
+                    selection: n.selection.clone(),
                 }
             })
             .collect()

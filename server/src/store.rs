@@ -85,6 +85,8 @@ pub struct StoredStatus {
     pub published_version: u64,
     #[prost(bytes = "vec", tag = "8")]
     pub published_digest: Vec<u8>,
+    #[prost(string, tag = "9")]
+    pub selection: String,
 }
 
 pub struct Store {

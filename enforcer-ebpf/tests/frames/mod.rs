@@ -103,6 +103,14 @@ pub fn ports(sport: u16, dport: u16) -> Vec<u8> {
     b
 }
 
+/// A TCP header with only SYN set.
+pub fn syn(sport: u16, dport: u16) -> Vec<u8> {
+    let mut b = ports(sport, dport);
+    b[12] = 0x50;
+    b[13] = 0x02;
+    b
+}
+
 pub fn icmp(ty: u8, code: u8, id: u16) -> Vec<u8> {
     let mut b = vec![ty, code, 0, 0];
     b.extend_from_slice(&id.to_be_bytes());

@@ -149,6 +149,11 @@ impl<S: Source> Stream<S> {
                     .as_ref()
                     .map(|c| c.kernel.clone())
                     .unwrap_or_default(),
+                selection: hello
+                    .capabilities
+                    .as_ref()
+                    .and_then(|c| c.probes.get("selected").cloned())
+                    .unwrap_or_default(),
             },
         );
         let _connected = Connected {

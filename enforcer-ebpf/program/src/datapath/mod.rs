@@ -50,10 +50,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(moat_ebpf_common::COUNTE
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Idle time after which a remembered flow is new again (the kernel's established TCP
-/// timeout is days; ours only has to outlive real idle connections).
+/// Idle time after which a remembered flow is new again: TCP as long as real idle
+/// connections live (conntrack's established timeout is days); other protocols as
+/// conntrack's UDP stream timeout.
 const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
-const OTHER_IDLE_NS: u64 = 180 * 1_000_000_000;
+const OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
 
 #[classifier]
 pub fn moat_ingress(ctx: TcContext) -> i32 {
@@ -121,7 +122,8 @@ fn answers_allowed(p: &Pkt) -> bool {
             }
             hit
         }
-        _ => seen(&p.flow().reversed()),
+        // A SYN opens a connection; it never answers one.
+        _ => p.syn == 0 && seen(&p.flow().reversed()),
     }
 }
 
@@ -186,7 +188,7 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
         return Ok(frag_verdict(&p.frag_key()) == Some(1));
     }
     let flow = p.flow();
-    if p.has_inner == 0 && seen(&flow) {
+    if p.has_inner == 0 && p.syn == 0 && seen(&flow) {
         count(CNT_ESTABLISHED);
         return Ok(true);
     }

@@ -47,7 +47,9 @@ pub struct Pkt {
     pub has_inner: u8,
     /// Neighbour discovery and router messages: never policy's business.
     pub nd: u8,
-    pub _pad: u8,
+    /// A TCP SYN without ACK: always a new connection, even on a remembered tuple (as
+    /// conntrack reopens a tuple in TIME_WAIT), so a reused source port is judged again.
+    pub syn: u8,
 }
 
 impl Pkt {
@@ -64,7 +66,7 @@ impl Pkt {
         frag: FRAG_NONE,
         has_inner: 0,
         nd: 0,
-        _pad: 0,
+        syn: 0,
     };
 }
 
@@ -186,7 +188,15 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
 
 fn l4(ctx: &TcContext, p: &mut Pkt, off: usize) -> Result<(), ()> {
     match p.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+        IPPROTO_TCP => {
+            let b: [u8; 14] = ctx.load(off).map_err(|_| ())?;
+            p.sport = be16(&b, 0);
+            p.dport = be16(&b, 2);
+            p.port = p.dport;
+            // Flags: SYN 0x02, ACK 0x10.
+            p.syn = u8::from(b[13] & 0x12 == 0x02);
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
             let b: [u8; 4] = ctx.load(off).map_err(|_| ())?;
             p.sport = be16(&b, 0);
             p.dport = be16(&b, 2);
