@@ -7,6 +7,7 @@
 
 mod alloc;
 mod datapath;
+mod ebpfbench;
 mod kube;
 mod netns;
 mod nftapply;
@@ -87,6 +88,18 @@ enum Command {
         full_runs: usize,
         #[arg(long, default_value_t = 101)]
         delta_runs: usize,
+    },
+    /// The eBPF dataplane: per-packet cost (kernel-timed test runs) and apply times (root;
+    /// private netns).
+    EbpfApply {
+        #[arg(long, default_value_t = 10_000)]
+        rules: usize,
+        #[arg(long, default_value_t = 15)]
+        full_runs: usize,
+        #[arg(long, default_value_t = 101)]
+        delta_runs: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// The nft dataplane on packets in the netns harness (root; release binaries built).
     Datapath {
@@ -186,6 +199,16 @@ fn main() -> Result<()> {
             }
         }
         Command::NftCompute { rules, runs } => nftapply::compute_loop(rules, runs),
+        Command::EbpfApply {
+            rules,
+            full_runs,
+            delta_runs,
+            rounds,
+        } => {
+            if netns::inside()? {
+                print!("{}", ebpfbench::run(rules, full_runs, delta_runs, rounds)?);
+            }
+        }
         Command::Datapath { rounds, secs, only } => {
             print!("{}", datapath::run(rounds, secs, only.as_deref())?)
         }

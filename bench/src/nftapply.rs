@@ -22,7 +22,7 @@ use crate::policies;
 
 const LOCAL_PODS: usize = 100;
 
-fn objects(rules: usize, with_client: bool) -> Vec<K8sObject> {
+pub(crate) fn objects(rules: usize, with_client: bool) -> Vec<K8sObject> {
     let mut out = Vec::new();
     for (i, n) in ["n0", "n1"].iter().enumerate() {
         out.push(K8sObject::Node(k8s(json!({"metadata": {"name": n},
@@ -63,7 +63,7 @@ fn objects(rules: usize, with_client: bool) -> Vec<K8sObject> {
     out
 }
 
-fn snapshot(objects: &[K8sObject]) -> moat_policy::ir::NodeSnapshot {
+pub(crate) fn snapshot(objects: &[K8sObject]) -> moat_policy::ir::NodeSnapshot {
     Index::build(parse_all(objects)).snapshot("n0").expect("n0")
 }
 
@@ -71,18 +71,18 @@ fn nft(script: &str) -> Result<()> {
     crate::netns::nft(None, script)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-fn spread(v: &[Duration]) -> String {
+pub(crate) fn spread(v: &[Duration]) -> String {
     let min = v.iter().min().expect("samples");
     let max = v.iter().max().expect("samples");
     format!("{:.1}–{:.1} ms", ms(*min), ms(*max))
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 

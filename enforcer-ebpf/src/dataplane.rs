@@ -163,9 +163,22 @@ impl Dataplane {
         mark: u32,
         ingress_ifindex: u32,
     ) -> Result<TestRun> {
+        self.test_run_repeat(name, frame, mark, ingress_ifindex, 1)
+    }
+
+    /// [`test_run`](Self::test_run) `repeat` times on the same packet; the result carries
+    /// the kernel's mean time per run.
+    pub fn test_run_repeat(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        mark: u32,
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRun> {
         let prog = self.program(name)?;
         let fd = prog.fd().map_err(|e| DataplaneError::Program(name, e))?;
-        sys::test_run(fd.as_fd(), frame, mark, ingress_ifindex)
+        sys::test_run_repeat(fd.as_fd(), frame, mark, ingress_ifindex, repeat)
             .map_err(|e| DataplaneError::Sys("BPF_PROG_TEST_RUN", e))
     }
 
@@ -450,8 +463,6 @@ impl Dataplane {
         for (i, name) in [
             (CNT_ALLOWED, "allowed"),
             (CNT_DENIED, "denied"),
-            (CNT_ESTABLISHED, "established"),
-            (CNT_REPLY, "reply"),
             (CNT_MALFORMED, "malformed"),
         ] {
             if let Ok(v) = self.maps.counters.get(&i, 0) {

@@ -101,6 +101,8 @@ pub struct TestRun {
     pub retval: u32,
     /// `skb->mark` after the run.
     pub mark: u32,
+    /// Mean time of one run of the program, as the kernel measured it (ns).
+    pub duration_ns: u32,
 }
 
 /// Offsets in `struct __sk_buff` (uapi, stable).
@@ -116,6 +118,17 @@ pub fn test_run(
     mark: u32,
     ingress_ifindex: u32,
 ) -> io::Result<TestRun> {
+    test_run_repeat(prog, frame, mark, ingress_ifindex, 1)
+}
+
+/// [`test_run`], the program run `repeat` times on the same packet (for timing).
+pub fn test_run_repeat(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    mark: u32,
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> io::Result<TestRun> {
     let mut ctx_in = [0u8; SKB_SIZE];
     ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
     ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
@@ -128,7 +141,7 @@ pub fn test_run(
         .put_u32(12, out.len() as u32)
         .put_u64(16, frame.as_ptr() as u64)
         .put_u64(24, out.as_mut_ptr() as u64)
-        .put_u32(32, 1)
+        .put_u32(32, repeat)
         .put_u32(40, SKB_SIZE as u32)
         .put_u32(44, SKB_SIZE as u32)
         .put_u64(48, ctx_in.as_ptr() as u64)
@@ -136,6 +149,7 @@ pub fn test_run(
     bpf(BPF_PROG_TEST_RUN, &mut a)?;
     Ok(TestRun {
         retval: a.u32_at(4),
+        duration_ns: a.u32_at(36),
         mark: u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().expect("4 bytes")),
     })
 }

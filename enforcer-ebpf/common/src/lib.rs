@@ -39,8 +39,6 @@ pub const MAX_LOCAL: u32 = 255;
 /// Counter indices in the per-CPU `COUNTERS` array.
 pub const CNT_ALLOWED: u32 = 0;
 pub const CNT_DENIED: u32 = 1;
-pub const CNT_ESTABLISHED: u32 = 2;
-pub const CNT_REPLY: u32 = 3;
 pub const CNT_FRAG_DENIED: u32 = 4;
 pub const CNT_MALFORMED: u32 = 5;
 pub const COUNTERS: u32 = 8;
@@ -164,8 +162,9 @@ pub struct LocalKey {
     pub addr: [u8; 16],
 }
 
-/// A connection as first judged (after DNAT): the reply is looked up reversed.
-#[repr(C)]
+/// A connection as first judged (after DNAT): the reply is looked up reversed. 8-byte
+/// aligned (40 bytes: no padding) so the program copies it in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub family: u8,
@@ -201,7 +200,7 @@ pub struct FlowVal {
 }
 
 /// The first fragment's identity: later fragments carry no ports and follow its verdict.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FragKey {
     pub family: u8,

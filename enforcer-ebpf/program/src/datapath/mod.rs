@@ -13,7 +13,7 @@
 mod parse;
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
@@ -38,8 +38,9 @@ static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC
 static LOCAL: HashMap<LocalKey, u32> = HashMap::pinned(2 * MAX_LOCAL, 0);
 #[map]
 static LOCAL_ADDR: Array<LocalAddr> = Array::pinned(MAX_LOCAL + 1, 0);
+/// Per-CPU LRU lists: inserting a new flow takes no lock shared with other CPUs.
 #[map]
-static CT: LruHashMap<FlowKey, FlowVal> = LruHashMap::pinned(1 << 16, 0);
+static CT: LruHashMap<FlowKey, FlowVal> = LruHashMap::pinned(1 << 16, BPF_F_NO_COMMON_LRU);
 #[map]
 static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::pinned(1 << 13, 0);
 /// Read by user space only: the version the maps hold.
@@ -49,6 +50,7 @@ static META: Array<Meta> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(moat_ebpf_common::COUNTERS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Idle time after which a remembered flow is new again: TCP as long as real idle
 /// connections live (conntrack's established timeout is days); other protocols as
@@ -89,11 +91,12 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
     let skb = ctx.skb.skb;
     let mut mark = unsafe { (*skb).mark } & !MARK_MASK;
     unsafe { (*skb).mark = mark };
-    let mut p = Pkt::EMPTY;
-    if !parse::parse(ctx, &mut p)? {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p = Pkt::zeroed_in(&mut slot);
+    if !parse::parse(ctx, p)? {
         return Ok(());
     }
-    if answers_allowed(&p) {
+    if answers_allowed(p) {
         mark |= MARK_REPLY;
     }
     let local = LocalKey {
@@ -132,7 +135,7 @@ fn seen(k: &FlowKey) -> bool {
     let Some(v) = CT.get_ptr_mut(k) else {
         return false;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let idle = if k.proto == parse::IPPROTO_TCP {
         TCP_IDLE_NS
     } else {
@@ -142,8 +145,8 @@ fn seen(k: &FlowKey) -> bool {
         if now.saturating_sub((*v).seen_ns) > idle {
             return false;
         }
+        // Coarse time (no clock read) and one store: this is the established path's cost.
         (*v).seen_ns = now;
-        (*v).packets += 1;
     }
     true
 }
@@ -170,15 +173,15 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
     let skb = ctx.skb.skb;
     let mark = unsafe { (*skb).mark };
     if mark & MARK_REPLY != 0 {
-        count(CNT_REPLY);
         return Ok(true);
     }
     // Generated on this node: the node's own traffic is never judged.
     if unsafe { (*skb).ingress_ifindex } == 0 {
         return Ok(true);
     }
-    let mut p = Pkt::EMPTY;
-    if !parse::parse(ctx, &mut p)? {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p = Pkt::zeroed_in(&mut slot);
+    if !parse::parse(ctx, p)? {
         return Ok(true);
     }
     if p.nd != 0 || p.link_local_source() {
@@ -189,13 +192,12 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
     }
     let flow = p.flow();
     if p.has_inner == 0 && p.syn == 0 && seen(&flow) {
-        count(CNT_ESTABLISHED);
         return Ok(true);
     }
-    let slot = SELECTOR.get(0).copied().unwrap_or(0) as u8;
-    let src = original_source(&p, mark);
-    let allowed = allows(slot, DIR_EGRESS, &src, &p.daddr, &p)
-        && allows(slot, DIR_INGRESS, &p.daddr, &src, &p);
+    let sel = SELECTOR.get(0).copied().unwrap_or(0) as u8;
+    let src = original_source(p, mark);
+    let allowed =
+        allows(sel, DIR_EGRESS, &src, &p.daddr, p) && allows(sel, DIR_INGRESS, &p.daddr, &src, p);
     if p.frag == FRAG_FIRST {
         let _ = FRAGS.insert(&p.frag_key(), &u8::from(allowed), 0);
     }
@@ -203,7 +205,7 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
         // ICMP errors are judged one by one, never remembered as flows.
         if p.has_inner == 0 {
             let v = FlowVal {
-                seen_ns: unsafe { bpf_ktime_get_ns() },
+                seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
                 packets: 1,
             };
             let _ = CT.insert(&flow, &v, 0);

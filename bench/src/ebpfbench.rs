@@ -1,0 +1,194 @@
+//! The eBPF dataplane's costs, in a private network namespace:
+//!
+//! * **per packet**: the datapath program run by the kernel on one packet again and again
+//!   (`BPF_PROG_TEST_RUN` with a repeat count; the kernel times the runs, not the packet's
+//!   setup), for an established flow, a new flow (a SYN: always judged in full) and a denied
+//!   one, with 10 and with 10,000 rules on the destination pod. Baseline, same run: the same
+//!   program on an ARP frame, which returns at its first test (entry, exit and the timing
+//!   loop itself);
+//! * **apply**: the backend installing a 10,000-rule snapshot (from a node without policy)
+//!   and one-pod deltas (a client pod appearing and going), through its `Backend` calls.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use moat_enforcer::Backend;
+use moat_enforcer_ebpf::EbpfBackend;
+use moat_enforcer_ebpf::dataplane::{EGRESS, INGRESS};
+use moat_policy::ir::delta;
+use moat_policy::model::K8sObject;
+
+use crate::nftapply::{median, ms, objects, snapshot, spread};
+
+const REPEAT: u32 = 1_000_000;
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// An IPv4 TCP packet from `src` to `dst`: flags 0x02 (SYN) or 0x10 (ACK).
+fn tcp(src: [u8; 4], dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = eth(0x0800);
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&40_000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+fn arp() -> Vec<u8> {
+    let mut f = eth(0x0806);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0; 20]);
+    f
+}
+
+struct PacketCosts {
+    floor: f64,
+    established: f64,
+    new_flow: f64,
+    denied: f64,
+}
+
+/// Mean ns per run over `rounds` runs of `REPEAT` each; the median round.
+fn time(b: &mut EbpfBackend, prog: &'static str, frame: &[u8], rounds: usize) -> Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        let r = b.dataplane().test_run_repeat(prog, frame, 0, 7, REPEAT)?;
+        v.push(f64::from(r.duration_ns));
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+fn packet_costs(b: &mut EbpfBackend, rounds: usize) -> Result<PacketCosts> {
+    let client = [10, 2, 0, 1];
+    let server = [10, 1, 0, 1];
+    let stranger = [10, 3, 0, 9];
+    let syn = tcp(client, server, 80, 0x02);
+    let ack = tcp(client, server, 80, 0x10);
+    // The flow is allowed (and remembered) by its SYN; its ACKs are then established.
+    let first = b.dataplane().test_run(EGRESS, &syn, 0, 7)?;
+    anyhow::ensure!(first.retval == 0, "the client's SYN must be allowed");
+    let denied = tcp(stranger, server, 80, 0x02);
+    let d = b.dataplane().test_run(EGRESS, &denied, 0, 7)?;
+    anyhow::ensure!(d.retval == 2, "a stranger's SYN must be dropped");
+    Ok(PacketCosts {
+        floor: time(b, EGRESS, &arp(), rounds)?,
+        established: time(b, EGRESS, &ack, rounds)?,
+        new_flow: time(b, EGRESS, &syn, rounds)?,
+        denied: time(b, EGRESS, &denied, rounds)?,
+    })
+}
+
+fn without_policies(objects: Vec<K8sObject>) -> Vec<K8sObject> {
+    objects
+        .into_iter()
+        .filter(|o| !matches!(o, K8sObject::NetworkPolicy(_)))
+        .collect()
+}
+
+pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> Result<String> {
+    let mut b = EbpfBackend::open(PathBuf::from("/sys/fs/bpf"), "bench", Default::default())?;
+    b.adopt(None)?;
+    let empty = snapshot(&without_policies(objects(rules, true)));
+    let a = snapshot(&objects(rules, false));
+    let c = snapshot(&objects(rules, true));
+    let small = snapshot(&objects(10, true));
+    let size = a.size();
+
+    // Per packet, 10 rules then `rules` rules, with the client allowed.
+    b.apply_full(&small)?;
+    let few = packet_costs(&mut b, rounds)?;
+    b.apply_full(&c)?;
+    let many = packet_costs(&mut b, rounds)?;
+    let _ = b.dataplane().test_run(INGRESS, &arp(), 0, 7)?;
+
+    // Apply: from a node without policy to the big snapshot, again and again.
+    let mut full = Vec::new();
+    for _ in 0..full_runs {
+        b.apply_full(&empty)?;
+        let t = Instant::now();
+        b.apply_full(&a)?;
+        full.push(t.elapsed());
+    }
+    let (ac, ca) = (delta::diff(&a, &c), delta::diff(&c, &a));
+    let mut deltas = Vec::new();
+    for i in 0..delta_runs {
+        let t = Instant::now();
+        if i % 2 == 0 {
+            b.apply_delta(&a, &ac, &c)?;
+        } else {
+            b.apply_delta(&c, &ca, &a)?;
+        }
+        deltas.push(t.elapsed());
+    }
+    let entries = b.counters().get("entries").copied().unwrap_or_default();
+    b.remove_all()?;
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "Snapshot of node n0: {} endpoints, {} rules, {} groups, {} members; {} map entries per slot.\n",
+        size.endpoints, size.rules, size.groups, size.members, entries
+    )?;
+    writeln!(
+        md,
+        "Per packet (kernel-timed mean of {REPEAT} runs, median of {rounds} rounds):\n"
+    )?;
+    writeln!(
+        md,
+        "| path | 10 rules | {rules} rules | {rules} rules − floor | target |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for (name, f, m, target) in [
+        (
+            "floor (ARP: entry and exit)",
+            few.floor,
+            many.floor,
+            "baseline",
+        ),
+        (
+            "established flow",
+            few.established,
+            many.established,
+            "≤ 60 ns",
+        ),
+        (
+            "new flow, allowed (SYN)",
+            few.new_flow,
+            many.new_flow,
+            "≤ 250 ns",
+        ),
+        ("new flow, denied", few.denied, many.denied, "—"),
+    ] {
+        writeln!(
+            md,
+            "| {name} | {f:.0} ns | {m:.0} ns | {:.0} ns | {target} |",
+            m - many.floor
+        )?;
+    }
+    let (f, d) = (median(full.clone()), median(deltas.clone()));
+    writeln!(md)?;
+    writeln!(md, "| apply | median | spread | target |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| {rules}-rule snapshot onto a node without policy ({full_runs} runs) | {:.1} ms | {} | ≤ 100 ms |",
+        ms(f),
+        spread(&full)
+    )?;
+    writeln!(
+        md,
+        "| one-pod delta ({delta_runs} runs) | {:.2} ms | {} | ≤ 1 ms |",
+        ms(d),
+        spread(&deltas)
+    )?;
+    Ok(md)
+}
