@@ -354,56 +354,11 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes every entry of `slot` (after a crash left it unknown).
+    /// Removes every entry of `slot` (after a crash left it unknown): what is there, read
+    /// back, written as removals.
     pub fn clear(&mut self, slot: u8) -> Result<()> {
-        let m = &mut self.maps;
-        let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
-        let keys: Vec<_> = m
-            .endpoints
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.slot == slot)
-            .collect();
-        for k in keys {
-            gone(m.endpoints.remove(&k)).map_err(e(MapNames::ENDPOINTS))?;
-        }
-        let keys: Vec<_> = m
-            .addrs
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.slot == slot)
-            .collect();
-        for k in keys {
-            gone(m.addrs.remove(&k)).map_err(e(MapNames::ADDRS))?;
-        }
-        let keys: Vec<_> = m
-            .ranges
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().slot == slot)
-            .collect();
-        for k in keys {
-            gone(m.ranges.remove(&k)).map_err(e(MapNames::RANGES))?;
-        }
-        let keys: Vec<_> = m
-            .ports
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().data[0] == slot)
-            .collect();
-        for k in keys {
-            gone(m.ports.remove(&k)).map_err(e(MapNames::PORTS))?;
-        }
-        let keys: Vec<_> = m
-            .named
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.slot == slot)
-            .collect();
-        for k in keys {
-            gone(m.named.remove(&k)).map_err(e(MapNames::NAMED))?;
-        }
-        Ok(())
+        let there = self.read_slot(slot);
+        self.write(slot, &Diff::between(&there, &Entries::default()))
     }
 
     /// Gives every address in `want` a mark index (kept for addresses that have one) and

@@ -264,7 +264,7 @@ fn fragments_follow_the_first() {
     assert_eq!(b.egress(&first(8, 81)), SHOT);
     assert_eq!(b.egress(&later(8)), SHOT);
 
-    let f6 = |offset, more, dport: u16| {
+    let f6 = |id, offset, more, dport: u16| {
         let payload = if offset == 0 {
             ports(1000, dport)
         } else {
@@ -273,29 +273,15 @@ fn fragments_follow_the_first() {
         v6(
             "fd00:1::5",
             "fd00::1",
-            &[(44, frag6(99, offset, more))],
+            &[(44, frag6(id, offset, more))],
             TCP,
             &payload,
         )
     };
-    assert_eq!(b.egress(&f6(0, true, 80)), OK);
-    assert_eq!(b.egress(&f6(5, false, 0)), OK);
-    let f6b = |offset, more, dport: u16| {
-        let payload = if offset == 0 {
-            ports(1000, dport)
-        } else {
-            vec![0; 16]
-        };
-        v6(
-            "fd00:1::5",
-            "fd00::1",
-            &[(44, frag6(100, offset, more))],
-            TCP,
-            &payload,
-        )
-    };
-    assert_eq!(b.egress(&f6b(0, true, 81)), SHOT);
-    assert_eq!(b.egress(&f6b(5, false, 0)), SHOT);
+    assert_eq!(b.egress(&f6(99, 0, true, 80)), OK);
+    assert_eq!(b.egress(&f6(99, 5, false, 0)), OK);
+    assert_eq!(b.egress(&f6(100, 0, true, 81)), SHOT);
+    assert_eq!(b.egress(&f6(100, 5, false, 0)), SHOT);
 }
 
 #[test]
@@ -373,4 +359,17 @@ fn a_syn_on_a_remembered_tuple_is_judged_again() {
     syn_back[14 + 20 + 13] = 0x02;
     assert_ne!(b.ingress(&reply) & MARK_REPLY, 0);
     assert_eq!(b.ingress(&syn_back) & MARK_REPLY, 0, "a SYN never answers");
+}
+
+#[test]
+fn clearing_the_unused_slot_leaves_the_version_in_force() {
+    let mut b = Bed::new("clear");
+    b.install(&policy());
+    let active = b.dp.active_slot().unwrap();
+    b.dp.clear(1 - active).unwrap();
+    let cleared = b.dp.read_slot(1 - active);
+    assert!(cleared.endpoints.is_empty() && cleared.ports.is_empty() && cleared.ranges.is_empty());
+    assert_eq!(b.dp.read_slot(active), b.current);
+    assert_eq!(b.egress(&tcp4("10.0.1.5", "10.0.0.1", 1000, 80)), OK);
+    assert_eq!(b.egress(&tcp4("10.0.1.5", "10.0.0.1", 1000, 81)), SHOT);
 }
