@@ -111,17 +111,6 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(&object)?;
-        for name in [INGRESS, EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Program(
-                    name,
-                    aya::programs::ProgramError::NotLoaded,
-                ))?
-                .try_into()
-                .map_err(|e| DataplaneError::Program(name, e))?;
-            prog.load().map_err(|e| DataplaneError::Program(name, e))?;
-        }
         let maps = Maps {
             selector: take(&mut ebpf, MapNames::SELECTOR)?,
             endpoints: take(&mut ebpf, MapNames::ENDPOINTS)?,
@@ -135,13 +124,20 @@ impl Dataplane {
             counters: take(&mut ebpf, MapNames::COUNTERS)?,
         };
         let barrier = Barrier::new().map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             maps,
             barrier,
             links,
             attached: BTreeMap::new(),
-        })
+        };
+        // The verifier runs here: a program it refuses fails the open.
+        for name in [INGRESS, EGRESS] {
+            dp.program(name)?
+                .load()
+                .map_err(|e| DataplaneError::Program(name, e))?;
+        }
+        Ok(dp)
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
