@@ -55,12 +55,22 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     }
 }
 
-fn map_create(map_type: u32, key: u32, value: u32, max: u32, inner: i32) -> io::Result<OwnedFd> {
+/// `BPF_MAP_CREATE` of `map_type` with key and value sizes, capacity, flags, and (for maps
+/// of maps) the inner map's template fd, else 0.
+fn map_create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max: u32,
+    flags: u32,
+    inner: i32,
+) -> io::Result<OwnedFd> {
     let mut a = Attr::new();
     a.put_u32(0, map_type)
         .put_u32(4, key)
         .put_u32(8, value)
         .put_u32(12, max)
+        .put_u32(16, flags)
         .put_u32(20, inner as u32);
     let fd = bpf(BPF_MAP_CREATE, &mut a)? as i32;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
@@ -79,8 +89,8 @@ pub struct Barrier {
 
 impl Barrier {
     pub fn new() -> io::Result<Self> {
-        let inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0)?;
-        let outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, inner.as_raw_fd())?;
+        let inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0, 0)?;
+        let outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, 0, inner.as_raw_fd())?;
         Ok(Barrier { outer, inner })
     }
 
@@ -157,13 +167,17 @@ pub fn test_run_repeat(
 /// Mounts a bpffs at `path` unless one is there already. `ip netns exec` remounts /sys, so
 /// enforcers in network namespaces pin under a bpffs mounted elsewhere (shared by all of
 /// them, each under its own node directory).
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
 pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
     std::fs::create_dir_all(path)?;
     if is_bpffs(path)? {
         return Ok(());
     }
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = cpath(path)?;
     let fs = CString::new("bpf").expect("no NUL");
     // SAFETY: every argument is a valid NUL-terminated string or null.
     let r = unsafe { libc::mount(fs.as_ptr(), c.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
@@ -174,8 +188,7 @@ pub fn ensure_bpffs(path: &Path) -> io::Result<()> {
 }
 
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = cpath(path)?;
     // SAFETY: `st` is written by statfs before it is read.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -212,27 +225,9 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-fn map_create_flags(
-    map_type: u32,
-    key: u32,
-    value: u32,
-    max: u32,
-    flags: u32,
-) -> io::Result<OwnedFd> {
-    let mut a = Attr::new();
-    a.put_u32(0, map_type)
-        .put_u32(4, key)
-        .put_u32(8, value)
-        .put_u32(12, max)
-        .put_u32(16, flags);
-    let fd = bpf(BPF_MAP_CREATE, &mut a)? as i32;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Whether the bpf() syscall works at all (a one-entry array, closed at once).
 pub fn map_probe() -> io::Result<()> {
-    map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0).map(drop)
+    map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0, 0).map(drop)
 }
 
 /// Each map type the datapath declares, created small and closed.
@@ -240,20 +235,20 @@ pub fn map_type_probes() -> Vec<(&'static str, io::Result<()>)> {
     vec![
         (
             "hash",
-            map_create_flags(BPF_MAP_TYPE_HASH, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop),
+            map_create(BPF_MAP_TYPE_HASH, 8, 4, 4, BPF_F_NO_PREALLOC, 0).map(drop),
         ),
         (
             "lru_hash",
-            map_create_flags(BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0).map(drop),
+            map_create(BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, 0, 0).map(drop),
         ),
         // LPM keys: 4 bytes of prefix length, then data.
         (
             "lpm_trie",
-            map_create_flags(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 4, BPF_F_NO_PREALLOC).map(drop),
+            map_create(BPF_MAP_TYPE_LPM_TRIE, 8, 4, 4, BPF_F_NO_PREALLOC, 0).map(drop),
         ),
         (
             "percpu_array",
-            map_create_flags(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0).map(drop),
+            map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, 0, 0).map(drop),
         ),
         ("array_of_maps", Barrier::new().map(drop)),
     ]

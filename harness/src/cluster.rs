@@ -118,19 +118,10 @@ pub fn sweep() {
 /// `ip netns exec` remounts /sys (and with it /sys/fs/bpf) for the commands it runs.
 pub const BPFFS: &str = "/run/moat-harness/bpf";
 
-/// Mounts [`BPFFS`] unless a bpffs is there already.
+/// Mounts [`BPFFS`] unless a bpffs is there already (the enforcer's own check and mount).
 pub fn ensure_bpffs() -> anyhow::Result<()> {
-    std::fs::create_dir_all(BPFFS)?;
-    let mounted = std::fs::read_to_string("/proc/self/mounts")?
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS));
-    if !mounted {
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "bpf", BPFFS])
-            .status()?;
-        anyhow::ensure!(st.success(), "mount -t bpf bpf {BPFFS} failed");
-    }
-    Ok(())
+    moat_enforcer_ebpf::sys::ensure_bpffs(std::path::Path::new(BPFFS))
+        .map_err(|e| anyhow::anyhow!("bpffs at {BPFFS}: {e}"))
 }
 
 fn delete_netns(name: &str) {
