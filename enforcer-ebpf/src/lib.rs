@@ -70,6 +70,11 @@ impl EbpfBackend {
         self.probes = probes;
     }
 
+    /// Adds one finding to the reported probes.
+    pub fn note_probe(&mut self, name: &str, value: String) {
+        self.probes.insert(name.to_string(), value);
+    }
+
     pub fn dataplane(&mut self) -> &mut Dataplane {
         &mut self.dp
     }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use moat_enforcer::Backend as _;
 use moat_enforcer_nft::NftBackend;
 
 #[derive(Parser, Debug)]
@@ -45,43 +44,35 @@ fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBacke
 async fn main() -> Result<()> {
     let args = EnforcerArgs::parse();
     moat_telemetry::init_logging(&args.common.log)?;
-    let node = args.common.node.clone();
-    let ebpf = match args.backend.as_str() {
-        "nft" => None,
-        forced_or_auto => match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &node) {
-            Ok(b) => Some(b),
-            Err(failed) if forced_or_auto == "auto" => {
-                tracing::warn!(
-                    probe = %failed.probe,
-                    why = %failed.why,
-                    "the eBPF dataplane cannot run on this node; falling back to nftables"
-                );
-                let summary = format!("nft: {failed}");
-                let mut probes = failed.probes;
-                probes.insert("selected".into(), summary);
-                let backend = nft(&args, probes)?;
-                return run(args, backend, "auto: nftables (an eBPF probe failed)").await;
-            }
-            Err(failed) => bail!("--backend ebpf: {failed}"),
-        },
-    };
-    match ebpf {
-        Some(mut b) => {
-            let mut probes = b.capabilities().probes;
-            probes.insert(
-                "selected".into(),
-                format!("ebpf: --backend {}", args.backend),
-            );
-            b.set_probes(probes);
-            run(args, b, "eBPF").await
-        }
-        None => {
-            let probes =
-                BTreeMap::from([("selected".to_string(), "nft: --backend nft".to_string())]);
-            let backend = nft(&args, probes)?;
-            run(args, backend, "nftables (--backend nft)").await
-        }
+    let mode = args.backend.clone();
+    if mode == "nft" {
+        let backend = nft(&args, selected("nft: --backend nft".into()))?;
+        return run(args, backend, "nftables (--backend nft)").await;
     }
+    match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &args.common.node) {
+        Ok(mut backend) => {
+            backend.note_probe("selected", format!("ebpf: --backend {mode}"));
+            run(args, backend, "eBPF").await
+        }
+        Err(failed) if mode == "auto" => {
+            tracing::warn!(
+                probe = %failed.probe,
+                why = %failed.why,
+                "the eBPF dataplane cannot run on this node; falling back to nftables"
+            );
+            let summary = format!("nft: {failed}");
+            let mut probes = failed.probes;
+            probes.extend(selected(summary));
+            let backend = nft(&args, probes)?;
+            run(args, backend, "auto: nftables (an eBPF probe failed)").await
+        }
+        Err(failed) => bail!("--backend ebpf: {failed}"),
+    }
+}
+
+/// The `selected` probe: why this node runs its backend (shown by `moatctl status`).
+fn selected(why: String) -> BTreeMap<String, String> {
+    BTreeMap::from([("selected".to_string(), why)])
 }
 
 async fn run<B: moat_enforcer::Backend>(
