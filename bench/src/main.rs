@@ -34,6 +34,20 @@ struct Args {
     command: Command,
 }
 
+/// Size and repetitions of a dataplane apply benchmark (nft and eBPF alike).
+#[derive(clap::Args, Debug)]
+struct ApplyArgs {
+    /// Rules in the big snapshot.
+    #[arg(long, default_value_t = 10_000)]
+    rules: usize,
+    /// Full applies timed.
+    #[arg(long, default_value_t = 15)]
+    full_runs: usize,
+    /// One-pod deltas timed.
+    #[arg(long, default_value_t = 101)]
+    delta_runs: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// One full compile, for profiling.
@@ -81,23 +95,13 @@ enum Command {
         kubeconfig: std::path::PathBuf,
     },
     /// The nft backend applying a big snapshot and one-pod deltas (root; private netns).
-    NftApply {
-        #[arg(long, default_value_t = 10_000)]
-        rules: usize,
-        #[arg(long, default_value_t = 15)]
-        full_runs: usize,
-        #[arg(long, default_value_t = 101)]
-        delta_runs: usize,
-    },
+    NftApply(ApplyArgs),
     /// The eBPF dataplane: per-packet cost (kernel-timed test runs) and apply times (root;
     /// private netns).
     EbpfApply {
-        #[arg(long, default_value_t = 10_000)]
-        rules: usize,
-        #[arg(long, default_value_t = 15)]
-        full_runs: usize,
-        #[arg(long, default_value_t = 101)]
-        delta_runs: usize,
+        #[command(flatten)]
+        apply: ApplyArgs,
+        /// Rounds of per-packet timing (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
@@ -189,24 +193,18 @@ fn main() -> Result<()> {
             cluster,
             kubeconfig,
         } => kube::serve(&cluster, &kubeconfig),
-        Command::NftApply {
-            rules,
-            full_runs,
-            delta_runs,
-        } => {
+        Command::NftApply(a) => {
             if netns::inside()? {
-                print!("{}", nftapply::run(rules, full_runs, delta_runs)?);
+                print!("{}", nftapply::run(a.rules, a.full_runs, a.delta_runs)?);
             }
         }
         Command::NftCompute { rules, runs } => nftapply::compute_loop(rules, runs),
-        Command::EbpfApply {
-            rules,
-            full_runs,
-            delta_runs,
-            rounds,
-        } => {
+        Command::EbpfApply { apply: a, rounds } => {
             if netns::inside()? {
-                print!("{}", ebpfbench::run(rules, full_runs, delta_runs, rounds)?);
+                print!(
+                    "{}",
+                    ebpfbench::run(a.rules, a.full_runs, a.delta_runs, rounds)?
+                );
             }
         }
         Command::Datapath { rounds, secs, only } => {
