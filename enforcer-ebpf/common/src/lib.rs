@@ -39,7 +39,6 @@ pub const MAX_LOCAL: u32 = 255;
 /// Counter indices in the per-CPU `COUNTERS` array.
 pub const CNT_ALLOWED: u32 = 0;
 pub const CNT_DENIED: u32 = 1;
-pub const CNT_FRAG_DENIED: u32 = 4;
 pub const CNT_MALFORMED: u32 = 5;
 pub const COUNTERS: u32 = 8;
 
@@ -194,9 +193,8 @@ impl FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVal {
-    /// `bpf_ktime_get_ns` of the last packet either way.
+    /// `bpf_ktime_get_coarse_ns` of the last packet either way (for the idle timeout).
     pub seen_ns: u64,
-    pub packets: u64,
 }
 
 /// The first fragment's identity: later fragments carry no ports and follow its verdict.
@@ -253,7 +251,7 @@ mod tests {
         assert_eq!(size_of::<NamedKey>(), 28);
         assert_eq!(size_of::<LocalKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowVal>(), 16);
+        assert_eq!(size_of::<FlowVal>(), 8);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<LocalAddr>(), 20);
         assert_eq!(size_of::<Meta>(), 48);

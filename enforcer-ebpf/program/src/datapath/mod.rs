@@ -206,7 +206,6 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
         if p.has_inner == 0 {
             let v = FlowVal {
                 seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
-                packets: 1,
             };
             let _ = CT.insert(&flow, &v, 0);
         }
