@@ -43,6 +43,16 @@ fn world(ttl: &str) -> World {
         ],
         Some("synced "),
     );
+    // "synced" can come before the bootstrap listener is bound (the index task and main's
+    // listener set-up race); wait for the port itself.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(bootstrap).is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "bootstrap port {bootstrap} never opened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     World {
         bed,
         api,
