@@ -77,6 +77,26 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     T::try_from(map).map_err(|e| DataplaneError::Map(name, e))
 }
 
+/// The version record pinned for `node`, read without loading anything: what an operator
+/// (or a test) sees of a running dataplane. `None` if nothing is pinned.
+pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
+    let path = bpffs
+        .join("moat")
+        .join(node)
+        .join(format!("v{LAYOUT_VERSION}"))
+        .join(MapNames::META);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).map_err(|e| DataplaneError::Map(MapNames::META, e))?;
+    let map: Array<MapData, Meta> = aya::maps::Map::from_map_data(data)
+        .and_then(Array::try_from)
+        .map_err(|e| DataplaneError::Map(MapNames::META, e))?;
+    map.get(&0, 0)
+        .map(Some)
+        .map_err(|e| DataplaneError::Map(MapNames::META, e))
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,

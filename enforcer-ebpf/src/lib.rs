@@ -17,7 +17,6 @@ pub mod sys;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use moat_ebpf_common::{META_PENDING, META_VALID, Meta};
 use moat_enforcer::plan::{Classes, desired};
 use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
@@ -26,6 +25,7 @@ use tracing::{debug, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError};
 use entries::{Diff, Entries, RulesetIds};
+pub use moat_ebpf_common::{META_PENDING, META_VALID, Meta};
 
 pub struct EbpfBackend {
     dp: Dataplane,

@@ -247,6 +247,16 @@ impl Moat {
             }))
     }
 
+    /// Node `i`'s pinned eBPF version record: version, digest, and whether a switch is in
+    /// progress. `None` on a node without eBPF pins.
+    pub fn ebpf_meta(&self, i: usize) -> Result<Option<moat_enforcer_ebpf::Meta>> {
+        let bpffs = std::path::Path::new(crate::cluster::BPFFS).join(self.cluster.node(i));
+        Ok(moat_enforcer_ebpf::dataplane::pinned_meta(
+            &bpffs,
+            &self.node_names[i],
+        )?)
+    }
+
     /// Kills node `i`'s enforcer with SIGKILL (its rules stay in the kernel).
     pub fn kill_enforcer(&mut self, i: usize) -> Result<()> {
         if let Some(pid) = self.enforcer_pid(i)? {

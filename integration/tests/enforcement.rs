@@ -1,6 +1,6 @@
 //! Enforcement on real packets beyond the conformance matrix, with each dataplane:
 //! ClusterIP services (egress judged after DNAT), traffic from nodes, ICMP, connection state
-//! across policy changes and enforcer restarts, and (nft) enforcers killed mid-transaction.
+//! across policy changes and enforcer restarts, and enforcers killed mid-apply.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use moat_harness::agent::{ProbeReq, Proto, StreamOp};
 use moat_integration::world::{PROBE, World, tcp};
-
-const BACKEND: &str = "nft";
 
 /// The same test on each dataplane: their verdicts must not differ.
 macro_rules! on_both_backends {
@@ -35,6 +33,7 @@ on_both_backends!(
     a_node_reaches_its_own_pods_and_other_nodes_only_by_policy,
     a_port_less_rule_allows_ping_and_a_ported_rule_does_not,
     established_connections_survive_changes_that_still_allow_them_and_restarts,
+    an_enforcer_killed_mid_apply_never_opens_or_breaks_anything,
 );
 
 fn policy(name: &str, ns: &str, spec: &str) -> String {
@@ -213,14 +212,20 @@ fn established_connections_survive_changes_that_still_allow_them_and_restarts(ba
     assert!(w.reach("y/b", "x/a", Proto::Tcp, 81));
 }
 
-/// Big policies alternate while node `home`'s enforcer is killed with SIGKILL whenever an
-/// `nft` transaction of it is in flight, and restarted at once. Probers check throughout that
-/// an always-allowed flow never fails and an always-denied one never passes.
-#[test]
-fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
-    let mut w = World::start(BACKEND);
+/// Big policies alternate while node `home`'s enforcer is killed with SIGKILL in the middle
+/// of applying them, and restarted at once. Throughout, more than 1,000 probes a second check
+/// that always-allowed new flows never fail, always-denied ones never pass, and two
+/// established connections never break.
+///
+/// "In the middle": with nft, while an `nft` transaction of the enforcer is in flight; with
+/// eBPF, every other round while its pinned version record says a switch is in progress
+/// (new slot in force, old one being rewritten), and in the other rounds after a random
+/// delay (compiling, receiving, or writing the unused slot).
+fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
+    let mut w = World::start(backend);
     let home = w.pod("x/a").node;
-    // Both versions allow y/b → x/a:80 and nothing from z; they differ in 2,000 ipBlocks.
+    // Both versions allow y/b → x/a:80 (TCP and UDP) and nothing from z; they differ in
+    // 2,000 ipBlocks.
     let version = |k: u8| {
         let mut blocks = String::new();
         for i in 0..2000u32 {
@@ -234,7 +239,7 @@ fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
             policy(
                 "from-y-b",
                 "x",
-                "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      podSelector: {matchLabels: {pod: b}}\n    ports: [{port: 80}]\n",
+                "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      podSelector: {matchLabels: {pod: b}}\n    ports: [{port: 80}, {port: 80, protocol: UDP}]\n",
             ),
             policy(
                 "blocks",
@@ -246,44 +251,106 @@ fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
         ]
     };
     w.apply(&version(0));
+    let [v4, v6] = w.ips("x/a");
+    let batch = |n: usize| -> Vec<ProbeReq> {
+        (0..n)
+            .map(|i| {
+                let dst = if i % 2 == 0 { v4 } else { v6 };
+                let proto = if i % 4 < 2 { Proto::Tcp } else { Proto::Udp };
+                ProbeReq {
+                    dst,
+                    proto,
+                    port: 80,
+                }
+            })
+            .collect()
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let wrong = Arc::new(AtomicU64::new(0));
     let probes = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
-    for (from, expect) in [("y/b", true), ("z/c", false)] {
+    // (from, expected, probes per request, timeout, pause): the allowed prober is paced so
+    // its closed connections' TIME_WAIT never exhausts the ephemeral ports; no retries, so
+    // a single refused new flow counts.
+    let probers = [
+        ("y/b", true, 16, Duration::from_millis(400), 10),
+        ("z/c", false, 100, Duration::from_millis(300), 0),
+    ];
+    for (from, expect, n, timeout, pause) in probers {
         let mut agent = w.moat.cluster.prober(from).unwrap();
-        let dst = w.ips("x/a").map(|d| tcp(d, 80)).to_vec();
+        let reqs = batch(n);
         let (stop, wrong, probes) = (stop.clone(), wrong.clone(), probes.clone());
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let r = agent.probe(dst.clone(), PROBE, 1).unwrap();
+                let r = agent.probe(reqs.clone(), timeout, 0).unwrap();
                 probes.fetch_add(r.len() as u64, Ordering::Relaxed);
-                for ok in r {
+                for (ok, p) in r.into_iter().zip(&reqs) {
                     if ok != expect {
-                        eprintln!("{from} -> x/a:80 was {ok}, must always be {expect}");
+                        eprintln!("{from} -> {p:?} was {ok}, must always be {expect}");
                         wrong.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+        }));
+    }
+    {
+        let mut agent = w.moat.cluster.prober("y/b").unwrap();
+        let open = vec![
+            StreamOp::Open {
+                id: 1,
+                dst: v4,
+                port: 80,
+            },
+            StreamOp::Open {
+                id: 2,
+                dst: v6,
+                port: 80,
+            },
+        ];
+        let t = Duration::from_secs(1);
+        assert_eq!(agent.streams(open, t).unwrap(), vec![true, true]);
+        let (stop, broken) = (stop.clone(), broken.clone());
+        threads.push(std::thread::spawn(move || {
+            let echo = vec![StreamOp::Echo { id: 1 }, StreamOp::Echo { id: 2 }];
+            while !stop.load(Ordering::Relaxed) {
+                let r = agent.streams(echo.clone(), t).unwrap();
+                if r != [true, true] {
+                    eprintln!("an established connection broke: {r:?}");
+                    broken.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
         }));
     }
 
-    let mut mid_transaction = 0;
-    let rounds = 12;
+    let started = Instant::now();
+    let mut mid_apply = 0;
+    let rounds = 12u8;
     for round in 1..=rounds {
         let objects = w.objects(&version(round % 2));
         w.moat.write_manifests(&objects).unwrap();
-        // Catch the enforcer with an nft child (a transaction in flight), else give up after
-        // a while and kill it wherever it is.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Some(pid) = w.moat.enforcer_pid(home).unwrap() {
-            if nft_child(pid) || Instant::now() > deadline {
-                mid_transaction += usize::from(nft_child(pid));
-                w.moat.kill_enforcer(home).unwrap();
-                break;
+        if backend == "ebpf" && round % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(rand::random_range(0..80)));
+            w.moat.kill_enforcer(home).unwrap();
+        } else {
+            // Catch the enforcer mid-apply, else give up after a while and kill it wherever
+            // it is.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Some(pid) = w.moat.enforcer_pid(home).unwrap() {
+                let caught = match backend {
+                    "nft" => nft_child(pid),
+                    _ => switching(&w, home),
+                };
+                if caught || Instant::now() > deadline {
+                    mid_apply += usize::from(caught);
+                    w.moat.kill_enforcer(home).unwrap();
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
         w.moat.start_enforcer(home).unwrap();
         if round % 3 == 0 {
@@ -300,18 +367,41 @@ fn an_enforcer_killed_mid_transaction_never_opens_or_breaks_anything() {
     for t in threads {
         t.join().unwrap();
     }
+    let elapsed = started.elapsed().as_secs_f64();
     let probes = probes.load(Ordering::Relaxed);
-    eprintln!("{mid_transaction} of {rounds} kills hit an nft transaction; {probes} probes");
-    assert!(
-        mid_transaction >= usize::from(rounds / 2),
-        "too few kills landed mid-transaction ({mid_transaction}) for the test to mean anything"
+    let rate = probes as f64 / elapsed;
+    let watched = if backend == "ebpf" {
+        rounds / 2
+    } else {
+        rounds
+    };
+    eprintln!(
+        "{backend}: {mid_apply} of {watched} watched kills landed mid-apply; {probes} probes in {elapsed:.1} s ({rate:.0}/s)"
     );
-    assert!(probes > 50, "the probers ran ({probes})");
+    assert!(
+        mid_apply >= usize::from(watched / 2),
+        "too few kills landed mid-apply ({mid_apply} of {watched}) for the test to mean anything"
+    );
+    assert!(rate >= 1000.0, "probes ran at {rate:.0}/s, not 1,000/s");
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
+    assert_eq!(
+        broken.load(Ordering::Relaxed),
+        0,
+        "an established connection broke"
+    );
     assert!(
         !w.reach("y/b", "x/a", Proto::Tcp, 81),
         "y/b is in no ipBlock"
     );
+}
+
+/// Is node `i`'s eBPF dataplane between flipping to a new version and finishing its replay?
+fn switching(w: &World, i: usize) -> bool {
+    w.moat
+        .ebpf_meta(i)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.flags & moat_enforcer_ebpf::META_PENDING != 0)
 }
 
 /// Does process `pid` have a child running `nft`?
