@@ -8,6 +8,7 @@
 pub mod case;
 pub mod cluster;
 pub mod model;
+pub mod random;
 pub mod runner;
 
 use std::path::PathBuf;

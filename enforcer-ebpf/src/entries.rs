@@ -11,6 +11,7 @@ use moat_ebpf_common::{
     AddrKey, CLASS_ANY, DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, LocalAddr,
     MAX_LOCAL, NamedKey, PORT_CLASS_BITS, PortKey, RANGE_FIXED_BITS, RangeKey,
 };
+use moat_enforcer::plan::incremental::Patched;
 use moat_enforcer::plan::{Desired, Ruleset};
 
 /// Capacity of each policy map, as the program declares it (per slot: half of it).
@@ -80,6 +81,27 @@ impl Entries {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes these entries what `diff` turns them into.
+    pub fn apply(&mut self, diff: &Diff) {
+        fn map<K: Ord + Copy, V: Copy>(m: &mut BTreeMap<K, V>, (put, del): &Changes<K, V>) {
+            for k in del {
+                m.remove(k);
+            }
+            m.extend(put.iter().copied());
+        }
+        fn set<K: Ord + Copy>(m: &mut BTreeSet<K>, (add, del): &SetChanges<K>) {
+            for k in del {
+                m.remove(k);
+            }
+            m.extend(add.iter().copied());
+        }
+        map(&mut self.endpoints, &diff.endpoints);
+        map(&mut self.addrs, &diff.addrs);
+        map(&mut self.ranges, &diff.ranges);
+        set(&mut self.ports, &diff.ports);
+        set(&mut self.named, &diff.named);
     }
 }
 
@@ -223,6 +245,42 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
         }
     }
     e
+}
+
+/// The map difference of an in-place patch of the plan (`d` after it, `log` what it
+/// changed): what [`Diff::between`] would find between the entries of the plan before and
+/// after, at the cost of the change, not of the plan. Ruleset numbers do not move: an
+/// in-place patch never adds or removes a ruleset.
+pub fn patched(d: &Desired, log: &Patched, ids: &mut RulesetIds) -> Diff {
+    let mut diff = Diff::default();
+    for (a, (_, now)) in &log.addrs {
+        let (family, addr) = addr16(*a);
+        let key = AddrKey {
+            slot: 0,
+            family,
+            _pad: [0; 2],
+            addr,
+        };
+        match now {
+            Some(class) => diff.addrs.0.push((key, *class)),
+            None => diff.addrs.1.push(key),
+        }
+    }
+    for (name, before) in &log.rulesets {
+        let id = ids.id(name);
+        let (mut was, mut now) = (Entries::default(), Entries::default());
+        ruleset_entries(id, before, &mut was);
+        if let Some(rs) = d.rulesets.get(name) {
+            ruleset_entries(id, rs, &mut now);
+        }
+        let (add, del) = set_diff(&was.ports, &now.ports);
+        diff.ports.0.extend(add);
+        diff.ports.1.extend(del);
+        let (add, del) = set_diff(&was.named, &now.named);
+        diff.named.0.extend(add);
+        diff.named.1.extend(del);
+    }
+    diff
 }
 
 fn range_key(family: u8, addr: [u8; 16], len: u32) -> (u32, RangeKey) {

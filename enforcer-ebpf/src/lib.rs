@@ -17,7 +17,7 @@ pub mod sys;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use moat_enforcer::plan::{Classes, desired};
+use moat_enforcer::plan::{Classes, Desired, desired, incremental};
 use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
@@ -33,6 +33,9 @@ pub struct EbpfBackend {
     ids: RulesetIds,
     /// What both slots hold, unless `standby_unknown`.
     current: Entries,
+    /// The plan `current` was made from, kept for in-place patches.
+    plan: Option<Desired>,
+    cache: Option<incremental::Cache>,
     /// The standby slot's content is not known (first change after a start, or a failed
     /// write): the next change rewrites slots whole instead of patching them.
     standby_unknown: bool,
@@ -59,6 +62,8 @@ impl EbpfBackend {
             classes: Classes::default(),
             ids: RulesetIds::default(),
             current: Entries::default(),
+            plan: None,
+            cache: None,
             standby_unknown: true,
             probes,
             bpffs,
@@ -88,38 +93,94 @@ impl EbpfBackend {
         }
     }
 
-    /// Installs `snap` as described in the crate docs.
+    /// Installs `snap` from its whole plan.
     fn install(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
+        self.plan = None;
         let plan = desired(snap, &mut self.classes);
         let new = entries::entries(&plan, &mut self.ids);
         new.check_capacity()
             .map_err(|e| BackendError::Rejected(format!("version {}: {e}", snap.version)))?;
-        self.dp.attach_all().map_err(failed)?;
-        let active = self.dp.active_slot().map_err(failed)?;
-        let standby = 1 - active;
         let whole = self.standby_unknown;
         let diff = if whole {
             Diff::between(&Entries::default(), &new)
         } else {
             Diff::between(&self.current, &new)
         };
-        let stale_local = self.dp.assign_local(&new.local).map_err(failed)?;
+        self.switch(snap, &diff, whole, &new.local)?;
+        self.current = new;
+        self.plan = Some(plan);
+        self.cache = None;
+        Ok(())
+    }
+
+    /// Installs `new` by patching the plan of `old` in place, if `delta` only moves
+    /// addresses between groups and both slots hold `old`: the work is that of the change.
+    /// `Ok(false)`: not such a delta; nothing was touched.
+    fn install_patch(
+        &mut self,
+        old: &NodeSnapshot,
+        delta: &Delta,
+        new: &NodeSnapshot,
+    ) -> Result<bool, BackendError> {
+        let holds_old = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.version == old.version && p.digest == Some(old.digest));
+        if self.standby_unknown || !holds_old || !incremental::applies(old, delta) {
+            return Ok(false);
+        }
+        let plan = self.plan.as_mut().expect("checked above");
+        let cache = self
+            .cache
+            .get_or_insert_with(|| incremental::cache(old, plan));
+        let log = incremental::patch_in_place(plan, cache, &mut self.classes, old, new, delta);
+        let diff = entries::patched(plan, &log, &mut self.ids);
+        // From here on plan and entries describe `new`; if it is not installed, the next
+        // version is installed whole.
+        self.current.apply(&diff);
+        let local = self.current.local.clone();
+        let done = self
+            .current
+            .check_capacity()
+            .map_err(|e| BackendError::Rejected(format!("version {}: {e}", new.version)))
+            .and_then(|()| self.switch(new, &diff, false, &local));
+        if done.is_err() {
+            self.plan = None;
+            self.cache = None;
+            self.standby_unknown = true;
+        }
+        done.map(|()| true)
+    }
+
+    /// Writes `diff` into the unused slot (emptied first if `whole`), makes it the one in
+    /// force, and replays `diff` onto the other. An error means the slot in force did not
+    /// change.
+    fn switch(
+        &mut self,
+        snap: &NodeSnapshot,
+        diff: &Diff,
+        whole: bool,
+        local: &std::collections::BTreeSet<moat_ebpf_common::LocalAddr>,
+    ) -> Result<(), BackendError> {
+        self.dp.attach_all().map_err(failed)?;
+        let active = self.dp.active_slot().map_err(failed)?;
+        let standby = 1 - active;
+        let stale_local = self.dp.assign_local(local).map_err(failed)?;
         self.standby_unknown = true;
         if whole {
             self.dp.clear(standby).map_err(failed)?;
         }
-        self.dp.write(standby, &diff).map_err(failed)?;
+        self.dp.write(standby, diff).map_err(failed)?;
         self.dp
             .set_meta(Self::meta_for(snap, META_VALID | META_PENDING))
             .map_err(failed)?;
         self.dp.flip(standby).map_err(failed)?;
         // In force from here on: a failure below only leaves the unused slot to rewrite.
-        self.current = new;
         let replay = (|| {
             if whole {
                 self.dp.clear(active)?;
             }
-            self.dp.write(active, &diff)?;
+            self.dp.write(active, diff)?;
             self.dp.set_meta(Self::meta_for(snap, META_VALID))?;
             self.dp.release_local(&stale_local)
         })();
@@ -129,13 +190,25 @@ impl EbpfBackend {
         }
         debug!(
             version = snap.version,
-            entries = self.current.len(),
             changed = diff.len(),
+            whole,
             slot = standby,
             "version installed"
         );
         Ok(())
     }
+}
+
+/// Removes the pins a previous eBPF run left for `node` under `bpffs` (this node now runs
+/// another dataplane): unpinned, its links let go of the programs, which leave every
+/// interface. `Ok(false)`: nothing was pinned.
+pub fn remove_leftover(bpffs: &std::path::Path, node: &str) -> std::io::Result<bool> {
+    let root = bpffs.join("moat").join(node);
+    if !sys::is_bpffs(bpffs).unwrap_or(false) || !root.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&root)?;
+    Ok(true)
 }
 
 impl Backend for EbpfBackend {
@@ -171,6 +244,7 @@ impl Backend for EbpfBackend {
                 );
                 let plan = desired(s, &mut self.classes);
                 self.current = entries::entries(&plan, &mut self.ids);
+                self.plan = Some(plan);
                 Ok(Adopted::Enforcing)
             }
             _ => {
@@ -189,11 +263,14 @@ impl Backend for EbpfBackend {
 
     fn apply_delta(
         &mut self,
-        _old: &NodeSnapshot,
-        _delta: &Delta,
+        old: &NodeSnapshot,
+        delta: &Delta,
         new: &NodeSnapshot,
     ) -> Result<(), BackendError> {
-        // The map difference is computed from the plans, so it is as small as the change.
+        if self.install_patch(old, delta, new)? {
+            return Ok(());
+        }
+        // Anything else: the difference of the whole plans, still written as a difference.
         self.install(new)
     }
 
@@ -208,6 +285,8 @@ impl Backend for EbpfBackend {
         // Unpinning the links detaches the programs once this process lets go of them.
         std::fs::remove_dir_all(&root).map_err(failed)?;
         self.current = Entries::default();
+        self.plan = None;
+        self.cache = None;
         Ok(())
     }
 }

@@ -24,7 +24,8 @@
 
 /// The dataplane plan both backends share (classes, rulesets, endpoint maps).
 pub use moat_enforcer::plan as desired;
-pub mod incremental;
+pub use moat_enforcer::plan::incremental;
+
 pub mod netlink;
 pub mod nft;
 pub mod render;
@@ -84,6 +85,18 @@ impl NftBackend {
     pub fn with_probes(mut self, probes: BTreeMap<String, String>) -> Self {
         self.probes = probes;
         self
+    }
+
+    /// Deletes the Moat table a previous run left, if there is one (this node now runs
+    /// another dataplane). Waits for the table's transaction lock at `lock` first. `Ok(false)`:
+    /// nothing to remove, including where `nft` does not run at all.
+    pub fn remove_leftover(lock: &Path) -> Result<bool, nft::Error> {
+        if Self::probe().is_err() || !nft::table_exists()? {
+            return Ok(false);
+        }
+        let lock = nft::TxLock::acquire(lock, nft::LOCK_WAIT_DEFAULT)?;
+        nft::delete_table(&lock)?;
+        Ok(true)
     }
 
     /// Checks that `nft` works here (the capability probe for this backend).

@@ -100,6 +100,17 @@ pub fn apply(lock: &TxLock, commands: Vec<Value>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Is there a Moat table in this namespace?
+pub fn table_exists() -> Result<bool, Error> {
+    let raw = helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "tables", "inet"])?;
+    let v: Value = serde_json::from_str(&raw).map_err(Error::Schema)?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["table"]["name"] == TABLE))
+}
+
 /// The version and digest recorded in the Moat table, if the table exists. Read as raw JSON:
 /// the crate's schema cannot parse the table's verdict maps.
 pub fn recorded() -> Result<Option<(u64, String)>, Error> {

@@ -88,8 +88,21 @@ fn start_sctp(serve: Vec<u16>) -> std::io::Result<Arc<Raw>> {
     })
 }
 
+/// Source ports for UDP and SCTP probes, handed out in turn from a random start. A probe
+/// that reused a recent tuple would be the same flow to conntrack (and to the eBPF flow
+/// table): it would pass as established where policy now denies new flows. In turn, a
+/// tuple comes back only after 28,000 probes.
+fn source_port() -> u16 {
+    const FIRST: u32 = 32768;
+    const COUNT: u32 = 28000;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| rand::random_range(0..COUNT).into());
+    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (FIRST + n % COUNT) as u16
+}
+
 async fn sctp_probe(raw: &Raw, dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    let src: u16 = rand::random::<u16>() % 28000 + 32768;
+    let src = source_port();
     let tag = rand::random::<u32>() | 1;
     raw.probe(
         dst,
@@ -128,13 +141,25 @@ async fn tcp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
 }
 
 async fn udp(dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    let bind: SocketAddr = if dst.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
+    let any: IpAddr = if dst.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
     } else {
-        ([0, 0, 0, 0], 0).into()
+        [0, 0, 0, 0].into()
     };
-    let Ok(s) = UdpSocket::bind(bind).await else {
-        return false;
+    // A port another socket holds is skipped; after a few, the kernel picks.
+    let mut socket = None;
+    for _ in 0..8 {
+        if let Ok(s) = UdpSocket::bind(SocketAddr::new(any, source_port())).await {
+            socket = Some(s);
+            break;
+        }
+    }
+    let s = match socket {
+        Some(s) => s,
+        None => match UdpSocket::bind(SocketAddr::new(any, 0)).await {
+            Ok(s) => s,
+            Err(_) => return false,
+        },
     };
     let token: [u8; 8] = rand::random();
     if s.send_to(&token, (dst, port)).await.is_err() {

@@ -24,6 +24,8 @@ pub struct Moat {
     /// Node index → a command line node's enforcer runs under (e.g. `env VAR=…`, a seccomp
     /// wrapper), the enforcer and its arguments appended.
     pub wrappers: std::collections::BTreeMap<usize, Vec<String>>,
+    /// Node index → the `--backend` its next start uses instead of [`Moat::backend`]'s.
+    pub node_backends: std::collections::BTreeMap<usize, String>,
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
@@ -75,6 +77,7 @@ impl Moat {
             node_names,
             backend: backend.to_string(),
             wrappers,
+            node_backends: Default::default(),
         };
         m.certs()?;
         std::fs::create_dir_all(m.manifests())?;
@@ -87,6 +90,9 @@ impl Moat {
 
     /// Node `i`'s `--backend`: `mixed` alternates eBPF and nft across nodes.
     pub fn backend_of(&self, i: usize) -> &str {
+        if let Some(b) = self.node_backends.get(&i) {
+            return b;
+        }
         match self.backend.as_str() {
             "mixed" => ["ebpf", "nft"][i % 2],
             b => b,
@@ -245,6 +251,35 @@ impl Moat {
                 let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
                 (exe == enforcer).then(|| pid.parse().ok()).flatten()
             }))
+    }
+
+    /// Whether node `i`'s namespace holds a Moat nft table.
+    pub fn has_nft_table(&self, i: usize) -> Result<bool> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.cluster.node(i),
+                "nft",
+                "list",
+                "tables",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("nft list tables: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "table inet moat"))
+    }
+
+    /// Whether node `i` has eBPF pins (maps or links).
+    pub fn has_ebpf_pins(&self, i: usize) -> bool {
+        std::path::Path::new(crate::cluster::BPFFS)
+            .join(self.cluster.node(i))
+            .join("moat")
+            .join(&self.node_names[i])
+            .exists()
     }
 
     /// Node `i`'s pinned eBPF version record: version, digest, and whether a switch is in

@@ -395,6 +395,85 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
     );
 }
 
+/// A node switches dataplane, nft → eBPF → nft, with its enforcer restarted each time: the
+/// policy in force never lapses while the new dataplane takes over, and once it enforces,
+/// the old dataplane's rules are gone (stale rules would deny what newer policy allows).
+#[test]
+fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
+    let mut w = World::start("nft");
+    let home = w.pod("x/a").node;
+    let from = |pod: &str| {
+        policy(
+            &format!("from-{}", pod.replace('/', "-")),
+            "x",
+            &format!(
+                "  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from:\n    - namespaceSelector: {{matchLabels: {{ns: {}}}}}\n      podSelector: {{matchLabels: {{pod: {}}}}}\n    ports: [{{port: 80}}]\n",
+                &pod[..1],
+                &pod[2..]
+            ),
+        )
+    };
+    w.apply(&[from("y/b")]);
+    assert!(w.moat.has_nft_table(home).unwrap());
+
+    // nft → eBPF while probers watch both verdicts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for (from, expect) in [("y/b", true), ("z/c", false)] {
+        let mut agent = w.moat.cluster.prober(from).unwrap();
+        let dst = w.ips("x/a").map(|d| tcp(d, 80)).to_vec();
+        let (stop, wrong) = (stop.clone(), wrong.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for ok in agent.probe(dst.clone(), PROBE, 0).unwrap() {
+                    if ok != expect {
+                        eprintln!("{from} -> x/a:80 was {ok}, must always be {expect}");
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let switch = |w: &mut World, backend: &str, policies: &[String]| {
+        w.moat.node_backends.insert(home, backend.to_string());
+        w.moat.kill_enforcer(home).unwrap();
+        w.moat.start_enforcer(home).unwrap();
+        let expected = moat_harness::moat::Moat::expected(&w.objects(policies)).unwrap();
+        w.moat
+            .wait_applied(&expected, Duration::from_secs(30))
+            .unwrap();
+    };
+    switch(&mut w, "ebpf", &[from("y/b")]);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
+    assert!(w.moat.has_ebpf_pins(home));
+    assert!(
+        !w.moat.has_nft_table(home).unwrap(),
+        "eBPF enforces: the nft table must be gone"
+    );
+    // A stale nft table would still deny z/c.
+    w.apply(&[from("y/b"), from("z/c")]);
+    assert!(w.reach("z/c", "x/a", Proto::Tcp, 80));
+
+    // eBPF → nft: the pins go, and with them eBPF's rules, which would deny y/c.
+    switch(&mut w, "nft", &[from("y/b"), from("z/c")]);
+    assert!(w.reach("z/c", "x/a", Proto::Tcp, 80));
+    assert!(!w.reach("y/c", "x/a", Proto::Tcp, 80));
+    assert!(w.moat.has_nft_table(home).unwrap());
+    assert!(
+        !w.moat.has_ebpf_pins(home),
+        "nft enforces: the eBPF pins must be gone"
+    );
+    w.apply(&[from("y/c")]);
+    assert!(w.reach("y/c", "x/a", Proto::Tcp, 80));
+    assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
+}
+
 /// Is node `i`'s eBPF dataplane between flipping to a new version and finishing its replay?
 fn switching(w: &World, i: usize) -> bool {
     w.moat

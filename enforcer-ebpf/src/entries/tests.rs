@@ -136,3 +136,62 @@ fn capacity_counts_half_of_each_map() {
         })
     ));
 }
+
+/// The map difference of an in-place plan patch equals the difference of the whole entry
+/// sets, on random clusters and membership-only deltas, and is no larger.
+#[test]
+fn patched_plans_give_the_same_entries_as_whole_ones() {
+    use moat_enforcer::plan::incremental::{applies, cache, patch_in_place};
+    use moat_enforcer::plan::{Classes, desired};
+    use moat_policy::Index;
+    use moat_policy::ir::delta;
+    use moat_policy::testkit::parse_all;
+    use moat_policy::testkit::random::{Features, World};
+
+    let mut f = Features::default();
+    let mut patched_count = 0;
+    for case in 0..60u64 {
+        let mut rng = SmallRng::seed_from_u64(0xeb_f000 + case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let snaps = |w: &World| {
+            let index = Index::build(parse_all(&w.objects()));
+            index
+                .nodes()
+                .iter()
+                .map(|n| index.snapshot(&n.node).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut old = snaps(&world)[0].clone();
+        let mut classes = Classes::default();
+        let mut ids = RulesetIds::default();
+        let mut plan = desired(&old, &mut classes);
+        let mut c = cache(&old, &plan);
+        for step in 0..20 {
+            world.mutate(&mut rng, &mut f, false);
+            let Some(new) = snaps(&world).into_iter().find(|s| s.node == old.node) else {
+                break;
+            };
+            let dl = delta::diff(&old, &new);
+            if applies(&old, &dl) {
+                let before = entries(&plan, &mut ids);
+                let log = patch_in_place(&mut plan, &mut c, &mut classes, &old, &new, &dl);
+                let diff = patched(&plan, &log, &mut ids);
+                let want = entries(&plan, &mut ids);
+                let mut got = before.clone();
+                got.apply(&diff);
+                assert_eq!(got, want, "case {case} step {step}");
+                assert_eq!(
+                    diff.len(),
+                    Diff::between(&before, &want).len(),
+                    "case {case} step {step}: the patch writes no more than the change"
+                );
+                patched_count += 1;
+            } else {
+                plan = desired(&new, &mut classes);
+                c = cache(&new, &plan);
+            }
+            old = new;
+        }
+    }
+    assert!(patched_count >= 100, "{patched_count} patched deltas");
+}

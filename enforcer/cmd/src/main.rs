@@ -7,6 +7,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use moat_enforcer_nft::NftBackend;
 
+mod switch;
+use switch::{Remover, Switching};
+
 #[derive(Parser, Debug)]
 #[command(name = "moat-enforcer", version, about = "Moat node enforcer")]
 struct EnforcerArgs {
@@ -21,7 +24,8 @@ struct EnforcerArgs {
     /// there if it is not one yet. Pins outlive the enforcer, so a restart leaves no gap.
     #[arg(long, env = "MOAT_BPFFS", default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
-    /// Remove everything this node's dataplane holds, and exit.
+    /// Remove everything Moat's dataplanes hold on this node (eBPF pins and the nft table),
+    /// and exit.
     #[arg(long)]
     uninstall: bool,
     #[command(flatten)]
@@ -47,11 +51,13 @@ async fn main() -> Result<()> {
     let mode = args.backend.clone();
     if mode == "nft" {
         let backend = nft(&args, selected("nft: --backend nft".into()))?;
+        let backend = Switching::new(backend, "ebpf", ebpf_leftover(&args));
         return run(args, backend, "nftables (--backend nft)").await;
     }
     match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &args.common.node) {
         Ok(mut backend) => {
             backend.note_probe("selected", format!("ebpf: --backend {mode}"));
+            let backend = Switching::new(backend, "nft", nft_leftover(&args));
             run(args, backend, "eBPF").await
         }
         Err(failed) if mode == "auto" => {
@@ -64,10 +70,23 @@ async fn main() -> Result<()> {
             let mut probes = failed.probes;
             probes.extend(selected(summary));
             let backend = nft(&args, probes)?;
+            let backend = Switching::new(backend, "ebpf", ebpf_leftover(&args));
             run(args, backend, "auto: nftables (an eBPF probe failed)").await
         }
         Err(failed) => bail!("--backend ebpf: {failed}"),
     }
+}
+
+/// Removes what an eBPF run left (this node runs nft now).
+fn ebpf_leftover(args: &EnforcerArgs) -> Remover {
+    let (bpffs, node) = (args.bpffs.clone(), args.common.node.clone());
+    Box::new(move || Ok(moat_enforcer_ebpf::remove_leftover(&bpffs, &node)?))
+}
+
+/// Removes what an nft run left (this node runs eBPF now).
+fn nft_leftover(args: &EnforcerArgs) -> Remover {
+    let lock = args.common.state_dir.join("nft.lock");
+    Box::new(move || Ok(NftBackend::remove_leftover(&lock)?))
 }
 
 /// The `selected` probe: why this node runs its backend (shown by `moatctl status`).
@@ -81,8 +100,12 @@ async fn run<B: moat_enforcer::Backend>(
     selection: &str,
 ) -> Result<()> {
     if args.uninstall {
+        // Both dataplanes' state: the other one may be left from an earlier run.
         backend.remove_all().context("uninstall")?;
-        println!("removed the Moat {} dataplane", backend.name());
+        println!(
+            "removed the Moat dataplanes (this node ran {})",
+            backend.name()
+        );
         return Ok(());
     }
     moat_enforcer::cli::run(args.common, backend, selection).await

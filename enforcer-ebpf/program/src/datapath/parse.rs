@@ -20,6 +20,10 @@ const MAX_EXT: usize = 8;
 
 /// Fragment kinds. Plain integers, not an enum with a payload: LLVM may leave an unused
 /// payload undefined (any register, even a pointer), and the verifier refuses such stores.
+#[allow(
+    dead_code,
+    reason = "the value a zeroed packet starts with; named for the reader"
+)]
 pub const FRAG_NONE: u8 = 0;
 /// Offset 0 with more fragments: carries the ports and decides for the rest.
 pub const FRAG_FIRST: u8 = 1;

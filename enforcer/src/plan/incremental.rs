@@ -4,7 +4,7 @@
 //! addresses that changed (plus, for a class that appears or disappears, the rules of the
 //! rulesets that mention its groups), not to the size of the table.
 //!
-//! The result equals a full [`desired`](crate::desired::desired) up to class numbering
+//! The result equals a full [`desired`](super::desired) up to class numbering
 //! (the tests compare both on random clusters); every other delta takes the full path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use moat_policy::ir::delta::{Delta, GroupPatch};
 use moat_policy::ir::{GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId};
 
-use crate::desired::{Classes, Desired, Ruleset, chain_name, merge, spans, v4, v6};
+use super::{Classes, Desired, Ruleset, chain_name, merge, spans, v4, v6};
 
 /// What the in-place update needs to know beyond the table itself.
 #[derive(Default)]
@@ -143,8 +143,7 @@ fn changes(old: &NodeSnapshot, delta: &Delta) -> Vec<(GroupId, Vec<IpAddr>, Vec<
 }
 
 /// `cur` (the table of `old`) moved to `new` by `delta`, which must [apply](applies);
-/// `cache` and `classes` are
-/// updated along.
+/// `cache` and `classes` are updated along.
 pub fn patch(
     cur: &Desired,
     cache: &mut Cache,
@@ -154,6 +153,29 @@ pub fn patch(
     delta: &Delta,
 ) -> Desired {
     let mut d = cur.clone();
+    patch_in_place(&mut d, cache, classes, old, new, delta);
+    d
+}
+
+/// What [`patch_in_place`] changed, for a dataplane that writes only that.
+#[derive(Debug, Default)]
+pub struct Patched {
+    /// Single addresses whose class changed: address → (class before, class after).
+    pub addrs: BTreeMap<IpAddr, (Option<u32>, Option<u32>)>,
+    /// Rulesets that changed, with their content before.
+    pub rulesets: BTreeMap<String, Ruleset>,
+}
+
+/// [`patch`] without the copy: `d` (the table of `old`) becomes the table of `new`.
+pub fn patch_in_place(
+    d: &mut Desired,
+    cache: &mut Cache,
+    classes: &mut Classes,
+    old: &NodeSnapshot,
+    new: &NodeSnapshot,
+    delta: &Delta,
+) -> Patched {
+    let mut log = Patched::default();
     d.version = new.version;
     d.digest = Some(new.digest);
     let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
@@ -212,6 +234,7 @@ pub fn patch(
             count(&mut cache.refs, o, false);
         }
         if singles.is_empty() {
+            log.addrs.insert(a, (old, None));
             continue;
         }
         let mut set = singles;
@@ -226,6 +249,7 @@ pub fn patch(
             IpAddr::V6(x) => d.addr6.insert(x, id),
         };
         count(&mut cache.refs, id, true);
+        log.addrs.insert(a, (old, Some(id)));
     }
     // Classes that died lose their rule entries first (their numbers may be reused below).
     for (id, (was, now)) in &changed {
@@ -233,6 +257,7 @@ pub fn patch(
             let groups = classes.groups(*id).unwrap_or_default().to_vec();
             for name in users(cache, &groups) {
                 if let Some(rs) = d.rulesets.get_mut(&name) {
+                    log.rulesets.entry(name).or_insert_with(|| rs.clone());
                     rs.aa.remove(id);
                     rs.gx.retain(|e| e.0 != *id);
                     rs.gp.retain(|e| e.0 != *id);
@@ -248,12 +273,14 @@ pub fn patch(
             for name in users(cache, &groups) {
                 if let (Some(rs), Some(rules)) = (d.rulesets.get_mut(&name), cache.rules.get(&name))
                 {
+                    log.rulesets.entry(name).or_insert_with(|| rs.clone());
                     add_class(rs, rules, *id, &groups);
                 }
             }
         }
     }
-    d
+    log.addrs.retain(|_, (was, now)| was != now);
+    log
 }
 
 fn users(cache: &Cache, groups: &[GroupId]) -> BTreeSet<String> {

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::*;
-use crate::desired::desired;
+use crate::plan::desired;
 
 /// The table with every class number replaced by the groups it stands for.
 fn canon(d: &Desired, c: &Classes) -> String {

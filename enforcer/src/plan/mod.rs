@@ -16,6 +16,8 @@
 //! * endpoint addresses jump to their ruleset through verdict maps; endpoints no policy
 //!   isolates are in no map and cost one failed lookup.
 
+pub mod incremental;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
