@@ -53,7 +53,9 @@ pub enum DataplaneError {
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
-struct Maps {
+/// Handles on the policy maps. A second set (opened from the pins) lets a background
+/// thread replay a version onto the unused slot.
+pub struct Maps {
     selector: Array<MapData, u32>,
     endpoints: HashMap<MapData, EndpointKey, u32>,
     addrs: HashMap<MapData, AddrKey, u32>,
@@ -100,7 +102,9 @@ pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
-    barrier: Barrier,
+    barrier: std::sync::Arc<Barrier>,
+    /// Where the maps are pinned.
+    dir: PathBuf,
     links: PathBuf,
     /// Interfaces this process attached to (or took over): ifindex → name.
     attached: BTreeMap<u32, String>,
@@ -147,7 +151,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             maps,
-            barrier,
+            barrier: std::sync::Arc::new(barrier),
+            dir: dir.clone(),
             links,
             attached: BTreeMap::new(),
         };
@@ -308,21 +313,127 @@ impl Dataplane {
         Ok((s & 1) as u8)
     }
 
-    /// Points every packet from now on at `slot`, and returns once no packet still reads
-    /// the other one.
+    /// Points every packet from now on at `slot`. Packets already running may still read
+    /// the other slot until [`Barrier::wait`] on [`barrier`](Self::barrier) returns.
     pub fn flip(&mut self, slot: u8) -> Result<()> {
         self.maps
             .selector
             .set(0, u32::from(slot), 0)
-            .map_err(|e| DataplaneError::Map(MapNames::SELECTOR, e))?;
-        self.barrier
-            .wait()
-            .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))
+            .map_err(|e| DataplaneError::Map(MapNames::SELECTOR, e))
     }
 
+    /// Waits out every program run that started before this call.
+    pub fn barrier(&self) -> std::sync::Arc<Barrier> {
+        std::sync::Arc::clone(&self.barrier)
+    }
+
+    /// A second set of handles on the policy maps, opened from their pins.
+    pub fn open_maps(&self) -> Result<Maps> {
+        fn pinned<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<T> {
+            let data =
+                MapData::from_pin(dir.join(name)).map_err(|e| DataplaneError::Map(name, e))?;
+            aya::maps::Map::from_map_data(data)
+                .and_then(T::try_from)
+                .map_err(|e| DataplaneError::Map(name, e))
+        }
+        let d = &self.dir;
+        Ok(Maps {
+            selector: pinned(d, MapNames::SELECTOR)?,
+            endpoints: pinned(d, MapNames::ENDPOINTS)?,
+            addrs: pinned(d, MapNames::ADDRS)?,
+            ranges: pinned(d, MapNames::RANGES)?,
+            ports: pinned(d, MapNames::PORTS)?,
+            named: pinned(d, MapNames::NAMED)?,
+            local: pinned(d, MapNames::LOCAL)?,
+            local_addr: pinned(d, MapNames::LOCAL_ADDR)?,
+            meta: pinned(d, MapNames::META)?,
+            counters: pinned(d, MapNames::COUNTERS)?,
+        })
+    }
+
+    pub fn write(&mut self, slot: u8, diff: &Diff) -> Result<()> {
+        self.maps.write(slot, diff)
+    }
+
+    pub fn clear(&mut self, slot: u8) -> Result<()> {
+        self.maps.clear(slot)
+    }
+
+    pub fn release_local(&mut self, stale: &[LocalKey]) -> Result<()> {
+        self.maps.release_local(stale)
+    }
+
+    pub fn read_slot(&self, slot: u8) -> Entries {
+        self.maps.read_slot(slot)
+    }
+
+    /// Gives every address in `want` a mark index (kept for addresses that have one) and
+    /// returns the indices no longer wanted, to [`release_local`](Self::release_local) once
+    /// no slot refers to them.
+    pub fn assign_local(&mut self, want: &BTreeSet<LocalAddr>) -> Result<Vec<LocalKey>> {
+        let e = |err| DataplaneError::Map(MapNames::LOCAL, err);
+        let have: BTreeMap<LocalKey, u32> = self.maps.local.iter().filter_map(|r| r.ok()).collect();
+        let used: BTreeSet<u32> = have.values().copied().collect();
+        let mut free = (1..=MAX_LOCAL).filter(|i| !used.contains(i));
+        for a in want {
+            let k = LocalKey {
+                family: a.family,
+                _pad: [0; 3],
+                addr: a.addr,
+            };
+            if have.contains_key(&k) {
+                continue;
+            }
+            let i = free.next().ok_or(DataplaneError::Map(
+                MapNames::LOCAL,
+                MapError::OutOfBounds {
+                    index: MAX_LOCAL + 1,
+                    max_entries: MAX_LOCAL,
+                },
+            ))?;
+            // The address first: the ingress program may use the index the moment it exists.
+            self.maps
+                .local_addr
+                .set(i, *a, 0)
+                .map_err(|err| DataplaneError::Map(MapNames::LOCAL_ADDR, err))?;
+            self.maps.local.insert(k, i, 0).map_err(e)?;
+        }
+        Ok(have
+            .keys()
+            .filter(|k| {
+                !want.contains(&LocalAddr {
+                    family: k.family,
+                    _pad: [0; 3],
+                    addr: k.addr,
+                })
+            })
+            .copied()
+            .collect())
+    }
+
+    /// Per-CPU counters summed.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (i, name) in [
+            (CNT_ALLOWED, "allowed"),
+            (CNT_DENIED, "denied"),
+            (CNT_MALFORMED, "malformed"),
+        ] {
+            if let Ok(v) = self.maps.counters.get(&i, 0) {
+                out.insert(name.to_string(), v.iter().sum());
+            }
+        }
+        out
+    }
+}
+
+impl Maps {
     /// Writes `diff` into `slot`: additions and changes first, removals last.
     pub fn write(&mut self, slot: u8, diff: &Diff) -> Result<()> {
-        let m = &mut self.maps;
+        let m = self;
         let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
         for (k, v) in &diff.endpoints.0 {
             m.endpoints
@@ -377,76 +488,17 @@ impl Dataplane {
         self.write(slot, &Diff::between(&there, &Entries::default()))
     }
 
-    /// Gives every address in `want` a mark index (kept for addresses that have one) and
-    /// returns the indices no longer wanted, to [`release_local`](Self::release_local) once
-    /// no slot refers to them.
-    pub fn assign_local(&mut self, want: &BTreeSet<LocalAddr>) -> Result<Vec<LocalKey>> {
-        let e = |err| DataplaneError::Map(MapNames::LOCAL, err);
-        let have: BTreeMap<LocalKey, u32> = self.maps.local.iter().filter_map(|r| r.ok()).collect();
-        let used: BTreeSet<u32> = have.values().copied().collect();
-        let mut free = (1..=MAX_LOCAL).filter(|i| !used.contains(i));
-        for a in want {
-            let k = LocalKey {
-                family: a.family,
-                _pad: [0; 3],
-                addr: a.addr,
-            };
-            if have.contains_key(&k) {
-                continue;
-            }
-            let i = free.next().ok_or(DataplaneError::Map(
-                MapNames::LOCAL,
-                MapError::OutOfBounds {
-                    index: MAX_LOCAL + 1,
-                    max_entries: MAX_LOCAL,
-                },
-            ))?;
-            // The address first: the ingress program may use the index the moment it exists.
-            self.maps
-                .local_addr
-                .set(i, *a, 0)
-                .map_err(|err| DataplaneError::Map(MapNames::LOCAL_ADDR, err))?;
-            self.maps.local.insert(k, i, 0).map_err(e)?;
-        }
-        Ok(have
-            .keys()
-            .filter(|k| {
-                !want.contains(&LocalAddr {
-                    family: k.family,
-                    _pad: [0; 3],
-                    addr: k.addr,
-                })
-            })
-            .copied()
-            .collect())
-    }
-
     pub fn release_local(&mut self, stale: &[LocalKey]) -> Result<()> {
         for k in stale {
-            gone(self.maps.local.remove(k)).map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
+            gone(self.local.remove(k)).map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
         }
         Ok(())
-    }
-
-    /// Per-CPU counters summed.
-    pub fn counters(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for (i, name) in [
-            (CNT_ALLOWED, "allowed"),
-            (CNT_DENIED, "denied"),
-            (CNT_MALFORMED, "malformed"),
-        ] {
-            if let Ok(v) = self.maps.counters.get(&i, 0) {
-                out.insert(name.to_string(), v.iter().sum());
-            }
-        }
-        out
     }
 
     /// Entries currently written for `slot`, read back from the kernel (tests, adoption
     /// checks).
     pub fn read_slot(&self, slot: u8) -> Entries {
-        let m = &self.maps;
+        let m = self;
         let mut e = Entries::default();
         for (k, v) in m.endpoints.iter().filter_map(|r| r.ok()) {
             if k.slot == slot {

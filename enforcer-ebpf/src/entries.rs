@@ -247,11 +247,10 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
     e
 }
 
-/// The map difference of an in-place patch of the plan (`d` after it, `log` what it
-/// changed): what [`Diff::between`] would find between the entries of the plan before and
+/// The map difference of an in-place patch of the plan (`log`: what it changed): what [`Diff::between`] would find between the entries of the plan before and
 /// after, at the cost of the change, not of the plan. Ruleset numbers do not move: an
 /// in-place patch never adds or removes a ruleset.
-pub fn patched(d: &Desired, log: &Patched, ids: &mut RulesetIds) -> Diff {
+pub fn patched(log: &Patched, ids: &mut RulesetIds) -> Diff {
     let mut diff = Diff::default();
     for (a, (_, now)) in &log.addrs {
         let (family, addr) = addr16(*a);
@@ -266,17 +265,16 @@ pub fn patched(d: &Desired, log: &Patched, ids: &mut RulesetIds) -> Diff {
             None => diff.addrs.1.push(key),
         }
     }
-    for (name, before) in &log.rulesets {
+    for (name, change) in &log.rulesets {
         let id = ids.id(name);
-        let (mut was, mut now) = (Entries::default(), Entries::default());
-        ruleset_entries(id, before, &mut was);
-        if let Some(rs) = d.rulesets.get(name) {
-            ruleset_entries(id, rs, &mut now);
-        }
-        let (add, del) = set_diff(&was.ports, &now.ports);
+        let (mut gone, mut new) = (Entries::default(), Entries::default());
+        ruleset_entries(id, &change.removed, &mut gone);
+        ruleset_entries(id, &change.added, &mut new);
+        // Elements differ, but their port prefixes may coincide: keep a key both sides name.
+        let (add, del) = set_diff(&gone.ports, &new.ports);
         diff.ports.0.extend(add);
         diff.ports.1.extend(del);
-        let (add, del) = set_diff(&was.named, &now.named);
+        let (add, del) = set_diff(&gone.named, &new.named);
         diff.named.0.extend(add);
         diff.named.1.extend(del);
     }

@@ -3,9 +3,15 @@
 //! switching versions atomically between two map slots. See docs/design/ebpf.md.
 //!
 //! A version is installed as: write the difference into the slot no packet reads → record
-//! the version as pending → flip the selector and wait out every program still reading the
-//! old slot → replay the same difference onto the old slot. Both slots then hold the new
-//! version, so the next change is again a difference.
+//! the version as pending → flip the selector → record it as in force (the ACK can go now).
+//! Then, in the background: wait out every program still reading the old slot (an RCU grace
+//! period, milliseconds) → replay the same difference onto the old slot. Both slots then
+//! hold the new version, so the next change, which first waits for that replay, is again a
+//! difference.
+//!
+//! Deltas that only move addresses between groups patch the plan in place
+//! ([`moat_enforcer::plan::incremental`]) and turn the patch into map changes directly, so
+//! their cost is that of the change, not of the node's rules.
 
 #![deny(rust_2018_idioms)]
 
@@ -14,7 +20,7 @@ pub mod entries;
 pub mod probe;
 pub mod sys;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use moat_enforcer::plan::{Classes, Desired, desired, incremental};
@@ -23,9 +29,9 @@ use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
 
-pub use dataplane::{Dataplane, DataplaneError};
+pub use dataplane::{Dataplane, DataplaneError, Maps};
 use entries::{Diff, Entries, RulesetIds};
-pub use moat_ebpf_common::{META_PENDING, META_VALID, Meta};
+pub use moat_ebpf_common::{LocalAddr, META_PENDING, META_VALID, Meta};
 
 pub struct EbpfBackend {
     dp: Dataplane,
@@ -36,6 +42,10 @@ pub struct EbpfBackend {
     /// The plan `current` was made from, kept for in-place patches.
     plan: Option<Desired>,
     cache: Option<incremental::Cache>,
+    /// The replay of the version in force onto the unused slot, running in the background.
+    replay: Option<std::thread::JoinHandle<(Maps, Result<(), DataplaneError>)>>,
+    /// Map handles for the next replay.
+    spare: Option<Maps>,
     /// The standby slot's content is not known (first change after a start, or a failed
     /// write): the next change rewrites slots whole instead of patching them.
     standby_unknown: bool,
@@ -64,6 +74,8 @@ impl EbpfBackend {
             current: Entries::default(),
             plan: None,
             cache: None,
+            replay: None,
+            spare: None,
             standby_unknown: true,
             probes,
             bpffs,
@@ -78,6 +90,11 @@ impl EbpfBackend {
     /// Adds one finding to the reported probes.
     pub fn note_probe(&mut self, name: &str, value: String) {
         self.probes.insert(name.to_string(), value);
+    }
+
+    /// The map entries of the version in force.
+    pub fn installed(&self) -> &Entries {
+        &self.current
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -95,6 +112,7 @@ impl EbpfBackend {
 
     /// Installs `snap` from its whole plan.
     fn install(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
+        self.settle();
         self.plan = None;
         let plan = desired(snap, &mut self.classes);
         let new = entries::entries(&plan, &mut self.ids);
@@ -106,7 +124,7 @@ impl EbpfBackend {
         } else {
             Diff::between(&self.current, &new)
         };
-        self.switch(snap, &diff, whole, &new.local)?;
+        self.switch(snap, diff, whole, &new.local)?;
         self.current = new;
         self.plan = Some(plan);
         self.cache = None;
@@ -122,6 +140,7 @@ impl EbpfBackend {
         delta: &Delta,
         new: &NodeSnapshot,
     ) -> Result<bool, BackendError> {
+        self.settle();
         let holds_old = self
             .plan
             .as_ref()
@@ -134,7 +153,7 @@ impl EbpfBackend {
             .cache
             .get_or_insert_with(|| incremental::cache(old, plan));
         let log = incremental::patch_in_place(plan, cache, &mut self.classes, old, new, delta);
-        let diff = entries::patched(plan, &log, &mut self.ids);
+        let diff = entries::patched(&log, &mut self.ids);
         // From here on plan and entries describe `new`; if it is not installed, the next
         // version is installed whole.
         self.current.apply(&diff);
@@ -143,7 +162,7 @@ impl EbpfBackend {
             .current
             .check_capacity()
             .map_err(|e| BackendError::Rejected(format!("version {}: {e}", new.version)))
-            .and_then(|()| self.switch(new, &diff, false, &local));
+            .and_then(|()| self.switch(new, diff, false, &local));
         if done.is_err() {
             self.plan = None;
             self.cache = None;
@@ -152,16 +171,18 @@ impl EbpfBackend {
         done.map(|()| true)
     }
 
-    /// Writes `diff` into the unused slot (emptied first if `whole`), makes it the one in
-    /// force, and replays `diff` onto the other. An error means the slot in force did not
-    /// change.
+    /// Writes `diff` into the unused slot (emptied first if `whole`) and makes it the one in
+    /// force. Then, in the background, waits out every packet still reading the old slot
+    /// and replays `diff` onto it (see [`settle`](Self::settle)). An error means the slot
+    /// in force did not change.
     fn switch(
         &mut self,
         snap: &NodeSnapshot,
-        diff: &Diff,
+        diff: Diff,
         whole: bool,
-        local: &std::collections::BTreeSet<moat_ebpf_common::LocalAddr>,
+        local: &BTreeSet<LocalAddr>,
     ) -> Result<(), BackendError> {
+        self.settle();
         self.dp.attach_all().map_err(failed)?;
         let active = self.dp.active_slot().map_err(failed)?;
         let standby = 1 - active;
@@ -170,32 +191,69 @@ impl EbpfBackend {
         if whole {
             self.dp.clear(standby).map_err(failed)?;
         }
-        self.dp.write(standby, diff).map_err(failed)?;
+        self.dp.write(standby, &diff).map_err(failed)?;
+        // Pending until the selector has flipped: a crash in between leaves a record that
+        // says "unknown", never a wrong version.
         self.dp
             .set_meta(Self::meta_for(snap, META_VALID | META_PENDING))
             .map_err(failed)?;
         self.dp.flip(standby).map_err(failed)?;
         // In force from here on: a failure below only leaves the unused slot to rewrite.
-        let replay = (|| {
-            if whole {
-                self.dp.clear(active)?;
-            }
-            self.dp.write(active, diff)?;
-            self.dp.set_meta(Self::meta_for(snap, META_VALID))?;
-            self.dp.release_local(&stale_local)
-        })();
-        match replay {
-            Ok(()) => self.standby_unknown = false,
-            Err(e) => warn!(error = %e, "the unused slot will be rewritten by the next change"),
+        if let Err(e) = self.dp.set_meta(Self::meta_for(snap, META_VALID)) {
+            warn!(error = %e, "version record not updated; a restart will ask for a full snapshot");
         }
+        let maps = match self.spare.take().map_or_else(|| self.dp.open_maps(), Ok) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "the unused slot will be rewritten by the next change");
+                return Ok(());
+            }
+        };
+        let barrier = self.dp.barrier();
+        let changed = diff.len();
+        self.replay = Some(std::thread::spawn(move || {
+            let mut maps = maps;
+            let done = (|| {
+                barrier
+                    .wait()
+                    .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+                if whole {
+                    maps.clear(active)?;
+                }
+                maps.write(active, &diff)?;
+                maps.release_local(&stale_local)
+            })();
+            (maps, done)
+        }));
         debug!(
             version = snap.version,
-            changed = diff.len(),
+            changed,
             whole,
             slot = standby,
-            "version installed"
+            "version in force"
         );
         Ok(())
+    }
+
+    /// Waits for the replay of the last version onto the unused slot, which runs in the
+    /// background once no packet reads that slot any more. Every change does this first;
+    /// afterwards both slots hold the version in force (unless the replay failed, which
+    /// makes the next change rewrite the slot whole).
+    pub fn settle(&mut self) {
+        let Some(replay) = self.replay.take() else {
+            return;
+        };
+        match replay.join() {
+            Ok((maps, Ok(()))) => {
+                self.spare = Some(maps);
+                self.standby_unknown = false;
+            }
+            Ok((maps, Err(e))) => {
+                self.spare = Some(maps);
+                warn!(error = %e, "the unused slot will be rewritten by the next change");
+            }
+            Err(_) => warn!("the replay onto the unused slot panicked; it will be rewritten"),
+        }
     }
 }
 
@@ -281,6 +339,7 @@ impl Backend for EbpfBackend {
     }
 
     fn remove_all(&mut self) -> Result<(), BackendError> {
+        self.settle();
         let root = self.bpffs.join("moat").join(&self.node);
         // Unpinning the links detaches the programs once this process lets go of them.
         std::fs::remove_dir_all(&root).map_err(failed)?;

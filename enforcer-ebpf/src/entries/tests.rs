@@ -175,7 +175,7 @@ fn patched_plans_give_the_same_entries_as_whole_ones() {
             if applies(&old, &dl) {
                 let before = entries(&plan, &mut ids);
                 let log = patch_in_place(&mut plan, &mut c, &mut classes, &old, &new, &dl);
-                let diff = patched(&plan, &log, &mut ids);
+                let diff = patched(&log, &mut ids);
                 let want = entries(&plan, &mut ids);
                 let mut got = before.clone();
                 got.apply(&diff);

@@ -162,8 +162,31 @@ pub fn patch(
 pub struct Patched {
     /// Single addresses whose class changed: address → (class before, class after).
     pub addrs: BTreeMap<IpAddr, (Option<u32>, Option<u32>)>,
-    /// Rulesets that changed, with their content before.
-    pub rulesets: BTreeMap<String, Ruleset>,
+    /// Rulesets that changed: the elements they lost and gained (class entries only: a
+    /// patch never touches the rest).
+    pub rulesets: BTreeMap<String, RulesetChange>,
+}
+
+#[derive(Debug, Default)]
+pub struct RulesetChange {
+    pub removed: Ruleset,
+    pub added: Ruleset,
+}
+
+impl RulesetChange {
+    /// Drops what was removed and added back (a class number released and reused).
+    fn net(&mut self) {
+        fn both<T: Ord + Copy>(a: &mut BTreeSet<T>, b: &mut BTreeSet<T>) {
+            let common: Vec<T> = a.intersection(b).copied().collect();
+            for x in common {
+                a.remove(&x);
+                b.remove(&x);
+            }
+        }
+        both(&mut self.removed.aa, &mut self.added.aa);
+        both(&mut self.removed.gx, &mut self.added.gx);
+        both(&mut self.removed.gp, &mut self.added.gp);
+    }
 }
 
 /// [`patch`] without the copy: `d` (the table of `old`) becomes the table of `new`.
@@ -257,10 +280,29 @@ pub fn patch_in_place(
             let groups = classes.groups(*id).unwrap_or_default().to_vec();
             for name in users(cache, &groups) {
                 if let Some(rs) = d.rulesets.get_mut(&name) {
-                    log.rulesets.entry(name).or_insert_with(|| rs.clone());
-                    rs.aa.remove(id);
-                    rs.gx.retain(|e| e.0 != *id);
-                    rs.gp.retain(|e| e.0 != *id);
+                    let removed = &mut log.rulesets.entry(name).or_default().removed;
+                    if rs.aa.remove(id) {
+                        removed.aa.insert(*id);
+                    }
+                    // Entries are ordered by class first: the class's are one range.
+                    let gx: Vec<_> = rs
+                        .gx
+                        .range((*id, 0, 0)..=(*id, u8::MAX, u16::MAX))
+                        .copied()
+                        .collect();
+                    for e in gx {
+                        rs.gx.remove(&e);
+                        removed.gx.insert(e);
+                    }
+                    let gp: Vec<_> = rs
+                        .gp
+                        .range((*id, 0, 0, 0)..=(*id, u8::MAX, u16::MAX, u16::MAX))
+                        .copied()
+                        .collect();
+                    for e in gp {
+                        rs.gp.remove(&e);
+                        removed.gp.insert(e);
+                    }
                 }
             }
             cache.refs.remove(id);
@@ -273,13 +315,23 @@ pub fn patch_in_place(
             for name in users(cache, &groups) {
                 if let (Some(rs), Some(rules)) = (d.rulesets.get_mut(&name), cache.rules.get(&name))
                 {
-                    log.rulesets.entry(name).or_insert_with(|| rs.clone());
-                    add_class(rs, rules, *id, &groups);
+                    let mut added = Ruleset::default();
+                    add_class(&mut added, rules, *id, &groups);
+                    rs.aa.extend(added.aa.iter().copied());
+                    rs.gx.extend(added.gx.iter().copied());
+                    rs.gp.extend(added.gp.iter().copied());
+                    let change = &mut log.rulesets.entry(name).or_default().added;
+                    change.aa.extend(added.aa);
+                    change.gx.extend(added.gx);
+                    change.gp.extend(added.gp);
                 }
             }
         }
     }
     log.addrs.retain(|_, (was, now)| was != now);
+    for c in log.rulesets.values_mut() {
+        c.net();
+    }
     log
 }
 
