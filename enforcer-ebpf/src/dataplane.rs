@@ -30,6 +30,10 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/m
 /// Loads the datapath from this file instead of the built-in object (to try a build).
 pub const OBJECT_ENV: &str = "MOAT_EBPF_OBJECT";
 
+/// For tests only: runs the datapath as an older map layout (with [`OBJECT_ENV`] naming an
+/// object built with it), so a test can upgrade a node from it. Such a run never migrates.
+pub const TEST_LAYOUT_ENV: &str = "MOAT_EBPF_LAYOUT_FOR_TESTS";
+
 /// The datapath object built into this binary.
 pub fn builtin_object() -> &'static [u8] {
     PROGRAM
@@ -49,6 +53,14 @@ pub enum DataplaneError {
     Attach(String, String),
     #[error("{0}: {1}")]
     Sys(&'static str, std::io::Error),
+    #[error(
+        "{0} holds maps of layout {1}, newer than this binary's {2}: run a newer enforcer, or --uninstall first"
+    )]
+    NewerLayout(PathBuf, u32, u32),
+    #[error("cannot migrate maps of layout {0} (this binary migrates from layout 1)")]
+    UnknownLayout(u32),
+    #[error("{TEST_LAYOUT_ENV}: {0}")]
+    TestLayout(String),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -82,11 +94,11 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 /// The version record pinned for `node`, read without loading anything: what an operator
 /// (or a test) sees of a running dataplane. `None` if nothing is pinned.
 pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
-    let path = bpffs
-        .join("moat")
-        .join(node)
-        .join(format!("v{LAYOUT_VERSION}"))
-        .join(MapNames::META);
+    // The newest layout pinned: an upgrade in progress still shows what is in force.
+    let Some((_, dir)) = crate::migrate::layouts(&bpffs.join("moat").join(node)).pop() else {
+        return Ok(None);
+    };
+    let path = dir.join(MapNames::META);
     if !path.exists() {
         return Ok(None);
     }
@@ -103,8 +115,11 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
     barrier: std::sync::Arc<Barrier>,
-    /// Where the maps are pinned.
+    /// Where the maps are pinned: `<root>/v<layout>`.
     dir: PathBuf,
+    pub(crate) root: PathBuf,
+    /// The map layout this run uses (this binary's, unless a test asked for an older one).
+    pub(crate) layout: u32,
     links: PathBuf,
     /// Interfaces this process attached to (or took over): ifindex → name.
     attached: BTreeMap<u32, String>,
@@ -119,7 +134,26 @@ impl Dataplane {
     pub fn open(bpffs: &Path, node: &str) -> Result<Self> {
         sys::ensure_bpffs(bpffs).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
         let root = bpffs.join("moat").join(node);
-        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let layout = match std::env::var(TEST_LAYOUT_ENV) {
+            Ok(v) => match v.parse::<u32>() {
+                Ok(n) if (1..=LAYOUT_VERSION).contains(&n) => n,
+                _ => {
+                    return Err(DataplaneError::TestLayout(format!(
+                        "{v:?} is no layout 1..={LAYOUT_VERSION}"
+                    )));
+                }
+            },
+            Err(_) => LAYOUT_VERSION,
+        };
+        // A newer binary ran here: its maps mean something this one can't read, and moving
+        // its links to this program with fresh maps would open everything.
+        if let Some((n, path)) = crate::migrate::layouts(&root)
+            .into_iter()
+            .find(|(n, _)| *n > layout)
+        {
+            return Err(DataplaneError::NewerLayout(path, n, layout));
+        }
+        let dir = root.join(format!("v{layout}"));
         let links = root.join("links");
         for d in [&dir, &links] {
             std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
@@ -153,6 +187,8 @@ impl Dataplane {
             maps,
             barrier: std::sync::Arc::new(barrier),
             dir: dir.clone(),
+            root,
+            layout,
             links,
             attached: BTreeMap::new(),
         };
@@ -322,6 +358,11 @@ impl Dataplane {
             .map_err(|e| DataplaneError::Map(MapNames::SELECTOR, e))
     }
 
+    /// Where this run's maps are pinned.
+    pub fn map_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Waits out every program run that started before this call.
     pub fn barrier(&self) -> std::sync::Arc<Barrier> {
         std::sync::Arc::clone(&self.barrier)
@@ -329,17 +370,24 @@ impl Dataplane {
 
     /// A second set of handles on the policy maps, opened from their pins.
     pub fn open_maps(&self) -> Result<Maps> {
-        fn pinned<T: TryFrom<aya::maps::Map, Error = MapError>>(
-            dir: &Path,
-            name: &'static str,
-        ) -> Result<T> {
-            let data =
-                MapData::from_pin(dir.join(name)).map_err(|e| DataplaneError::Map(name, e))?;
-            aya::maps::Map::from_map_data(data)
-                .and_then(T::try_from)
-                .map_err(|e| DataplaneError::Map(name, e))
-        }
-        let d = &self.dir;
+        Maps::pinned_in(&self.dir)
+    }
+}
+
+/// Opens the map pinned as `dir/name`.
+pub(crate) fn pinned<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T> {
+    let data = MapData::from_pin(dir.join(name)).map_err(|e| DataplaneError::Map(name, e))?;
+    aya::maps::Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(|e| DataplaneError::Map(name, e))
+}
+
+impl Maps {
+    /// Handles on the policy maps pinned in `dir`.
+    pub fn pinned_in(d: &Path) -> Result<Maps> {
         Ok(Maps {
             selector: pinned(d, MapNames::SELECTOR)?,
             endpoints: pinned(d, MapNames::ENDPOINTS)?,
@@ -353,7 +401,9 @@ impl Dataplane {
             counters: pinned(d, MapNames::COUNTERS)?,
         })
     }
+}
 
+impl Dataplane {
     pub fn write(&mut self, slot: u8, diff: &Diff) -> Result<()> {
         self.maps.write(slot, diff)
     }
@@ -421,6 +471,7 @@ impl Dataplane {
             (CNT_ALLOWED, "allowed"),
             (CNT_DENIED, "denied"),
             (CNT_MALFORMED, "malformed"),
+            (CNT_CT_FULL, "flow_table_full"),
         ] {
             if let Ok(v) = self.maps.counters.get(&i, 0) {
                 out.insert(name.to_string(), v.iter().sum());

@@ -17,6 +17,8 @@
 
 pub mod dataplane;
 pub mod entries;
+pub mod flows;
+pub mod migrate;
 pub mod probe;
 pub mod sys;
 
@@ -46,6 +48,8 @@ pub struct EbpfBackend {
     replay: Option<std::thread::JoinHandle<(Maps, Result<(), DataplaneError>)>>,
     /// Map handles for the next replay.
     spare: Option<Maps>,
+    /// Stops the flow-table sweeper.
+    sweeper: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The standby slot's content is not known (first change after a start, or a failed
     /// write): the next change rewrites slots whole instead of patching them.
     standby_unknown: bool,
@@ -67,7 +71,10 @@ impl EbpfBackend {
         probes: BTreeMap<String, String>,
     ) -> Result<Self, DataplaneError> {
         let dp = Dataplane::open(&bpffs, node)?;
+        let sweeper = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        flows::start_sweeper(dp.map_dir(), sweeper.clone())?;
         Ok(EbpfBackend {
+            sweeper,
             dp,
             classes: Classes::default(),
             ids: RulesetIds::default(),
@@ -269,6 +276,13 @@ pub fn remove_leftover(bpffs: &std::path::Path, node: &str) -> std::io::Result<b
     Ok(true)
 }
 
+impl Drop for EbpfBackend {
+    fn drop(&mut self) {
+        self.sweeper
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Backend for EbpfBackend {
     fn name(&self) -> &str {
         "ebpf"
@@ -279,6 +293,9 @@ impl Backend for EbpfBackend {
     }
 
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
+        // Maps of an older binary's layout become this one's first (their rules stay in
+        // force throughout), so what follows reads them as if this binary had written them.
+        self.dp.migrate().map_err(failed)?;
         let meta = self.dp.meta().map_err(failed)?;
         // Programs first: whatever the maps hold is enforced on every interface, and links
         // a previous run pinned now run this binary's program.
@@ -340,6 +357,8 @@ impl Backend for EbpfBackend {
 
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.settle();
+        self.sweeper
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let root = self.bpffs.join("moat").join(&self.node);
         // Unpinning the links detaches the programs once this process lets go of them.
         std::fs::remove_dir_all(&root).map_err(failed)?;

@@ -474,6 +474,146 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
 }
 
+/// A node runs the previous map layout's datapath (layout 1: an LRU flow table; the object
+/// is a committed fixture) and is upgraded to this binary (layout 2: a preallocated flow
+/// table): its maps are migrated, flows included, while more than 1,000 probes a second and
+/// two established connections watch. The connections were opened under a policy since
+/// replaced by one that denies them: only the flow table keeps them alive, so a flow lost in
+/// the upgrade breaks a connection.
+#[test]
+fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../enforcer-ebpf/tests/fixtures/moat-datapath-layout1.o");
+    let home = moat_conformance::cluster::node_of(0, 0);
+    let old = vec![
+        "env".to_string(),
+        format!("MOAT_EBPF_OBJECT={}", fixture.display()),
+        "MOAT_EBPF_LAYOUT_FOR_TESTS=1".to_string(),
+    ];
+    let mut w = World::start_wrapped("ebpf", [(home, old)].into());
+    assert_eq!(w.pod("x/a").node, home);
+    let from = |pod: &str, port: u16| {
+        policy(
+            &format!("from-{}-{port}", pod.replace('/', "-")),
+            "x",
+            &format!(
+                "  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - namespaceSelector: {{matchLabels: {{ns: {}}}}}\n      podSelector: {{matchLabels: {{pod: {}}}}}\n    ports: [{{port: {port}}}]\n",
+                &pod[..1],
+                &pod[2..]
+            ),
+        )
+    };
+    let pins = |w: &World, layout: u32| {
+        std::path::Path::new(moat_harness::cluster::BPFFS)
+            .join(w.moat.cluster.node(home))
+            .join("moat")
+            .join(&w.moat.node_names[home])
+            .join(format!("v{layout}"))
+            .exists()
+    };
+    w.apply(&[from("y/b", 80), from("z/c", 81)]);
+    assert!(pins(&w, 1) && !pins(&w, 2), "the node runs layout 1");
+    let [v4, v6] = w.ips("x/a");
+    let mut streams = w.moat.cluster.prober("y/b").unwrap();
+    let t = Duration::from_secs(1);
+    let open = vec![
+        StreamOp::Open {
+            id: 1,
+            dst: v4,
+            port: 80,
+        },
+        StreamOp::Open {
+            id: 2,
+            dst: v6,
+            port: 80,
+        },
+    ];
+    assert_eq!(streams.streams(open, t).unwrap(), vec![true, true]);
+    // y/b's connections are now established flows of a policy that no longer allows them.
+    let policies = [from("z/c", 81)];
+    w.apply(&policies);
+    let echo = vec![StreamOp::Echo { id: 1 }, StreamOp::Echo { id: 2 }];
+    assert_eq!(streams.streams(echo.clone(), t).unwrap(), vec![true, true]);
+    assert!(
+        !w.reach("y/b", "x/a", Proto::Tcp, 80),
+        "new ones are denied"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let probes = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for (from, port, expect, n, pause) in [("z/c", 81, true, 16, 10), ("y/b", 80, false, 100, 0)] {
+        let mut agent = w.moat.cluster.prober(from).unwrap();
+        let reqs: Vec<ProbeReq> = (0..n).map(|i| tcp([v4, v6][i % 2], port)).collect();
+        let (stop, wrong, probes) = (stop.clone(), wrong.clone(), probes.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = agent.probe(reqs.clone(), PROBE, 0).unwrap();
+                probes.fetch_add(r.len() as u64, Ordering::Relaxed);
+                for ok in r {
+                    if ok != expect {
+                        eprintln!("{from} -> x/a:{port} was {ok}, must always be {expect}");
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+        }));
+    }
+    {
+        let (stop, broken) = (stop.clone(), broken.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = streams.streams(echo.clone(), t).unwrap();
+                if r != [true, true] {
+                    eprintln!("an established connection broke: {r:?}");
+                    broken.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    // The upgrade: the same node restarted with this binary's own datapath.
+    w.moat.wrappers.remove(&home);
+    w.moat.kill_enforcer(home).unwrap();
+    w.moat.start_enforcer(home).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pins(&w, 1) || !pins(&w, 2) {
+        assert!(
+            Instant::now() < deadline,
+            "no migration to layout 2:\n{}",
+            w.moat.log_tails(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let expected = moat_harness::moat::Moat::expected(&w.objects(&policies)).unwrap();
+    w.moat
+        .wait_applied(&expected, Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let rate = probes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    eprintln!("{rate:.0} probes/s");
+    assert!(rate >= 1000.0, "probes ran at {rate:.0}/s, not 1,000/s");
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
+    assert_eq!(
+        broken.load(Ordering::Relaxed),
+        0,
+        "an established connection broke"
+    );
+    // The new layout enforces new versions on its own.
+    w.apply(&[from("y/b", 80)]);
+    assert!(w.reach("y/b", "x/a", Proto::Tcp, 80));
+    assert!(!w.reach("z/c", "x/a", Proto::Tcp, 81));
+}
+
 /// Is node `i`'s eBPF dataplane between flipping to a new version and finishing its replay?
 fn switching(w: &World, i: usize) -> bool {
     w.moat

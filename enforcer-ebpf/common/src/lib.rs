@@ -10,9 +10,22 @@
 
 #![no_std]
 
-/// Bump when any map's key or value layout changes: pin paths carry it, so a binary with a
-/// new layout never reads maps written in the old one.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Bump when any map's type, key or value layout changes: pin paths carry it, so a binary
+/// with a new layout never reads maps written in the old one. Instead it migrates them
+/// (see the loader's `migrate`), connection state included.
+///
+/// * 1: flow table `CT` an LRU hash of 65,536 flows.
+/// * 2: `CT` a preallocated hash of 262,144 flows, expired by user space (an LRU insert
+///   cost more than the rest of a new flow's judgement); counter `CNT_CT_FULL`.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Idle time after which a remembered flow is new again (the program ignores it, user
+/// space deletes it): TCP as long as real idle connections live (conntrack's established
+/// timeout is days); other protocols as conntrack's UDP stream timeout.
+pub const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
+pub const OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
+/// Flows the flow table holds.
+pub const MAX_FLOWS: u32 = 1 << 18;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -40,6 +53,9 @@ pub const MAX_LOCAL: u32 = 255;
 pub const CNT_ALLOWED: u32 = 0;
 pub const CNT_DENIED: u32 = 1;
 pub const CNT_MALFORMED: u32 = 5;
+/// Allowed new flows the full flow table could not remember (their replies are judged as
+/// new flows).
+pub const CNT_CT_FULL: u32 = 6;
 pub const COUNTERS: u32 = 8;
 
 /// Map names, shared so the loader finds exactly what the program declares.

@@ -38,9 +38,10 @@ static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC
 static LOCAL: HashMap<LocalKey, u32> = HashMap::pinned(2 * MAX_LOCAL, 0);
 #[map]
 static LOCAL_ADDR: Array<LocalAddr> = Array::pinned(MAX_LOCAL + 1, 0);
-/// Per-CPU LRU lists: inserting a new flow takes no lock shared with other CPUs.
+/// Preallocated, expired by user space: an insert pops a per-CPU free list (an LRU map's
+/// insert cost more than the whole judgement).
 #[map]
-static CT: LruHashMap<FlowKey, FlowVal> = LruHashMap::pinned(1 << 16, BPF_F_NO_COMMON_LRU);
+static CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
 static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::pinned(1 << 13, 0);
 /// Read by user space only: the version the maps hold.
@@ -50,13 +51,6 @@ static META: Array<Meta> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(moat_ebpf_common::COUNTERS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
-const BPF_F_NO_COMMON_LRU: u32 = 2;
-
-/// Idle time after which a remembered flow is new again: TCP as long as real idle
-/// connections live (conntrack's established timeout is days); other protocols as
-/// conntrack's UDP stream timeout.
-const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
-const OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
 
 #[classifier]
 pub fn moat_ingress(ctx: TcContext) -> i32 {
@@ -207,7 +201,9 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
             let v = FlowVal {
                 seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
             };
-            let _ = CT.insert(&flow, &v, 0);
+            if CT.insert(&flow, &v, 0).is_err() {
+                count(CNT_CT_FULL);
+            }
         }
         count(CNT_ALLOWED);
     }

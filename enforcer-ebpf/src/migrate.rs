@@ -1,0 +1,147 @@
+//! Upgrades across map layouts. A binary whose maps differ from the pinned ones (another
+//! `LAYOUT_VERSION`) must neither misread them nor start empty: empty policy maps would let
+//! everything through, and an empty flow table would drop the replies of every connection
+//! a policy isolates. So it copies the old maps' state into its own (converting what
+//! changed), moves the links to its program, waits out the old program, copies the flows
+//! created meanwhile, and only then removes the old pins.
+//!
+//! Crash safety: until the old pins are removed, a restart repeats the migration, which
+//! copies the same state again. Rules do not change during it (no version is installed
+//! before the migration returns).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, HashMap, MapData};
+use moat_ebpf_common::*;
+use tracing::{info, warn};
+
+use crate::dataplane::{Dataplane, DataplaneError, pinned};
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// The layouts pinned under a node's root: `(n, <root>/v<n>)`.
+pub fn layouts(root: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, PathBuf)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
+    from: &Path,
+    to: &Path,
+    name: &'static str,
+) -> Result<usize> {
+    let old: HashMap<MapData, K, V> = pinned(from, name)?;
+    let mut new: HashMap<MapData, K, V> = pinned(to, name)?;
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(|r| r.ok()) {
+        new.insert(k, v, 0)
+            .map_err(|e| DataplaneError::Map(name, e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn copy_lpm<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result<usize> {
+    let old: LpmTrie<MapData, K, V> = pinned(from, name)?;
+    let mut new: LpmTrie<MapData, K, V> = pinned(to, name)?;
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(|r| r.ok()) {
+        new.insert(&k, v, 0)
+            .map_err(|e| DataplaneError::Map(name, e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn copy_array<V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result<()> {
+    let old: Array<MapData, V> = pinned(from, name)?;
+    let mut new: Array<MapData, V> = pinned(to, name)?;
+    for i in 0..old.len().min(new.len()) {
+        let v = old.get(&i, 0).map_err(|e| DataplaneError::Map(name, e))?;
+        new.set(i, v, 0).map_err(|e| DataplaneError::Map(name, e))?;
+    }
+    Ok(())
+}
+
+/// Copies the flow table. Layout 1's LRU table and layout 2's hash share key and value.
+fn copy_flows(from: &Path, to: &Path) -> Result<usize> {
+    let old: HashMap<MapData, FlowKey, FlowVal> = pinned(from, MapNames::CT)?;
+    let mut new: HashMap<MapData, FlowKey, FlowVal> = pinned(to, MapNames::CT)?;
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(|r| r.ok()) {
+        // Keep the newer of two records of one flow (the new program may have seen it).
+        if let Ok(have) = new.get(&k, 0)
+            && have.seen_ns >= v.seen_ns
+        {
+            continue;
+        }
+        if let Err(e) = new.insert(k, v, 0) {
+            warn!(error = %e, copied = n, "the flow table is full; the remaining flows are judged anew");
+            break;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl Dataplane {
+    /// Migrates older layouts' state into this run's maps and takes over their links (see
+    /// the module docs). Returns the layout migrated from, if any. A run with an older
+    /// layout (tests) never migrates.
+    pub fn migrate(&mut self) -> Result<Option<u32>> {
+        if self.layout != LAYOUT_VERSION {
+            return Ok(None);
+        }
+        let older: Vec<(u32, PathBuf)> = layouts(&self.root)
+            .into_iter()
+            .filter(|(n, _)| *n < LAYOUT_VERSION)
+            .collect();
+        let Some((n, from)) = older.last().cloned() else {
+            return Ok(None);
+        };
+        if n != 1 || older.len() > 1 {
+            return Err(DataplaneError::UnknownLayout(older[0].0));
+        }
+        let to = self.map_dir().to_path_buf();
+        // Layout 1 → 2 changed the flow table only: every policy map copies as it is.
+        let mut rules = 0;
+        rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
+        rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
+        rules += copy_lpm::<RangeKey, u32>(&from, &to, MapNames::RANGES)?;
+        rules += copy_lpm::<PortKey, u8>(&from, &to, MapNames::PORTS)?;
+        rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
+        copy_hash::<LocalKey, u32>(&from, &to, MapNames::LOCAL)?;
+        copy_array::<LocalAddr>(&from, &to, MapNames::LOCAL_ADDR)?;
+        copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
+        copy_array::<Meta>(&from, &to, MapNames::META)?;
+        let flows = copy_flows(&from, &to)?;
+        // The links run this program from here on; once no packet runs the old one, the
+        // flows it remembered in between are copied too.
+        self.attach_all()?;
+        self.barrier()
+            .wait()
+            .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+        let late = copy_flows(&from, &to)?;
+        std::fs::remove_dir_all(&from).map_err(|e| DataplaneError::Bpffs(from.clone(), e))?;
+        info!(
+            from = n,
+            to = LAYOUT_VERSION,
+            rules,
+            flows,
+            late,
+            "migrated the maps to this binary's layout"
+        );
+        Ok(Some(n))
+    }
+}
