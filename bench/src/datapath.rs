@@ -1,9 +1,11 @@
-//! The nft dataplane's cost on real packets, in the netns harness: pod x/a (client) sends to
+//! The dataplanes' cost on real packets, in the netns harness: pod x/a (client) sends to
 //! pod y/b (server) on another node, so every packet is forwarded and judged by the server
-//! node's Moat table. Configurations, side by side in one run and repeated in rounds:
-//! no policy (the baseline); Moat with 10, 1,000 and 10,000 rules plus a 10,000-member
-//! address group on the server pod; and the same filler rules as a linear nft rule list in a
-//! table of its own (the legacy way), without Moat policy.
+//! node's dataplane. Configurations, side by side in one run and repeated in rounds:
+//! no policy and no Moat dataplane on the server node (the baseline: its enforcer stopped,
+//! its table and pins removed); Moat nft and Moat eBPF, each with 10, 1,000 and 10,000
+//! rules plus a 10,000-member address group on the server pod (the server node's enforcer
+//! restarted with that backend); and the same filler rules as a linear nft rule list in a
+//! table of its own (the legacy way), without Moat.
 //!
 //! Metrics: 64-byte UDP packets received per second (GSO/GRO/TSO off on every interface:
 //! per-packet cost is invisible in bulk TCP), new TCP connections per second (every SYN is a
@@ -16,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use moat_integration::world::World;
-use moat_policy::model::K8sObject;
 use serde_json::{Value, json};
 
 use crate::policies;
@@ -24,25 +25,28 @@ use crate::policies;
 #[derive(Clone, Copy, PartialEq)]
 enum Config {
     None,
-    Moat(usize),
+    Moat(&'static str, usize),
     Linear(usize),
 }
 
 impl Config {
     fn name(self) -> String {
         match self {
-            Config::None => "no policy".into(),
-            Config::Moat(n) => format!("Moat nft, {n} rules + 10k-member group"),
+            Config::None => "no policy, no Moat dataplane".into(),
+            Config::Moat(b, n) => format!("Moat {b}, {n} rules + 10k-member group"),
             Config::Linear(n) => format!("linear list, {n} rules"),
         }
     }
 }
 
-const CONFIGS: [Config; 7] = [
+const CONFIGS: [Config; 10] = [
     Config::None,
-    Config::Moat(10),
-    Config::Moat(1_000),
-    Config::Moat(10_000),
+    Config::Moat("nft", 10),
+    Config::Moat("nft", 1_000),
+    Config::Moat("nft", 10_000),
+    Config::Moat("ebpf", 10),
+    Config::Moat("ebpf", 1_000),
+    Config::Moat("ebpf", 10_000),
     Config::Linear(10),
     Config::Linear(1_000),
     Config::Linear(10_000),
@@ -66,7 +70,6 @@ pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
     }
     let cpod = w.moat.cluster.pod("x/a");
     let spod = w.moat.cluster.pod("y/b");
-    let snode = w.moat.cluster.node(server.node);
     offload_off(&w)?;
     let log = w.moat.log("iperf3");
     let mut cmd = Command::new("iperf3");
@@ -84,7 +87,7 @@ pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
             if only.is_some_and(|o| !c.name().contains(o)) {
                 continue;
             }
-            configure(&w, &snode, c, client.v4.into(), server.v4.into())?;
+            configure(&mut w, server.node, c, client.v4.into(), server.v4.into())?;
             // Let the server and enforcers finish persisting the new version before measuring.
             std::thread::sleep(SETTLE);
             let s = Sample {
@@ -102,7 +105,13 @@ pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
             samples[ci].push(s);
         }
     }
-    configure(&w, &snode, Config::None, client.v4.into(), server.v4.into())?;
+    configure(
+        &mut w,
+        server.node,
+        Config::None,
+        client.v4.into(),
+        server.v4.into(),
+    )?;
     Ok(table(&samples, rounds, secs))
 }
 
@@ -138,40 +147,62 @@ fn offload_off(w: &World) -> Result<()> {
     Ok(())
 }
 
-fn configure(w: &World, snode: &str, c: Config, client: IpAddr, server: IpAddr) -> Result<()> {
-    let _ = nft_in(snode, "delete table inet linear\n");
+fn configure(w: &mut World, node: usize, c: Config, client: IpAddr, server: IpAddr) -> Result<()> {
+    let snode = w.moat.cluster.node(node);
+    let _ = nft_in(&snode, "delete table inet linear\n");
     let mut objects = w.base();
     match c {
-        Config::None => {}
-        Config::Moat(n) => objects.push(policies::big(
-            "bench",
-            "y",
-            json!({"matchLabels": {"pod": "b"}}),
-            n,
-            10_000,
-            Some(json!({"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]})),
-        )),
-        Config::Linear(n) => {
-            let mut s = format!(
-                "table inet linear {{\n chain forward {{ type filter hook forward priority 0; policy accept;\n  ct state established,related accept\n  ip daddr {server} jump guard\n }}\n chain guard {{\n"
-            );
-            for i in 0..n {
-                let (peer, proto, port) = policies::filler_rule(i);
-                let _ = writeln!(
-                    s,
-                    "  ip saddr {peer} {} dport {port} accept",
-                    proto.to_lowercase()
-                );
+        Config::None | Config::Linear(_) => stop_moat(w, node)?,
+        Config::Moat(backend, n) => {
+            if w.moat.enforcer_pid(node)?.is_none() || w.moat.backend_of(node) != backend {
+                w.moat.kill_enforcer(node)?;
+                w.moat.node_backends.insert(node, backend.to_string());
+                w.moat.start_enforcer(node)?;
             }
-            let _ = write!(s, "  ip saddr {client} accept\n  drop\n }}\n}}\n");
-            nft_in(snode, &s)?;
+            objects.push(policies::big(
+                "bench",
+                "y",
+                json!({"matchLabels": {"pod": "b"}}),
+                n,
+                10_000,
+                Some(json!({"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]})),
+            ));
         }
     }
-    apply(w, &objects)
+    if let Config::Linear(n) = c {
+        let mut s = format!(
+            "table inet linear {{\n chain forward {{ type filter hook forward priority 0; policy accept;\n  ct state established,related accept\n  ip daddr {server} jump guard\n }}\n chain guard {{\n"
+        );
+        for i in 0..n {
+            let (peer, proto, port) = policies::filler_rule(i);
+            let _ = writeln!(
+                s,
+                "  ip saddr {peer} {} dport {port} accept",
+                proto.to_lowercase()
+            );
+        }
+        let _ = write!(s, "  ip saddr {client} accept\n  drop\n }}\n}}\n");
+        nft_in(&snode, &s)?;
+    }
+    // Every running enforcer applies the objects (a stopped one is not waited for).
+    let mut expected = moat_harness::moat::Moat::expected(&objects)?;
+    if w.moat.enforcer_pid(node)?.is_none() {
+        expected.remove(&w.moat.node_names[node]);
+    }
+    w.moat.write_manifests(&objects)?;
+    w.moat.wait_applied(&expected, Duration::from_secs(60))
 }
 
-fn apply(w: &World, objects: &[K8sObject]) -> Result<()> {
-    w.moat.apply(objects, Duration::from_secs(60))
+/// Stops node `node`'s enforcer and removes both dataplanes' state from it.
+fn stop_moat(w: &mut World, node: usize) -> Result<()> {
+    w.moat.kill_enforcer(node)?;
+    let snode = w.moat.cluster.node(node);
+    let _ = nft_in(&snode, "delete table inet moat\n");
+    let pins = std::path::Path::new(moat_harness::cluster::BPFFS).join(&snode);
+    if pins.exists() {
+        std::fs::remove_dir_all(&pins)?;
+    }
+    Ok(())
 }
 
 fn nft_in(ns: &str, script: &str) -> Result<()> {

@@ -50,6 +50,10 @@ pub struct EbpfBackend {
     spare: Option<Maps>,
     /// Stops the flow-table sweeper.
     sweeper: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Link events: a new interface gets the programs without waiting for a version.
+    links: Option<sys::LinkWatch>,
+    /// Whether `adopt` ran (the programs are attached from then on).
+    adopted: bool,
     /// The standby slot's content is not known (first change after a start, or a failed
     /// write): the next change rewrites slots whole instead of patching them.
     standby_unknown: bool,
@@ -73,8 +77,13 @@ impl EbpfBackend {
         let dp = Dataplane::open(&bpffs, node)?;
         let sweeper = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         flows::start_sweeper(dp.map_dir(), sweeper.clone())?;
+        let links = sys::LinkWatch::new()
+            .map_err(|e| warn!(error = %e, "no link events; new interfaces are attached with the next version"))
+            .ok();
         Ok(EbpfBackend {
             sweeper,
+            links,
+            adopted: false,
             dp,
             classes: Classes::default(),
             ids: RulesetIds::default(),
@@ -296,6 +305,7 @@ impl Backend for EbpfBackend {
         // Maps of an older binary's layout become this one's first (their rules stay in
         // force throughout), so what follows reads them as if this binary had written them.
         self.dp.migrate().map_err(failed)?;
+        self.adopted = true;
         let meta = self.dp.meta().map_err(failed)?;
         // Programs first: whatever the maps hold is enforced on every interface, and links
         // a previous run pinned now run this binary's program.
@@ -347,6 +357,16 @@ impl Backend for EbpfBackend {
         }
         // Anything else: the difference of the whole plans, still written as a difference.
         self.install(new)
+    }
+
+    fn maintain(&mut self) -> Result<(), BackendError> {
+        if self.adopted && self.links.as_ref().is_some_and(|l| l.changed()) {
+            let added = self.dp.attach_all().map_err(failed)?;
+            if added > 0 {
+                debug!(added, "attached to new interfaces");
+            }
+        }
+        Ok(())
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {

@@ -253,3 +253,90 @@ pub fn map_type_probes() -> Vec<(&'static str, io::Result<()>)> {
         ("array_of_maps", Barrier::new().map(drop)),
     ]
 }
+
+/// A netlink route socket subscribed to link events of the current network namespace, so
+/// interfaces that appear between two versions (a new pod's veth) get the programs at once.
+pub struct LinkWatch(OwnedFd);
+
+const RTMGRP_LINK: u32 = 1;
+const RTM_NEWLINK: u16 = 16;
+
+impl LinkWatch {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a socket this function just created and owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid; family and groups are then set.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkWatch(fd))
+    }
+
+    /// Whether a link appeared or changed since the last call (never blocks). A lost event
+    /// (the socket's buffer overran) counts as a change.
+    pub fn changed(&self) -> bool {
+        let mut buf = [0u8; 8192];
+        let mut changed = false;
+        loop {
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => {
+                        changed = true;
+                        continue;
+                    }
+                    _ => return changed,
+                }
+            }
+            if n == 0 {
+                return changed;
+            }
+            // nlmsghdr: u32 length, u16 type, ... (several messages per datagram).
+            let mut at = 0usize;
+            let n = n as usize;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+                if ty == RTM_NEWLINK {
+                    changed = true;
+                }
+                if len < 16 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+}

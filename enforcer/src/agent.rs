@@ -153,6 +153,24 @@ impl<B: Backend> Agent<B> {
                 warn!(error = %e, "could not adopt the previous run's state; waiting for the server")
             }
         }
+        // Upkeep between versions (e.g. programs onto new interfaces), on its own thread: it
+        // takes the backend's lock briefly, never across an await.
+        let upkeep_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (backend, stop) = (self.backend.clone(), upkeep_stop.clone());
+            std::thread::Builder::new()
+                .name("moat-upkeep".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(crate::backend::MAINTAIN_EVERY);
+                        if let Err(e) = backend.lock().expect("backend lock").maintain() {
+                            warn!(error = %e, "dataplane upkeep failed; retrying");
+                        }
+                    }
+                })
+                .map_err(|e| Error::Protocol(format!("starting the upkeep thread: {e}")))?;
+        }
+        let _stop_upkeep = StopOnDrop(upkeep_stop);
         let mut backoff = self.cfg.backoff_min;
         loop {
             let started = Instant::now();
@@ -455,5 +473,14 @@ impl<B: Backend> Agent<B> {
                 Err(e)
             }
         }
+    }
+}
+
+/// Stops a background thread's loop when the agent's run ends.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -72,4 +72,12 @@ pub trait Backend: Send + 'static {
     fn counters(&self) -> BTreeMap<String, u64>;
     /// Removes everything this backend installed (uninstall).
     fn remove_all(&mut self) -> Result<(), BackendError>;
+    /// Upkeep between versions, called every [`MAINTAIN_EVERY`] once adopted (e.g. putting
+    /// the programs on an interface that just appeared). Must return quickly.
+    fn maintain(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
+
+/// How often the agent calls [`Backend::maintain`].
+pub const MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);

@@ -614,6 +614,64 @@ fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 81));
 }
 
+/// An interface that appears in a node between two versions (a new pod's veth) gets both
+/// programs within moments, not only with the node's next version.
+#[test]
+fn a_new_interface_gets_the_programs_before_the_next_version() {
+    let w = World::start("ebpf");
+    let node = 1;
+    let ns = w.moat.cluster.node(node);
+    let links = std::path::Path::new(moat_harness::cluster::BPFFS)
+        .join(&ns)
+        .join("moat")
+        .join(&w.moat.node_names[node])
+        .join("links");
+    let ip = |args: &[&str]| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &ns])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip {args:?}");
+    };
+    // A veth pair, as a CNI creates for a pod (this kernel has no dummy interfaces).
+    ip(&[
+        "link",
+        "add",
+        "moat-new0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "moat-new0p",
+    ]);
+    ip(&["link", "set", "moat-new0", "up"]);
+    let pinned = || {
+        let names: Vec<String> = std::fs::read_dir(&links)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ["ingress", "egress"].iter().all(|dir| {
+            names
+                .iter()
+                .any(|n| n.contains("-moat-new0-") && n.ends_with(dir))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pinned() {
+        assert!(
+            Instant::now() < deadline,
+            "moat-new0 has no programs after 5 s:\n{}",
+            w.moat.log_tails(10)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Is node `i`'s eBPF dataplane between flipping to a new version and finishing its replay?
 fn switching(w: &World, i: usize) -> bool {
     w.moat

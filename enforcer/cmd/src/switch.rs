@@ -89,6 +89,10 @@ impl<B: Backend> Backend for Switching<B> {
         self.inner.counters()
     }
 
+    fn maintain(&mut self) -> Result<(), BackendError> {
+        self.inner.maintain()
+    }
+
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.inner.remove_all()?;
         if let Some(remove) = self.remove.as_mut() {
