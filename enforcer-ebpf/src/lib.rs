@@ -2,8 +2,8 @@
 //! flows after DNAT with a fixed number of map lookups, remembering allowed flows, and
 //! switching versions atomically between two map slots. See docs/design/ebpf.md.
 //!
-//! A version is installed as: write the difference into the slot no packet reads → record
-//! the version as pending → flip the selector → record it as in force (the ACK can go now).
+//! A version is installed as: record the version as pending → write the difference into the
+//! slot no packet reads → flip the selector → record it as in force (the ACK can go now).
 //! Then, in the background: wait out every program still reading the old slot (an RCU grace
 //! period, milliseconds) → replay the same difference onto the old slot. Both slots then
 //! hold the new version, so the next change, which first waits for that replay, is again a
@@ -204,15 +204,15 @@ impl EbpfBackend {
         let standby = 1 - active;
         let stale_local = self.dp.assign_local(local).map_err(failed)?;
         self.standby_unknown = true;
+        // Pending from the first write into the unused slot until the selector has flipped:
+        // a crash in between leaves a record that says "unknown", never a wrong version.
+        self.dp
+            .set_meta(Self::meta_for(snap, META_VALID | META_PENDING))
+            .map_err(failed)?;
         if whole {
             self.dp.clear(standby).map_err(failed)?;
         }
         self.dp.write(standby, &diff).map_err(failed)?;
-        // Pending until the selector has flipped: a crash in between leaves a record that
-        // says "unknown", never a wrong version.
-        self.dp
-            .set_meta(Self::meta_for(snap, META_VALID | META_PENDING))
-            .map_err(failed)?;
         self.dp.flip(standby).map_err(failed)?;
         // In force from here on: a failure below only leaves the unused slot to rewrite.
         if let Err(e) = self.dp.set_meta(Self::meta_for(snap, META_VALID)) {

@@ -219,8 +219,8 @@ fn established_connections_survive_changes_that_still_allow_them_and_restarts(ba
 ///
 /// "In the middle": with nft, while an `nft` transaction of the enforcer is in flight; with
 /// eBPF, every other round while its pinned version record says a switch is in progress
-/// (new slot in force, old one being rewritten), and in the other rounds after a random
-/// delay (compiling, receiving, or writing the unused slot).
+/// (the unused slot being written, up to the flip), and in the other rounds after a random
+/// delay (compiling, receiving, or the replay onto the old slot after the flip).
 fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
     let mut w = World::start(backend);
     let home = w.pod("x/a").node;
@@ -328,7 +328,7 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
 
     let started = Instant::now();
     let mut mid_apply = 0;
-    let rounds = 12u8;
+    let rounds = 16u8;
     for round in 1..=rounds {
         let objects = w.objects(&version(round % 2));
         w.moat.write_manifests(&objects).unwrap();
@@ -338,18 +338,21 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
         } else {
             // Catch the enforcer mid-apply, else give up after a while and kill it wherever
             // it is.
+            // The pid is looked up once (that runs `ip`): the window is milliseconds long.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while let Some(pid) = w.moat.enforcer_pid(home).unwrap() {
-                let caught = match backend {
-                    "nft" => nft_child(pid),
-                    _ => switching(&w, home),
-                };
-                if caught || Instant::now() > deadline {
-                    mid_apply += usize::from(caught);
-                    w.moat.kill_enforcer(home).unwrap();
-                    break;
+            if let Some(pid) = w.moat.enforcer_pid(home).unwrap() {
+                loop {
+                    let caught = match backend {
+                        "nft" => nft_child(pid),
+                        _ => switching(&w, home),
+                    };
+                    if caught || Instant::now() > deadline {
+                        mid_apply += usize::from(caught);
+                        w.moat.kill_enforcer(home).unwrap();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
                 }
-                std::thread::sleep(Duration::from_micros(200));
             }
         }
         w.moat.start_enforcer(home).unwrap();
@@ -378,8 +381,10 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
     eprintln!(
         "{backend}: {mid_apply} of {watched} watched kills landed mid-apply; {probes} probes in {elapsed:.1} s ({rate:.0}/s)"
     );
+    // A sanity check of the test's power, not of the dataplane: the windows are milliseconds
+    // long and polled from outside, so not every watched kill lands in one.
     assert!(
-        mid_apply >= usize::from(watched / 2),
+        mid_apply >= usize::from(watched.div_ceil(3)),
         "too few kills landed mid-apply ({mid_apply} of {watched}) for the test to mean anything"
     );
     assert!(rate >= 1000.0, "probes ran at {rate:.0}/s, not 1,000/s");
@@ -672,7 +677,7 @@ fn a_new_interface_gets_the_programs_before_the_next_version() {
     }
 }
 
-/// Is node `i`'s eBPF dataplane between flipping to a new version and finishing its replay?
+/// Is node `i`'s eBPF dataplane writing a new version into its unused slot?
 fn switching(w: &World, i: usize) -> bool {
     w.moat
         .ebpf_meta(i)
