@@ -2,10 +2,10 @@
 //! pod y/b (server) on another node, so every packet is forwarded and judged by the server
 //! node's dataplane. Configurations, side by side in one run and repeated in rounds:
 //! no policy and no Moat dataplane on the server node (the baseline: its enforcer stopped,
-//! its table and pins removed); Moat nft and Moat eBPF, each with 10, 1,000 and 10,000
-//! rules plus a 10,000-member address group on the server pod (the server node's enforcer
-//! restarted with that backend); and the same filler rules as a linear nft rule list in a
-//! table of its own (the legacy way), without Moat.
+//! its table and pins removed); Moat nft and Moat eBPF, each with 10, 1,000, 10,000 and
+//! 100,000 rules plus a 10,000-member address group on the server pod (the server node's
+//! enforcer restarted with that backend); and the same filler rules as a linear nft rule list
+//! in a table of its own (the legacy way), without Moat.
 //!
 //! Metrics: 64-byte UDP packets received per second (GSO/GRO/TSO off on every interface:
 //! per-packet cost is invisible in bulk TCP), new TCP connections per second (every SYN is a
@@ -39,17 +39,20 @@ impl Config {
     }
 }
 
-const CONFIGS: [Config; 10] = [
+const CONFIGS: [Config; 13] = [
     Config::None,
     Config::Moat("nft", 10),
     Config::Moat("nft", 1_000),
     Config::Moat("nft", 10_000),
+    Config::Moat("nft", 100_000),
     Config::Moat("ebpf", 10),
     Config::Moat("ebpf", 1_000),
     Config::Moat("ebpf", 10_000),
+    Config::Moat("ebpf", 100_000),
     Config::Linear(10),
     Config::Linear(1_000),
     Config::Linear(10_000),
+    Config::Linear(100_000),
 ];
 
 const SETTLE: Duration = Duration::from_secs(5);
