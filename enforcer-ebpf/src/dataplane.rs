@@ -198,6 +198,8 @@ impl Dataplane {
                 .load()
                 .map_err(|e| DataplaneError::Program(name, e))?;
         }
+        // Before anything attaches this program: it stamps flows with this clock.
+        crate::flows::resume_clock(&dir)?;
         Ok(dp)
     }
 

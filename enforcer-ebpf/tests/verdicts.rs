@@ -30,8 +30,29 @@ impl Drop for Bed {
     }
 }
 
+/// The tests' bpffs. Every node directory ends in its test process's pid; the first call
+/// removes those of processes that are gone (a run killed before its cleanup), whose
+/// preallocated flow tables would otherwise stay in kernel memory until a reboot.
 fn bpffs() -> PathBuf {
-    PathBuf::from("/run/moat-test/bpf")
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let fs = PathBuf::from("/run/moat-test/bpf");
+    SWEPT.call_once(|| {
+        for e in std::fs::read_dir(fs.join("moat"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let gone = name
+                .rsplit_once('-')
+                .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    fs
 }
 
 impl Bed {
@@ -417,4 +438,62 @@ fn the_backend_leaves_both_slots_equal_to_each_version() {
         old = new;
     }
     b.remove_all().unwrap();
+}
+
+/// The flows' clock stands still while no enforcer runs. A restart must neither age the
+/// flows used meanwhile by that time (their replies would be judged as new flows and
+/// dropped) nor keep a flow that was idle before.
+#[test]
+fn flows_used_while_the_clock_stood_still_stay_and_idle_ones_go() {
+    use aya::maps::{Array, HashMap, MapData};
+    use moat_ebpf_common::{FlowKey, FlowVal, MapNames, OTHER_IDLE_NS};
+    use moat_enforcer_ebpf::flows::{coarse_now, sweep};
+
+    let mut b = Bed::new("clock");
+    b.install(&policy());
+    let dir = b.dp.map_dir().to_path_buf();
+    let clock = || -> Array<MapData, u64> {
+        let m = MapData::from_pin(dir.join(MapNames::CLOCK)).unwrap();
+        Array::try_from(aya::maps::Map::Array(m)).unwrap()
+    };
+    let udp = |sport| V4::new("10.0.1.5", "10.0.0.1", UDP).frame(&ports(sport, 53));
+    let reply = |dport| V4::new("10.0.0.1", "10.0.1.5", UDP).frame(&ports(53, dport));
+
+    // The last enforcer stopped 200 s ago. Flow 1001 was last used 130 s before that;
+    // flow 1000 was used after it stopped, so the program stamped it with the standing
+    // clock.
+    let stood = coarse_now() - 200_000_000_000;
+    clock().set(0, stood - 130_000_000_000, 0).unwrap();
+    assert_eq!(b.egress(&udp(1001)), OK);
+    clock().set(0, stood, 0).unwrap();
+    assert_eq!(b.egress(&udp(1000)), OK);
+    assert_ne!(b.ingress(&reply(1000)) & MARK_REPLY, 0);
+
+    // The restart: this run's program and clock.
+    let node = b.root.file_name().unwrap().to_str().unwrap().to_string();
+    let mut again = Dataplane::open(&bpffs(), &node).unwrap();
+    let now = clock().get(&0, 0).unwrap();
+    assert!(now >= stood + 200_000_000_000, "the clock runs again");
+    let r = again.test_run(INGRESS, &reply(1000), 0, FORWARDED).unwrap();
+    assert_ne!(r.mark & MARK_REPLY, 0, "the flow used meanwhile is alive");
+    let r = again.test_run(INGRESS, &reply(1001), 0, FORWARDED).unwrap();
+    assert_eq!(r.mark & MARK_REPLY, 0, "the flow idle before is not");
+
+    let mut ct: HashMap<MapData, FlowKey, FlowVal> = HashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(dir.join(MapNames::CT)).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(
+        sweep(&mut ct, now + OTHER_IDLE_NS / 2),
+        1,
+        "only the idle flow goes"
+    );
+    assert_ne!(
+        again
+            .test_run(INGRESS, &reply(1000), 0, FORWARDED)
+            .unwrap()
+            .mark
+            & MARK_REPLY,
+        0
+    );
 }

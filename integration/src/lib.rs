@@ -29,6 +29,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod process;
 pub mod record;
+pub mod watch;
 pub mod world;
 
 /// Copies a directory tree (for tests that edit example manifests).

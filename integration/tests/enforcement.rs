@@ -3,11 +3,10 @@
 //! across policy changes and enforcer restarts, and enforcers killed mid-apply.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moat_harness::agent::{ProbeReq, Proto, StreamOp};
+use moat_integration::watch::{Watch, open};
 use moat_integration::world::{PROBE, World, tcp};
 
 /// The same test on each dataplane: their verdicts must not differ.
@@ -266,67 +265,22 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
             .collect()
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let wrong = Arc::new(AtomicU64::new(0));
-    let probes = Arc::new(AtomicU64::new(0));
-    let broken = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
+    let mut watch = Watch::new();
     // (from, expected, probes per request, timeout, pause): the allowed prober is paced so
-    // its closed connections' TIME_WAIT never exhausts the ephemeral ports; no retries, so
-    // a single refused new flow counts.
+    // its closed connections' TIME_WAIT never exhausts the ephemeral ports.
     let probers = [
         ("y/b", true, 16, Duration::from_millis(400), 10),
         ("z/c", false, 100, Duration::from_millis(300), 0),
     ];
     for (from, expect, n, timeout, pause) in probers {
-        let mut agent = w.moat.cluster.prober(from).unwrap();
-        let reqs = batch(n);
-        let (stop, wrong, probes) = (stop.clone(), wrong.clone(), probes.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let r = agent.probe(reqs.clone(), timeout, 0).unwrap();
-                probes.fetch_add(r.len() as u64, Ordering::Relaxed);
-                for (ok, p) in r.into_iter().zip(&reqs) {
-                    if ok != expect {
-                        eprintln!("{from} -> {p:?} was {ok}, must always be {expect}");
-                        wrong.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(pause));
-            }
-        }));
+        let agent = w.moat.cluster.prober(from).unwrap();
+        let pause = Duration::from_millis(pause);
+        watch.probe(agent, from, batch(n), expect, timeout, pause);
     }
-    {
-        let mut agent = w.moat.cluster.prober("y/b").unwrap();
-        let open = vec![
-            StreamOp::Open {
-                id: 1,
-                dst: v4,
-                port: 80,
-            },
-            StreamOp::Open {
-                id: 2,
-                dst: v6,
-                port: 80,
-            },
-        ];
-        let t = Duration::from_secs(1);
-        assert_eq!(agent.streams(open, t).unwrap(), vec![true, true]);
-        let (stop, broken) = (stop.clone(), broken.clone());
-        threads.push(std::thread::spawn(move || {
-            let echo = vec![StreamOp::Echo { id: 1 }, StreamOp::Echo { id: 2 }];
-            while !stop.load(Ordering::Relaxed) {
-                let r = agent.streams(echo.clone(), t).unwrap();
-                if r != [true, true] {
-                    eprintln!("an established connection broke: {r:?}");
-                    broken.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }));
-    }
+    let mut streams = w.moat.cluster.prober("y/b").unwrap();
+    let ids = open(&mut streams, &[v4, v6], 80);
+    watch.echo(streams, &ids);
 
-    let started = Instant::now();
     let mut mid_apply = 0;
     let rounds = 16u8;
     for round in 1..=rounds {
@@ -366,20 +320,15 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
     }
     let last = w.objects(&version(rounds % 2));
     w.moat.apply(&last, Duration::from_secs(30)).unwrap();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let probes = probes.load(Ordering::Relaxed);
-    let rate = probes as f64 / elapsed;
+    let seen = watch.finish();
     let watched = if backend == "ebpf" {
         rounds / 2
     } else {
         rounds
     };
     eprintln!(
-        "{backend}: {mid_apply} of {watched} watched kills landed mid-apply; {probes} probes in {elapsed:.1} s ({rate:.0}/s)"
+        "{backend}: {mid_apply} of {watched} watched kills landed mid-apply; {} probes ({:.0}/s)",
+        seen.probes, seen.rate
     );
     // A sanity check of the test's power, not of the dataplane: the windows are milliseconds
     // long and polled from outside, so not every watched kill lands in one.
@@ -387,13 +336,12 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
         mid_apply >= usize::from(watched.div_ceil(3)),
         "too few kills landed mid-apply ({mid_apply} of {watched}) for the test to mean anything"
     );
-    assert!(rate >= 1000.0, "probes ran at {rate:.0}/s, not 1,000/s");
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
-    assert_eq!(
-        broken.load(Ordering::Relaxed),
-        0,
-        "an established connection broke"
+    assert!(
+        seen.rate >= 1000.0,
+        "probes ran at {:.0}/s, not 1,000/s",
+        seen.rate
     );
+    seen.assert_clean();
     assert!(
         !w.reach("y/b", "x/a", Proto::Tcp, 81),
         "y/b is in no ipBlock"
@@ -422,23 +370,11 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(w.moat.has_nft_table(home).unwrap());
 
     // nft → eBPF while probers watch both verdicts.
-    let stop = Arc::new(AtomicBool::new(false));
-    let wrong = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
+    let mut watch = Watch::new();
     for (from, expect) in [("y/b", true), ("z/c", false)] {
-        let mut agent = w.moat.cluster.prober(from).unwrap();
+        let agent = w.moat.cluster.prober(from).unwrap();
         let dst = w.ips("x/a").map(|d| tcp(d, 80)).to_vec();
-        let (stop, wrong) = (stop.clone(), wrong.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                for ok in agent.probe(dst.clone(), PROBE, 0).unwrap() {
-                    if ok != expect {
-                        eprintln!("{from} -> x/a:80 was {ok}, must always be {expect}");
-                        wrong.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
+        watch.probe(agent, from, dst, expect, PROBE, Duration::ZERO);
     }
     let switch = |w: &mut World, backend: &str, policies: &[String]| {
         w.moat.node_backends.insert(home, backend.to_string());
@@ -451,11 +387,7 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     };
     switch(&mut w, "ebpf", &[from("y/b")]);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
+    watch.finish().assert_clean();
     assert!(w.moat.has_ebpf_pins(home));
     assert!(
         !w.moat.has_nft_table(home).unwrap(),
@@ -520,67 +452,28 @@ fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
     assert!(pins(&w, 1) && !pins(&w, 2), "the node runs layout 1");
     let [v4, v6] = w.ips("x/a");
     let mut streams = w.moat.cluster.prober("y/b").unwrap();
-    let t = Duration::from_secs(1);
-    let open = vec![
-        StreamOp::Open {
-            id: 1,
-            dst: v4,
-            port: 80,
-        },
-        StreamOp::Open {
-            id: 2,
-            dst: v6,
-            port: 80,
-        },
-    ];
-    assert_eq!(streams.streams(open, t).unwrap(), vec![true, true]);
+    let ids = open(&mut streams, &[v4, v6], 80);
     // y/b's connections are now established flows of a policy that no longer allows them.
     let policies = [from("z/c", 81)];
     w.apply(&policies);
-    let echo = vec![StreamOp::Echo { id: 1 }, StreamOp::Echo { id: 2 }];
-    assert_eq!(streams.streams(echo.clone(), t).unwrap(), vec![true, true]);
+    let echo = ids.iter().map(|&id| StreamOp::Echo { id }).collect();
+    assert_eq!(
+        streams.streams(echo, Duration::from_secs(1)).unwrap(),
+        vec![true, true]
+    );
     assert!(
         !w.reach("y/b", "x/a", Proto::Tcp, 80),
         "new ones are denied"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let wrong = Arc::new(AtomicU64::new(0));
-    let probes = Arc::new(AtomicU64::new(0));
-    let broken = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
+    let mut watch = Watch::new();
     for (from, port, expect, n, pause) in [("z/c", 81, true, 16, 10), ("y/b", 80, false, 100, 0)] {
-        let mut agent = w.moat.cluster.prober(from).unwrap();
+        let agent = w.moat.cluster.prober(from).unwrap();
         let reqs: Vec<ProbeReq> = (0..n).map(|i| tcp([v4, v6][i % 2], port)).collect();
-        let (stop, wrong, probes) = (stop.clone(), wrong.clone(), probes.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let r = agent.probe(reqs.clone(), PROBE, 0).unwrap();
-                probes.fetch_add(r.len() as u64, Ordering::Relaxed);
-                for ok in r {
-                    if ok != expect {
-                        eprintln!("{from} -> x/a:{port} was {ok}, must always be {expect}");
-                        wrong.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(pause));
-            }
-        }));
+        let pause = Duration::from_millis(pause);
+        watch.probe(agent, from, reqs, expect, PROBE, pause);
     }
-    {
-        let (stop, broken) = (stop.clone(), broken.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let r = streams.streams(echo.clone(), t).unwrap();
-                if r != [true, true] {
-                    eprintln!("an established connection broke: {r:?}");
-                    broken.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }));
-    }
-    let started = Instant::now();
+    watch.echo(streams, &ids);
     std::thread::sleep(Duration::from_millis(500));
     // The upgrade: the same node restarted with this binary's own datapath.
     w.moat.wrappers.remove(&home);
@@ -600,19 +493,14 @@ fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
         .wait_applied(&expected, Duration::from_secs(30))
         .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let rate = probes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    eprintln!("{rate:.0} probes/s");
-    assert!(rate >= 1000.0, "probes ran at {rate:.0}/s, not 1,000/s");
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a verdict flipped");
-    assert_eq!(
-        broken.load(Ordering::Relaxed),
-        0,
-        "an established connection broke"
+    let seen = watch.finish();
+    eprintln!("{:.0} probes/s", seen.rate);
+    assert!(
+        seen.rate >= 1000.0,
+        "probes ran at {:.0}/s, not 1,000/s",
+        seen.rate
     );
+    seen.assert_clean();
     // The new layout enforces new versions on its own.
     w.apply(&[from("y/b", 80)]);
     assert!(w.reach("y/b", "x/a", Proto::Tcp, 80));

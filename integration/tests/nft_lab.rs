@@ -78,12 +78,7 @@ fn same(a: &Value, b: &Value, what: &str) {
 }
 
 fn node_snapshots(world: &World) -> Vec<NodeSnapshot> {
-    let index = Index::build(parse_all(&world.objects()));
-    index
-        .nodes()
-        .iter()
-        .map(|n| index.snapshot(&n.node).unwrap())
-        .collect()
+    Index::build(parse_all(&world.objects())).snapshots()
 }
 
 #[test]

@@ -71,6 +71,8 @@ impl MapNames {
     pub const LOCAL: &'static str = "LOCAL";
     pub const LOCAL_ADDR: &'static str = "LOCAL_ADDR";
     pub const CT: &'static str = "CT";
+    /// Since layout 2's second release; layout 1's program read the kernel's clock.
+    pub const CLOCK: &'static str = "CLOCK";
     pub const FRAGS: &'static str = "FRAGS";
     pub const COUNTERS: &'static str = "COUNTERS";
     pub const META: &'static str = "META";
@@ -209,7 +211,9 @@ impl FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVal {
-    /// `bpf_ktime_get_coarse_ns` of the last packet either way (for the idle timeout).
+    /// `CLOCK_MONOTONIC_COARSE` in ns at the last packet either way (for the idle timeout):
+    /// the `CLOCK` map's value (layout 1's program read `bpf_ktime_get_coarse_ns`, the same
+    /// clock).
     pub seen_ns: u64,
 }
 

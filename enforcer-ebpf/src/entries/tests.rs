@@ -153,14 +153,7 @@ fn patched_plans_give_the_same_entries_as_whole_ones() {
     for case in 0..60u64 {
         let mut rng = SmallRng::seed_from_u64(0xeb_f000 + case);
         let mut world = World::generate(&mut rng, &mut f);
-        let snaps = |w: &World| {
-            let index = Index::build(parse_all(&w.objects()));
-            index
-                .nodes()
-                .iter()
-                .map(|n| index.snapshot(&n.node).unwrap())
-                .collect::<Vec<_>>()
-        };
+        let snaps = |w: &World| Index::build(parse_all(&w.objects())).snapshots();
         let mut old = snaps(&world)[0].clone();
         let mut classes = Classes::default();
         let mut ids = RulesetIds::default();

@@ -105,12 +105,7 @@ fn the_table_decides_like_the_ir() {
             if round > 0 {
                 world.mutate(&mut rng, &mut f, false);
             }
-            let index = Index::build(parse_all(&world.objects()));
-            let snaps: Vec<_> = index
-                .nodes()
-                .iter()
-                .map(|n| index.snapshot(&n.node).unwrap())
-                .collect();
+            let snaps = Index::build(parse_all(&world.objects())).snapshots();
             let fleet = Fleet::new(&snaps);
             let desired: Vec<_> = snaps
                 .iter()

@@ -171,6 +171,14 @@ impl Index {
         v
     }
 
+    /// Every node's current snapshot, in the order of [`nodes`](Self::nodes).
+    pub fn snapshots(&self) -> Vec<NodeSnapshot> {
+        self.nodes()
+            .iter()
+            .filter_map(|n| self.snapshot(&n.node))
+            .collect()
+    }
+
     /// The node's current snapshot (its span), or `None` for a node the index doesn't know.
     pub fn snapshot(&self, node: &str) -> Option<NodeSnapshot> {
         let n: NodeIdx = *self.node_by_name.get(node)?;

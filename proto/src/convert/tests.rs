@@ -22,11 +22,7 @@ fn snapshots_and_deltas_round_trip() {
         let mut rng = SmallRng::seed_from_u64(case);
         let mut world = World::generate(&mut rng, &mut f);
         let mut index = Index::build(parse_all(&world.objects()));
-        let before: Vec<_> = index
-            .nodes()
-            .iter()
-            .map(|n| index.snapshot(&n.node).unwrap())
-            .collect();
+        let before = index.snapshots();
         for s in &before {
             let wire = s.to_proto().encode_to_vec();
             let back = snapshot_from_proto(

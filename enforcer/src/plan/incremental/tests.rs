@@ -52,14 +52,7 @@ fn patching_in_place_equals_recomputing() {
     for case in 0..150u64 {
         let mut rng = SmallRng::seed_from_u64(0x1_c0de + case);
         let mut world = World::generate(&mut rng, &mut f);
-        let snaps = |w: &World| {
-            let index = Index::build(parse_all(&w.objects()));
-            index
-                .nodes()
-                .iter()
-                .map(|n| index.snapshot(&n.node).unwrap())
-                .collect::<Vec<_>>()
-        };
+        let snaps = |w: &World| Index::build(parse_all(&w.objects())).snapshots();
         let mut old = snaps(&world)[0].clone();
         let mut classes = Classes::default();
         let mut cur = desired(&old, &mut classes);
