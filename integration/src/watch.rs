@@ -103,9 +103,9 @@ impl Watch {
     }
 
     /// Stops and joins every thread.
-    pub fn finish(self) -> Watched {
+    pub fn finish(mut self) -> Watched {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             t.join().unwrap();
         }
         let probes = self.counts.probes.load(Ordering::Relaxed);
@@ -115,6 +115,14 @@ impl Watch {
             wrong: self.counts.wrong.load(Ordering::Relaxed),
             broken: self.counts.broken.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl Drop for Watch {
+    /// A test that fails midway stops its watchers, which would otherwise go on probing a
+    /// cluster being torn down and bury the failure under their own.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

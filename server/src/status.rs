@@ -1,6 +1,7 @@
 //! The fleet view: per node, what the server published and what the enforcer says it applied.
 //!
-//! Everything here comes from the enforcers' own acknowledgements on their streams — the
+//! Everything here comes from the enforcers' own word on their streams — their
+//! acknowledgements, and the version a reconnecting enforcer says it still enforces: the
 //! proof that node N enforces version V — and is persisted, so a restarted server still knows.
 
 use moat_proto::unix_micros as micros;
@@ -27,6 +28,11 @@ pub enum StreamEvent {
         kernel: String,
         /// The enforcer's "selected" probe: why it runs this backend.
         selection: String,
+        /// The version the enforcer says it enforces (adopted from its previous run). As
+        /// good as an ACK of it, and the only word there is when an enforcer applied the
+        /// newest version but stopped before its ACK went out: nothing is sent to it again,
+        /// so nothing else would ever say it is in sync.
+        enforcing: Option<VersionRef>,
     },
     Acked {
         version: VersionRef,
@@ -135,11 +141,15 @@ impl Fleet {
                 backend,
                 kernel,
                 selection,
+                enforcing,
             } => {
                 n.streams += 1;
                 n.backend = backend;
                 n.kernel = kernel;
                 n.selection = selection;
+                if enforcing.is_some() {
+                    n.applied = enforcing;
+                }
             }
             StreamEvent::Acked { version, .. } => {
                 n.applied = Some(version);

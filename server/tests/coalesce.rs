@@ -106,6 +106,18 @@ async fn open(
     mpsc::Sender<v1::EnforcerMessage>,
     tonic::Streaming<v1::ServerMessage>,
 ) {
+    open_enforcing(addr, node, None).await
+}
+
+/// [`open`] with a Hello that names the version the enforcer already enforces.
+async fn open_enforcing(
+    addr: std::net::SocketAddr,
+    node: &str,
+    enforcing: Option<v1::Version>,
+) -> (
+    mpsc::Sender<v1::EnforcerMessage>,
+    tonic::Streaming<v1::ServerMessage>,
+) {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -117,6 +129,7 @@ async fn open(
         kind: Some(Out::Hello(v1::Hello {
             backend: "test".into(),
             node: node.into(),
+            enforcing,
             ..Default::default()
         })),
     })
@@ -224,6 +237,33 @@ async fn one_in_flight_and_slow_enforcers_get_the_newest_state() {
     };
     let d2 = convert::delta_from_proto(&d2).unwrap();
     assert_eq!(d2.base, v1, "from the version still in force");
+}
+
+/// An enforcer that applied the newest version and stopped before its ACK went out comes
+/// back naming that version: the server has nothing to send it, and the fleet view must
+/// still show the node in sync (it once waited forever for an ACK that could not come).
+#[tokio::test]
+async fn a_hello_naming_the_newest_version_counts_as_applied() {
+    let s = setup().await;
+    let status = |fleet: &Fleet| {
+        let n = fleet
+            .view(None)
+            .into_iter()
+            .find(|n| n.node == "n1")
+            .unwrap();
+        (n.applied_version, n.in_sync)
+    };
+    let (tx, mut rx) = open(s.addr, "n1").await;
+    let In::Snapshot(first) = next(&mut rx).await else {
+        panic!("first message is a full snapshot")
+    };
+    drop((tx, rx));
+    let v = first.version.unwrap();
+    assert_eq!(status(&s.fleet), (0, false), "never acknowledged");
+
+    let (_tx, mut rx) = open_enforcing(s.addr, "n1", Some(v.clone())).await;
+    quiet(&mut rx).await;
+    assert_eq!(status(&s.fleet), (v.version, true));
 }
 
 #[tokio::test]

@@ -154,6 +154,7 @@ impl<S: Source> Stream<S> {
                     .as_ref()
                     .and_then(|c| c.probes.get("selected").cloned())
                     .unwrap_or_default(),
+                enforcing,
             },
         );
         let _connected = Connected {

@@ -1,6 +1,9 @@
-//! Packet headers into a [`Pkt`]. Every read goes through `bpf_skb_load_bytes` at a bounded
-//! offset, so non-linear packets parse like linear ones and a truncated header is an error,
-//! never a guess.
+//! Packet headers into a [`Pkt`]. Headers are read in place where they are in the packet's
+//! linear part and through `bpf_skb_load_bytes` where not, always at bounded offsets, so
+//! non-linear packets parse like linear ones and a truncated header is an error, never a
+//! guess.
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::programs::TcContext;
 use moat_ebpf_common::{FAMILY_V4, FAMILY_V6, FlowKey};
@@ -94,29 +97,64 @@ impl Pkt {
     }
 }
 
-/// `N` bytes at `off`: straight from the packet when they are in its linear part (no helper
-/// call), else through `bpf_skb_load_bytes`.
+/// The `N` bytes at `off`, read in place: a pointer into the packet when they are in its
+/// linear part (no helper call, no copy), else into `buf`, filled by `bpf_skb_load_bytes`.
+/// Fields are then read byte by byte straight from there: copying the header into an array
+/// first (and LLVM's BPF backend copies unaligned bytes one at a time) cost as much as the
+/// rest of the parse.
+/// `buf` stays uninitialised unless used: zeroing it would be a byte-wise `memset` call on
+/// every packet.
 #[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize) -> Result<[u8; N], ()> {
+fn view<const N: usize>(
+    ctx: &TcContext,
+    off: usize,
+    buf: &mut MaybeUninit<[u8; N]>,
+) -> Result<Bytes, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     let p = start + off;
     if off < 0x4000 && p + N <= end {
-        // SAFETY: the verifier-checked bounds test above keeps the read inside the packet.
-        Ok(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+        Ok(Bytes(p as *const u8))
     } else {
-        ctx.load(off).map_err(|_| ())
+        let b = buf.write(ctx.load(off).map_err(|_| ())?);
+        Ok(Bytes(b.as_ptr()))
     }
 }
 
-#[inline(always)]
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
+/// `N` readable bytes (see [`view`]); the accessors take offsets below that `N`.
+#[derive(Clone, Copy)]
+struct Bytes(*const u8);
 
-#[inline(always)]
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+impl Bytes {
+    #[inline(always)]
+    fn u8(self, at: usize) -> u8 {
+        // SAFETY: `view` checked that the bytes up to its `N` are readable; callers stay
+        // below it (constant offsets).
+        unsafe { *self.0.add(at) }
+    }
+
+    #[inline(always)]
+    fn be16(self, at: usize) -> u16 {
+        u16::from_be_bytes([self.u8(at), self.u8(at + 1)])
+    }
+
+    #[inline(always)]
+    fn be32(self, at: usize) -> u32 {
+        u32::from_be_bytes([
+            self.u8(at),
+            self.u8(at + 1),
+            self.u8(at + 2),
+            self.u8(at + 3),
+        ])
+    }
+
+    /// Copies `M` bytes from `at` into the start of `to`.
+    #[inline(always)]
+    fn copy<const M: usize>(self, at: usize, to: &mut [u8; 16]) {
+        for i in 0..M {
+            to[i] = self.u8(at + i);
+        }
+    }
 }
 
 /// Fills `p` (which must come from [`Pkt::zeroed_in`]); `Ok(false)` for ARP and everything else that is
@@ -131,18 +169,19 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<bool, ()> {
 }
 
 fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
-    let h: [u8; 20] = read(ctx, ETH_HLEN)?;
-    let ihl = usize::from(h[0] & 0x0f) * 4;
-    if h[0] >> 4 != 4 || ihl < 20 {
+    let mut buf = MaybeUninit::<[u8; 20]>::uninit();
+    let h = view(ctx, ETH_HLEN, &mut buf)?;
+    let vihl = h.u8(0);
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
         return Err(());
     }
     p.family = FAMILY_V4;
-    p.proto = h[9];
-    p.saddr[..4].copy_from_slice(&h[12..16]);
-    p.daddr[..4].copy_from_slice(&h[16..20]);
-    let frag = be16(&h, 6);
-    let id = u32::from(be16(&h, 4));
-    p.frag_id = id;
+    p.proto = h.u8(9);
+    h.copy::<4>(12, &mut p.saddr);
+    h.copy::<4>(16, &mut p.daddr);
+    let frag = h.be16(6);
+    p.frag_id = u32::from(h.be16(4));
     if frag & 0x1fff != 0 {
         p.frag = FRAG_LATER;
         return Ok(());
@@ -154,36 +193,40 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
 }
 
 fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
-    let h: [u8; 40] = read(ctx, ETH_HLEN)?;
-    if h[0] >> 4 != 6 {
+    let mut buf = MaybeUninit::<[u8; 40]>::uninit();
+    let h = view(ctx, ETH_HLEN, &mut buf)?;
+    if h.u8(0) >> 4 != 6 {
         return Err(());
     }
     p.family = FAMILY_V6;
-    p.proto = h[6];
-    p.saddr.copy_from_slice(&h[8..24]);
-    p.daddr.copy_from_slice(&h[24..40]);
+    p.proto = h.u8(6);
+    h.copy::<16>(8, &mut p.saddr);
+    h.copy::<16>(24, &mut p.daddr);
     let mut off = ETH_HLEN + 40;
     let mut done = false;
     for _ in 0..MAX_EXT {
         match p.proto {
             // Hop-by-hop, routing, destination options: length in 8-octet units.
             0 | 43 | 60 => {
-                let e: [u8; 2] = read(ctx, off)?;
-                p.proto = e[0];
-                off += (usize::from(e[1]) + 1) * 8;
+                let mut buf = MaybeUninit::<[u8; 2]>::uninit();
+                let e = view(ctx, off, &mut buf)?;
+                p.proto = e.u8(0);
+                off += (usize::from(e.u8(1)) + 1) * 8;
             }
             // Authentication header: length in 4-octet units, minus 2.
             51 => {
-                let e: [u8; 2] = read(ctx, off)?;
-                p.proto = e[0];
-                off += (usize::from(e[1]) + 2) * 4;
+                let mut buf = MaybeUninit::<[u8; 2]>::uninit();
+                let e = view(ctx, off, &mut buf)?;
+                p.proto = e.u8(0);
+                off += (usize::from(e.u8(1)) + 2) * 4;
             }
             44 => {
-                let e: [u8; 8] = read(ctx, off)?;
-                p.proto = e[0];
+                let mut buf = MaybeUninit::<[u8; 8]>::uninit();
+                let e = view(ctx, off, &mut buf)?;
+                p.proto = e.u8(0);
                 off += 8;
-                let fo = be16(&e, 2);
-                p.frag_id = be32(&e, 4);
+                let fo = e.be16(2);
+                p.frag_id = e.be32(4);
                 if fo >> 3 != 0 {
                     p.frag = FRAG_LATER;
                     return Ok(());
@@ -207,22 +250,25 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
 fn l4(ctx: &TcContext, p: &mut Pkt, off: usize) -> Result<(), ()> {
     match p.proto {
         IPPROTO_TCP => {
-            let b: [u8; 14] = read(ctx, off)?;
-            p.sport = be16(&b, 0);
-            p.dport = be16(&b, 2);
+            let mut buf = MaybeUninit::<[u8; 14]>::uninit();
+            let b = view(ctx, off, &mut buf)?;
+            p.sport = b.be16(0);
+            p.dport = b.be16(2);
             p.port = p.dport;
             // Flags: SYN 0x02, ACK 0x10.
-            p.syn = u8::from(b[13] & 0x12 == 0x02);
+            p.syn = u8::from(b.u8(13) & 0x12 == 0x02);
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            let b: [u8; 4] = read(ctx, off)?;
-            p.sport = be16(&b, 0);
-            p.dport = be16(&b, 2);
+            let mut buf = MaybeUninit::<[u8; 4]>::uninit();
+            let b = view(ctx, off, &mut buf)?;
+            p.sport = b.be16(0);
+            p.dport = b.be16(2);
             p.port = p.dport;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let b: [u8; 8] = read(ctx, off)?;
-            let (ty, id) = (b[0], be16(&b, 4));
+            let mut buf = MaybeUninit::<[u8; 8]>::uninit();
+            let b = view(ctx, off, &mut buf)?;
+            let (ty, id) = (b.u8(0), b.be16(4));
             let v6 = p.proto == IPPROTO_ICMPV6;
             let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
             if ty == request {
@@ -245,26 +291,29 @@ fn quoted(ctx: &TcContext, family: u8, off: usize, k: &mut FlowKey) -> Result<()
     k.family = family;
     let l4;
     if family == FAMILY_V4 {
-        let h: [u8; 20] = read(ctx, off)?;
-        k.proto = h[9];
-        k.saddr[..4].copy_from_slice(&h[12..16]);
-        k.daddr[..4].copy_from_slice(&h[16..20]);
-        l4 = off + usize::from(h[0] & 0x0f) * 4;
+        let mut buf = MaybeUninit::<[u8; 20]>::uninit();
+        let h = view(ctx, off, &mut buf)?;
+        k.proto = h.u8(9);
+        h.copy::<4>(12, &mut k.saddr);
+        h.copy::<4>(16, &mut k.daddr);
+        l4 = off + usize::from(h.u8(0) & 0x0f) * 4;
     } else {
-        let h: [u8; 40] = read(ctx, off)?;
-        k.proto = h[6];
-        k.saddr.copy_from_slice(&h[8..24]);
-        k.daddr.copy_from_slice(&h[24..40]);
+        let mut buf = MaybeUninit::<[u8; 40]>::uninit();
+        let h = view(ctx, off, &mut buf)?;
+        k.proto = h.u8(6);
+        h.copy::<16>(8, &mut k.saddr);
+        h.copy::<16>(24, &mut k.daddr);
         l4 = off + 40;
     }
-    let b: [u8; 8] = read(ctx, l4)?;
+    let mut buf = MaybeUninit::<[u8; 8]>::uninit();
+    let b = view(ctx, l4, &mut buf)?;
     match k.proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            k.sport = be16(&b, 0);
-            k.dport = be16(&b, 2);
+            k.sport = b.be16(0);
+            k.dport = b.be16(2);
         }
         // A quoted echo request: its identifier is the requester's "port".
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => k.sport = be16(&b, 4),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => k.sport = b.be16(4),
         _ => {}
     }
     Ok(())
