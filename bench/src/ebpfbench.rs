@@ -104,11 +104,13 @@ fn time_fresh(
         floors.push(f as f64 / f64::from(FRESH));
         fresh.push(n as f64 / f64::from(FRESH));
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(floors), median(fresh)))
+    Ok((spread_f64(floors).0, spread_f64(fresh).0))
+}
+
+/// Median, minimum and maximum of `v` (not empty).
+fn spread_f64(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 /// Mean ns per run of `REPEAT` runs of each frame, in `rounds` rounds; the first frame is
@@ -123,17 +125,13 @@ fn time(b: &mut EbpfBackend, frames: &[&[u8]], rounds: usize) -> Result<Vec<Time
             raw[i].push(f64::from(r.duration_ns));
         }
     }
-    let mid = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[0], v[v.len() - 1])
-    };
     Ok(raw
         .iter()
         .map(|r| {
             let over: Vec<f64> = r.iter().zip(&raw[0]).map(|(p, f)| p - f).collect();
-            let (over, low, high) = mid(over);
+            let (over, low, high) = spread_f64(over);
             Timed {
-                raw: mid(r.clone()).0,
+                raw: spread_f64(r.clone()).0,
                 over,
                 low,
                 high,

@@ -127,6 +127,15 @@ impl Drop for Watch {
 }
 
 impl Watched {
+    /// The probers ran at `per_second` or more.
+    pub fn assert_rate(&self, per_second: f64) {
+        assert!(
+            self.rate >= per_second,
+            "probes ran at {:.0}/s, not {per_second:.0}/s",
+            self.rate
+        );
+    }
+
     /// No verdict flipped and no connection broke.
     pub fn assert_clean(&self) {
         assert_eq!(self.wrong, 0, "a verdict flipped");

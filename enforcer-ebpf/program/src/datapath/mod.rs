@@ -44,8 +44,8 @@ static CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
 static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::pinned(1 << 13, 0);
 /// Coarse monotonic time in ns (`CLOCK_MONOTONIC_COARSE`, the flow table's clock), written by
-/// user space every second: reading it is one load, where `bpf_ktime_get_coarse_ns` was a
-/// helper call costing 9 ns, 13 % of the established path.
+/// user space every 250 ms (`flows::TICK`): reading it is one load, where
+/// `bpf_ktime_get_coarse_ns` was a helper call costing 9 ns, 13 % of the established path.
 #[map]
 static CLOCK: Array<u64> = Array::pinned(1, 0);
 /// Read by user space only: the version the maps hold.
