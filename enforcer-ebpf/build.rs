@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .context("program manifest has no directory")?;
+    // aya-build watches the program's directory only; the types it shares with this crate
+    // are compiled into it too.
+    println!("cargo:rerun-if-changed=common");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: program.name.as_str(),

@@ -57,7 +57,7 @@ pub enum DataplaneError {
         "{0} holds maps of layout {1}, newer than this binary's {2}: run a newer enforcer, or --uninstall first"
     )]
     NewerLayout(PathBuf, u32, u32),
-    #[error("cannot migrate maps of layout {0} (this binary migrates from layout 1)")]
+    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 and 2)")]
     UnknownLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
@@ -73,6 +73,9 @@ pub struct Maps {
     addrs: HashMap<MapData, AddrKey, u32>,
     ranges: LpmTrie<MapData, RangeKey, u32>,
     ports: LpmTrie<MapData, PortKey, u8>,
+    /// Single ports (layout 3 on); `None` for an older layout's program (tests), whose
+    /// `PORTS` holds them as full-length prefixes.
+    port_exact: Option<HashMap<MapData, PortKey, u8>>,
     named: HashMap<MapData, NamedKey, u8>,
     local: HashMap<MapData, LocalKey, u32>,
     local_addr: Array<MapData, LocalAddr>,
@@ -175,6 +178,11 @@ impl Dataplane {
             addrs: take(&mut ebpf, MapNames::ADDRS)?,
             ranges: take(&mut ebpf, MapNames::RANGES)?,
             ports: take(&mut ebpf, MapNames::PORTS)?,
+            port_exact: if layout >= 3 {
+                Some(take(&mut ebpf, MapNames::PORT_EXACT)?)
+            } else {
+                None
+            },
             named: take(&mut ebpf, MapNames::NAMED)?,
             local: take(&mut ebpf, MapNames::LOCAL)?,
             local_addr: take(&mut ebpf, MapNames::LOCAL_ADDR)?,
@@ -396,6 +404,11 @@ impl Maps {
             addrs: pinned(d, MapNames::ADDRS)?,
             ranges: pinned(d, MapNames::RANGES)?,
             ports: pinned(d, MapNames::PORTS)?,
+            port_exact: if d.join(MapNames::PORT_EXACT).exists() {
+                Some(pinned(d, MapNames::PORT_EXACT)?)
+            } else {
+                None
+            },
             named: pinned(d, MapNames::NAMED)?,
             local: pinned(d, MapNames::LOCAL)?,
             local_addr: pinned(d, MapNames::LOCAL_ADDR)?,
@@ -504,9 +517,16 @@ impl Maps {
                 .map_err(e(MapNames::RANGES))?;
         }
         for (len, k) in &diff.ports.0 {
-            m.ports
-                .insert(&Key::new(*len, with_slot(k, slot)), 1, 0)
-                .map_err(e(MapNames::PORTS))?;
+            let k = with_slot(k, slot);
+            match m.port_exact.as_mut() {
+                Some(exact) if *len == PORT_FULL_BITS => {
+                    exact.insert(k, 1, 0).map_err(e(MapNames::PORT_EXACT))?
+                }
+                _ => m
+                    .ports
+                    .insert(&Key::new(*len, k), 1, 0)
+                    .map_err(e(MapNames::PORTS))?,
+            }
         }
         for k in &diff.named.0 {
             m.named
@@ -525,8 +545,13 @@ impl Maps {
                 .map_err(e(MapNames::RANGES))?;
         }
         for (len, k) in &diff.ports.1 {
-            gone(m.ports.remove(&Key::new(*len, with_slot(k, slot))))
-                .map_err(e(MapNames::PORTS))?;
+            let k = with_slot(k, slot);
+            match m.port_exact.as_mut() {
+                Some(exact) if *len == PORT_FULL_BITS => {
+                    gone(exact.remove(&k)).map_err(e(MapNames::PORT_EXACT))?
+                }
+                _ => gone(m.ports.remove(&Key::new(*len, k))).map_err(e(MapNames::PORTS))?,
+            }
         }
         for k in &diff.named.1 {
             gone(m.named.remove(&NamedKey { slot, ..*k })).map_err(e(MapNames::NAMED))?;
@@ -580,6 +605,15 @@ impl Maps {
         for k in m.ports.keys().filter_map(|r| r.ok()) {
             if k.data().data[0] == slot {
                 e.ports.insert((k.prefix_len(), with_slot(&k.data(), 0)));
+            }
+        }
+        for k in m
+            .port_exact
+            .iter()
+            .flat_map(|x| x.keys().filter_map(|r| r.ok()))
+        {
+            if k.data[0] == slot {
+                e.ports.insert((PORT_FULL_BITS, with_slot(&k, 0)));
             }
         }
         for k in m.named.keys().filter_map(|r| r.ok()) {

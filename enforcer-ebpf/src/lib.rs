@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Maps};
 use entries::{Diff, Entries, RulesetIds};
-pub use moat_ebpf_common::{LocalAddr, META_PENDING, META_VALID, Meta};
+pub use moat_ebpf_common::{LAYOUT_VERSION, LocalAddr, META_PENDING, META_VALID, Meta};
 
 pub struct EbpfBackend {
     dp: Dataplane,

@@ -64,6 +64,28 @@ fn copy_lpm<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path, name: &'static str
     Ok(n)
 }
 
+/// Copies layouts 1 and 2's `PORTS`, where single ports were full-length prefixes: those go
+/// to `PORT_EXACT` now.
+fn copy_ports(from: &Path, to: &Path) -> Result<usize> {
+    let old: LpmTrie<MapData, PortKey, u8> = pinned(from, MapNames::PORTS)?;
+    let mut ports: LpmTrie<MapData, PortKey, u8> = pinned(to, MapNames::PORTS)?;
+    let mut exact: HashMap<MapData, PortKey, u8> = pinned(to, MapNames::PORT_EXACT)?;
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(|r| r.ok()) {
+        if k.prefix_len() == PORT_FULL_BITS {
+            exact
+                .insert(k.data(), v, 0)
+                .map_err(|e| DataplaneError::Map(MapNames::PORT_EXACT, e))?;
+        } else {
+            ports
+                .insert(&k, v, 0)
+                .map_err(|e| DataplaneError::Map(MapNames::PORTS, e))?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn copy_array<V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result<()> {
     let old: Array<MapData, V> = pinned(from, name)?;
     let mut new: Array<MapData, V> = pinned(to, name)?;
@@ -110,16 +132,17 @@ impl Dataplane {
         let Some((n, from)) = older.last().cloned() else {
             return Ok(None);
         };
-        if n != 1 || older.len() > 1 {
+        if !(1..=2).contains(&n) || older.len() > 1 {
             return Err(DataplaneError::UnknownLayout(older[0].0));
         }
         let to = self.map_dir().to_path_buf();
-        // Layout 1 → 2 changed the flow table only: every policy map copies as it is.
+        // Layout 1 → 2 changed the flow table's type only, 2 → 3 moved single ports out of
+        // `PORTS`: every other map copies as it is.
         let mut rules = 0;
         rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
         rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
         rules += copy_lpm::<RangeKey, u32>(&from, &to, MapNames::RANGES)?;
-        rules += copy_lpm::<PortKey, u8>(&from, &to, MapNames::PORTS)?;
+        rules += copy_ports(&from, &to)?;
         rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
         copy_hash::<LocalKey, u32>(&from, &to, MapNames::LOCAL)?;
         copy_array::<LocalAddr>(&from, &to, MapNames::LOCAL_ADDR)?;

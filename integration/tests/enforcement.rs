@@ -407,21 +407,35 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
 }
 
-/// A node runs the previous map layout's datapath (layout 1: an LRU flow table; the object
-/// is a committed fixture) and is upgraded to this binary (layout 2: a preallocated flow
-/// table): its maps are migrated, flows included, while more than 1,000 probes a second and
-/// two established connections watch. The connections were opened under a policy since
-/// replaced by one that denies them: only the flow table keeps them alive, so a flow lost in
-/// the upgrade breaks a connection.
+/// Layout 2 (a preallocated flow table) is the one before this binary's: single ports in
+/// `PORTS`, which layout 3 moves into a hash of their own.
 #[test]
-fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../enforcer-ebpf/tests/fixtures/moat-datapath-layout1.o");
+fn an_upgrade_from_the_previous_map_layout_keeps_policy_and_connections() {
+    upgrade_from(2);
+}
+
+/// Layout 1 (an LRU flow table): two layouts back.
+#[test]
+fn an_upgrade_from_the_first_map_layout_keeps_policy_and_connections() {
+    upgrade_from(1);
+}
+
+/// A node runs an older map layout's datapath (the object is a committed fixture) and is
+/// upgraded to this binary's: its maps are migrated, flows included, while more than 1,000
+/// probes a second and two established connections watch. The connections were opened under
+/// a policy since replaced by one that denies them: only the flow table keeps them alive, so
+/// a flow lost in the upgrade breaks a connection; a port rule lost in it shows as a wrong
+/// probe.
+fn upgrade_from(layout: u32) {
+    const NEW: u32 = moat_enforcer_ebpf::LAYOUT_VERSION;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../enforcer-ebpf/tests/fixtures/moat-datapath-layout{layout}.o"
+    ));
     let home = moat_conformance::cluster::node_of(0, 0);
     let old = vec![
         "env".to_string(),
         format!("MOAT_EBPF_OBJECT={}", fixture.display()),
-        "MOAT_EBPF_LAYOUT_FOR_TESTS=1".to_string(),
+        format!("MOAT_EBPF_LAYOUT_FOR_TESTS={layout}"),
     ];
     let mut w = World::start_wrapped("ebpf", [(home, old)].into());
     assert_eq!(w.pod("x/a").node, home);
@@ -436,16 +450,19 @@ fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
             ),
         )
     };
-    let pins = |w: &World, layout: u32| {
+    let pins = |w: &World, n: u32| {
         std::path::Path::new(moat_harness::cluster::BPFFS)
             .join(w.moat.cluster.node(home))
             .join("moat")
             .join(&w.moat.node_names[home])
-            .join(format!("v{layout}"))
+            .join(format!("v{n}"))
             .exists()
     };
     w.apply(&[from("y/b", 80), from("z/c", 81)]);
-    assert!(pins(&w, 1) && !pins(&w, 2), "the node runs layout 1");
+    assert!(
+        pins(&w, layout) && !pins(&w, NEW),
+        "the node runs layout {layout}"
+    );
     let [v4, v6] = w.ips("x/a");
     let mut streams = w.moat.cluster.prober("y/b").unwrap();
     let ids = open(&mut streams, &[v4, v6], 80);
@@ -476,10 +493,10 @@ fn an_upgrade_to_a_new_map_layout_keeps_policy_and_connections() {
     w.moat.kill_enforcer(home).unwrap();
     w.moat.start_enforcer(home).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while pins(&w, 1) || !pins(&w, 2) {
+    while pins(&w, layout) || !pins(&w, NEW) {
         assert!(
             Instant::now() < deadline,
-            "no migration to layout 2:\n{}",
+            "no migration to layout {NEW}:\n{}",
             w.moat.log_tails(20)
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -33,13 +33,20 @@ pub const FRAG_FIRST: u8 = 1;
 /// Offset > 0: no L4 header; follows the first fragment's verdict.
 pub const FRAG_LATER: u8 = 2;
 
+/// An address as the program passes it around: 4-byte aligned, so LLVM copies it into map
+/// keys in words (a plain `[u8; 16]` has alignment 1, and the BPF backend copies what it
+/// can't prove aligned one byte at a time: 32 instructions per address).
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct Addr(pub [u8; 16]);
+
 /// Laid out without implicit padding, and filled in place: LLVM copies padding bytes of a
 /// moved struct as undefined values, which the verifier refuses to store. 8-byte aligned so
 /// clearing it is eleven stores, not a call to a byte-wise `memset`.
 #[repr(C, align(8))]
 pub struct Pkt {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Addr,
+    pub daddr: Addr,
     /// ICMP/ICMPv6 error: the flow of the packet it quotes, in that packet's direction
     /// (valid when `has_inner != 0`; not an `Option`, for the same reason as `frag`).
     pub inner: FlowKey,
@@ -84,15 +91,15 @@ impl Pkt {
             _pad: [0; 2],
             sport: self.sport,
             dport: self.dport,
-            saddr: self.saddr,
-            daddr: self.daddr,
+            saddr: self.saddr.0,
+            daddr: self.daddr.0,
         }
     }
 
     pub fn link_local_source(&self) -> bool {
         match self.family {
-            FAMILY_V4 => self.saddr[0] == 169 && self.saddr[1] == 254,
-            _ => self.saddr[0] == 0xfe && self.saddr[1] & 0xc0 == 0x80,
+            FAMILY_V4 => self.saddr.0[0] == 169 && self.saddr.0[1] == 254,
+            _ => self.saddr.0[0] == 0xfe && self.saddr.0[1] & 0xc0 == 0x80,
         }
     }
 }
@@ -178,8 +185,8 @@ fn parse_v4(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
     }
     p.family = FAMILY_V4;
     p.proto = h.u8(9);
-    h.copy::<4>(12, &mut p.saddr);
-    h.copy::<4>(16, &mut p.daddr);
+    h.copy::<4>(12, &mut p.saddr.0);
+    h.copy::<4>(16, &mut p.daddr.0);
     let frag = h.be16(6);
     p.frag_id = u32::from(h.be16(4));
     if frag & 0x1fff != 0 {
@@ -200,8 +207,8 @@ fn parse_v6(ctx: &TcContext, p: &mut Pkt) -> Result<(), ()> {
     }
     p.family = FAMILY_V6;
     p.proto = h.u8(6);
-    h.copy::<16>(8, &mut p.saddr);
-    h.copy::<16>(24, &mut p.daddr);
+    h.copy::<16>(8, &mut p.saddr.0);
+    h.copy::<16>(24, &mut p.daddr.0);
     let mut off = ETH_HLEN + 40;
     let mut done = false;
     for _ in 0..MAX_EXT {
