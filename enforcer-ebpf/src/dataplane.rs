@@ -57,7 +57,7 @@ pub enum DataplaneError {
         "{0} holds maps of layout {1}, newer than this binary's {2}: run a newer enforcer, or --uninstall first"
     )]
     NewerLayout(PathBuf, u32, u32),
-    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 and 2)")]
+    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 to 3)")]
     UnknownLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),

@@ -1,8 +1,10 @@
-//! Expiry of the flow table, and the datapath's clock.
+//! The flow table from user space, and the datapath's clock.
 //!
-//! The table is a plain preallocated hash (an insert is cheaper than an LRU map's), so
-//! nothing evicts idle flows but this sweep: without it the table would fill up, and new
-//! flows would no longer be remembered.
+//! Layout 4's table is an array the program places flows in itself (see
+//! [`FlowSlot`]); a slot whose flow idled past its protocol's timeout is free again, so
+//! nothing needs deleting. This side maps the array into memory: to move flows to the present
+//! after the clock stood still, and to copy an older layout's flows in. Older layouts' kernel
+//! hash (`CT`, layouts 2 and 3) still needs [`sweep`]ing while a test runs one.
 //!
 //! The programs stamp flows with the time in the one-entry `CLOCK` map, which this side
 //! advances every [`TICK`]: a load there, where the kernel's clock helper cost 9 ns of the
@@ -10,24 +12,27 @@
 //! stamped meanwhile don't look idle for as long as it stood, a start moves them to the
 //! present before the clock (see [`resume_clock`]).
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::ptr::{addr_of, addr_of_mut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData};
-use moat_ebpf_common::{FlowKey, FlowVal, MapNames, OTHER_IDLE_NS, TCP_IDLE_NS};
+use moat_ebpf_common::{
+    FLOW_WAYS, FlowKey, FlowSlot, FlowVal, MAX_FLOWS, MapNames, flow_hash, flow_idle, flow_sets,
+};
 use tracing::{debug, info};
 
 use crate::dataplane::{DataplaneError, pinned};
 
-/// How often idle flows are looked for: a flow outlives its idle time by at most this.
+/// How often an older layout's kernel hash is swept: a flow outlives its idle time by at
+/// most this.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// How often the clock advances: a flow's idle time is measured to this.
 pub const TICK: Duration = Duration::from_millis(250);
-
-const IPPROTO_TCP: u8 = 6;
 
 /// The clock the flow table keeps (`bpf_ktime_get_coarse_ns` reads it too).
 pub fn coarse_now() -> u64 {
@@ -41,16 +46,202 @@ pub fn coarse_now() -> u64 {
 }
 
 fn expired(k: &FlowKey, v: &FlowVal, now: u64) -> bool {
-    let idle = if k.proto == IPPROTO_TCP {
-        TCP_IDLE_NS
-    } else {
-        OTHER_IDLE_NS
-    };
-    now.saturating_sub(v.seen_ns) > idle
+    flow_idle(k.proto, v.seen_ns, now)
 }
 
-/// Deletes the flows idle for longer than their protocol's timeout at `now`; returns how
-/// many. A flow refreshed between the scan and its deletion is kept.
+/// The flow table (`FLOWS`) mapped into this process, its sets' slots numbered through:
+/// the programs write it concurrently, so every access is a volatile read or write of one
+/// field.
+pub struct FlowTable {
+    base: *mut FlowSlot,
+    len: usize,
+    seed: u64,
+}
+
+// SAFETY: the mapping is shared memory owned by the kernel map; every access is volatile.
+unsafe impl Send for FlowTable {}
+
+impl FlowTable {
+    /// The table pinned in `dir`; `None` for an older layout (no `FLOWS` map).
+    pub fn open(dir: &Path) -> Result<Option<FlowTable>, DataplaneError> {
+        if !dir.join(MapNames::FLOWS).exists() {
+            return Ok(None);
+        }
+        let seed = seed(dir)?;
+        let e = |err| DataplaneError::Map(MapNames::FLOWS, err);
+        let map = MapData::from_pin(dir.join(MapNames::FLOWS)).map_err(e)?;
+        let len = MAX_FLOWS as usize;
+        let bytes = len * size_of::<FlowSlot>();
+        // SAFETY: a shared mapping of the array's values (BPF_F_MMAPABLE), as long as the
+        // map; the kernel keeps the map alive while it is mapped.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DataplaneError::Sys(
+                "mapping the flow table",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Some(FlowTable {
+            base: base.cast(),
+            len,
+            seed,
+        }))
+    }
+
+    fn slot(&self, i: usize) -> *mut FlowSlot {
+        assert!(i < self.len);
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.base.add(i) }
+    }
+
+    fn check(&self, i: usize) -> u64 {
+        // SAFETY: a field of a slot in the mapping.
+        unsafe { addr_of!((*self.slot(i)).check).read_volatile() }
+    }
+
+    fn seen(&self, i: usize) -> u64 {
+        // SAFETY: as in `check`.
+        unsafe { addr_of!((*self.slot(i)).seen_ns).read_volatile() }
+    }
+
+    fn key(&self, i: usize) -> FlowKey {
+        // SAFETY: as in `check`.
+        unsafe { addr_of!((*self.slot(i)).key).read_volatile() }
+    }
+
+    fn set_seen(&self, i: usize, now: u64) {
+        // SAFETY: as in `check`; one aligned 8-byte store, atomic on the CPUs BPF JITs for.
+        unsafe { addr_of_mut!((*self.slot(i)).seen_ns).write_volatile(now) }
+    }
+
+    /// The flows in the table and when each was last seen.
+    pub fn flows(&self) -> Vec<(FlowKey, u64)> {
+        (0..self.len)
+            .filter(|&i| self.check(i) != 0)
+            .filter_map(|i| {
+                let (k, seen) = (self.key(i), self.seen(i));
+                (flow_hash(self.seed, &k) == self.check(i)).then_some((k, seen))
+            })
+            .collect()
+    }
+
+    /// Where `k` is, if remembered.
+    fn find(&self, k: &FlowKey, h: u64) -> Option<usize> {
+        flow_sets(h)
+            .into_iter()
+            .flat_map(slots)
+            .find(|&i| self.check(i) == h && self.key(i) == *k)
+    }
+
+    /// When `k` was last seen, if it is in the table.
+    pub fn get(&self, k: &FlowKey) -> Option<u64> {
+        self.find(k, flow_hash(self.seed, k)).map(|i| self.seen(i))
+    }
+
+    /// Remembers `k` as seen at `seen` the way the program does (keeping a later time the
+    /// program wrote); `false` if both its sets are full of flows in use at `now`.
+    pub fn remember(&self, k: &FlowKey, seen: u64, now: u64) -> bool {
+        let h = flow_hash(self.seed, k);
+        if let Some(i) = self.find(k, h) {
+            if self.seen(i) < seen {
+                self.set_seen(i, seen);
+            }
+            return true;
+        }
+        let free = |i| self.check(i) == 0 || flow_idle(self.key(i).proto, self.seen(i), now);
+        let Some(i) = place(h, free) else {
+            return false;
+        };
+        let s = self.slot(i);
+        // SAFETY: fields of a slot in the mapping, in FlowSlot's write order.
+        unsafe {
+            addr_of_mut!((*s).check).write_volatile(0);
+            addr_of_mut!((*s).key).write_volatile(*k);
+            addr_of_mut!((*s).seen_ns).write_volatile(seen);
+            addr_of_mut!((*s).check).write_volatile(h);
+        }
+        true
+    }
+
+    /// Moves the flows stamped at or after `since` (and before `now`) to `now`; returns how
+    /// many.
+    fn restamp(&self, since: u64, now: u64) -> usize {
+        let mut n = 0;
+        for i in 0..self.len {
+            // The program may stamp the slot again meanwhile, with `since` or `now`, and
+            // `now` is right either way: one aligned store, no slot rewritten.
+            if self.check(i) != 0 && (since..now).contains(&self.seen(i)) {
+                self.set_seen(i, now);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for FlowTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, of this length.
+        unsafe { libc::munmap(self.base.cast(), self.len * size_of::<FlowSlot>()) };
+    }
+}
+
+/// Where a new flow with hash `h` goes, given which slots are `free`: the first free slot of
+/// whichever of its two sets has one first (flows fill a set from its first slot, so that
+/// is the emptier), as the program places flows. Choosing the emptier of two keeps the sets
+/// even: the table is mostly full before any flow finds no slot (see the tests).
+pub fn place(h: u64, free: impl Fn(usize) -> bool) -> Option<usize> {
+    let [a, b] = flow_sets(h).map(slots);
+    let (fa, fb) = (a.clone().find(|&i| free(i)), b.clone().find(|&i| free(i)));
+    match (fa, fb) {
+        (Some(i), Some(j)) if j - b.start < i - a.start => Some(j),
+        (Some(i), _) => Some(i),
+        (None, j) => j,
+    }
+}
+
+/// The slots of set `set`, numbered through the table.
+fn slots(set: u32) -> std::ops::Range<usize> {
+    let first = (set * FLOW_WAYS) as usize;
+    first..first + FLOW_WAYS as usize
+}
+
+/// The table's hash key pinned in `dir`, chosen (at random, never again) if not yet set.
+/// It must be set before the programs first run: a key changed under remembered flows
+/// would lose them all.
+fn seed(dir: &Path) -> Result<u64, DataplaneError> {
+    let e = |err| DataplaneError::Map(MapNames::FLOW_SEED, err);
+    let mut m: Array<MapData, u64> = pinned(dir, MapNames::FLOW_SEED)?;
+    let have = m.get(&0, 0).map_err(e)?;
+    if have != 0 {
+        return Ok(have);
+    }
+    let mut buf = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `buf`.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), 8, 0) };
+    if got != 8 {
+        return Err(DataplaneError::Sys(
+            "choosing the flow table's hash key",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let seed = u64::from_ne_bytes(buf) | 1;
+    m.set(0, seed, 0).map_err(e)?;
+    Ok(seed)
+}
+
+/// Deletes the flows of an older layout's kernel hash idle for longer than their protocol's
+/// timeout at `now`; returns how many. A flow refreshed between the scan and its deletion
+/// is kept.
 pub fn sweep(ct: &mut HashMap<MapData, FlowKey, FlowVal>, now: u64) -> usize {
     let stale: Vec<FlowKey> = ct
         .iter()
@@ -81,33 +272,15 @@ fn set(clock: &mut Array<MapData, u64>, now: u64) -> Result<(), DataplaneError> 
         .map_err(|e| DataplaneError::Map(MapNames::CLOCK, e))
 }
 
-/// Moves the flows stamped at or after `since` (and before `now`) to `now`; returns how
-/// many.
-fn restamp(ct: &mut HashMap<MapData, FlowKey, FlowVal>, since: u64, now: u64) -> usize {
-    let stood: Vec<FlowKey> = ct
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(_, v)| (since..now).contains(&v.seen_ns))
-        .map(|(k, _)| k)
-        .collect();
-    let mut n = 0;
-    for k in stood {
-        // Nothing deletes flows while no sweeper runs; the program may have stamped this
-        // one again meanwhile, with `since` or `now`, and `now` is right either way.
-        if ct.insert(k, FlowVal { seen_ns: now }, 0).is_ok() {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Starts the clock pinned in `dir` (before the programs are attached). If an earlier run
-/// left it standing at `t`, every flow the programs touched since was stamped `t`: those
-/// flows are moved to the present first, then the clock, then once more the flows stamped
-/// `t` in between — so no flow in use ever looks idle for the time no enforcer ran, not
-/// even for a packet in between. A clock never set (a new node, or maps of a program that
-/// read the kernel's clock, which is the same one) needs no catching up.
+/// Prepares the flow table pinned in `dir` (before the programs are attached): sets its
+/// hash key if new, and starts the clock. If an earlier run left the clock standing at `t`,
+/// every flow the programs touched since was stamped `t`: those flows are moved to the
+/// present first, then the clock, then once more the flows stamped `t` in between — so no
+/// flow in use ever looks idle for the time no enforcer ran, not even for a packet in
+/// between. A clock never set (a new node, or maps of a program that read the kernel's
+/// clock, which is the same one) needs no catching up.
 pub fn resume_clock(dir: &Path) -> Result<(), DataplaneError> {
+    let table = FlowTable::open(dir)?;
     let Some(mut clock) = clock(dir)? else {
         return Ok(());
     };
@@ -118,10 +291,13 @@ pub fn resume_clock(dir: &Path) -> Result<(), DataplaneError> {
     if stood == 0 || stood >= now {
         return set(&mut clock, now);
     }
-    let mut ct: HashMap<MapData, FlowKey, FlowVal> = pinned(dir, MapNames::CT)?;
-    let before = restamp(&mut ct, stood, now);
+    let Some(table) = table else {
+        // Layout 2 or 3 (tests): their flows were swept, not restamped, before layout 4.
+        return set(&mut clock, now);
+    };
+    let before = table.restamp(stood, now);
     set(&mut clock, now)?;
-    let between = restamp(&mut ct, stood, now);
+    let between = table.restamp(stood, now);
     if before + between > 0 {
         info!(
             flows = before + between,
@@ -132,13 +308,17 @@ pub fn resume_clock(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Advances the clock every [`TICK`] and sweeps the flow table pinned in `dir` every
-/// [`SWEEP_EVERY`], until `stop` is set.
+/// Advances the clock every [`TICK`] (and sweeps an older layout's kernel hash every
+/// [`SWEEP_EVERY`]) until `stop` is set.
 pub fn start_sweeper(dir: &Path, stop: Arc<AtomicBool>) -> Result<(), DataplaneError> {
-    let mut ct: HashMap<MapData, FlowKey, FlowVal> = pinned(dir, MapNames::CT)?;
+    let mut ct: Option<HashMap<MapData, FlowKey, FlowVal>> = if dir.join(MapNames::CT).exists() {
+        Some(pinned(dir, MapNames::CT)?)
+    } else {
+        None
+    };
     let mut clock = clock(dir)?;
     std::thread::Builder::new()
-        .name("moat-flow-sweep".into())
+        .name("moat-flow-clock".into())
         .spawn(move || {
             let ticks = (SWEEP_EVERY.as_millis() / TICK.as_millis()) as u64;
             let mut tick = 0u64;
@@ -149,8 +329,10 @@ pub fn start_sweeper(dir: &Path, stop: Arc<AtomicBool>) -> Result<(), DataplaneE
                     // Only idle timeouts lengthen while it fails; nothing opens.
                     debug!(error = %e, "advancing the datapath clock");
                 }
-                if tick.is_multiple_of(ticks) {
-                    let n = sweep(&mut ct, coarse_now());
+                if let Some(ct) = ct.as_mut()
+                    && tick.is_multiple_of(ticks)
+                {
+                    let n = sweep(ct, coarse_now());
                     if n > 0 {
                         debug!(expired = n, "idle flows removed");
                     }
@@ -159,13 +341,52 @@ pub fn start_sweeper(dir: &Path, stop: Arc<AtomicBool>) -> Result<(), DataplaneE
                 std::thread::sleep(TICK);
             }
         })
-        .map_err(|e| DataplaneError::Sys("starting the flow sweeper", e))?;
+        .map_err(|e| DataplaneError::Sys("starting the flow clock", e))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_ebpf_common::{FLOW_SETS, OTHER_IDLE_NS, TCP_IDLE_NS};
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    /// How full the table gets before a new flow first finds both its sets in use, with
+    /// the program's placement ([`place`]) and nothing idle: the load this layout's table
+    /// serves without losing a flow.
+    #[test]
+    fn the_table_fills_far_before_a_flow_finds_no_slot() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let seed = rng.random::<u64>() | 1;
+        let mut first_miss = Vec::new();
+        for _ in 0..3 {
+            let mut checks = vec![0u64; MAX_FLOWS as usize];
+            let mut n = 0usize;
+            loop {
+                let mut k = FlowKey {
+                    family: 4,
+                    proto: 6,
+                    _pad: [0; 2],
+                    sport: rng.random(),
+                    dport: 443,
+                    saddr: [0; 16],
+                    daddr: [0; 16],
+                };
+                rng.fill(&mut k.saddr[..4]);
+                rng.fill(&mut k.daddr[..4]);
+                let h = flow_hash(seed, &k);
+                let Some(i) = place(h, |i| checks[i] == 0) else {
+                    break;
+                };
+                checks[i] = h;
+                n += 1;
+            }
+            first_miss.push(n as f64 / MAX_FLOWS as f64);
+        }
+        eprintln!("first flow without a slot at {first_miss:?} of {MAX_FLOWS} ({FLOW_SETS} sets)");
+        assert!(first_miss.iter().all(|&f| f > 0.5), "{first_miss:?}");
+    }
 
     #[test]
     fn idle_times_follow_the_protocol() {

@@ -17,6 +17,7 @@ use moat_ebpf_common::*;
 use tracing::{info, warn};
 
 use crate::dataplane::{Dataplane, DataplaneError, pinned};
+use crate::flows::{FlowTable, coarse_now};
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
@@ -64,7 +65,7 @@ fn copy_lpm<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path, name: &'static str
     Ok(n)
 }
 
-/// Copies layouts 1 and 2's `PORTS`, where single ports were full-length prefixes: those go
+/// Copies `PORTS`; layouts 1 and 2 held single ports there as full-length prefixes: those go
 /// to `PORT_EXACT` now.
 fn copy_ports(from: &Path, to: &Path) -> Result<usize> {
     let old: LpmTrie<MapData, PortKey, u8> = pinned(from, MapNames::PORTS)?;
@@ -96,23 +97,35 @@ fn copy_array<V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result
     Ok(())
 }
 
-/// Copies the flow table. Layout 1's LRU table and layout 2's hash share key and value.
+/// Copies the flows of layouts 1 to 3's kernel hash (`CT`: layout 1's LRU table and the
+/// later preallocated one share key and value) into this layout's table, skipping those
+/// already idle; a flow the new program saw meanwhile keeps its later time.
 fn copy_flows(from: &Path, to: &Path) -> Result<usize> {
     let old: HashMap<MapData, FlowKey, FlowVal> = pinned(from, MapNames::CT)?;
-    let mut new: HashMap<MapData, FlowKey, FlowVal> = pinned(to, MapNames::CT)?;
-    let mut n = 0;
+    let table = FlowTable::open(to)?.ok_or(DataplaneError::Map(
+        MapNames::FLOWS,
+        aya::maps::MapError::InvalidName {
+            name: MapNames::FLOWS.into(),
+        },
+    ))?;
+    let now = coarse_now();
+    let (mut n, mut full) = (0, 0);
     for (k, v) in old.iter().filter_map(|r| r.ok()) {
-        // Keep the newer of two records of one flow (the new program may have seen it).
-        if let Ok(have) = new.get(&k, 0)
-            && have.seen_ns >= v.seen_ns
-        {
+        if flow_idle(k.proto, v.seen_ns, now) {
             continue;
         }
-        if let Err(e) = new.insert(k, v, 0) {
-            warn!(error = %e, copied = n, "the flow table is full; the remaining flows are judged anew");
-            break;
+        if table.remember(&k, v.seen_ns, now) {
+            n += 1;
+        } else {
+            full += 1;
         }
-        n += 1;
+    }
+    if full > 0 {
+        warn!(
+            copied = n,
+            left = full,
+            "flows whose slots are all in use are judged anew"
+        );
     }
     Ok(n)
 }
@@ -132,17 +145,20 @@ impl Dataplane {
         let Some((n, from)) = older.last().cloned() else {
             return Ok(None);
         };
-        if !(1..=2).contains(&n) || older.len() > 1 {
+        if !(1..=3).contains(&n) || older.len() > 1 {
             return Err(DataplaneError::UnknownLayout(older[0].0));
         }
         let to = self.map_dir().to_path_buf();
-        // Layout 1 → 2 changed the flow table's type only, 2 → 3 moved single ports out of
-        // `PORTS`: every other map copies as it is.
+        // Layout 1 → 2 changed the flow table's type, 2 → 3 moved single ports out of
+        // `PORTS`, 3 → 4 made the flow table an array: every other map copies as it is.
         let mut rules = 0;
         rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
         rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
         rules += copy_lpm::<RangeKey, u32>(&from, &to, MapNames::RANGES)?;
         rules += copy_ports(&from, &to)?;
+        if from.join(MapNames::PORT_EXACT).exists() {
+            rules += copy_hash::<PortKey, u8>(&from, &to, MapNames::PORT_EXACT)?;
+        }
         rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
         copy_hash::<LocalKey, u32>(&from, &to, MapNames::LOCAL)?;
         copy_array::<LocalAddr>(&from, &to, MapNames::LOCAL_ADDR)?;

@@ -469,9 +469,9 @@ fn the_backend_leaves_both_slots_equal_to_each_version() {
 /// dropped) nor keep a flow that was idle before.
 #[test]
 fn flows_used_while_the_clock_stood_still_stay_and_idle_ones_go() {
-    use aya::maps::{Array, HashMap, MapData};
-    use moat_ebpf_common::{FlowKey, FlowVal, MapNames, OTHER_IDLE_NS};
-    use moat_enforcer_ebpf::flows::{coarse_now, sweep};
+    use aya::maps::{Array, MapData};
+    use moat_ebpf_common::{FlowKey, MapNames, OTHER_IDLE_NS};
+    use moat_enforcer_ebpf::flows::{FlowTable, coarse_now};
 
     let mut b = Bed::new("clock");
     b.install(&policy());
@@ -503,21 +503,37 @@ fn flows_used_while_the_clock_stood_still_stay_and_idle_ones_go() {
     let r = again.test_run(INGRESS, &reply(1001), 0, FORWARDED).unwrap();
     assert_eq!(r.mark & MARK_REPLY, 0, "the flow idle before is not");
 
-    let mut ct: HashMap<MapData, FlowKey, FlowVal> = HashMap::try_from(aya::maps::Map::HashMap(
-        MapData::from_pin(dir.join(MapNames::CT)).unwrap(),
-    ))
-    .unwrap();
-    assert_eq!(
-        sweep(&mut ct, now + OTHER_IDLE_NS / 2),
-        1,
-        "only the idle flow goes"
-    );
+    // User space finds the flows where the program put them: the one used meanwhile seen
+    // just now, the idle one where it was left.
+    let table = FlowTable::open(&dir)
+        .unwrap()
+        .expect("this layout's flow table");
+    let key = |sport| {
+        let mut k = FlowKey {
+            family: 4,
+            proto: 17,
+            _pad: [0; 2],
+            sport,
+            dport: 53,
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        k.saddr[..4].copy_from_slice(&[10, 0, 1, 5]);
+        k.daddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k
+    };
+    assert_eq!(table.get(&key(1000)), Some(now));
+    let idle = table
+        .get(&key(1001))
+        .expect("idle flows stay until their slot is taken");
+    assert!(now - idle > OTHER_IDLE_NS);
+    // And the program finds a flow user space put in (as a migration does).
+    assert!(table.remember(&key(1002), now, now));
+    let r = again.test_run(INGRESS, &reply(1002), 0, FORWARDED).unwrap();
     assert_ne!(
-        again
-            .test_run(INGRESS, &reply(1000), 0, FORWARDED)
-            .unwrap()
-            .mark
-            & MARK_REPLY,
-        0
+        r.mark & MARK_REPLY,
+        0,
+        "a flow placed by user space is found"
     );
+    assert!(table.flows().iter().any(|(k, _)| *k == key(1002)));
 }

@@ -380,6 +380,28 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
         w.moat
             .wait_applied(&expected, Duration::from_secs(30))
             .unwrap();
+        // The version may be the one the old process had applied, so the fleet view shows
+        // it at once: the sign the new process enforces is the other dataplane gone.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let took_over = |w: &World| {
+            let (ebpf, nft) = (
+                w.moat.has_ebpf_pins(home),
+                w.moat.has_nft_table(home).unwrap(),
+            );
+            if backend == "ebpf" {
+                ebpf && !nft
+            } else {
+                nft && !ebpf
+            }
+        };
+        while !took_over(w) {
+            assert!(
+                Instant::now() < deadline,
+                "{backend} never took over:\n{}",
+                w.moat.log_tails(20)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
     switch(&mut w, "ebpf", &[from("y/b")]);
     std::thread::sleep(Duration::from_millis(500));
@@ -407,10 +429,16 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
 }
 
-/// Layout 2 (a preallocated flow table) is the one before this binary's: single ports in
-/// `PORTS`, which layout 3 moves into a hash of their own.
+/// Layout 3 is the one before this binary's: its flows in the kernel's hash (`CT`), which
+/// layout 4 replaces with an array it places flows in itself.
 #[test]
 fn an_upgrade_from_the_previous_map_layout_keeps_policy_and_connections() {
+    upgrade_from(3);
+}
+
+/// Layout 2: single ports in `PORTS`, which layout 3 moved into a hash of their own.
+#[test]
+fn an_upgrade_from_layout_2_keeps_policy_and_connections() {
     upgrade_from(2);
 }
 

@@ -21,7 +21,11 @@
 ///   cost more than the rest of a new flow's judgement); counter `CNT_CT_FULL`.
 /// * 3: single ports (`PORTS` prefixes of [`PORT_FULL_BITS`]) in the exact-match hash
 ///   `PORT_EXACT`, looked up first; `PORTS` keeps ranges, whole protocols and whole classes.
-pub const LAYOUT_VERSION: u32 = 3;
+/// * 4: the flow table `FLOWS` an array of [`FlowSet`]s the program places flows in itself
+///   (two sets of [`FLOW_WAYS`] slots per flow, by a keyed hash), instead of the kernel hash
+///   `CT`, whose insert (bucket lock with interrupts off, free list) was a quarter of a new
+///   flow's cost; `FLOW_SEED` holds the key.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Idle time after which a remembered flow is new again (the program ignores it, user
 /// space deletes it): TCP as long as real idle connections live (conntrack's established
@@ -29,7 +33,12 @@ pub const LAYOUT_VERSION: u32 = 3;
 pub const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
 pub const OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
 /// Flows the flow table holds.
-pub const MAX_FLOWS: u32 = 1 << 18;
+pub const MAX_FLOWS: u32 = FLOW_SETS * FLOW_WAYS;
+/// Slots per set of the flow table. A new flow takes a slot in the emptier of its two sets,
+/// which keeps the sets even: the first flow that finds no slot comes at about 70 % of the
+/// table, some 370,000 flows (the loader's `flows` tests measure it).
+pub const FLOW_WAYS: u32 = 8;
+pub const FLOW_SETS: u32 = 1 << 16;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -76,7 +85,10 @@ impl MapNames {
     pub const NAMED: &'static str = "NAMED";
     pub const LOCAL: &'static str = "LOCAL";
     pub const LOCAL_ADDR: &'static str = "LOCAL_ADDR";
+    /// Layouts 1 to 3: the kernel hash; since 4, [`FLOWS`](Self::FLOWS).
     pub const CT: &'static str = "CT";
+    pub const FLOWS: &'static str = "FLOWS";
+    pub const FLOW_SEED: &'static str = "FLOW_SEED";
     /// Since layout 2's second release; layout 1's program read the kernel's clock.
     pub const CLOCK: &'static str = "CLOCK";
     pub const FRAGS: &'static str = "FRAGS";
@@ -217,6 +229,68 @@ impl FlowKey {
     }
 }
 
+/// One slot of the flow table (layout 4 on). Empty while `check` is 0; else `check` is
+/// [`flow_hash`] of `key` (never 0). Writers (the program, and user space through the
+/// memory-mapped array) clear `check`, write `key` and `seen_ns`, then set `check`, in that
+/// order; a reader matches a slot only if `check` equals the hash of the key it looks for
+/// *and* the key is equal, so a slot two writers tore apart matches no flow (short of a
+/// 64-bit collision of a keyed hash), and a flow lost that way is judged anew: closed, not
+/// open.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    pub seen_ns: u64,
+    pub check: u64,
+}
+
+/// The flow table's hash: keyed by the node's random `FLOW_SEED`, so nobody can aim many
+/// flows at one set to keep another flow out. Never 0 (an empty slot's `check`).
+#[inline(always)]
+pub const fn flow_hash(seed: u64, k: &FlowKey) -> u64 {
+    // SAFETY: FlowKey is 40 bytes, 8-byte aligned, without padding.
+    let w: [u64; 5] = unsafe { core::mem::transmute::<FlowKey, [u64; 5]>(*k) };
+    let mut h = seed ^ 0x243f_6a88_85a3_08d3;
+    let mut i = 0;
+    while i < 5 {
+        h = (h ^ w[i])
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+        i += 1;
+    }
+    h ^= h >> 32;
+    h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    h ^= h >> 29;
+    h | 1
+}
+
+/// The two sets a flow with hash `h` may live in.
+#[inline(always)]
+pub const fn flow_sets(h: u64) -> [u32; 2] {
+    let a = (h >> 1) as u32 & (FLOW_SETS - 1);
+    let b = (h >> 33) as u32 & (FLOW_SETS - 1);
+    [a, b]
+}
+
+/// One value of the flow table's array: a set of slots, so that one map lookup reaches a
+/// whole set (the verifier allows no step from one array value into the next).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSet {
+    pub slots: [FlowSlot; FLOW_WAYS as usize],
+}
+
+/// Whether a flow last seen at `seen_ns` is idle at `now` (its protocol's timeout passed).
+#[inline(always)]
+pub const fn flow_idle(proto: u8, seen_ns: u64, now: u64) -> bool {
+    let idle = if proto == 6 {
+        TCP_IDLE_NS
+    } else {
+        OTHER_IDLE_NS
+    };
+    now.saturating_sub(seen_ns) > idle
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVal {
@@ -261,6 +335,8 @@ mod pod {
     unsafe impl aya::Pod for LocalKey {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for FlowSlot {}
+    unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for LocalAddr {}
     unsafe impl aya::Pod for Meta {}
@@ -281,6 +357,8 @@ mod tests {
         assert_eq!(size_of::<LocalKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowVal>(), 8);
+        assert_eq!(size_of::<FlowSlot>(), 56);
+        assert_eq!(size_of::<FlowSet>(), 56 * FLOW_WAYS as usize);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<LocalAddr>(), 20);
         assert_eq!(size_of::<Meta>(), 48);

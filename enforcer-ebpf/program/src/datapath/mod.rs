@@ -10,6 +10,7 @@
 //! The node's own traffic (generated on the node: `ingress_ifindex == 0`) is never judged,
 //! like the nft backend's forward hook never sees it. See docs/design/ebpf.md.
 
+mod flows;
 mod parse;
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
@@ -42,10 +43,12 @@ static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC
 static LOCAL: HashMap<LocalKey, u32> = HashMap::pinned(2 * MAX_LOCAL, 0);
 #[map]
 static LOCAL_ADDR: Array<LocalAddr> = Array::pinned(MAX_LOCAL + 1, 0);
-/// Preallocated, expired by user space: an insert pops a per-CPU free list (an LRU map's
-/// insert cost more than the whole judgement).
+/// The flow table, placed by this program (see [`flows`]); memory-mapped by user space.
 #[map]
-static CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(MAX_FLOWS, 0);
+static FLOWS: Array<FlowSet> = Array::pinned(FLOW_SETS, BPF_F_MMAPABLE);
+/// The flow table's hash key, random per node, set before the programs first run.
+#[map]
+static FLOW_SEED: Array<u64> = Array::pinned(1, 0);
 #[map]
 static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::pinned(1 << 13, 0);
 /// Coarse monotonic time in ns (`CLOCK_MONOTONIC_COARSE`, the flow table's clock), written by
@@ -60,6 +63,7 @@ static META: Array<Meta> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(moat_ebpf_common::COUNTERS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[classifier]
 pub fn moat_ingress(ctx: TcContext) -> i32 {
@@ -102,16 +106,26 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
     if answers_allowed(p) {
         mark |= MARK_REPLY;
     }
-    let local = LocalKey {
-        family: p.family,
-        _pad: [0; 3],
-        addr: p.saddr.0,
-    };
-    if let Some(i) = unsafe { LOCAL.get(&local) } {
+    if let Some(i) = unsafe { LOCAL.get(&local_key(p)) } {
         mark |= (*i << MARK_SRC_SHIFT) & MARK_SRC_MASK;
     }
     unsafe { (*skb).mark = mark };
     Ok(())
+}
+
+/// The sender's [`LocalKey`], its family and padding written as one word: built field by
+/// field, the three pad bytes were a call to a byte-wise `memset` on every packet.
+#[inline(always)]
+fn local_key(p: &Pkt) -> LocalKey {
+    let mut k = core::mem::MaybeUninit::<LocalKey>::uninit();
+    let at = k.as_mut_ptr();
+    // SAFETY: both writes stay inside `k` and together cover every byte (family and padding
+    // are its first 4-byte word; this target is little-endian, so the family comes first).
+    unsafe {
+        (at as *mut u32).write(u32::from(p.family));
+        core::ptr::addr_of_mut!((*at).addr).write(p.saddr.0);
+        k.assume_init()
+    }
 }
 
 /// Whether `p` is the reply side of a flow this node allowed, or an ICMP error about one.
@@ -135,21 +149,17 @@ fn answers_allowed(p: &Pkt) -> bool {
 
 /// Looks up a remembered flow, refreshing it; expired entries count as absent.
 fn seen(k: &FlowKey) -> bool {
-    let Some(v) = CT.get_ptr_mut(k) else {
+    let h = flows::hash(k);
+    let Some(s) = flows::find(k, h) else {
         return false;
     };
     let now = now();
-    let idle = if k.proto == parse::IPPROTO_TCP {
-        TCP_IDLE_NS
-    } else {
-        OTHER_IDLE_NS
-    };
     unsafe {
-        if now.saturating_sub((*v).seen_ns) > idle {
+        if flow_idle(k.proto, (*s).seen_ns, now) {
             return false;
         }
         // Coarse time (no clock read) and one store: this is the established path's cost.
-        (*v).seen_ns = now;
+        (*s).seen_ns = now;
     }
     true
 }
@@ -212,8 +222,7 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
     if allowed {
         // ICMP errors are judged one by one, never remembered as flows.
         if p.has_inner == 0 {
-            let v = FlowVal { seen_ns: now() };
-            if CT.insert(&flow, &v, 0).is_err() {
+            if !flows::remember(&flow, now()) {
                 count(CNT_CT_FULL);
             }
         }
