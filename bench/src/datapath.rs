@@ -87,7 +87,7 @@ pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
         for k in 0..CONFIGS.len() {
             let ci = (k + round) % CONFIGS.len();
             let c = CONFIGS[ci];
-            if only.is_some_and(|o| !c.name().contains(o)) {
+            if only.is_some_and(|o| !o.split('|').any(|part| c.name().contains(part))) {
                 continue;
             }
             configure(&mut w, server.node, c, client.v4.into(), server.v4.into())?;

@@ -111,7 +111,8 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 3)]
         secs: u64,
-        /// Only the configurations whose name contains this.
+        /// Only the configurations whose name contains this (or one of several, `|`
+        /// between them: `--only 'no policy|ebpf, 10000'`).
         #[arg(long)]
         only: Option<String>,
     },

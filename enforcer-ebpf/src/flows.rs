@@ -1,7 +1,7 @@
 //! The flow table from user space, and the datapath's clock.
 //!
 //! Layout 4's table is an array the program places flows in itself (see
-//! [`FlowSlot`]); a slot whose flow idled past its protocol's timeout is free again, so
+//! [`FlowSet`]); a slot whose flow idled past its protocol's timeout is free again, so
 //! nothing needs deleting. This side maps the array into memory: to move flows to the present
 //! after the clock stood still, and to copy an older layout's flows in. Older layouts' kernel
 //! hash (`CT`, layouts 2 and 3) still needs [`sweep`]ing while a test runs one.
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData};
 use moat_ebpf_common::{
-    FLOW_WAYS, FlowKey, FlowSlot, FlowVal, MAX_FLOWS, MapNames, flow_hash, flow_idle, flow_sets,
+    FLOW_SETS, FLOW_WAYS, FlowKey, FlowSet, FlowVal, MAX_FLOWS, MapNames, flow_hash, flow_idle,
+    flow_sets, slot_free,
 };
 use tracing::{debug, info};
 
@@ -53,7 +54,7 @@ fn expired(k: &FlowKey, v: &FlowVal, now: u64) -> bool {
 /// the programs write it concurrently, so every access is a volatile read or write of one
 /// field.
 pub struct FlowTable {
-    base: *mut FlowSlot,
+    base: *mut FlowSet,
     len: usize,
     seed: u64,
 }
@@ -71,7 +72,7 @@ impl FlowTable {
         let e = |err| DataplaneError::Map(MapNames::FLOWS, err);
         let map = MapData::from_pin(dir.join(MapNames::FLOWS)).map_err(e)?;
         let len = MAX_FLOWS as usize;
-        let bytes = len * size_of::<FlowSlot>();
+        let bytes = FLOW_SETS as usize * size_of::<FlowSet>();
         // SAFETY: a shared mapping of the array's values (BPF_F_MMAPABLE), as long as the
         // map; the kernel keeps the map alive while it is mapped.
         let base = unsafe {
@@ -97,30 +98,36 @@ impl FlowTable {
         }))
     }
 
-    fn slot(&self, i: usize) -> *mut FlowSlot {
+    /// Slot `i`'s set (slots are numbered through the table, `FLOW_WAYS` per set) and way.
+    fn at(&self, i: usize) -> (*mut FlowSet, usize) {
         assert!(i < self.len);
+        let w = FLOW_WAYS as usize;
         // SAFETY: in bounds of the mapping.
-        unsafe { self.base.add(i) }
+        (unsafe { self.base.add(i / w) }, i % w)
     }
 
     fn check(&self, i: usize) -> u64 {
-        // SAFETY: a field of a slot in the mapping.
-        unsafe { addr_of!((*self.slot(i)).check).read_volatile() }
+        let (set, way) = self.at(i);
+        // SAFETY: a field of a set in the mapping.
+        unsafe { addr_of!((*set).check[way]).read_volatile() }
     }
 
     fn seen(&self, i: usize) -> u64 {
+        let (set, way) = self.at(i);
         // SAFETY: as in `check`.
-        unsafe { addr_of!((*self.slot(i)).seen_ns).read_volatile() }
+        unsafe { addr_of!((*set).seen_ns[way]).read_volatile() }
     }
 
     fn key(&self, i: usize) -> FlowKey {
+        let (set, way) = self.at(i);
         // SAFETY: as in `check`.
-        unsafe { addr_of!((*self.slot(i)).key).read_volatile() }
+        unsafe { addr_of!((*set).key[way]).read_volatile() }
     }
 
     fn set_seen(&self, i: usize, now: u64) {
+        let (set, way) = self.at(i);
         // SAFETY: as in `check`; one aligned 8-byte store, atomic on the CPUs BPF JITs for.
-        unsafe { addr_of_mut!((*self.slot(i)).seen_ns).write_volatile(now) }
+        unsafe { addr_of_mut!((*set).seen_ns[way]).write_volatile(now) }
     }
 
     /// The flows in the table and when each was last seen.
@@ -157,17 +164,17 @@ impl FlowTable {
             }
             return true;
         }
-        let free = |i| self.check(i) == 0 || flow_idle(self.key(i).proto, self.seen(i), now);
+        let free = |i| slot_free(self.check(i), self.seen(i), now);
         let Some(i) = place(h, free) else {
             return false;
         };
-        let s = self.slot(i);
-        // SAFETY: fields of a slot in the mapping, in FlowSlot's write order.
+        let (set, way) = self.at(i);
+        // SAFETY: fields of a set in the mapping, in FlowSet's write order.
         unsafe {
-            addr_of_mut!((*s).check).write_volatile(0);
-            addr_of_mut!((*s).key).write_volatile(*k);
-            addr_of_mut!((*s).seen_ns).write_volatile(seen);
-            addr_of_mut!((*s).check).write_volatile(h);
+            addr_of_mut!((*set).check[way]).write_volatile(0);
+            addr_of_mut!((*set).key[way]).write_volatile(*k);
+            addr_of_mut!((*set).seen_ns[way]).write_volatile(seen);
+            addr_of_mut!((*set).check[way]).write_volatile(h);
         }
         true
     }
@@ -191,7 +198,8 @@ impl FlowTable {
 impl Drop for FlowTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `open`, of this length.
-        unsafe { libc::munmap(self.base.cast(), self.len * size_of::<FlowSlot>()) };
+        let bytes = FLOW_SETS as usize * size_of::<FlowSet>();
+        unsafe { libc::munmap(self.base.cast(), bytes) };
     }
 }
 

@@ -229,23 +229,36 @@ impl FlowKey {
     }
 }
 
-/// One slot of the flow table (layout 4 on). Empty while `check` is 0; else `check` is
-/// [`flow_hash`] of `key` (never 0). Writers (the program, and user space through the
-/// memory-mapped array) clear `check`, write `key` and `seen_ns`, then set `check`, in that
-/// order; a reader matches a slot only if `check` equals the hash of the key it looks for
-/// *and* the key is equal, so a slot two writers tore apart matches no flow (short of a
-/// 64-bit collision of a keyed hash), and a flow lost that way is judged anew: closed, not
-/// open.
+/// One value of the flow table's array (layout 4 on): a set of [`FLOW_WAYS`] slots, so that
+/// one map lookup reaches a whole set (the verifier allows no step from one array value
+/// into the next). Laid out by field, not by slot: a lookup reads the check words (one
+/// cache line) and touches a key only where its check word matches; deciding whether a slot
+/// is free reads the check and time lines only (the check word carries the TCP bit that
+/// picks the idle timeout). 448 bytes, 7 cache lines, so sets start on line boundaries in
+/// the page-aligned array.
+///
+/// A slot is empty while its `check` is 0; else `check` is [`flow_hash`] of its key (never
+/// 0). Writers (the program, and user space through the memory-mapped array) clear `check`,
+/// write the key and time, then set `check`. A reader matches a slot only if `check` equals
+/// the hash of the key it looks for *and* the key is equal. Two writers racing on one slot
+/// can leave a key mixed from two flows; the check word is still one a writer of an allowed
+/// flow wrote, so the slot matches that flow or none (short of a collision of a keyed
+/// 64-bit hash): a race loses a flow, which is then judged anew, and never admits one,
+/// whatever order other CPUs see the stores in.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowSlot {
-    pub key: FlowKey,
-    pub seen_ns: u64,
-    pub check: u64,
+pub struct FlowSet {
+    pub check: [u64; FLOW_WAYS as usize],
+    pub seen_ns: [u64; FLOW_WAYS as usize],
+    pub key: [FlowKey; FLOW_WAYS as usize],
 }
 
+/// Bit of a check word set for TCP flows (which idle for a day, others for 120 s).
+pub const CHECK_TCP: u64 = 2;
+
 /// The flow table's hash: keyed by the node's random `FLOW_SEED`, so nobody can aim many
-/// flows at one set to keep another flow out. Never 0 (an empty slot's `check`).
+/// flows at one set to keep another flow out. Never 0 (an empty slot's `check`); bit 1 is
+/// [`CHECK_TCP`].
 #[inline(always)]
 pub const fn flow_hash(seed: u64, k: &FlowKey) -> u64 {
     // SAFETY: FlowKey is 40 bytes, 8-byte aligned, without padding.
@@ -261,23 +274,28 @@ pub const fn flow_hash(seed: u64, k: &FlowKey) -> u64 {
     h ^= h >> 32;
     h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
     h ^= h >> 29;
-    h | 1
+    let tcp = if k.proto == 6 { CHECK_TCP } else { 0 };
+    (h & !3) | tcp | 1
 }
 
 /// The two sets a flow with hash `h` may live in.
 #[inline(always)]
 pub const fn flow_sets(h: u64) -> [u32; 2] {
-    let a = (h >> 1) as u32 & (FLOW_SETS - 1);
-    let b = (h >> 33) as u32 & (FLOW_SETS - 1);
+    let a = (h >> 2) as u32 & (FLOW_SETS - 1);
+    let b = (h >> 34) as u32 & (FLOW_SETS - 1);
     [a, b]
 }
 
-/// One value of the flow table's array: a set of slots, so that one map lookup reaches a
-/// whole set (the verifier allows no step from one array value into the next).
-#[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowSet {
-    pub slots: [FlowSlot; FLOW_WAYS as usize],
+/// Whether the slot with check word `check`, last seen at `seen_ns`, holds no flow in use
+/// at `now`.
+#[inline(always)]
+pub const fn slot_free(check: u64, seen_ns: u64, now: u64) -> bool {
+    let idle = if check & CHECK_TCP != 0 {
+        TCP_IDLE_NS
+    } else {
+        OTHER_IDLE_NS
+    };
+    check == 0 || now.saturating_sub(seen_ns) > idle
 }
 
 /// Whether a flow last seen at `seen_ns` is idle at `now` (its protocol's timeout passed).
@@ -335,7 +353,6 @@ mod pod {
     unsafe impl aya::Pod for LocalKey {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowVal {}
-    unsafe impl aya::Pod for FlowSlot {}
     unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for LocalAddr {}
@@ -357,8 +374,7 @@ mod tests {
         assert_eq!(size_of::<LocalKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowVal>(), 8);
-        assert_eq!(size_of::<FlowSlot>(), 56);
-        assert_eq!(size_of::<FlowSet>(), 56 * FLOW_WAYS as usize);
+        assert_eq!(size_of::<FlowSet>(), 448);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<LocalAddr>(), 20);
         assert_eq!(size_of::<Meta>(), 48);

@@ -1,17 +1,20 @@
-//! The flow table: an array of sets of [`FLOW_WAYS`] [`FlowSlot`]s; a flow may take any slot
+//! The flow table: an array of [`FlowSet`]s of [`FLOW_WAYS`] slots; a flow may take any slot
 //! of either of its two sets (by a keyed hash), and a new one goes to the emptier. Looking
-//! up is that hash computed here and at most two map lookups (the verifier inlines them for
-//! arrays) and sixteen slot checks, each one compare unless the hash matches; remembering
-//! writes a slot in place. The kernel's hash map did the same with a 40-byte jhash, a bucket
-//! lock taken with interrupts off and a free-list pop: a quarter of a new flow's cost.
+//! up is that hash computed here, at most two map lookups (the verifier inlines them for
+//! arrays) and sixteen check-word compares — a key is compared only where its check word
+//! matches; remembering writes a slot in place. The kernel's hash map did the same with a
+//! 40-byte jhash, a bucket lock taken with interrupts off and a free-list pop: a quarter of a
+//! new flow's cost.
 //!
 //! Nothing deletes: a slot whose flow is idle (by its protocol's timeout) is free.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use moat_ebpf_common::{FLOW_WAYS, FlowKey, FlowSet, FlowSlot, flow_hash, flow_idle, flow_sets};
+use moat_ebpf_common::{FLOW_WAYS, FlowKey, FlowSet, flow_hash, flow_sets, slot_free};
 
 use super::{FLOW_SEED, FLOWS};
+
+const WAYS: usize = FLOW_WAYS as usize;
 
 #[inline(always)]
 pub fn hash(k: &FlowKey) -> u64 {
@@ -31,21 +34,22 @@ fn same(a: &[u64; 5], b: &[u64; 5]) -> bool {
     ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
 }
 
-/// The slot holding `k` (whose hash is `h`), if any.
+/// The time word of the slot holding `k` (whose hash is `h`), if any.
 #[inline(always)]
-pub fn find(k: &FlowKey, h: u64) -> Option<*mut FlowSlot> {
+pub fn find(k: &FlowKey, h: u64) -> Option<*mut u64> {
     let want = words(k);
     for set in flow_sets(h) {
         let Some(set) = FLOWS.get_ptr_mut(set) else {
             continue;
         };
-        for way in 0..FLOW_WAYS as usize {
-            // SAFETY: a slot of a map value; other CPUs may write it meanwhile (see
-            // FlowSlot).
+        for way in 0..WAYS {
+            // SAFETY: fields of a map value; other CPUs may write them meanwhile (see
+            // FlowSet).
             unsafe {
-                let s = core::ptr::addr_of_mut!((*set).slots[way]);
-                if read_volatile(&(*s).check) == h && same(words(&(*s).key), want) {
-                    return Some(s);
+                if read_volatile(addr_of!((*set).check[way])) == h
+                    && same(words(&(*set).key[way]), want)
+                {
+                    return Some(addr_of_mut!((*set).seen_ns[way]));
                 }
             }
         }
@@ -53,22 +57,23 @@ pub fn find(k: &FlowKey, h: u64) -> Option<*mut FlowSlot> {
     None
 }
 
-/// Whether a slot holds no flow in use at `now`.
-#[inline(always)]
-unsafe fn free(s: *const FlowSlot, now: u64) -> bool {
-    unsafe { read_volatile(&(*s).check) == 0 || flow_idle((*s).key.proto, (*s).seen_ns, now) }
-}
-
-/// The first free way of `set` at `now`, or `FLOW_WAYS`.
+/// The first free way of `set` at `now`, or `WAYS`.
 #[inline(always)]
 fn first_free(set: *const FlowSet, now: u64) -> usize {
-    for way in 0..FLOW_WAYS as usize {
-        // SAFETY: a slot of a map value, read as in `find`.
-        if unsafe { free(core::ptr::addr_of!((*set).slots[way]), now) } {
+    for way in 0..WAYS {
+        // SAFETY: fields of a map value, read as in `find`.
+        let free = unsafe {
+            slot_free(
+                read_volatile(addr_of!((*set).check[way])),
+                (*set).seen_ns[way],
+                now,
+            )
+        };
+        if free {
             return way;
         }
     }
-    FLOW_WAYS as usize
+    WAYS
 }
 
 /// Remembers `k` as seen at `now`: refreshes its slot, or takes a free one in the emptier of
@@ -82,8 +87,8 @@ fn first_free(set: *const FlowSet, now: u64) -> usize {
 #[inline(never)]
 pub fn remember(k: &FlowKey, now: u64) -> bool {
     let h = hash(k);
-    if let Some(s) = find(k, h) {
-        unsafe { (*s).seen_ns = now };
+    if let Some(seen) = find(k, h) {
+        unsafe { *seen = now };
         return true;
     }
     let [a, b] = flow_sets(h);
@@ -96,17 +101,15 @@ pub fn remember(k: &FlowKey, now: u64) -> bool {
     } else {
         (a, way_a)
     };
-    if way >= FLOW_WAYS as usize {
+    if way >= WAYS {
         return false;
     }
-    // SAFETY: a slot of a map value (`way` checked above); the write order is FlowSlot's
-    // protocol.
+    // SAFETY: fields of a map value (`way` checked above), written in FlowSet's order.
     unsafe {
-        let s = core::ptr::addr_of_mut!((*set).slots[way]);
-        write_volatile(&mut (*s).check, 0);
-        write_volatile(&mut (*s).key, *k);
-        write_volatile(&mut (*s).seen_ns, now);
-        write_volatile(&mut (*s).check, h);
+        write_volatile(addr_of_mut!((*set).check[way]), 0);
+        write_volatile(addr_of_mut!((*set).key[way]), *k);
+        write_volatile(addr_of_mut!((*set).seen_ns[way]), now);
+        write_volatile(addr_of_mut!((*set).check[way]), h);
     }
     true
 }

@@ -150,16 +150,16 @@ fn answers_allowed(p: &Pkt) -> bool {
 /// Looks up a remembered flow, refreshing it; expired entries count as absent.
 fn seen(k: &FlowKey) -> bool {
     let h = flows::hash(k);
-    let Some(s) = flows::find(k, h) else {
+    let Some(seen) = flows::find(k, h) else {
         return false;
     };
     let now = now();
     unsafe {
-        if flow_idle(k.proto, (*s).seen_ns, now) {
+        if flow_idle(k.proto, *seen, now) {
             return false;
         }
         // Coarse time (no clock read) and one store: this is the established path's cost.
-        (*s).seen_ns = now;
+        *seen = now;
     }
     true
 }
