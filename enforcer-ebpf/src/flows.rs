@@ -55,9 +55,12 @@ fn expired(k: &FlowKey, v: &FlowVal, now: u64) -> bool {
 /// field.
 pub struct FlowTable {
     base: *mut FlowSet,
-    len: usize,
     seed: u64,
 }
+
+/// Bytes of the mapping: the whole array.
+const MAPPED: usize = FLOW_SETS as usize * size_of::<FlowSet>();
+const SLOTS: usize = MAX_FLOWS as usize;
 
 // SAFETY: the mapping is shared memory owned by the kernel map; every access is volatile.
 unsafe impl Send for FlowTable {}
@@ -71,14 +74,12 @@ impl FlowTable {
         let seed = seed(dir)?;
         let e = |err| DataplaneError::Map(MapNames::FLOWS, err);
         let map = MapData::from_pin(dir.join(MapNames::FLOWS)).map_err(e)?;
-        let len = MAX_FLOWS as usize;
-        let bytes = FLOW_SETS as usize * size_of::<FlowSet>();
         // SAFETY: a shared mapping of the array's values (BPF_F_MMAPABLE), as long as the
         // map; the kernel keeps the map alive while it is mapped.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                MAPPED,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
@@ -93,14 +94,13 @@ impl FlowTable {
         }
         Ok(Some(FlowTable {
             base: base.cast(),
-            len,
             seed,
         }))
     }
 
     /// Slot `i`'s set (slots are numbered through the table, `FLOW_WAYS` per set) and way.
     fn at(&self, i: usize) -> (*mut FlowSet, usize) {
-        assert!(i < self.len);
+        assert!(i < SLOTS);
         let w = FLOW_WAYS as usize;
         // SAFETY: in bounds of the mapping.
         (unsafe { self.base.add(i / w) }, i % w)
@@ -132,7 +132,7 @@ impl FlowTable {
 
     /// The flows in the table and when each was last seen.
     pub fn flows(&self) -> Vec<(FlowKey, u64)> {
-        (0..self.len)
+        (0..SLOTS)
             .filter(|&i| self.check(i) != 0)
             .filter_map(|i| {
                 let (k, seen) = (self.key(i), self.seen(i));
@@ -183,7 +183,7 @@ impl FlowTable {
     /// many.
     fn restamp(&self, since: u64, now: u64) -> usize {
         let mut n = 0;
-        for i in 0..self.len {
+        for i in 0..SLOTS {
             // The program may stamp the slot again meanwhile, with `since` or `now`, and
             // `now` is right either way: one aligned store, no slot rewritten.
             if self.check(i) != 0 && (since..now).contains(&self.seen(i)) {
@@ -198,8 +198,7 @@ impl FlowTable {
 impl Drop for FlowTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `open`, of this length.
-        let bytes = FLOW_SETS as usize * size_of::<FlowSet>();
-        unsafe { libc::munmap(self.base.cast(), bytes) };
+        unsafe { libc::munmap(self.base.cast(), MAPPED) };
     }
 }
 

@@ -27,8 +27,8 @@
 ///   flow's cost; `FLOW_SEED` holds the key.
 pub const LAYOUT_VERSION: u32 = 4;
 
-/// Idle time after which a remembered flow is new again (the program ignores it, user
-/// space deletes it): TCP as long as real idle connections live (conntrack's established
+/// Idle time after which a remembered flow is new again (the program ignores it, and its
+/// slot is free; layouts before 4 had user space delete it): TCP as long as real idle connections live (conntrack's established
 /// timeout is days); other protocols as conntrack's UDP stream timeout.
 pub const TCP_IDLE_NS: u64 = 24 * 3600 * 1_000_000_000;
 pub const OTHER_IDLE_NS: u64 = 120 * 1_000_000_000;
@@ -274,7 +274,7 @@ pub const fn flow_hash(seed: u64, k: &FlowKey) -> u64 {
     h ^= h >> 32;
     h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
     h ^= h >> 29;
-    let tcp = if k.proto == 6 { CHECK_TCP } else { 0 };
+    let tcp = if k.proto == IPPROTO_TCP { CHECK_TCP } else { 0 };
     (h & !3) | tcp | 1
 }
 
@@ -290,23 +290,21 @@ pub const fn flow_sets(h: u64) -> [u32; 2] {
 /// at `now`.
 #[inline(always)]
 pub const fn slot_free(check: u64, seen_ns: u64, now: u64) -> bool {
-    let idle = if check & CHECK_TCP != 0 {
-        TCP_IDLE_NS
-    } else {
-        OTHER_IDLE_NS
-    };
-    check == 0 || now.saturating_sub(seen_ns) > idle
+    check == 0 || idle(check & CHECK_TCP != 0, seen_ns, now)
 }
 
 /// Whether a flow last seen at `seen_ns` is idle at `now` (its protocol's timeout passed).
 #[inline(always)]
 pub const fn flow_idle(proto: u8, seen_ns: u64, now: u64) -> bool {
-    let idle = if proto == 6 {
-        TCP_IDLE_NS
-    } else {
-        OTHER_IDLE_NS
-    };
-    now.saturating_sub(seen_ns) > idle
+    idle(proto == IPPROTO_TCP, seen_ns, now)
+}
+
+const IPPROTO_TCP: u8 = 6;
+
+#[inline(always)]
+const fn idle(tcp: bool, seen_ns: u64, now: u64) -> bool {
+    let timeout = if tcp { TCP_IDLE_NS } else { OTHER_IDLE_NS };
+    now.saturating_sub(seen_ns) > timeout
 }
 
 #[repr(C)]
