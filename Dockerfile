@@ -3,7 +3,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p moat-server -p moat-enforcer-cmd \
+RUN cargo build --release --locked -p moat-server -p moat-enforcer \
  && install -m 0755 target/release/moat-server target/release/moat-enforcer /usr/local/bin/
 
 FROM debian:bookworm-slim

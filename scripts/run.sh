@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run.sh needs root (network namespaces, BPF, nftables)" >&2; exit 1; }
-cargo build --release --locked -q -p moat-server -p moat-cli -p moat-enforcer-cmd -p moat-harness
+cargo build --release --locked -q -p moat-server -p moat-cli -p moat-enforcer -p moat-harness
 exec target/release/moatctl demo "$@"

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use moat_enforcer::Backend;
+use moat_dataplane::Backend;
 use moat_enforcer_ebpf::EbpfBackend;
 use moat_enforcer_ebpf::dataplane::{EGRESS, INGRESS};
 use moat_policy::ir::delta;

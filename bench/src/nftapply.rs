@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use moat_enforcer::Backend;
+use moat_dataplane::Backend;
 use moat_enforcer_nft::NftBackend;
 use moat_policy::Index;
 use moat_policy::ir::delta;

@@ -7,12 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use moat_dataplane::plan::incremental::Patched;
+use moat_dataplane::plan::{Desired, Ruleset};
 use moat_ebpf_common::{
     AddrKey, CLASS_ANY, DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, LocalAddr,
     MAX_LOCAL, NamedKey, PORT_CLASS_BITS, PortKey, RANGE_FIXED_BITS, RangeKey,
 };
-use moat_enforcer::plan::incremental::Patched;
-use moat_enforcer::plan::{Desired, Ruleset};
 
 /// Capacity of each policy map, as the program declares it (per slot: half of it).
 pub const MAX_ENDPOINTS: usize = 1 << 16;

@@ -10,7 +10,7 @@
 //! difference.
 //!
 //! Deltas that only move addresses between groups patch the plan in place
-//! ([`moat_enforcer::plan::incremental`]) and turn the patch into map changes directly, so
+//! ([`moat_dataplane::plan::incremental`]) and turn the patch into map changes directly, so
 //! their cost is that of the change, not of the node's rules.
 
 #![deny(rust_2018_idioms)]
@@ -25,8 +25,8 @@ pub mod sys;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use moat_enforcer::plan::{Classes, Desired, desired, incremental};
-use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::plan::{Classes, Desired, desired, incremental};
+use moat_dataplane::{Adopted, Backend, BackendError, Capabilities, Cause};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
@@ -62,8 +62,9 @@ pub struct EbpfBackend {
     node: String,
 }
 
-fn failed(e: impl std::fmt::Display) -> BackendError {
-    BackendError::Failed(e.to_string())
+/// `map_err` for a failed step named `op`.
+fn failed<E: Into<Cause>>(op: &'static str) -> impl FnOnce(E) -> BackendError {
+    move |e| BackendError::failed(op, e)
 }
 
 impl EbpfBackend {
@@ -133,7 +134,7 @@ impl EbpfBackend {
         let plan = desired(snap, &mut self.classes);
         let new = entries::entries(&plan, &mut self.ids);
         new.check_capacity()
-            .map_err(|e| BackendError::Rejected(format!("version {}: {e}", snap.version)))?;
+            .map_err(|e| BackendError::refused(snap.version, e))?;
         let whole = self.standby_unknown;
         let diff = if whole {
             Diff::between(&Entries::default(), &new)
@@ -177,7 +178,7 @@ impl EbpfBackend {
         let done = self
             .current
             .check_capacity()
-            .map_err(|e| BackendError::Rejected(format!("version {}: {e}", new.version)))
+            .map_err(|e| BackendError::refused(new.version, e))
             .and_then(|()| self.switch(new, diff, false, &local));
         if done.is_err() {
             self.plan = None;
@@ -199,21 +200,33 @@ impl EbpfBackend {
         local: &BTreeSet<LocalAddr>,
     ) -> Result<(), BackendError> {
         self.settle();
-        self.dp.attach_all().map_err(failed)?;
-        let active = self.dp.active_slot().map_err(failed)?;
+        self.dp
+            .attach_all()
+            .map_err(failed("attaching the programs"))?;
+        let active = self
+            .dp
+            .active_slot()
+            .map_err(failed("reading the active slot"))?;
         let standby = 1 - active;
-        let stale_local = self.dp.assign_local(local).map_err(failed)?;
+        let stale_local = self
+            .dp
+            .assign_local(local)
+            .map_err(failed("assigning local addresses"))?;
         self.standby_unknown = true;
         // Pending from the first write into the unused slot until the selector has flipped:
         // a crash in between leaves a record that says "unknown", never a wrong version.
         self.dp
             .set_meta(Self::meta_for(snap, META_VALID | META_PENDING))
-            .map_err(failed)?;
+            .map_err(failed("marking the switch pending"))?;
         if whole {
-            self.dp.clear(standby).map_err(failed)?;
+            self.dp
+                .clear(standby)
+                .map_err(failed("clearing the standby slot"))?;
         }
-        self.dp.write(standby, &diff).map_err(failed)?;
-        self.dp.flip(standby).map_err(failed)?;
+        self.dp
+            .write(standby, &diff)
+            .map_err(failed("writing the standby slot"))?;
+        self.dp.flip(standby).map_err(failed("switching slots"))?;
         // In force from here on: a failure below only leaves the unused slot to rewrite.
         if let Err(e) = self.dp.set_meta(Self::meta_for(snap, META_VALID)) {
             warn!(error = %e, "version record not updated; a restart will ask for a full snapshot");
@@ -304,12 +317,19 @@ impl Backend for EbpfBackend {
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
         // Maps of an older binary's layout become this one's first (their rules stay in
         // force throughout), so what follows reads them as if this binary had written them.
-        self.dp.migrate().map_err(failed)?;
+        self.dp
+            .migrate()
+            .map_err(failed("migrating an older map layout"))?;
         self.adopted = true;
-        let meta = self.dp.meta().map_err(failed)?;
+        let meta = self
+            .dp
+            .meta()
+            .map_err(failed("reading the version record"))?;
         // Programs first: whatever the maps hold is enforced on every interface, and links
         // a previous run pinned now run this binary's program.
-        self.dp.attach_all().map_err(failed)?;
+        self.dp
+            .attach_all()
+            .map_err(failed("attaching the programs"))?;
         self.standby_unknown = true;
         if meta.flags & META_VALID == 0 {
             return Ok(Adopted::Nothing);
@@ -361,7 +381,10 @@ impl Backend for EbpfBackend {
 
     fn maintain(&mut self) -> Result<(), BackendError> {
         if self.adopted && self.links.as_ref().is_some_and(|l| l.changed()) {
-            let added = self.dp.attach_all().map_err(failed)?;
+            let added = self
+                .dp
+                .attach_all()
+                .map_err(failed("attaching the programs"))?;
             if added > 0 {
                 debug!(added, "attached to new interfaces");
             }
@@ -381,7 +404,7 @@ impl Backend for EbpfBackend {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let root = self.bpffs.join("moat").join(&self.node);
         // Unpinning the links detaches the programs once this process lets go of them.
-        std::fs::remove_dir_all(&root).map_err(failed)?;
+        std::fs::remove_dir_all(&root).map_err(failed("removing the pins"))?;
         self.current = Entries::default();
         self.plan = None;
         self.cache = None;

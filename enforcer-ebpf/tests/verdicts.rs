@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use frames::*;
+use moat_dataplane::plan::{Desired, Ruleset};
 use moat_ebpf_common::{MARK_REPLY, MARK_SRC_MASK, MARK_SRC_SHIFT};
-use moat_enforcer::plan::{Desired, Ruleset};
 use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, INGRESS};
 use moat_enforcer_ebpf::entries::{Diff, Entries, RulesetIds, entries};
 
@@ -400,7 +400,7 @@ fn clearing_the_unused_slot_leaves_the_version_in_force() {
 /// included): once each replay has settled, both slots hold exactly what it installed.
 #[test]
 fn the_backend_leaves_both_slots_equal_to_each_version() {
-    use moat_enforcer::Backend;
+    use moat_dataplane::Backend;
     use moat_enforcer_ebpf::EbpfBackend;
     use moat_policy::Index;
     use moat_policy::ir::delta;

@@ -23,8 +23,8 @@
 #![forbid(unsafe_code)]
 
 /// The dataplane plan both backends share (classes, rulesets, endpoint maps).
-pub use moat_enforcer::plan as desired;
-pub use moat_enforcer::plan::incremental;
+pub use moat_dataplane::plan as desired;
+pub use moat_dataplane::plan::incremental;
 
 pub mod netlink;
 pub mod nft;
@@ -33,7 +33,7 @@ pub mod render;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
@@ -123,12 +123,14 @@ impl NftBackend {
     /// Refuses a table larger than the limit, before anything reaches the kernel.
     fn fits(&self, d: &Desired) -> Result<(), BackendError> {
         if d.elements() > self.max_elements {
-            return Err(BackendError::Rejected(format!(
-                "version {} needs {} table elements, more than the limit of {}",
+            return Err(BackendError::refused(
                 d.version,
-                d.elements(),
-                self.max_elements
-            )));
+                format!(
+                    "{} table elements needed, more than the limit of {}",
+                    d.elements(),
+                    self.max_elements
+                ),
+            ));
         }
         Ok(())
     }
@@ -140,7 +142,7 @@ impl NftBackend {
         let mut d = self.desired(snap)?;
         d.epoch = rand::random();
         nft::apply(&self.lock, render::full(&d))
-            .map_err(|e| BackendError::Failed(e.to_string()))?;
+            .map_err(|e| BackendError::failed("replacing the table", e))?;
         debug!(
             version = snap.version,
             elements = d.elements(),
@@ -201,7 +203,8 @@ impl Backend for NftBackend {
     }
 
     fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
-        let recorded = nft::recorded().map_err(|e| BackendError::Failed(e.to_string()))?;
+        let recorded =
+            nft::recorded().map_err(|e| BackendError::failed("reading the table's record", e))?;
         match (recorded, last) {
             (Some((v, d)), Some(s)) if v == s.version && d == s.digest.to_string() => {
                 // The kernel holds exactly what we persisted: reconcile in one transaction
@@ -306,6 +309,6 @@ impl Backend for NftBackend {
 
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.current = None;
-        nft::delete_table(&self.lock).map_err(|e| BackendError::Failed(e.to_string()))
+        nft::delete_table(&self.lock).map_err(|e| BackendError::failed("deleting the table", e))
     }
 }

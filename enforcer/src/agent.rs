@@ -27,9 +27,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Adopted, Backend};
 use crate::metrics::Metrics;
 use crate::state::LocalState;
+use moat_dataplane::{Adopted, Backend, BackendError};
 
 /// The health service that is SERVING only while the newest offered version is applied.
 pub const SYNC_SERVICE: &str = "moat.sync";
@@ -150,7 +150,7 @@ impl<B: Backend> Agent<B> {
             }
             (Ok(_), _) => info!("no previous rules; waiting for the server"),
             (Err(e), _) => {
-                warn!(error = %e, "could not adopt the previous run's state; waiting for the server")
+                warn!(error = %moat_dataplane::chain(&e), "could not adopt the previous run's state; waiting for the server")
             }
         }
         // Upkeep between versions (e.g. programs onto new interfaces), on its own thread: it
@@ -162,9 +162,9 @@ impl<B: Backend> Agent<B> {
                 .name("moat-upkeep".into())
                 .spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(crate::backend::MAINTAIN_EVERY);
+                        std::thread::sleep(moat_dataplane::MAINTAIN_EVERY);
                         if let Err(e) = backend.lock().expect("backend lock").maintain() {
-                            warn!(error = %e, "dataplane upkeep failed; retrying");
+                            warn!(error = %moat_dataplane::chain(&e), "dataplane upkeep failed; retrying");
                         }
                     }
                 })
@@ -449,13 +449,14 @@ impl<B: Backend> Agent<B> {
     async fn commit(
         &mut self,
         snap: Arc<NodeSnapshot>,
-        f: impl FnOnce(&mut B) -> Result<(), crate::backend::BackendError> + Send + 'static,
+        f: impl FnOnce(&mut B) -> Result<(), BackendError> + Send + 'static,
     ) -> Result<(), String> {
         let backend = self.backend.clone();
         let state = self.state.clone();
         let s2 = snap.clone();
         let r = tokio::task::spawn_blocking(move || {
-            f(&mut backend.lock().expect("backend lock")).map_err(|e| (false, e.to_string()))?;
+            f(&mut backend.lock().expect("backend lock"))
+                .map_err(|e| (false, moat_dataplane::chain(&e)))?;
             state.save(&s2).map_err(|e| (true, e.to_string()))
         })
         .await

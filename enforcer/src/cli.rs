@@ -11,10 +11,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, warn};
 
 use crate::agent::{Agent, Config, Transport};
-use crate::backend::Backend;
 use crate::bootstrap::Bootstrap;
 use crate::metrics::Metrics;
 use crate::state::LocalState;
+use moat_dataplane::Backend;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {

@@ -1,16 +1,12 @@
 //! The node enforcer: receives this node's snapshots from the policy server, applies them
-//! through a dataplane [`Backend`], acknowledges each version, and keeps enforcing the last
+//! through a dataplane [`Backend`](moat_dataplane::Backend), acknowledges each version, and keeps enforcing the last
 //! good one through restarts and outages.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod backend;
 pub mod bootstrap;
 pub mod cli;
 pub mod metrics;
-pub mod plan;
 pub mod state;
-
-pub use backend::{Adopted, Backend, BackendError, Capabilities};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use serde_json::json;
@@ -27,13 +27,13 @@ impl Recording {
             .create(true)
             .append(true)
             .open(self.dir.join("events.jsonl"))
-            .map_err(|e| BackendError::Failed(e.to_string()))?;
-        writeln!(f, "{v}").map_err(|e| BackendError::Failed(e.to_string()))
+            .map_err(|e| BackendError::failed("opening the event log", e))?;
+        writeln!(f, "{v}").map_err(|e| BackendError::failed("writing the event log", e))
     }
 
-    fn check_fail(&self) -> Result<(), BackendError> {
+    fn check_fail(&self, version: u64) -> Result<(), BackendError> {
         match std::fs::read_to_string(self.dir.join("fail")) {
-            Ok(why) => Err(BackendError::Rejected(why.trim().to_string())),
+            Ok(why) => Err(BackendError::refused(version, why.trim().to_string())),
             Err(_) => Ok(()),
         }
     }
@@ -44,15 +44,16 @@ impl Recording {
         snap: &NodeSnapshot,
         entries: Option<usize>,
     ) -> Result<(), BackendError> {
-        self.check_fail()?;
+        self.check_fail(snap.version)?;
         let tmp = self.dir.join("applied.json.tmp");
         std::fs::write(
             &tmp,
-            serde_json::to_vec(snap).map_err(|e| BackendError::Failed(e.to_string()))?,
+            serde_json::to_vec(snap)
+                .map_err(|e| BackendError::failed("encoding the snapshot", e))?,
         )
-        .map_err(|e| BackendError::Failed(e.to_string()))?;
+        .map_err(|e| BackendError::failed("writing the snapshot", e))?;
         std::fs::rename(&tmp, self.dir.join("applied.json"))
-            .map_err(|e| BackendError::Failed(e.to_string()))?;
+            .map_err(|e| BackendError::failed("renaming the snapshot", e))?;
         self.applies += 1;
         self.event(json!({"op": op, "version": snap.version, "digest": snap.digest, "delta_entries": entries, "size": snap.size().total()}))
     }

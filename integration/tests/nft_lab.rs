@@ -211,7 +211,7 @@ fn a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last() {
     if !netns::inside("a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last") {
         return;
     }
-    use moat_enforcer::{Backend, BackendError};
+    use moat_dataplane::{Backend, BackendError};
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SmallRng::seed_from_u64(11);
     let mut f = Features::default();
@@ -243,7 +243,7 @@ fn a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last() {
         backend.apply_full(&big),
     ] {
         assert!(
-            matches!(result, Err(BackendError::Rejected(_))),
+            matches!(result, Err(BackendError::Refused { .. })),
             "{result:?}"
         );
         same(

@@ -141,8 +141,8 @@ fn capacity_counts_half_of_each_map() {
 /// sets, on random clusters and membership-only deltas, and is no larger.
 #[test]
 fn patched_plans_give_the_same_entries_as_whole_ones() {
-    use moat_enforcer::plan::incremental::{applies, cache, patch_in_place};
-    use moat_enforcer::plan::{Classes, desired};
+    use moat_dataplane::plan::incremental::{applies, cache, patch_in_place};
+    use moat_dataplane::plan::{Classes, desired};
     use moat_policy::Index;
     use moat_policy::ir::delta;
     use moat_policy::testkit::parse_all;

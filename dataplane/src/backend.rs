@@ -27,15 +27,55 @@ impl Capabilities {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Any error a dataplane can carry as its cause.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a backend call failed. Every variant keeps its cause as a `source`, so the agent can
+/// report the whole chain (see [`chain`]) and callers can match on the kind.
+#[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The version can't be enforced as given (e.g. a map would overflow); nothing of it
-    /// was applied.
-    #[error("rejected: {0}")]
-    Rejected(String),
-    /// The dataplane failed; the previous version is still in force.
-    #[error("dataplane error: {0}")]
-    Failed(String),
+    /// The version can't be enforced as given; nothing of it was written.
+    #[error("version {version} refused")]
+    Refused {
+        version: u64,
+        #[source]
+        cause: Cause,
+    },
+    /// A kernel or system operation failed; the previous version is still in force.
+    #[error("{op}")]
+    Failed {
+        op: String,
+        #[source]
+        cause: Cause,
+    },
+}
+
+impl BackendError {
+    pub fn refused(version: u64, cause: impl Into<Cause>) -> Self {
+        BackendError::Refused {
+            version,
+            cause: cause.into(),
+        }
+    }
+
+    pub fn failed(op: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        BackendError::Failed {
+            op: op.into(),
+            cause: cause.into(),
+        }
+    }
+}
+
+/// An error and all its sources, as one line: `op: cause: cause's cause`.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// What `adopt` found in the kernel.

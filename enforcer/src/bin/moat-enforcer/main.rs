@@ -94,7 +94,7 @@ fn selected(why: String) -> BTreeMap<String, String> {
     BTreeMap::from([("selected".to_string(), why)])
 }
 
-async fn run<B: moat_enforcer::Backend>(
+async fn run<B: moat_dataplane::Backend>(
     args: EnforcerArgs,
     mut backend: B,
     selection: &str,

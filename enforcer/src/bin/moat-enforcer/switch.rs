@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use moat_enforcer::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 
@@ -96,7 +96,9 @@ impl<B: Backend> Backend for Switching<B> {
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.inner.remove_all()?;
         if let Some(remove) = self.remove.as_mut() {
-            remove().map_err(|e| BackendError::Failed(format!("{}: {e}", self.other)))?;
+            remove().map_err(|e| {
+                BackendError::failed(format!("removing the {} dataplane", self.other), e)
+            })?;
         }
         Ok(())
     }
