@@ -33,7 +33,7 @@ pub mod render;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
@@ -135,6 +135,60 @@ impl NftBackend {
         Ok(())
     }
 
+    fn delta(
+        &mut self,
+        old_snap: &NodeSnapshot,
+        delta: &Delta,
+        new: &NodeSnapshot,
+    ) -> Result<(), BackendError> {
+        let Some(old) = self.current.take() else {
+            return self.replace(new);
+        };
+        let holds_base = old.version == old_snap.version && old.digest == Some(old_snap.digest);
+        let d = if holds_base && incremental::applies(old_snap, delta) {
+            // Pod churn elsewhere: patch the table in place, no full recomputation.
+            let cache = self
+                .cache
+                .get_or_insert_with(|| incremental::cache(old_snap, &old));
+            let d = incremental::patch(&old, cache, &mut self.classes, old_snap, new, delta);
+            if let Err(e) = self.fits(&d) {
+                // The class numbering moved on with the patch: the next version is applied
+                // as a full replacement (the kernel keeps `old` meanwhile).
+                self.cache = None;
+                return Err(e);
+            }
+            Desired {
+                epoch: old.epoch,
+                ..d
+            }
+        } else {
+            self.cache = None;
+            match self.desired(new) {
+                Ok(d) => Desired {
+                    epoch: old.epoch,
+                    ..d
+                },
+                Err(e) => {
+                    self.current = Some(old);
+                    return Err(e);
+                }
+            }
+        };
+        match commit_delta(&self.lock, &mut self.conn, render::delta(&old, &d)) {
+            Ok(_) => {
+                self.current = Some(d);
+                Ok(())
+            }
+            Err(e) => {
+                // The kernel refused the incremental batch (and so applied none of it): fall
+                // back to one full replacement, still a single transaction.
+                warn!(error = %e, "incremental update refused; replacing the table");
+                self.current = Some(old);
+                self.replace(new)
+            }
+        }
+    }
+
     fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
         // A fresh numbering for a full replacement: nothing in the kernel to stay close to.
         self.classes = Classes::default();
@@ -202,7 +256,11 @@ impl Backend for NftBackend {
         Capabilities::of_this_kernel(probes)
     }
 
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        _local: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
         let recorded =
             nft::recorded().map_err(|e| BackendError::failed("reading the table's record", e))?;
         match (recorded, last) {
@@ -237,8 +295,17 @@ impl Backend for NftBackend {
         }
     }
 
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        self.replace(snap)
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.replace(snap)?;
+        Ok(Applied::default())
+    }
+
+    fn set_local(&mut self, _local: &LocalPods) -> Result<(), BackendError> {
+        Ok(())
     }
 
     fn apply_delta(
@@ -246,55 +313,11 @@ impl Backend for NftBackend {
         old_snap: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-    ) -> Result<(), BackendError> {
-        let Some(old) = self.current.take() else {
-            return self.replace(new);
-        };
-        let holds_base = old.version == old_snap.version && old.digest == Some(old_snap.digest);
-        let d = if holds_base && incremental::applies(old_snap, delta) {
-            // Pod churn elsewhere: patch the table in place, no full recomputation.
-            let cache = self
-                .cache
-                .get_or_insert_with(|| incremental::cache(old_snap, &old));
-            let d = incremental::patch(&old, cache, &mut self.classes, old_snap, new, delta);
-            if let Err(e) = self.fits(&d) {
-                // The class numbering moved on with the patch: the next version is applied
-                // as a full replacement (the kernel keeps `old` meanwhile).
-                self.cache = None;
-                return Err(e);
-            }
-            Desired {
-                epoch: old.epoch,
-                ..d
-            }
-        } else {
-            self.cache = None;
-            match self.desired(new) {
-                Ok(d) => Desired {
-                    epoch: old.epoch,
-                    ..d
-                },
-                Err(e) => {
-                    self.current = Some(old);
-                    return Err(e);
-                }
-            }
-        };
-        match commit_delta(&self.lock, &mut self.conn, render::delta(&old, &d)) {
-            Ok(_) => {
-                self.current = Some(d);
-                Ok(())
-            }
-            Err(e) => {
-                // The kernel refused the incremental batch (and so applied none of it): fall
-                // back to one full replacement, still a single transaction.
-                warn!(error = %e, "incremental update refused; replacing the table");
-                self.current = Some(old);
-                self.replace(new)
-            }
-        }
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.delta(old_snap, delta, new)?;
+        Ok(Applied::default())
     }
-
     fn counters(&self) -> BTreeMap<String, u64> {
         let mut c = BTreeMap::new();
         if let Some(d) = &self.current {

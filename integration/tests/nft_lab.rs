@@ -234,13 +234,14 @@ fn a_version_over_the_element_limit_is_refused_and_the_kernel_keeps_the_last() {
     };
     let limit = desired(&small, &mut Classes::default()).elements();
     let mut backend = moat_enforcer_nft::NftBackend::open(limit, &dir.path().join("lock")).unwrap();
-    backend.adopt(None).unwrap();
-    backend.apply_full(&small).unwrap();
+    let none = moat_dataplane::LocalPods::default();
+    backend.adopt(None, &none).unwrap();
+    backend.apply_full(&small, &none).unwrap();
     let before = dump();
     let delta = moat_policy::ir::delta::diff(&small, &big);
     for result in [
-        backend.apply_delta(&small, &delta, &big),
-        backend.apply_full(&big),
+        backend.apply_delta(&small, &delta, &big, &none),
+        backend.apply_full(&big, &none),
     ] {
         assert!(
             matches!(result, Err(BackendError::Refused { .. })),
