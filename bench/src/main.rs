@@ -480,6 +480,8 @@ fn pod(ns: &str, name: &str, app: &str, node: usize, n: usize) -> Object {
         }],
         host_network: false,
         terminal: false,
+        uid: None,
+        sandbox: None,
     })
 }
 

@@ -342,6 +342,7 @@ async fn simulate(
                 nonce,
                 applied: Some(version.to_proto()),
                 apply_micros: 0,
+                degraded: Vec::new(),
             })),
         })
         .await?;
@@ -669,6 +670,7 @@ async fn reconnect_bytes(cfg: &SimConfig, pki: &Pki, first: &[Received]) -> Resu
             nonce: s.nonce,
             applied: Some(held.clone()),
             apply_micros: 0,
+            degraded: Vec::new(),
         })),
     })
     .await?;

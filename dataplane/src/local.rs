@@ -14,8 +14,9 @@
 //! pod gets its address on another interface, a snapshot that still names the old pod must
 //! not lend the new pod the old pod's rules. So an address is bound to (interface, endpoint)
 //! the first time both are seen; if its route moves to another interface it is *unknown*
-//! (denied) until a snapshot names a different endpoint for it — the new pod — and only then
-//! is it bound again. `Node.spec.podCIDRs` is never consulted: Calico IPAM, Cilium's cluster
+//! (denied) until a snapshot names a different endpoint for it — the new pod — or a new
+//! sandbox of the same pod (the kubelet recreated its network interface), and only then is
+//! it bound again. `Node.spec.podCIDRs` is never consulted: Calico IPAM, Cilium's cluster
 //! pool and the AWS VPC CNI don't follow it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -237,6 +238,9 @@ impl LocalPods {
 pub struct Binding {
     pub iface: u32,
     pub endpoint: EndpointId,
+    /// The endpoint's sandbox generation when bound (0: unknown).
+    #[serde(default)]
+    pub sandbox: u64,
 }
 
 /// Address → binding. Persisted by the agent, so a restart does not forget that an
@@ -246,19 +250,19 @@ pub struct Bindings {
     pub by_addr: BTreeMap<IpAddr, Binding>,
 }
 
-/// Address → the endpoint the snapshot names for it; `None` when two endpoints claim it
-/// (then neither is trusted with it).
-pub fn named(snap: Option<&NodeSnapshot>) -> BTreeMap<IpAddr, Option<EndpointId>> {
-    let mut out: BTreeMap<IpAddr, Option<EndpointId>> = BTreeMap::new();
+/// Address → the endpoint the snapshot names for it, with its sandbox generation; `None`
+/// when two endpoints claim it (then neither is trusted with it).
+pub fn named(snap: Option<&NodeSnapshot>) -> BTreeMap<IpAddr, Option<(EndpointId, u64)>> {
+    let mut out: BTreeMap<IpAddr, Option<(EndpointId, u64)>> = BTreeMap::new();
     for e in snap.iter().flat_map(|s| &s.endpoints) {
         for a in &e.addrs {
             out.entry(*a)
                 .and_modify(|v| {
-                    if *v != Some(e.id) {
+                    if v.map(|x| x.0) != Some(e.id) {
                         *v = None;
                     }
                 })
-                .or_insert(Some(e.id));
+                .or_insert(Some((e.id, e.sandbox)));
         }
     }
     out
@@ -298,44 +302,44 @@ impl Bindings {
         self.by_addr
             .retain(|a, _| matches!(named.get(a), Some(Some(_))));
         for (a, iface) in &routed {
+            let bind = |e: EndpointId, sandbox: u64| Binding {
+                iface: *iface,
+                endpoint: e,
+                sandbox,
+            };
             let state = match (
                 self.by_addr.get(a).copied(),
                 named.get(a).copied().flatten(),
             ) {
                 (_, None) => PodAddr::Unknown,
-                (None, Some(e)) => {
-                    self.by_addr.insert(
-                        *a,
-                        Binding {
-                            iface: *iface,
-                            endpoint: e,
-                        },
-                    );
+                (None, Some((e, sb))) => {
+                    self.by_addr.insert(*a, bind(e, sb));
                     PodAddr::Known(e)
                 }
-                (Some(b), Some(e)) if b.endpoint == e => {
+                (Some(b), Some((e, sb))) if b.endpoint == e => {
                     if b.iface == *iface {
+                        // The same pod where it was bound (its sandbox generation may have
+                        // become known since).
+                        self.by_addr.insert(*a, bind(e, sb));
+                        PodAddr::Known(e)
+                    } else if sb != 0 && sb != b.sandbox {
+                        // The same pod on a new interface, and the API says its sandbox was
+                        // recreated: its own new interface.
+                        self.by_addr.insert(*a, bind(e, sb));
                         PodAddr::Known(e)
                     } else {
-                        // Same pod named, new interface: a new pod on a reused address, or
-                        // the old pod's interface replaced; either way not the interface
-                        // the pod was bound on.
+                        // Same pod and sandbox named, another interface: a new pod on a
+                        // reused address the snapshot doesn't know yet. Never the old rules.
                         PodAddr::Unknown
                     }
                 }
-                (Some(b), Some(e)) => {
+                (Some(b), Some((e, sb))) => {
                     if b.iface == *iface {
                         // The snapshot names a new pod while the address still routes to
                         // the old pod's interface.
                         PodAddr::Unknown
                     } else {
-                        self.by_addr.insert(
-                            *a,
-                            Binding {
-                                iface: *iface,
-                                endpoint: e,
-                            },
-                        );
+                        self.by_addr.insert(*a, bind(e, sb));
                         PodAddr::Known(e)
                     }
                 }

@@ -295,6 +295,7 @@ impl<B: Backend> Agent<B> {
                     let r = v1::Report {
                         enforcing: self.enforcing.as_ref().map(|s| version_of(s).to_proto()),
                         counters: counters.into_iter().collect(),
+                        ..Default::default()
                     };
                     let _ = tx.try_send(v1::EnforcerMessage { kind: Some(Out::Report(r)) });
                 }
@@ -367,6 +368,7 @@ impl<B: Backend> Agent<B> {
                         nonce,
                         applied: Some(offered.to_proto()),
                         apply_micros: micros,
+                        degraded: Vec::new(),
                     })),
                 }
             }

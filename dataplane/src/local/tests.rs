@@ -20,6 +20,10 @@ fn link(index: u32, name: &str, kind: &str, global: bool) -> Link {
 }
 
 fn snap(eps: &[(u64, &str)]) -> NodeSnapshot {
+    snap_sb(&eps.iter().map(|(id, a)| (*id, *a, 1)).collect::<Vec<_>>())
+}
+
+fn snap_sb(eps: &[(u64, &str, u64)]) -> NodeSnapshot {
     NodeSnapshot {
         node: "n".into(),
         version: 1,
@@ -27,8 +31,9 @@ fn snap(eps: &[(u64, &str)]) -> NodeSnapshot {
         node_addrs: vec![],
         endpoints: eps
             .iter()
-            .map(|(id, a)| Endpoint {
+            .map(|(id, a, sandbox)| Endpoint {
                 id: EndpointId(*id),
+                sandbox: *sandbox,
                 addrs: vec![ip(a)],
                 ingress: DirectionRules::default(),
                 egress: DirectionRules::default(),
@@ -168,5 +173,42 @@ fn a_forgotten_address_binds_afresh() {
     assert_eq!(
         l.get(3, ip("10.0.0.2")),
         Some(PodAddr::Known(EndpointId(9)))
+    );
+}
+
+#[test]
+fn the_same_pod_on_a_new_sandbox_moves_with_it() {
+    let mut b = Bindings::default();
+    b.reconcile(
+        &topo(&[("10.0.0.2", 2)]),
+        Some(&snap_sb(&[(7, "10.0.0.2", 100)])),
+        UnknownPods::Deny,
+    );
+    // The kubelet recreated the pod's sandbox: new interface, same address, same pod. Until
+    // the API says so (a new sandbox generation), it is not trusted.
+    let moved = topo(&[("10.0.0.2", 3)]);
+    let l = b.reconcile(
+        &moved,
+        Some(&snap_sb(&[(7, "10.0.0.2", 100)])),
+        UnknownPods::Deny,
+    );
+    assert_eq!(l.get(3, ip("10.0.0.2")), Some(PodAddr::Unknown));
+    let l = b.reconcile(
+        &moved,
+        Some(&snap_sb(&[(7, "10.0.0.2", 101)])),
+        UnknownPods::Deny,
+    );
+    assert_eq!(
+        l.get(3, ip("10.0.0.2")),
+        Some(PodAddr::Known(EndpointId(7)))
+    );
+    // A generation that becomes known later, where the pod was bound, changes nothing.
+    let mut b = Bindings::default();
+    let i = topo(&[("10.0.0.2", 2)]);
+    b.reconcile(&i, Some(&snap_sb(&[(7, "10.0.0.2", 0)])), UnknownPods::Deny);
+    let l = b.reconcile(&i, Some(&snap_sb(&[(7, "10.0.0.2", 5)])), UnknownPods::Deny);
+    assert_eq!(
+        l.get(2, ip("10.0.0.2")),
+        Some(PodAddr::Known(EndpointId(7)))
     );
 }
