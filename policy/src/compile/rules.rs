@@ -142,28 +142,29 @@ impl Index {
         t_named: &[(crate::intern::Sym, model::Protocol)],
         pod_ports: &[NamedPort],
     ) -> Option<RuleIdx> {
-        let mut ranges = t_ranges.to_vec();
-        for (name, proto) in t_named {
-            for p in pod_ports {
-                let proto_ok = p.proto == *proto || faults::active(Fault::NamedPortIgnoresProtocol);
-                if p.name == *name && proto_ok {
-                    ranges.push(PortRange {
-                        proto: *proto,
-                        first: p.port,
-                        last: p.port,
-                    });
-                }
-            }
-        }
-        if ranges.is_empty() {
-            return None;
-        }
-        let ranges = normalize(ranges);
+        let ranges = ingress_ranges_for(t_ranges, t_named, pod_ports)?;
         Some(self.intern_rule(
             Direction::Ingress,
             dedup_peers(t_peers),
             PortsKey::Ranges(ranges.into_boxed_slice()),
         ))
+    }
+
+    /// The rule [`ingress_rule_for`](Self::ingress_rule_for) gives, if it exists (read-only).
+    pub(crate) fn find_ingress_rule_for(
+        &self,
+        t_peers: Option<&[GroupIdx]>,
+        t_ranges: &[PortRange],
+        t_named: &[(crate::intern::Sym, model::Protocol)],
+        pod_ports: &[NamedPort],
+    ) -> Option<RuleIdx> {
+        let ranges = ingress_ranges_for(t_ranges, t_named, pod_ports)?;
+        let key = rule_key(
+            Direction::Ingress,
+            dedup_peers(t_peers),
+            PortsKey::Ranges(ranges.into_boxed_slice()),
+        );
+        self.rule_by_key.get(&key).copied()
     }
 
     /// Finds or creates the rule with this content. A new rule starts unreferenced (and is
@@ -174,14 +175,7 @@ impl Index {
         peers: Option<Box<[GroupIdx]>>,
         ports: PortsKey,
     ) -> RuleIdx {
-        let key = RuleKey {
-            direction,
-            tier: NP_TIER,
-            priority: NP_PRIORITY,
-            action: Action::Allow,
-            peers,
-            ports,
-        };
+        let key = rule_key(direction, peers, ports);
         if let Some(&r) = self.rule_by_key.get(&key) {
             return r;
         }
@@ -249,6 +243,40 @@ impl Index {
             self.release_group(*g);
         }
     }
+}
+
+fn rule_key(direction: Direction, peers: Option<Box<[GroupIdx]>>, ports: PortsKey) -> RuleKey {
+    RuleKey {
+        direction,
+        tier: NP_TIER,
+        priority: NP_PRIORITY,
+        action: Action::Allow,
+        peers,
+        ports,
+    }
+}
+
+/// An ingress template's ports for one destination pod: its numbered ports plus its named
+/// ports resolved against the pod's container ports. `None` if none resolves.
+fn ingress_ranges_for(
+    t_ranges: &[PortRange],
+    t_named: &[(crate::intern::Sym, model::Protocol)],
+    pod_ports: &[NamedPort],
+) -> Option<Vec<PortRange>> {
+    let mut ranges = t_ranges.to_vec();
+    for (name, proto) in t_named {
+        for p in pod_ports {
+            let proto_ok = p.proto == *proto || faults::active(Fault::NamedPortIgnoresProtocol);
+            if p.name == *name && proto_ok {
+                ranges.push(PortRange {
+                    proto: *proto,
+                    first: p.port,
+                    last: p.port,
+                });
+            }
+        }
+    }
+    (!ranges.is_empty()).then(|| normalize(ranges))
 }
 
 fn dedup_peers(peers: Option<&[GroupIdx]>) -> Option<Box<[GroupIdx]>> {

@@ -19,7 +19,9 @@
 //! hashes, and a full [`Index::reset`] builds a fresh index and swaps it in whole, so a relist
 //! never looks like deletes followed by adds.
 
+mod cost;
 mod objects;
+mod origin;
 mod query;
 mod state;
 
@@ -34,6 +36,8 @@ use crate::labels::LabelSets;
 use crate::model::{Object, ObjectKey};
 use crate::selector::Selectors;
 
+pub use cost::{CostWarning, PolicyCost};
+pub use origin::{ListOrigin, PolicyRule};
 pub use query::PolicySpan;
 pub(crate) use state::*;
 
