@@ -115,6 +115,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                 .nodes
                 .iter()
                 .map(|n| {
+                    let (degraded, local) = crate::degraded::node_json(n);
                     json!({
                         "cluster": n.cluster, "node": n.node, "backend": n.backend, "kernel": n.kernel,
                         "connected": n.connected, "applied_version": n.applied_version,
@@ -122,7 +123,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                         "lag_versions": n.lag_versions, "lag_seconds": n.lag_seconds,
                         "last_error": n.last_error, "applied_digest": n.applied_digest,
                         "latest_digest": n.latest_digest, "last_ack_unix_micros": n.last_ack_unix_micros,
-                        "selection": n.selection,
+                        "selection": n.selection, "degraded": degraded, "local": local,
                     })
                 })
                 .collect();
@@ -167,11 +168,12 @@ fn print_table(r: &v1::StatusResponse) {
             "synced".to_string()
         };
         println!(
-            "cluster {} ({}): {state}; generation {}; {in_sync} of {} nodes in sync",
+            "cluster {} ({}): {state}; generation {}; {in_sync} of {} nodes in sync{}",
             c.name,
             c.source,
             c.generation,
-            nodes.len()
+            nodes.len(),
+            crate::degraded::summary(&nodes)
         );
         print_nodes(&nodes);
     }
@@ -180,8 +182,9 @@ fn print_table(r: &v1::StatusResponse) {
     }
     let in_sync = r.nodes.iter().filter(|n| n.in_sync).count();
     println!(
-        "\n{in_sync} of {} nodes in sync (generation {}{})",
+        "\n{in_sync} of {} nodes in sync{} (generation {}{})",
         r.nodes.len(),
+        crate::degraded::summary(&r.nodes.iter().collect::<Vec<_>>()),
         r.generation,
         if r.synced {
             ""
@@ -229,7 +232,7 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
                 if n.connected { "yes" } else { "no" }.into(),
                 n.applied_version.to_string(),
                 n.latest_version.to_string(),
-                if n.in_sync { "yes" } else { "NO" }.into(),
+                crate::degraded::in_sync_cell(n).into(),
                 lag,
                 or_dash(&n.last_error),
             ]
@@ -263,6 +266,7 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
             println!("  {}: {}", n.node, n.selection);
         }
     }
+    crate::degraded::print_nodes(nodes);
 }
 
 fn or_dash(s: &str) -> String {
@@ -275,14 +279,17 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
         let nodes: Vec<_> = r
             .nodes
             .iter()
-            .map(|n| json!({"node": n.node, "enforced": n.enforced, "applied_version": n.applied_version, "needed_version": n.needed_version, "last_error": n.last_error}))
+            .map(|n| {
+                let (degraded, cost) = crate::degraded::policy_node_json(n);
+                json!({"node": n.node, "enforced": n.enforced, "applied_version": n.applied_version, "needed_version": n.needed_version, "last_error": n.last_error, "degraded": degraded, "estimated_elements": cost})
+            })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"cluster": r.cluster, "namespace": r.namespace, "name": r.name,
-                "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes}))
-            .expect("json")
-        );
+        let mut v = json!({"cluster": r.cluster, "namespace": r.namespace, "name": r.name,
+            "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes});
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), crate::degraded::policy_json(r)) {
+            v.extend(extra);
+        }
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
     }
     println!(
@@ -303,6 +310,7 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
             n.node, n.applied_version, n.needed_version
         );
     }
+    crate::degraded::print_policy(r);
 }
 
 /// `moatctl explain --server …`: the server's live state instead of a directory.

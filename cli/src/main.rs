@@ -3,6 +3,7 @@
 mod admin;
 mod certs;
 mod conformance;
+mod degraded;
 mod demo;
 mod explain;
 mod manifests;

@@ -66,6 +66,7 @@ impl v1::admin_server::Admin for AdminService {
         // Every node the source published is in the view, connected or not.
         let mut nodes = self.hub.fleet.view(None);
         nodes.sort_by(|a, b| (&a.cluster, &a.node).cmp(&(&b.cluster, &b.node)));
+        crate::degraded::annotate(&self.hub, &mut nodes);
         let clusters: Vec<v1::ClusterStatus> = self
             .hub
             .clusters()
@@ -106,13 +107,16 @@ impl v1::admin_server::Admin for AdminService {
             .ok_or_else(|| {
                 Status::not_found(format!("no NetworkPolicy {}/{}", r.namespace, r.name))
             })?;
-        Ok(Response::new(v1::PolicyStatusResponse {
+        let mut resp = v1::PolicyStatusResponse {
             cluster: cluster.name.to_string(),
             namespace: r.namespace,
             name: r.name,
             generation: span.generation,
             nodes: self.hub.fleet.policy(&cluster.name, &span),
-        }))
+            ..Default::default()
+        };
+        crate::degraded::annotate_policy(&self.hub, cluster, &mut resp);
+        Ok(Response::new(resp))
     }
 
     async fn explain(

@@ -195,12 +195,32 @@ impl ClusterState {
     }
 }
 
+/// Sizes the server holds versions and policies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded message sent to an enforcer: a snapshot that would be larger is
+    /// degraded (see `sync::fit`), a delta that would be larger goes as a snapshot.
+    pub message: usize,
+    /// Policies estimated above this many dataplane elements on some node are logged.
+    pub cost_warn: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            message: moat_proto::MAX_SERVER_MESSAGE,
+            cost_warn: 500_000,
+        }
+    }
+}
+
 /// Everything the sync and admin services need, in one place.
 pub struct Hub {
     clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     pub fleet: Arc<Fleet>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    pub limits: Limits,
     writer: Arc<Writer>,
     /// The newest certificate expiry issued per node by bootstrap: a stream authenticated
     /// as that node lives until then instead of closing at its own certificate's expiry.
@@ -214,12 +234,24 @@ impl Hub {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::with_limits(clusters, fleet, store, metrics, Limits::default())
+    }
+
+    pub fn with_limits(
+        clusters: Vec<Arc<ClusterState>>,
+        fleet: Arc<Fleet>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Arc<Self> {
         let writer = Writer::spawn(store.clone());
+        fleet.watch_degraded(metrics.nodes_degraded.clone());
         Arc::new(Self {
             clusters: clusters.into_iter().map(|c| (c.name.clone(), c)).collect(),
             fleet,
             store,
             metrics,
+            limits,
             writer,
             renewed: Mutex::new(HashMap::new()),
         })

@@ -15,6 +15,8 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod cost;
+pub mod degraded;
 pub mod hub;
 pub mod index;
 pub mod metrics;

@@ -12,7 +12,7 @@ use clap::Parser;
 use moat_policy::{Changes, Index};
 use moat_server::admin::AdminService;
 use moat_server::bootstrap;
-use moat_server::hub::{ClusterState, Hub};
+use moat_server::hub::{ClusterState, Hub, Limits};
 use moat_server::metrics::Metrics;
 use moat_server::source::{self, ClusterSpec, Health, SourceSpec};
 use moat_server::status::Fleet;
@@ -107,6 +107,17 @@ struct Args {
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "MOAT_METRICS_ADDR", default_value = "127.0.0.1:7445")]
     metrics_addr: SocketAddr,
+    /// Largest message sent to an enforcer, in bytes (at most the protocol's 64 MiB, which
+    /// enforcers accept). A snapshot that would be larger is sent with its biggest rule
+    /// lists denied instead (fail closed), and the node shows as degraded.
+    #[arg(long, env = "MOAT_MAX_MESSAGE_BYTES", default_value_t = moat_proto::MAX_SERVER_MESSAGE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(64 * 1024..=moat_proto::MAX_SERVER_MESSAGE as u64))]
+    max_message_bytes: usize,
+    /// Log a warning for every policy estimated to cost a node's dataplane more than this
+    /// many elements (checked when a policy is created or changed, and at start).
+    #[arg(long, env = "MOAT_POLICY_COST_WARN", default_value_t = 500_000)]
+    policy_cost_warn: u64,
     /// Print every node's snapshot once and exit (no gRPC).
     #[arg(long)]
     once: bool,
@@ -267,7 +278,12 @@ async fn main() -> Result<()> {
         clusters = states.len(),
         "state loaded"
     );
-    let hub = Hub::new(states, fleet.clone(), store.clone(), metrics.clone());
+    let limits = Limits {
+        message: args.max_message_bytes,
+        cost_warn: args.policy_cost_warn,
+    };
+    let hub = Hub::with_limits(states, fleet.clone(), store.clone(), metrics.clone(), limits);
+    let warned = Arc::new(moat_server::cost::Warned::default());
 
     // Health: SERVING once every cluster's first full sync is in.
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -301,6 +317,7 @@ async fn main() -> Result<()> {
         let hub = hub.clone();
         let name = state.name.clone();
         let name_for_health = name.clone();
+        let (warned, costed) = (warned.clone(), state.clone());
         health
             .set_service_status(&format!("moat.cluster/{name}"), ServingStatus::NotServing)
             .await;
@@ -312,6 +329,8 @@ async fn main() -> Result<()> {
             previous,
             move |c, i, first| {
                 print_changes(&prefix, c, i, first);
+                let since = if first { 0 } else { c.generation };
+                warned.check(costed.clone(), limits.cost_warn, since);
                 if !first {
                     return;
                 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// 1 while a cluster's source reaches its input, 0 while it serves a stale state.
     pub source_up: Family<ClusterLabel, Gauge>,
     pub certificates_issued: Counter,
+    /// Nodes enforcing some rule list as "deny" instead of exactly (fail closed).
+    pub nodes_degraded: Gauge,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,7 @@ impl Default for Metrics {
             source_reloads: Counter::default(),
             source_up: Family::default(),
             certificates_issued: Counter::default(),
+            nodes_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -98,6 +101,11 @@ impl Default for Metrics {
             "certificates_issued",
             "Node certificates issued by bootstrap",
             m.certificates_issued.clone(),
+        );
+        registry.register(
+            "nodes_degraded",
+            "Nodes whose applied version denies some rule lists instead of enforcing them (their dataplane or the message limit could not hold them)",
+            m.nodes_degraded.clone(),
         );
         Metrics { registry, ..m }
     }

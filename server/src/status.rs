@@ -14,6 +14,7 @@ use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::VersionRef;
 use moat_proto::v1;
 
+use crate::degraded::NodeDegradations;
 use crate::hub::NodeKey;
 use crate::store::{self, StoredStatus};
 
@@ -39,6 +40,17 @@ pub enum StreamEvent {
         apply_micros: u64,
         /// The content, when the server still has it (persisted as a future delta base).
         snapshot: Option<Arc<NodeSnapshot>>,
+        /// Rule lists the node's dataplane denies instead (its Ack).
+        degraded: Vec<v1::Degradation>,
+        /// Rule lists the server cut from this version before sending it.
+        cut: Vec<v1::Degradation>,
+    },
+    /// The server serves the published version `published` as `served`, cut to fit one
+    /// message (a stream computes it before sending, or to find the enforcer holds it).
+    Served {
+        published: VersionRef,
+        served: VersionRef,
+        cut: Vec<v1::Degradation>,
     },
     Nacked {
         rejected: VersionRef,
@@ -46,6 +58,9 @@ pub enum StreamEvent {
     },
     Report {
         counters: HashMap<String, u64>,
+        enforcing: Option<VersionRef>,
+        degraded: Vec<v1::Degradation>,
+        local: Option<v1::LocalPods>,
     },
     Disconnected,
 }
@@ -61,11 +76,14 @@ struct NodeState {
     last_ack: Option<SystemTime>,
     published: VecDeque<(VersionRef, SystemTime)>,
     counters: HashMap<String, u64>,
+    deg: NodeDegradations,
 }
 
 #[derive(Default)]
 pub struct Fleet {
     nodes: Mutex<BTreeMap<NodeKey, NodeState>>,
+    /// Nodes with a degradation in force, kept in step with `nodes`.
+    degraded: Mutex<(usize, Option<prometheus_client::metrics::gauge::Gauge>)>,
 }
 
 impl Fleet {
@@ -87,10 +105,41 @@ impl Fleet {
                     last_error: s.last_error,
                     last_ack: (s.last_ack_unix_micros > 0)
                         .then(|| moat_proto::from_unix_micros(s.last_ack_unix_micros)),
+                    deg: NodeDegradations {
+                        node: s.node_degraded,
+                        server: s.server_degraded,
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
             );
         }
+        let n = nodes.values().filter(|n| n.deg.is_degraded()).count();
+        drop(nodes);
+        self.count_degraded(|c| *c = n);
+    }
+
+    /// Keeps `gauge` equal to the number of degraded nodes.
+    pub fn watch_degraded(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
+        let mut d = self.degraded.lock().expect("degraded lock");
+        gauge.set(d.0 as i64);
+        d.1 = Some(gauge);
+    }
+
+    fn count_degraded(&self, f: impl FnOnce(&mut usize)) {
+        let mut d = self.degraded.lock().expect("degraded lock");
+        f(&mut d.0);
+        if let Some(g) = &d.1 {
+            g.set(d.0 as i64);
+        }
+    }
+
+    /// A node's degradations and local pod table, if the node is known.
+    pub fn degradations(&self, cluster: &str, node: &str) -> Option<NodeDegradations> {
+        let nodes = self.nodes.lock().expect("fleet lock");
+        nodes
+            .get(&(Arc::from(cluster), Arc::from(node)))
+            .map(|n| n.deg.clone())
     }
 
     /// What a node was last published as before a restart (for version continuity).
@@ -124,10 +173,14 @@ impl Fleet {
     }
 
     pub fn removed(&self, cluster: &Arc<str>, node: &Arc<str>) {
-        self.nodes
+        let gone = self
+            .nodes
             .lock()
             .expect("fleet lock")
             .remove(&(cluster.clone(), node.clone()));
+        if gone.is_some_and(|n| n.deg.is_degraded()) {
+            self.count_degraded(|c| *c = c.saturating_sub(1));
+        }
     }
 
     /// Applies a stream event; returns the record to persist, if it changed durably.
@@ -136,6 +189,23 @@ impl Fleet {
         let n = nodes
             .entry((Arc::from(cluster), Arc::from(node)))
             .or_default();
+        let was = n.deg.is_degraded();
+        let stored = Self::apply(n, ev);
+        let now = n.deg.is_degraded();
+        drop(nodes);
+        if was != now {
+            self.count_degraded(|c| {
+                if now {
+                    *c += 1
+                } else {
+                    *c = c.saturating_sub(1)
+                }
+            });
+        }
+        stored
+    }
+
+    fn apply(n: &mut NodeState, ev: StreamEvent) -> Option<StoredStatus> {
         match ev {
             StreamEvent::Connected {
                 backend,
@@ -151,17 +221,39 @@ impl Fleet {
                     n.applied = enforcing;
                 }
             }
-            StreamEvent::Acked { version, .. } => {
+            StreamEvent::Acked {
+                version,
+                degraded,
+                cut,
+                ..
+            } => {
                 n.applied = Some(version);
                 n.last_ack = Some(SystemTime::now());
                 n.last_error.clear();
+                n.deg.acked(degraded, cut);
+            }
+            StreamEvent::Served {
+                published,
+                served,
+                cut,
+            } => {
+                if !n.deg.served(published, served, cut, n.applied) {
+                    return None;
+                }
             }
             StreamEvent::Nacked { rejected, error } => {
                 n.last_error = format!("version {}: {error}", rejected.version);
             }
-            StreamEvent::Report { counters } => {
+            StreamEvent::Report {
+                counters,
+                enforcing,
+                degraded,
+                local,
+            } => {
                 n.counters = counters;
-                return None;
+                if !n.deg.reported(enforcing, n.applied, degraded, local) {
+                    return None;
+                }
             }
             StreamEvent::Disconnected => {
                 n.streams = n.streams.saturating_sub(1);
@@ -179,6 +271,8 @@ impl Fleet {
             published_version: latest.map_or(0, |v| v.version),
             published_digest: latest.map(|v| v.digest.0.to_vec()).unwrap_or_default(),
             selection: n.selection.clone(),
+            node_degraded: n.deg.node.clone(),
+            server_degraded: n.deg.server.clone(),
         })
     }
 
@@ -201,7 +295,8 @@ impl Fleet {
             .map(|((c, node), n)| {
                 let latest = n.published.back().map(|(v, _)| *v);
                 let in_sync =
-                    matches!((n.applied, latest), (Some(a), Some(l)) if a.digest == l.digest);
+                    matches!((n.applied, latest), (Some(a), Some(l)) if a.digest == l.digest)
+                        || n.deg.serves(n.applied, latest);
                 let unapplied: Vec<&(VersionRef, SystemTime)> = if in_sync {
                     Vec::new()
                 } else {
@@ -229,6 +324,7 @@ impl Fleet {
                     applied_digest: n.applied.map(|a| a.digest.to_string()).unwrap_or_default(),
                     latest_digest: latest.map(|v| v.digest.to_string()).unwrap_or_default(),
                     selection: n.selection.clone(),
+                    ..Default::default()
                 }
             })
             .collect()
@@ -259,6 +355,7 @@ impl Fleet {
                     applied_version: applied,
                     needed_version: needed.unwrap_or(0),
                     last_error: n.map(|n| n.last_error.clone()).unwrap_or_default(),
+                    ..Default::default()
                 }
             })
             .collect()

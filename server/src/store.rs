@@ -87,6 +87,11 @@ pub struct StoredStatus {
     pub published_digest: Vec<u8>,
     #[prost(string, tag = "9")]
     pub selection: String,
+    /// What the node's dataplane and the server cut from the applied version.
+    #[prost(message, repeated, tag = "20")]
+    pub node_degraded: Vec<v1::Degradation>,
+    #[prost(message, repeated, tag = "21")]
+    pub server_degraded: Vec<v1::Degradation>,
 }
 
 pub struct Store {

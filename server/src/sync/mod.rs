@@ -4,6 +4,7 @@
 //! of the server (compiler, store, fleet status), so its state machine can be exercised
 //! without either.
 
+mod fit;
 mod stream;
 
 use std::future::Future;
@@ -41,6 +42,10 @@ pub trait Source: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn observe(&self, cluster: &str, node: &str, ev: StreamEvent);
     fn metrics(&self) -> &Metrics;
+    /// Largest message an enforcer is sent (see `fit`).
+    fn message_limit(&self) -> usize {
+        moat_proto::MAX_SERVER_MESSAGE
+    }
     /// Certificate expiries newly issued to this node (bootstrap renewals): a stream lives
     /// until the newest one.
     fn renewals(&self, _cluster: &str, _node: &str) -> watch::Receiver<Option<SystemTime>> {
@@ -82,6 +87,10 @@ impl Source for Hub {
 
     fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn message_limit(&self) -> usize {
+        self.limits.message
     }
 
     fn renewals(&self, cluster: &str, node: &str) -> watch::Receiver<Option<SystemTime>> {

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::Source;
+use super::{Source, fit};
 use crate::hub::Published;
 use crate::status::StreamEvent;
 
@@ -35,6 +35,11 @@ struct InFlight {
     nonce: String,
     version: VersionRef,
     snapshot: Option<Arc<NodeSnapshot>>,
+    /// The digest the index published for this version (`version`'s differs when the
+    /// server cut it to fit a message): a NACK refuses that content, whatever was sent.
+    published: Digest,
+    /// Rule lists the server cut from the published version.
+    cut: Vec<v1::Degradation>,
 }
 
 pub(super) async fn run<S: Source>(
@@ -213,6 +218,8 @@ impl<S: Source> Stream<S> {
                                 version: f.version,
                                 apply_micros: a.apply_micros,
                                 snapshot: f.snapshot,
+                                degraded: a.degraded,
+                                cut: f.cut,
                             });
                             check = true;
                         }
@@ -227,7 +234,7 @@ impl<S: Source> Stream<S> {
                                 Some(v) if v.version > 0 => VersionRef::from_proto(v).ok(),
                                 _ => None,
                             };
-                            rejected = Some(f.version.digest);
+                            rejected = Some(f.published);
                             self.source.observe(&self.cluster, &self.node, StreamEvent::Nacked {
                                 rejected: f.version,
                                 error: n.error,
@@ -235,8 +242,12 @@ impl<S: Source> Stream<S> {
                             check = true;
                         }
                         Some(In::Report(r)) => {
+                            let enforcing = r.enforcing.as_ref().and_then(|v| VersionRef::from_proto(v).ok());
                             self.source.observe(&self.cluster, &self.node, StreamEvent::Report {
                                 counters: r.counters.into_iter().collect(),
+                                enforcing,
+                                degraded: r.degraded,
+                                local: r.local,
                             });
                         }
                         Some(In::Hello(_)) => return Err(Status::invalid_argument("Hello sent twice")),
@@ -283,24 +294,49 @@ impl<S: Source> Stream<S> {
             // Same content under a newer name (e.g. after a server restart): just rename it.
             let renamed = self.renamed(enforcing, current);
             return self
-                .send_current(current, published.at, renamed)
+                .send_current(current, published.at, renamed, published.digest, Vec::new())
                 .await
                 .map(Some);
         }
         if rejected == Some(published.digest) {
             return Ok(None);
         }
-        let snap = self
+        let compiled = self
             .source
             .snapshot(&self.cluster, &self.node)
             .ok_or_else(|| Status::not_found("node removed from the cluster"))?;
+        let limit = self.source.message_limit();
+        let fit::Fitted { snap, cut, bytes } = fit::fit(compiled.clone(), limit);
         let version = VersionRef {
             version: snap.version,
             digest: snap.digest,
         };
+        if !cut.is_empty() {
+            warn!(
+                version = version.version,
+                bytes,
+                lists = cut.len(),
+                "the snapshot exceeds the message limit: its biggest rule lists are denied instead"
+            );
+            self.source.observe(
+                &self.cluster,
+                &self.node,
+                StreamEvent::Served {
+                    published: VersionRef {
+                        version: compiled.version,
+                        digest: compiled.digest,
+                    },
+                    served: version,
+                    cut: cut.clone(),
+                },
+            );
+        }
+        if enforcing == Some(version) {
+            return Ok(None);
+        }
         if enforcing.is_some_and(|e| e.digest == snap.digest) {
             return self
-                .send_current(version, published.at, Some(snap))
+                .send_current(version, published.at, Some(snap), compiled.digest, cut)
                 .await
                 .map(Some);
         }
@@ -311,14 +347,16 @@ impl<S: Source> Stream<S> {
         let base = enforcing.and_then(|e| self.source.base(&self.cluster, &self.node, &e));
         let nonce = self.next_nonce();
         let at = micros(published.at);
-        let (kind, msg) = match &base {
-            Some(base) => {
-                let d = delta::diff(base, &snap);
-                let mut p = convert::delta_to_proto(&d);
-                p.nonce = nonce.clone();
-                p.published_unix_micros = at;
-                ("delta", Out::Delta(p))
-            }
+        let delta = base.as_ref().and_then(|base| {
+            let mut p = convert::delta_to_proto(&delta::diff(base, &snap));
+            p.nonce = nonce.clone();
+            p.published_unix_micros = at;
+            // A delta bigger than the message limit (a base far from the new content) goes
+            // as the snapshot instead, which fits.
+            (p.encoded_len() + fit::ENVELOPE <= limit).then_some((base.version, p))
+        });
+        let (kind, msg, base) = match delta {
+            Some((base, p)) => ("delta", Out::Delta(p), Some(base)),
             None => (
                 "snapshot",
                 Out::Snapshot(v1::Snapshot {
@@ -327,14 +365,17 @@ impl<S: Source> Stream<S> {
                     content: Some(snap.to_proto()),
                     published_unix_micros: at,
                 }),
+                None,
             ),
         };
-        debug!(version = version.version, kind, base = ?base.as_ref().map(|b| b.version), "sending");
+        debug!(version = version.version, kind, ?base, "sending");
         self.send(kind, msg).await?;
         Ok(Some(InFlight {
             nonce,
             version,
             snapshot: Some(snap),
+            published: compiled.digest,
+            cut,
         }))
     }
 
@@ -351,6 +392,8 @@ impl<S: Source> Stream<S> {
         v: VersionRef,
         at: SystemTime,
         snapshot: Option<Arc<NodeSnapshot>>,
+        published: Digest,
+        cut: Vec<v1::Degradation>,
     ) -> Result<InFlight, Status> {
         let nonce = self.next_nonce();
         let msg = Out::Current(v1::Current {
@@ -369,6 +412,8 @@ impl<S: Source> Stream<S> {
             nonce,
             version: v,
             snapshot,
+            published,
+            cut,
         })
     }
 
