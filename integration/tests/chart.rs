@@ -116,6 +116,60 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
     assert_eq!(ca["secret"]["items"][0]["key"], "ca.pem");
     assert_eq!(ca["secret"]["items"].as_sequence().unwrap().len(), 1);
     env_understood(c, "moat-enforcer");
+    args_understood(c, "moat-enforcer");
+    // The server by the Service's ClusterIP (kubelet expands it in args): no DNS, which a
+    // fail-closed node may not reach before its snapshot; the certificate name is checked.
+    let args = strs(&c["args"]);
+    assert!(
+        args.contains("--server=https://$(MOAT_SERVER_SERVICE_HOST):7443"),
+        "{args:?}"
+    );
+    assert!(
+        args.contains("--bootstrap-server=https://$(MOAT_SERVER_SERVICE_HOST):7450"),
+        "{args:?}"
+    );
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_TLS_SERVER_NAME")["value"],
+        "moat-server"
+    );
+    assert_eq!(item(&c["env"], "name", "MOAT_UNKNOWN_PODS")["value"], "deny");
+    assert_eq!(item(&c["env"], "name", "MOAT_POD_INTERFACES")["value"], "auto");
+}
+
+/// Every `--flag=` a container passes must be one the binary has.
+fn args_understood(container: &Value, binary: &str) {
+    let help = Command::new(moat_integration::binary(binary))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for a in strs(&container["args"]) {
+        let flag = a.split('=').next().unwrap();
+        assert!(help.contains(&format!("{flag} <")), "{binary} has no {flag}");
+    }
+}
+
+fn ports(container: &Value) -> BTreeSet<i64> {
+    container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_server_runs_in_the_node_network_without_colliding_with_the_enforcer() {
+    let objs = render(None);
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    let ds = find(&objs, "DaemonSet", "moat-enforcer");
+    let server = ports(&pod["containers"][0]);
+    let enforcer = ports(&ds["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(server.len(), 4);
+    assert!(server.is_disjoint(&enforcer), "{server:?} {enforcer:?}");
 }
 
 #[test]

@@ -12,12 +12,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "moat.enforcerServiceAccount" -}}moat-enforcer{{- end }}
 
+{{/* Where enforcers reach this release's server by default: the Service's ClusterIP, which
+kubelet puts in MOAT_SERVER_SERVICE_HOST and expands in args. No DNS: cluster DNS runs in
+pods, whose traffic a fail-closed dataplane may deny until the node has its snapshot. */}}
 {{- define "moat.serverAddress" -}}
-{{- .Values.enforcer.serverAddress | default (printf "https://moat-server.%s.svc:%v" .Release.Namespace .Values.server.service.syncPort) -}}
+{{- .Values.enforcer.serverAddress | default (printf "https://$(MOAT_SERVER_SERVICE_HOST):%v" .Values.server.service.syncPort) -}}
 {{- end }}
 
 {{- define "moat.bootstrapAddress" -}}
-{{- .Values.enforcer.bootstrapAddress | default (printf "https://moat-server.%s.svc:%v" .Release.Namespace .Values.server.service.bootstrapPort) -}}
+{{- .Values.enforcer.bootstrapAddress | default (printf "https://$(MOAT_SERVER_SERVICE_HOST):%v" .Values.server.service.bootstrapPort) -}}
+{{- end }}
+
+{{/* The ports the server listens on in the node's network namespace (hostNetwork). */}}
+{{- define "moat.serverPorts" -}}
+7443,7444,7445,7450
 {{- end }}
 
 {{/* The four kinds the policy model reads, and TokenReviews for bootstrap. */}}
