@@ -126,7 +126,9 @@ impl Bed {
     }
 
     /// Nodes, a namespace `app` with pods `web-<node>` (app=web) and `db-<node>` (app=db) on
-    /// every node, and a policy letting web reach db on 5432.
+    /// every node, and a policy letting web reach db on 5432. Pods carry their UIDs (endpoint
+    /// IDs derive from them), so a test API server serving these files keeps them and
+    /// [`Bed::expected`] compiles what the server does.
     fn write_cluster(&self, nodes: &[&str]) {
         let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n");
         for (i, n) in nodes.iter().enumerate() {
@@ -136,7 +138,7 @@ impl Bed {
             );
             for (j, app) in ["web", "db"].iter().enumerate() {
                 y += &format!(
-                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}-{n}, namespace: app, labels: {{app: {app}}}}}\nspec: {{nodeName: {n}, containers: [{{name: c, ports: [{{name: main, containerPort: 5432}}]}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.50.{i}.{}}}]}}\n",
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}-{n}, namespace: app, uid: uid-{app}-{n}, labels: {{app: {app}}}}}\nspec: {{nodeName: {n}, containers: [{{name: c, ports: [{{name: main, containerPort: 5432}}]}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.50.{i}.{}}}]}}\n",
                     j + 1
                 );
             }

@@ -380,3 +380,63 @@ fn a_cluster_unreachable_at_start_holds_back_only_itself() {
     });
     assert_eq!(health_status(bed.health, "moat.cluster/east"), SERVING);
 }
+
+/// The endpoint of the node's recorded snapshot holding `addr`, if any.
+fn endpoint(bed: &Bed, node: &str, addr: &str) -> Option<serde_json::Value> {
+    let raw = std::fs::read(bed.path(&format!("rec/{node}/applied.json"))).ok()?;
+    let snap: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    snap["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["addrs"].as_array().is_some_and(|a| a.iter().any(|x| x == addr)))
+        .cloned()
+}
+
+/// A db pod on n1 as the API server shows it: `phase`, its sandbox ready since `sandbox`.
+fn db_pod(name: &str, ip: &str, phase: &str, sandbox: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "app", "labels": {"app": "db"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "main", "containerPort": 5432}]}]},
+        "status": {
+            "phase": phase,
+            "podIPs": [{"ip": ip}],
+            "conditions": [
+                {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": sandbox},
+                {"type": "ContainersReady", "status": if phase == "Running" { "True" } else { "False" }}
+            ]
+        }
+    })
+}
+
+#[test]
+fn a_pod_recreated_under_its_name_is_a_new_endpoint_and_a_pending_pod_is_enforced() {
+    let (bed, api) = served(&["n1"], &[]);
+    let before = endpoint(&bed, "n1", "10.50.0.2").expect("db-n1");
+    let old_uid = api.get(Kind::Pod, "app", "db-n1").unwrap()["metadata"]["uid"].clone();
+
+    // Deleted and created again under the same name and address: the API server gives it a
+    // new UID, and its sandbox is new. The node must see another pod, not the same one.
+    assert!(api.delete(Kind::Pod, "app", "db-n1"));
+    api.apply(db_pod("db-n1", "10.50.0.2", "Running", "2026-01-01T00:00:00Z"));
+    let new_uid = api.get(Kind::Pod, "app", "db-n1").unwrap()["metadata"]["uid"].clone();
+    assert_ne!(old_uid, new_uid);
+    wait_until("the recreated pod enforced", WAIT, || {
+        endpoint(&bed, "n1", "10.50.0.2").is_some_and(|e| e["id"] != before["id"])
+    });
+    let after = endpoint(&bed, "n1", "10.50.0.2").unwrap();
+    assert_ne!(after["sandbox"], 0, "the sandbox generation reached the node: {after}");
+    assert_ne!(after["sandbox"], before["sandbox"]);
+    // Same policy, same rules: only the identity changed.
+    assert_eq!(after["ingress"], before["ingress"]);
+
+    // Pending with a node and an address, containers not started: its sandbox is up, so
+    // traffic can reach it, so it is in the node's snapshot with its policy's rules.
+    api.apply(db_pod("db-pending", "10.50.0.9", "Pending", "2026-01-01T00:00:05Z"));
+    wait_until("the pending pod enforced", WAIT, || {
+        endpoint(&bed, "n1", "10.50.0.9").is_some()
+    });
+    let pending = endpoint(&bed, "n1", "10.50.0.9").unwrap();
+    assert_eq!(pending["ingress"]["isolated"], true, "{pending}");
+    assert_eq!(pending["ingress"], after["ingress"], "{pending}");
+}
