@@ -286,7 +286,9 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
             .collect();
         let mut v = json!({"cluster": r.cluster, "namespace": r.namespace, "name": r.name,
             "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes});
-        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), crate::degraded::policy_json(r)) {
+        if let (Some(v), serde_json::Value::Object(extra)) =
+            (v.as_object_mut(), crate::degraded::policy_json(r))
+        {
             v.extend(extra);
         }
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));

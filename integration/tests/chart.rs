@@ -132,8 +132,14 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
         item(&c["env"], "name", "MOAT_TLS_SERVER_NAME")["value"],
         "moat-server"
     );
-    assert_eq!(item(&c["env"], "name", "MOAT_UNKNOWN_PODS")["value"], "deny");
-    assert_eq!(item(&c["env"], "name", "MOAT_POD_INTERFACES")["value"], "auto");
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_UNKNOWN_PODS")["value"],
+        "deny"
+    );
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_POD_INTERFACES")["value"],
+        "auto"
+    );
 }
 
 /// Every `--flag=` a container passes must be one the binary has.
@@ -145,7 +151,10 @@ fn args_understood(container: &Value, binary: &str) {
     let help = String::from_utf8_lossy(&help.stdout);
     for a in strs(&container["args"]) {
         let flag = a.split('=').next().unwrap();
-        assert!(help.contains(&format!("{flag} <")), "{binary} has no {flag}");
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "{binary} has no {flag}"
+        );
     }
 }
 

@@ -19,7 +19,11 @@ fn write_block_policy(bed: &Bed, n: u32) {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db-from-blocks, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from:\n",
     );
     for i in 0..n {
-        y += &format!("    - ipBlock: {{cidr: 10.{}.{}.0/24}}\n", 100 + i / 256, i % 256);
+        y += &format!(
+            "    - ipBlock: {{cidr: 10.{}.{}.0/24}}\n",
+            100 + i / 256,
+            i % 256
+        );
     }
     std::fs::write(bed.manifests().join("policy-blocks.yaml"), y).unwrap();
 }
@@ -68,12 +72,7 @@ fn an_oversized_snapshot_is_degraded_by_the_server_shown_and_warned_about() {
     let mut bed = Bed::new(&nodes);
     // 3,000 blocks: far more than 64 KiB as groups, far fewer than the default cost limit.
     write_block_policy(&bed, 3000);
-    bed.start_server_with(&[
-        "--max-message-bytes",
-        "65536",
-        "--policy-cost-warn",
-        "5000",
-    ]);
+    bed.start_server_with(&["--max-message-bytes", "65536", "--policy-cost-warn", "5000"]);
     for n in nodes {
         bed.start_enforcer(n);
     }
@@ -113,7 +112,13 @@ fn an_oversized_snapshot_is_degraded_by_the_server_shown_and_warned_about() {
             ]
         );
         assert_eq!(d[0]["pods"], serde_json::json!([format!("app/db-{n}")]));
-        assert_eq!((d[0]["unmapped_rules"].as_u64(), d[0]["unmapped_endpoints"].as_u64()), (Some(0), Some(0)));
+        assert_eq!(
+            (
+                d[0]["unmapped_rules"].as_u64(),
+                d[0]["unmapped_endpoints"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
         // Denied, not opened: db stays isolated with no rule; web keeps its exact rules.
         let db = applied_endpoint(&bed, n, &format!("10.50.{i}.2"));
         assert_eq!(db["ingress"]["isolated"], true, "{db}");
@@ -134,7 +139,10 @@ fn an_oversized_snapshot_is_degraded_by_the_server_shown_and_warned_about() {
     let (code, out, err) = bed.moatctl_admin(&["status", "--policy", "app/db-from-blocks"], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("degraded on 2 of 2 nodes"), "{out}");
-    assert!(out.contains("above the server's --policy-cost-warn 5000"), "{out}");
+    assert!(
+        out.contains("above the server's --policy-cost-warn 5000"),
+        "{out}"
+    );
     let (code, out, err) = bed.moatctl_admin(
         &["status", "--policy", "app/db-from-blocks", "-o", "json"],
         &[],
@@ -183,7 +191,9 @@ async fn open(
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let c = bed.certs();
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(c.join("ca.pem")).unwrap()))
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(c.join("ca.pem")).unwrap(),
+        ))
         .identity(Identity::from_pem(
             std::fs::read(c.join(format!("node-{node}.pem"))).unwrap(),
             std::fs::read(c.join(format!("node-{node}-key.pem"))).unwrap(),
@@ -285,7 +295,10 @@ fn what_a_node_reports_it_denies_shows_mapped_back_and_escaped() {
     assert_eq!(names(&d["policies"]), ["app/db-from-web ingress[0]"]);
     assert_eq!(d["pods"], serde_json::json!(["app/db-n1"]));
     // The endpoint the server does not know is counted, not guessed.
-    assert_eq!((d["endpoints"].as_u64(), d["unmapped_endpoints"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (d["endpoints"].as_u64(), d["unmapped_endpoints"].as_u64()),
+        (Some(2), Some(1))
+    );
     assert_eq!(x["local"]["known"], 2);
     assert_eq!(x["local"]["unknown_pods"], "deny");
     assert_eq!(node(&s, "n2")["degraded"], serde_json::json!([]));
@@ -294,10 +307,15 @@ fn what_a_node_reports_it_denies_shows_mapped_back_and_escaped() {
 
     let (code, out, err) = bed.moatctl_admin(&["status"], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(!out.contains('\u{1b}'), "a node's string reached the terminal raw: {out:?}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "a node's string reached the terminal raw: {out:?}"
+    );
     assert!(!out.contains("\nn9: forged"), "{out}");
     assert!(
-        out.contains("ingress denied (the node's dataplane): needs more than the 10 table elements\\u{1b}[2J"),
+        out.contains(
+            "ingress denied (the node's dataplane): needs more than the 10 table elements\\u{1b}[2J"
+        ),
         "{out}"
     );
     assert!(out.contains("app/db-from-web spec.ingress[0]"), "{out}");

@@ -388,7 +388,11 @@ fn endpoint(bed: &Bed, node: &str, addr: &str) -> Option<serde_json::Value> {
     snap["endpoints"]
         .as_array()?
         .iter()
-        .find(|e| e["addrs"].as_array().is_some_and(|a| a.iter().any(|x| x == addr)))
+        .find(|e| {
+            e["addrs"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == addr))
+        })
         .cloned()
 }
 
@@ -418,21 +422,34 @@ fn a_pod_recreated_under_its_name_is_a_new_endpoint_and_a_pending_pod_is_enforce
     // Deleted and created again under the same name and address: the API server gives it a
     // new UID, and its sandbox is new. The node must see another pod, not the same one.
     assert!(api.delete(Kind::Pod, "app", "db-n1"));
-    api.apply(db_pod("db-n1", "10.50.0.2", "Running", "2026-01-01T00:00:00Z"));
+    api.apply(db_pod(
+        "db-n1",
+        "10.50.0.2",
+        "Running",
+        "2026-01-01T00:00:00Z",
+    ));
     let new_uid = api.get(Kind::Pod, "app", "db-n1").unwrap()["metadata"]["uid"].clone();
     assert_ne!(old_uid, new_uid);
     wait_until("the recreated pod enforced", WAIT, || {
         endpoint(&bed, "n1", "10.50.0.2").is_some_and(|e| e["id"] != before["id"])
     });
     let after = endpoint(&bed, "n1", "10.50.0.2").unwrap();
-    assert_ne!(after["sandbox"], 0, "the sandbox generation reached the node: {after}");
+    assert_ne!(
+        after["sandbox"], 0,
+        "the sandbox generation reached the node: {after}"
+    );
     assert_ne!(after["sandbox"], before["sandbox"]);
     // Same policy, same rules: only the identity changed.
     assert_eq!(after["ingress"], before["ingress"]);
 
     // Pending with a node and an address, containers not started: its sandbox is up, so
     // traffic can reach it, so it is in the node's snapshot with its policy's rules.
-    api.apply(db_pod("db-pending", "10.50.0.9", "Pending", "2026-01-01T00:00:05Z"));
+    api.apply(db_pod(
+        "db-pending",
+        "10.50.0.9",
+        "Pending",
+        "2026-01-01T00:00:05Z",
+    ));
     wait_until("the pending pod enforced", WAIT, || {
         endpoint(&bed, "n1", "10.50.0.9").is_some()
     });

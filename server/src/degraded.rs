@@ -81,7 +81,12 @@ impl NodeDegradations {
 }
 
 /// The degradations in `list` as the admin API explains them.
-pub fn explain(index: &Index, node: &str, by: &str, list: &[v1::Degradation]) -> Vec<v1::NodeDegradation> {
+pub fn explain(
+    index: &Index,
+    node: &str,
+    by: &str,
+    list: &[v1::Degradation],
+) -> Vec<v1::NodeDegradation> {
     list.iter()
         .map(|d| {
             let rules: Vec<RuleId> = d.rules.iter().map(|r| RuleId(*r)).collect();
@@ -101,7 +106,11 @@ pub fn explain(index: &Index, node: &str, by: &str, list: &[v1::Degradation]) ->
                         rule: p.rule as u32,
                     })
                     .collect(),
-                pods: o.pods.into_iter().map(|(ns, n)| format!("{ns}/{n}")).collect(),
+                pods: o
+                    .pods
+                    .into_iter()
+                    .map(|(ns, n)| format!("{ns}/{n}"))
+                    .collect(),
                 rules: d.rules.len() as u32,
                 unmapped_rules: o.unmapped_rules as u32,
                 endpoints: d.endpoints.len() as u32,
@@ -136,7 +145,11 @@ pub fn annotate(hub: &Hub, nodes: &mut [v1::NodeStatus]) {
 
 /// Fills a policy status answer: each node's degradations that involve this policy, and
 /// the estimated cost per node.
-pub fn annotate_policy(hub: &Hub, cluster: &crate::hub::ClusterState, r: &mut v1::PolicyStatusResponse) {
+pub fn annotate_policy(
+    hub: &Hub,
+    cluster: &crate::hub::ClusterState,
+    r: &mut v1::PolicyStatusResponse,
+) {
     r.cost_warn = hub.limits.cost_warn;
     let degradations: Vec<Option<NodeDegradations>> = r
         .nodes
@@ -192,10 +205,16 @@ mod tests {
     fn reports_count_only_for_the_applied_version() {
         let mut d = NodeDegradations::default();
         assert!(!d.reported(Some(v(1, 1)), Some(v(2, 2)), vec![deg("x")], None));
-        assert!(!d.is_degraded(), "a report about the version before is stale");
+        assert!(
+            !d.is_degraded(),
+            "a report about the version before is stale"
+        );
         assert!(d.reported(Some(v(2, 2)), Some(v(2, 2)), vec![deg("x")], None));
         assert!(d.is_degraded());
-        assert!(!d.reported(Some(v(2, 2)), Some(v(2, 2)), vec![deg("x")], None), "unchanged");
+        assert!(
+            !d.reported(Some(v(2, 2)), Some(v(2, 2)), vec![deg("x")], None),
+            "unchanged"
+        );
         d.acked(Vec::new(), Vec::new());
         assert!(!d.is_degraded());
     }

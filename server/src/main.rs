@@ -282,7 +282,13 @@ async fn main() -> Result<()> {
         message: args.max_message_bytes,
         cost_warn: args.policy_cost_warn,
     };
-    let hub = Hub::with_limits(states, fleet.clone(), store.clone(), metrics.clone(), limits);
+    let hub = Hub::with_limits(
+        states,
+        fleet.clone(),
+        store.clone(),
+        metrics.clone(),
+        limits,
+    );
     let warned = Arc::new(moat_server::cost::Warned::default());
 
     // Health: SERVING once every cluster's first full sync is in.

@@ -225,10 +225,7 @@ mod tests {
         assert_eq!(cost.busiest(), Some((&Arc::from("n1"), want)));
         let warned = idx.costly_policies(want - 1, 0);
         assert_eq!(warned.len(), 1);
-        assert_eq!(
-            (warned[0].name.as_str(), warned[0].elements),
-            ("p", want)
-        );
+        assert_eq!((warned[0].name.as_str(), warned[0].elements), ("p", want));
         assert!(idx.costly_policies(want, 0).is_empty());
         // Only policies compiled since a generation are considered.
         assert!(idx.costly_policies(0, idx.generation() + 1).is_empty());

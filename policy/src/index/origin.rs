@@ -154,7 +154,11 @@ mod tests {
         let policy = |v: Value| K8sObject::NetworkPolicy(serde_json::from_value(v).unwrap());
         vec![
             K8sObject::Node(serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap()),
-            pod("db", "10.0.0.1", json!([{"name": "pg", "containerPort": 5432}])),
+            pod(
+                "db",
+                "10.0.0.1",
+                json!([{"name": "pg", "containerPort": 5432}]),
+            ),
             pod("web", "10.0.0.2", json!([])),
             policy(json!({
                 "metadata": {"name": "db", "namespace": "app"},

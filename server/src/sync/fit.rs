@@ -40,12 +40,11 @@ fn bound(s: &NodeSnapshot) -> usize {
         b += 64 + addrs(e.addrs.len()) + 8 * (e.ingress.rules.len() + e.egress.rules.len());
     }
     for r in &s.rules {
-        b += 64
-            + match &r.peers {
+        b +=
+            64 + match &r.peers {
                 Peers::Any => 0,
                 Peers::Groups(g) => 8 * g.len(),
-            }
-            + match &r.ports {
+            } + match &r.ports {
                 moat_policy::ir::Ports::Ranges(v) => 20 * v.len(),
                 _ => 0,
             };
@@ -120,17 +119,16 @@ pub fn fit(snap: Arc<NodeSnapshot>, limit: usize) -> Fitted {
     let mut order: Vec<(usize, (bool, &[RuleId]))> = lists
         .keys()
         .map(|k| {
-            let w: usize = k
-                .1
-                .iter()
-                .map(|r| {
-                    rule_bytes.get(r).copied().unwrap_or(0)
-                        + groups_of(r)
-                            .iter()
-                            .map(|g| group_bytes.get(g).copied().unwrap_or(0))
-                            .sum::<usize>()
-                })
-                .sum();
+            let w: usize =
+                k.1.iter()
+                    .map(|r| {
+                        rule_bytes.get(r).copied().unwrap_or(0)
+                            + groups_of(r)
+                                .iter()
+                                .map(|g| group_bytes.get(g).copied().unwrap_or(0))
+                                .sum::<usize>()
+                    })
+                    .sum();
             (w, *k)
         })
         .collect();

@@ -41,12 +41,19 @@ fn check(orig: &NodeSnapshot, f: &Fitted, limit: usize) {
             if cut {
                 assert!(now.rules.is_empty(), "a cut list keeps no rule");
             } else {
-                assert_eq!(was, now, "an endpoint whose list fits keeps its exact rules");
+                assert_eq!(
+                    was, now,
+                    "an endpoint whose list fits keeps its exact rules"
+                );
             }
         }
     }
     for r in &s.rules {
-        let o = orig.rules.iter().find(|x| x.id == r.id).expect("no new rule");
+        let o = orig
+            .rules
+            .iter()
+            .find(|x| x.id == r.id)
+            .expect("no new rule");
         assert_eq!(o, r);
     }
     if f.cut.is_empty() {
@@ -173,7 +180,11 @@ fn only_the_biggest_list_is_denied_and_only_in_its_direction() {
         .unwrap();
     assert_eq!(got.cut[0].endpoints, [db.id.0]);
     assert!(!got.cut[0].egress);
-    assert!(got.cut[0].reason.contains("8192-byte message limit"), "{}", got.cut[0].reason);
+    assert!(
+        got.cut[0].reason.contains("8192-byte message limit"),
+        "{}",
+        got.cut[0].reason
+    );
     assert!(encoded(&got.snap) + ENVELOPE <= limit);
     // The 2,000 groups went with the list; web's rule and its group stayed.
     assert_eq!(got.snap.rules.len(), 1);
