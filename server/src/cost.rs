@@ -9,9 +9,10 @@ use tracing::warn;
 
 use crate::hub::ClusterState;
 
-/// What was last warned about per policy, so an unchanged estimate is logged once.
+/// What was last warned about per (cluster, namespace, name), so an unchanged estimate is
+/// logged once.
 #[derive(Default)]
-pub struct Warned(Mutex<HashMap<(String, String), u64>>);
+pub struct Warned(Mutex<HashMap<(Arc<str>, String, String), u64>>);
 
 impl Warned {
     /// Checks the policies compiled at or after generation `since` (0: all), off the async
@@ -22,7 +23,7 @@ impl Warned {
             let found = cluster.read(|i| i.costly_policies(threshold, since));
             let mut warned = me.0.lock().expect("warned lock");
             for w in found {
-                let key = (w.namespace.clone(), w.name.clone());
+                let key = (cluster.name.clone(), w.namespace.clone(), w.name.clone());
                 if warned.insert(key, w.elements) == Some(w.elements) {
                     continue;
                 }
