@@ -213,7 +213,7 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
                 warn!(peer = ?remote, %cluster, %node, "refused a sync stream: {e}");
             })
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel::<stream::Outgoing>(2);
         let span = info_span!("stream", %cluster, %node);
         tokio::spawn(
             stream::run(
@@ -231,6 +231,9 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
             )
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            |m| *m,
+        ))))
     }
 }

@@ -32,6 +32,10 @@ use crate::streams::{CertKey, Claim};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// What a stream hands the gRPC response, boxed: a tokio channel allocates its slots in
+/// blocks of 32, and 32 unboxed messages and statuses were 9.5 KiB per idle stream.
+pub(super) type Outgoing = Box<Result<v1::ServerMessage, Status>>;
+
 /// A stream the service admitted: whose, on which certificate, holding the node's slot.
 pub(super) struct Opened<S> {
     pub source: Arc<S>,
@@ -52,7 +56,7 @@ struct InFlight {
 pub(super) async fn run<S: Source>(
     opened: Opened<S>,
     inbound: Streaming<v1::EnforcerMessage>,
-    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     shutdown: watch::Receiver<bool>,
 ) {
     let Opened {
@@ -76,7 +80,7 @@ pub(super) async fn run<S: Source>(
         if status.code() != tonic::Code::Cancelled {
             warn!(code = ?status.code(), error = status.message(), "stream ended");
         }
-        let _ = s.tx.send(Err(status)).await;
+        let _ = s.tx.send(Box::new(Err(status))).await;
     }
 }
 
@@ -84,7 +88,7 @@ struct Stream<S> {
     source: Arc<S>,
     cluster: String,
     node: String,
-    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     nonce: u64,
     cert: Option<CertKey>,
     ack_timeout: Duration,
@@ -454,7 +458,7 @@ impl<S: Source> Stream<S> {
         let msg = v1::ServerMessage { kind: Some(msg) };
         self.source.metrics().sent(kind, msg.encoded_len());
         self.tx
-            .send(Ok(msg))
+            .send(Box::new(Ok(msg)))
             .await
             .map_err(|_| Status::cancelled("enforcer went away"))
     }
