@@ -106,6 +106,7 @@ pub fn ack(m: &v1::ServerMessage) -> v1::EnforcerMessage {
             nonce,
             applied: version,
             apply_micros: 0,
+            degraded: Vec::new(),
         })),
     }
 }
