@@ -124,10 +124,7 @@ fn spoofed_sources_never_arrive(w: &mut World) {
         (b6, c6),
         (IpAddr::V4(Ipv4Addr::new(169, 254, 9, 9)), c4),
         (IpAddr::V4(Ipv4Addr::new(10, 250, 0, 1)), c4),
-        (
-            IpAddr::V6("fd00:ffff::1".parse::<Ipv6Addr>().unwrap().into()),
-            c6,
-        ),
+        (IpAddr::V6("fd00:ffff::1".parse::<Ipv6Addr>().unwrap()), c6),
     ]
     .into_iter()
     .flat_map(|(s, d)| {
@@ -279,7 +276,7 @@ fn a_reused_address_never_inherits_the_old_pods_rules(w: &mut World, added: &[St
             "{from} reached the new pod on the reused address before any snapshot named it"
         );
     }
-    w.announce(&[new.key.clone()]);
+    w.announce(std::slice::from_ref(&new.key));
     w.apply(&policies());
     assert!(
         !w.reach("y/b", &new.key, Proto::Tcp, 80),
@@ -328,7 +325,7 @@ fn an_overflowing_policy_denies_what_it_cannot_express(w: &mut World) {
     let victim = w_pod(w, "victim", 60);
     assert_eq!(victim.node, 0);
     w.add_pod(victim.clone(), json!({"role": "victim"}));
-    w.announce(&[victim.key.clone()]);
+    w.announce(std::slice::from_ref(&victim.key));
     let mut ps = policies();
     ps.push(huge);
     w.apply(&ps);

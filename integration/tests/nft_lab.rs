@@ -499,7 +499,8 @@ fn forwarding_snapshot(k: u32) -> NodeSnapshot {
 /// table, some were: a packet in the old rules as it committed found their maps empty.)
 #[test]
 fn full_replacements_never_drop_an_allowed_packet_in_flight() {
-    use moat_enforcer::Backend;
+    use moat_dataplane::Backend;
+    let none = moat_dataplane::LocalPods::default();
     if !netns::inside("full_replacements_never_drop_an_allowed_packet_in_flight") {
         return;
     }
@@ -529,8 +530,8 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
         moat_enforcer_nft::NftBackend::open(moat_enforcer_nft::DEFAULT_MAX_ELEMENTS, &lock).unwrap()
     };
     let mut backend = open();
-    backend.adopt(None).unwrap();
-    backend.apply_full(&versions[0]).unwrap();
+    backend.adopt(None, &none).unwrap();
+    backend.apply_full(&versions[0], &none).unwrap();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
@@ -555,10 +556,10 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
         drop(backend);
         backend = open();
         assert_eq!(
-            backend.adopt(Some(last)).unwrap(),
-            moat_enforcer::Adopted::Enforcing
+            backend.adopt(Some(last), &none).unwrap(),
+            moat_dataplane::Adopted::Enforcing
         );
-        backend.apply_full(next).unwrap();
+        backend.apply_full(next, &none).unwrap();
     }
     let took = t.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
