@@ -133,6 +133,9 @@ impl<B: Backend> Dataplane<B> {
         if adopted == moat_dataplane::Adopted::Enforcing {
             state.save_bindings(&b)?;
             self.enforced = last;
+            // What the persisted version could not hold when it was applied: still reported.
+            self.degraded = state.load_degraded()?;
+            metrics.degraded.set(!self.degraded.is_empty() as i64);
             self.hold(local, b, metrics);
         }
         Ok(adopted)
@@ -159,9 +162,10 @@ impl<B: Backend> Dataplane<B> {
         self.degraded = applied.degraded.clone();
         self.hold(local, b, metrics);
         metrics.degraded.set(!self.degraded.is_empty() as i64);
-        // One flush for both: the bindings ride along with the snapshot.
+        // One flush for all: the bindings and degradations ride along with the snapshot.
         state
             .stage_bindings(&self.bindings)
+            .and_then(|()| state.stage_degraded(&self.degraded))
             .and_then(|()| state.save(&snap))
             .map_err(|e| (true, e.to_string()))?;
         Ok(applied)

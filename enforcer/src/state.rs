@@ -140,3 +140,38 @@ impl LocalState {
         Ok(())
     }
 }
+
+// ---- Degradations of the enforced version (reported until a version fits) ----
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredDegraded {
+    #[prost(message, repeated, tag = "1")]
+    degraded: Vec<v1::Degradation>,
+}
+
+impl LocalState {
+    /// What the last applied version could not hold, so a restarted enforcer still reports
+    /// it.
+    pub fn load_degraded(&self) -> Result<Vec<moat_dataplane::plan::Degraded>, Error> {
+        let Some(raw) = self.db.get("degraded")? else {
+            return Ok(Vec::new());
+        };
+        let s = StoredDegraded::decode(raw.as_ref())
+            .map_err(|e| Error::Corrupt(format!("degradations: {e}")))?;
+        s.degraded
+            .iter()
+            .map(FromProto::from_proto)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Corrupt(format!("degradations: {e}")))
+    }
+
+    /// Writes the degradations without flushing: the next [`LocalState::save`] makes them
+    /// durable together with their version.
+    pub fn stage_degraded(&self, d: &[moat_dataplane::plan::Degraded]) -> Result<(), Error> {
+        let s = StoredDegraded {
+            degraded: d.iter().map(ToProto::to_proto).collect(),
+        };
+        self.db.insert("degraded", s.encode_to_vec())?;
+        Ok(())
+    }
+}

@@ -158,7 +158,7 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
 /// (interface, address) → "known:<endpoint>" or "unknown".
 fn last_local(bed: &Bed, node: &str) -> Option<(String, Vec<(u32, String, String)>)> {
     let ev = bed
-        .events(node)
+        .all_events(node)
         .into_iter()
         .rev()
         .find(|e| e.get("local").is_some())?;
@@ -239,7 +239,7 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
     let vpc = ifindex("vpc");
     let mut seen = None;
     wait_until("the new pod in set_local", WAIT, || {
-        seen = bed.events("n1").into_iter().find(|e| {
+        seen = bed.all_events("n1").into_iter().find(|e| {
             e["op"] == "set_local" && has(&table(&e["local"]), vpc, "10.50.0.99", "unknown")
         });
         seen.is_some()
@@ -264,14 +264,14 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
     veth("vpd");
     ip("route add 10.50.0.1/32 dev vpd");
     let vpd = ifindex("vpd");
-    let events_before = bed.events("n1").len();
+    let events_before = bed.all_events("n1").len();
     bed.start_enforcer("n1");
     wait_until("adopted", WAIT, || {
-        bed.events("n1")[events_before..]
+        bed.all_events("n1")[events_before..]
             .iter()
             .any(|e| e["op"] == "adopt")
     });
-    let adopt = bed.events("n1")[events_before..]
+    let adopt = bed.all_events("n1")[events_before..]
         .iter()
         .find(|e| e["op"] == "adopt")
         .cloned()
@@ -310,7 +310,7 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
     .unwrap();
     bed.write_policy("web", "80");
     bed.wait_in_sync(&["n1"]);
-    let last = bed.events("n1").into_iter().rev().find(|e| e.get("degraded").is_some()).unwrap();
+    let last = bed.all_events("n1").into_iter().rev().find(|e| e.get("degraded").is_some()).unwrap();
     assert_eq!(last["degraded"][0]["rules"][0], Value::from(rule.clone()), "{last}");
     assert_eq!(last["degraded"][0]["endpoints"][0], Value::from(db_ep), "{last}");
     wait_until("the degraded metric", WAIT, || {

@@ -225,3 +225,36 @@ fn ahead_keeps_what_the_new_bindings_forget() {
     assert!(u.by_addr.contains_key(&ip("10.0.0.1")) && u.by_addr.contains_key(&ip("10.0.0.2")));
     assert_eq!(ahead(&new, &new), None);
 }
+
+#[test]
+fn degradations_survive_a_restart_until_a_version_fits() {
+    let (_d, state, fake, mut dp, m) = setup();
+    let d = Degraded {
+        egress: false,
+        rules: vec![moat_policy::ir::RuleId(7)],
+        endpoints: vec![EndpointId(1)],
+        reason: "needs more than the 10 table elements the dataplane can hold".into(),
+    };
+    let s = snap(&[(1, "10.0.0.1")]);
+    let d2 = d.clone();
+    dp.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m, move |b, l| {
+        full(b, l)?;
+        Ok(Applied { degraded: vec![d2] })
+    })
+    .unwrap();
+    assert_eq!(m.degraded.get(), 1);
+    let m2 = Metrics::default();
+    let mut again = Dataplane::new(fake.clone(), dp.cfg.clone());
+    again
+        .adopt(state.load_bindings().unwrap(), &topo(&[("10.0.0.1", 5)]), Some(s.clone()), &state, &m2)
+        .unwrap();
+    assert_eq!(again.degraded(), [d]);
+    assert_eq!(m2.degraded.get(), 1, "still degraded after the restart");
+    again.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m2, full).unwrap();
+    assert_eq!(m2.degraded.get(), 0);
+    let mut third = Dataplane::new(fake, dp.cfg.clone());
+    third
+        .adopt(state.load_bindings().unwrap(), &topo(&[("10.0.0.1", 5)]), Some(s), &state, &m2)
+        .unwrap();
+    assert!(third.degraded().is_empty());
+}
