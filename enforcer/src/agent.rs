@@ -2,10 +2,11 @@
 //! keep enforcing the last good version whatever happens to the connection.
 //!
 //! ```text
-//!  start ─► adopt(last persisted) ─► "" SERVING (fail-static)
+//!  start ─► first topology dump ─► adopt(last persisted, pods bound against it) ─► "" SERVING (fail-static)
 //!    loop: connect (backoff + jitter) ─► Hello{enforcing} ─► for each message:
-//!            Snapshot | Delta | Current ─► verify digest ─► backend ─► persist ─► Ack
+//!            Snapshot | Delta | Current ─► verify digest ─► backend ─► persist ─► Ack{degraded}
 //!                                                 └─ any error ─► Nack (old version stays)
+//!    meanwhile, connected or not: topology change ─► rebind ─► backend.set_local
 //! ```
 
 use std::path::PathBuf;
@@ -25,10 +26,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::pods::{Dataplane, LocalConfig};
 use crate::state::LocalState;
+use moat_dataplane::local::Topology;
+use moat_dataplane::plan::Degraded;
 use moat_dataplane::{Adopted, Applied, Backend, BackendError, LocalPods};
 
 /// The health service that is SERVING only while the newest offered version is applied.
@@ -55,6 +59,7 @@ pub struct Config {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub report_every: Duration,
+    pub local: LocalConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +82,8 @@ pub enum Error {
 
 pub struct Agent<B: Backend> {
     cfg: Config,
-    backend: Arc<Mutex<B>>,
+    dp: Arc<Mutex<Dataplane<B>>>,
+    topology: watch::Receiver<Topology>,
     state: Arc<LocalState>,
     health: HealthReporter,
     metrics: Arc<Metrics>,
@@ -93,16 +99,21 @@ fn version_of(s: &NodeSnapshot) -> VersionRef {
 }
 
 impl<B: Backend> Agent<B> {
+    /// `topology` follows the node's interfaces and host routes; its current value must be
+    /// a complete view (a full dump: [`crate::host::Watcher::start`] returns after one), as
+    /// adopting binds the node's pods against it.
     pub fn new(
         cfg: Config,
         backend: B,
         state: LocalState,
         health: HealthReporter,
         metrics: Arc<Metrics>,
+        topology: watch::Receiver<Topology>,
     ) -> Self {
         Self {
+            dp: Arc::new(Mutex::new(Dataplane::new(backend, cfg.local.clone()))),
             cfg,
-            backend: Arc::new(Mutex::new(backend)),
+            topology,
             state: Arc::new(state),
             health,
             metrics,
@@ -119,15 +130,16 @@ impl<B: Backend> Agent<B> {
         self.health
             .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
             .await;
-        let last = self.state.load()?;
+        let last = self.state.load()?.map(Arc::new);
+        let bindings = self.state.load_bindings()?;
         let adopted = {
-            let backend = self.backend.clone();
-            let last2 = last.clone();
+            let (dp, state, metrics) = (self.dp.clone(), self.state.clone(), self.metrics.clone());
+            let (topo, last2) = (self.topology.clone(), last.clone());
             tokio::task::spawn_blocking(move || {
-                backend
-                    .lock()
+                let t = topo.borrow().clone();
+                dp.lock()
                     .expect("backend lock")
-                    .adopt(last2.as_ref(), &LocalPods::default())
+                    .adopt(bindings, &t, last2, &state, &metrics)
             })
             .await
             .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
@@ -136,7 +148,7 @@ impl<B: Backend> Agent<B> {
             (Ok(Adopted::Enforcing), Some(s)) => {
                 info!(version = s.version, digest = %s.digest.short(), "enforcing the last known rules");
                 self.metrics.applied_version.set(s.version as i64);
-                self.enforcing = Some(Arc::new(s));
+                self.enforcing = Some(s);
                 self.health
                     .set_service_status("", ServingStatus::Serving)
                     .await;
@@ -156,17 +168,27 @@ impl<B: Backend> Agent<B> {
                 warn!(error = %moat_dataplane::chain(&e), "could not adopt the previous run's state; waiting for the server")
             }
         }
+        // The node's pods change between versions too, connected or not.
+        let _follow = AbortOnDrop(tokio::spawn(
+            follow_local(
+                self.dp.clone(),
+                self.topology.clone(),
+                self.state.clone(),
+                self.metrics.clone(),
+            )
+            .instrument(tracing::info_span!("local")),
+        ));
         // Upkeep between versions (e.g. programs onto new interfaces), on its own thread: it
         // takes the backend's lock briefly, never across an await.
         let upkeep_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let (backend, stop) = (self.backend.clone(), upkeep_stop.clone());
+            let (dp, stop) = (self.dp.clone(), upkeep_stop.clone());
             std::thread::Builder::new()
                 .name("moat-upkeep".into())
                 .spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         std::thread::sleep(moat_dataplane::MAINTAIN_EVERY);
-                        if let Err(e) = backend.lock().expect("backend lock").maintain() {
+                        if let Err(e) = dp.lock().expect("backend lock").backend.maintain() {
                             warn!(error = %moat_dataplane::chain(&e), "dataplane upkeep failed; retrying");
                         }
                     }
@@ -246,8 +268,8 @@ impl<B: Backend> Agent<B> {
             .max_encoding_message_size(moat_proto::MAX_ENFORCER_MESSAGE);
         let (tx, rx) = mpsc::channel::<v1::EnforcerMessage>(4);
         let caps = {
-            let b = self.backend.lock().expect("backend lock");
-            (b.name().to_string(), b.capabilities())
+            let dp = self.dp.lock().expect("backend lock");
+            (dp.backend.name().to_string(), dp.backend.capabilities())
         };
         let hello = v1::Hello {
             backend: caps.0,
@@ -291,12 +313,20 @@ impl<B: Backend> Agent<B> {
                     tx.send(reply).await.map_err(|_| Error::Protocol("stream closed".into()))?;
                 }
                 _ = report.tick() => {
-                    let counters = self.backend.lock().expect("backend lock").counters();
-                    let r = v1::Report {
-                        enforcing: self.enforcing.as_ref().map(|s| version_of(s).to_proto()),
-                        counters: counters.into_iter().collect(),
-                        ..Default::default()
-                    };
+                    let enforcing = self.enforcing.as_ref().map(|s| version_of(s).to_proto());
+                    let dp = self.dp.clone();
+                    // The backend's lock may be held by an apply: waited for off the runtime.
+                    let r = tokio::task::spawn_blocking(move || {
+                        let dp = dp.lock().expect("backend lock");
+                        v1::Report {
+                            enforcing,
+                            counters: dp.backend.counters().into_iter().collect(),
+                            degraded: dp.degraded().iter().map(ToProto::to_proto).collect(),
+                            local: dp.local().map(convert::local_pods_summary),
+                        }
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("report panicked: {e}")))?;
                     let _ = tx.try_send(v1::EnforcerMessage { kind: Some(Out::Report(r)) });
                 }
             }
@@ -349,7 +379,7 @@ impl<B: Backend> Agent<B> {
         };
         let enforcing = self.enforcing.as_ref().map(|s| version_of(s).to_proto());
         Ok(match outcome {
-            Ok(()) => {
+            Ok(degraded) => {
                 let micros = t.elapsed().as_micros() as u64;
                 self.metrics
                     .apply_seconds
@@ -368,7 +398,7 @@ impl<B: Backend> Agent<B> {
                         nonce,
                         applied: Some(offered.to_proto()),
                         apply_micros: micros,
-                        degraded: Vec::new(),
+                        degraded: degraded.iter().map(ToProto::to_proto).collect(),
                     })),
                 }
             }
@@ -394,7 +424,7 @@ impl<B: Backend> Agent<B> {
         &mut self,
         v: &VersionRef,
         content: v1::NodeContent,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<Degraded>, String> {
         let snap =
             convert::snapshot_from_proto(&self.cfg.node, v, &content).map_err(|e| e.to_string())?;
         delta::check_references(&snap).map_err(|e| e.to_string())?;
@@ -408,25 +438,24 @@ impl<B: Backend> Agent<B> {
         }
         let snap = Arc::new(snap);
         let s2 = snap.clone();
-        self.commit(snap, move |b| b.apply_full(&s2, &LocalPods::default()))
+        self.commit(snap, move |b, local| b.apply_full(&s2, local))
             .await
     }
 
-    async fn apply_delta(&mut self, d: delta::Delta) -> Result<(), String> {
+    async fn apply_delta(&mut self, d: delta::Delta) -> Result<Vec<Degraded>, String> {
         let old = self
             .enforcing
             .clone()
             .ok_or_else(|| "a delta arrived but this node holds no version".to_string())?;
         let new = Arc::new(delta::apply(&old, &d).map_err(|e| e.to_string())?);
         let n2 = new.clone();
-        self.commit(new, move |b| {
-            b.apply_delta(&old, &d, &n2, &LocalPods::default())
-        })
-        .await
+        self.commit(new, move |b, local| b.apply_delta(&old, &d, &n2, local))
+            .await
     }
 
-    /// The server renames the content this node holds (same digest, new version).
-    async fn rename(&mut self, v: &VersionRef) -> Result<(), String> {
+    /// The server renames the content this node holds (same digest, new version); what it
+    /// could not hold stays as it was.
+    async fn rename(&mut self, v: &VersionRef) -> Result<Vec<Degraded>, String> {
         let old = self
             .enforcing
             .clone()
@@ -441,38 +470,45 @@ impl<B: Backend> Agent<B> {
         let mut s = (*old).clone();
         s.version = v.version;
         let s = Arc::new(s);
-        let state = self.state.clone();
+        let (state, dp) = (self.state.clone(), self.dp.clone());
         let s2 = s.clone();
-        tokio::task::spawn_blocking(move || state.save(&s2))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let degraded = tokio::task::spawn_blocking(move || {
+            state.save(&s2)?;
+            let mut dp = dp.lock().expect("backend lock");
+            dp.renamed(s2);
+            Ok::<_, crate::state::Error>(dp.degraded().to_vec())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.enforcing = Some(s);
-        Ok(())
+        Ok(degraded)
     }
 
-    /// Applies through the backend, then persists, then (by returning Ok) lets the caller
-    /// acknowledge. A persist failure after a successful apply is reported, and the new
-    /// version is what the node enforces.
+    /// Applies through the backend (with the node's pods bound against `snap` on the newest
+    /// topology), then persists, then (by returning Ok) lets the caller acknowledge. A persist
+    /// failure after a successful apply is reported, and the new version is what the node
+    /// enforces.
     async fn commit(
         &mut self,
         snap: Arc<NodeSnapshot>,
-        f: impl FnOnce(&mut B) -> Result<Applied, BackendError> + Send + 'static,
-    ) -> Result<(), String> {
-        let backend = self.backend.clone();
-        let state = self.state.clone();
+        f: impl FnOnce(&mut B, &LocalPods) -> Result<Applied, BackendError> + Send + 'static,
+    ) -> Result<Vec<Degraded>, String> {
+        let (dp, state, metrics) = (self.dp.clone(), self.state.clone(), self.metrics.clone());
+        let topo = self.topology.clone();
         let s2 = snap.clone();
         let r = tokio::task::spawn_blocking(move || {
-            f(&mut backend.lock().expect("backend lock"))
-                .map_err(|e| (false, moat_dataplane::chain(&e)))?;
-            state.save(&s2).map_err(|e| (true, e.to_string()))
+            let mut dp = dp.lock().expect("backend lock");
+            let t = topo.borrow().clone();
+            dp.apply(&t, s2, &state, &metrics, f)
         })
         .await
         .map_err(|e| format!("apply panicked: {e}"))?;
         match r {
-            Ok(()) => {
+            Ok(applied) => {
+                log_degraded(snap.version, &applied.degraded);
                 self.enforcing = Some(snap);
-                Ok(())
+                Ok(applied.degraded)
             }
             Err((applied, e)) => {
                 if applied {
@@ -482,6 +518,88 @@ impl<B: Backend> Agent<B> {
                 Err(e)
             }
         }
+    }
+}
+
+/// Once per version: what it could not hold, and why.
+fn log_degraded(version: u64, degraded: &[Degraded]) {
+    if degraded.is_empty() {
+        return;
+    }
+    let mut reasons: Vec<&str> = degraded.iter().map(|d| d.reason.as_str()).collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    warn!(
+        version,
+        rule_lists = degraded.len(),
+        endpoints = degraded.iter().map(|d| d.endpoints.len()).sum::<usize>(),
+        reasons = %reasons.join("; "),
+        "degraded: rule lists the dataplane could not hold deny in their direction instead"
+    );
+}
+
+/// Hands every change of the node's pods to the dataplane, whatever the connection does.
+/// Bursts coalesce: while one update runs, newer topologies collapse into the next.
+async fn follow_local<B: Backend>(
+    dp: Arc<Mutex<Dataplane<B>>>,
+    mut topo: watch::Receiver<Topology>,
+    state: Arc<LocalState>,
+    metrics: Arc<Metrics>,
+) {
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let changed = match retry_at {
+            Some(at) => tokio::select! {
+                r = topo.changed() => r,
+                _ = tokio::time::sleep_until(at) => Ok(()),
+            },
+            None => topo.changed().await,
+        };
+        if changed.is_err() {
+            return;
+        }
+        topo.borrow_and_update();
+        let t0 = Instant::now();
+        let (dp2, state2, metrics2, latest) =
+            (dp.clone(), state.clone(), metrics.clone(), topo.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let mut dp = dp2.lock().expect("backend lock");
+            // The newest, read under the lock: an apply that ran meanwhile used what it saw.
+            let t = latest.borrow().clone();
+            dp.refresh(&t, &state2, &metrics2)
+        })
+        .await;
+        match r {
+            Ok(Ok(Some(local))) => {
+                retry_at = None;
+                metrics.local_updates.inc();
+                let (known, unknown) = local.counts();
+                info!(
+                    known,
+                    unknown,
+                    pod_interfaces = local.pod_ifaces.len(),
+                    micros = t0.elapsed().as_micros() as u64,
+                    "local pods changed; the dataplane has them"
+                );
+            }
+            Ok(Ok(None)) => retry_at = None,
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not hand the node's pods to the dataplane; retrying");
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+            Err(e) => {
+                warn!(error = %e, "local pod update panicked; retrying");
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

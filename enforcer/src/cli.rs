@@ -15,6 +15,9 @@ use crate::bootstrap::Bootstrap;
 use crate::metrics::Metrics;
 use crate::state::LocalState;
 use moat_dataplane::Backend;
+use moat_dataplane::local::{PodInterfaces, UnknownPods};
+
+use crate::pods::LocalConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -68,6 +71,16 @@ pub struct Args {
     /// Seconds between status reports to the server.
     #[arg(long, env = "MOAT_REPORT_SECONDS", default_value_t = 30)]
     pub report_seconds: u64,
+    /// Which interfaces are pods: `auto` (every veth or netkit device without a global
+    /// address or a master, as Calico, Cilium and the AWS VPC CNI make them) or interface
+    /// name patterns (`cali*,lxc*`). A pod's addresses are the host routes to its interface.
+    #[arg(long, env = "MOAT_POD_INTERFACES", default_value = "auto")]
+    pub pod_interfaces: PodInterfaces,
+    /// A local pod address no enforced snapshot names yet: `deny` isolates it from its first
+    /// packet until a snapshot names it (a pod may wait for its allow rules), `allow` leaves
+    /// it open meanwhile (a pod a policy will isolate may talk before it is).
+    #[arg(long, env = "MOAT_UNKNOWN_PODS", default_value = "deny")]
+    pub unknown_pods: UnknownPods,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MOAT_LOG", default_value = "info")]
     pub log: String,
@@ -156,8 +169,25 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_secs(args.backoff_max_seconds.max(1)),
         report_every: Duration::from_secs(args.report_seconds.max(1)),
+        local: LocalConfig {
+            pod_interfaces: args.pod_interfaces.clone(),
+            unknown_pods: args.unknown_pods,
+        },
     };
-    info!(node = %args.node, server = %args.server, backend = backend.name(), selection, "enforcer starting");
+    // The node's pods, before anything is adopted: adopting binds them.
+    let watcher = tokio::task::spawn_blocking(crate::host::Watcher::start)
+        .await
+        .context("starting the topology watcher")?
+        .context("reading the node's interfaces and routes (rtnetlink)")?;
+    info!(
+        node = %args.node,
+        server = %args.server,
+        backend = backend.name(),
+        selection,
+        pod_interfaces = ?args.pod_interfaces,
+        unknown_pods = ?args.unknown_pods,
+        "enforcer starting"
+    );
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -169,10 +199,11 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         let _ = tx.send(true);
     });
     let span = tracing::info_span!("agent", node = %args.node);
-    Agent::new(cfg, backend, state, health, metrics)
+    Agent::new(cfg, backend, state, health, metrics, watcher.subscribe())
         .run(rx)
         .instrument(span)
         .await?;
+    drop(watcher);
     info!("stopped; the last applied rules stay in force");
     Ok(())
 }

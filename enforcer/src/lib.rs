@@ -8,5 +8,7 @@
 pub mod agent;
 pub mod bootstrap;
 pub mod cli;
+pub mod host;
 pub mod metrics;
+pub mod pods;
 pub mod state;

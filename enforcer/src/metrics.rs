@@ -14,6 +14,11 @@ pub struct Metrics {
     pub nacks: Counter,
     pub reconnects: Counter,
     pub received_bytes: Counter,
+    pub degraded: Gauge,
+    pub pod_addresses_known: Gauge,
+    pub pod_addresses_unknown: Gauge,
+    pub source_validation_unsupported: Gauge,
+    pub local_updates: Counter,
 }
 
 impl Default for Metrics {
@@ -27,6 +32,11 @@ impl Default for Metrics {
             nacks: Counter::default(),
             reconnects: Counter::default(),
             received_bytes: Counter::default(),
+            degraded: Gauge::default(),
+            pod_addresses_known: Gauge::default(),
+            pod_addresses_unknown: Gauge::default(),
+            source_validation_unsupported: Gauge::default(),
+            local_updates: Counter::default(),
         };
         let mut registry = Registry::with_prefix("moat_enforcer");
         registry.register(
@@ -55,6 +65,31 @@ impl Default for Metrics {
             "received_bytes",
             "Encoded bytes received from the server",
             m.received_bytes.clone(),
+        );
+        registry.register(
+            "degraded",
+            "1 while the enforced version has rule lists the dataplane could not hold (denied instead)",
+            m.degraded.clone(),
+        );
+        registry.register(
+            "pod_addresses_known",
+            "Local pod addresses bound to the pod the enforced snapshot names",
+            m.pod_addresses_known.clone(),
+        );
+        registry.register(
+            "pod_addresses_unknown",
+            "Local pod addresses no enforced snapshot names for the pod there (denied under --unknown-pods deny)",
+            m.pod_addresses_unknown.clone(),
+        );
+        registry.register(
+            "source_validation_unsupported",
+            "1 while some pods can't be told apart by interface (a bridge-based CNI)",
+            m.source_validation_unsupported.clone(),
+        );
+        registry.register(
+            "local_updates",
+            "Local pod tables handed to the dataplane between versions",
+            m.local_updates.clone(),
         );
         Metrics { registry, ..m }
     }

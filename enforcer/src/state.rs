@@ -81,3 +81,97 @@ impl LocalState {
         Ok(())
     }
 }
+
+// ---- Pod bindings (the agent's: see `crate::pods`) ----
+
+/// Bindings as stored: with the boot they were observed in, because interface indices
+/// restart with the kernel.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredBindings {
+    boot: String,
+    bindings: moat_dataplane::local::Bindings,
+}
+
+/// This kernel's boot ID (empty if unreadable, which never matches a stored one).
+fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+impl LocalState {
+    /// The pod bindings last saved. Bound in an earlier boot, an address's interface is one
+    /// that no longer exists (index 0): the pod is the same only if its sandbox generation
+    /// says it was recreated, so nothing that reuses an address after a reboot inherits.
+    pub fn load_bindings(&self) -> Result<moat_dataplane::local::Bindings, Error> {
+        let Some(raw) = self.db.get("bindings")? else {
+            return Ok(Default::default());
+        };
+        let s: StoredBindings = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Corrupt(format!("pod bindings: {e}")))?;
+        let mut b = s.bindings;
+        if s.boot.is_empty() || s.boot != boot_id() {
+            for x in b.by_addr.values_mut() {
+                x.iface = 0;
+            }
+        }
+        Ok(b)
+    }
+
+    /// Writes the pod bindings without flushing: the next [`LocalState::save`] makes them
+    /// durable together with its snapshot.
+    pub fn stage_bindings(&self, b: &moat_dataplane::local::Bindings) -> Result<(), Error> {
+        let s = StoredBindings {
+            boot: boot_id().to_string(),
+            bindings: b.clone(),
+        };
+        let raw = serde_json::to_vec(&s).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.db.insert("bindings", raw)?;
+        Ok(())
+    }
+
+    /// Writes the pod bindings durably.
+    pub fn save_bindings(&self, b: &moat_dataplane::local::Bindings) -> Result<(), Error> {
+        self.stage_bindings(b)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+// ---- Degradations of the enforced version (reported until a version fits) ----
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredDegraded {
+    #[prost(message, repeated, tag = "1")]
+    degraded: Vec<v1::Degradation>,
+}
+
+impl LocalState {
+    /// What the last applied version could not hold, so a restarted enforcer still reports
+    /// it.
+    pub fn load_degraded(&self) -> Result<Vec<moat_dataplane::plan::Degraded>, Error> {
+        let Some(raw) = self.db.get("degraded")? else {
+            return Ok(Vec::new());
+        };
+        let s = StoredDegraded::decode(raw.as_ref())
+            .map_err(|e| Error::Corrupt(format!("degradations: {e}")))?;
+        s.degraded
+            .iter()
+            .map(FromProto::from_proto)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Corrupt(format!("degradations: {e}")))
+    }
+
+    /// Writes the degradations without flushing: the next [`LocalState::save`] makes them
+    /// durable together with their version.
+    pub fn stage_degraded(&self, d: &[moat_dataplane::plan::Degraded]) -> Result<(), Error> {
+        let s = StoredDegraded {
+            degraded: d.iter().map(ToProto::to_proto).collect(),
+        };
+        self.db.insert("degraded", s.encode_to_vec())?;
+        Ok(())
+    }
+}

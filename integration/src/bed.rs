@@ -345,7 +345,17 @@ impl Bed {
         Some((v["version"].as_u64()?, v["digest"].as_str()?.parse().ok()?))
     }
 
+    /// The versions the node's recording backend was given (`adopt`, `full`, `delta`): its
+    /// local pod table changes (`set_local`) are left out, because the test enforcer follows
+    /// the topology of the namespace it runs in, which other tests change.
     pub fn events(&self, node: &str) -> Vec<Value> {
+        let mut e = self.all_events(node);
+        e.retain(|e| e["op"] != "set_local");
+        e
+    }
+
+    /// Every operation the node's recording backend recorded, `set_local` included.
+    pub fn all_events(&self, node: &str) -> Vec<Value> {
         std::fs::read_to_string(self.path(&format!("rec/{node}/events.jsonl")))
             .unwrap_or_default()
             .lines()

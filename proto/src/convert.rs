@@ -13,6 +13,9 @@ use moat_policy::model::{Cidr, Protocol};
 
 use crate::v1;
 
+mod dataplane;
+pub use dataplane::local_pods_summary;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     #[error("{0}: address of {1} bytes (want 4 or 16)")]

@@ -20,6 +20,11 @@ struct EnforcerArgs {
     /// Largest table (elements) the nft backend accepts before refusing a version.
     #[arg(long, env = "MOAT_NFT_MAX_ELEMENTS", default_value_t = moat_enforcer_nft::DEFAULT_MAX_ELEMENTS)]
     nft_max_elements: usize,
+    /// A total element budget for whichever dataplane runs (nft: the smaller of this and
+    /// `--nft-max-elements`). A version that needs more is applied with its biggest rule
+    /// lists denied, and the node reports itself degraded.
+    #[arg(long, env = "MOAT_MAX_ELEMENTS")]
+    max_elements: Option<usize>,
     /// A bpffs the eBPF dataplane pins its maps and links under (in `moat/<node>/`), mounted
     /// there if it is not one yet. Pins outlive the enforcer, so a restart leaves no gap.
     #[arg(long, env = "MOAT_BPFFS", default_value = "/sys/fs/bpf")]
@@ -37,8 +42,11 @@ fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBacke
         bail!("the nftables dataplane cannot run here: {why}");
     }
     std::fs::create_dir_all(&args.common.state_dir)?;
+    let budget = args
+        .max_elements
+        .map_or(args.nft_max_elements, |m| m.min(args.nft_max_elements));
     Ok(NftBackend::open(
-        args.nft_max_elements,
+        budget,
         &args.common.state_dir.join("nft.lock"),
     )?
     .with_probes(probes))
@@ -57,6 +65,14 @@ async fn main() -> Result<()> {
     match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &args.common.node) {
         Ok(mut backend) => {
             backend.note_probe("selected", format!("ebpf: --backend {mode}"));
+            if let Some(m) = args.max_elements {
+                // Said out loud rather than silently ignored: the eBPF maps' capacities are
+                // its only budget in this build.
+                tracing::warn!(
+                    max_elements = m,
+                    "--max-elements does not bound the eBPF dataplane yet; its map capacities do"
+                );
+            }
             let backend = Switching::new(backend, "nft", nft_leftover(&args));
             run(args, backend, "eBPF").await
         }
