@@ -119,7 +119,16 @@ impl<B: Backend> Agent<B> {
         self.health
             .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
             .await;
-        let last = self.state.load()?;
+        let last = match self.state.load(&self.cfg.node) {
+            crate::state::Loaded::Applied(s) => Some(s),
+            crate::state::Loaded::Nothing => None,
+            crate::state::Loaded::Discarded(e) => {
+                // Adopt as if nothing were recorded: the kernel keeps what it enforces, and a
+                // hello naming no version makes the server send a full snapshot.
+                warn!(error = %e, "the local record cannot be read and was discarded; the kernel keeps what it enforces until the server sends a full snapshot");
+                None
+            }
+        };
         let adopted = {
             let backend = self.backend.clone();
             let last2 = last.clone();

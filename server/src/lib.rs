@@ -18,6 +18,7 @@ pub mod bootstrap;
 pub mod hub;
 pub mod index;
 pub mod metrics;
+pub mod prune;
 pub mod source;
 pub mod status;
 pub mod store;

@@ -37,6 +37,16 @@ pub struct Metrics {
     /// 1 while a cluster's source reaches its input, 0 while it serves a stale state.
     pub source_up: Family<ClusterLabel, Gauge>,
     pub certificates_issued: Counter,
+    /// Nodes in the fleet view per cluster and state (`existing`, `deleted`: waiting out
+    /// the grace period before they leave).
+    pub fleet_nodes: Family<FleetLabel, Gauge>,
+    pub nodes_forgotten: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetLabel {
+    pub cluster: String,
+    pub state: String,
 }
 
 impl Default for Metrics {
@@ -54,6 +64,8 @@ impl Default for Metrics {
             source_reloads: Counter::default(),
             source_up: Family::default(),
             certificates_issued: Counter::default(),
+            fleet_nodes: Family::default(),
+            nodes_forgotten: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -99,6 +111,16 @@ impl Default for Metrics {
             "Node certificates issued by bootstrap",
             m.certificates_issued.clone(),
         );
+        registry.register(
+            "fleet_nodes",
+            "Nodes in the fleet view (state=deleted: gone from the source, leaving after the grace period)",
+            m.fleet_nodes.clone(),
+        );
+        registry.register(
+            "nodes_forgotten",
+            "Deleted nodes removed from the fleet view and the store after their grace period",
+            m.nodes_forgotten.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -124,6 +146,25 @@ impl Metrics {
                 cluster: cluster.into(),
             })
             .clone()
+    }
+
+    /// The fleet's size per cluster: (existing, deleted). Clusters that have no nodes any
+    /// more lose their series.
+    pub fn set_fleet(
+        &self,
+        counts: &std::collections::BTreeMap<std::sync::Arc<str>, (usize, usize)>,
+    ) {
+        self.fleet_nodes.clear();
+        for (cluster, (existing, deleted)) in counts {
+            for (state, n) in [("existing", existing), ("deleted", deleted)] {
+                self.fleet_nodes
+                    .get_or_create(&FleetLabel {
+                        cluster: cluster.to_string(),
+                        state: state.into(),
+                    })
+                    .set(*n as i64);
+            }
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -23,6 +23,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::status::StreamEvent;
+use crate::tls::Anchor;
 
 /// What a sync stream needs from the rest of the server.
 pub trait Source: Send + Sync + 'static {
@@ -89,22 +90,44 @@ impl Source for Hub {
     }
 }
 
+/// How peers prove who they are.
+#[derive(Clone)]
+pub enum PeerAuth {
+    /// `--insecure-dev-plaintext`: the `x-moat-identity` header, unauthenticated.
+    Plaintext,
+    /// Mutual TLS; the config says which CA a verified chain ends at.
+    Tls(Arc<crate::tls::Reloading>),
+}
+
+/// A peer as its certificate (or, in plaintext mode, its header) names it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub id: Identity,
+    /// When its certificate expires (`None` in plaintext mode).
+    pub expires: Option<SystemTime>,
+    pub anchor: Anchor,
+}
+
 /// The peer's identity: from its verified client certificate, or — only with
 /// `--insecure-dev-plaintext` — from the `x-moat-identity` header.
-pub fn peer_identity<T>(
-    req: &Request<T>,
-    insecure: bool,
-) -> Result<(Identity, Option<SystemTime>), Status> {
-    if insecure {
-        let uri = req
-            .metadata()
-            .get("x-moat-identity")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Status::unauthenticated("plaintext mode: set x-moat-identity"))?;
-        let id = Identity::from_uri(uri)
-            .ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
-        return Ok((id, None));
-    }
+pub fn peer_identity<T>(req: &Request<T>, auth: &PeerAuth) -> Result<Peer, Status> {
+    let tls = match auth {
+        PeerAuth::Plaintext => {
+            let uri = req
+                .metadata()
+                .get("x-moat-identity")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Status::unauthenticated("plaintext mode: set x-moat-identity"))?;
+            let id = Identity::from_uri(uri)
+                .ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
+            return Ok(Peer {
+                id,
+                expires: None,
+                anchor: Anchor::Main,
+            });
+        }
+        PeerAuth::Tls(tls) => tls,
+    };
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
@@ -114,21 +137,29 @@ pub fn peer_identity<T>(
     let (id, expires) = crate::tls::identity_of(der).ok_or_else(|| {
         Status::permission_denied("client certificate carries no (or more than one) Moat identity")
     })?;
-    Ok((id, Some(expires)))
+    // Said first, so that an expired certificate is reported as such, not as a node CA's.
+    if expires <= SystemTime::now() {
+        return Err(Status::unauthenticated("client certificate expired"));
+    }
+    Ok(Peer {
+        id,
+        expires: Some(expires),
+        anchor: tls.anchor(&certs),
+    })
 }
 
 pub struct SyncService<S> {
     source: Arc<S>,
     shutdown: watch::Receiver<bool>,
-    insecure: bool,
+    auth: PeerAuth,
 }
 
 impl<S: Source> SyncService<S> {
-    pub fn new(source: Arc<S>, shutdown: watch::Receiver<bool>, insecure: bool) -> Self {
+    pub fn new(source: Arc<S>, shutdown: watch::Receiver<bool>, auth: PeerAuth) -> Self {
         Self {
             source,
             shutdown,
-            insecure,
+            auth,
         }
     }
 
@@ -150,10 +181,12 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
         req: Request<Streaming<v1::EnforcerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
         let remote = req.remote_addr();
-        let (id, expires) = peer_identity(&req, self.insecure).inspect_err(|e| {
+        let Peer { id, expires, .. } = peer_identity(&req, &self.auth).inspect_err(|e| {
             self.source.metrics().refused("identity");
             warn!(peer = ?remote, error = %e.message(), "refused a sync stream");
         })?;
+        // Node identities only, whichever CA vouches for them: the node CA's certificates
+        // can name nothing else that this service accepts.
         let Identity::Node { cluster, node } = id else {
             self.source.metrics().refused("not-a-node");
             warn!(peer = ?remote, identity = %id, "refused a sync stream: not a node certificate");

@@ -48,6 +48,8 @@ fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBacke
 async fn main() -> Result<()> {
     let args = EnforcerArgs::parse();
     moat_telemetry::init_logging(&args.common.log)?;
+    // Before the backend probe touches anything.
+    moat_enforcer::cli::check_urls(&args.common)?;
     let mode = args.backend.clone();
     if mode == "nft" {
         let backend = nft(&args, selected("nft: --backend nft".into()))?;
