@@ -173,7 +173,7 @@ fn without_policies(objects: Vec<K8sObject>) -> Vec<K8sObject> {
 
 pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> Result<String> {
     let mut b = EbpfBackend::open(PathBuf::from("/sys/fs/bpf"), "bench", Default::default())?;
-    b.adopt(None)?;
+    b.adopt(None, &moat_dataplane::LocalPods::default())?;
     let empty = snapshot(&without_policies(objects(rules, true)));
     let a = snapshot(&objects(rules, false));
     let c = snapshot(&objects(rules, true));
@@ -181,9 +181,9 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     let size = a.size();
 
     // Per packet, 10 rules then `rules` rules, with the client allowed.
-    b.apply_full(&small)?;
+    b.apply_full(&small, &moat_dataplane::LocalPods::default())?;
     let few = packet_costs(&mut b, rounds, 0)?;
-    b.apply_full(&c)?;
+    b.apply_full(&c, &moat_dataplane::LocalPods::default())?;
     let many = packet_costs(&mut b, rounds, 1)?;
     let _ = b.dataplane().test_run(INGRESS, &arp(), 0, 7)?;
 
@@ -193,10 +193,10 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     // spaced-out stream of versions would find it) and timed on its own.
     let (mut full, mut full_bg) = (Vec::new(), Vec::new());
     for _ in 0..full_runs {
-        b.apply_full(&empty)?;
+        b.apply_full(&empty, &moat_dataplane::LocalPods::default())?;
         b.settle();
         let t = Instant::now();
-        b.apply_full(&a)?;
+        b.apply_full(&a, &moat_dataplane::LocalPods::default())?;
         full.push(t.elapsed());
         let t = Instant::now();
         b.settle();
@@ -207,9 +207,9 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     for i in 0..delta_runs {
         let t = Instant::now();
         if i % 2 == 0 {
-            b.apply_delta(&a, &ac, &c)?;
+            b.apply_delta(&a, &ac, &c, &moat_dataplane::LocalPods::default())?;
         } else {
-            b.apply_delta(&c, &ca, &a)?;
+            b.apply_delta(&c, &ca, &a, &moat_dataplane::LocalPods::default())?;
         }
         deltas.push(t.elapsed());
         let t = Instant::now();

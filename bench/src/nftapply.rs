@@ -131,7 +131,7 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize) -> Result<String> 
         moat_enforcer_nft::DEFAULT_MAX_ELEMENTS,
         &dir.path().join("lock"),
     )?;
-    backend.adopt(None)?;
+    backend.adopt(None, &moat_dataplane::LocalPods::default())?;
     let a = snapshot(&objects(rules, false));
     let b = snapshot(&objects(rules, true));
     let size = a.size();
@@ -140,7 +140,7 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize) -> Result<String> 
     let mut full = Vec::new();
     for _ in 0..full_runs {
         let t = Instant::now();
-        backend.apply_full(&a)?;
+        backend.apply_full(&a, &moat_dataplane::LocalPods::default())?;
         full.push(t.elapsed());
     }
     // Delta: the client pod appears and disappears (one group member in, one out).
@@ -149,9 +149,9 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize) -> Result<String> 
     for i in 0..delta_runs {
         let t = Instant::now();
         if i % 2 == 0 {
-            backend.apply_delta(&a, &ab, &b)?;
+            backend.apply_delta(&a, &ab, &b, &moat_dataplane::LocalPods::default())?;
         } else {
-            backend.apply_delta(&b, &ba, &a)?;
+            backend.apply_delta(&b, &ba, &a, &moat_dataplane::LocalPods::default())?;
         }
         deltas.push(t.elapsed());
     }

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 
+use crate::local::LocalPods;
+use crate::plan::Degraded;
+
 /// What this node's kernel offers, reported to the server and shown in `moatctl status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -90,24 +93,57 @@ pub enum Adopted {
     Nothing,
 }
 
+/// What an applied version could not hold: the rule lists denied in its place (empty when
+/// the version was applied exactly). The node reports itself `degraded` while non-empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub degraded: Vec<Degraded>,
+}
+
+/// Counter names both dataplanes report (in [`Backend::counters`]).
+pub mod counters {
+    /// Packets from a pod interface whose source is not an address routed to that interface.
+    pub const SPOOFED: &str = "spoofed_packets";
+    /// Packets from or to a local pod address the enforced snapshot does not name (yet).
+    pub const UNKNOWN_POD: &str = "unknown_pod_packets";
+    /// Forwarded packets through an interface the dataplane has not classified yet.
+    pub const UNCLASSIFIED: &str = "unclassified_interface_packets";
+}
+
 /// A dataplane. Every method is all-or-nothing: after an error the previously applied
-/// version is still fully in force.
+/// version (and local pod table) is still fully in force.
+///
+/// Every method that takes [`LocalPods`] enforces it together with the rules, atomically:
+/// which local addresses are known (and bound to which interface) changes in the same step
+/// as the rules that name them.
 pub trait Backend: Send + 'static {
     fn name(&self) -> &str;
     fn capabilities(&self) -> Capabilities;
     /// Takes over whatever a previous run left in the kernel, given the snapshot the node
     /// persisted last (if any), without ever removing enforcement first. Called once, before
-    /// anything else.
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError>;
+    /// anything else. `local` is the node's pods as they are now, bound against `last`.
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        local: &LocalPods,
+    ) -> Result<Adopted, BackendError>;
     /// Replaces whatever is enforced with `snap`, atomically.
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError>;
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        local: &LocalPods,
+    ) -> Result<Applied, BackendError>;
     /// Moves from `old` to `new`; `delta` is the difference, for backends that update in place.
     fn apply_delta(
         &mut self,
         old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-    ) -> Result<(), BackendError>;
+        local: &LocalPods,
+    ) -> Result<Applied, BackendError>;
+    /// The node's pods changed between versions (an interface or a route came or went, an
+    /// address was bound or became unknown).
+    fn set_local(&mut self, local: &LocalPods) -> Result<(), BackendError>;
     /// Dataplane counters (packets allowed, denied, …), reported to the server.
     fn counters(&self) -> BTreeMap<String, u64>;
     /// Removes everything this backend installed (uninstall).

@@ -14,6 +14,10 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod local;
 pub mod plan;
 
-pub use backend::{Adopted, Backend, BackendError, Capabilities, Cause, MAINTAIN_EVERY, chain};
+pub use backend::{
+    Adopted, Applied, Backend, BackendError, Capabilities, Cause, MAINTAIN_EVERY, chain, counters,
+};
+pub use local::LocalPods;

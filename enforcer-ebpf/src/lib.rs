@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use moat_dataplane::plan::{Classes, Desired, desired, incremental};
-use moat_dataplane::{Adopted, Backend, BackendError, Capabilities, Cause};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, Cause, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
@@ -329,7 +329,11 @@ impl Backend for EbpfBackend {
         Capabilities::of_this_kernel(self.probes.clone())
     }
 
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        _local: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
         // Maps of an older binary's layout become this one's first (their rules stay in
         // force throughout), so what follows reads them as if this binary had written them.
         self.dp
@@ -377,8 +381,13 @@ impl Backend for EbpfBackend {
         }
     }
 
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        self.install(snap)
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.install(snap)?;
+        Ok(Applied::default())
     }
 
     fn apply_delta(
@@ -386,12 +395,18 @@ impl Backend for EbpfBackend {
         old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-    ) -> Result<(), BackendError> {
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
         if self.install_patch(old, delta, new)? {
-            return Ok(());
+            return Ok(Applied::default());
         }
         // Anything else: the difference of the whole plans, still written as a difference.
-        self.install(new)
+        self.install(new)?;
+        Ok(Applied::default())
+    }
+
+    fn set_local(&mut self, _local: &LocalPods) -> Result<(), BackendError> {
+        Ok(())
     }
 
     fn maintain(&mut self) -> Result<(), BackendError> {

@@ -413,7 +413,8 @@ fn the_backend_leaves_both_slots_equal_to_each_version() {
     let root = bpffs().join("moat").join(&node);
     let _ = std::fs::remove_dir_all(&root);
     let mut b = EbpfBackend::open(bpffs(), &node, Default::default()).unwrap();
-    b.adopt(None).unwrap();
+    b.adopt(None, &moat_dataplane::LocalPods::default())
+        .unwrap();
     // Single ports are written to the exact-match map (both slots), the rest to the trie.
     use aya::maps::{HashMap, LpmTrie, Map, MapData};
     use moat_ebpf_common::{MapNames, PORT_FULL_BITS, PortKey};
@@ -435,13 +436,20 @@ fn the_backend_leaves_both_slots_equal_to_each_version() {
         let name = busiest.expect("a node").node;
         let snap = |w: &World| Index::build(parse_all(&w.objects())).snapshot(&name);
         let mut old = snap(&world).unwrap();
-        b.apply_full(&old).unwrap();
+        b.apply_full(&old, &moat_dataplane::LocalPods::default())
+            .unwrap();
         for step in 0..15 {
             world.mutate(&mut rng, &mut f, false);
             let Some(new) = snap(&world) else {
                 break;
             };
-            b.apply_delta(&old, &delta::diff(&old, &new), &new).unwrap();
+            b.apply_delta(
+                &old,
+                &delta::diff(&old, &new),
+                &new,
+                &moat_dataplane::LocalPods::default(),
+            )
+            .unwrap();
             b.settle();
             let at = format!("world {world_no}, step {step}");
             let installed = b.installed().clone();

@@ -15,9 +15,13 @@
 //!    set record (one element: version, digest and epoch in its comment)
 //! ```
 //!
-//! Every change is one `nft` transaction: a full snapshot replaces the table in one batch, a
-//! delta adds and removes only the elements and chains that changed. The table records the
-//! version and digest it holds, so a restarted enforcer trusts what the kernel says.
+//! The ruleset chains, their sets and the class maps are named after the class numbering
+//! (`…_<epoch>`). A delta is one transaction that adds and removes only the elements and
+//! chains that changed. A full snapshot builds the table in one transaction when there is
+//! none; one in force is replaced beside itself (`render::stage`, `switch`, `sweep`), since a
+//! packet caught in the old rules by a commit that deletes their maps would be dropped. The
+//! table records the version and digest it holds, so a restarted enforcer trusts what the
+//! kernel says.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -33,7 +37,7 @@ pub mod render;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use tracing::{debug, info, warn};
@@ -135,113 +139,7 @@ impl NftBackend {
         Ok(())
     }
 
-    fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        // A fresh numbering for a full replacement: nothing in the kernel to stay close to.
-        self.classes = Classes::default();
-        self.cache = None;
-        let mut d = self.desired(snap)?;
-        d.epoch = rand::random();
-        nft::apply(&self.lock, render::full(&d))
-            .map_err(|e| BackendError::failed("replacing the table", e))?;
-        debug!(
-            version = snap.version,
-            elements = d.elements(),
-            rulesets = d.rulesets.len(),
-            "table replaced"
-        );
-        self.current = Some(d);
-        Ok(())
-    }
-}
-
-/// Which way a delta reached the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Via {
-    Netlink,
-    Nft,
-}
-
-/// Commits a delta batch (from [`render::delta`]) as one transaction: element-only batches
-/// (pod churn) straight over netlink, everything else through `nft`. Same commands, same
-/// all-or-nothing guarantee either way.
-pub fn commit_delta(
-    lock: &nft::TxLock,
-    conn: &mut Option<netlink::Conn>,
-    commands: Vec<serde_json::Value>,
-) -> Result<Via, nft::Error> {
-    if conn.is_none() {
-        // Without a netlink socket every batch goes through nft.
-        *conn = netlink::Conn::open().ok();
-    }
-    let Some(c) = conn else {
-        return nft::apply(lock, commands).map(|()| Via::Nft);
-    };
-    // Encodes once: `Ok(false)` (nothing sent) when the batch needs nft.
-    match c.apply(&commands) {
-        Ok(true) => Ok(Via::Netlink),
-        Ok(false) => nft::apply(lock, commands).map(|()| Via::Nft),
-        Err(e) => {
-            // A fresh socket next time: this one may hold answers we never read.
-            *conn = None;
-            Err(nft::Error::Refused(e.to_string()))
-        }
-    }
-}
-
-impl Backend for NftBackend {
-    fn name(&self) -> &str {
-        "nft"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut probes = self.probes.clone();
-        probes.insert(
-            "nft".to_string(),
-            NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
-        );
-        Capabilities::of_this_kernel(probes)
-    }
-
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
-        let recorded =
-            nft::recorded().map_err(|e| BackendError::failed("reading the table's record", e))?;
-        match (recorded, last) {
-            (Some((v, d)), Some(s)) if v == s.version && d == s.digest.to_string() => {
-                // The kernel holds exactly what we persisted: reconcile in one transaction
-                // (same content, so no packet sees a difference) to know its layout.
-                info!(version = v, "adopting the table left by the previous run");
-                self.replace(s)?;
-                Ok(Adopted::Enforcing)
-            }
-            (Some((v, _)), None) => {
-                warn!(
-                    version = v,
-                    "a Moat table exists but there is no local record; keeping it until the server sends a full snapshot"
-                );
-                Ok(Adopted::Unknown)
-            }
-            (Some((v, _)), Some(s)) if v > s.version => {
-                // Newer than our record (applied just before a crash) or unnamed: keep it.
-                warn!(
-                    version = v,
-                    "the table holds rules newer than the local record; keeping them"
-                );
-                Ok(Adopted::Unknown)
-            }
-            (_, Some(s)) => {
-                info!(version = s.version, "restoring the last applied rules");
-                self.replace(s)?;
-                Ok(Adopted::Enforcing)
-            }
-            (None, None) => Ok(Adopted::Nothing),
-        }
-    }
-
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        self.replace(snap)
-    }
-
-    fn apply_delta(
+    fn delta(
         &mut self,
         old_snap: &NodeSnapshot,
         delta: &Delta,
@@ -295,6 +193,188 @@ impl Backend for NftBackend {
         }
     }
 
+    fn replace(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
+        // A fresh numbering for a full replacement: nothing in the kernel to stay close to.
+        self.classes = Classes::default();
+        self.cache = None;
+        let mut d = self.desired(snap)?;
+        match nft::objects().map_err(failed)? {
+            None => {
+                d.epoch = rand::random();
+                nft::apply(&self.lock, render::full(&d)).map_err(failed)?;
+            }
+            Some(held) => self.swap(&mut d, held)?,
+        }
+        debug!(
+            version = snap.version,
+            elements = d.elements(),
+            rulesets = d.rulesets.len(),
+            "table replaced"
+        );
+        self.current = Some(d);
+        Ok(())
+    }
+
+    /// Replaces the table in force, `held`, with `d` without deleting anything its rules use
+    /// in the same commit: a packet those rules are judging as it commits looks its sets up
+    /// in the new generation, where a deleted map is empty, and would be dropped however
+    /// both versions judge it. So `d`'s objects are added under a new epoch, the verdict maps
+    /// switched to them, and the old objects deleted only after that.
+    fn swap(&mut self, d: &mut Desired, held: nft::Objects) -> Result<(), BackendError> {
+        let names: Vec<&str> = held
+            .chains
+            .iter()
+            .map(String::as_str)
+            .chain(held.sets.iter().filter_map(|s| s["name"].as_str()))
+            .collect();
+        // An epoch nothing in the table is named after, so staging never adds to old objects.
+        d.epoch = loop {
+            let e = rand::random();
+            let suffix = render::in_epoch("", e);
+            if !names.iter().any(|n| n.contains(&suffix)) {
+                break e;
+            }
+        };
+        let switched = nft::apply(&self.lock, render::stage(d))
+            .and_then(|()| commit_delta(&self.lock, &mut self.conn, render::switch(d)));
+        if let Err(e) = switched {
+            warn!(error = %e, "could not replace the table beside its rules; replacing it in one transaction");
+            return nft::apply(&self.lock, render::full(d)).map_err(failed);
+        }
+        let chains: Vec<String> = held
+            .chains
+            .into_iter()
+            .filter(|c| !render::SHARED_CHAINS.contains(&c.as_str()))
+            .collect();
+        let sets: Vec<serde_json::Value> = held
+            .sets
+            .into_iter()
+            .filter(|s| !render::SHARED_SETS.iter().any(|n| s["name"] == *n))
+            .collect();
+        if !(chains.is_empty() && sets.is_empty())
+            && let Err(e) = commit_delta(&self.lock, &mut self.conn, render::sweep(&chains, &sets))
+        {
+            // Unreachable leftovers cost memory, not correctness; the next replacement retries.
+            warn!(error = %e, "could not delete the replaced table's objects");
+        }
+        Ok(())
+    }
+}
+
+fn failed(e: nft::Error) -> BackendError {
+    BackendError::failed("replacing the table", e)
+}
+
+/// Which way a delta reached the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Netlink,
+    Nft,
+}
+
+/// Commits a delta batch (from [`render::delta`]) as one transaction: element-only batches
+/// (pod churn) straight over netlink, everything else through `nft`. Same commands, same
+/// all-or-nothing guarantee either way.
+pub fn commit_delta(
+    lock: &nft::TxLock,
+    conn: &mut Option<netlink::Conn>,
+    commands: Vec<serde_json::Value>,
+) -> Result<Via, nft::Error> {
+    if conn.is_none() {
+        // Without a netlink socket every batch goes through nft.
+        *conn = netlink::Conn::open().ok();
+    }
+    let Some(c) = conn else {
+        return nft::apply(lock, commands).map(|()| Via::Nft);
+    };
+    // Encodes once: `Ok(false)` (nothing sent) when the batch needs nft.
+    match c.apply(&commands) {
+        Ok(true) => Ok(Via::Netlink),
+        Ok(false) => nft::apply(lock, commands).map(|()| Via::Nft),
+        Err(e) => {
+            // A fresh socket next time: this one may hold answers we never read.
+            *conn = None;
+            Err(nft::Error::Refused(e.to_string()))
+        }
+    }
+}
+
+impl Backend for NftBackend {
+    fn name(&self) -> &str {
+        "nft"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut probes = self.probes.clone();
+        probes.insert(
+            "nft".to_string(),
+            NftBackend::probe().map_or_else(|e| e, |_| self.version.clone()),
+        );
+        Capabilities::of_this_kernel(probes)
+    }
+
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        _local: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
+        let recorded =
+            nft::recorded().map_err(|e| BackendError::failed("reading the table's record", e))?;
+        match (recorded, last) {
+            (Some((v, d)), Some(s)) if v == s.version && d == s.digest.to_string() => {
+                // The kernel holds exactly what we persisted: replace it with the same content
+                // (so no packet sees a difference) to know its layout.
+                info!(version = v, "adopting the table left by the previous run");
+                self.replace(s)?;
+                Ok(Adopted::Enforcing)
+            }
+            (Some((v, _)), None) => {
+                warn!(
+                    version = v,
+                    "a Moat table exists but there is no local record; keeping it until the server sends a full snapshot"
+                );
+                Ok(Adopted::Unknown)
+            }
+            (Some((v, _)), Some(s)) if v > s.version => {
+                // Newer than our record (applied just before a crash) or unnamed: keep it.
+                warn!(
+                    version = v,
+                    "the table holds rules newer than the local record; keeping them"
+                );
+                Ok(Adopted::Unknown)
+            }
+            (_, Some(s)) => {
+                info!(version = s.version, "restoring the last applied rules");
+                self.replace(s)?;
+                Ok(Adopted::Enforcing)
+            }
+            (None, None) => Ok(Adopted::Nothing),
+        }
+    }
+
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.replace(snap)?;
+        Ok(Applied::default())
+    }
+
+    fn set_local(&mut self, _local: &LocalPods) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn apply_delta(
+        &mut self,
+        old_snap: &NodeSnapshot,
+        delta: &Delta,
+        new: &NodeSnapshot,
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.delta(old_snap, delta, new)?;
+        Ok(Applied::default())
+    }
     fn counters(&self) -> BTreeMap<String, u64> {
         let mut c = BTreeMap::new();
         if let Some(d) = &self.current {

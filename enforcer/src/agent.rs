@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::state::LocalState;
-use moat_dataplane::{Adopted, Backend, BackendError};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, LocalPods};
 
 /// The health service that is SERVING only while the newest offered version is applied.
 pub const SYNC_SERVICE: &str = "moat.sync";
@@ -133,7 +133,10 @@ impl<B: Backend> Agent<B> {
             let backend = self.backend.clone();
             let last2 = last.clone();
             tokio::task::spawn_blocking(move || {
-                backend.lock().expect("backend lock").adopt(last2.as_ref())
+                backend
+                    .lock()
+                    .expect("backend lock")
+                    .adopt(last2.as_ref(), &LocalPods::default())
             })
             .await
             .map_err(|e| Error::Protocol(format!("adopt panicked: {e}")))?
@@ -301,6 +304,7 @@ impl<B: Backend> Agent<B> {
                     let r = v1::Report {
                         enforcing: self.enforcing.as_ref().map(|s| version_of(s).to_proto()),
                         counters: counters.into_iter().collect(),
+                        ..Default::default()
                     };
                     let _ = tx.try_send(v1::EnforcerMessage { kind: Some(Out::Report(r)) });
                 }
@@ -373,6 +377,7 @@ impl<B: Backend> Agent<B> {
                         nonce,
                         applied: Some(offered.to_proto()),
                         apply_micros: micros,
+                        degraded: Vec::new(),
                     })),
                 }
             }
@@ -412,7 +417,8 @@ impl<B: Backend> Agent<B> {
         }
         let snap = Arc::new(snap);
         let s2 = snap.clone();
-        self.commit(snap, move |b| b.apply_full(&s2)).await
+        self.commit(snap, move |b| b.apply_full(&s2, &LocalPods::default()))
+            .await
     }
 
     async fn apply_delta(&mut self, d: delta::Delta) -> Result<(), String> {
@@ -422,8 +428,10 @@ impl<B: Backend> Agent<B> {
             .ok_or_else(|| "a delta arrived but this node holds no version".to_string())?;
         let new = Arc::new(delta::apply(&old, &d).map_err(|e| e.to_string())?);
         let n2 = new.clone();
-        self.commit(new, move |b| b.apply_delta(&old, &d, &n2))
-            .await
+        self.commit(new, move |b| {
+            b.apply_delta(&old, &d, &n2, &LocalPods::default())
+        })
+        .await
     }
 
     /// The server renames the content this node holds (same digest, new version).
@@ -458,7 +466,7 @@ impl<B: Backend> Agent<B> {
     async fn commit(
         &mut self,
         snap: Arc<NodeSnapshot>,
-        f: impl FnOnce(&mut B) -> Result<(), BackendError> + Send + 'static,
+        f: impl FnOnce(&mut B) -> Result<Applied, BackendError> + Send + 'static,
     ) -> Result<(), String> {
         let backend = self.backend.clone();
         let state = self.state.clone();

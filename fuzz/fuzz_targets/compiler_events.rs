@@ -220,6 +220,8 @@ fn event(op: &Op) -> Event {
                 ports,
                 host_network: *host,
                 terminal: *terminal,
+                uid: None,
+                sandbox: None,
             }))
         }
         Op::DeletePod { ns: n, name } => Event::Delete(ObjectKey::Pod {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 use serde_json::json;
@@ -68,7 +68,11 @@ impl Backend for Recording {
         Capabilities::of_this_kernel(BTreeMap::from([("record".to_string(), "ok".to_string())]))
     }
 
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        _local: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
         self.event(json!({"op": "adopt", "version": last.map(|s| s.version)}))?;
         Ok(if last.is_some() {
             Adopted::Enforcing
@@ -77,8 +81,13 @@ impl Backend for Recording {
         })
     }
 
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        self.enforce("full", snap, None)
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.enforce("full", snap, None)?;
+        Ok(Applied::default())
     }
 
     fn apply_delta(
@@ -86,8 +95,14 @@ impl Backend for Recording {
         _old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-    ) -> Result<(), BackendError> {
-        self.enforce("delta", new, Some(delta.entries()))
+        _local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        self.enforce("delta", new, Some(delta.entries()))?;
+        Ok(Applied::default())
+    }
+
+    fn set_local(&mut self, _local: &LocalPods) -> Result<(), BackendError> {
+        Ok(())
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {

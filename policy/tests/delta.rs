@@ -118,6 +118,8 @@ fn a_one_pod_change_is_a_small_delta() {
         ports: vec![],
         host_network: false,
         terminal: false,
+        uid: None,
+        sandbox: None,
     };
     let changes = index.apply(moat_policy::model::Object::Pod(pod));
     assert_eq!(changes.updated.len(), 50);

@@ -18,6 +18,8 @@ fn pod(i: u32, app: &str, nodes: u32) -> Object {
         ports: vec![],
         host_network: false,
         terminal: false,
+        uid: None,
+        sandbox: None,
     })
 }
 

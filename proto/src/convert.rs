@@ -129,6 +129,7 @@ impl ToProto for Endpoint {
             addrs: self.addrs.iter().map(addr_bytes).collect(),
             ingress: Some(dir(&self.ingress)),
             egress: Some(dir(&self.egress)),
+            sandbox: self.sandbox,
         }
     }
 }
@@ -151,6 +152,7 @@ impl FromProto for Endpoint {
         a.dedup();
         Ok(Endpoint {
             id: EndpointId(p.id),
+            sandbox: p.sandbox,
             addrs: a,
             ingress: dir(&p.ingress),
             egress: dir(&p.egress),

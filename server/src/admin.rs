@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::hub::{ClusterState, Hub};
-use crate::sync::{PeerAuth, peer_identity};
+use crate::sync::{PeerAuth, peer_addr, peer_identity};
 use crate::tls::Anchor;
 
 pub struct AdminService {
@@ -33,7 +33,7 @@ impl AdminService {
             // Whatever it names: the node CA (whose key bootstrap holds) never vouches for
             // an operator.
             self.hub.metrics.refused("node-ca-on-admin");
-            warn!(peer = ?req.remote_addr(), identity = %peer.id, "refused an admin call from a certificate of the node CA");
+            warn!(peer = ?peer_addr(req), identity = %peer.id, "refused an admin call from a certificate of the node CA");
             return Err(Status::permission_denied(
                 "the admin API needs an admin certificate from the main CA; the node CA's are refused",
             ));
@@ -42,7 +42,7 @@ impl AdminService {
             Identity::Admin { .. } => Ok(()),
             other => {
                 self.hub.metrics.refused("not-an-admin");
-                warn!(peer = ?req.remote_addr(), identity = %other, "refused an admin call from a non-admin certificate");
+                warn!(peer = ?peer_addr(req), identity = %other, "refused an admin call from a non-admin certificate");
                 Err(Status::permission_denied(
                     "the admin API needs an admin certificate",
                 ))

@@ -46,8 +46,10 @@ async fn sweep(hub: &Arc<Hub>, grace: Duration) {
     let forgotten = hub.fleet.forget(&s.expired);
     for (cluster, node) in &forgotten {
         info!(%cluster, %node, grace = ?grace, "deleted node forgotten (status, delta bases)");
-        hub.forget(cluster, node);
     }
+    // Bootstrap's record of their certificates, once those expired.
+    hub.streams
+        .prune_issued(std::time::SystemTime::now(), |k| hub.fleet.contains(k));
     hub.metrics.nodes_forgotten.inc_by(forgotten.len() as u64);
     hub.metrics.set_fleet(&hub.fleet.counts());
     if !forgotten.is_empty() {

@@ -228,6 +228,11 @@ impl Fleet {
         out
     }
 
+    /// Whether the view holds the node (deleted or not).
+    pub fn contains(&self, key: &NodeKey) -> bool {
+        self.nodes.lock().expect("fleet lock").contains_key(key)
+    }
+
     /// Nodes in the view per cluster: (existing, deleted and waiting out their grace).
     pub fn counts(&self) -> BTreeMap<Arc<str>, (usize, usize)> {
         let mut out: BTreeMap<Arc<str>, (usize, usize)> = BTreeMap::new();

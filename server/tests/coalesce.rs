@@ -31,6 +31,8 @@ fn pod(name: &str, app: &str, i: u8) -> Object {
         ports: vec![],
         host_network: false,
         terminal: false,
+        uid: None,
+        sandbox: None,
     })
 }
 
@@ -194,6 +196,7 @@ async fn one_in_flight_and_slow_enforcers_get_the_newest_state() {
             nonce: first.nonce.clone(),
             applied: Some(v1.to_proto()),
             apply_micros: 1,
+            degraded: Vec::new(),
         })),
     })
     .await

@@ -88,7 +88,10 @@ fn old_group(old: &NodeSnapshot, id: GroupId) -> Option<&Members> {
 }
 
 /// Can `delta` (from `old`) be applied in place? Only when it changes nothing but the
-/// members of address groups (patched, or resent whole, or removed).
+/// members of address groups (patched, or resent whole, or removed). A plan that degraded
+/// something is never patched (the patch could not tell when the cut rules fit again), and
+/// a patched plan must still pass [`Desired::check`](super::Desired::check) against the
+/// budget, else it is recomputed whole.
 pub fn applies(old: &NodeSnapshot, delta: &Delta) -> bool {
     let addrs = |m: Option<&Members>| matches!(m, None | Some(Members::Addrs(_)));
     delta.node_addrs.is_none()

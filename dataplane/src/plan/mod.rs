@@ -16,13 +16,17 @@
 //! * endpoint addresses jump to their ruleset through verdict maps; endpoints no policy
 //!   isolates are in no map and cost one failed lookup.
 
+pub mod budget;
 pub mod incremental;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use moat_policy::ir::digest::Digest;
-use moat_policy::ir::{GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId};
+use moat_policy::ir::{EndpointId, GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId};
+
+use crate::local::LocalPods;
+pub use budget::{Budget, DENY_EGRESS, DENY_INGRESS, Degraded, Meter, Overflow};
 
 /// One ruleset chain's content.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -78,6 +82,12 @@ pub struct Desired {
     pub ing6: BTreeMap<Ipv6Addr, String>,
     pub eg4: BTreeMap<Ipv4Addr, String>,
     pub eg6: BTreeMap<Ipv6Addr, String>,
+    /// Local pod addresses per interface, known or not (source validation, unknown pods).
+    /// Not derived from the snapshot: the backend sets it from the agent's bindings.
+    pub local: LocalPods,
+    /// Rule lists this version could not hold; their endpoints point at [`DENY_INGRESS`]
+    /// or [`DENY_EGRESS`] instead.
+    pub degraded: Vec<Degraded>,
 }
 
 impl Desired {
@@ -91,7 +101,48 @@ impl Desired {
             + self.ing6.len()
             + self.eg4.len()
             + self.eg6.len()
+            + self.local.addrs.len()
             + self.rulesets.values().map(Ruleset::elements).sum::<usize>()
+    }
+
+    /// Whether the plan fits `budget`, counted as [`desired_within`] counts it. For plans
+    /// patched in place (which never degrade anything): one that no longer fits must be
+    /// recomputed with [`desired_within`].
+    pub fn check(&self, budget: &Budget) -> Result<(), Overflow> {
+        use budget::Kind;
+        let mut m = Meter::new(*budget);
+        m.take(
+            Kind::Total,
+            self.local.addrs.len()
+                + self.ing4.len()
+                + self.ing6.len()
+                + self.eg4.len()
+                + self.eg6.len(),
+        )?;
+        m.take(Kind::Addrs, self.addr4.len() + self.addr6.len())?;
+        let ranges = self
+            .class4
+            .keys()
+            .map(|(a, b)| budget.interval(u32::from(*a).into(), u32::from(*b).into(), 32))
+            .chain(
+                self.class6
+                    .keys()
+                    .map(|(a, b)| budget.interval(u128::from(*a), u128::from(*b), 128)),
+            )
+            .fold(0usize, usize::saturating_add);
+        m.take(Kind::Ranges, ranges)?;
+        for rs in self.rulesets.values() {
+            m.take(Kind::PortsExact, rs.gx.len())?;
+            let ranged = rs.aa.len()
+                + rs.ap
+                    .iter()
+                    .map(|(_, a, b)| budget.port_range(*a, *b))
+                    .chain(rs.gp.iter().map(|(_, _, a, b)| budget.port_range(*a, *b)))
+                    .sum::<usize>();
+            m.take(Kind::PortsRanged, ranged)?;
+            m.take(Kind::Named, rs.n4.len() + rs.n6.len())?;
+        }
+        Ok(())
     }
 }
 
@@ -326,16 +377,193 @@ pub fn merge(mut v: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
     out
 }
 
-/// Computes the table content for `snap`, reusing class numbers from `classes`.
+/// Computes the table content for `snap`, reusing class numbers from `classes`, with no
+/// limit on its size.
 pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
+    desired_within(snap, classes, &LocalPods::default(), &Budget::UNLIMITED)
+}
+
+/// Address classes of the groups in `keep`: (segments, points) per family.
+type ClassLayout = (
+    Vec<(u128, u128, Vec<GroupId>)>,
+    Vec<(u128, u128, Vec<GroupId>)>,
+    Vec<(u128, Vec<GroupId>)>,
+    Vec<(u128, Vec<GroupId>)>,
+);
+
+fn layout(snap: &NodeSnapshot, dropped: &BTreeSet<GroupId>) -> ClassLayout {
+    let (mut sp4, mut sp6) = (spans(snap, v4), spans(snap, v6));
+    if !dropped.is_empty() {
+        for sp in [&mut sp4, &mut sp6] {
+            sp.singles.retain(|(_, g)| !dropped.contains(g));
+            sp.ranges.retain(|(_, _, g)| !dropped.contains(g));
+        }
+    }
+    let (segs4, segs6) = (segments(&sp4.ranges), segments(&sp6.ranges));
+    let (pts4, pts6) = (points(&sp4.singles, &segs4), points(&sp6.singles, &segs6));
+    (segs4, segs6, pts4, pts6)
+}
+
+/// What a layout costs: (addresses, weighted ranges).
+fn layout_cost(l: &ClassLayout, budget: &Budget) -> (usize, usize) {
+    let ranges =
+        l.0.iter()
+            .map(|s| budget.interval(s.0, s.1, 32))
+            .sum::<usize>()
+            + l.1
+                .iter()
+                .map(|s| budget.interval(s.0, s.1, 128))
+                .sum::<usize>();
+    (l.2.len() + l.3.len(), ranges)
+}
+
+/// What one group costs on its own: (addresses, weighted ranges).
+fn group_cost(members: &Members, budget: &Budget) -> (usize, usize) {
+    let (mut a, mut r) = (0, 0);
+    for (to, bits) in [(v4 as fn(IpAddr) -> Option<u128>, 32), (v6, 128)] {
+        for (lo, hi) in intervals(members, to) {
+            if lo == hi {
+                a += 1;
+            } else {
+                r += budget.interval(lo, hi, bits);
+            }
+        }
+    }
+    (a, r)
+}
+
+/// Computes the table content for `snap` within `budget`: what does not fit is denied
+/// (see [`budget`]), never refused whole and never left open.
+pub fn desired_within(
+    snap: &NodeSnapshot,
+    classes: &mut Classes,
+    local: &LocalPods,
+    budget: &Budget,
+) -> Desired {
     let mut d = Desired {
         version: snap.version,
         digest: Some(snap.digest),
+        local: local.clone(),
         ..Default::default()
     };
-    let (sp4, sp6) = (spans(snap, v4), spans(snap, v6));
-    let (segs4, segs6) = (segments(&sp4.ranges), segments(&sp6.ranges));
-    let (pts4, pts6) = (points(&sp4.singles, &segs4), points(&sp6.singles, &segs6));
+    // What no budget can cut: an entry per local pod address and per isolated endpoint
+    // address and direction (a denied endpoint needs its entry as much as any).
+    let fixed = local.addrs.len()
+        + snap
+            .endpoints
+            .iter()
+            .map(|e| {
+                e.addrs.len() * (usize::from(e.ingress.isolated) + usize::from(e.egress.isolated))
+            })
+            .sum::<usize>();
+    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    let groups: HashMap<GroupId, &Members> =
+        snap.groups.iter().map(|g| (g.id, &g.members)).collect();
+    // Every distinct rule list, named once (hashing a long list per endpoint is what a big
+    // policy over many pods would otherwise cost), with the endpoints holding it.
+    struct List<'a> {
+        egress: bool,
+        rules: &'a [RuleId],
+        endpoints: Vec<EndpointId>,
+    }
+    let mut names: HashMap<ListKey, Vec<(&[RuleId], String)>> = HashMap::new();
+    let mut lists: BTreeMap<String, List<'_>> = BTreeMap::new();
+    let mut chain_of: Vec<[Option<String>; 2]> = Vec::with_capacity(snap.endpoints.len());
+    for e in &snap.endpoints {
+        let mut both = [None, None];
+        for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
+            if !dir.isolated {
+                continue;
+            }
+            let key = (
+                egress,
+                dir.rules.len(),
+                dir.rules.first().copied(),
+                dir.rules.last().copied(),
+            );
+            let known = names.entry(key).or_default();
+            let name = match known.iter().find(|(r, _)| *r == dir.rules.as_slice()) {
+                Some((_, n)) => n.clone(),
+                None => {
+                    let n = chain_name(egress, &dir.rules);
+                    known.push((&dir.rules, n.clone()));
+                    n
+                }
+            };
+            lists
+                .entry(name.clone())
+                .or_insert_with(|| List {
+                    egress,
+                    rules: &dir.rules,
+                    endpoints: Vec::new(),
+                })
+                .endpoints
+                .push(e.id);
+            both[usize::from(egress)] = Some(name);
+        }
+        chain_of.push(both);
+    }
+    let groups_of = |l: &List<'_>| -> BTreeSet<GroupId> {
+        l.rules
+            .iter()
+            .filter_map(|id| match &rules.get(id)?.peers {
+                Peers::Groups(gs) => Some(gs.iter().copied()),
+                Peers::Any => None,
+            })
+            .flatten()
+            .collect()
+    };
+    // Rule lists denied, with why.
+    let mut denied: BTreeMap<String, String> = BTreeMap::new();
+    // Groups first: their addresses and ranges are shared by every ruleset. If they don't
+    // fit, the rule list whose groups weigh most is denied (its groups go with it, unless a
+    // surviving list names them), until they do.
+    let mut meter;
+    let mut lay;
+    loop {
+        let live: BTreeSet<GroupId> = lists
+            .iter()
+            .filter(|(n, _)| !denied.contains_key(*n))
+            .flat_map(|(_, l)| groups_of(l))
+            .collect();
+        let gone: BTreeSet<GroupId> = snap
+            .groups
+            .iter()
+            .map(|g| g.id)
+            .filter(|g| !live.contains(g))
+            .collect();
+        lay = layout(snap, &gone);
+        let (addrs, ranges) = layout_cost(&lay, budget);
+        meter = Meter::new(*budget);
+        let fits = meter
+            .take(budget::Kind::Total, fixed)
+            .and_then(|()| meter.take(budget::Kind::Addrs, addrs))
+            .and_then(|()| meter.take(budget::Kind::Ranges, ranges));
+        let Err(over) = fits else { break };
+        let heaviest = lists
+            .iter()
+            .filter(|(n, _)| !denied.contains_key(*n))
+            .map(|(n, l)| {
+                let w = groups_of(l)
+                    .iter()
+                    .filter_map(|g| groups.get(g))
+                    .map(|m| {
+                        let (a, r) = group_cost(m, budget);
+                        a.saturating_add(r)
+                    })
+                    .fold(0usize, usize::saturating_add);
+                (w, n.clone())
+            })
+            .max();
+        let Some((_, n)) = heaviest else {
+            // Every list is denied and the fixed entries alone don't fit: the dataplane
+            // can't hold this node at all, which its own capacity check will refuse.
+            meter = Meter::new(*budget);
+            break;
+        };
+        denied.insert(n, format!("its peer groups: {over}"));
+    }
+    let (segs4, segs6, pts4, pts6) = lay;
     let live: std::collections::HashSet<&[GroupId]> = segs4
         .iter()
         .chain(&segs6)
@@ -371,36 +599,49 @@ pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
         d.addr6.insert(Ipv6Addr::from(*a), id);
         note(set, id);
     }
-    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
-    let groups: HashMap<GroupId, &Members> =
-        snap.groups.iter().map(|g| (g.id, &g.members)).collect();
-    // Endpoints usually share rule lists: name each distinct list once (hashing a long list
-    // per endpoint is what a big policy over many pods would otherwise cost).
-    let mut names: HashMap<ListKey, Vec<(&[RuleId], String)>> = HashMap::new();
-    for e in &snap.endpoints {
-        for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
-            if !dir.isolated {
-                continue;
-            }
-            let key = (
-                egress,
-                dir.rules.len(),
-                dir.rules.first().copied(),
-                dir.rules.last().copied(),
-            );
-            let known = names.entry(key).or_default();
-            let name = match known.iter().find(|(r, _)| *r == dir.rules.as_slice()) {
-                Some((_, n)) => n.clone(),
-                None => {
-                    let n = chain_name(egress, &dir.rules);
-                    known.push((&dir.rules, n.clone()));
-                    n
-                }
-            };
-            if !d.rulesets.contains_key(&name) {
-                let rs = ruleset(egress, &dir.rules, &rules, &groups, &classes_of);
+    // Cheapest lists first (by an upper bound that costs nothing to compute), so what a
+    // budget cuts is the few biggest lists, not many small ones.
+    let mut order: Vec<(usize, &String)> = lists
+        .iter()
+        .filter(|(n, _)| !denied.contains_key(*n))
+        .map(|(name, l)| (bound(l.rules, &rules, &groups, &classes_of), name))
+        .collect();
+    order.sort();
+    for (_, name) in order {
+        let l = &lists[name];
+        let mut trial = meter;
+        match ruleset(l.egress, l.rules, &rules, &groups, &classes_of, &mut trial) {
+            Ok(rs) => {
+                meter = trial;
                 d.rulesets.insert(name.clone(), rs);
             }
+            Err(over) => {
+                denied.insert(name.clone(), over.to_string());
+            }
+        }
+    }
+    for (name, reason) in &denied {
+        let l = &lists[name];
+        d.degraded.push(Degraded {
+            egress: l.egress,
+            rules: l.rules.to_vec(),
+            endpoints: l.endpoints.clone(),
+            reason: reason.clone(),
+        });
+        let deny = if l.egress { DENY_EGRESS } else { DENY_INGRESS };
+        d.rulesets.entry(deny.to_string()).or_insert(Ruleset {
+            egress: l.egress,
+            ..Default::default()
+        });
+    }
+    for (e, both) in snap.endpoints.iter().zip(chain_of) {
+        for (egress, name) in [(false, &both[0]), (true, &both[1])] {
+            let Some(name) = name else { continue };
+            let name = if denied.contains_key(name) {
+                if egress { DENY_EGRESS } else { DENY_INGRESS }.to_string()
+            } else {
+                name.clone()
+            };
             for a in &e.addrs {
                 match (a, egress) {
                     (IpAddr::V4(a), false) => d.ing4.insert(*a, name.clone()),
@@ -414,19 +655,70 @@ pub fn desired(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
     d
 }
 
+/// An upper bound of a rule list's elements, from sizes alone.
+fn bound(
+    ids: &[RuleId],
+    rules: &HashMap<RuleId, &Rule>,
+    groups: &HashMap<GroupId, &Members>,
+    classes_of: &HashMap<GroupId, BTreeSet<u32>>,
+) -> usize {
+    let mut n = 0usize;
+    for id in ids {
+        let Some(r) = rules.get(id) else { continue };
+        let ports = match &r.ports {
+            Ports::Ranges(v) => v.len(),
+            _ => 1,
+        };
+        let peers = match &r.peers {
+            Peers::Any => 1,
+            Peers::Groups(gs) => gs
+                .iter()
+                .map(|g| match (&r.ports, groups.get(g)) {
+                    (Ports::FromGroups, Some(m)) => match m {
+                        Members::AddrPorts(a) => a.len(),
+                        _ => 0,
+                    },
+                    _ => classes_of.get(g).map_or(0, BTreeSet::len),
+                })
+                .fold(0usize, usize::saturating_add),
+        };
+        n = n.saturating_add(peers.saturating_mul(ports));
+    }
+    n
+}
+
+/// One rule list's content, counted against `meter` as it grows: a list that can't fit
+/// stops as soon as it is known not to, so its cross product is never built.
 fn ruleset(
     egress: bool,
     ids: &[RuleId],
     rules: &HashMap<RuleId, &Rule>,
     groups: &HashMap<GroupId, &Members>,
     classes_of: &HashMap<GroupId, BTreeSet<u32>>,
-) -> Ruleset {
+    meter: &mut Meter,
+) -> Result<Ruleset, Overflow> {
+    use budget::Kind;
     let mut rs = Ruleset {
         egress,
         ..Default::default()
     };
     let mut ap: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
-    let mut gp: BTreeMap<(u32, u8), Vec<(u16, u16)>> = BTreeMap::new();
+    let mut gp: BTreeMap<(u32, u8), BTreeSet<(u16, u16)>> = BTreeMap::new();
+    // Raw (class, protocol, range) entries before merging, bounded by what the port maps
+    // could still take: merging only ever shrinks them, so more than that can never fit.
+    let room = |m: &Meter| {
+        let b = m.budget;
+        let exact = b.ports_exact.saturating_sub(m.used.ports_exact);
+        let ranged = b.ports_ranged.saturating_sub(m.used.ports_ranged);
+        let total = b.total.saturating_sub(m.used.total);
+        let ports = exact.saturating_add(ranged);
+        if total < ports {
+            (total, Kind::Total)
+        } else {
+            (ports, Kind::PortsExact)
+        }
+    };
+    let mut raw = 0usize;
     let empty = BTreeSet::new();
     for id in ids {
         let Some(r) = rules.get(id) else { continue };
@@ -441,16 +733,32 @@ fn ruleset(
             }
             (Peers::Groups(gs), Ports::Any) => {
                 for g in gs {
-                    rs.aa.extend(classes_of.get(g).unwrap_or(&empty));
+                    for c in classes_of.get(g).unwrap_or(&empty) {
+                        if rs.aa.insert(*c) {
+                            meter.take(Kind::PortsRanged, 1)?;
+                        }
+                    }
                 }
             }
             (Peers::Groups(gs), Ports::Ranges(ranges)) => {
                 for g in gs {
                     for c in classes_of.get(g).unwrap_or(&empty) {
                         for x in ranges {
-                            gp.entry((*c, x.proto.number()))
+                            if gp
+                                .entry((*c, x.proto.number()))
                                 .or_default()
-                                .push((x.first, x.last));
+                                .insert((x.first, x.last))
+                            {
+                                raw += 1;
+                                let (limit, kind) = room(meter);
+                                if raw > limit {
+                                    return Err(Overflow {
+                                        kind,
+                                        needed: raw,
+                                        limit,
+                                    });
+                                }
+                            }
                         }
                     }
                 }
@@ -459,10 +767,13 @@ fn ruleset(
                 for g in gs {
                     if let Some(Members::AddrPorts(m)) = groups.get(g) {
                         for ap in m {
-                            match ap.addr {
+                            let new = match ap.addr {
                                 IpAddr::V4(a) => rs.n4.insert((a, ap.proto.number(), ap.port)),
                                 IpAddr::V6(a) => rs.n6.insert((a, ap.proto.number(), ap.port)),
                             };
+                            if new {
+                                meter.take(Kind::Named, 1)?;
+                            }
                         }
                     }
                 }
@@ -472,6 +783,7 @@ fn ruleset(
     }
     for (proto, v) in ap {
         for (a, b) in merge(v) {
+            meter.take(Kind::PortsRanged, meter.budget.port_range(a, b))?;
             rs.ap.insert((proto, a, b));
         }
     }
@@ -479,15 +791,17 @@ fn ruleset(
         if rs.aa.contains(&class) {
             continue;
         }
-        for (a, b) in merge(v) {
+        for (a, b) in merge(v.into_iter().collect()) {
             if a == b {
+                meter.take(Kind::PortsExact, 1)?;
                 rs.gx.insert((class, proto, a));
             } else {
+                meter.take(Kind::PortsRanged, meter.budget.port_range(a, b))?;
                 rs.gp.insert((class, proto, a, b));
             }
         }
     }
-    rs
+    Ok(rs)
 }
 
 #[cfg(test)]

@@ -204,3 +204,149 @@ fn blocks_with_excepts_become_disjoint_intervals() {
     };
     assert_eq!(intervals(&all6, v6), vec![(0, (0xffffu128 << 112) - 1)]);
 }
+
+/// A node with three pods: `big` is selected by a policy allowing 300 /32 blocks on 300
+/// ports (90,000 class·port entries), `small` by one allowing one peer on one port, and
+/// `open` by nothing.
+fn overflow_snapshot() -> NodeSnapshot {
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+    let pod = |name: &str, ip: &str| {
+        K8sObject::Pod(k8s(json!({
+            "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        })))
+    };
+    let blocks: Vec<_> = (0..300u32)
+        .map(|i| json!({"ipBlock": {"cidr": format!("{}/32", Ipv4Addr::from(0x0b00_0000 + i))}}))
+        .collect();
+    let ports: Vec<_> = (0..300u16).map(|i| json!({"port": 1000 + i * 2})).collect();
+    let objs = vec![
+        K8sObject::Node(k8s(json!({"metadata": {"name": "n1"}}))),
+        pod("big", "10.0.0.1"),
+        pod("small", "10.0.0.2"),
+        pod("open", "10.0.0.3"),
+        K8sObject::NetworkPolicy(k8s(json!({
+            "metadata": {"name": "huge", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "big"}},
+                     "ingress": [{"from": blocks, "ports": ports}]},
+        }))),
+        K8sObject::NetworkPolicy(k8s(json!({
+            "metadata": {"name": "tiny", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "small"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "open"}}}],
+                                  "ports": [{"port": 80}]}]},
+        }))),
+    ];
+    let index = Index::build(parse_all(&objs));
+    index.snapshot("n1").unwrap()
+}
+
+#[test]
+fn a_version_over_budget_denies_what_does_not_fit_and_keeps_the_rest_exact() {
+    let snap = overflow_snapshot();
+    let full = desired(&snap, &mut Classes::default());
+    assert!(full.degraded.is_empty());
+    assert!(full.elements() > 90_000);
+    let budget = Budget::total(10_000);
+    let cut = desired_within(
+        &snap,
+        &mut Classes::default(),
+        &LocalPods::default(),
+        &budget,
+    );
+    assert!(cut.elements() <= 10_000, "{}", cut.elements());
+    assert_eq!(cut.degraded.len(), 1, "{:?}", cut.degraded);
+    let deg = &cut.degraded[0];
+    assert!(!deg.egress);
+    assert!(deg.reason.contains("table elements"), "{}", deg.reason);
+    let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    // The big pod denies every ingress; the small one keeps its exact rules; the open one
+    // stays open.
+    assert_eq!(cut.ing4[&a("10.0.0.1")], DENY_INGRESS);
+    assert!(cut.rulesets[DENY_INGRESS] == Ruleset::default());
+    assert_eq!(cut.ing4[&a("10.0.0.2")], full.ing4[&a("10.0.0.2")]);
+    let name = &cut.ing4[&a("10.0.0.2")];
+    assert_eq!(cut.rulesets[name].gx.len(), full.rulesets[name].gx.len());
+    assert!(!cut.ing4.contains_key(&a("10.0.0.3")));
+    // Decided on packets like the IR would after replacing the big pod's rules by none.
+    for (peer, port, want) in [("11.0.0.5", 1002, false), ("10.0.0.3", 80, true)] {
+        let p = Packet {
+            src: IpAddr::V4(a(peer)),
+            dst: IpAddr::V4(a(if want { "10.0.0.2" } else { "10.0.0.1" })),
+            proto: 6,
+            port,
+        };
+        assert_eq!(ingress(&cut, &p), Some(want), "{peer} -> {port}");
+        assert_eq!(
+            ingress(&full, &p),
+            Some(true),
+            "{peer} -> {port}, unlimited"
+        );
+    }
+}
+
+#[test]
+fn prefix_weighted_budgets_count_what_an_lpm_trie_needs() {
+    let snap = overflow_snapshot();
+    // Enough for every element counted once, not for the ranges as prefixes: the plan
+    // holds no port ranges here (single ports), so the prefix weighting changes nothing.
+    let b = Budget {
+        prefixes: true,
+        ..Budget::total(100_000)
+    };
+    let d = desired_within(&snap, &mut Classes::default(), &LocalPods::default(), &b);
+    assert!(d.degraded.is_empty());
+    let tight = Budget {
+        ports_exact: 1_000,
+        ..b
+    };
+    let d = desired_within(
+        &snap,
+        &mut Classes::default(),
+        &LocalPods::default(),
+        &tight,
+    );
+    assert_eq!(d.degraded.len(), 1);
+    assert!(
+        d.degraded[0].reason.contains("single-port"),
+        "{}",
+        d.degraded[0].reason
+    );
+}
+
+#[test]
+fn groups_too_big_for_the_address_maps_deny_their_users() {
+    let snap = overflow_snapshot();
+    let b = Budget {
+        addrs: 100,
+        ..Budget::UNLIMITED
+    };
+    let d = desired_within(&snap, &mut Classes::default(), &LocalPods::default(), &b);
+    assert!(d.addr4.len() + d.addr6.len() <= 100);
+    assert_eq!(d.degraded.len(), 1, "{:?}", d.degraded);
+    assert!(
+        d.degraded[0].reason.contains("peer groups"),
+        "{}",
+        d.degraded[0].reason
+    );
+    assert_eq!(d.ing4[&"10.0.0.1".parse().unwrap()], DENY_INGRESS);
+}
+
+#[test]
+fn check_counts_a_plan_as_it_was_built() {
+    let snap = overflow_snapshot();
+    let full = desired(&snap, &mut Classes::default());
+    assert!(full.check(&Budget::total(full.elements())).is_ok());
+    let e = full.check(&Budget::total(full.elements() - 1)).unwrap_err();
+    assert_eq!(e.kind, budget::Kind::Total);
+    let cut = desired_within(
+        &snap,
+        &mut Classes::default(),
+        &LocalPods::default(),
+        &Budget::total(10_000),
+    );
+    assert!(cut.check(&Budget::total(10_000)).is_ok());
+}

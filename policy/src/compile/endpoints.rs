@@ -72,6 +72,7 @@ impl Index {
         let pod = &self.pods[p.get()];
         let item = ir::endpoint_item_parts(
             pod.endpoint_id,
+            pod.sandbox,
             &pod.ips,
             (ingress.is_some(), &ids(&ingress)),
             (egress.is_some(), &ids(&egress)),

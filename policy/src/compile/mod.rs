@@ -200,6 +200,7 @@ impl Index {
                 let ep = pod.endpoint.as_ref()?;
                 Some(ir::Endpoint {
                     id: pod.endpoint_id,
+                    sandbox: pod.sandbox,
                     addrs: pod.ips.to_vec(),
                     ingress: dir(&ep.ingress),
                     egress: dir(&ep.egress),

@@ -239,12 +239,17 @@ impl Index {
                 port: c.port,
             })
             .collect();
-        let endpoint_id = EndpointId(
-            Enc::new("endpoint.id")
-                .str(&pod.namespace)
-                .str(&pod.name)
-                .finish_id(),
-        );
+        let endpoint_id = {
+            let mut e = Enc::new("endpoint.id");
+            e.str(&pod.namespace).str(&pod.name);
+            if let Some(uid) = &pod.uid {
+                e.str(uid);
+            }
+            EndpointId(e.finish_id())
+        };
+        let sandbox = pod.sandbox.as_deref().map_or(0, |s| {
+            Enc::new("endpoint.sandbox").str(s).finish_id().max(1)
+        });
         let p = PodIdx::new(self.pods.insert(PodState {
             name: name.clone(),
             ns,
@@ -255,6 +260,9 @@ impl Index {
             host_network: pod.host_network,
             terminal: pod.terminal,
             endpoint_id,
+            sandbox,
+            uid: pod.uid.as_deref().map(Arc::from),
+            sandbox_raw: pod.sandbox.as_deref().map(Arc::from),
             endpoint: None,
             dirty: false,
         }));
@@ -307,6 +315,8 @@ impl Index {
             && s.ips.as_slice() == pod.ips.as_slice()
             && s.host_network == pod.host_network
             && s.terminal == pod.terminal
+            && s.uid.as_deref() == pod.uid.as_deref()
+            && s.sandbox_raw.as_deref() == pod.sandbox.as_deref()
     }
 
     /// Removes a pod and everything it contributed.

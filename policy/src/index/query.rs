@@ -107,6 +107,8 @@ impl Index {
                     .collect(),
                 host_network: p.host_network,
                 terminal: p.terminal,
+                uid: p.uid.as_deref().map(String::from),
+                sandbox: p.sandbox_raw.as_deref().map(String::from),
             }));
         }
         for (_, p) in self.policies.iter() {

@@ -72,6 +72,11 @@ pub(crate) struct PodState {
     pub host_network: bool,
     pub terminal: bool,
     pub endpoint_id: EndpointId,
+    /// The sandbox generation (hash of [`Pod::sandbox`](crate::model::Pod::sandbox)), 0 if
+    /// unknown.
+    pub sandbox: u64,
+    pub uid: Option<Arc<str>>,
+    pub sandbox_raw: Option<Arc<str>>,
     pub endpoint: Option<EndpointState>,
     pub dirty: bool,
 }

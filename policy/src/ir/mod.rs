@@ -213,7 +213,12 @@ pub struct DirectionRules {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
+    /// Derived from the pod's namespace, name and UID.
     pub id: EndpointId,
+    /// The pod's sandbox generation (0: unknown), so a node can tell the same pod on a new
+    /// interface (its sandbox was recreated) from another pod on a reused address.
+    #[serde(default)]
+    pub sandbox: u64,
     /// Sorted.
     pub addrs: Vec<IpAddr>,
     pub ingress: DirectionRules,
@@ -296,6 +301,7 @@ fn direction_rules(e: &mut Enc, isolated: bool, rules: &[RuleId]) {
 pub fn endpoint_item(ep: &Endpoint) -> [u8; 32] {
     endpoint_item_parts(
         ep.id,
+        ep.sandbox,
         &ep.addrs,
         (ep.ingress.isolated, &ep.ingress.rules),
         (ep.egress.isolated, &ep.egress.rules),
@@ -305,12 +311,13 @@ pub fn endpoint_item(ep: &Endpoint) -> [u8; 32] {
 /// `endpoint_item` from parts: (isolated, sorted rule IDs) per direction.
 pub fn endpoint_item_parts(
     id: EndpointId,
+    sandbox: u64,
     addrs: &[IpAddr],
     ingress: (bool, &[RuleId]),
     egress: (bool, &[RuleId]),
 ) -> [u8; 32] {
     let mut e = Enc::new("endpoint");
-    e.u64(id.0).u32(addrs.len() as u32);
+    e.u64(id.0).u64(sandbox).u32(addrs.len() as u32);
     for a in addrs {
         e.ip(*a);
     }

@@ -185,6 +185,15 @@ pub struct Pod {
     pub host_network: bool,
     /// Phase Succeeded or Failed.
     pub terminal: bool,
+    /// `metadata.uid`: a pod recreated under the same name is another endpoint.
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// When the pod's current sandbox (and with it its network interface) came up: the
+    /// `PodReadyToStartContainers` condition's `lastTransitionTime`. It changes when the
+    /// kubelet recreates the sandbox, which lets a node tell a pod's new interface on its old
+    /// address from another pod on a reused address.
+    #[serde(default)]
+    pub sandbox: Option<String>,
 }
 
 impl Pod {

@@ -251,6 +251,15 @@ pub fn pod(pod: &core::Pod) -> Result<Parsed<Pod>> {
         ports,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         terminal,
+        uid: pod.metadata.uid.clone().filter(|u| !u.is_empty()),
+        sandbox: status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c.type_ == "PodReadyToStartContainers" && c.status == "True")
+            })
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.to_string()),
     }))
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use moat_dataplane::{Adopted, Backend, BackendError, Capabilities};
+use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
 
@@ -60,18 +60,26 @@ impl<B: Backend> Backend for Switching<B> {
         self.inner.capabilities()
     }
 
-    fn adopt(&mut self, last: Option<&NodeSnapshot>) -> Result<Adopted, BackendError> {
-        let adopted = self.inner.adopt(last)?;
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        local: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
+        let adopted = self.inner.adopt(last, local)?;
         if adopted == Adopted::Enforcing {
             self.enforcing();
         }
         Ok(adopted)
     }
 
-    fn apply_full(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
-        self.inner.apply_full(snap)?;
+    fn apply_full(
+        &mut self,
+        snap: &NodeSnapshot,
+        local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        let applied = self.inner.apply_full(snap, local)?;
         self.enforcing();
-        Ok(())
+        Ok(applied)
     }
 
     fn apply_delta(
@@ -79,10 +87,15 @@ impl<B: Backend> Backend for Switching<B> {
         old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-    ) -> Result<(), BackendError> {
-        self.inner.apply_delta(old, delta, new)?;
+        local: &LocalPods,
+    ) -> Result<Applied, BackendError> {
+        let applied = self.inner.apply_delta(old, delta, new, local)?;
         self.enforcing();
-        Ok(())
+        Ok(applied)
+    }
+
+    fn set_local(&mut self, local: &LocalPods) -> Result<(), BackendError> {
+        self.inner.set_local(local)
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
