@@ -282,7 +282,7 @@ fn an_enforcer_bootstraps_and_renews_without_dropping_its_stream() {
         "default".into(),
     ];
     w.bed.start_enforcer_args("n1", "n1", &args);
-    w.bed.wait_in_sync(&["n1"]);
+    w.bed.wait_served_in_sync(&["n1"]);
     // (Attempts before the first certificate landed end before a stream exists.)
     let ended = |e: &str| e.matches("sync stream ended").count();
     let before = ended(&w.bed.enforcer_stderr("n1"));
@@ -299,7 +299,7 @@ fn an_enforcer_bootstraps_and_renews_without_dropping_its_stream() {
     assert_eq!(metric(&m, "moat_enforcer_reconnects_total"), 0.0, "{m}");
     // Long after the first certificate expired, the same stream still delivers.
     w.bed.write_policy_to(&w.api, "db", "6432");
-    w.bed.wait_in_sync(&["n1"]);
+    w.bed.wait_served_in_sync(&["n1"]);
     let err = w.bed.enforcer_stderr("n1");
     assert_eq!(ended(&err), before, "{err}");
     wait_until("status connected", WAIT, || {

@@ -251,13 +251,13 @@ mod tests {
         let mut held = s.claim("c", "streaming", None).unwrap();
         held.take_over();
         let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
-        let departed = |k: &NodeKey| &*k.1 != "stays";
+        let in_fleet = |k: &NodeKey| &*k.1 == "stays";
         // Still valid: it must keep refusing the keys it supersedes.
-        assert_eq!(s.prune_issued(at(150), departed), 0);
-        assert_eq!(s.prune_issued(at(161), departed), 1);
-        assert!(s.issued.lock().unwrap().len() == 2);
+        assert_eq!(s.prune_issued(at(150), in_fleet), 0);
+        assert_eq!(s.prune_issued(at(161), in_fleet), 1);
+        assert_eq!(s.issued.lock().unwrap().len(), 2);
         drop(held);
-        assert_eq!(s.prune_issued(at(161), departed), 1);
+        assert_eq!(s.prune_issued(at(161), in_fleet), 1);
         assert!(s.issued.lock().unwrap().keys().all(|k| &*k.1 == "stays"));
     }
 
