@@ -76,12 +76,14 @@ pub fn serve(dir: &Path, listen: SocketAddr, profile: Profile) -> Result<()> {
             },
         ));
         let (_stop, shutdown) = watch::channel(false);
-        let routes = Routes::new(sync::SyncService::new(hub, shutdown.clone(), false).svc());
         let tls = tls::Reloading::new(tls::TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server-key.pem"),
+            node_ca: None,
         })?;
+        let auth = sync::PeerAuth::Tls(tls.clone());
+        let routes = Routes::new(sync::SyncService::new(hub, shutdown.clone(), auth).svc());
         // Every simulated enforcer comes from 127.0.0.1.
         let limits = Limits {
             max_connections: 100_000,

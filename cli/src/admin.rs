@@ -39,6 +39,9 @@ pub struct Connection {
 
 impl Connection {
     pub async fn client(&self) -> Result<AdminClient<Channel>> {
+        // An http:// URL would send the admin certificate's handshake nowhere and every
+        // answer in cleartext: refused unless plaintext is what was asked for.
+        moat_proto::url::check_server_url("--server", &self.server, !self.insecure_dev_plaintext)?;
         let mut ep = Endpoint::from_shared(self.server.clone())?
             .connect_timeout(std::time::Duration::from_secs(5));
         if !self.insecure_dev_plaintext {
@@ -124,6 +127,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                         "last_error": n.last_error, "applied_digest": n.applied_digest,
                         "latest_digest": n.latest_digest, "last_ack_unix_micros": n.last_ack_unix_micros,
                         "selection": n.selection, "degraded": degraded, "local": local,
+                        "deleted_unix_micros": n.deleted_unix_micros,
                     })
                 })
                 .collect();
@@ -155,24 +159,24 @@ fn print_table(r: &v1::StatusResponse) {
             println!();
         }
         let nodes: Vec<&v1::NodeStatus> = r.nodes.iter().filter(|n| n.cluster == c.name).collect();
-        let in_sync = nodes.iter().filter(|n| n.in_sync).count();
+        let (in_sync, existing, deleted) = counts(&nodes);
         let state = if !c.synced {
             "NOT SYNCED YET (nothing served)".to_string()
         } else if c.stale {
             format!(
                 "STALE for {} (serving its last state): {}",
                 ago(c.stale_since_unix_micros),
-                or_dash(&c.last_error)
+                or_dash(&escape(&c.last_error))
             )
         } else {
             "synced".to_string()
         };
         println!(
-            "cluster {} ({}): {state}; generation {}; {in_sync} of {} nodes in sync{}",
+            "cluster {} ({}): {state}; generation {}; {in_sync} of {existing} nodes in sync{}{}",
             c.name,
             c.source,
             c.generation,
-            nodes.len(),
+            deleted_note(deleted),
             crate::degraded::summary(&nodes)
         );
         print_nodes(&nodes);
@@ -180,10 +184,10 @@ fn print_table(r: &v1::StatusResponse) {
     if clusters.is_empty() {
         print_nodes(&r.nodes.iter().collect::<Vec<_>>());
     }
-    let in_sync = r.nodes.iter().filter(|n| n.in_sync).count();
+    let (in_sync, existing, deleted) = counts(&r.nodes.iter().collect::<Vec<_>>());
     println!(
-        "\n{in_sync} of {} nodes in sync{} (generation {}{})",
-        r.nodes.len(),
+        "\n{in_sync} of {existing} nodes in sync{}{} (generation {}{})",
+        deleted_note(deleted),
         crate::degraded::summary(&r.nodes.iter().collect::<Vec<_>>()),
         r.generation,
         if r.synced {
@@ -192,6 +196,48 @@ fn print_table(r: &v1::StatusResponse) {
             ", source not synced yet"
         }
     );
+}
+
+/// (in sync, existing, deleted): deleted nodes are shown until they leave, never counted.
+fn counts(nodes: &[&v1::NodeStatus]) -> (usize, usize, usize) {
+    let existing: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.deleted_unix_micros == 0)
+        .collect();
+    let in_sync = existing.iter().filter(|n| n.in_sync).count();
+    (in_sync, existing.len(), nodes.len() - existing.len())
+}
+
+fn deleted_note(deleted: usize) -> String {
+    if deleted == 0 {
+        String::new()
+    } else {
+        format!(" ({deleted} deleted from the source, shown until they leave)")
+    }
+}
+
+/// A string an enforcer (or anything it talks to) chose, made safe for a terminal: control
+/// characters (escape sequences, carriage returns, newlines), bidirectional overrides and
+/// backslashes are shown escaped, so a node can neither forge lines nor rewrite the screen.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || is_bidi_control(c) => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{061c}')
 }
 
 fn ago(micros: u64) -> String {
@@ -224,17 +270,22 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
             } else {
                 format!("{} versions / {:.1}s", n.lag_versions, n.lag_seconds)
             };
+            let connected = match (n.connected, n.deleted_unix_micros) {
+                (true, _) => "yes".to_string(),
+                (false, 0) => "no".to_string(),
+                (false, at) => format!("no (deleted {} ago)", ago(at)),
+            };
             [
-                n.cluster.clone(),
-                n.node.clone(),
-                or_dash(&n.backend),
-                or_dash(&n.kernel),
-                if n.connected { "yes" } else { "no" }.into(),
+                escape(&n.cluster),
+                escape(&n.node),
+                or_dash(&escape(&n.backend)),
+                or_dash(&escape(&n.kernel)),
+                connected,
                 n.applied_version.to_string(),
                 n.latest_version.to_string(),
                 crate::degraded::in_sync_cell(n).into(),
                 lag,
-                or_dash(&n.last_error),
+                or_dash(&escape(&n.last_error)),
             ]
         })
         .collect();
@@ -263,7 +314,7 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
     if !why.is_empty() {
         println!("backend selection:");
         for n in why {
-            println!("  {}: {}", n.node, n.selection);
+            println!("  {}: {}", escape(&n.node), escape(&n.selection));
         }
     }
     crate::degraded::print_nodes(nodes);
@@ -305,11 +356,13 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
         let why = if n.last_error.is_empty() {
             "not applied yet".to_string()
         } else {
-            n.last_error.clone()
+            escape(&n.last_error)
         };
         println!(
             "  {}: applied version {}, needs {}: {why}",
-            n.node, n.applied_version, n.needed_version
+            escape(&n.node),
+            n.applied_version,
+            n.needed_version
         );
     }
     crate::degraded::print_policy(r);
@@ -358,4 +411,23 @@ pub fn explain(
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn node_strings_cannot_drive_the_terminal() {
+        assert_eq!(escape("6.18.44-fc"), "6.18.44-fc");
+        assert_eq!(escape("é ✓"), "é ✓");
+        assert_eq!(
+            escape("a\x1b[2J\x1b]0;owned\x07b"),
+            "a\\u{1b}[2J\\u{1b}]0;owned\\u{7}b"
+        );
+        assert_eq!(escape("x\r\nnode-9  yes"), "x\\r\\nnode-9  yes");
+        assert_eq!(escape("\u{202e}cba"), "\\u{202e}cba");
+        assert_eq!(escape("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(escape("a\\nb"), "a\\\\nb");
+    }
 }

@@ -33,6 +33,18 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Create the node CA (`node-ca.pem`, `node-ca-key.pem`): the separate CA bootstrap
+    /// signs node certificates with (`moat-server --tls-node-ca … --bootstrap-ca-key …`).
+    /// The server accepts its certificates for node identities on the sync API only, so its
+    /// key — which the server must hold — cannot mint admin certificates.
+    InitNodeCa {
+        #[arg(long, default_value = ".moat/certs")]
+        dir: PathBuf,
+        /// Replace an existing node CA (every node certificate it signed stops being
+        /// trusted once the server reloads).
+        #[arg(long)]
+        force: bool,
+    },
     /// Issue a certificate for one node's enforcer.
     IssueNode {
         #[arg(long, default_value = ".moat/certs")]
@@ -81,23 +93,23 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
                     dir.display()
                 );
             }
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let key = KeyPair::generate()?;
-            let mut p = CertificateParams::default();
-            p.distinguished_name = name("Moat CA");
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            validity(&mut p, parse_duration("3650d")?);
-            let cert = p.self_signed(&key)?;
-            write(&dir.join("ca.pem"), &cert.pem(), false)?;
-            write(&dir.join("ca-key.pem"), &key.serialize_pem(), true)?;
+            self_signed_ca(&dir, "ca", "Moat CA")?;
             server(&dir, &server_names, &server_ips, parse_duration("365d")?)?;
             println!(
                 "wrote {}/{{ca,ca-key,server,server-key}}.pem",
+                dir.display()
+            );
+        }
+        Command::InitNodeCa { dir, force } => {
+            if dir.join("node-ca.pem").exists() && !force {
+                bail!(
+                    "{} already holds a node CA; use --force to replace it",
+                    dir.display()
+                );
+            }
+            self_signed_ca(&dir, "node-ca", "Moat node CA")?;
+            println!(
+                "wrote {}/{{node-ca,node-ca-key}}.pem: give the server --tls-node-ca node-ca.pem --bootstrap-ca-key node-ca-key.pem (and never ca-key.pem)",
                 dir.display()
             );
         }
@@ -136,10 +148,40 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A self-signed CA, ten years, as `<dir>/<base>.pem` and `<base>-key.pem`.
+fn self_signed_ca(dir: &Path, base: &str, cn: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = name(cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut p, parse_duration("3650d")?)?;
+    let cert = p.self_signed(&key)?;
+    // Key first: a certificate on disk always has its key.
+    write(
+        &dir.join(format!("{base}-key.pem")),
+        &key.serialize_pem(),
+        true,
+    )?;
+    write(&dir.join(format!("{base}.pem")), &cert.pem(), false)?;
+    Ok(())
+}
+
 /// Issues a client certificate for a node or admin identity into `<dir>/<base>{,-key}.pem`.
 fn identity(dir: &Path, base: &str, id: &Identity, valid_for: &str) -> Result<()> {
-    if !id.is_valid() {
-        bail!("{id} is not a valid identity (names use letters, digits, '-' and '.')");
+    let names: Vec<(&str, &str)> = match id {
+        Identity::Node { cluster, node } => vec![("--cluster", cluster), ("--node", node)],
+        Identity::Admin { name } => vec![("--name", name)],
+    };
+    for (flag, n) in names {
+        if !moat_proto::identity::valid_name(n) {
+            bail!("{}", moat_proto::identity::name_error(flag, n));
+        }
     }
     leaf(
         dir,
@@ -163,11 +205,14 @@ fn name(cn: &str) -> DistinguishedName {
     d
 }
 
-/// Valid from a minute ago (tolerates small clock skew) for `d`.
-fn validity(p: &mut CertificateParams, d: Duration) {
-    let now = OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::minutes(1);
-    p.not_after = now + time::Duration::try_from(d).unwrap_or(time::Duration::days(3650));
+/// Valid from a minute ago (tolerates small clock skew) for `d`; a lifetime past what a
+/// certificate can state is an error, never an overflow.
+fn validity(p: &mut CertificateParams, d: Duration) -> Result<()> {
+    let now = std::time::SystemTime::now();
+    let end = moat_proto::pki::expiry(now, d)?;
+    p.not_before = OffsetDateTime::from(now) - time::Duration::minutes(1);
+    p.not_after = OffsetDateTime::from(end);
+    Ok(())
 }
 
 fn ca(dir: &Path) -> Result<(String, KeyPair)> {
@@ -192,7 +237,7 @@ fn server(dir: &Path, names: &[String], ips: &[IpAddr], d: Duration) -> Result<(
     p.distinguished_name = name("moat-server");
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut p, d);
+    validity(&mut p, d)?;
     let cert = p.signed_by(&key, &issuer)?;
     // Key first, then certificate: a reloading server never pairs a new cert with an old key
     // for longer than one reload interval, and both are written atomically.
@@ -216,7 +261,7 @@ fn leaf(
     p.distinguished_name = name(&id.to_string());
     p.extended_key_usages = vec![usage];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut p, d);
+    validity(&mut p, d)?;
     let cert = p.signed_by(&key, &issuer)?;
     write(
         &dir.join(format!("{base}-key.pem")),

@@ -98,7 +98,8 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 /// (or a test) sees of a running dataplane. `None` if nothing is pinned.
 pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
     // The newest layout pinned: an upgrade in progress still shows what is in force.
-    let Some((_, dir)) = crate::migrate::layouts(&bpffs.join("moat").join(node)).pop() else {
+    let root = crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
+    let Some((_, dir)) = crate::migrate::layouts(&root).pop() else {
         return Ok(None);
     };
     let path = dir.join(MapNames::META);
@@ -135,8 +136,9 @@ impl Dataplane {
     /// Loads the program with its maps pinned under `<bpffs>/moat/<node>/`, adopting maps a
     /// previous run left there. Attaches nothing yet.
     pub fn open(bpffs: &Path, node: &str) -> Result<Self> {
+        let root =
+            crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
         sys::ensure_bpffs(bpffs).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
-        let root = bpffs.join("moat").join(node);
         let layout = match std::env::var(TEST_LAYOUT_ENV) {
             Ok(v) => match v.parse::<u32>() {
                 Ok(n) if (1..=LAYOUT_VERSION).contains(&n) => n,

@@ -286,11 +286,26 @@ impl EbpfBackend {
     }
 }
 
+/// `<bpffs>/moat/<node>`: the one directory this node's pins live in (and that uninstall and
+/// a backend switch delete recursively). A name that is not one plain path component (`..`,
+/// `.`, empty, or containing `/`) would point elsewhere in the bpffs, so it is refused here
+/// whatever the caller checked.
+pub fn node_dir(bpffs: &std::path::Path, node: &str) -> std::io::Result<PathBuf> {
+    let plain = !matches!(node, "" | "." | "..") && !node.contains(['/', '\0']);
+    if !plain {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("node name {node:?} cannot name a directory"),
+        ));
+    }
+    Ok(bpffs.join("moat").join(node))
+}
+
 /// Removes the pins a previous eBPF run left for `node` under `bpffs` (this node now runs
 /// another dataplane): unpinned, its links let go of the programs, which leave every
 /// interface. `Ok(false)`: nothing was pinned.
 pub fn remove_leftover(bpffs: &std::path::Path, node: &str) -> std::io::Result<bool> {
-    let root = bpffs.join("moat").join(node);
+    let root = node_dir(bpffs, node)?;
     if !sys::is_bpffs(bpffs).unwrap_or(false) || !root.exists() {
         return Ok(false);
     }
@@ -417,12 +432,25 @@ impl Backend for EbpfBackend {
         self.settle();
         self.sweeper
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let root = self.bpffs.join("moat").join(&self.node);
+        let root = node_dir(&self.bpffs, &self.node).map_err(failed("removing the pins"))?;
         // Unpinning the links detaches the programs once this process lets go of them.
         std::fs::remove_dir_all(&root).map_err(failed("removing the pins"))?;
         self.current = Entries::default();
         self.plan = None;
         self.cache = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod node_dir_tests {
+    #[test]
+    fn only_plain_names_name_a_node_directory() {
+        let bpffs = std::path::Path::new("/sys/fs/bpf");
+        assert_eq!(super::node_dir(bpffs, "n1").unwrap(), bpffs.join("moat/n1"));
+        for bad in ["", ".", "..", "../x", "a/b", "/", "a\0b"] {
+            assert!(super::node_dir(bpffs, bad).is_err(), "{bad:?}");
+            assert!(super::remove_leftover(bpffs, bad).is_err(), "{bad:?}");
+        }
     }
 }

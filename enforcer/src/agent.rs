@@ -130,8 +130,22 @@ impl<B: Backend> Agent<B> {
         self.health
             .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
             .await;
-        let last = self.state.load()?.map(Arc::new);
-        let bindings = self.state.load_bindings()?;
+        let last = match self.state.load(&self.cfg.node) {
+            crate::state::Loaded::Applied(s) => Some(Arc::new(s)),
+            crate::state::Loaded::Nothing => None,
+            crate::state::Loaded::Discarded(e) => {
+                // Adopt as if nothing were recorded: the kernel keeps what it enforces, and a
+                // hello naming no version makes the server send a full snapshot.
+                warn!(error = %e, "the local record cannot be read and was discarded; the kernel keeps what it enforces until the server sends a full snapshot");
+                None
+            }
+        };
+        let bindings = self.state.load_bindings().unwrap_or_else(|e| {
+            // Without them every address binds afresh to what the next snapshot names; the
+            // server's full snapshot follows a discarded record anyway.
+            warn!(error = %e, "the pod bindings cannot be read and were discarded");
+            Default::default()
+        });
         let adopted = {
             let (dp, state, metrics) = (self.dp.clone(), self.state.clone(), self.metrics.clone());
             let (topo, last2) = (self.topology.clone(), last.clone());

@@ -36,6 +36,8 @@ pub enum Error {
     Connect(#[from] tonic::transport::Error),
     #[error("refused: {}: {}", .0.code(), .0.message())]
     Refused(#[from] tonic::Status),
+    #[error(transparent)]
+    Url(#[from] moat_proto::url::UrlError),
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +57,9 @@ pub struct Bootstrap {
 impl Bootstrap {
     /// Gets a certificate for `key` now; returns its lifetime (issued, expires).
     pub async fn issue(&self, key: &rcgen::KeyPair) -> Result<(SystemTime, SystemTime), Error> {
+        // The token is a credential: never sent unless the URL means TLS (tonic would
+        // connect to an http:// URL in cleartext despite the TLS config).
+        moat_proto::url::check_server_url("--bootstrap-server", &self.server, true)?;
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| Error::Read {
                 path: p.to_path_buf(),

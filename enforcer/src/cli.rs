@@ -25,12 +25,13 @@ pub struct Args {
     #[arg(long, env = "MOAT_SERVER", default_value = "https://127.0.0.1:7443")]
     pub server: String,
     /// This node's name (in Kubernetes: the downward API's spec.nodeName). Must match the
-    /// certificate; the server refuses anything else.
-    #[arg(long, env = "MOAT_NODE")]
+    /// certificate; the server refuses anything else. A Kubernetes node name (DNS-1123
+    /// subdomain): it names the node's directory under the bpffs.
+    #[arg(long, env = "MOAT_NODE", value_parser = node_name)]
     pub node: String,
     /// The cluster name (used by bootstrap and --insecure-dev-plaintext; with a static
     /// certificate it is in the certificate).
-    #[arg(long, env = "MOAT_CLUSTER", default_value = "default")]
+    #[arg(long, env = "MOAT_CLUSTER", default_value = "default", value_parser = cluster_name)]
     pub cluster: String,
     /// CA certificate (PEM) the server's certificate must chain to.
     #[arg(long, env = "MOAT_TLS_CA", default_value = ".moat/certs/ca.pem")]
@@ -86,6 +87,42 @@ pub struct Args {
     pub log: String,
 }
 
+fn node_name(s: &str) -> Result<String, String> {
+    checked_name("node", s)
+}
+
+fn cluster_name(s: &str) -> Result<String, String> {
+    checked_name("cluster", s)
+}
+
+fn checked_name(what: &str, s: &str) -> Result<String, String> {
+    if moat_proto::identity::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(moat_proto::identity::name_error(what, s))
+    }
+}
+
+/// The server URLs must use TLS exactly when the flags say so: an `http://` URL would send
+/// the bootstrap token and the node's traffic in cleartext whatever TLS flags are given.
+pub fn check_urls(args: &Args) -> Result<()> {
+    use moat_proto::url::check_server_url;
+    if args.insecure_dev_plaintext {
+        if args.bootstrap_token_file.is_some() || args.bootstrap_server.is_some() {
+            anyhow::bail!(
+                "--bootstrap-server/--bootstrap-token-file issue real certificates: they cannot run with --insecure-dev-plaintext"
+            );
+        }
+        check_server_url("--server", &args.server, false)?;
+        return Ok(());
+    }
+    check_server_url("--server", &args.server, true)?;
+    if let Some(b) = &args.bootstrap_server {
+        check_server_url("--bootstrap-server", b, true)?;
+    }
+    Ok(())
+}
+
 /// Runs the enforcer with `backend` until SIGTERM/ctrl-c; `selection` says how the backend
 /// was chosen (logged).
 pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<()> {
@@ -95,6 +132,7 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
     {
         return Err(e);
     }
+    check_urls(&args)?;
     let transport = if args.insecure_dev_plaintext {
         warn!(
             "!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!"

@@ -64,8 +64,7 @@ fn ahead(old: &Bindings, new: &Bindings) -> Option<Bindings> {
         return None;
     }
     let mut u = old.clone();
-    u.by_addr
-        .extend(new.by_addr.iter().map(|(a, b)| (*a, *b)));
+    u.by_addr.extend(new.by_addr.iter().map(|(a, b)| (*a, *b)));
     Some(u)
 }
 
@@ -134,7 +133,11 @@ impl<B: Backend> Dataplane<B> {
             state.save_bindings(&b)?;
             self.enforced = last;
             // What the persisted version could not hold when it was applied: still reported.
-            self.degraded = state.load_degraded()?;
+            self.degraded = state.load_degraded().unwrap_or_else(|e| {
+                // Status only: the kernel holds what it holds; the next version reports afresh.
+                tracing::warn!(error = %e, "the recorded degradations cannot be read; reporting none until the next version");
+                Vec::new()
+            });
             metrics.degraded.set(!self.degraded.is_empty() as i64);
             self.hold(local, b, metrics);
         }
@@ -157,7 +160,8 @@ impl<B: Backend> Dataplane<B> {
                 .save_bindings(&u)
                 .map_err(|e| (false, format!("persisting pod bindings: {e}")))?;
         }
-        let applied = f(&mut self.backend, &local).map_err(|e| (false, moat_dataplane::chain(&e)))?;
+        let applied =
+            f(&mut self.backend, &local).map_err(|e| (false, moat_dataplane::chain(&e)))?;
         self.enforced = Some(snap.clone());
         self.degraded = applied.degraded.clone();
         self.hold(local, b, metrics);

@@ -1,13 +1,21 @@
 //! The node's own record of what it enforces (sled), so a restarted enforcer — or one cut
 //! off from the server — keeps enforcing the last known rules and resumes by delta.
+//!
+//! A record that cannot be read must never stop the node: [`LocalState::load`] discards it
+//! and says so, and the agent then keeps whatever the kernel enforces until the server sends
+//! a full snapshot (an enforcer that exited here would restart into the same record for
+//! ever). A sled database that cannot even be opened is moved aside the same way.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::VersionRef;
 use moat_proto::convert::{self, FromProto, ToProto};
 use moat_proto::v1;
 use prost::Message;
+use tracing::warn;
+
+const APPLIED: &str = "applied";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,6 +23,12 @@ pub enum Error {
     Sled(#[from] sled::Error),
     #[error("local state is corrupt: {0}")]
     Corrupt(String),
+    #[error("moving the unreadable local state in {dir} aside: {source}")]
+    Discard {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -27,23 +41,103 @@ struct Stored {
     content: Option<v1::NodeContent>,
 }
 
+/// What the node's record held at start.
+#[derive(Debug)]
+pub enum Loaded {
+    /// Nothing recorded (a first start).
+    Nothing,
+    /// The last applied snapshot, verified against its digest.
+    Applied(NodeSnapshot),
+    /// The record could not be read (why) and has been discarded: nothing may be adopted
+    /// from it, and the server must be asked for a full snapshot.
+    Discarded(Error),
+}
+
 pub struct LocalState {
     db: sled::Db,
 }
 
+/// What sled keeps in its directory (the enforcer's state directory also holds the node
+/// certificate and the nft lock, which stay).
+const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
+
 impl LocalState {
+    /// Opens the record in `dir`. A database sled reports as corrupt is moved to
+    /// `dir/discarded-<unix seconds>/` and a fresh one is opened.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        match Self::open_sled(dir) {
+            // What sled cannot read, as opposed to what it cannot reach (I/O errors: a
+            // permission, or the lock another enforcer holds — never discarded).
+            Err(Error::Sled(
+                e @ (sled::Error::Corruption { .. }
+                | sled::Error::Unsupported(_)
+                | sled::Error::ReportableBug(_)),
+            )) => {
+                let to = Self::move_aside(dir)?;
+                warn!(error = %e, moved_to = %to.display(), "the local state database is corrupt; moved aside, starting without a record");
+                Self::open_sled(dir)
+            }
+            r => r,
+        }
+    }
+
+    fn open_sled(dir: &Path) -> Result<Self, Error> {
         Ok(Self {
             db: sled::Config::new().path(dir).open()?,
         })
     }
 
-    /// The last applied snapshot, verified against its digest.
-    pub fn load(&self) -> Result<Option<NodeSnapshot>, Error> {
-        let Some(raw) = self.db.get("applied")? else {
+    fn move_aside(dir: &Path) -> Result<PathBuf, Error> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let to = dir.join(format!("discarded-{secs}"));
+        let err = |source| Error::Discard {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(&to).map_err(err)?;
+        let snaps = std::fs::read_dir(dir)
+            .map_err(err)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snap."));
+        for name in SLED_FILES.map(String::from).into_iter().chain(snaps) {
+            let from = dir.join(&name);
+            if from.exists() {
+                std::fs::rename(&from, to.join(&name)).map_err(err)?;
+            }
+        }
+        Ok(to)
+    }
+
+    /// The last applied snapshot for `node`. Never fails: a record that cannot be read —
+    /// undecodable, not matching its digest, another node's, or unreadable by sled — is
+    /// removed and reported as [`Loaded::Discarded`].
+    pub fn load(&self, node: &str) -> Loaded {
+        match self.read(node) {
+            Ok(Some(s)) => Loaded::Applied(s),
+            Ok(None) => Loaded::Nothing,
+            Err(e) => {
+                if let Err(r) = self.db.remove(APPLIED).and_then(|_| self.db.flush()) {
+                    warn!(error = %r, "cannot remove the unreadable record; it will be replaced by the next version applied");
+                }
+                Loaded::Discarded(e)
+            }
+        }
+    }
+
+    fn read(&self, node: &str) -> Result<Option<NodeSnapshot>, Error> {
+        let Some(raw) = self.db.get(APPLIED)? else {
             return Ok(None);
         };
         let s = Stored::decode(raw.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+        if s.node != node {
+            return Err(Error::Corrupt(format!(
+                "the record is node {:?}'s, not {node:?}'s",
+                s.node
+            )));
+        }
         let v = VersionRef::from_proto(
             s.version
                 .as_ref()
@@ -76,7 +170,15 @@ impl LocalState {
             ),
             content: Some(snap.to_proto()),
         };
-        self.db.insert("applied", s.encode_to_vec())?;
+        self.db.insert(APPLIED, s.encode_to_vec())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes raw bytes as the record (tests that play a corrupted disk).
+    #[doc(hidden)]
+    pub fn write_raw(&self, bytes: &[u8]) -> Result<(), Error> {
+        self.db.insert(APPLIED, bytes)?;
         self.db.flush()?;
         Ok(())
     }
@@ -173,5 +275,95 @@ impl LocalState {
         };
         self.db.insert("degraded", s.encode_to_vec())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moat_policy::Index;
+    use moat_policy::testkit::parse_all;
+    use moat_policy::testkit::random::{Features, World};
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn a_snapshot() -> NodeSnapshot {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let world = World::generate(&mut rng, &mut Features::default());
+        let index = Index::build(parse_all(&world.objects()));
+        let node = index.nodes().into_iter().next().expect("a node").node;
+        index.snapshot(&node).expect("its snapshot")
+    }
+
+    #[test]
+    fn unreadable_records_are_discarded_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = a_snapshot();
+        let st = LocalState::open(dir.path()).unwrap();
+        assert!(matches!(st.load(&snap.node), Loaded::Nothing));
+        st.save(&snap).unwrap();
+        assert!(matches!(st.load(&snap.node), Loaded::Applied(s) if s == snap));
+        // Another node's record is not this node's rules.
+        assert!(matches!(st.load("elsewhere"), Loaded::Discarded(_)));
+        assert!(matches!(st.load(&snap.node), Loaded::Nothing));
+
+        // Garbage, a truncated record, and a record whose content lies about its digest.
+        let lying = Stored {
+            node: snap.node.clone(),
+            version: Some(
+                VersionRef {
+                    version: snap.version,
+                    digest: moat_policy::ir::digest::Digest([9; 32]),
+                }
+                .to_proto(),
+            ),
+            content: Some(snap.to_proto()),
+        }
+        .encode_to_vec();
+        st.save(&snap).unwrap();
+        let whole = st.db.get(APPLIED).unwrap().unwrap().to_vec();
+        for bad in [
+            b"\xff\xfe garbage".to_vec(),
+            whole[..whole.len() / 2].to_vec(),
+            lying,
+        ] {
+            st.write_raw(&bad).unwrap();
+            assert!(matches!(st.load(&snap.node), Loaded::Discarded(_)));
+            assert!(
+                matches!(st.load(&snap.node), Loaded::Nothing),
+                "discarded once"
+            );
+        }
+    }
+
+    #[test]
+    fn a_database_sled_cannot_open_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let st = LocalState::open(dir.path()).unwrap();
+            st.save(&a_snapshot()).unwrap();
+        }
+        std::fs::write(dir.path().join("node.pem"), "kept").unwrap();
+        // Garbage over sled's files, as a damaged disk leaves them.
+        for f in ["conf", "db"] {
+            std::fs::write(dir.path().join(f), vec![0xa5; 4096]).unwrap();
+        }
+        let st = LocalState::open(dir.path()).unwrap();
+        assert!(matches!(st.load(&a_snapshot().node), Loaded::Nothing));
+        assert_eq!(std::fs::read(dir.path().join("node.pem")).unwrap(), b"kept");
+        let moved: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("discarded-"))
+            .collect();
+        assert_eq!(moved.len(), 1, "the damaged files are kept aside");
+        drop(st);
+        // A lock another enforcer holds is no damage: nothing is moved.
+        let held = LocalState::open(dir.path()).unwrap();
+        assert!(matches!(
+            LocalState::open(dir.path()),
+            Err(Error::Sled(sled::Error::Io(_)))
+        ));
+        drop(held);
     }
 }

@@ -163,12 +163,21 @@ pub fn bootstrap_bed(
     let api = ApiServer::start(opts);
     let source = bed.kube_source(&api, "prod");
     let bootstrap = free_port();
-    let ca_key = bed.certs().join("ca-key.pem");
+    // Bootstrap signs with a node CA of its own, never the main CA.
+    let (code, _, err) = crate::bed::moatctl(&[
+        "certs",
+        "init-node-ca",
+        "--dir",
+        bed.certs().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
     let mut args: Vec<String> = vec![
         "--bootstrap-listen".into(),
         bootstrap.to_string(),
+        "--tls-node-ca".into(),
+        bed.certs().join("node-ca.pem").display().to_string(),
         "--bootstrap-ca-key".into(),
-        ca_key.display().to_string(),
+        bed.certs().join("node-ca-key.pem").display().to_string(),
         "--bootstrap-cert-ttl".into(),
         ttl.into(),
     ];

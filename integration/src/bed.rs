@@ -320,6 +320,26 @@ impl Bed {
             .unwrap_or(Value::Null)
     }
 
+    /// Waits until the server's status shows every listed node in sync and each node's
+    /// recorded backend holds the digest the server says is newest. For beds served by the
+    /// test API server, whose pods carry UIDs the manifests lack (so [`Bed::expected`],
+    /// compiled from the manifests, names other digests).
+    pub fn wait_served_in_sync(&self, nodes: &[&str]) {
+        wait_until(&format!("{nodes:?} in sync with the server"), WAIT, || {
+            let s = self.status();
+            nodes.iter().all(|n| {
+                s["nodes"].as_array().is_some_and(|a| {
+                    a.iter().any(|x| {
+                        x["node"] == *n
+                            && x["in_sync"] == true
+                            && self.applied(n).map(|(_, d)| d.to_string()).as_deref()
+                                == x["latest_digest"].as_str()
+                    })
+                })
+            })
+        });
+    }
+
     /// Waits until every listed node applied exactly what the manifests compile to.
     pub fn wait_in_sync(&self, nodes: &[&str]) {
         let want = self.expected();

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use moat_dataplane::local::PodAddr;
 use moat_dataplane::plan::Degraded;
 use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
-use moat_policy::ir::{NodeSnapshot, RuleId};
 use moat_policy::ir::delta::Delta;
+use moat_policy::ir::{NodeSnapshot, RuleId};
 use serde_json::json;
 
 pub struct Recording {
@@ -145,7 +145,9 @@ impl Backend for Recording {
         last: Option<&NodeSnapshot>,
         local: &LocalPods,
     ) -> Result<Adopted, BackendError> {
-        self.event(json!({"op": "adopt", "version": last.map(|s| s.version), "local": local_json(local)}))?;
+        self.event(
+            json!({"op": "adopt", "version": last.map(|s| s.version), "local": local_json(local)}),
+        )?;
         Ok(if last.is_some() {
             Adopted::Enforcing
         } else {

@@ -345,7 +345,7 @@ fn a_renewal_extends_only_the_stream_on_the_renewed_key() {
     std::fs::write(&file, token(&api, "n2")).unwrap();
     let args = bootstrap_args(&bed, bootstrap, &file);
     bed.start_enforcer_args("n2", "n2", &args);
-    bed.wait_in_sync(&["n2"]);
+    bed.wait_served_in_sync(&["n2"]);
     let n2_since = Instant::now();
     // (Attempts before the first certificate landed end before a stream exists.)
     let stream_ends = |e: &str| e.matches("sync stream ended").count();
@@ -423,14 +423,14 @@ fn a_renewal_extends_only_the_stream_on_the_renewed_key() {
     std::fs::write(&file, token(&api, "n1")).unwrap();
     let args = bootstrap_args(&bed, bootstrap, &file);
     bed.start_enforcer_args("n1", "n1", &args);
-    bed.wait_in_sync(&["n1", "n2"]);
+    bed.wait_served_in_sync(&["n1", "n2"]);
 
     // Past the end of n2's first certificate, its one stream (extended by the renewal of its
     // key) still delivers.
     let past = Duration::from_secs(63).saturating_sub(n2_since.elapsed());
     std::thread::sleep(past);
     bed.write_policy_to(&api, "db", "7432");
-    bed.wait_in_sync(&["n1", "n2"]);
+    bed.wait_served_in_sync(&["n1", "n2"]);
     let err = bed.enforcer_stderr("n2");
     assert_eq!(stream_ends(&err), n2_ended, "n2's stream dropped:\n{err}");
     let m = scrape(bed.enforcers["n2"].metrics);

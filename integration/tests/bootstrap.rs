@@ -1,5 +1,5 @@
 //! Node identity bootstrap against the test API server: real JWTs, real TokenReview, real
-//! TLS, the real server issuing and the real enforcer renewing.
+//! TLS, the real server issuing (from the node CA) and the real enforcer renewing.
 
 use std::time::Duration;
 
@@ -17,9 +17,17 @@ struct World {
     bootstrap: std::net::SocketAddr,
 }
 
-/// Nodes n1, n2 with the bed's workload, plus an enforcer pod per node in moat-system.
-fn world(ttl: &str) -> World {
-    let mut bed = Bed::new(&["n1", "n2"]);
+/// Nodes n1, n2 with the bed's workload, plus an enforcer pod per node in moat-system, the
+/// test API server serving them, and a node CA; the server's source arguments.
+fn setup() -> (Bed, ApiServer, Vec<String>) {
+    let bed = Bed::new(&["n1", "n2"]);
+    let (code, _, err) = moat_integration::bed::moatctl(&[
+        "certs",
+        "init-node-ca",
+        "--dir",
+        bed.certs().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
     let mut y = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n");
     for n in ["n1", "n2"] {
         y += &format!(
@@ -29,15 +37,23 @@ fn world(ttl: &str) -> World {
     std::fs::write(bed.manifests().join("moat.yaml"), y).unwrap();
     let api = ApiServer::start(Options::default());
     let args = bed.kube_source(&api, "prod");
+    (bed, api, args)
+}
+
+fn world(ttl: &str) -> World {
+    let (mut bed, api, args) = setup();
     let bootstrap = free_port();
-    let ca_key = bed.certs().join("ca-key.pem");
+    let node_ca = bed.certs().join("node-ca.pem");
+    let node_ca_key = bed.certs().join("node-ca-key.pem");
     bed.start_server_from(
         &args,
         &[
             "--bootstrap-listen",
             &bootstrap.to_string(),
+            "--tls-node-ca",
+            node_ca.to_str().unwrap(),
             "--bootstrap-ca-key",
-            ca_key.to_str().unwrap(),
+            node_ca_key.to_str().unwrap(),
             "--bootstrap-cert-ttl",
             ttl,
         ],
@@ -117,6 +133,13 @@ fn issue(w: &World, cluster: &str, node: &str, token: &str) -> Result<String, to
                 .unwrap()
                 .unwrap();
             let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            // Signed by the node CA, never the main CA.
+            assert_eq!(
+                cert.issuer().to_string(),
+                "O=Moat, CN=Moat node CA",
+                "the issuer"
+            );
+            assert!(r.ca_pem.contains("BEGIN CERTIFICATE"));
             let san = cert.subject_alternative_name().unwrap().unwrap();
             Ok(format!("{:?}", san.value.general_names))
         })
@@ -259,7 +282,7 @@ fn an_enforcer_bootstraps_and_renews_without_dropping_its_stream() {
         "default".into(),
     ];
     w.bed.start_enforcer_args("n1", "n1", &args);
-    w.bed.wait_in_sync(&["n1"]);
+    w.bed.wait_served_in_sync(&["n1"]);
     // (Attempts before the first certificate landed end before a stream exists.)
     let ended = |e: &str| e.matches("sync stream ended").count();
     let before = ended(&w.bed.enforcer_stderr("n1"));
@@ -276,10 +299,59 @@ fn an_enforcer_bootstraps_and_renews_without_dropping_its_stream() {
     assert_eq!(metric(&m, "moat_enforcer_reconnects_total"), 0.0, "{m}");
     // Long after the first certificate expired, the same stream still delivers.
     w.bed.write_policy_to(&w.api, "db", "6432");
-    w.bed.wait_in_sync(&["n1"]);
+    w.bed.wait_served_in_sync(&["n1"]);
     let err = w.bed.enforcer_stderr("n1");
     assert_eq!(ended(&err), before, "{err}");
     wait_until("status connected", WAIT, || {
         w.bed.node_status("n1")["connected"] == true
     });
+}
+
+/// The server never signs with the main CA: its key (which can mint admins) is refused for
+/// bootstrap, and so is bootstrap without a node CA.
+#[test]
+fn bootstrap_refuses_to_sign_with_the_main_ca() {
+    let (bed, _api, args) = setup();
+    let certs = bed.certs();
+    let path = |f: &str| certs.join(f).display().to_string();
+    for (extra, needle) in [
+        (
+            vec![
+                "--tls-node-ca",
+                &path("node-ca.pem"),
+                "--bootstrap-ca-key",
+                &path("ca-key.pem"),
+            ],
+            "the main CA",
+        ),
+        (
+            vec![
+                "--tls-node-ca",
+                &path("ca.pem"),
+                "--bootstrap-ca-key",
+                &path("ca-key.pem"),
+            ],
+            "the main CA",
+        ),
+        (
+            vec!["--bootstrap-ca-key", &path("ca-key.pem")],
+            "needs --tls-node-ca",
+        ),
+    ] {
+        let out = std::process::Command::new(moat_integration::binary("moat-server"))
+            .args(&args)
+            .args(["--bootstrap-listen", &free_port().to_string()])
+            .args(&extra)
+            .args(["--listen", &free_port().to_string()])
+            .args(["--health-addr", &free_port().to_string()])
+            .args(["--metrics-addr", &free_port().to_string()])
+            .args(moat_harness::moat::tls_args(&certs, "server"))
+            .arg("--state-dir")
+            .arg(bed.path("state/refused"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?} started:\n{err}");
+        assert!(err.contains(needle), "{extra:?}: {needle:?} not in\n{err}");
+    }
 }

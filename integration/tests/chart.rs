@@ -115,6 +115,19 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
     let ca = item(&pod["volumes"], "name", "ca");
     assert_eq!(ca["secret"]["items"][0]["key"], "ca.pem");
     assert_eq!(ca["secret"]["items"].as_sequence().unwrap().len(), 1);
+    // Metrics stay on the node's loopback (hostNetwork: anything else is the node's
+    // networks); health must stay reachable on the pod IP for kubelet's probes.
+    let metrics = item(&c["env"], "name", "MOAT_METRICS_ADDR");
+    assert_eq!(metrics["value"], "127.0.0.1:7447");
+    let health = item(&c["env"], "name", "MOAT_HEALTH_ADDR");
+    assert_eq!(health["value"], "0.0.0.0:7446");
+    let ports: BTreeSet<String> = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ports, BTreeSet::from(["health".to_string()]));
     env_understood(c, "moat-enforcer");
     args_understood(c, "moat-enforcer");
     // The server by the Service's ClusterIP (kubelet expands it in args): no DNS, which a
@@ -179,6 +192,56 @@ fn the_server_runs_in_the_node_network_without_colliding_with_the_enforcer() {
     let enforcer = ports(&ds["spec"]["template"]["spec"]["containers"][0]);
     assert_eq!(server.len(), 4);
     assert!(server.is_disjoint(&enforcer), "{server:?} {enforcer:?}");
+}
+
+#[test]
+fn the_server_holds_the_node_ca_key_never_the_main_ca_key() {
+    let objs = render(None);
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let env = |name: &str| {
+        item(&c["env"], "name", name)["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(env("MOAT_TLS_NODE_CA"), "/etc/moat/tls/node-ca.pem");
+    assert_eq!(
+        env("MOAT_BOOTSTRAP_CA_KEY"),
+        "/etc/moat/tls/node-ca-key.pem"
+    );
+    assert_eq!(env("MOAT_TLS_CA"), "/etc/moat/ca/ca.pem");
+    // Exactly these files reach the pod, whatever else the Secret holds.
+    let tls = item(&pod["volumes"], "name", "tls");
+    let items: BTreeSet<String> = tls["secret"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert_eq!(i["key"], i["path"]);
+            i["key"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        items,
+        [
+            "node-ca-key.pem",
+            "node-ca.pem",
+            "server-key.pem",
+            "server.pem"
+        ]
+        .map(String::from)
+        .into()
+    );
+    let ca = item(&pod["volumes"], "name", "ca");
+    assert_eq!(ca["secret"]["items"][0]["key"], "ca.pem");
+    assert_eq!(ca["secret"]["items"].as_sequence().unwrap().len(), 1);
+    let all = serde_yaml::to_string(sts).unwrap();
+    assert!(
+        !all.replace("node-ca-key.pem", "").contains("ca-key.pem"),
+        "the main CA's key is mentioned:\n{all}"
+    );
 }
 
 #[test]

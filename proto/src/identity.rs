@@ -51,12 +51,28 @@ impl Identity {
     }
 }
 
-/// A cluster, node or admin name: letters, digits, '-' and '.', at most 253 bytes.
+/// A cluster, node or admin name: a DNS-1123 subdomain, as Kubernetes requires of node
+/// names — lowercase letters, digits, '-' and '.', at most 253 bytes, every dot-separated
+/// label non-empty and starting and ending with a letter or digit. Names become URI path
+/// segments, file names and bpffs directories, so `.`, `..`, `/` and empty never pass.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    s.len() <= 253 && s.split('.').all(valid_label)
+}
+
+fn valid_label(l: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let b = l.as_bytes();
+    match (b.first(), b.last()) {
+        (Some(&f), Some(&e)) => alnum(f) && alnum(e) && b.iter().all(|&c| alnum(c) || c == b'-'),
+        _ => false,
+    }
+}
+
+/// Why [`valid_name`] refuses `s`, for error messages.
+pub fn name_error(what: &str, s: &str) -> String {
+    format!(
+        "{what} {s:?} is not a valid name: lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit, at most 253 characters (a Kubernetes node name)"
+    )
 }
 
 impl fmt::Display for Identity {
@@ -87,8 +103,28 @@ mod tests {
             "spiffe://moat/admin/",
             "spiffe://moat/cluster/pr od/node/a",
             "https://moat/cluster/prod/node/a",
+            "spiffe://moat/cluster/prod/node/..",
+            "spiffe://moat/cluster/prod/node/.",
+            "spiffe://moat/cluster/../node/a",
+            "spiffe://moat/cluster/prod/node/Node-1",
+            "spiffe://moat/admin/..",
         ] {
             assert_eq!(Identity::from_uri(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn names_are_dns_subdomains() {
+        for ok in ["n1", "node-1.example", "a", "0", "ip-10-0-0-1.ec2.internal"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        let long = "a".repeat(254);
+        for bad in [
+            "", ".", "..", "a..b", ".a", "a.", "-a", "a-", "a/b", "../x", "A", "a_b", "a b", "a\0",
+            &long,
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_name(&"a".repeat(63)));
     }
 }

@@ -8,6 +8,7 @@
 pub mod convert;
 pub mod identity;
 pub mod pki;
+pub mod url;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -10,16 +10,17 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::hub::{ClusterState, Hub};
-use crate::sync::{peer_addr, peer_identity};
+use crate::sync::{PeerAuth, peer_addr, peer_identity};
+use crate::tls::Anchor;
 
 pub struct AdminService {
     hub: Arc<Hub>,
-    insecure: bool,
+    auth: PeerAuth,
 }
 
 impl AdminService {
-    pub fn new(hub: Arc<Hub>, insecure: bool) -> Self {
-        Self { hub, insecure }
+    pub fn new(hub: Arc<Hub>, auth: PeerAuth) -> Self {
+        Self { hub, auth }
     }
 
     pub fn svc(self) -> v1::admin_server::AdminServer<Self> {
@@ -27,8 +28,17 @@ impl AdminService {
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let (id, _) = peer_identity(req, self.insecure)?;
-        match id {
+        let peer = peer_identity(req, &self.auth)?;
+        if peer.anchor != Anchor::Main {
+            // Whatever it names: the node CA (whose key bootstrap holds) never vouches for
+            // an operator.
+            self.hub.metrics.refused("node-ca-on-admin");
+            warn!(peer = ?peer_addr(req), identity = %peer.id, "refused an admin call from a certificate of the node CA");
+            return Err(Status::permission_denied(
+                "the admin API needs an admin certificate from the main CA; the node CA's are refused",
+            ));
+        }
+        match peer.id {
             Identity::Admin { .. } => Ok(()),
             other => {
                 self.hub.metrics.refused("not-an-admin");

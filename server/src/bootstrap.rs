@@ -14,6 +14,10 @@
 //! Only then is a certificate issued, for the identity (cluster, node), with the enforcer's
 //! public key from its CSR (everything else in the CSR is ignored).
 //!
+//! Certificates are signed by the node CA, never the main CA: the server accepts the node
+//! CA's certificates for node identities on the sync API only (see `tls::Anchor`), so the
+//! key this listener needs cannot mint an admin certificate even if the server is taken.
+//!
 //! The listener takes requests from anyone, so before a request may cost the API server
 //! anything it must pass, in order: its source's token bucket, a read of the token's own
 //! claims ([`precheck`]), and a free slot among the few reviews in flight — waited for at
@@ -58,6 +62,34 @@ pub enum Error {
     },
     #[error("CA: {0}")]
     Ca(#[from] rcgen::Error),
+    #[error("{0}: not a CA certificate")]
+    NotCa(String),
+    #[error(
+        "{0} is the main CA (--tls-ca), which vouches for admins too: bootstrap needs a node CA of its own (`moatctl certs init-node-ca`)"
+    )]
+    MainCa(String),
+    #[error("{key} is not the key of the node CA {cert}")]
+    KeyMismatch { key: String, cert: String },
+    #[error("certificate lifetime: {0}")]
+    Lifetime(#[from] moat_proto::pki::LifetimeError),
+}
+
+/// The SubjectPublicKeyInfo of every certificate in a PEM file.
+fn public_keys(path: &Path, pem: &str) -> Result<Vec<Vec<u8>>, Error> {
+    let mut out = Vec::new();
+    for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        let der = der.map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|_| Error::NotCa(path.display().to_string()))?;
+        if !cert.is_ca() {
+            return Err(Error::NotCa(path.display().to_string()));
+        }
+        out.push(cert.tbs_certificate.subject_pki.raw.to_vec());
+    }
+    Ok(out)
 }
 
 /// Who may bootstrap, and for how long certificates live.
@@ -184,14 +216,17 @@ pub fn check_pod(
     Ok(())
 }
 
-/// Signs node certificates with the server's CA.
+/// Signs node certificates with the node CA.
 pub struct Ca {
     ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Ca {
-    pub fn load(cert: &Path, key: &Path) -> Result<Ca, Error> {
+    /// The node CA from its certificate and key. Refused: a key that is not the
+    /// certificate's, and a node CA that is (or whose key is) one of the main CA's
+    /// (`main`, the `--tls-ca` file): that would give bootstrap the power to mint admins.
+    pub fn load(cert: &Path, key: &Path, main: &Path) -> Result<Ca, Error> {
         let read = |p: &Path| {
             std::fs::read_to_string(p).map_err(|source| Error::Read {
                 path: p.display().to_string(),
@@ -199,8 +234,23 @@ impl Ca {
             })
         };
         let ca_pem = read(cert)?;
-        let key = KeyPair::from_pem(&read(key)?)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)?;
+        let node = public_keys(cert, &ca_pem)?;
+        let main_keys = public_keys(main, &read(main)?)?;
+        let key_pair = KeyPair::from_pem(&read(key)?)?;
+        let own = rcgen::PublicKeyData::subject_public_key_info(&key_pair);
+        if main_keys.contains(&own) {
+            return Err(Error::MainCa(key.display().to_string()));
+        }
+        if node.iter().any(|k| main_keys.contains(k)) {
+            return Err(Error::MainCa(cert.display().to_string()));
+        }
+        if node.first() != Some(&own) {
+            return Err(Error::KeyMismatch {
+                key: key.display().to_string(),
+                cert: cert.display().to_string(),
+            });
+        }
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key_pair)?;
         Ok(Ca { ca_pem, issuer })
     }
 
@@ -210,7 +260,7 @@ impl Ca {
         id: &Identity,
         csr_pem: &str,
         ttl: Duration,
-    ) -> Result<(String, SystemTime), rcgen::Error> {
+    ) -> Result<(String, SystemTime), Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -220,9 +270,11 @@ impl Ca {
         p.subject_alt_names = vec![SanType::URI(id.uri().try_into()?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::minutes(1);
-        let not_after = now + time::Duration::try_from(ttl).unwrap_or(time::Duration::hours(1));
+        let now = SystemTime::now();
+        // Checked: a lifetime past what a certificate can state is an error, not a panic.
+        let end = moat_proto::pki::expiry(now, ttl)?;
+        p.not_before = time::OffsetDateTime::from(now) - time::Duration::minutes(1);
+        let not_after = time::OffsetDateTime::from(end);
         // Whole seconds: what the certificate can express, and what the stream deadline uses.
         let not_after = not_after.replace_nanosecond(0).unwrap_or(not_after);
         p.not_after = not_after;
@@ -414,7 +466,10 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
         let (cert_pem, not_after) = self
             .ca
             .issue(&id, &r.csr_pem, self.policy.cert_ttl)
-            .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+            .map_err(|e| match e {
+                Error::Lifetime(_) => Status::internal(e.to_string()),
+                _ => Status::invalid_argument(format!("certificate request: {e}")),
+            })?;
         self.hub.metrics.certificates_issued.inc();
         match CertKey::of_pem(&cert_pem) {
             Some(k) => self.hub.streams.issued(&r.cluster, &r.node, k),
@@ -516,16 +571,51 @@ mod tests {
         ));
     }
 
+    /// A self-signed CA written as `<name>.pem` and `<name>-key.pem`.
+    fn make_ca(dir: &Path, name: &str) {
+        let key = KeyPair::generate().unwrap();
+        let mut cp = CertificateParams::default();
+        cp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = cp.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), ca.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn signs_only_with_a_node_ca_separate_from_the_main_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        make_ca(d, "ca");
+        make_ca(d, "node-ca");
+        make_ca(d, "other");
+        let main = d.join("ca.pem");
+        assert!(Ca::load(&d.join("node-ca.pem"), &d.join("node-ca-key.pem"), &main).is_ok());
+        // The main CA itself, or its key under another certificate: refused.
+        assert!(matches!(
+            Ca::load(&main, &d.join("ca-key.pem"), &main),
+            Err(Error::MainCa(_))
+        ));
+        assert!(matches!(
+            Ca::load(&d.join("node-ca.pem"), &d.join("ca-key.pem"), &main),
+            Err(Error::MainCa(_))
+        ));
+        assert!(matches!(
+            Ca::load(&d.join("node-ca.pem"), &d.join("other-key.pem"), &main),
+            Err(Error::KeyMismatch { .. })
+        ));
+    }
+
     #[test]
     fn issues_for_the_identity_only_whatever_the_csr_asks() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut cp = CertificateParams::default();
-        cp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = cp.self_signed(&ca_key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("ca-key.pem"), ca_key.serialize_pem()).unwrap();
-        let ca = Ca::load(&dir.path().join("ca.pem"), &dir.path().join("ca-key.pem")).unwrap();
+        make_ca(dir.path(), "ca");
+        make_ca(dir.path(), "node-ca");
+        let ca = Ca::load(
+            &dir.path().join("node-ca.pem"),
+            &dir.path().join("node-ca-key.pem"),
+            &dir.path().join("ca.pem"),
+        )
+        .unwrap();
         // A CSR asking for an admin identity and CA powers.
         let key = KeyPair::generate().unwrap();
         let mut req = CertificateParams::default();
@@ -551,5 +641,10 @@ mod tests {
         assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(590));
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!cert.is_ca());
+        // A lifetime no certificate can state is an error, not a panic.
+        assert!(matches!(
+            ca.issue(&id, &csr, Duration::from_secs(u64::MAX / 2)),
+            Err(Error::Lifetime(_))
+        ));
     }
 }

@@ -9,10 +9,12 @@ use tracing::warn;
 
 use crate::hub::ClusterState;
 
-/// What was last warned about per (cluster, namespace, name), so an unchanged estimate is
-/// logged once.
+/// (cluster, namespace, name) of a policy.
+type PolicyKey = (Arc<str>, String, String);
+
+/// What was last warned about per policy, so an unchanged estimate is logged once.
 #[derive(Default)]
-pub struct Warned(Mutex<HashMap<(Arc<str>, String, String), u64>>);
+pub struct Warned(Mutex<HashMap<PolicyKey, u64>>);
 
 impl Warned {
     /// Checks the policies compiled at or after generation `since` (0: all), off the async

@@ -14,7 +14,7 @@ use moat_policy::ir::delta::VersionRef;
 use moat_policy::ir::digest::Digest;
 use moat_policy::{Changes, Index};
 use tokio::sync::{Notify, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::source::SourceEvent;
@@ -99,6 +99,7 @@ impl ClusterState {
     /// Publishes changed nodes to their streams. Call after `apply`, outside the index lock.
     pub fn publish(&self, changes: &Changes, fleet: &Fleet) {
         let now = SystemTime::now();
+        let first = !*self.synced.borrow();
         let mut nodes = self.nodes.lock().expect("publish lock");
         for u in &changes.updated {
             let p = Published {
@@ -140,6 +141,12 @@ impl ClusterState {
             fleet.removed(&self.name, r);
         }
         drop(nodes);
+        if first {
+            // Every node the source has now was just published: whatever else the store
+            // remembered is deleted.
+            let present = changes.updated.iter().map(|u| u.node.clone()).collect();
+            fleet.first_sync(&self.name, &present);
+        }
         self.synced
             .send_if_modified(|s| !std::mem::replace(s, true));
     }
@@ -307,6 +314,22 @@ impl Hub {
 /// (cluster, node).
 pub type NodeKey = (Arc<str>, Arc<str>);
 
+/// Sweeps blobs no stored snapshot references (off the async threads), and says what it did.
+pub async fn collect_garbage(store: Arc<Store>) {
+    match tokio::task::spawn_blocking(move || store.collect_garbage()).await {
+        Ok(Ok(c)) if c.blobs > 0 || c.unreadable > 0 => {
+            info!(
+                blobs = c.blobs,
+                unreadable = c.unreadable,
+                "state store garbage collected"
+            )
+        }
+        Ok(Ok(_)) => debug!("state store garbage collected: nothing to remove"),
+        Ok(Err(e)) => warn!(error = %e, "state store garbage collection failed"),
+        Err(e) => warn!(error = %e, "state store garbage collection panicked"),
+    }
+}
+
 /// Persists acknowledged snapshots in the background, newest per node only, so a burst of
 /// acknowledgements never waits on the disk.
 struct Writer {
@@ -328,6 +351,10 @@ impl Writer {
                 let batch: Vec<_> = me.pending.lock().expect("writer lock").drain().collect();
                 let store2 = store.clone();
                 let n = batch.len();
+                let saved: Vec<_> = batch
+                    .iter()
+                    .map(|((c, node), s)| (c.clone(), node.clone(), s.version))
+                    .collect();
                 let res = tokio::task::spawn_blocking(move || {
                     for ((cluster, _), snap) in batch {
                         store2.save_acked(&cluster, &snap)?;
@@ -341,15 +368,18 @@ impl Writer {
                     warn!(error = %e, "cannot flush the state store");
                 }
                 match res {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        for (cluster, node, version) in saved {
+                            debug!(%cluster, %node, version, "acknowledged snapshot persisted");
+                        }
+                    }
                     Ok(Err(e)) => warn!(error = %e, "cannot persist acknowledged snapshots"),
                     Err(e) => warn!(error = %e, "snapshot writer panicked"),
                 }
                 since_gc += n;
                 if since_gc > 10_000 {
                     since_gc = 0;
-                    let s = store.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.collect_garbage()).await;
+                    collect_garbage(store.clone()).await;
                 }
             }
         });

@@ -21,6 +21,7 @@ pub mod hub;
 pub mod index;
 pub mod listen;
 pub mod metrics;
+pub mod prune;
 pub mod source;
 pub mod status;
 pub mod store;

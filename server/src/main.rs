@@ -18,7 +18,7 @@ use moat_server::metrics::Metrics;
 use moat_server::source::{self, ClusterSpec, Health, SourceSpec};
 use moat_server::status::Fleet;
 use moat_server::store::Store;
-use moat_server::sync::SyncService;
+use moat_server::sync::{PeerAuth, SyncService};
 use moat_server::tls::{self, TlsFiles};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -59,6 +59,11 @@ struct Args {
     /// CA certificate (PEM) that signs every node, admin and server certificate.
     #[arg(long, env = "MOAT_TLS_CA", default_value = ".moat/certs/ca.pem")]
     tls_ca: PathBuf,
+    /// The node CA's certificate (PEM; `moatctl certs init-node-ca`): certificates it signs
+    /// are accepted for node identities on the sync API only, never on the admin API.
+    /// Bootstrap signs with it (`--bootstrap-ca-key`).
+    #[arg(long, env = "MOAT_TLS_NODE_CA")]
+    tls_node_ca: Option<PathBuf>,
     /// This server's certificate (PEM).
     #[arg(long, env = "MOAT_TLS_CERT", default_value = ".moat/certs/server.pem")]
     tls_cert: PathBuf,
@@ -73,10 +78,12 @@ struct Args {
     #[arg(long, env = "MOAT_TLS_RELOAD_SECONDS", default_value_t = 2)]
     tls_reload_seconds: u64,
     /// Serve node identity bootstrap here (TLS, server-authenticated; enforcers present
-    /// their projected ServiceAccount token). Needs Kubernetes clusters and `--bootstrap-ca-key`.
+    /// their projected ServiceAccount token). Needs Kubernetes clusters, `--tls-node-ca` and
+    /// `--bootstrap-ca-key`.
     #[arg(long, env = "MOAT_BOOTSTRAP_LISTEN")]
     bootstrap_listen: Option<SocketAddr>,
-    /// The CA's private key (PEM), to sign node certificates issued by bootstrap.
+    /// The node CA's private key (PEM), to sign node certificates issued by bootstrap. The
+    /// main CA's key is refused: it could mint admin certificates.
     #[arg(long, env = "MOAT_BOOTSTRAP_CA_KEY")]
     bootstrap_ca_key: Option<PathBuf>,
     /// The audience enforcer tokens must be minted for.
@@ -94,15 +101,29 @@ struct Args {
     #[arg(long, env = "MOAT_BOOTSTRAP_CERT_TTL", default_value = "1h", value_parser = parse_duration)]
     bootstrap_cert_ttl: Duration,
     /// DANGER: serve without TLS and take identities from an unauthenticated header.
-    /// For local development only; never with real nodes.
+    /// For local development only; never with real nodes. Loopback `--listen` addresses
+    /// only, unless `--insecure-dev-plaintext-non-loopback` is given too.
     #[arg(long)]
     insecure_dev_plaintext: bool,
+    /// DANGER: allow `--insecure-dev-plaintext` on a `--listen` address that is not
+    /// loopback, where anyone who can reach it may act as any node and as admin. Like the
+    /// flag it qualifies, it has no environment variable: it is only ever given on purpose.
+    #[arg(long)]
+    insecure_dev_plaintext_non_loopback: bool,
     /// Directory of the server's state (sled): versions, node status, snapshot history.
     #[arg(long, env = "MOAT_STATE_DIR", default_value = ".moat/server")]
     state_dir: PathBuf,
     /// Acknowledged snapshots kept per node as delta bases across restarts.
     #[arg(long, env = "MOAT_HISTORY", default_value_t = 4)]
     history: usize,
+    /// Versions start above this (and above the store's reservation): to recover from a
+    /// lost or damaged state directory without reusing a version an enforcer may hold.
+    #[arg(long, env = "MOAT_FIRST_VERSION", default_value_t = 0)]
+    first_version: u64,
+    /// How long a node deleted from its source stays in `moatctl status` (marked deleted)
+    /// before it leaves the fleet view, the store and the metrics (`0s`, `90s`, `10m`, `1h`).
+    #[arg(long, env = "MOAT_DELETED_NODE_GRACE", default_value = "10m", value_parser = parse_grace)]
+    deleted_node_grace: Duration,
     /// Plaintext gRPC health (grpc.health.v1) for probes.
     #[arg(long, env = "MOAT_HEALTH_ADDR", default_value = "127.0.0.1:7444")]
     health_addr: SocketAddr,
@@ -138,6 +159,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: at least 5s"));
     }
     Ok(d)
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    moat_proto::pki::parse_lifetime(s).map_err(|e| e.to_string())
+}
+
+/// `--insecure-dev-plaintext` only where nobody else can reach it, unless asked twice.
+fn check_plaintext(args: &Args) -> Result<()> {
+    if args.insecure_dev_plaintext_non_loopback && !args.insecure_dev_plaintext {
+        bail!("--insecure-dev-plaintext-non-loopback only qualifies --insecure-dev-plaintext");
+    }
+    if args.insecure_dev_plaintext && args.tls_node_ca.is_some() {
+        bail!("--tls-node-ca is for TLS: it cannot run with --insecure-dev-plaintext");
+    }
+    if args.insecure_dev_plaintext
+        && !args.listen.ip().is_loopback()
+        && !args.insecure_dev_plaintext_non_loopback
+    {
+        bail!(
+            "--insecure-dev-plaintext on --listen {}, which is not a loopback address: anyone who can reach it could act as any node and as admin. Listen on 127.0.0.1 or ::1, or also give --insecure-dev-plaintext-non-loopback if that is really meant",
+            args.listen
+        );
+    }
+    Ok(())
 }
 
 /// The clusters to serve, from `--source`, `--cluster` and `--clusters-file`.
@@ -197,6 +242,7 @@ fn clusters(
 async fn main() -> Result<()> {
     let args = Args::parse();
     moat_telemetry::init_logging(&args.log)?;
+    check_plaintext(&args)?;
     if args.insecure_dev_plaintext {
         warn!(
             "!!! --insecure-dev-plaintext: NO TLS, NO AUTHENTICATION. Any process that can reach {} may read any node's rules and act as admin. Development only. !!!",
@@ -267,7 +313,16 @@ async fn main() -> Result<()> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let store = Store::open(&args.state_dir, args.history)
         .with_context(|| format!("opening the state store in {}", args.state_dir.display()))?;
+    if args.first_version > store.reserved() {
+        // Durable before anything is served: a restart without the flag stays above it.
+        store
+            .reserve(args.first_version)
+            .await
+            .context("recording --first-version")?;
+    }
     let saved = store.statuses()?;
+    // Blobs a crash left unreferenced, and snapshots that cannot be read, go now.
+    tokio::spawn(moat_server::hub::collect_garbage(store.clone()));
     let fleet = Arc::new(Fleet::default());
     let mut states = Vec::new();
     let mut pending = Vec::new();
@@ -289,6 +344,7 @@ async fn main() -> Result<()> {
     };
     let hub = Hub::with_limits(states, fleet.clone(), store.clone(), metrics.clone(), sizes);
     let warned = Arc::new(moat_server::cost::Warned::default());
+    moat_server::prune::spawn(hub.clone(), args.deleted_node_grace);
 
     // Health: SERVING once every cluster's first full sync is in.
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -312,6 +368,39 @@ async fn main() -> Result<()> {
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     info!(health = %args.health_addr, metrics = %bound, "probe endpoints up");
 
+    let files = TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        node_ca: args.tls_node_ca.clone(),
+    };
+    let tls = if args.insecure_dev_plaintext {
+        None
+    } else {
+        let tls = tls::Reloading::new(files.clone()).with_context(|| {
+            format!(
+                "loading TLS files {} (create them with `moatctl certs init`)",
+                files
+                    .node_ca
+                    .iter()
+                    .chain([&files.ca, &files.cert, &files.key])
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        tls.watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
+        Some(tls)
+    };
+    let auth = match &tls {
+        Some(t) => PeerAuth::Tls(t.clone()),
+        None => PeerAuth::Plaintext,
+    };
+    // Bound before any cluster can report its first sync: "synced" (and health SERVING)
+    // then means the port accepts.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
     for (state, rx, previous) in pending {
         let prefix = if several {
             format!("{}: ", state.name)
@@ -362,18 +451,11 @@ async fn main() -> Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let routes = Routes::new(
-        SyncService::new(
-            hub.clone(),
-            shutdown_rx.clone(),
-            args.insecure_dev_plaintext,
-        )
-        .ack_timeout(args.limits.ack_timeout)
-        .svc(),
+        SyncService::new(hub.clone(), shutdown_rx.clone(), auth.clone())
+            .ack_timeout(args.limits.ack_timeout)
+            .svc(),
     )
-    .add_service(AdminService::new(hub.clone(), args.insecure_dev_plaintext).svc());
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
+    .add_service(AdminService::new(hub.clone(), auth).svc());
     info!(listen = %args.listen, tls = !args.insecure_dev_plaintext, "serving sync and admin");
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -393,11 +475,6 @@ async fn main() -> Result<()> {
         );
     }
     let admission = Admission::new(limits);
-    let files = TlsFiles {
-        ca: args.tls_ca.clone(),
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
-    };
     if let Some(addr) = args.bootstrap_listen {
         if args.insecure_dev_plaintext {
             bail!(
@@ -409,13 +486,13 @@ async fn main() -> Result<()> {
                 "--bootstrap-listen needs Kubernetes clusters (tokens are reviewed by the cluster they come from)"
             );
         }
-        let key = args.bootstrap_ca_key.clone().context(
-            "--bootstrap-listen needs --bootstrap-ca-key (the CA key that signs node certificates)",
-        )?;
-        let ca = bootstrap::Ca::load(&args.tls_ca, &key).with_context(|| {
+        let need = "--bootstrap-listen needs --tls-node-ca and --bootstrap-ca-key: bootstrap signs with a node CA of its own, never the main CA (`moatctl certs init-node-ca`)";
+        let node_ca = args.tls_node_ca.clone().context(need)?;
+        let key = args.bootstrap_ca_key.clone().context(need)?;
+        let ca = bootstrap::Ca::load(&node_ca, &key, &args.tls_ca).with_context(|| {
             format!(
-                "loading the CA from {} and {}",
-                args.tls_ca.display(),
+                "loading the node CA from {} and {}",
+                node_ca.display(),
                 key.display()
             )
         })?;
@@ -457,37 +534,31 @@ async fn main() -> Result<()> {
             shutdown_rx.clone(),
         ));
     }
-    if args.insecure_dev_plaintext {
-        let mut shutdown = shutdown_rx.clone();
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await?;
-    } else {
-        let tls = tls::Reloading::new(files.clone()).with_context(|| {
-            format!(
-                "loading TLS files {}, {}, {} (create them with `moatctl certs init`)",
-                files.ca.display(),
-                files.cert.display(),
-                files.key.display()
+    match tls {
+        None => {
+            let mut shutdown = shutdown_rx.clone();
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await?;
+        }
+        Some(tls) => {
+            listen::serve(
+                listener,
+                listen::Listener {
+                    tls,
+                    routes,
+                    admission,
+                    http2: Http2::default(),
+                    metrics: metrics.clone(),
+                    name: "sync",
+                },
+                shutdown_rx,
             )
-        })?;
-        tls.watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
-        listen::serve(
-            listener,
-            listen::Listener {
-                tls,
-                routes,
-                admission,
-                http2: Http2::default(),
-                metrics: metrics.clone(),
-                name: "sync",
-            },
-            shutdown_rx,
-        )
-        .await;
+            .await;
+        }
     }
     store.flush().await?;
     Ok(())

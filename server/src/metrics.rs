@@ -42,6 +42,16 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     /// Nodes enforcing some rule list as "deny" instead of exactly (fail closed).
     pub nodes_degraded: Gauge,
+    /// Nodes in the fleet view per cluster and state (`existing`, `deleted`: waiting out
+    /// the grace period before they leave).
+    pub fleet_nodes: Family<FleetLabel, Gauge>,
+    pub nodes_forgotten: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetLabel {
+    pub cluster: String,
+    pub state: String,
 }
 
 impl Default for Metrics {
@@ -62,6 +72,8 @@ impl Default for Metrics {
             source_up: Family::default(),
             certificates_issued: Counter::default(),
             nodes_degraded: Gauge::default(),
+            fleet_nodes: Family::default(),
+            nodes_forgotten: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -122,6 +134,16 @@ impl Default for Metrics {
             "Nodes whose applied version denies some rule lists instead of enforcing them (their dataplane or the message limit could not hold them)",
             m.nodes_degraded.clone(),
         );
+        registry.register(
+            "fleet_nodes",
+            "Nodes in the fleet view (state=deleted: gone from the source, leaving after the grace period)",
+            m.fleet_nodes.clone(),
+        );
+        registry.register(
+            "nodes_forgotten",
+            "Deleted nodes removed from the fleet view and the store after their grace period",
+            m.nodes_forgotten.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -155,6 +177,25 @@ impl Metrics {
                 cluster: cluster.into(),
             })
             .clone()
+    }
+
+    /// The fleet's size per cluster: (existing, deleted). Clusters that have no nodes any
+    /// more lose their series.
+    pub fn set_fleet(
+        &self,
+        counts: &std::collections::BTreeMap<std::sync::Arc<str>, (usize, usize)>,
+    ) {
+        self.fleet_nodes.clear();
+        for (cluster, (existing, deleted)) in counts {
+            for (state, n) in [("existing", existing), ("deleted", deleted)] {
+                self.fleet_nodes
+                    .get_or_create(&FleetLabel {
+                        cluster: cluster.to_string(),
+                        state: state.into(),
+                    })
+                    .set(*n as i64);
+            }
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -3,6 +3,10 @@
 //! Everything here comes from the enforcers' own word on their streams — their
 //! acknowledgements, and the version a reconnecting enforcer says it still enforces: the
 //! proof that node N enforces version V — and is persisted, so a restarted server still knows.
+//!
+//! A node deleted from its source stays in the view, marked deleted, for a grace period,
+//! then leaves it (and the store): only [`Fleet::published`] — the source naming the node —
+//! ever adds a node, so a late stream event cannot bring a deleted node back.
 
 use moat_proto::unix_micros as micros;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -77,6 +81,43 @@ struct NodeState {
     published: VecDeque<(VersionRef, SystemTime)>,
     counters: HashMap<String, u64>,
     deg: NodeDegradations,
+    /// When the source stopped naming this node.
+    deleted: Option<SystemTime>,
+    /// Whether the store has `deleted` (so a restart keeps the grace period's clock).
+    deleted_saved: bool,
+}
+
+impl NodeState {
+    fn stored(&self) -> StoredStatus {
+        let latest = self.published.back().map(|(v, _)| *v);
+        StoredStatus {
+            backend: self.backend.clone(),
+            kernel: self.kernel.clone(),
+            applied_version: self.applied.map_or(0, |a| a.version),
+            applied_digest: self
+                .applied
+                .map(|a| a.digest.0.to_vec())
+                .unwrap_or_default(),
+            last_error: self.last_error.clone(),
+            last_ack_unix_micros: self.last_ack.map_or(0, micros),
+            published_version: latest.map_or(0, |v| v.version),
+            published_digest: latest.map(|v| v.digest.0.to_vec()).unwrap_or_default(),
+            selection: self.selection.clone(),
+            deleted_unix_micros: self.deleted.map_or(0, micros),
+            node_degraded: self.deg.node.clone(),
+            server_degraded: self.deg.server.clone(),
+        }
+    }
+}
+
+/// What a sweep of deleted nodes found to do.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Newly deleted nodes whose deletion time must be persisted.
+    pub save: Vec<(NodeKey, StoredStatus)>,
+    /// Nodes whose grace period is over: to be dropped from the store, then
+    /// [`Fleet::forget`]ten.
+    pub expired: Vec<NodeKey>,
 }
 
 #[derive(Default)]
@@ -110,6 +151,9 @@ impl Fleet {
                         server: s.server_degraded,
                         ..Default::default()
                     },
+                    deleted: (s.deleted_unix_micros > 0)
+                        .then(|| moat_proto::from_unix_micros(s.deleted_unix_micros)),
+                    deleted_saved: true,
                     ..Default::default()
                 },
             );
@@ -163,6 +207,9 @@ impl Fleet {
     pub fn published(&self, cluster: &Arc<str>, node: &Arc<str>, v: VersionRef, at: SystemTime) {
         let mut nodes = self.nodes.lock().expect("fleet lock");
         let n = nodes.entry((cluster.clone(), node.clone())).or_default();
+        // Named by the source again: not deleted (any more).
+        n.deleted = None;
+        n.deleted_saved = false;
         if n.published.back().is_some_and(|(p, _)| *p == v) {
             return;
         }
@@ -172,23 +219,98 @@ impl Fleet {
         }
     }
 
+    /// The source deleted the node: it stays in the view, marked, until [`Fleet::sweep`]
+    /// finds its grace period over.
     pub fn removed(&self, cluster: &Arc<str>, node: &Arc<str>) {
-        let gone = self
-            .nodes
-            .lock()
-            .expect("fleet lock")
-            .remove(&(cluster.clone(), node.clone()));
-        if gone.is_some_and(|n| n.deg.is_degraded()) {
-            self.count_degraded(|c| *c = c.saturating_sub(1));
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        if let Some(n) = nodes.get_mut(&(cluster.clone(), node.clone())) {
+            n.deleted.get_or_insert_with(SystemTime::now);
         }
     }
 
-    /// Applies a stream event; returns the record to persist, if it changed durably.
+    /// A cluster's first full sync after a start: `present` are all its nodes. Nodes the
+    /// store remembered that the source no longer has are deleted from now on (or since
+    /// their recorded deletion).
+    pub fn first_sync(&self, cluster: &str, present: &std::collections::HashSet<Arc<str>>) {
+        let now = SystemTime::now();
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        for ((c, node), n) in nodes.iter_mut() {
+            if **c == *cluster && !present.contains(node) {
+                n.deleted.get_or_insert(now);
+            }
+        }
+    }
+
+    /// Finds deleted nodes to persist as such and those whose `grace` is over. Nodes of
+    /// clusters no longer served (`served` says false) count as deleted from now.
+    pub fn sweep(&self, grace: std::time::Duration, served: impl Fn(&str) -> bool) -> Sweep {
+        let now = SystemTime::now();
+        let mut out = Sweep::default();
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        for (key, n) in nodes.iter_mut() {
+            if n.deleted.is_none() && !served(&key.0) {
+                n.deleted = Some(now);
+            }
+            let Some(at) = n.deleted else {
+                continue;
+            };
+            if now.duration_since(at).unwrap_or_default() >= grace {
+                out.expired.push(key.clone());
+            } else if !n.deleted_saved {
+                n.deleted_saved = true;
+                out.save.push((key.clone(), n.stored()));
+            }
+        }
+        out
+    }
+
+    /// Removes expired nodes from the view — after the store forgot them, so a node that is
+    /// gone from the status is gone for good — unless the source named them again meanwhile.
+    /// Returns those removed.
+    pub fn forget(&self, expired: &[NodeKey]) -> Vec<NodeKey> {
+        let mut nodes = self.nodes.lock().expect("fleet lock");
+        let mut out = Vec::new();
+        let mut forgot_degraded = 0;
+        for k in expired {
+            if nodes.get(k).is_some_and(|n| n.deleted.is_some()) {
+                let gone = nodes.remove(k);
+                if gone.is_some_and(|n| n.deg.is_degraded()) {
+                    forgot_degraded += 1;
+                }
+                out.push(k.clone());
+            }
+        }
+        drop(nodes);
+        if forgot_degraded > 0 {
+            self.count_degraded(|c| *c = c.saturating_sub(forgot_degraded));
+        }
+        out
+    }
+
+    /// Whether the view holds the node (deleted or not).
+    pub fn contains(&self, key: &NodeKey) -> bool {
+        self.nodes.lock().expect("fleet lock").contains_key(key)
+    }
+
+    /// Nodes in the view per cluster: (existing, deleted and waiting out their grace).
+    pub fn counts(&self) -> BTreeMap<Arc<str>, (usize, usize)> {
+        let mut out: BTreeMap<Arc<str>, (usize, usize)> = BTreeMap::new();
+        for ((c, _), n) in self.nodes.lock().expect("fleet lock").iter() {
+            let e = out.entry(c.clone()).or_default();
+            if n.deleted.is_some() {
+                e.1 += 1;
+            } else {
+                e.0 += 1;
+            }
+        }
+        out
+    }
+
+    /// Applies a stream event; returns the record to persist, if it changed durably. Events
+    /// for a node the view does not hold (forgotten after its deletion) are dropped.
     pub fn event(&self, cluster: &str, node: &str, ev: StreamEvent) -> Option<StoredStatus> {
         let mut nodes = self.nodes.lock().expect("fleet lock");
-        let n = nodes
-            .entry((Arc::from(cluster), Arc::from(node)))
-            .or_default();
+        let n = nodes.get_mut(&(Arc::from(cluster), Arc::from(node)))?;
         let was = n.deg.is_degraded();
         let stored = Self::apply(n, ev);
         let now = n.deg.is_degraded();
@@ -260,20 +382,7 @@ impl Fleet {
                 return None;
             }
         }
-        let latest = n.published.back().map(|(v, _)| *v);
-        Some(StoredStatus {
-            backend: n.backend.clone(),
-            kernel: n.kernel.clone(),
-            applied_version: n.applied.map_or(0, |a| a.version),
-            applied_digest: n.applied.map(|a| a.digest.0.to_vec()).unwrap_or_default(),
-            last_error: n.last_error.clone(),
-            last_ack_unix_micros: n.last_ack.map_or(0, micros),
-            published_version: latest.map_or(0, |v| v.version),
-            published_digest: latest.map(|v| v.digest.0.to_vec()).unwrap_or_default(),
-            selection: n.selection.clone(),
-            node_degraded: n.deg.node.clone(),
-            server_degraded: n.deg.server.clone(),
-        })
+        Some(n.stored())
     }
 
     pub fn connected(&self) -> usize {
@@ -324,6 +433,7 @@ impl Fleet {
                     applied_digest: n.applied.map(|a| a.digest.to_string()).unwrap_or_default(),
                     latest_digest: latest.map(|v| v.digest.to_string()).unwrap_or_default(),
                     selection: n.selection.clone(),
+                    deleted_unix_micros: n.deleted.map_or(0, micros),
                     ..Default::default()
                 }
             })

@@ -5,6 +5,11 @@
 //! group IDs with their member hashes); rules and groups are stored once under their content
 //! keys and shared by every node and version that uses them. Unreferenced blobs are swept
 //! after retention pruning.
+//!
+//! Damage is contained where it can be: an unreadable node status or snapshot is skipped
+//! (and dropped) with a warning — it only costs that node a full snapshot. The version
+//! reservation is the exception: without it the server cannot know which versions it handed
+//! out, so an unreadable one stops the server instead of ever reusing a version.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -16,6 +21,7 @@ use moat_policy::ir::{Group, NodeSnapshot, Rule};
 use moat_proto::convert::{self, FromProto, ToProto};
 use moat_proto::v1;
 use prost::Message;
+use tracing::warn;
 
 /// Versions are reserved in blocks, so the durable write before sending happens once per
 /// block, not once per version.
@@ -37,6 +43,10 @@ pub enum Error {
         #[source]
         source: convert::ConvertError,
     },
+    #[error(
+        "the version reservation in {dir} cannot be read ({why}), so the versions already handed out are unknown; refusing to start rather than reuse one. Restore the directory from a backup, or move it aside and start with --first-version above every version an enforcer may hold (their moat_enforcer_applied_version metric)"
+    )]
+    Reservation { dir: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -92,7 +102,23 @@ pub struct StoredStatus {
     pub node_degraded: Vec<v1::Degradation>,
     #[prost(message, repeated, tag = "21")]
     pub server_degraded: Vec<v1::Degradation>,
+    /// When the node was seen deleted from its source (0: it exists); it is forgotten a
+    /// grace period later, also across restarts.
+    #[prost(uint64, tag = "10")]
+    pub deleted_unix_micros: u64,
 }
+
+/// What one garbage collection did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Rule and group blobs no snapshot references any more.
+    pub blobs: usize,
+    /// Snapshots that could not be read (dropped: no delta can be based on them).
+    pub unreadable: usize,
+}
+
+/// Above this a reservation is damage, not history: versions count changes, one at a time.
+const PLAUSIBLE_RESERVATION: u64 = 1 << 62;
 
 pub struct Store {
     db: sled::Db,
@@ -105,6 +131,9 @@ pub struct Store {
     reserved: Mutex<u64>,
     /// Blob keys known to be stored (saves a lookup per group per acknowledgement).
     known_blobs: Mutex<HashSet<Vec<u8>>>,
+    /// Serialises saving snapshots with garbage collection, so a collection never removes
+    /// the blobs of a snapshot being saved.
+    writing: Mutex<()>,
 }
 
 fn key(cluster: &str, node: &str) -> Vec<u8> {
@@ -135,10 +164,24 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let meta = db.open_tree("meta")?;
-        let reserved = meta
-            .get("reserved")?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0);
+        let reserved = match meta.get("reserved")? {
+            None => 0,
+            Some(v) => {
+                let bad = |why: String| Error::Reservation {
+                    dir: path.display().to_string(),
+                    why,
+                };
+                let bytes: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| bad(format!("{} bytes where 8 belong", v.len())))?;
+                let r = u64::from_be_bytes(bytes);
+                if r > PLAUSIBLE_RESERVATION {
+                    return Err(bad(format!("{r} is no version this server handed out")));
+                }
+                r
+            }
+        };
         Ok(Arc::new(Store {
             status: db.open_tree("status")?,
             snapshots: db.open_tree("snapshots")?,
@@ -149,6 +192,7 @@ impl Store {
             retention: retention.max(1),
             reserved: Mutex::new(reserved),
             known_blobs: Mutex::new(HashSet::new()),
+            writing: Mutex::new(()),
         }))
     }
 
@@ -165,7 +209,7 @@ impl Store {
             if version <= *r {
                 return Ok(());
             }
-            *r = version + RESERVE_BLOCK;
+            *r = version.saturating_add(RESERVE_BLOCK);
             *r
         };
         self.meta.insert("reserved", &upto.to_be_bytes())?;
@@ -178,20 +222,20 @@ impl Store {
         Ok(())
     }
 
+    /// Every node status saved. One that cannot be read is skipped with a warning and
+    /// dropped (the node's next event writes it again): a damaged record must not keep the
+    /// server from starting.
     pub fn statuses(&self) -> Result<Vec<(String, String, StoredStatus)>> {
         let mut out = Vec::new();
         for item in self.status.iter() {
             let (k, v) = item?;
-            let Some(i) = k.iter().position(|b| *b == 0) else {
-                continue;
-            };
-            let cluster = String::from_utf8_lossy(&k[..i]).into_owned();
-            let node = String::from_utf8_lossy(&k[i + 1..]).into_owned();
-            let s = StoredStatus::decode(v.as_ref()).map_err(|source| Error::Decode {
-                what: "status",
-                source,
-            })?;
-            out.push((cluster, node, s));
+            match parse_status(&k, &v) {
+                Ok(s) => out.push(s),
+                Err(why) => {
+                    warn!(key = %String::from_utf8_lossy(&k).escape_debug(), why, "skipping an unreadable node status (dropped; the node's next event writes it again)");
+                    self.status.remove(&k)?;
+                }
+            }
         }
         Ok(out)
     }
@@ -208,6 +252,7 @@ impl Store {
 
     /// Remembers a snapshot a node acknowledged, keeping the newest `retention` per node.
     pub fn save_acked(&self, cluster: &str, snap: &NodeSnapshot) -> Result<()> {
+        let _writing = self.writing.lock().expect("write lock");
         let mut stored = StoredSnapshot {
             version: snap.version,
             digest: snap.digest.0.to_vec(),
@@ -309,15 +354,25 @@ impl Store {
         Ok(Some(snap))
     }
 
-    /// Deletes rule and group blobs no retained snapshot references.
-    pub fn collect_garbage(&self) -> Result<usize> {
+    /// Deletes rule and group blobs no retained snapshot references. A snapshot that cannot
+    /// be read references nothing anyone can use: it is dropped with a warning, and the
+    /// collection goes on.
+    pub fn collect_garbage(&self) -> Result<Collected> {
+        let _writing = self.writing.lock().expect("write lock");
         let mut rules = HashSet::new();
         let mut groups = HashSet::new();
-        for v in self.snapshots.iter().values() {
-            let s = StoredSnapshot::decode(v?.as_ref()).map_err(|source| Error::Decode {
-                what: "snapshot",
-                source,
-            })?;
+        let mut unreadable = 0;
+        for item in self.snapshots.iter() {
+            let (k, v) = item?;
+            let s = match StoredSnapshot::decode(v.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(key = %String::from_utf8_lossy(&k).escape_debug(), error = %e, "dropping an unreadable stored snapshot (that node gets a full snapshot instead of a delta)");
+                    self.snapshots.remove(&k)?;
+                    unreadable += 1;
+                    continue;
+                }
+            };
             rules.extend(s.rules.iter().map(|r| r.to_be_bytes().to_vec()));
             for g in s.groups {
                 let h: [u8; 32] = g.members.as_slice().try_into().unwrap_or([0; 32]);
@@ -336,13 +391,34 @@ impl Store {
                 }
             }
         }
-        Ok(removed)
+        Ok(Collected {
+            blobs: removed,
+            unreadable,
+        })
     }
 
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
         Ok(())
     }
+}
+
+/// A status record: its key `cluster \0 node`, both valid names, and its value.
+fn parse_status(k: &[u8], v: &[u8]) -> Result<(String, String, StoredStatus), String> {
+    let i = k
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or("no cluster/node separator in the key")?;
+    let name = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|s| moat_proto::identity::valid_name(s))
+            .map(str::to_string)
+            .ok_or("the key names no valid cluster and node")
+    };
+    let (cluster, node) = (name(&k[..i])?, name(&k[i + 1..])?);
+    let s = StoredStatus::decode(v).map_err(|e| format!("undecodable: {e}"))?;
+    Ok((cluster, node, s))
 }
 
 /// The digest bytes of a stored status, if well-formed.
@@ -404,6 +480,87 @@ mod tests {
             }
         }
         store.collect_garbage().unwrap();
+    }
+
+    #[test]
+    fn unreadable_statuses_are_skipped_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 2).unwrap();
+        let good = StoredStatus {
+            backend: "nft".into(),
+            applied_version: 3,
+            ..Default::default()
+        };
+        store.save_status("c", "n1", &good).unwrap();
+        store
+            .status
+            .insert(key("c", "n2"), &b"\xff\xff\xff"[..])
+            .unwrap();
+        store.status.insert(&b"no-separator"[..], &b""[..]).unwrap();
+        store
+            .status
+            .insert(key("c", ".."), good.encode_to_vec())
+            .unwrap();
+        let got = store.statuses().unwrap();
+        assert_eq!(got, vec![("c".to_string(), "n1".to_string(), good)]);
+        assert_eq!(store.status.len(), 1, "the bad records are gone");
+    }
+
+    #[test]
+    fn an_unreadable_reservation_refuses_to_open() {
+        for bad in [&[1u8, 2, 3][..], &[0; 9][..], &[0xff; 8][..]] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let db = sled::open(dir.path()).unwrap();
+                db.open_tree("meta")
+                    .unwrap()
+                    .insert("reserved", bad)
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            let err = Store::open(dir.path(), 2).err().expect("refused");
+            assert!(matches!(err, Error::Reservation { .. }), "{err}");
+            assert!(err.to_string().contains("--first-version"), "{err}");
+        }
+    }
+
+    #[test]
+    fn garbage_collection_survives_an_unreadable_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 2).unwrap();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+        let world = World::generate(&mut rng, &mut Features::default());
+        let index = Index::build(parse_all(&world.objects()));
+        let mut kept = Vec::new();
+        for n in index.nodes() {
+            let s = index.snapshot(&n.node).unwrap();
+            store.save_acked("c", &s).unwrap();
+            kept.push(s);
+        }
+        store
+            .snapshots
+            .insert(snap_key("c", "broken", 7), &b"\x0a\xff"[..])
+            .unwrap();
+        store
+            .rules
+            .insert(u64::MAX.to_be_bytes(), &b"orphan"[..])
+            .unwrap();
+        let c = store.collect_garbage().unwrap();
+        assert_eq!(
+            c,
+            Collected {
+                blobs: 1,
+                unreadable: 1
+            }
+        );
+        assert!(store.rules.get(u64::MAX.to_be_bytes()).unwrap().is_none());
+        for s in &kept {
+            let v = VersionRef {
+                version: s.version,
+                digest: s.digest,
+            };
+            assert_eq!(store.load("c", &s.node, &v).unwrap().as_ref(), Some(s));
+        }
     }
 
     #[tokio::test]

@@ -160,6 +160,23 @@ impl Streams {
         });
     }
 
+    /// Drops the issued-certificate records of nodes that left the fleet (`in_fleet` says
+    /// false), so the map follows the fleet, not its history. A record goes only once its
+    /// newest certificate has expired (the older ones it supersedes were issued before it,
+    /// for at most the same lifetime unless the TTL was raised since) and no stream holds
+    /// the node's slot: until then it still refuses the older keys. Returns how many went.
+    pub fn prune_issued(&self, now: SystemTime, in_fleet: impl Fn(&NodeKey) -> bool) -> usize {
+        let live = self.live.lock().expect("streams lock");
+        let mut issued = self.issued.lock().expect("issued lock");
+        let before = issued.len();
+        issued.retain(|key, tx| {
+            in_fleet(key)
+                || live.contains_key(key)
+                || tx.borrow().is_some_and(|c| c.not_after > now)
+        });
+        before - issued.len()
+    }
+
     /// The right to `node`'s slot for a stream on `cert` (`None`: no certificate, plaintext
     /// mode); refused if a newer certificate for another key was issued to the node.
     pub fn claim(
@@ -223,6 +240,25 @@ mod tests {
         assert!(b.replaced.try_recv().is_err() && c.replaced.try_recv().is_err());
         drop((b, c));
         assert!(s.live.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn issued_records_of_departed_nodes_go_once_expired() {
+        let s = Arc::new(Streams::default());
+        s.issued("c", "gone", cert(1, 100));
+        s.issued("c", "stays", cert(2, 100));
+        s.issued("c", "streaming", cert(3, 100));
+        let mut held = s.claim("c", "streaming", None).unwrap();
+        held.take_over();
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        let in_fleet = |k: &NodeKey| &*k.1 == "stays";
+        // Still valid: it must keep refusing the keys it supersedes.
+        assert_eq!(s.prune_issued(at(150), in_fleet), 0);
+        assert_eq!(s.prune_issued(at(161), in_fleet), 1);
+        assert_eq!(s.issued.lock().unwrap().len(), 2);
+        drop(held);
+        assert_eq!(s.prune_issued(at(161), in_fleet), 1);
+        assert!(s.issued.lock().unwrap().keys().all(|k| &*k.1 == "stays"));
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! (by [`crate::listen`]) with the *current* rustls config, which a watcher rebuilds when the CA, certificate or
 //! key files change. Established connections keep the session they authenticated with, so a
 //! rotation never drops a stream.
+//!
+//! Client certificates may come from two CAs: the main CA (`--tls-ca`, every identity) and
+//! the node CA (`--tls-node-ca`, what bootstrap signs with). The handshake accepts either;
+//! [`Reloading::anchor`] says which one a verified chain ends at, and a chain that only the
+//! node CA vouches for is good for a node identity on the sync API and nothing else — so
+//! the key the server holds for bootstrap can never mint an admin.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_proto::Identity;
 use rustls::ServerConfig;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +47,25 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The node CA: its certificates are good for node identities on the sync API only.
+    pub node_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> Vec<&Path> {
+        let mut p = vec![self.ca.as_path(), self.cert.as_path(), self.key.as_path()];
+        p.extend(self.node_ca.as_deref());
+        p
+    }
+}
+
+/// Which CA a verified client certificate chains to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Anchor {
+    /// The main CA (`--tls-ca`): any identity it names.
+    Main,
+    /// Only the node CA (`--tls-node-ca`): a node identity on the sync API, nothing else.
+    NodeCa,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
@@ -75,32 +101,56 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(files: &TlsFiles, pems: &[Vec<u8>; 3], client_auth: bool) -> Result<ServerConfig, Error> {
+/// A server config, and (with a node CA) a verifier that trusts the main CA alone.
+struct Built {
+    config: Arc<ServerConfig>,
+    main_only: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+fn roots(path: &Path, pem: &[u8]) -> Result<rustls::RootCertStore, Error> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&files.ca, &pems[0])? {
+    for c in certs(path, pem)? {
         roots.add(c)?;
     }
+    Ok(roots)
+}
+
+fn verifier(roots: rustls::RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    Ok(WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?)
+}
+
+fn build(files: &TlsFiles, pems: &[Vec<u8>], client_auth: bool) -> Result<Built, Error> {
+    let main = roots(&files.ca, &pems[0])?;
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let mut main_only = None;
     let builder = if client_auth {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
-        builder.with_client_cert_verifier(verifier)
+        let mut all = main.clone();
+        if let (Some(path), Some(pem)) = (&files.node_ca, pems.get(3)) {
+            for c in certs(path, pem)? {
+                all.add(c)?;
+            }
+            main_only = Some(verifier(main)?);
+        }
+        builder.with_client_cert_verifier(verifier(all)?)
     } else {
         builder.with_no_client_auth()
     };
     let mut cfg =
         builder.with_single_cert(certs(&files.cert, &pems[1])?, key(&files.key, &pems[2])?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    Ok(Built {
+        config: Arc::new(cfg),
+        main_only,
+    })
 }
 
 /// The current server TLS config, rebuilt when its files change.
 pub struct Reloading {
     files: TlsFiles,
     client_auth: bool,
-    current: RwLock<Arc<ServerConfig>>,
-    loaded: Mutex<[Vec<u8>; 3]>,
+    current: RwLock<Arc<Built>>,
+    loaded: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Reloading {
@@ -115,33 +165,50 @@ impl Reloading {
     }
 
     fn with_client_auth(files: TlsFiles, client_auth: bool) -> Result<Arc<Self>, Error> {
-        let pems = [read(&files.ca)?, read(&files.cert)?, read(&files.key)?];
-        let cfg = build(&files, &pems, client_auth)?;
+        let pems = Self::read_all(&files)?;
+        let built = build(&files, &pems, client_auth)?;
         Ok(Arc::new(Self {
             files,
             client_auth,
-            current: RwLock::new(Arc::new(cfg)),
+            current: RwLock::new(Arc::new(built)),
             loaded: Mutex::new(pems),
         }))
     }
 
+    fn read_all(files: &TlsFiles) -> Result<Vec<Vec<u8>>, Error> {
+        files.paths().into_iter().map(read).collect()
+    }
+
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.current.read().expect("tls lock").clone()
+        self.current.read().expect("tls lock").config.clone()
+    }
+
+    /// Which CA a client chain (end entity first, as the handshake verified it) ends at.
+    /// Without a node CA every verified chain is the main CA's. A chain the main CA alone
+    /// does not verify (now) counts as the node CA's: the narrower right, never the wider.
+    pub fn anchor(&self, chain: &[CertificateDer<'static>]) -> Anchor {
+        let built = self.current.read().expect("tls lock").clone();
+        let Some(main_only) = &built.main_only else {
+            return Anchor::Main;
+        };
+        let Some((end, intermediates)) = chain.split_first() else {
+            return Anchor::NodeCa;
+        };
+        match main_only.verify_client_cert(end, intermediates, UnixTime::now()) {
+            Ok(_) => Anchor::Main,
+            Err(_) => Anchor::NodeCa,
+        }
     }
 
     /// Rebuilds the config if any file changed. A broken new set of files is reported and
     /// the old config stays in use.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
-        let pems = [
-            read(&self.files.ca)?,
-            read(&self.files.cert)?,
-            read(&self.files.key)?,
-        ];
+        let pems = Self::read_all(&self.files)?;
         if *self.loaded.lock().expect("tls lock") == pems {
             return Ok(false);
         }
-        let cfg = build(&self.files, &pems, self.client_auth)?;
-        *self.current.write().expect("tls lock") = Arc::new(cfg);
+        let built = build(&self.files, &pems, self.client_auth)?;
+        *self.current.write().expect("tls lock") = Arc::new(built);
         *self.loaded.lock().expect("tls lock") = pems;
         Ok(true)
     }

@@ -90,7 +90,9 @@ async fn setup() -> Setup {
     std::mem::forget(_tx);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SyncService::new(hub, shutdown, true).svc())
+            .add_service(
+                SyncService::new(hub, shutdown, moat_server::sync::PeerAuth::Plaintext).svc(),
+            )
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     Setup {

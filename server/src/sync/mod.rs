@@ -27,6 +27,7 @@ use crate::listen::ConnInfo;
 use crate::metrics::Metrics;
 use crate::status::StreamEvent;
 use crate::streams::{CertKey, Claim, Superseded};
+use crate::tls::Anchor;
 
 /// What a sync stream needs from the rest of the server.
 pub trait Source: Send + Sync + 'static {
@@ -112,6 +113,24 @@ impl Source for Hub {
     }
 }
 
+/// How peers prove who they are.
+#[derive(Clone)]
+pub enum PeerAuth {
+    /// `--insecure-dev-plaintext`: the `x-moat-identity` header, unauthenticated.
+    Plaintext,
+    /// Mutual TLS; the config says which CA a verified chain ends at.
+    Tls(Arc<crate::tls::Reloading>),
+}
+
+/// A peer as its certificate (or, in plaintext mode, its header) names it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub id: Identity,
+    /// Its certificate's key and lifetime (`None` in plaintext mode).
+    pub cert: Option<CertKey>,
+    pub anchor: Anchor,
+}
+
 /// The peer's address, from the TLS listener or tonic's own (plaintext mode).
 pub fn peer_addr<T>(req: &Request<T>) -> Option<SocketAddr> {
     req.extensions()
@@ -120,23 +139,27 @@ pub fn peer_addr<T>(req: &Request<T>) -> Option<SocketAddr> {
         .or_else(|| req.remote_addr())
 }
 
-/// The peer's identity and its certificate's key and lifetime: from its verified client
-/// certificate, or — only with `--insecure-dev-plaintext` — from the `x-moat-identity`
-/// header (no certificate).
-pub fn peer_identity<T>(
-    req: &Request<T>,
-    insecure: bool,
-) -> Result<(Identity, Option<CertKey>), Status> {
-    if insecure {
-        let uri = req
-            .metadata()
-            .get("x-moat-identity")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Status::unauthenticated("plaintext mode: set x-moat-identity"))?;
-        let id = Identity::from_uri(uri)
-            .ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
-        return Ok((id, None));
-    }
+/// The peer's identity, its certificate's key and lifetime, and which CA vouches for it:
+/// from its verified client certificate, or — only with `--insecure-dev-plaintext` — from
+/// the `x-moat-identity` header (no certificate).
+pub fn peer_identity<T>(req: &Request<T>, auth: &PeerAuth) -> Result<Peer, Status> {
+    let tls = match auth {
+        PeerAuth::Plaintext => {
+            let uri = req
+                .metadata()
+                .get("x-moat-identity")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Status::unauthenticated("plaintext mode: set x-moat-identity"))?;
+            let id = Identity::from_uri(uri)
+                .ok_or_else(|| Status::unauthenticated("x-moat-identity is not a Moat identity"))?;
+            return Ok(Peer {
+                id,
+                cert: None,
+                anchor: Anchor::Main,
+            });
+        }
+        PeerAuth::Tls(tls) => tls,
+    };
     let certs = req
         .extensions()
         .get::<ConnInfo>()
@@ -150,13 +173,22 @@ pub fn peer_identity<T>(
     })?;
     let key = CertKey::of_der(der)
         .ok_or_else(|| Status::permission_denied("client certificate does not parse"))?;
-    Ok((id, Some(key)))
+    // Said first, so that an expired certificate is reported as such, not as a node CA's
+    // (the anchor is verified again now).
+    if key.not_after <= std::time::SystemTime::now() {
+        return Err(Status::unauthenticated("client certificate expired"));
+    }
+    Ok(Peer {
+        id,
+        cert: Some(key),
+        anchor: tls.anchor(&certs),
+    })
 }
 
 pub struct SyncService<S> {
     source: Arc<S>,
     shutdown: watch::Receiver<bool>,
-    insecure: bool,
+    auth: PeerAuth,
     ack_timeout: Duration,
 }
 
@@ -164,11 +196,11 @@ pub struct SyncService<S> {
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<S: Source> SyncService<S> {
-    pub fn new(source: Arc<S>, shutdown: watch::Receiver<bool>, insecure: bool) -> Self {
+    pub fn new(source: Arc<S>, shutdown: watch::Receiver<bool>, auth: PeerAuth) -> Self {
         Self {
             source,
             shutdown,
-            insecure,
+            auth,
             ack_timeout: ACK_TIMEOUT,
         }
     }
@@ -198,10 +230,12 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
         req: Request<Streaming<v1::EnforcerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
         let remote = peer_addr(&req);
-        let (id, cert) = peer_identity(&req, self.insecure).inspect_err(|e| {
+        let Peer { id, cert, .. } = peer_identity(&req, &self.auth).inspect_err(|e| {
             self.source.metrics().refused("identity");
             warn!(peer = ?remote, error = %e.message(), "refused a sync stream");
         })?;
+        // Node identities only, whichever CA vouches for them: the node CA's certificates
+        // can name nothing else that this service accepts.
         let Identity::Node { cluster, node } = id else {
             self.source.metrics().refused("not-a-node");
             warn!(peer = ?remote, identity = %id, "refused a sync stream: not a node certificate");

@@ -45,17 +45,15 @@ fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBacke
     let budget = args
         .max_elements
         .map_or(args.nft_max_elements, |m| m.min(args.nft_max_elements));
-    Ok(NftBackend::open(
-        budget,
-        &args.common.state_dir.join("nft.lock"),
-    )?
-    .with_probes(probes))
+    Ok(NftBackend::open(budget, &args.common.state_dir.join("nft.lock"))?.with_probes(probes))
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = EnforcerArgs::parse();
     moat_telemetry::init_logging(&args.common.log)?;
+    // Before the backend probe touches anything.
+    moat_enforcer::cli::check_urls(&args.common)?;
     let mode = args.backend.clone();
     if mode == "nft" {
         let backend = nft(&args, selected("nft: --backend nft".into()))?;
