@@ -64,8 +64,7 @@ fn ahead(old: &Bindings, new: &Bindings) -> Option<Bindings> {
         return None;
     }
     let mut u = old.clone();
-    u.by_addr
-        .extend(new.by_addr.iter().map(|(a, b)| (*a, *b)));
+    u.by_addr.extend(new.by_addr.iter().map(|(a, b)| (*a, *b)));
     Some(u)
 }
 
@@ -157,7 +156,8 @@ impl<B: Backend> Dataplane<B> {
                 .save_bindings(&u)
                 .map_err(|e| (false, format!("persisting pod bindings: {e}")))?;
         }
-        let applied = f(&mut self.backend, &local).map_err(|e| (false, moat_dataplane::chain(&e)))?;
+        let applied =
+            f(&mut self.backend, &local).map_err(|e| (false, moat_dataplane::chain(&e)))?;
         self.enforced = Some(snap.clone());
         self.degraded = applied.degraded.clone();
         self.hold(local, b, metrics);

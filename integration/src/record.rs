@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use moat_dataplane::local::PodAddr;
 use moat_dataplane::plan::Degraded;
 use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, LocalPods};
-use moat_policy::ir::{NodeSnapshot, RuleId};
 use moat_policy::ir::delta::Delta;
+use moat_policy::ir::{NodeSnapshot, RuleId};
 use serde_json::json;
 
 pub struct Recording {
@@ -39,7 +39,9 @@ impl Recording {
             .append(true)
             .open(self.dir.join("events.jsonl"))
             .map_err(|e| BackendError::failed("opening the event log", e))?;
-        writeln!(f, "{v}").map_err(|e| BackendError::failed("writing the event log", e))
+        // One write per line: tests read the log while it grows.
+        f.write_all(format!("{v}\n").as_bytes())
+            .map_err(|e| BackendError::failed("writing the event log", e))
     }
 
     fn check_fail(&self, version: u64) -> Result<(), BackendError> {
@@ -145,7 +147,9 @@ impl Backend for Recording {
         last: Option<&NodeSnapshot>,
         local: &LocalPods,
     ) -> Result<Adopted, BackendError> {
-        self.event(json!({"op": "adopt", "version": last.map(|s| s.version), "local": local_json(local)}))?;
+        self.event(
+            json!({"op": "adopt", "version": last.map(|s| s.version), "local": local_json(local)}),
+        )?;
         Ok(if last.is_some() {
             Adopted::Enforcing
         } else {

@@ -88,8 +88,14 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
     let (up0, vpa) = (ifindex("up0"), ifindex("vpa"));
     let t = w.subscribe().borrow().clone();
     let i = Interfaces::classify(&t, &PodInterfaces::Auto);
-    assert_eq!(i.pods.get(&vpa), Some(&[a("10.9.0.5"), a("fd09::5")].into()));
-    assert!(i.other.contains(&up0), "an uplink veth with a global address is not a pod");
+    assert_eq!(
+        i.pods.get(&vpa),
+        Some(&[a("10.9.0.5"), a("fd09::5")].into())
+    );
+    assert!(
+        i.other.contains(&up0),
+        "an uplink veth with a global address is not a pod"
+    );
     assert_eq!(t.links[&vpa].kind, "veth");
 
     // After it started: followed by events. A new pod's interface is classified before any
@@ -103,7 +109,10 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
     let took = until(&w, "an IPv4 route moved", |t, _| {
         t.routes.get(&a("10.9.0.5")) == Some(&vpb)
     });
-    eprintln!("route move seen {} µs after `ip route add` returned", took.as_micros());
+    eprintln!(
+        "route move seen {} µs after `ip route add` returned",
+        took.as_micros()
+    );
     // … or is replaced in place.
     ip("-6 route replace fd09::5/128 dev vpb");
     until(&w, "an IPv6 route replaced", |t, _| {
@@ -113,7 +122,9 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
     ip("route del 10.9.0.5/32 dev vpb");
     ip("route add 10.9.0.5/32 dev vpb metric 10");
     ip("route add 10.9.0.5/32 via 192.168.77.2 metric 5");
-    until(&w, "a gateway winning", |t, _| !t.routes.contains_key(&a("10.9.0.5")));
+    until(&w, "a gateway winning", |t, _| {
+        !t.routes.contains_key(&a("10.9.0.5"))
+    });
     ip("route del 10.9.0.5/32 via 192.168.77.2 metric 5");
     until(&w, "the gateway route gone", |t, _| {
         t.routes.get(&a("10.9.0.5")) == Some(&vpb)
@@ -136,9 +147,13 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
     // An uplink that gets its global address later stops being a pod.
     veth("up1");
     let up1 = ifindex("up1");
-    until(&w, "up1 first looks like a pod", |_, i| i.pods.contains_key(&up1));
+    until(&w, "up1 first looks like a pod", |_, i| {
+        i.pods.contains_key(&up1)
+    });
     ip("-6 addr add 2001:db8:77::1/64 dev up1 nodad");
-    until(&w, "up1 holds a global address", |_, i| i.other.contains(&up1));
+    until(&w, "up1 holds a global address", |_, i| {
+        i.other.contains(&up1)
+    });
 
     // A deleted pod takes its routes along (IPv4 says nothing about them).
     ip("link del vpb");
@@ -147,7 +162,9 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
     });
     // An interface going down loses its IPv4 routes silently: the watcher dumps again.
     ip("route add 10.9.0.6/32 dev vpa");
-    until(&w, "a route on vpa", |t, _| t.routes.contains_key(&a("10.9.0.6")));
+    until(&w, "a route on vpa", |t, _| {
+        t.routes.contains_key(&a("10.9.0.6"))
+    });
     ip("link set vpa down");
     until(&w, "vpa's routes gone with it", |t, _| {
         !t.routes.contains_key(&a("10.9.0.6"))
@@ -228,7 +245,10 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
     );
     let (op, t) = last_local(&bed, "n1").expect("a local table");
     assert_eq!(op, "full", "the first version carries the local table");
-    assert!(has(&t, vpa, "10.50.0.1", &web) && has(&t, vpb, "10.50.0.2", &db), "{t:?}");
+    assert!(
+        has(&t, vpa, "10.50.0.1", &web) && has(&t, vpb, "10.50.0.2", &db),
+        "{t:?}"
+    );
 
     // A pod the snapshot doesn't name: its interface and route reach the backend as
     // set_local, unknown.
@@ -244,13 +264,14 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
         });
         seen.is_some()
     });
-    let ts = seen.unwrap()["ts"].as_u64().unwrap();
+    // Signed: the backend may hear of the route before `ip` has even exited.
+    let ts = seen.unwrap()["ts"].as_u64().unwrap() as i64;
+    let late = ts - after as i64;
     eprintln!(
-        "topology change → set_local: {} µs after `ip route add` returned ({} µs after the veth was created)",
-        ts as i64 - after as i64,
-        ts - before
+        "topology change → set_local: {late} µs after `ip route add` returned ({} µs after the veth was created)",
+        ts - before as i64
     );
-    assert!(ts - after < 5_000_000, "set_local came {} µs late", ts - after);
+    assert!(late < 1_000_000, "set_local came {late} µs late");
     wait_until("metrics count the unknown address", WAIT, || {
         metric(&bed, "n1", "moat_enforcer_pod_addresses_unknown") == 1.0
             && metric(&bed, "n1", "moat_enforcer_pod_addresses_known") == 2.0
@@ -277,17 +298,24 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
         .cloned()
         .unwrap();
     let t = table(&adopt["local"]);
-    assert!(has(&t, vpd, "10.50.0.1", "unknown"), "moved while down: {t:?}");
+    assert!(
+        has(&t, vpd, "10.50.0.1", "unknown"),
+        "moved while down: {t:?}"
+    );
     assert!(has(&t, vpb, "10.50.0.2", &db), "{t:?}");
     assert!(has(&t, vpc, "10.50.0.99", "unknown"), "{t:?}");
     bed.wait_in_sync(&["n1"]);
     let (_, t) = last_local(&bed, "n1").unwrap();
-    assert!(has(&t, vpd, "10.50.0.1", "unknown"), "still unknown once in sync: {t:?}");
+    assert!(
+        has(&t, vpd, "10.50.0.1", "unknown"),
+        "still unknown once in sync: {t:?}"
+    );
     // Back on the interface it was bound to, it is web's again.
     ip("route del 10.50.0.1/32 dev vpd");
     ip("route add 10.50.0.1/32 dev vpa");
     wait_until("web's address back on its own interface", WAIT, || {
-        last_local(&bed, "n1").is_some_and(|(op, t)| op == "set_local" && has(&t, vpa, "10.50.0.1", &web))
+        last_local(&bed, "n1")
+            .is_some_and(|(op, t)| op == "set_local" && has(&t, vpa, "10.50.0.1", &web))
     });
 
     // The dataplane can't hold db's rule list: the version is applied, acknowledged with the
@@ -310,19 +338,38 @@ fn enforcer_binds_pods_across_restarts_and_reports_degradation() {
     .unwrap();
     bed.write_policy("web", "80");
     bed.wait_in_sync(&["n1"]);
-    let last = bed.all_events("n1").into_iter().rev().find(|e| e.get("degraded").is_some()).unwrap();
-    assert_eq!(last["degraded"][0]["rules"][0], Value::from(rule.clone()), "{last}");
-    assert_eq!(last["degraded"][0]["endpoints"][0], Value::from(db_ep), "{last}");
+    let last = bed
+        .all_events("n1")
+        .into_iter()
+        .rev()
+        .find(|e| e.get("degraded").is_some())
+        .unwrap();
+    assert_eq!(
+        last["degraded"][0]["rules"][0],
+        Value::from(rule.clone()),
+        "{last}"
+    );
+    assert_eq!(
+        last["degraded"][0]["endpoints"][0],
+        Value::from(db_ep),
+        "{last}"
+    );
     wait_until("the degraded metric", WAIT, || {
         metric(&bed, "n1", "moat_enforcer_degraded") == 1.0
     });
     assert_eq!(
-        bed::health_status(bed.enforcers["n1"].health, moat_enforcer::agent::SYNC_SERVICE),
+        bed::health_status(
+            bed.enforcers["n1"].health,
+            moat_enforcer::agent::SYNC_SERVICE
+        ),
         bed::SERVING,
         "a degraded version is applied"
     );
     let log = bed.enforcer_stderr("n1");
-    assert!(log.contains("degraded") && log.contains("10 table elements"), "{log}");
+    assert!(
+        log.contains("degraded") && log.contains("10 table elements"),
+        "{log}"
+    );
     std::fs::remove_file(bed.path("rec/n1/degrade")).unwrap();
     bed.write_policy("web", "81");
     bed.wait_in_sync(&["n1"]);

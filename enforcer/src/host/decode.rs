@@ -131,11 +131,9 @@ fn message(kind: u16, flags: u16, p: &[u8]) -> Result<Option<Event>, Malformed> 
         }
         libc::RTM_NEWLINK | libc::RTM_DELLINK => link(kind == libc::RTM_DELLINK, p)?,
         libc::RTM_NEWADDR | libc::RTM_DELADDR => addr(kind == libc::RTM_DELADDR, p)?,
-        libc::RTM_NEWROUTE | libc::RTM_DELROUTE => route(
-            kind == libc::RTM_DELROUTE,
-            flags & NLM_F_REPLACE != 0,
-            p,
-        )?,
+        libc::RTM_NEWROUTE | libc::RTM_DELROUTE => {
+            route(kind == libc::RTM_DELROUTE, flags & NLM_F_REPLACE != 0, p)?
+        }
         _ => None,
     })
 }
@@ -277,7 +275,9 @@ fn route(gone: bool, replace: bool, p: &[u8]) -> Result<Option<Event>, Malformed
         return Ok(None);
     }
     let Some(dst) = dst else {
-        return Err(Malformed(format!("/{host_len} route without a destination")));
+        return Err(Malformed(format!(
+            "/{host_len} route without a destination"
+        )));
     };
     let target = match oif {
         Some(i) if buf.kind() == libc::RTN_UNICAST && !hops => Target::Direct(i),

@@ -107,7 +107,10 @@ fn follow(mut w: socket::Follower, tx: watch::Sender<Topology>, stop: Arc<Atomic
                         info!("topology dump works again");
                     }
                     failing = false;
-                    debug!(micros = t.elapsed().as_micros() as u64, "topology re-dumped");
+                    debug!(
+                        micros = t.elapsed().as_micros() as u64,
+                        "topology re-dumped"
+                    );
                 }
                 Err(e) => {
                     // The last topology stays published: new interfaces it doesn't know are

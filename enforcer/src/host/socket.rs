@@ -113,7 +113,9 @@ impl Follower {
                 Ok(Some(())) => n += self.feed()?,
                 Ok(None) => return Ok(n),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    warn!("the kernel dropped topology events (socket overrun); dumping everything again");
+                    warn!(
+                        "the kernel dropped topology events (socket overrun); dumping everything again"
+                    );
                     self.need_resync = true;
                 }
                 Err(e) => return Err(io("reading changes")(e)),
@@ -174,7 +176,9 @@ impl Follower {
         msg.finalize();
         let mut out = vec![0; msg.buffer_len()];
         msg.serialize(&mut out);
-        self.dump.send(&out, 0).map_err(io("sending a dump request"))?;
+        self.dump
+            .send(&out, 0)
+            .map_err(io("sending a dump request"))?;
         let mut interrupted = false;
         loop {
             if Self::recv(&self.dump, &mut self.buf, 0)

@@ -27,7 +27,13 @@ fn wire(msgs: Vec<(M, u16)>) -> Vec<u8> {
     out
 }
 
-fn link(index: u32, name: &str, kind: Option<InfoKind>, master: Option<u32>, up: bool) -> LinkMessage {
+fn link(
+    index: u32,
+    name: &str,
+    kind: Option<InfoKind>,
+    master: Option<u32>,
+    up: bool,
+) -> LinkMessage {
     let mut m = LinkMessage::default();
     m.header.index = index;
     if up {
@@ -36,7 +42,8 @@ fn link(index: u32, name: &str, kind: Option<InfoKind>, master: Option<u32>, up:
     m.attributes.push(LinkAttribute::IfName(name.into()));
     m.attributes.push(LinkAttribute::Mtu(1500));
     if let Some(k) = kind {
-        m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(k)]));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(k)]));
     }
     if let Some(c) = master {
         m.attributes.push(LinkAttribute::Controller(c));
@@ -94,20 +101,24 @@ fn route(spec: R) -> RouteMessage {
     } else {
         AddressFamily::Inet6
     };
-    m.header.destination_prefix_length = spec
-        .len
-        .unwrap_or(if dst.is_ipv4() { 32 } else { 128 });
-    m.header.table = if spec.table < 256 { spec.table as u8 } else { 252 };
+    m.header.destination_prefix_length = spec.len.unwrap_or(if dst.is_ipv4() { 32 } else { 128 });
+    m.header.table = if spec.table < 256 {
+        spec.table as u8
+    } else {
+        252
+    };
     m.header.kind = RouteType::Unicast;
     m.attributes.push(RouteAttribute::Table(spec.table));
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    m.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
     m.attributes.push(RouteAttribute::Oif(spec.oif));
     if spec.metric != 0 || dst.is_ipv6() {
         m.attributes.push(RouteAttribute::Priority(spec.metric));
     }
     if let Some(g) = spec.via {
         let g: IpAddr = g.parse().unwrap();
-        m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(g)));
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(g)));
     }
     m
 }
@@ -140,10 +151,22 @@ fn node() -> Facts {
             (M::NewLink(link(1, "lo", None, None, true)), 0),
             (veth(2, "eth0"), NLM_F_MULTIPART),
             (veth(5, "vp0"), NLM_F_MULTIPART),
-            (M::NewAddress(address(1, "127.0.0.1", AddressScope::Host)), 0),
-            (M::NewAddress(address(2, "192.168.7.1", AddressScope::Universe)), 0),
-            (M::NewAddress(address(2, "2001:db8:7::1", AddressScope::Universe)), 0),
-            (M::NewAddress(address(5, "169.254.1.1", AddressScope::Universe)), 0),
+            (
+                M::NewAddress(address(1, "127.0.0.1", AddressScope::Host)),
+                0,
+            ),
+            (
+                M::NewAddress(address(2, "192.168.7.1", AddressScope::Universe)),
+                0,
+            ),
+            (
+                M::NewAddress(address(2, "2001:db8:7::1", AddressScope::Universe)),
+                0,
+            ),
+            (
+                M::NewAddress(address(5, "169.254.1.1", AddressScope::Universe)),
+                0,
+            ),
             (M::NewAddress(address(5, "fe80::1", AddressScope::Link)), 0),
             (M::NewRoute(route(r("10.244.1.5", 5))), 0),
             (M::NewRoute(route(r("fd00::1:5", 5))), 0),
@@ -171,7 +194,10 @@ fn a_pod_veth_and_its_host_routes() {
     let t = node().topology();
     assert_eq!(t.links[&5].kind, "veth");
     assert_eq!(t.links[&5].name, "vp0");
-    assert!(!t.links[&5].global_addr, "link-local addresses don't make an uplink");
+    assert!(
+        !t.links[&5].global_addr,
+        "link-local addresses don't make an uplink"
+    );
     assert!(t.links[&2].global_addr);
     assert_eq!(
         t.routes,
@@ -208,7 +234,10 @@ fn a_route_moving_to_a_new_interface() {
     );
     assert_eq!(f.topology().routes[&ip("fd00::1:5")], 6);
     // Without REPLACE, two routes of one metric to two interfaces: nobody's.
-    feed(&mut f, vec![(M::NewRoute(route(r("fd00::1:5", 5))), NLM_F_CREATE)]);
+    feed(
+        &mut f,
+        vec![(M::NewRoute(route(r("fd00::1:5", 5))), NLM_F_CREATE)],
+    );
     assert!(!f.topology().routes.contains_key(&ip("fd00::1:5")));
 }
 
@@ -271,7 +300,10 @@ fn a_vanished_interface_takes_its_routes_and_bridge_messages_are_not_links() {
     feed(&mut f, vec![(M::DelLink(port), 0)]);
     assert!(f.topology().links.contains_key(&5));
     // IPv4 deletes the routes of a deleted interface silently.
-    feed(&mut f, vec![(M::DelLink(link(5, "vp0", None, None, false)), 0)]);
+    feed(
+        &mut f,
+        vec![(M::DelLink(link(5, "vp0", None, None, false)), 0)],
+    );
     let t = f.topology();
     assert!(!t.links.contains_key(&5));
     assert!(t.routes.is_empty(), "{:?}", t.routes);
@@ -281,20 +313,47 @@ fn a_vanished_interface_takes_its_routes_and_bridge_messages_are_not_links() {
 fn silent_kernel_changes_ask_for_a_dump() {
     let mut f = node();
     assert!(
-        feed(&mut f, vec![(M::NewLink(link(5, "vp0", Some(InfoKind::Veth), None, false)), 0)]),
+        feed(
+            &mut f,
+            vec![(
+                M::NewLink(link(5, "vp0", Some(InfoKind::Veth), None, false)),
+                0
+            )]
+        ),
         "an interface going down loses its IPv4 routes without notice"
     );
-    assert!(!feed(&mut f, vec![(M::NewLink(link(5, "vp0", Some(InfoKind::Veth), None, false)), 0)]));
+    assert!(!feed(
+        &mut f,
+        vec![(
+            M::NewLink(link(5, "vp0", Some(InfoKind::Veth), None, false)),
+            0
+        )]
+    ));
     assert!(
         feed(&mut f, vec![(M::DelRoute(route(r("10.244.9.9", 5))), 0)]),
         "a removal of something never seen"
     );
     assert!(
-        feed(&mut f, vec![(M::DelAddress(address(2, "192.168.7.1", AddressScope::Universe)), 0)]),
+        feed(
+            &mut f,
+            vec![(
+                M::DelAddress(address(2, "192.168.7.1", AddressScope::Universe)),
+                0
+            )]
+        ),
         "routes through a removed IPv4 address go silently"
     );
-    assert!(!feed(&mut f, vec![(M::DelAddress(address(2, "2001:db8:7::1", AddressScope::Universe)), 0)]));
-    assert!(!f.topology().links[&2].global_addr, "no global address left");
+    assert!(!feed(
+        &mut f,
+        vec![(
+            M::DelAddress(address(2, "2001:db8:7::1", AddressScope::Universe)),
+            0
+        )]
+    ));
+    assert!(
+        !f.topology().links[&2].global_addr,
+        "no global address left"
+    );
 }
 
 #[test]
@@ -303,9 +362,18 @@ fn bridged_and_named_interfaces() {
     feed(
         &mut f,
         vec![
-            (M::NewLink(link(9, "cni0", Some(InfoKind::Bridge), None, true)), 0),
-            (M::NewLink(link(10, "vethab", Some(InfoKind::Veth), Some(9), true)), 0),
-            (M::NewLink(link(11, "cali12", Some(InfoKind::Dummy), None, true)), 0),
+            (
+                M::NewLink(link(9, "cni0", Some(InfoKind::Bridge), None, true)),
+                0,
+            ),
+            (
+                M::NewLink(link(10, "vethab", Some(InfoKind::Veth), Some(9), true)),
+                0,
+            ),
+            (
+                M::NewLink(link(11, "cali12", Some(InfoKind::Dummy), None, true)),
+                0,
+            ),
         ],
     );
     let t = f.topology();
@@ -326,7 +394,10 @@ fn dump_framing_and_garbage() {
     done.finalize();
     let mut buf = vec![0; done.buffer_len()];
     done.serialize(&mut buf);
-    let mut bytes = wire(vec![(veth(3, "x"), NLM_F_MULTIPART | netlink_packet_core::NLM_F_DUMP_INTR)]);
+    let mut bytes = wire(vec![(
+        veth(3, "x"),
+        NLM_F_MULTIPART | netlink_packet_core::NLM_F_DUMP_INTR,
+    )]);
     bytes.extend(&buf);
     let d = decode::datagram(&bytes).unwrap();
     assert_eq!(d.len(), 2);

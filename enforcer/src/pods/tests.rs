@@ -37,9 +37,17 @@ impl Backend for Fake {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }
-    fn adopt(&mut self, last: Option<&NodeSnapshot>, l: &LocalPods) -> Result<Adopted, BackendError> {
+    fn adopt(
+        &mut self,
+        last: Option<&NodeSnapshot>,
+        l: &LocalPods,
+    ) -> Result<Adopted, BackendError> {
         self.record("adopt", l)?;
-        Ok(if last.is_some() { Adopted::Enforcing } else { Adopted::Nothing })
+        Ok(if last.is_some() {
+            Adopted::Enforcing
+        } else {
+            Adopted::Nothing
+        })
     }
     fn apply_full(&mut self, _: &NodeSnapshot, l: &LocalPods) -> Result<Applied, BackendError> {
         self.record("full", l)?;
@@ -109,7 +117,13 @@ fn snap(eps: &[(u64, &str)]) -> Arc<NodeSnapshot> {
     })
 }
 
-fn setup() -> (tempfile::TempDir, LocalState, Fake, Dataplane<Fake>, Metrics) {
+fn setup() -> (
+    tempfile::TempDir,
+    LocalState,
+    Fake,
+    Dataplane<Fake>,
+    Metrics,
+) {
     let dir = tempfile::tempdir().unwrap();
     let state = LocalState::open(dir.path()).unwrap();
     let fake = Fake::default();
@@ -132,13 +146,20 @@ fn a_failed_apply_keeps_the_old_table_but_its_bindings_are_durable_first() {
     let (_d, state, fake, mut dp, m) = setup();
     let t = topo(&[("10.0.0.1", 5)]);
     *fake.fail.lock().unwrap() = true;
-    assert!(dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full).is_err());
+    assert!(
+        dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full)
+            .is_err()
+    );
     assert!(dp.local().is_none(), "nothing enforced");
     // The binding the backend was about to rely on is on disk already: a crash right after
     // the backend took it can't forget it.
-    assert_eq!(state.load_bindings().unwrap().by_addr[&ip("10.0.0.1")].iface, 5);
+    assert_eq!(
+        state.load_bindings().unwrap().by_addr[&ip("10.0.0.1")].iface,
+        5
+    );
     *fake.fail.lock().unwrap() = false;
-    dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full).unwrap();
+    dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full)
+        .unwrap();
     assert_eq!(
         dp.local().unwrap().get(5, ip("10.0.0.1")),
         Some(PodAddr::Known(EndpointId(1)))
@@ -151,41 +172,70 @@ fn refresh_waits_for_a_version_and_acts_only_on_change() {
     let (_d, state, fake, mut dp, m) = setup();
     let t = topo(&[("10.0.0.1", 5)]);
     assert_eq!(dp.refresh(&t, &state, &m).unwrap(), None);
-    assert!(fake.ops().is_empty(), "no table before a version is enforced");
-    dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full).unwrap();
+    assert!(
+        fake.ops().is_empty(),
+        "no table before a version is enforced"
+    );
+    dp.apply(&t, snap(&[(1, "10.0.0.1")]), &state, &m, full)
+        .unwrap();
     assert_eq!(dp.refresh(&t, &state, &m).unwrap(), None, "unchanged");
     // The address moves to another interface: unknown there, and the backend hears it.
     let moved = topo(&[("10.0.0.1", 6)]);
-    let l = dp.refresh(&moved, &state, &m).unwrap().expect("a new table");
+    let l = dp
+        .refresh(&moved, &state, &m)
+        .unwrap()
+        .expect("a new table");
     assert_eq!(l.get(6, ip("10.0.0.1")), Some(PodAddr::Unknown));
     assert_eq!(fake.ops(), vec!["full", "set_local"]);
     assert_eq!(m.pod_addresses_unknown.get(), 1);
     // A failing set_local leaves the last table in place, so the next refresh tries again.
     *fake.fail.lock().unwrap() = true;
     assert!(dp.refresh(&t, &state, &m).is_err());
-    assert_eq!(dp.local().unwrap().get(6, ip("10.0.0.1")), Some(PodAddr::Unknown));
+    assert_eq!(
+        dp.local().unwrap().get(6, ip("10.0.0.1")),
+        Some(PodAddr::Unknown)
+    );
     *fake.fail.lock().unwrap() = false;
     assert!(dp.refresh(&t, &state, &m).unwrap().is_some());
-    assert_eq!(dp.local().unwrap().get(5, ip("10.0.0.1")), Some(PodAddr::Known(EndpointId(1))));
+    assert_eq!(
+        dp.local().unwrap().get(5, ip("10.0.0.1")),
+        Some(PodAddr::Known(EndpointId(1)))
+    );
 }
 
 #[test]
 fn adopting_binds_against_the_last_snapshot_and_the_persisted_bindings() {
     let (_d, state, fake, mut dp, m) = setup();
     let s = snap(&[(1, "10.0.0.1")]);
-    dp.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m, full).unwrap();
+    dp.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m, full)
+        .unwrap();
     // A restart: the address moved meanwhile.
     let mut again = Dataplane::new(fake.clone(), dp.cfg.clone());
     let loaded = state.load_bindings().unwrap();
     let adopted = again
-        .adopt(loaded, &topo(&[("10.0.0.1", 6)]), Some(s.clone()), &state, &m)
+        .adopt(
+            loaded,
+            &topo(&[("10.0.0.1", 6)]),
+            Some(s.clone()),
+            &state,
+            &m,
+        )
         .unwrap();
     assert_eq!(adopted, Adopted::Enforcing);
-    assert_eq!(again.local().unwrap().get(6, ip("10.0.0.1")), Some(PodAddr::Unknown));
+    assert_eq!(
+        again.local().unwrap().get(6, ip("10.0.0.1")),
+        Some(PodAddr::Unknown)
+    );
     // Without the persisted bindings it would have been the old pod's.
     let mut amnesiac = Dataplane::new(fake, dp.cfg.clone());
     amnesiac
-        .adopt(Bindings::default(), &topo(&[("10.0.0.1", 6)]), Some(s), &state, &m)
+        .adopt(
+            Bindings::default(),
+            &topo(&[("10.0.0.1", 6)]),
+            Some(s),
+            &state,
+            &m,
+        )
         .unwrap();
     assert_eq!(
         amnesiac.local().unwrap().get(6, ip("10.0.0.1")),
@@ -207,7 +257,11 @@ fn bindings_from_another_boot_name_no_interface() {
     }
     let state = LocalState::open(dir.path()).unwrap();
     let b = state.load_bindings().unwrap();
-    assert_eq!(b.by_addr[&ip("10.0.0.1")].iface, 0, "interface indices restart with the kernel");
+    assert_eq!(
+        b.by_addr[&ip("10.0.0.1")].iface,
+        0,
+        "interface indices restart with the kernel"
+    );
     state.save_bindings(&b).unwrap();
     drop(state);
     let state = LocalState::open(dir.path()).unwrap();
@@ -217,7 +271,14 @@ fn bindings_from_another_boot_name_no_interface() {
 #[test]
 fn ahead_keeps_what_the_new_bindings_forget() {
     let (_d, state, _fake, mut dp, m) = setup();
-    dp.apply(&topo(&[("10.0.0.1", 5)]), snap(&[(1, "10.0.0.1")]), &state, &m, full).unwrap();
+    dp.apply(
+        &topo(&[("10.0.0.1", 5)]),
+        snap(&[(1, "10.0.0.1")]),
+        &state,
+        &m,
+        full,
+    )
+    .unwrap();
     let old = dp.bindings.clone();
     let (new, _) = dp.reconcile(&topo(&[("10.0.0.2", 6)]), Some(&snap(&[(2, "10.0.0.2")])));
     assert!(!new.by_addr.contains_key(&ip("10.0.0.1")));
@@ -237,24 +298,44 @@ fn degradations_survive_a_restart_until_a_version_fits() {
     };
     let s = snap(&[(1, "10.0.0.1")]);
     let d2 = d.clone();
-    dp.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m, move |b, l| {
-        full(b, l)?;
-        Ok(Applied { degraded: vec![d2] })
-    })
+    dp.apply(
+        &topo(&[("10.0.0.1", 5)]),
+        s.clone(),
+        &state,
+        &m,
+        move |b, l| {
+            full(b, l)?;
+            Ok(Applied { degraded: vec![d2] })
+        },
+    )
     .unwrap();
     assert_eq!(m.degraded.get(), 1);
     let m2 = Metrics::default();
     let mut again = Dataplane::new(fake.clone(), dp.cfg.clone());
     again
-        .adopt(state.load_bindings().unwrap(), &topo(&[("10.0.0.1", 5)]), Some(s.clone()), &state, &m2)
+        .adopt(
+            state.load_bindings().unwrap(),
+            &topo(&[("10.0.0.1", 5)]),
+            Some(s.clone()),
+            &state,
+            &m2,
+        )
         .unwrap();
     assert_eq!(again.degraded(), [d]);
     assert_eq!(m2.degraded.get(), 1, "still degraded after the restart");
-    again.apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m2, full).unwrap();
+    again
+        .apply(&topo(&[("10.0.0.1", 5)]), s.clone(), &state, &m2, full)
+        .unwrap();
     assert_eq!(m2.degraded.get(), 0);
     let mut third = Dataplane::new(fake, dp.cfg.clone());
     third
-        .adopt(state.load_bindings().unwrap(), &topo(&[("10.0.0.1", 5)]), Some(s), &state, &m2)
+        .adopt(
+            state.load_bindings().unwrap(),
+            &topo(&[("10.0.0.1", 5)]),
+            Some(s),
+            &state,
+            &m2,
+        )
         .unwrap();
     assert!(third.degraded().is_empty());
 }

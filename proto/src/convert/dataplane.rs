@@ -75,11 +75,16 @@ mod tests {
             unsupported: Some("bridge".into()),
             ..Default::default()
         };
-        l.addrs.insert((3, a("10.0.0.1")), PodAddr::Known(EndpointId(9)));
-        l.addrs.insert((3, a("fd00::1")), PodAddr::Known(EndpointId(9)));
+        l.addrs
+            .insert((3, a("10.0.0.1")), PodAddr::Known(EndpointId(9)));
+        l.addrs
+            .insert((3, a("fd00::1")), PodAddr::Known(EndpointId(9)));
         l.addrs.insert((4, a("10.0.0.2")), PodAddr::Unknown);
         let p = local_pods_summary(&l);
         assert_eq!((p.known, p.unknown), (2, 1));
-        assert_eq!((p.unsupported.as_str(), p.unknown_pods.as_str()), ("bridge", "allow"));
+        assert_eq!(
+            (p.unsupported.as_str(), p.unknown_pods.as_str()),
+            ("bridge", "allow")
+        );
     }
 }

@@ -45,11 +45,7 @@ fn nft(args: &EnforcerArgs, probes: BTreeMap<String, String>) -> Result<NftBacke
     let budget = args
         .max_elements
         .map_or(args.nft_max_elements, |m| m.min(args.nft_max_elements));
-    Ok(NftBackend::open(
-        budget,
-        &args.common.state_dir.join("nft.lock"),
-    )?
-    .with_probes(probes))
+    Ok(NftBackend::open(budget, &args.common.state_dir.join("nft.lock"))?.with_probes(probes))
 }
 
 #[tokio::main]
