@@ -173,7 +173,7 @@ fn watcher_follows_pods_routes_bridges_and_uplinks() {
 
 /// The local table the recording backend was last given (an event with `local`), by
 /// (interface, address) → "known:<endpoint>" or "unknown".
-fn last_local(bed: &Bed, node: &str) -> Option<(String, Vec<(u32, String, String)>)> {
+fn last_local(bed: &Bed, node: &str) -> Option<(String, Table)> {
     let ev = bed
         .all_events(node)
         .into_iter()
@@ -182,7 +182,10 @@ fn last_local(bed: &Bed, node: &str) -> Option<(String, Vec<(u32, String, String
     Some((ev["op"].as_str()?.to_string(), table(&ev["local"])))
 }
 
-fn table(local: &Value) -> Vec<(u32, String, String)> {
+/// (interface, address, state) rows of a recorded local table.
+type Table = Vec<(u32, String, String)>;
+
+fn table(local: &Value) -> Table {
     local["addrs"]
         .as_array()
         .unwrap()
