@@ -376,8 +376,11 @@ impl Bed {
 
     /// Every operation the node's recording backend recorded, `set_local` included.
     pub fn all_events(&self, node: &str) -> Vec<Value> {
-        std::fs::read_to_string(self.path(&format!("rec/{node}/events.jsonl")))
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(self.path(&format!("rec/{node}/events.jsonl")))
+            .unwrap_or_default();
+        // Only whole lines: the enforcer may be appending one right now.
+        let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("event json"))
             .collect()

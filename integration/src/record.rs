@@ -39,7 +39,9 @@ impl Recording {
             .append(true)
             .open(self.dir.join("events.jsonl"))
             .map_err(|e| BackendError::failed("opening the event log", e))?;
-        writeln!(f, "{v}").map_err(|e| BackendError::failed("writing the event log", e))
+        // One write per line: tests read the log while it grows.
+        f.write_all(format!("{v}\n").as_bytes())
+            .map_err(|e| BackendError::failed("writing the event log", e))
     }
 
     fn check_fail(&self, version: u64) -> Result<(), BackendError> {
