@@ -12,7 +12,10 @@ use crate::hub::ClusterState;
 /// What was last warned about per (cluster, namespace, name), so an unchanged estimate is
 /// logged once.
 #[derive(Default)]
-pub struct Warned(Mutex<HashMap<(Arc<str>, String, String), u64>>);
+pub struct Warned(Mutex<HashMap<PolicyKey, u64>>);
+
+/// (cluster, namespace, name).
+type PolicyKey = (Arc<str>, String, String);
 
 impl Warned {
     /// Checks the policies compiled at or after generation `since` (0: all), off the async
