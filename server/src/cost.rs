@@ -9,12 +9,13 @@ use tracing::warn;
 
 use crate::hub::ClusterState;
 
-/// (cluster, namespace, name) of a policy.
-type PolicyKey = (Arc<str>, String, String);
-
-/// What was last warned about per policy, so an unchanged estimate is logged once.
+/// What was last warned about per (cluster, namespace, name), so an unchanged estimate is
+/// logged once.
 #[derive(Default)]
 pub struct Warned(Mutex<HashMap<PolicyKey, u64>>);
+
+/// (cluster, namespace, name).
+type PolicyKey = (Arc<str>, String, String);
 
 impl Warned {
     /// Checks the policies compiled at or after generation `since` (0: all), off the async
