@@ -350,16 +350,17 @@ fn the_table_decides_like_the_spec() {
         }
     }
     eprintln!("{checked} packets; outcomes {seen:?}");
-    for o in [
-        "Pass",
-        "Denied",
-        "Spoofed",
-        "UnknownPod",
-        "Unclassified",
-        "degraded",
+    // Packets per outcome, and rounds (of 450) whose budget cut a rule list.
+    for (o, least) in [
+        ("Pass", 1000),
+        ("Denied", 1000),
+        ("Spoofed", 1000),
+        ("UnknownPod", 1000),
+        ("Unclassified", 1000),
+        ("degraded", 20),
     ] {
         assert!(
-            seen.get(o).is_some_and(|n| *n > 50),
+            seen.get(o).is_some_and(|n| *n >= least),
             "too few {o}: {seen:?}"
         );
     }
