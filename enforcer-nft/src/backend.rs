@@ -217,9 +217,13 @@ impl NftBackend {
         self.patchable = false;
         let local = vouched(local, snap);
         let mut d = self.plan(snap, &local)?;
-        d.epoch = rand::random();
-        nft::apply(&self.lock, render::full(&d))
-            .map_err(|e| BackendError::failed("replacing the table", e))?;
+        match nft::objects().map_err(failed)? {
+            None => {
+                d.epoch = rand::random();
+                nft::apply(&self.lock, render::full(&d)).map_err(failed)?;
+            }
+            Some(held) => self.swap(&mut d, held)?,
+        }
         self.patchable = true;
         debug!(
             version = snap.version,
@@ -228,6 +232,53 @@ impl NftBackend {
             "table replaced"
         );
         Ok(self.in_force(d, snap))
+    }
+
+    /// Replaces the table in force, `held`, with `d` without deleting anything its rules use
+    /// in the same commit: a packet those rules are judging as it commits looks its sets up
+    /// in the new generation, where a deleted map is empty, and would be dropped however
+    /// both versions judge it. So `d`'s objects are added under a new epoch, the local pod
+    /// table (the base chains' verdict maps) switched to them, and the old objects deleted
+    /// only after that.
+    fn swap(&mut self, d: &mut Desired, held: nft::Objects) -> Result<(), BackendError> {
+        let names: Vec<&str> = held
+            .chains
+            .iter()
+            .map(String::as_str)
+            .chain(held.sets.iter().filter_map(|s| s["name"].as_str()))
+            .collect();
+        // An epoch nothing in the table is named after, so staging never adds to old objects.
+        d.epoch = loop {
+            let e = rand::random();
+            let suffix = render::in_epoch("", e);
+            if !names.iter().any(|n| n.contains(&suffix)) {
+                break e;
+            }
+        };
+        let switched = nft::apply(&self.lock, render::stage(d))
+            .and_then(|()| commit_delta(&self.lock, &mut self.conn, render::switch(d)));
+        if let Err(e) = switched {
+            // E.g. a table of an earlier layout, without the local pod table to switch.
+            warn!(error = %e, "could not replace the table beside its rules; replacing it in one transaction");
+            return nft::apply(&self.lock, render::full(d)).map_err(failed);
+        }
+        let chains: Vec<String> = held
+            .chains
+            .into_iter()
+            .filter(|c| !render::SHARED_CHAINS.contains(&c.as_str()))
+            .collect();
+        let sets: Vec<serde_json::Value> = held
+            .sets
+            .into_iter()
+            .filter(|s| !render::SHARED_SETS.iter().any(|n| s["name"] == *n))
+            .collect();
+        if !(chains.is_empty() && sets.is_empty())
+            && let Err(e) = commit_delta(&self.lock, &mut self.conn, render::sweep(&chains, &sets))
+        {
+            // Unreachable leftovers cost memory, not correctness; the next replacement retries.
+            warn!(error = %e, "could not delete the replaced table's objects");
+        }
+        Ok(())
     }
 
     /// Records `d` (planned from `snap`) as what the kernel holds now.
@@ -249,6 +300,10 @@ impl NftBackend {
         self.snap = Some(snap.clone());
         applied
     }
+}
+
+fn failed(e: nft::Error) -> BackendError {
+    BackendError::failed("replacing the table", e)
 }
 
 impl Backend for NftBackend {

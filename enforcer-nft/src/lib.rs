@@ -18,10 +18,14 @@
 //!    pod table (`local`), set record (one element: version, digest and epoch)
 //! ```
 //!
-//! Every change is one `nft` transaction: a full snapshot replaces the table in one batch, a
-//! delta adds and removes only the elements and chains that changed, and the local pod
-//! table changes in the same batch as the rules naming its pods. The table records the
-//! version and digest it holds, so a restarted enforcer trusts what the kernel says.
+//! The ruleset chains, their sets and the class maps are named after the class numbering
+//! (`…_<epoch>`); the base chains and the local pod table are shared by every epoch. A delta
+//! is one transaction that adds and removes only the elements and chains that changed, the
+//! local pod table's in the same batch as the rules naming its pods. A full snapshot builds
+//! the table in one transaction when there is none; one in force is replaced beside itself
+//! (`render::stage`, `switch`, `sweep`), since a packet caught in the old rules by a commit
+//! that deletes their maps would be dropped. The table records the version and digest it
+//! holds, so a restarted enforcer trusts what the kernel says.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]

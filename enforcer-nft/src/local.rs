@@ -22,6 +22,7 @@ use moat_dataplane::local::{LocalPods, PodAddr, UnknownPods, named};
 use moat_policy::ir::NodeSnapshot;
 
 use crate::desired::Desired;
+use crate::render::in_epoch;
 
 /// Chains of the base layout (see `render::base`). Ruleset chains are `i_…`/`e_…`, so
 /// none of these can collide with one.
@@ -64,6 +65,8 @@ impl LocalTable {
     /// The local table of `local` beside `d`'s endpoint maps.
     pub fn with(local: &LocalPods, d: &Desired) -> LocalTable {
         let allow = local.unknown == UnknownPods::Allow;
+        // Ruleset chains carry `d`'s epoch; the base chains are shared by every epoch.
+        let ruleset = |c: &String| in_epoch(c, d.epoch);
         let mut t = LocalTable::default();
         // An interface in both sets is a pod: the stricter reading.
         for i in &local.other_ifaces {
@@ -81,8 +84,8 @@ impl LocalTable {
             };
             let (src, dst) = match state {
                 PodAddr::Known(_) => (
-                    Some(eg.map_or(Verdict::Return, |c| Verdict::Goto(c.clone()))),
-                    Some(ing.map_or(Verdict::Accept, |c| Verdict::Goto(c.clone()))),
+                    Some(eg.map_or(Verdict::Return, |c| Verdict::Goto(ruleset(c)))),
+                    Some(ing.map_or(Verdict::Accept, |c| Verdict::Goto(ruleset(c)))),
                 ),
                 PodAddr::Unknown if allow => (Some(Verdict::Return), Some(Verdict::Accept)),
                 // No receiver element: `pod_dst` drops what it doesn't find as unknown.

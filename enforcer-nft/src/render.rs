@@ -2,6 +2,15 @@
 //! states. Either way the commands form one `nft -j -f -` batch, which the kernel commits
 //! atomically: a packet sees the old table or the new one, never a mix — the rules and the
 //! local pod table switch together.
+//!
+//! Except a packet already in the old rules when a batch commits: it finishes them (the
+//! kernel keeps the old rules for it) but looks up sets as they are *now*, and a deleted
+//! map has no elements now. So the objects the ruleset chains look up are named after the
+//! class numbering (`epoch`), and a table that exists is replaced without deleting anything
+//! the rules in force use: [`stage`] adds the new epoch's objects beside the old ones,
+//! [`switch`] points the local pod table (the base chains' verdict maps, shared by every
+//! epoch) at them, and [`sweep`] deletes the old ones once no rule reaches them. Deltas keep
+//! the epoch and change elements in place.
 
 mod base;
 mod ruleset;
@@ -15,7 +24,31 @@ use crate::local::LocalTable;
 
 pub use base::{COUNTERS, DENIED};
 
+use crate::local::{OTHER_SRC, POD_DST, POD_SRC, SENDER, SPOOFED, UNCLASSIFIED, UNKNOWN_POD};
+
 pub const TABLE: &str = "moat";
+
+/// The maps and ruleset chains (and so their sets) of one class numbering carry its epoch
+/// in their names, so a replacement's objects never collide with the ones in force.
+pub fn in_epoch(name: &str, epoch: u32) -> String {
+    format!("{name}_{epoch:08x}")
+}
+
+/// The objects every epoch shares: the base chains and the local pod table, whose elements
+/// only [`switch`] (and deltas) change.
+pub const SHARED_CHAINS: [&str; 8] = [
+    "forward",
+    SENDER,
+    POD_SRC,
+    OTHER_SRC,
+    POD_DST,
+    SPOOFED,
+    UNKNOWN_POD,
+    UNCLASSIFIED,
+];
+pub const SHARED_SETS: [&str; 9] = [
+    RECORD, "in_if", "out_if", "src4", "src6", "dst4", "dst6", "local4", "local6",
+];
 
 fn obj(kind: &str, body: Value) -> Value {
     let mut b = body;
@@ -140,29 +173,82 @@ fn addr_class_elems<'a, A: ToString + 'a>(
 }
 
 /// Replaces whatever the table holds with `d`: add-then-delete-then-add makes the delete
-/// safe when the table doesn't exist, and the batch is one transaction.
+/// safe when the table doesn't exist, and the batch is one transaction. For a table nothing
+/// enforces yet: a packet in the old table's rules while this commits finds its maps deleted
+/// and is dropped (see the module docs; [`stage`], [`switch`] and [`sweep`] replace a table
+/// in force).
 pub fn full(d: &Desired) -> Vec<Value> {
     let mut c = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         set_decl(RECORD, json!(["mark", "mark", "mark"]), false),
-        map_decl("class4", json!("ipv4_addr"), "mark", true),
-        map_decl("class6", json!("ipv6_addr"), "mark", true),
-        map_decl("addr4", json!("ipv4_addr"), "mark", false),
-        map_decl("addr6", json!("ipv6_addr"), "mark", false),
     ];
     c.extend(base::declarations());
-    for (name, rs) in &d.rulesets {
-        c.extend(ruleset::add_ruleset(name, rs));
-    }
-    c.extend(elements("add", "class4", class_elems(d.class4.iter())));
-    c.extend(elements("add", "class6", class_elems(d.class6.iter())));
-    c.extend(elements("add", "addr4", addr_class_elems(d.addr4.iter())));
-    c.extend(elements("add", "addr6", addr_class_elems(d.addr6.iter())));
+    c.extend(stage(d));
     c.extend(base::add_local(&LocalTable::of(d)));
     c.extend(base::chains());
     c.push(record_elem("add", d));
+    c
+}
+
+/// `d`'s epoch objects (class maps, rulesets), added beside whatever the table holds: no
+/// rule in force reaches them until [`switch`]. A batch of its own, so that every set is
+/// complete when the first packet looks it up (the kernel installs some set types' new
+/// contents only after a commit has started the new generation).
+pub fn stage(d: &Desired) -> Vec<Value> {
+    let e = d.epoch;
+    let (class4, class6) = (in_epoch("class4", e), in_epoch("class6", e));
+    let (addr4, addr6) = (in_epoch("addr4", e), in_epoch("addr6", e));
+    let mut c = vec![
+        map_decl(&class4, json!("ipv4_addr"), "mark", true),
+        map_decl(&class6, json!("ipv6_addr"), "mark", true),
+        map_decl(&addr4, json!("ipv4_addr"), "mark", false),
+        map_decl(&addr6, json!("ipv6_addr"), "mark", false),
+    ];
+    for (name, rs) in &d.rulesets {
+        c.extend(ruleset::add_ruleset(name, rs, e));
+    }
+    c.extend(elements("add", &class4, class_elems(d.class4.iter())));
+    c.extend(elements("add", &class6, class_elems(d.class6.iter())));
+    c.extend(elements("add", &addr4, addr_class_elems(d.addr4.iter())));
+    c.extend(elements("add", &addr6, addr_class_elems(d.addr6.iter())));
+    c
+}
+
+/// Points the table at `d`, staged before: the local pod table's elements (its verdicts
+/// name `d`'s ruleset chains) and the record, one transaction of elements only. The maps
+/// themselves stay, so a packet between the old rules and this commit finds one version's
+/// elements or the other's, each complete — and the node's pods as `d` has them.
+pub fn switch(d: &Desired) -> Vec<Value> {
+    // `type` and `map` are redundant for nft but the nftables crate's schema requires them.
+    let mut c = vec![cmd(
+        "flush",
+        "set",
+        json!({"name": RECORD, "type": ["mark", "mark", "mark"]}),
+    )];
+    c.extend(base::flush_local());
+    c.extend(base::add_local(&LocalTable::of(d)));
+    c.push(record_elem("add", d));
+    c
+}
+
+/// Deletes the given chains and sets (see [`crate::nft::Objects`]): an earlier epoch's, once
+/// [`switch`] has left no rule in force that reaches them. Chains first, which frees the sets
+/// their rules look up.
+pub fn sweep(chains: &[String], sets: &[Value]) -> Vec<Value> {
+    let mut c: Vec<Value> = chains
+        .iter()
+        .map(|n| cmd("delete", "chain", json!({"name": n})))
+        .collect();
+    for s in sets {
+        let kind = if s.get("map").is_some() { "map" } else { "set" };
+        let mut body = json!({"name": s["name"], "type": s["type"]});
+        if let Some(m) = s.get("map") {
+            body["map"] = m.clone();
+        }
+        c.push(cmd("delete", kind, body));
+    }
     c
 }
 
@@ -180,6 +266,9 @@ fn map_diff<'a, K: Ord, V: PartialEq>(
 
 /// The commands that turn `old` (what the table holds) into `new`, as one transaction.
 pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
+    // A delta keeps the class numbering, and with it the epoch and the objects' names.
+    let e = new.epoch;
+    debug_assert_eq!(old.epoch, e, "a delta never changes the epoch");
     // The guard comes first: deleting the old record fails the whole batch unless the kernel
     // holds exactly `old` in the same numbering — e.g. when an `nft` orphaned by a killed
     // enforcer, or another writer, changed the table since.
@@ -187,43 +276,37 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     // New rulesets first: the local pod table may point at them below.
     for (name, rs) in &new.rulesets {
         if !old.rulesets.contains_key(name) {
-            c.extend(ruleset::add_ruleset(name, rs));
+            c.extend(ruleset::add_ruleset(name, rs, e));
         }
     }
     // Deletions before additions everywhere, so intervals never overlap transiently.
     let (r4, a4) = map_diff(&old.class4, &new.class4);
     let (r6, a6) = map_diff(&old.class6, &new.class6);
-    c.extend(elements("delete", "class4", class_elems(r4.into_iter())));
-    c.extend(elements("delete", "class6", class_elems(r6.into_iter())));
-    c.extend(elements("add", "class4", class_elems(a4.into_iter())));
-    c.extend(elements("add", "class6", class_elems(a6.into_iter())));
+    let (class4, class6) = (in_epoch("class4", e), in_epoch("class6", e));
+    c.extend(elements("delete", &class4, class_elems(r4.into_iter())));
+    c.extend(elements("delete", &class6, class_elems(r6.into_iter())));
+    c.extend(elements("add", &class4, class_elems(a4.into_iter())));
+    c.extend(elements("add", &class6, class_elems(a6.into_iter())));
     let (r4, a4) = map_diff(&old.addr4, &new.addr4);
     let (r6, a6) = map_diff(&old.addr6, &new.addr6);
-    c.extend(elements(
-        "delete",
-        "addr4",
-        addr_class_elems(r4.into_iter()),
-    ));
-    c.extend(elements(
-        "delete",
-        "addr6",
-        addr_class_elems(r6.into_iter()),
-    ));
-    c.extend(elements("add", "addr4", addr_class_elems(a4.into_iter())));
-    c.extend(elements("add", "addr6", addr_class_elems(a6.into_iter())));
+    let (addr4, addr6) = (in_epoch("addr4", e), in_epoch("addr6", e));
+    c.extend(elements("delete", &addr4, addr_class_elems(r4.into_iter())));
+    c.extend(elements("delete", &addr6, addr_class_elems(r6.into_iter())));
+    c.extend(elements("add", &addr4, addr_class_elems(a4.into_iter())));
+    c.extend(elements("add", &addr6, addr_class_elems(a6.into_iter())));
     c.extend(base::change_local(
         &LocalTable::of(old),
         &LocalTable::of(new),
     ));
     for (name, rs) in &new.rulesets {
         if let Some(o) = old.rulesets.get(name) {
-            c.extend(ruleset::change(name, o, rs));
+            c.extend(ruleset::change(name, o, rs, e));
         }
     }
     // Last: nothing may still point at a ruleset when it goes.
     for name in old.rulesets.keys() {
         if !new.rulesets.contains_key(name) {
-            c.extend(ruleset::delete_ruleset(name));
+            c.extend(ruleset::delete_ruleset(name, e));
         }
     }
     c.push(record_elem("add", new));

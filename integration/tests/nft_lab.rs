@@ -199,6 +199,72 @@ fn deltas_leave_exactly_what_a_full_replace_leaves() {
 }
 
 #[test]
+fn a_replacement_beside_the_table_leaves_exactly_what_a_full_one_does() {
+    if !netns::inside("a_replacement_beside_the_table_leaves_exactly_what_a_full_one_does") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lock = TxLock::acquire(&dir.path().join("lock"), nft::LOCK_WAIT_DEFAULT).unwrap();
+    let mut rng = SmallRng::seed_from_u64(0x5eed_5a4b);
+    let mut f = Features::default();
+    let mut conn = None;
+    for epoch in 1..=20u32 {
+        let mut world = World::generate(&mut rng, &mut f);
+        let a = node_snapshots(&world)[0].clone();
+        world.mutate(&mut rng, &mut f, false);
+        let Some(b) = node_snapshots(&world)
+            .into_iter()
+            .find(|s| s.node == a.node)
+        else {
+            continue;
+        };
+        // The node's pods change with the version: the switch carries the local pod table.
+        let (la, lb) = (random_local(&mut rng, &a), random_local(&mut rng, &b));
+        let da = Desired {
+            epoch,
+            ..planned(&a, &mut Classes::default(), &la)
+        };
+        let db = Desired {
+            epoch: epoch + 1000,
+            ..planned(&b, &mut Classes::default(), &lb)
+        };
+        nft::apply(&lock, render::full(&da)).unwrap();
+        let held = nft::objects().unwrap().unwrap();
+        nft::apply(&lock, render::stage(&db)).unwrap();
+        // Over netlink as the backend does, and through `nft`, its fallback, every other time.
+        let by_nft = epoch % 2 == 0;
+        if by_nft {
+            nft::apply(&lock, render::switch(&db)).unwrap();
+        } else {
+            assert_eq!(
+                commit_delta(&lock, &mut conn, render::switch(&db)).unwrap(),
+                Via::Netlink
+            );
+        }
+        let chains: Vec<String> = held
+            .chains
+            .into_iter()
+            .filter(|c| !render::SHARED_CHAINS.contains(&c.as_str()))
+            .collect();
+        let sets: Vec<Value> = held
+            .sets
+            .into_iter()
+            .filter(|s| !render::SHARED_SETS.iter().any(|n| s["name"] == *n))
+            .collect();
+        assert!(!sets.is_empty(), "the old epoch's class maps at least");
+        if by_nft {
+            nft::apply(&lock, render::sweep(&chains, &sets)).unwrap();
+        } else {
+            let via = commit_delta(&lock, &mut conn, render::sweep(&chains, &sets)).unwrap();
+            assert_eq!(via, Via::Netlink, "the sweep needs no element listing");
+        }
+        let replaced = dump();
+        nft::apply(&lock, render::full(&db)).unwrap();
+        same(&replaced, &dump(), "staged, switched and swept vs full");
+    }
+}
+
+#[test]
 fn a_delta_for_another_base_never_commits() {
     if !netns::inside("a_delta_for_another_base_never_commits") {
         return;
@@ -406,7 +472,13 @@ fn a_version_over_the_element_limit_is_applied_degraded_and_the_rest_exact() {
             total as u64 - 1,
             "{how}: the count is the kernel's (but the record)"
         );
-        // big denies all ingress; small keeps exactly its rules; open stays open.
+        // big denies all ingress; small keeps exactly its rules; open stays open. Ruleset
+        // chains carry the epoch of the table in force (its class maps' suffix).
+        let epoch = kernel
+            .keys()
+            .find_map(|k| k.strip_prefix("class4_"))
+            .expect("an epoch's class map")
+            .to_string();
         let dst = &kernel["dst4"];
         let to = |iface: u32, addr: &str, verdict: &str| {
             dst.iter()
@@ -414,12 +486,17 @@ fn a_version_over_the_element_limit_is_applied_degraded_and_the_rest_exact() {
         };
         assert_eq!(cut.endpoints, vec![pod("10.0.0.1").1], "{how}");
         assert!(
-            to(pod("10.0.0.1").0, "10.0.0.1", "\"i_deny\""),
+            to(
+                pod("10.0.0.1").0,
+                "10.0.0.1",
+                &format!("\"i_deny_{epoch}\"")
+            ),
             "{how}: {dst:?}"
         );
         let small_chain = &unlimited.ing4[&"10.0.0.2".parse().unwrap()];
+        let small_in = format!("\"{small_chain}_{epoch}\"");
         assert!(
-            to(pod("10.0.0.2").0, "10.0.0.2", small_chain),
+            to(pod("10.0.0.2").0, "10.0.0.2", &small_in),
             "{how}: {dst:?}"
         );
         assert!(
@@ -428,11 +505,14 @@ fn a_version_over_the_element_limit_is_applied_degraded_and_the_rest_exact() {
         );
         let rs = &unlimited.rulesets[small_chain];
         assert_eq!(
-            kernel[&format!("{small_chain}_gx")].len(),
+            kernel[&format!("{small_chain}_{epoch}_gx")].len(),
             rs.gx.len(),
             "{how}: small's rules"
         );
-        assert_eq!(kernel[&format!("{small_chain}_ap")].len(), rs.ap.len());
+        assert_eq!(
+            kernel[&format!("{small_chain}_{epoch}_ap")].len(),
+            rs.ap.len()
+        );
     }
     // Refused only when what no budget can cut does not fit; the last version stays.
     let before = dump();
@@ -485,12 +565,20 @@ fn a_restart_keeps_the_table_and_reconciles_the_local_pods() {
         Adopted::Enforcing
     );
     let adopted = dump_but_record();
+    // Compared in the epoch the adoption drew (its objects' names carry it).
+    let epoch = dump()["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o["map"]["name"].as_str()?.strip_prefix("class4_"))
+        .map(|e| u32::from_str_radix(e, 16).unwrap())
+        .expect("an epoch's class map");
     let lock2 = TxLock::acquire(&dir.path().join("lock2"), nft::LOCK_WAIT_DEFAULT).unwrap();
-    nft::apply(
-        &lock2,
-        render::full(&planned(&snap, &mut Classes::default(), &after)),
-    )
-    .unwrap();
+    let whole = Desired {
+        epoch,
+        ..planned(&snap, &mut Classes::default(), &after)
+    };
+    nft::apply(&lock2, render::full(&whole)).unwrap();
     same(
         &adopted,
         &dump_but_record(),
@@ -509,4 +597,281 @@ fn a_restart_keeps_the_table_and_reconciles_the_local_pods() {
         Adopted::Unknown
     );
     same(&kept, &dump(), "an unknown table is kept");
+}
+
+/// A namespace of its own for one end of the forwarding lab, deleted on drop.
+struct Peer(String);
+
+impl Peer {
+    /// A namespace linked to this one (the router) by a veth: `here` on this side, `addr` on
+    /// the other, routed through `gw`. MACs are fixed and neighbours static, so nothing but
+    /// the forward hook can hold a packet back.
+    fn new(name: &str, here: &str, addr: &str, gw: &str, n: u8) -> Peer {
+        let ns = format!("moat-{}-lab{name}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &ns]);
+        let peer = Peer(ns.clone());
+        let (mac_here, mac_there) = (
+            format!("02:00:00:00:{n:02x}:01"),
+            format!("02:00:00:00:{n:02x}:02"),
+        );
+        ip(&[
+            "link", "add", here, "address", &mac_here, "type", "veth", "peer", "name", "eth0",
+            "address", &mac_there, "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{gw}/24"), "dev", here]);
+        ip(&["link", "set", here, "up"]);
+        ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac_there,
+            "dev",
+            here,
+            "nud",
+            "permanent",
+        ]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "route", "add", "default", "via", gw]);
+        ip(&[
+            "-n",
+            &ns,
+            "neigh",
+            "replace",
+            gw,
+            "lladdr",
+            &mac_here,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        peer
+    }
+
+    /// Moves the calling thread into this namespace.
+    fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn nft_run(script: &str) {
+    use std::io::Write;
+    let mut c = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "nft: {script}");
+}
+
+/// Packets a counter of the `lab` table counted.
+fn lab_counter(name: &str) -> u64 {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "counter", "ip", "lab", name])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o["counter"]["packets"].as_u64())
+        .unwrap()
+}
+
+/// Node n0's snapshot: pod x/a (10.0.2.2) on it accepts UDP/TCP 9 from pod y/b (10.0.1.2, on
+/// n1) and port 81 from 20 /32 blocks (offset by `k`, so two versions differ).
+fn forwarding_snapshot(k: u32) -> NodeSnapshot {
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+    let mut objects = Vec::new();
+    for (i, addr) in [(0, "10.0.3.1"), (1, "10.0.3.2")] {
+        objects.push(K8sObject::Node(k8s(json!({
+            "metadata": {"name": format!("n{i}")},
+            "status": {"addresses": [{"type": "InternalIP", "address": addr}]},
+        }))));
+    }
+    for ns in ["x", "y"] {
+        objects.push(K8sObject::Namespace(k8s(json!({"metadata": {
+            "name": ns, "labels": {"ns": ns, "kubernetes.io/metadata.name": ns},
+        }}))));
+    }
+    for (ns, pod, node, ip) in [("x", "a", "n0", "10.0.2.2"), ("y", "b", "n1", "10.0.1.2")] {
+        objects.push(K8sObject::Pod(k8s(json!({
+            "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))));
+    }
+    let blocks: Vec<_> = (0..20u32)
+        .map(|i| json!({"ipBlock": {"cidr": format!("{}/32", std::net::Ipv4Addr::from(0x0af0_0000 + k * 0x10000 + i))}}))
+        .collect();
+    for (name, spec) in [
+        (
+            "from-y-b",
+            json!({
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}],
+                             "ports": [{"port": 9, "protocol": "UDP"}, {"port": 9, "protocol": "TCP"}]}],
+            }),
+        ),
+        (
+            "blocks",
+            json!({
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": blocks, "ports": [{"port": 81}]}],
+            }),
+        ),
+    ] {
+        objects.push(K8sObject::NetworkPolicy(k8s(json!({
+            "metadata": {"name": name, "namespace": "x"}, "spec": spec,
+        }))));
+    }
+    Index::build(parse_all(&objects))
+        .snapshots()
+        .into_iter()
+        .find(|s| s.node == "n0")
+        .unwrap()
+}
+
+/// An enforcer restarting and adopting its table, or taking a full snapshot, replaces the
+/// table in force while an allowed flow's packets cross the forward hook as fast as one core
+/// sends them: not one may be dropped. (Replaced in one transaction that deletes the old
+/// table, some were: a packet in the old rules as it committed found their maps empty.)
+#[test]
+fn full_replacements_never_drop_an_allowed_packet_in_flight() {
+    use moat_dataplane::Backend;
+    use moat_dataplane::local::{Bindings, Interfaces};
+    if !netns::inside("full_replacements_never_drop_an_allowed_packet_in_flight") {
+        return;
+    }
+    let client = Peer::new("c", "vc", "10.0.1.2", "10.0.1.1", 1);
+    let server = Peer::new("s", "vs", "10.0.2.2", "10.0.2.1", 2);
+    // The server is this node's pod x/a on `vs`; the client is remote, behind `vc`.
+    let index = |dev: &str| -> u32 {
+        std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut ifaces = Interfaces::default();
+    ifaces
+        .pods
+        .insert(index("vs"), ["10.0.2.2".parse().unwrap()].into());
+    ifaces.other.insert(index("vc"));
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    // Counted before conntrack and after everything else in this namespace: the difference
+    // is what the forward path dropped.
+    nft_run(
+        "table ip lab {
+           counter pre {}
+           counter post {}
+           chain pre {
+             type filter hook prerouting priority -400;
+             udp dport 9 counter name \"pre\"
+           }
+           chain post {
+             type filter hook postrouting priority 400;
+             udp dport 9 counter name \"post\"
+           }
+         }",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    let versions = [forwarding_snapshot(0), forwarding_snapshot(1)];
+    let local = Bindings::default().reconcile(&ifaces, Some(&versions[0]), Default::default());
+    assert_eq!(local.counts(), (1, 0), "the server pod is known");
+    let open = || {
+        moat_enforcer_nft::NftBackend::open(moat_enforcer_nft::DEFAULT_MAX_ELEMENTS, &lock).unwrap()
+    };
+    let mut backend = open();
+    backend.adopt(None, &local).unwrap();
+    backend.apply_full(&versions[0], &local).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            client.enter();
+            // One flow that never sees a reply stays NEW to conntrack: every packet of it is
+            // judged by the rulesets, like the first packet of a new connection.
+            let s = std::net::UdpSocket::bind("10.0.1.2:5000").unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = s.send_to(b"moat", "10.0.2.2:9");
+            }
+            drop(client);
+        })
+    };
+    let rounds = 500;
+    let t = std::time::Instant::now();
+    for i in 0..rounds {
+        let (last, next) = (&versions[i % 2], &versions[(i + 1) % 2]);
+        // A restart: the next enforcer adopts the table (replacing it with the same content),
+        // then takes a full snapshot of the other version.
+        drop(backend);
+        backend = open();
+        assert_eq!(
+            backend.adopt(Some(last), &local).unwrap(),
+            moat_dataplane::Adopted::Enforcing
+        );
+        backend.apply_full(next, &local).unwrap();
+    }
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (pre, post) = (lab_counter("pre"), lab_counter("post"));
+    eprintln!(
+        "{} replacements in {took:?}; {pre} packets reached the router, {post} left it",
+        2 * rounds
+    );
+    assert!(
+        pre > 100_000,
+        "too few packets for the test to mean anything"
+    );
+    assert_eq!(
+        pre - post,
+        0,
+        "allowed packets dropped while the table was replaced"
+    );
+    drop(server);
 }

@@ -59,6 +59,40 @@ fn iface_addr(dir: &str, fam: &str, field: &str) -> Value {
     json!({"concat": [meta(dir), payload(fam, field)]})
 }
 
+/// The local pod table's sets and maps: name, key type, and whether it maps to verdicts.
+fn local_objects() -> [(&'static str, Value, bool); 8] {
+    let pair = |ty: &str| json!(["iface_index", ty]);
+    [
+        ("in_if", json!("iface_index"), true),
+        ("out_if", json!("iface_index"), true),
+        ("src4", pair("ipv4_addr"), true),
+        ("dst4", pair("ipv4_addr"), true),
+        ("src6", pair("ipv6_addr"), true),
+        ("dst6", pair("ipv6_addr"), true),
+        ("local4", json!("ipv4_addr"), false),
+        ("local6", json!("ipv6_addr"), false),
+    ]
+}
+
+/// Empties the local pod table (for [`super::switch`], which refills it in the same batch).
+pub(super) fn flush_local() -> Vec<Value> {
+    local_objects()
+        .into_iter()
+        .map(|(name, ty, vmap)| {
+            // `type` and `map` are redundant for nft but the nftables crate's schema wants them.
+            if vmap {
+                cmd(
+                    "flush",
+                    "map",
+                    json!({"name": name, "type": ty, "map": "verdict"}),
+                )
+            } else {
+                cmd("flush", "set", json!({"name": name, "type": ty}))
+            }
+        })
+        .collect()
+}
+
 /// Counters, the local pod table's sets and maps, and the fixed chains (without their
 /// rules, which may only come once every chain they name exists).
 pub(super) fn declarations() -> Vec<Value> {
@@ -66,19 +100,13 @@ pub(super) fn declarations() -> Vec<Value> {
         .iter()
         .map(|n| cmd("add", "counter", json!({"name": n})))
         .collect();
-    for m in ["in_if", "out_if"] {
-        c.push(map_decl(m, json!("iface_index"), "verdict", false));
+    for (name, ty, vmap) in local_objects() {
+        c.push(if vmap {
+            map_decl(name, ty, "verdict", false)
+        } else {
+            set_decl(name, ty, false)
+        });
     }
-    for (m, ty) in [
-        ("src4", "ipv4_addr"),
-        ("dst4", "ipv4_addr"),
-        ("src6", "ipv6_addr"),
-        ("dst6", "ipv6_addr"),
-    ] {
-        c.push(map_decl(m, json!(["iface_index", ty]), "verdict", false));
-    }
-    c.push(set_decl("local4", json!("ipv4_addr"), false));
-    c.push(set_decl("local6", json!("ipv6_addr"), false));
     for name in [
         SENDER,
         POD_SRC,

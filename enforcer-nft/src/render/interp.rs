@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// One key component: an inclusive range (an exact value is a range of one).
 type Field = (u128, u128);
@@ -158,8 +158,19 @@ impl Table {
                 });
             }
             ("delete", "set" | "map") => {
+                // The kernel refuses to delete a set a rule still looks up.
+                let used = format!("\"@{name}\"");
+                if self.rules_text().contains(&used) {
+                    return Err(format!("set {name} in use"));
+                }
                 self.sets.remove(&name).ok_or(format!("no set {name}"))?;
             }
+            ("flush", "set" | "map") => self
+                .sets
+                .get_mut(&name)
+                .ok_or(format!("no set {name}"))?
+                .elems
+                .clear(),
             ("add", "chain") => {
                 self.chains.entry(name.clone()).or_default();
                 if let Some(p) = o.get("policy") {
@@ -167,6 +178,14 @@ impl Table {
                 }
             }
             ("delete", "chain") => {
+                // ... or a chain a rule or a verdict map element still jumps to.
+                let target = json!({"target": name}).to_string();
+                let in_maps = self.sets.values().flat_map(|s| s.elems.values()).flatten();
+                if self.rules_text().contains(&target)
+                    || in_maps.map(Value::to_string).any(|d| d.contains(&target))
+                {
+                    return Err(format!("chain {name} in use"));
+                }
                 self.chains
                     .remove(&name)
                     .ok_or(format!("no chain {name}"))?;
@@ -211,6 +230,18 @@ impl Table {
             other => panic!("unmodelled command {other:?}"),
         }
         Ok(())
+    }
+
+    /// Every rule, as JSON text (for "is this object still referenced").
+    fn rules_text(&self) -> String {
+        Value::from(
+            self.chains
+                .values()
+                .flatten()
+                .map(|r| Value::from(r.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
     }
 
     fn lookup(&self, set: &str, key: &[u128]) -> Option<&Option<Value>> {

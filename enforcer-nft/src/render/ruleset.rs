@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{cmd, concat, ct, elements, l4proto, lookup, payload, port, rule, set_decl};
+use super::{cmd, concat, ct, elements, in_epoch, l4proto, lookup, payload, port, rule, set_decl};
 use crate::desired::Ruleset;
 
 /// A ruleset's set names.
@@ -40,8 +40,9 @@ fn sets(chain: &str) -> [(String, Value, bool); 6] {
     ]
 }
 
-/// The fixed rules of a ruleset chain: a constant number of lookups whatever its size.
-pub(super) fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
+/// The fixed rules of ruleset chain `name` (already in `epoch`, see [`in_epoch`]): a constant
+/// number of lookups whatever its size, in the class maps of the same epoch.
+fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
     let ok = if rs.egress { "return" } else { "accept" };
     let verdict = json!({ ok: null });
@@ -74,7 +75,7 @@ pub(super) fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
     ] {
         r.push(rule(
             name,
-            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{map}")}}}})],
+            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{}", in_epoch(map, epoch))}}}})],
         ));
     }
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
@@ -172,18 +173,20 @@ fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
     .collect()
 }
 
-pub(super) fn add_ruleset(name: &str, rs: &Ruleset) -> Vec<Value> {
+pub(super) fn add_ruleset(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
+    let name = &in_epoch(name, epoch);
     let mut c = Vec::new();
     for (set, ty, interval) in sets(name) {
         c.push(set_decl(&set, ty, interval));
     }
     c.push(cmd("add", "chain", json!({"name": name})));
-    c.extend(chain_rules(name, rs));
+    c.extend(chain_rules(name, rs, epoch));
     c.extend(ruleset_elements("add", name, rs));
     c
 }
 
-pub(super) fn delete_ruleset(name: &str) -> Vec<Value> {
+pub(super) fn delete_ruleset(name: &str, epoch: u32) -> Vec<Value> {
+    let name = &in_epoch(name, epoch);
     let mut c = vec![cmd("delete", "chain", json!({"name": name}))];
     for (set, ty, _) in sets(name) {
         // `type` is redundant for nft but the nftables crate's schema requires it.
@@ -193,14 +196,15 @@ pub(super) fn delete_ruleset(name: &str) -> Vec<Value> {
 }
 
 /// The commands turning ruleset `name` from `old` into `new` (both present in the kernel).
-pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset) -> Vec<Value> {
+pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Vec<Value> {
     let mut c = Vec::new();
     if old == new {
         return c;
     }
+    let name = &in_epoch(name, epoch);
     if old.any != new.any {
         c.push(cmd("flush", "chain", json!({"name": name})));
-        c.extend(chain_rules(name, new));
+        c.extend(chain_rules(name, new, epoch));
     }
     // Deletions before additions in each set, as everywhere.
     let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
