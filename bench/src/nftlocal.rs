@@ -25,7 +25,7 @@ fn ip_json(args: &[&str]) -> Result<Vec<Value>> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(serde_json::from_slice(&out.stdout).context("ip -j")?)
+    serde_json::from_slice(&out.stdout).context("ip -j")
 }
 
 /// This namespace's links and host routes, as netlink reports them.
