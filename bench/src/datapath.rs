@@ -7,6 +7,12 @@
 //! enforcer restarted with that backend); and the same filler rules as a linear nft rule list
 //! in a table of its own (the legacy way), without Moat.
 //!
+//! With `MOAT_BENCH_NFT_BEFORE=<a moat-enforcer binary>` every node's enforcer is that
+//! binary (an earlier build, for a before/after comparison in one run). `Moat nft, local
+//! pods` configurations apply the same snapshot with this build's `NftBackend` and the
+//! server node's local pod table bound from its interfaces (`moat-bench nft-local`, its
+//! enforcer stopped), so the new per-packet checks are measured.
+//!
 //! Metrics: 64-byte UDP packets received per second (GSO/GRO/TSO off on every interface:
 //! per-packet cost is invisible in bulk TCP), new TCP connections per second (every SYN is a
 //! new flow the dataplane judges), and iperf3 TCP throughput.
@@ -27,6 +33,8 @@ enum Config {
     None,
     Moat(&'static str, usize),
     Linear(usize),
+    /// This build's nft dataplane with the server node's local pod table.
+    Local(usize),
 }
 
 impl Config {
@@ -35,11 +43,12 @@ impl Config {
             Config::None => "no policy, no Moat dataplane".into(),
             Config::Moat(b, n) => format!("Moat {b}, {n} rules + 10k-member group"),
             Config::Linear(n) => format!("linear list, {n} rules"),
+            Config::Local(n) => format!("Moat nft, local pods, {n} rules + 10k-member group"),
         }
     }
 }
 
-const CONFIGS: [Config; 13] = [
+const CONFIGS: [Config; 17] = [
     Config::None,
     Config::Moat("nft", 10),
     Config::Moat("nft", 1_000),
@@ -53,6 +62,10 @@ const CONFIGS: [Config; 13] = [
     Config::Linear(1_000),
     Config::Linear(10_000),
     Config::Linear(100_000),
+    Config::Local(10),
+    Config::Local(1_000),
+    Config::Local(10_000),
+    Config::Local(100_000),
 ];
 
 const SETTLE: Duration = Duration::from_secs(5);
@@ -65,7 +78,21 @@ struct Sample {
 }
 
 pub fn run(rounds: usize, secs: u64, only: Option<&str>) -> Result<String> {
-    let mut w = World::start("nft");
+    let before = std::env::var("MOAT_BENCH_NFT_BEFORE").ok();
+    let wrappers = before
+        .iter()
+        .flat_map(|bin| {
+            // `sh -c SCRIPT sh <this build's enforcer> ARGS…`: run `bin` with the ARGS.
+            (0..16).map(move |i| {
+                let script = format!("shift; exec '{bin}' \"$@\"");
+                (i, vec!["sh".into(), "-c".into(), script, "sh".into()])
+            })
+        })
+        .collect();
+    if let Some(b) = &before {
+        eprintln!("every enforcer runs {b}");
+    }
+    let mut w = World::start_wrapped("nft", wrappers);
     let server = w.pod("y/b").clone();
     let client = w.pod("x/a").clone();
     if server.node == client.node {
@@ -156,6 +183,17 @@ fn configure(w: &mut World, node: usize, c: Config, client: IpAddr, server: IpAd
     let mut objects = w.base();
     match c {
         Config::None | Config::Linear(_) => stop_moat(w, node)?,
+        Config::Local(n) => {
+            stop_moat(w, node)?;
+            objects.push(policies::big(
+                "bench",
+                "y",
+                json!({"matchLabels": {"pod": "b"}}),
+                n,
+                10_000,
+                Some(json!({"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]})),
+            ));
+        }
         Config::Moat(backend, n) => {
             if w.moat.enforcer_pid(node)?.is_none() || w.moat.backend_of(node) != backend {
                 w.moat.kill_enforcer(node)?;
@@ -193,7 +231,28 @@ fn configure(w: &mut World, node: usize, c: Config, client: IpAddr, server: IpAd
         expected.remove(&w.moat.node_names[node]);
     }
     w.moat.write_manifests(&objects)?;
-    w.moat.wait_applied(&expected, Duration::from_secs(60))
+    w.moat.wait_applied(&expected, Duration::from_secs(60))?;
+    if let Config::Local(_) = c {
+        // The server node's snapshot as the server would send it, applied by this build's
+        // backend with the node's pods.
+        let name = &w.moat.node_names[node];
+        let snap = moat_policy::Index::build(moat_policy::testkit::parse_all(&objects))
+            .snapshot(name)
+            .context("the server node's snapshot")?;
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), serde_json::to_vec(&snap)?)?;
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &snode])
+            .arg(std::env::current_exe()?)
+            .arg("nft-local")
+            .arg("--snapshot")
+            .arg(file.path())
+            .status()?;
+        if !ok.success() {
+            bail!("nft-local in {snode} failed");
+        }
+    }
+    Ok(())
 }
 
 /// Stops node `node`'s enforcer and removes both dataplanes' state from it.

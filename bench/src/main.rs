@@ -11,6 +11,7 @@ mod ebpfbench;
 mod kube;
 mod netns;
 mod nftapply;
+mod nftlocal;
 mod plot;
 mod policies;
 mod sync;
@@ -138,6 +139,13 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Internal: applies a snapshot (JSON) with the nft backend and this namespace's local
+    /// pods, then exits (the table stays); run by `datapath` in a harness node.
+    #[command(hide = true)]
+    NftLocal {
+        #[arg(long)]
+        snapshot: std::path::PathBuf,
+    },
     /// The nft backend's user-space work for one-pod deltas, in a loop (for profiling).
     NftCompute {
         #[arg(long, default_value_t = 10_000)]
@@ -232,6 +240,7 @@ fn main() -> Result<()> {
             }
         }
         Command::NftCompute { rules, runs } => nftapply::compute_loop(rules, runs),
+        Command::NftLocal { snapshot } => nftlocal::run(&snapshot)?,
         Command::EbpfApply { apply: a, rounds } => {
             if netns::inside()? {
                 print!(

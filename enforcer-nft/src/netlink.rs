@@ -59,15 +59,23 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
+const NF_DROP: i32 = 0;
+const NF_ACCEPT: i32 = 1;
 const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
+const NFT_RETURN: i32 = -5;
 
 /// How a set's keys and data are laid out, by set name.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Layout {
     /// `addr4`/`addr6`: address → mark.
     AddrMark,
-    /// `ing*`/`eg*`: address → verdict.
-    AddrVerdict,
+    /// `in_if`/`out_if`: interface index → verdict.
+    IfVerdict,
+    /// `src*`/`dst*`: interface index · address → verdict.
+    IfAddrVerdict,
+    /// `local4`/`local6`: address.
+    Addr,
     /// `*_aa`: mark.
     Mark,
     /// `*_gx`: mark · inet_proto · inet_service.
@@ -89,7 +97,9 @@ fn layout(set: &str) -> Option<Layout> {
     }
     Some(match set {
         crate::render::RECORD => Layout::Record,
-        "ing4" | "ing6" | "eg4" | "eg6" => Layout::AddrVerdict,
+        "in_if" | "out_if" => Layout::IfVerdict,
+        "src4" | "src6" | "dst4" | "dst6" => Layout::IfAddrVerdict,
+        "local4" | "local6" => Layout::Addr,
         s if s.ends_with("_aa") => Layout::Mark,
         s if s.ends_with("_gx") => Layout::MarkProtoPort,
         s if s.ends_with("_n4") || s.ends_with("_n6") => Layout::AddrProtoPort,
@@ -263,6 +273,24 @@ fn mark(v: &Value) -> Option<[u8; 4]> {
     Some(u32::try_from(v.as_u64()?).ok()?.to_ne_bytes())
 }
 
+/// `meta iif`/`oif` load the index as a host-order 32-bit word, like a mark.
+fn iface(v: &Value) -> Option<[u8; 4]> {
+    mark(v)
+}
+
+/// A verdict as the kernel takes it: its code and, for `jump`/`goto`, the chain.
+fn verdict(v: &Value) -> Option<(i32, Option<&str>)> {
+    let (kind, body) = v.as_object()?.iter().next()?;
+    Some(match kind.as_str() {
+        "accept" => (NF_ACCEPT, None),
+        "drop" => (NF_DROP, None),
+        "return" => (NFT_RETURN, None),
+        "jump" => (NFT_JUMP, Some(body["target"].as_str()?)),
+        "goto" => (NFT_GOTO, Some(body["target"].as_str()?)),
+        _ => return None,
+    })
+}
+
 /// A concatenation's fields each take whole 32-bit registers.
 fn concat(fields: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -300,10 +328,26 @@ fn element(b: &mut Batch, layout: Layout, e: &Value, with_data: bool) -> Option<
             }
             (concat(&marks), None)
         }
-        Layout::AddrMark | Layout::AddrVerdict => {
+        Layout::AddrMark => {
             let pair = e.as_array()?;
             (addr(pair.first()?)?, Some(pair.get(1)?))
         }
+        Layout::IfVerdict => {
+            let pair = e.as_array()?;
+            (iface(pair.first()?)?.to_vec(), Some(pair.get(1)?))
+        }
+        Layout::IfAddrVerdict => {
+            let pair = e.as_array()?;
+            let f = pair.first()?["concat"].as_array()?;
+            if f.len() != 2 {
+                return None;
+            }
+            (
+                concat(&[iface(f.first()?)?.to_vec(), addr(f.get(1)?)?]),
+                Some(pair.get(1)?),
+            )
+        }
+        Layout::Addr => (addr(e)?, None),
         Layout::Mark => (mark(e)?.to_vec(), None),
         Layout::MarkProtoPort | Layout::AddrProtoPort => {
             let f = e["concat"].as_array()?;
@@ -325,10 +369,12 @@ fn element(b: &mut Batch, layout: Layout, e: &Value, with_data: bool) -> Option<
         match layout {
             Layout::AddrMark => b.attr(NFTA_DATA_VALUE, &mark(d)?),
             _ => {
-                let target = d["jump"]["target"].as_str()?;
+                let (code, target) = verdict(d)?;
                 let v = b.nest(NFTA_DATA_VERDICT);
-                b.attr(NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
-                b.str_attr(NFTA_VERDICT_CHAIN, target);
+                b.attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
+                if let Some(t) = target {
+                    b.str_attr(NFTA_VERDICT_CHAIN, t);
+                }
                 b.unnest(v);
             }
         }
@@ -448,16 +494,29 @@ mod tests {
             json!({"delete": {"chain": {"family": "inet", "table": TABLE, "name": "i_old"}}}),
             el("addr4", "add", json!(["10.0.0.1", 7])),
             el("addr6", "delete", json!(["fd00::1", 7])),
+            el("in_if", "add", json!([7, {"goto": {"target": "pod_src"}}])),
+            el("out_if", "delete", json!([2, {"accept": null}])),
             el("addr4_0000002a", "add", json!(["10.0.0.2", 7])),
-            json!({"flush": {"map": {"family": "inet", "table": TABLE, "name": "ing4"}}}),
+            json!({"flush": {"map": {"family": "inet", "table": TABLE, "name": "src4"}}}),
             json!({"flush": {"set": {"family": "inet", "table": TABLE, "name": "record"}}}),
             json!({"delete": {"map": {"family": "inet", "table": TABLE, "name": "class4_00000029", "type": "ipv4_addr", "map": "mark"}}}),
             json!({"delete": {"set": {"family": "inet", "table": TABLE, "name": "i_old_00000029_gp", "type": ["mark", "inet_proto", "inet_service"]}}}),
             el(
-                "ing4",
+                "src4",
                 "add",
-                json!(["10.0.0.1", {"jump": {"target": "i_abc"}}]),
+                json!([{"concat": [7, "10.0.0.1"]}, {"goto": {"target": "e_abc"}}]),
             ),
+            el(
+                "dst6",
+                "add",
+                json!([{"concat": [7, "fd00::1"]}, {"accept": null}]),
+            ),
+            el(
+                "src6",
+                "add",
+                json!([{"concat": [7, "fd00::1"]}, {"return": null}]),
+            ),
+            el("local4", "add", json!("10.0.0.1")),
             el("i_abc_aa", "add", json!(7)),
             el("i_abc_gx", "add", json!({"concat": [7, 6, 80]})),
             el("e_abc_n6", "delete", json!({"concat": ["fd00::2", 17, 53]})),
@@ -488,6 +547,12 @@ mod tests {
             json!({"flush": {"chain": {"family": "inet", "table": TABLE, "name": "i_abc"}}}),
             json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward", "hook": "forward"}}}),
             el("addr4", "add", json!(["not an address", 7])),
+            el(
+                "src4",
+                "add",
+                json!([{"concat": [7, "10.0.0.1"]}, {"queue": null}]),
+            ),
+            el("in_if", "add", json!(["eth0", {"accept": null}])),
         ] {
             let mut v = ok.clone();
             v.push(bad.clone());

@@ -7,6 +7,7 @@
 //! stdout: if the enforcer is killed mid-transaction, the orphaned `nft` keeps the lock until
 //! it has committed or failed, and the next enforcer waits for it before reading the table.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -177,18 +178,26 @@ pub fn recorded() -> Result<Option<(u64, String)>, Error> {
     Ok(Some(found.unwrap_or((0, String::new()))))
 }
 
-/// Packets dropped by Moat's rules so far.
-pub fn denied() -> Option<u64> {
-    let raw = helper::get_current_ruleset_raw(
+/// Every named counter of the Moat table: name → packets (empty without the table).
+pub fn counters() -> BTreeMap<String, u64> {
+    let Ok(raw) = helper::get_current_ruleset_raw(
         helper::DEFAULT_NFT,
-        ["list", "counter", "inet", TABLE, "denied"],
-    )
-    .ok()?;
-    let v: Value = serde_json::from_str(&raw).ok()?;
+        ["list", "counters", "table", "inet", TABLE],
+    ) else {
+        return BTreeMap::new();
+    };
+    let Ok(v) = serde_json::from_str::<Value>(&raw) else {
+        return BTreeMap::new();
+    };
     v["nftables"]
-        .as_array()?
-        .iter()
-        .find_map(|o| o["counter"]["packets"].as_u64())
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let c = &o["counter"];
+            Some((c["name"].as_str()?.to_string(), c["packets"].as_u64()?))
+        })
+        .collect()
 }
 
 /// Deletes the Moat table (uninstall).
