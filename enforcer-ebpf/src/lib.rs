@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Maps};
 use entries::{Diff, Entries, RulesetIds};
+pub use moat_ebpf_common as common;
 pub use moat_ebpf_common::{LAYOUT_VERSION, META_PENDING, META_VALID, Meta};
 use pods::PodTables;
 
