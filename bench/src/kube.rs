@@ -371,6 +371,7 @@ fn serving(objects: Vec<Value>) -> ApiServer {
     let api = ApiServer::start(Options {
         page_size: 500,
         bookmark_every: Duration::from_secs(5),
+        ..Options::default()
     });
     for o in objects {
         api.apply(o);

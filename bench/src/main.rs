@@ -14,6 +14,7 @@ mod nftapply;
 mod plot;
 mod policies;
 mod sync;
+mod syncmem;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -68,6 +69,27 @@ enum Command {
         /// The server binary (a release build).
         #[arg(long, default_value = "target/release/moat-server")]
         server_bin: std::path::PathBuf,
+    },
+    /// Heap and RSS per idle stream by layer, and the 1,000-node fan-out, with hyper's HTTP/2
+    /// defaults and Moat's in the same run (the server stack in a child of this binary).
+    SyncMemory {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5000)]
+        idle: usize,
+        /// Fan-out rounds per profile (three changes each).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Internal: the sync stack for `sync-memory`, reporting its heap on stdin's `heap`.
+    #[command(hide = true)]
+    SyncServe {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, value_enum)]
+        profile: syncmem::Profile,
     },
     /// The Kubernetes source: first full sync and memory at the scalability envelope, and
     /// event-to-enforcer latency under pod churn (test API server; release server).
@@ -180,6 +202,16 @@ fn main() -> Result<()> {
             idle,
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
+        Command::SyncMemory {
+            nodes,
+            idle,
+            rounds,
+        } => print!("{}", syncmem::run(nodes, idle, rounds)?),
+        Command::SyncServe {
+            dir,
+            listen,
+            profile,
+        } => syncmem::serve(&dir, listen, profile)?,
         Command::Kube {
             cluster,
             enforcers,

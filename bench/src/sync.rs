@@ -37,6 +37,25 @@ pub(crate) struct Received {
     pub(crate) ack_unix_micros: u64,
 }
 
+impl Received {
+    pub(crate) fn publish_to_ack(&self) -> u64 {
+        self.publish_to_ack
+    }
+}
+
+/// A server's directory: `manifests/` with `nodes` nodes, its CA, certificate and key.
+pub(crate) fn write_server_files(dir: &Path, pki: &Pki, nodes: usize) -> Result<()> {
+    write_cluster(&dir.join("manifests"), nodes)?;
+    let (cert, key) = pki.leaf(
+        SanType::DnsName("localhost".try_into()?),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem)?;
+    std::fs::write(dir.join("server.pem"), cert)?;
+    std::fs::write(dir.join("server-key.pem"), key)?;
+    Ok(())
+}
+
 pub(crate) fn now_micros() -> u64 {
     moat_proto::unix_micros(SystemTime::now())
 }
@@ -67,7 +86,7 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    fn node(&self, node: &str) -> Result<(String, String)> {
+    pub(crate) fn node(&self, node: &str) -> Result<(String, String)> {
         let uri = moat_proto::Identity::node("default", node).uri();
         self.leaf(
             SanType::URI(uri.try_into()?),
@@ -119,7 +138,7 @@ fn write_cluster(dir: &Path, nodes: usize) -> Result<()> {
     Ok(())
 }
 
-fn write_policy(dir: &Path, port: u16) -> Result<()> {
+pub(crate) fn write_policy(dir: &Path, port: u16) -> Result<()> {
     std::fs::write(
         dir.join("policy.yaml"),
         format!(
@@ -148,7 +167,7 @@ fn write_ten(dir: &Path, nodes: usize, extra: bool) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> SocketAddr {
+pub(crate) fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -195,6 +214,15 @@ impl Server {
         let mut child = Command::new(bin)
             .args(source)
             .args(["--poll-seconds", "3600", "--log", "warn"])
+            // Every simulated enforcer connects from 127.0.0.1.
+            .args(["--max-connections-per-source", "100000"])
+            .args([
+                "--max-handshakes-per-source",
+                "1024",
+                "--max-handshakes",
+                "1024",
+            ])
+            .args(["--idle-timeout", "1h"])
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--health-addr")

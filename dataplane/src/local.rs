@@ -74,7 +74,10 @@ pub struct Link {
     pub kind: String,
     /// The bridge (or bond) this interface is enslaved to.
     pub master: Option<u32>,
-    /// It holds an address of global scope (an uplink does; a pod's host-side veth doesn't).
+    /// It holds a routable address of its own (an uplink does; a pod's host-side veth
+    /// doesn't): any address outside 169.254/16 and fe80::/10, whatever scope the kernel
+    /// gives it (`ip addr add 169.254.1.1/32` is scope global, and some CNIs put exactly
+    /// that gateway address on every pod veth).
     pub global_addr: bool,
 }
 

@@ -15,9 +15,13 @@
 //!    set record (one element: version, digest and epoch in its comment)
 //! ```
 //!
-//! Every change is one `nft` transaction: a full snapshot replaces the table in one batch, a
-//! delta adds and removes only the elements and chains that changed. The table records the
-//! version and digest it holds, so a restarted enforcer trusts what the kernel says.
+//! The ruleset chains, their sets and the class maps are named after the class numbering
+//! (`…_<epoch>`). A delta is one transaction that adds and removes only the elements and
+//! chains that changed. A full snapshot builds the table in one transaction when there is
+//! none; one in force is replaced beside itself (`render::stage`, `switch`, `sweep`), since a
+//! packet caught in the old rules by a commit that deletes their maps would be dropped. The
+//! table records the version and digest it holds, so a restarted enforcer trusts what the
+//! kernel says.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -194,9 +198,13 @@ impl NftBackend {
         self.classes = Classes::default();
         self.cache = None;
         let mut d = self.desired(snap)?;
-        d.epoch = rand::random();
-        nft::apply(&self.lock, render::full(&d))
-            .map_err(|e| BackendError::failed("replacing the table", e))?;
+        match nft::objects().map_err(failed)? {
+            None => {
+                d.epoch = rand::random();
+                nft::apply(&self.lock, render::full(&d)).map_err(failed)?;
+            }
+            Some(held) => self.swap(&mut d, held)?,
+        }
         debug!(
             version = snap.version,
             elements = d.elements(),
@@ -206,6 +214,55 @@ impl NftBackend {
         self.current = Some(d);
         Ok(())
     }
+
+    /// Replaces the table in force, `held`, with `d` without deleting anything its rules use
+    /// in the same commit: a packet those rules are judging as it commits looks its sets up
+    /// in the new generation, where a deleted map is empty, and would be dropped however
+    /// both versions judge it. So `d`'s objects are added under a new epoch, the verdict maps
+    /// switched to them, and the old objects deleted only after that.
+    fn swap(&mut self, d: &mut Desired, held: nft::Objects) -> Result<(), BackendError> {
+        let names: Vec<&str> = held
+            .chains
+            .iter()
+            .map(String::as_str)
+            .chain(held.sets.iter().filter_map(|s| s["name"].as_str()))
+            .collect();
+        // An epoch nothing in the table is named after, so staging never adds to old objects.
+        d.epoch = loop {
+            let e = rand::random();
+            let suffix = render::in_epoch("", e);
+            if !names.iter().any(|n| n.contains(&suffix)) {
+                break e;
+            }
+        };
+        let switched = nft::apply(&self.lock, render::stage(d))
+            .and_then(|()| commit_delta(&self.lock, &mut self.conn, render::switch(d)));
+        if let Err(e) = switched {
+            warn!(error = %e, "could not replace the table beside its rules; replacing it in one transaction");
+            return nft::apply(&self.lock, render::full(d)).map_err(failed);
+        }
+        let chains: Vec<String> = held
+            .chains
+            .into_iter()
+            .filter(|c| !render::SHARED_CHAINS.contains(&c.as_str()))
+            .collect();
+        let sets: Vec<serde_json::Value> = held
+            .sets
+            .into_iter()
+            .filter(|s| !render::SHARED_SETS.iter().any(|n| s["name"] == *n))
+            .collect();
+        if !(chains.is_empty() && sets.is_empty())
+            && let Err(e) = commit_delta(&self.lock, &mut self.conn, render::sweep(&chains, &sets))
+        {
+            // Unreachable leftovers cost memory, not correctness; the next replacement retries.
+            warn!(error = %e, "could not delete the replaced table's objects");
+        }
+        Ok(())
+    }
+}
+
+fn failed(e: nft::Error) -> BackendError {
+    BackendError::failed("replacing the table", e)
 }
 
 /// Which way a delta reached the kernel.
@@ -265,8 +322,8 @@ impl Backend for NftBackend {
             nft::recorded().map_err(|e| BackendError::failed("reading the table's record", e))?;
         match (recorded, last) {
             (Some((v, d)), Some(s)) if v == s.version && d == s.digest.to_string() => {
-                // The kernel holds exactly what we persisted: reconcile in one transaction
-                // (same content, so no packet sees a difference) to know its layout.
+                // The kernel holds exactly what we persisted: replace it with the same content
+                // (so no packet sees a difference) to know its layout.
                 info!(version = v, "adopting the table left by the previous run");
                 self.replace(s)?;
                 Ok(Adopted::Enforcing)

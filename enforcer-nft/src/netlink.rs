@@ -1,6 +1,6 @@
 //! The fast path for deltas: the same batch `render::delta` produced, sent straight to the
 //! kernel as one nfnetlink transaction when every command in it is one this module can
-//! encode (plain chains and elements of hash sets and maps).
+//! encode (plain chains, elements of hash sets and maps, flushing and deleting sets).
 //!
 //! Why: `nft` (1.0.6) reads every element of the table before it runs a batch containing
 //! any deletion, so with tens of thousands of elements a one-pod delta cost 20 ms in `nft`
@@ -33,6 +33,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_REQUEST: u16 = 1;
@@ -43,6 +44,8 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NFPROTO_INET: u8 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -76,8 +79,15 @@ enum Layout {
 }
 
 fn layout(set: &str) -> Option<Layout> {
+    // The address maps carry their epoch (`addr4_0000002a`, see `render::in_epoch`).
+    let map = match set.rsplit_once('_') {
+        Some((m, e)) if e.len() == 8 && e.bytes().all(|b| b.is_ascii_hexdigit()) => m,
+        _ => set,
+    };
+    if matches!(map, "addr4" | "addr6") {
+        return Some(Layout::AddrMark);
+    }
     Some(match set {
-        "addr4" | "addr6" => Layout::AddrMark,
         crate::render::RECORD => Layout::Record,
         "ing4" | "ing6" | "eg4" | "eg6" => Layout::AddrVerdict,
         s if s.ends_with("_aa") => Layout::Mark,
@@ -203,6 +213,19 @@ fn encode(commands: &[Value], seq: u32) -> Option<(Vec<u8>, usize, u32)> {
                 let m = b.nft_msg(cmd, flags);
                 b.str_attr(NFTA_CHAIN_TABLE, TABLE);
                 b.str_attr(NFTA_CHAIN_NAME, o["name"].as_str()?);
+                b.end(m);
+            }
+            ("delete", "set" | "map") => {
+                let m = b.nft_msg(NFT_MSG_DELSET, 0);
+                b.str_attr(NFTA_SET_TABLE, TABLE);
+                b.str_attr(NFTA_SET_NAME, o["name"].as_str()?);
+                b.end(m);
+            }
+            ("flush", "set" | "map") => {
+                // An element message without elements: the kernel deletes them all.
+                let m = b.nft_msg(NFT_MSG_DELSETELEM, 0);
+                b.str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+                b.str_attr(NFTA_SET_ELEM_LIST_SET, o["name"].as_str()?);
                 b.end(m);
             }
             ("add" | "delete", "element") => {
@@ -425,6 +448,11 @@ mod tests {
             json!({"delete": {"chain": {"family": "inet", "table": TABLE, "name": "i_old"}}}),
             el("addr4", "add", json!(["10.0.0.1", 7])),
             el("addr6", "delete", json!(["fd00::1", 7])),
+            el("addr4_0000002a", "add", json!(["10.0.0.2", 7])),
+            json!({"flush": {"map": {"family": "inet", "table": TABLE, "name": "ing4"}}}),
+            json!({"flush": {"set": {"family": "inet", "table": TABLE, "name": "record"}}}),
+            json!({"delete": {"map": {"family": "inet", "table": TABLE, "name": "class4_00000029", "type": "ipv4_addr", "map": "mark"}}}),
+            json!({"delete": {"set": {"family": "inet", "table": TABLE, "name": "i_old_00000029_gp", "type": ["mark", "inet_proto", "inet_service"]}}}),
             el(
                 "ing4",
                 "add",
@@ -443,6 +471,11 @@ mod tests {
         for bad in [
             el(
                 "class4",
+                "add",
+                json!([{"range": ["10.0.0.0", "10.0.0.255"]}, 3]),
+            ),
+            el(
+                "class4_0000002a",
                 "add",
                 json!([{"range": ["10.0.0.0", "10.0.0.255"]}, 3]),
             ),

@@ -111,6 +111,41 @@ pub fn table_exists() -> Result<bool, Error> {
         .any(|o| o["table"]["name"] == TABLE))
 }
 
+/// A table's chains and sets (maps included), without their elements.
+#[derive(Debug, Default)]
+pub struct Objects {
+    pub chains: Vec<String>,
+    /// As `nft -j` lists them (name, type, and a map's data type), for `render::sweep`.
+    pub sets: Vec<Value>,
+}
+
+/// What the Moat table holds, `None` if there is no table. Terse listings: reading a big
+/// table's elements would cost more than the change being made.
+pub fn objects() -> Result<Option<Objects>, Error> {
+    if !table_exists()? {
+        return Ok(None);
+    }
+    let list = |what: &str, kind: &str| -> Result<Vec<Value>, Error> {
+        let raw =
+            helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["-t", "list", what, "inet"])?;
+        let v: Value = serde_json::from_str(&raw).map_err(Error::Schema)?;
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|o| o[kind]["table"] == TABLE)
+            .map(|o| o[kind].clone())
+            .collect())
+    };
+    let mut sets = list("sets", "set")?;
+    sets.extend(list("maps", "map")?);
+    let chains = list("chains", "chain")?
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    Ok(Some(Objects { chains, sets }))
+}
+
 /// The version and digest recorded in the Moat table, if the table exists. Read as raw JSON:
 /// the crate's schema cannot parse the table's verdict maps.
 pub fn recorded() -> Result<Option<(u64, String)>, Error> {

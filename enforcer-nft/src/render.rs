@@ -1,6 +1,14 @@
 //! `Desired` → nftables JSON commands: a full replacement, or the difference between two
 //! states. Either way the commands form one `nft -j -f -` batch, which the kernel commits
 //! atomically: a packet sees the old table or the new one, never a mix.
+//!
+//! Except a packet already in the old rules when a batch commits: it finishes them (the
+//! kernel keeps the old rules for it) but looks up sets as they are *now*, and a deleted
+//! map has no elements now. So the objects the rules look up are named after the class
+//! numbering (`epoch`), and a table that exists is replaced without deleting anything the
+//! rules in force use: [`stage`] adds the new epoch's objects beside the old ones, [`switch`]
+//! points the verdict maps at them, and [`sweep`] deletes the old ones once no rule reaches
+//! them. Deltas keep the epoch and change elements in place, as before.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,6 +33,16 @@ fn cmd(verb: &str, kind: &str, body: Value) -> Value {
 /// digest and class numbering (epoch) the table holds. A delta deletes the old element
 /// first, so it commits only onto exactly the state it was computed from.
 pub const RECORD: &str = "record";
+
+/// The maps and ruleset chains (and so their sets) of one class numbering carry its epoch
+/// in their names, so a replacement's objects never collide with the ones in force.
+pub fn in_epoch(name: &str, epoch: u32) -> String {
+    format!("{name}_{epoch:08x}")
+}
+
+/// The objects every epoch shares: the table's skeleton, changed only by [`switch`].
+pub const SHARED_CHAINS: [&str; 1] = ["forward"];
+pub const SHARED_SETS: [&str; 5] = [RECORD, "ing4", "ing6", "eg4", "eg6"];
 
 /// The record's text (the element's comment).
 pub fn record(d: &Desired) -> String {
@@ -148,7 +166,7 @@ fn sets(chain: &str) -> [(String, Value, bool); 6] {
 }
 
 /// The fixed rules of a ruleset chain: a constant number of lookups whatever its size.
-fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
+fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
     let ok = if rs.egress { RETURN } else { ACCEPT };
     let verdict = json!({ ok: null });
@@ -181,7 +199,7 @@ fn chain_rules(name: &str, rs: &Ruleset) -> Vec<Value> {
     ] {
         r.push(rule(
             name,
-            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{map}")}}}})],
+            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{}", in_epoch(map, epoch))}}}})],
         ));
     }
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
@@ -298,8 +316,11 @@ fn gx_elems<'a>(it: impl Iterator<Item = &'a (u32, u8, u16)>) -> Vec<Value> {
         .collect()
 }
 
-fn vmap_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = (&'a A, &'a String)>) -> Vec<Value> {
-    it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": chain}}]))
+fn vmap_elems<'a, A: ToString + 'a>(
+    it: impl Iterator<Item = (&'a A, &'a String)>,
+    epoch: u32,
+) -> Vec<Value> {
+    it.map(|(a, chain)| json!([a.to_string(), {"jump": {"target": in_epoch(chain, epoch)}}]))
         .collect()
 }
 
@@ -336,18 +357,20 @@ fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
     .collect()
 }
 
-fn add_ruleset(name: &str, rs: &Ruleset) -> Vec<Value> {
+fn add_ruleset(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
+    let name = &in_epoch(name, epoch);
     let mut c = Vec::new();
     for (set, ty, interval) in sets(name) {
         c.push(set_decl(&set, ty, interval));
     }
     c.push(cmd("add", "chain", json!({"name": name})));
-    c.extend(chain_rules(name, rs));
+    c.extend(chain_rules(name, rs, epoch));
     c.extend(ruleset_elements("add", name, rs));
     c
 }
 
-fn delete_ruleset(name: &str) -> Vec<Value> {
+fn delete_ruleset(name: &str, epoch: u32) -> Vec<Value> {
+    let name = &in_epoch(name, epoch);
     let mut c = vec![cmd("delete", "chain", json!({"name": name}))];
     for (set, ty, _) in sets(name) {
         // `type` is redundant for nft but the nftables crate's schema requires it.
@@ -357,7 +380,10 @@ fn delete_ruleset(name: &str) -> Vec<Value> {
 }
 
 /// Replaces whatever the table holds with `d`: add-then-delete-then-add makes the delete
-/// safe when the table doesn't exist, and the batch is one transaction.
+/// safe when the table doesn't exist, and the batch is one transaction. For a table nothing
+/// enforces yet: a packet in the old table's rules while this commits finds its maps deleted
+/// and is dropped (see the module docs; [`stage`], [`switch`] and [`sweep`] replace a table
+/// in force).
 pub fn full(d: &Desired) -> Vec<Value> {
     let mut c = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
@@ -365,10 +391,6 @@ pub fn full(d: &Desired) -> Vec<Value> {
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         cmd("add", "counter", json!({"name": "denied"})),
         set_decl(RECORD, json!(["mark", "mark", "mark"]), false),
-        map_decl("class4", "ipv4_addr", "mark", true),
-        map_decl("class6", "ipv6_addr", "mark", true),
-        map_decl("addr4", "ipv4_addr", "mark", false),
-        map_decl("addr6", "ipv6_addr", "mark", false),
     ];
     for (m, ty) in [
         ("ing4", "ipv4_addr"),
@@ -378,19 +400,106 @@ pub fn full(d: &Desired) -> Vec<Value> {
     ] {
         c.push(map_decl(m, ty, "verdict", false));
     }
-    for (name, rs) in &d.rulesets {
-        c.extend(add_ruleset(name, rs));
-    }
-    c.extend(elements("add", "class4", class_elems(d.class4.iter())));
-    c.extend(elements("add", "class6", class_elems(d.class6.iter())));
-    c.extend(elements("add", "addr4", addr_elems(d.addr4.iter())));
-    c.extend(elements("add", "addr6", addr_elems(d.addr6.iter())));
-    c.extend(elements("add", "ing4", vmap_elems(d.ing4.iter())));
-    c.extend(elements("add", "ing6", vmap_elems(d.ing6.iter())));
-    c.extend(elements("add", "eg4", vmap_elems(d.eg4.iter())));
-    c.extend(elements("add", "eg6", vmap_elems(d.eg6.iter())));
+    c.extend(stage(d));
+    c.extend(switch_elements(d));
     c.extend(base_chain());
     c.push(record_elem("add", d));
+    c
+}
+
+/// `d`'s epoch objects (class maps, rulesets), added beside whatever the table holds: no
+/// rule in force reaches them until [`switch`]. A batch of its own, so that every set is
+/// complete when the first packet looks it up (the kernel installs some set types' new
+/// contents only after a commit has started the new generation).
+pub fn stage(d: &Desired) -> Vec<Value> {
+    let e = d.epoch;
+    let mut c = vec![
+        map_decl(&in_epoch("class4", e), "ipv4_addr", "mark", true),
+        map_decl(&in_epoch("class6", e), "ipv6_addr", "mark", true),
+        map_decl(&in_epoch("addr4", e), "ipv4_addr", "mark", false),
+        map_decl(&in_epoch("addr6", e), "ipv6_addr", "mark", false),
+    ];
+    for (name, rs) in &d.rulesets {
+        c.extend(add_ruleset(name, rs, e));
+    }
+    c.extend(elements(
+        "add",
+        &in_epoch("class4", e),
+        class_elems(d.class4.iter()),
+    ));
+    c.extend(elements(
+        "add",
+        &in_epoch("class6", e),
+        class_elems(d.class6.iter()),
+    ));
+    c.extend(elements(
+        "add",
+        &in_epoch("addr4", e),
+        addr_elems(d.addr4.iter()),
+    ));
+    c.extend(elements(
+        "add",
+        &in_epoch("addr6", e),
+        addr_elems(d.addr6.iter()),
+    ));
+    c
+}
+
+fn switch_elements(d: &Desired) -> Vec<Value> {
+    [
+        elements("add", "ing4", vmap_elems(d.ing4.iter(), d.epoch)),
+        elements("add", "ing6", vmap_elems(d.ing6.iter(), d.epoch)),
+        elements("add", "eg4", vmap_elems(d.eg4.iter(), d.epoch)),
+        elements("add", "eg6", vmap_elems(d.eg6.iter(), d.epoch)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Points the table at `d`, staged before: the verdict maps' elements and the record, one
+/// transaction of elements only. The maps themselves stay, so a packet between the old
+/// rules and this commit finds one version's elements or the other's, each complete.
+pub fn switch(d: &Desired) -> Vec<Value> {
+    // `type` and `map` are redundant for nft but the nftables crate's schema requires them.
+    let mut c = vec![cmd(
+        "flush",
+        "set",
+        json!({"name": RECORD, "type": ["mark", "mark", "mark"]}),
+    )];
+    for (m, ty) in [
+        ("ing4", "ipv4_addr"),
+        ("ing6", "ipv6_addr"),
+        ("eg4", "ipv4_addr"),
+        ("eg6", "ipv6_addr"),
+    ] {
+        c.push(cmd(
+            "flush",
+            "map",
+            json!({"name": m, "type": ty, "map": "verdict"}),
+        ));
+    }
+    c.extend(switch_elements(d));
+    c.push(record_elem("add", d));
+    c
+}
+
+/// Deletes the given chains and sets (see [`crate::nft::Objects`]): an earlier epoch's, once
+/// [`switch`] has left no rule in force that reaches them. Chains first, which frees the sets
+/// their rules look up.
+pub fn sweep(chains: &[String], sets: &[Value]) -> Vec<Value> {
+    let mut c: Vec<Value> = chains
+        .iter()
+        .map(|n| cmd("delete", "chain", json!({"name": n})))
+        .collect();
+    for s in sets {
+        let kind = if s.get("map").is_some() { "map" } else { "set" };
+        let mut body = json!({"name": s["name"], "type": s["type"]});
+        if let Some(m) = s.get("map") {
+            body["map"] = m.clone();
+        }
+        c.push(cmd("delete", kind, body));
+    }
     c
 }
 
@@ -412,6 +521,9 @@ fn set_diff<'a, T: Ord>(old: &'a BTreeSet<T>, new: &'a BTreeSet<T>) -> (Vec<&'a 
 
 /// The commands that turn `old` (what the table holds) into `new`, as one transaction.
 pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
+    // A delta keeps the class numbering, and with it the epoch and the objects' names.
+    let e = new.epoch;
+    debug_assert_eq!(old.epoch, e, "a delta never changes the epoch");
     // The guard comes first: deleting the old record fails the whole batch unless the kernel
     // holds exactly `old` in the same numbering — e.g. when an `nft` orphaned by a killed
     // enforcer, or another writer, changed the table since.
@@ -419,27 +531,29 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     // New rulesets first: the verdict maps may point at them below.
     for (name, rs) in &new.rulesets {
         if !old.rulesets.contains_key(name) {
-            c.extend(add_ruleset(name, rs));
+            c.extend(add_ruleset(name, rs, e));
         }
     }
     // Deletions before additions everywhere, so intervals never overlap transiently.
     let (r4, a4) = map_diff(&old.class4, &new.class4);
     let (r6, a6) = map_diff(&old.class6, &new.class6);
-    c.extend(elements("delete", "class4", class_elems(r4.into_iter())));
-    c.extend(elements("delete", "class6", class_elems(r6.into_iter())));
-    c.extend(elements("add", "class4", class_elems(a4.into_iter())));
-    c.extend(elements("add", "class6", class_elems(a6.into_iter())));
+    let (class4, class6) = (in_epoch("class4", e), in_epoch("class6", e));
+    c.extend(elements("delete", &class4, class_elems(r4.into_iter())));
+    c.extend(elements("delete", &class6, class_elems(r6.into_iter())));
+    c.extend(elements("add", &class4, class_elems(a4.into_iter())));
+    c.extend(elements("add", &class6, class_elems(a6.into_iter())));
     let (r4, a4) = map_diff(&old.addr4, &new.addr4);
     let (r6, a6) = map_diff(&old.addr6, &new.addr6);
-    c.extend(elements("delete", "addr4", addr_elems(r4.into_iter())));
-    c.extend(elements("delete", "addr6", addr_elems(r6.into_iter())));
-    c.extend(elements("add", "addr4", addr_elems(a4.into_iter())));
-    c.extend(elements("add", "addr6", addr_elems(a6.into_iter())));
+    let (addr4, addr6) = (in_epoch("addr4", e), in_epoch("addr6", e));
+    c.extend(elements("delete", &addr4, addr_elems(r4.into_iter())));
+    c.extend(elements("delete", &addr6, addr_elems(r6.into_iter())));
+    c.extend(elements("add", &addr4, addr_elems(a4.into_iter())));
+    c.extend(elements("add", &addr6, addr_elems(a6.into_iter())));
     macro_rules! vmap {
         ($field:ident, $name:expr) => {{
             let (r, a) = map_diff(&old.$field, &new.$field);
-            c.extend(elements("delete", $name, vmap_elems(r.into_iter())));
-            c.extend(elements("add", $name, vmap_elems(a.into_iter())));
+            c.extend(elements("delete", $name, vmap_elems(r.into_iter(), e)));
+            c.extend(elements("add", $name, vmap_elems(a.into_iter(), e)));
         }};
     }
     vmap!(ing4, "ing4");
@@ -453,9 +567,10 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
         if o == rs {
             continue;
         }
+        let name = &in_epoch(name, e);
         if o.any != rs.any {
             c.push(cmd("flush", "chain", json!({"name": name})));
-            c.extend(chain_rules(name, rs));
+            c.extend(chain_rules(name, rs, e));
         }
         // Deletions before additions in each set, as everywhere.
         let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
@@ -480,7 +595,7 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     }
     for name in old.rulesets.keys() {
         if !new.rulesets.contains_key(name) {
-            c.extend(delete_ruleset(name));
+            c.extend(delete_ruleset(name, e));
         }
     }
     c.push(record_elem("add", new));

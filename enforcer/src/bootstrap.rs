@@ -1,10 +1,12 @@
 //! Node identity bootstrap, enforcer side: trade the projected ServiceAccount token for a
 //! short-lived node certificate, and renew it before it expires.
 //!
-//! The key never leaves the node (only a CSR travels). Files are written key first, then
+//! The key never leaves the node (only a CSR travels). One key serves a whole run: renewals
+//! re-certify it, and the server extends the live stream on exactly that key, so renewing
+//! never drops the stream; a restart generates a new key, and the server then refuses and
+//! ends streams on certificates of the old one. Files are written key first, then
 //! certificate, each atomically, so the agent (which reads them on every connection) never
-//! pairs a new certificate with an old key. The server extends a live stream when it issues
-//! a renewal, so renewing never drops the stream.
+//! pairs a new certificate with an old key.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -51,8 +53,8 @@ pub struct Bootstrap {
 }
 
 impl Bootstrap {
-    /// Gets a certificate now; returns its lifetime (issued, expires).
-    pub async fn issue(&self) -> Result<(SystemTime, SystemTime), Error> {
+    /// Gets a certificate for `key` now; returns its lifetime (issued, expires).
+    pub async fn issue(&self, key: &rcgen::KeyPair) -> Result<(SystemTime, SystemTime), Error> {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| Error::Read {
                 path: p.to_path_buf(),
@@ -63,9 +65,8 @@ impl Bootstrap {
         let token = String::from_utf8_lossy(&read(&self.token_file)?)
             .trim()
             .to_string();
-        let key = rcgen::KeyPair::generate()?;
         let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)?
+            .serialize_request(key)?
             .pem()?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
         if let Some(n) = &self.server_name {
@@ -98,8 +99,15 @@ impl Bootstrap {
     /// The rules in force stay in force meanwhile; the agent picks up each new certificate on
     /// its next connection, and the server extends the current stream.
     pub async fn run(self) {
+        let key = match rcgen::KeyPair::generate() {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "cannot generate a key; no certificate will be requested");
+                return;
+            }
+        };
         loop {
-            let life = self.issue_with_retry().await;
+            let life = self.issue_with_retry(&key).await;
             let span = life.1.duration_since(life.0).unwrap_or_default();
             let at = life.0 + span * 2 / 3;
             tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await;
@@ -108,10 +116,10 @@ impl Bootstrap {
 
     /// Retries with exponential backoff and full jitter, so a fleet restarting together does
     /// not come back in lockstep.
-    async fn issue_with_retry(&self) -> (SystemTime, SystemTime) {
+    async fn issue_with_retry(&self, key: &rcgen::KeyPair) -> (SystemTime, SystemTime) {
         let mut backoff = Duration::from_secs(1);
         loop {
-            match self.issue().await {
+            match self.issue(key).await {
                 Ok(life) => return life,
                 Err(e) => {
                     warn!(error = %e, "getting a node certificate failed; retrying");

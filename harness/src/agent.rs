@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::raw::{Action, Raw};
+use crate::spoof::{self, SpoofReq};
 use crate::{icmp, sctp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,6 +65,12 @@ pub struct Request {
     pub streams: Vec<StreamOp>,
     pub timeout_ms: u64,
     pub retries: u32,
+    /// Packets with forged sources to send first (see [`spoof`](crate::spoof)).
+    #[serde(default)]
+    pub spoof: Vec<SpoofReq>,
+    /// Forged packets to ask about: did this agent receive them?
+    #[serde(default)]
+    pub heard: Vec<SpoofReq>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -71,6 +78,37 @@ pub struct Response {
     pub results: Vec<bool>,
     #[serde(default)]
     pub streams: Vec<bool>,
+    /// Whether each spoofed packet could be sent.
+    #[serde(default)]
+    pub spoofed: Vec<bool>,
+    #[serde(default)]
+    pub heard: Vec<bool>,
+}
+
+/// Tokens of forged packets this agent received: UDP payload tokens, and SYN sequence
+/// numbers (tagged with the top bit).
+type Heard = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+const SYN_TAG: u64 = 1 << 63;
+
+fn heard_key(r: &SpoofReq) -> u64 {
+    match r.kind {
+        spoof::Kind::Udp => r.token,
+        spoof::Kind::Syn => SYN_TAG | (r.token & 0xffff_ffff),
+    }
+}
+
+/// Watches incoming TCP segments for forged SYNs to served ports.
+fn start_syn_watch(ports: Vec<u16>, heard: Heard) -> std::io::Result<Arc<Raw>> {
+    Raw::start(6, 6, move |segment, _| {
+        if let Some(seq) = spoof::syn_token(segment, &ports) {
+            heard
+                .lock()
+                .expect("heard")
+                .insert(SYN_TAG | u64::from(seq));
+        }
+        Action::Ignore
+    })
 }
 
 fn sctp_key(port: u16, src: u16, tag: u32) -> u64 {
@@ -218,6 +256,8 @@ pub async fn serve(
     udp_ports: Vec<u16>,
     sctp_ports: Vec<u16>,
 ) -> anyhow::Result<()> {
+    let heard: Heard = Arc::default();
+    let _syn_watch = start_syn_watch(tcp_ports.clone(), heard.clone())?;
     for port in tcp_ports {
         let s = listen(Type::STREAM, port)?;
         s.listen(1024)?;
@@ -238,10 +278,15 @@ pub async fn serve(
     }
     for port in udp_ports {
         let u = UdpSocket::from_std(listen(Type::DGRAM, port)?.into())?;
+        let heard = heard.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             loop {
                 if let Ok((n, from)) = u.recv_from(&mut buf).await {
+                    if let Some(t) = spoof::udp_token(&buf[..n]) {
+                        heard.lock().expect("heard").insert(t);
+                        continue;
+                    }
                     let _ = u.send_to(&buf[..n], from).await;
                 }
             }
@@ -257,6 +302,14 @@ pub async fn serve(
     while let Some(line) = lines.next_line().await? {
         let req: Request = serde_json::from_str(&line)?;
         let timeout = Duration::from_millis(req.timeout_ms);
+        let spoofed: Vec<bool> = req.spoof.iter().map(|r| spoof::send(r).is_ok()).collect();
+        let answers: Vec<bool> = {
+            let h = heard.lock().expect("heard");
+            req.heard
+                .iter()
+                .map(|r| h.contains(&heard_key(r)))
+                .collect()
+        };
         let tasks: Vec<_> = req
             .probes
             .into_iter()
@@ -299,6 +352,8 @@ pub async fn serve(
         let resp = Response {
             results,
             streams: done,
+            spoofed,
+            heard: answers,
         };
         out.write_all(serde_json::to_string(&resp)?.as_bytes())
             .await?;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::agent::{ProbeReq, Request, Response, StreamOp};
 use crate::cluster::binary;
+use crate::spoof::SpoofReq;
 
 pub struct AgentHandle {
     child: Child,
@@ -91,6 +92,26 @@ impl AgentHandle {
         };
         self.send(&req)?;
         Ok(self.receive(&req)?.results)
+    }
+
+    /// Sends packets with forged sources; whether each could be sent.
+    pub fn spoof(&mut self, reqs: Vec<SpoofReq>) -> Result<Vec<bool>> {
+        let req = Request {
+            spoof: reqs,
+            ..Request::default()
+        };
+        self.send(&req)?;
+        Ok(self.receive(&req)?.spoofed)
+    }
+
+    /// Whether this agent received each of these forged packets.
+    pub fn heard(&mut self, reqs: Vec<SpoofReq>) -> Result<Vec<bool>> {
+        let req = Request {
+            heard: reqs,
+            ..Request::default()
+        };
+        self.send(&req)?;
+        Ok(self.receive(&req)?.heard)
     }
 
     pub fn streams(&mut self, ops: Vec<StreamOp>, timeout: Duration) -> Result<Vec<bool>> {

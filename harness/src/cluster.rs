@@ -69,6 +69,10 @@ pub struct Cluster {
     agents: BTreeMap<String, AgentHandle>,
     /// Other processes started inside the namespaces, killed on drop.
     children: Vec<Child>,
+    /// Pod key → its namespace and the node-side name of its veth. Pods added later get
+    /// fresh names, so a pod recreated on an old address gets a new interface, as with a CNI.
+    pods: BTreeMap<String, (String, String)>,
+    next_pod: usize,
 }
 
 const PREFIX: &str = "moat-";
@@ -210,6 +214,8 @@ impl Cluster {
             namespaces: Vec::new(),
             agents: BTreeMap::new(),
             children: Vec::new(),
+            pods: BTreeMap::new(),
+            next_pod: 0,
         };
         c.build().context("building the netns cluster")?;
         Ok(c)
@@ -224,13 +230,12 @@ impl Cluster {
     }
 
     pub fn pod(&self, key: &str) -> String {
-        let i = self
-            .spec
-            .pods
-            .iter()
-            .position(|p| p.key == key)
-            .expect("known pod");
-        format!("{}-p{i}", self.prefix)
+        self.pods.get(key).expect("known pod").0.clone()
+    }
+
+    /// The node-side interface of pod `key`'s veth.
+    pub fn pod_iface(&self, key: &str) -> String {
+        self.pods.get(key).expect("known pod").1.clone()
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {
@@ -312,11 +317,29 @@ impl Cluster {
             ])?;
             ip(&["-n", &n, "link", "set", "eth0", "up"])?;
         }
-        for (k, p) in s.pods.iter().enumerate() {
-            let pn = self.pod(&p.key);
+        for p in &s.pods {
+            self.wire_pod(p)?;
+        }
+        for p in &s.pods {
+            let a = AgentHandle::spawn(&self.pod(&p.key), &s.tcp, &s.udp, &s.sctp)?;
+            self.agents.insert(p.key.clone(), a);
+        }
+        self.warm_up()
+    }
+
+    /// A pod's namespace, veth, addresses and routes (its node routes it to the veth, every
+    /// other node via its node), as a CNI's ADD would make them.
+    fn wire_pod(&mut self, p: &PodSpec) -> Result<()> {
+        let s = self.spec.clone();
+        let k = self.next_pod;
+        self.next_pod += 1;
+        let pn = format!("{}-p{k}", self.prefix);
+        let host_if = format!("vp{k}");
+        self.pods
+            .insert(p.key.clone(), (pn.clone(), host_if.clone()));
+        {
             let n = self.node(p.node);
             self.add_ns(&pn)?;
-            let host_if = format!("vp{k}");
             ip(&[
                 "-n", &n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
                 &pn,
@@ -392,11 +415,48 @@ impl Cluster {
                 ip(&["-n", &ni, "-6", "route", "add", &v6, to6[0], to6[1]])?;
             }
         }
-        for p in &s.pods {
-            let a = AgentHandle::spawn(&self.pod(&p.key), &s.tcp, &s.udp, &s.sctp)?;
-            self.agents.insert(p.key.clone(), a);
+        Ok(())
+    }
+
+    /// Adds a pod while the cluster runs (what a CNI's ADD does: namespace, veth, addresses,
+    /// routes), with an agent serving the cluster's ports.
+    pub fn add_pod(&mut self, p: PodSpec) -> Result<()> {
+        if self.pods.contains_key(&p.key) {
+            bail!("pod {} exists", p.key);
         }
-        self.warm_up()
+        self.wire_pod(&p)?;
+        let a = AgentHandle::spawn(
+            &self.pod(&p.key),
+            &self.spec.tcp,
+            &self.spec.udp,
+            &self.spec.sctp,
+        )?;
+        self.agents.insert(p.key.clone(), a);
+        self.spec.pods.push(p);
+        Ok(())
+    }
+
+    /// Deletes a pod (CNI DEL): its agent, namespace (and with it the veth and its node's route
+    /// to it) and the other nodes' routes to it.
+    pub fn remove_pod(&mut self, key: &str) -> Result<()> {
+        let p = self
+            .spec
+            .pods
+            .iter()
+            .find(|p| p.key == key)
+            .cloned()
+            .with_context(|| format!("no pod {key}"))?;
+        self.agents.remove(key);
+        let (ns, _) = self.pods.remove(key).expect("wired pod");
+        delete_netns(&ns);
+        self.namespaces.retain(|n| *n != ns);
+        for i in (0..self.spec.nodes).filter(|i| *i != p.node) {
+            let n = self.node(i);
+            ip(&["-n", &n, "route", "del", &format!("{}/32", p.v4)])?;
+            ip(&["-n", &n, "-6", "route", "del", &format!("{}/128", p.v6)])?;
+        }
+        self.spec.pods.retain(|x| x.key != key);
+        Ok(())
     }
 
     /// Waits until every pod reaches every pod in both families (links, neighbours, routes).
@@ -468,7 +528,7 @@ impl Cluster {
         self.agent(from)?.streams(ops, timeout)
     }
 
-    fn agent(&mut self, key: &str) -> Result<&mut AgentHandle> {
+    pub fn agent(&mut self, key: &str) -> Result<&mut AgentHandle> {
         self.agents
             .get_mut(key)
             .with_context(|| format!("no pod {key}"))
@@ -551,6 +611,13 @@ impl Cluster {
         let script = format!(
             "table {fam} kubeproxy {{\n chain pre {{ type nat hook prerouting priority -100; {fam} daddr {service} tcp dport {port} dnat to {to}; }}\n}}\n"
         );
+        self.nft_script(i, &script)
+    }
+}
+
+impl Cluster {
+    /// Runs an nft script in node `i`'s namespace.
+    pub fn nft_script(&self, i: usize, script: &str) -> Result<()> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node(i), "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -561,7 +628,7 @@ impl Cluster {
             .expect("stdin")
             .write_all(script.as_bytes())?;
         if !child.wait()?.success() {
-            bail!("installing the DNAT rule failed");
+            bail!("nft script failed in node {i}: {script}");
         }
         Ok(())
     }

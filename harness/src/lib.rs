@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod icmp;
 pub mod raw;
 pub mod sctp;
+pub mod spoof;
 
 pub use cluster::{Cluster, PodSpec, Spec};
 pub mod moat;

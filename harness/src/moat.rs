@@ -26,6 +26,16 @@ pub struct Moat {
     pub wrappers: std::collections::BTreeMap<usize, Vec<String>>,
     /// Node index → the `--backend` its next start uses instead of [`Moat::backend`]'s.
     pub node_backends: std::collections::BTreeMap<usize, String>,
+    /// More arguments for every enforcer's next start (e.g. `--unknown-pods allow`).
+    pub enforcer_args: Vec<String>,
+    /// Node index → more arguments for that node's enforcer's next starts.
+    pub node_args: std::collections::BTreeMap<usize, Vec<String>>,
+    /// Where enforcers reach the server: a virtual address each node translates to the
+    /// server's current one (kube-proxy's ClusterIP, so the server can move), else the
+    /// server's own address.
+    pub server_vip: Option<std::net::Ipv4Addr>,
+    /// The server's current address in the fabric.
+    pub server_addr: std::net::Ipv4Addr,
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
@@ -70,6 +80,7 @@ impl Moat {
     ) -> Result<Moat> {
         let dir = tempfile::tempdir()?;
         crate::cluster::ensure_bpffs()?;
+        let server_addr = spec.fabric_v4();
         let cluster = Cluster::create(spec)?;
         let mut m = Moat {
             cluster,
@@ -78,6 +89,10 @@ impl Moat {
             backend: backend.to_string(),
             wrappers,
             node_backends: Default::default(),
+            enforcer_args: Vec::new(),
+            node_args: Default::default(),
+            server_vip: None,
+            server_addr,
         };
         m.certs()?;
         std::fs::create_dir_all(m.manifests())?;
@@ -154,6 +169,8 @@ impl Moat {
             "--server-ip",
             &s.fabric_v4().to_string(),
             "--server-ip",
+            &std::net::Ipv4Addr::new(192, 168, s.id, 253).to_string(),
+            "--server-ip",
             &s.fabric_v6().to_string(),
             "--server-ip",
             "127.0.0.1",
@@ -216,7 +233,7 @@ impl Moat {
             .arg("--server")
             .arg(format!(
                 "https://{}:{SYNC_PORT}",
-                self.cluster.spec.fabric_v4()
+                self.server_vip.unwrap_or(self.server_addr)
             ))
             .args(["--tls-server-name", "moat-server"])
             .args(tls_args(&c, &format!("node-{name}")))
@@ -229,6 +246,8 @@ impl Moat {
                 "127.0.0.1:7447",
             ])
             .args(["--backoff-max-seconds", "1"])
+            .args(&self.enforcer_args)
+            .args(self.node_args.get(&i).into_iter().flatten())
             .env(
                 "MOAT_LOG",
                 std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()),
@@ -237,6 +256,82 @@ impl Moat {
         let node = self.cluster.node(i);
         let log = self.log(&format!("enforcer-{name}"));
         self.cluster.spawn_in(&node, &mut cmd, &log)?;
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL; its state directory stays) and starts it again.
+    pub fn restart_server(&mut self) -> Result<()> {
+        self.kill_server()?;
+        self.start_server()
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill_server(&mut self) -> Result<()> {
+        let fab = self.cluster.fabric();
+        let out = Command::new("ip").args(["netns", "pids", &fab]).output()?;
+        let server = binary("moat-server")?;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == server) {
+                Command::new("kill").args(["-9", pid]).status()?;
+                while std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every node reach the server through `vip` (an nft DNAT in each node's output
+    /// hook, as kube-proxy translates a ClusterIP for host-network clients) and points the
+    /// enforcers' next starts at it.
+    pub fn use_server_vip(&mut self, vip: std::net::Ipv4Addr) -> Result<()> {
+        self.server_vip = Some(vip);
+        self.route_vip()
+    }
+
+    /// Moves the server to a new fabric address (`ip`, added to the fabric bridge), as a
+    /// rescheduled host-network server gets its new node's address, and updates the nodes'
+    /// translation of the virtual address.
+    pub fn move_server(&mut self, to: std::net::Ipv4Addr) -> Result<()> {
+        self.kill_server()?;
+        let fab = self.cluster.fabric();
+        crate::cluster::ip(&["-n", &fab, "addr", "add", &format!("{to}/24"), "dev", "br0"])?;
+        // The old address goes (its secondaries in the subnet stay: promoted).
+        crate::cluster::ip(&[
+            "netns",
+            "exec",
+            &fab,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.br0.promote_secondaries=1",
+        ])?;
+        let old = self.server_addr;
+        crate::cluster::ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            "br0",
+        ])?;
+        self.server_addr = to;
+        self.route_vip()?;
+        self.start_server()
+    }
+
+    fn route_vip(&self) -> Result<()> {
+        let Some(vip) = self.server_vip else {
+            return Ok(());
+        };
+        for i in 0..self.node_names.len() {
+            let script = format!(
+                "add table ip moatvip\ndelete table ip moatvip\ntable ip moatvip {{\n chain out {{ type nat hook output priority -100; ip daddr {vip} tcp dport {SYNC_PORT} dnat to {}; }}\n}}\n",
+                self.server_addr
+            );
+            self.cluster.nft_script(i, &script)?;
+        }
         Ok(())
     }
 

@@ -40,6 +40,8 @@ pub struct Bed {
     pub server: Option<Proc>,
     pub enforcers: BTreeMap<String, Enforcer>,
     pub server_args: Vec<String>,
+    /// A command the server runs under (e.g. `prlimit --nofile=1024 --`), if any.
+    pub server_wrapper: Vec<String>,
 }
 
 /// Runs `moatctl` and returns (exit code, stdout, stderr).
@@ -77,6 +79,7 @@ impl Bed {
             server: None,
             enforcers: BTreeMap::new(),
             server_args: Vec::new(),
+            server_wrapper: Vec::new(),
             dir,
         };
         let certs = bed.certs();
@@ -199,7 +202,14 @@ impl Bed {
     /// `wait_for` if given.
     pub fn start_server_from(&mut self, source: &[String], extra: &[&str], wait_for: Option<&str>) {
         let c = self.certs();
-        let mut cmd = Command::new(binary("moat-server"));
+        let mut cmd = match self.server_wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut cmd = Command::new(w);
+                cmd.args(rest).arg(binary("moat-server"));
+                cmd
+            }
+            None => Command::new(binary("moat-server")),
+        };
         cmd.args(source)
             .args(["--poll-seconds", "1", "--tls-reload-seconds", "1"])
             .arg("--listen")

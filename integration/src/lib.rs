@@ -24,6 +24,7 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+pub mod abuse;
 pub mod bed;
 pub mod kubeapi;
 pub mod netns;

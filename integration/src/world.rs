@@ -22,7 +22,20 @@ pub struct World {
     // Field order is drop order: the cluster goes before its address slot is released.
     pub moat: Moat,
     pub spec: Spec,
+    /// Pods added after the start (`add_pod`): key → labels. Their manifests are part of
+    /// [`base`](Self::base) only once [`announce`](Self::announce)d, so a test decides
+    /// when the server learns of them.
+    pub extra: std::collections::BTreeMap<String, ExtraPod>,
     _slot: Slot,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExtraPod {
+    pub labels: serde_json::Value,
+    /// The pod's UID (a pod recreated under a name is another pod).
+    pub uid: String,
+    /// Whether the server's manifests list it.
+    pub announced: bool,
 }
 
 pub fn node_name(i: usize) -> String {
@@ -50,6 +63,7 @@ impl World {
         let w = World {
             moat,
             spec,
+            extra: Default::default(),
             _slot: s,
         };
         w.apply(&[]);
@@ -68,14 +82,24 @@ impl World {
                 ]},
             }))));
         }
-        for ns in ["x", "y", "z"] {
+        let mut namespaces: std::collections::BTreeSet<&str> = ["x", "y", "z"].into();
+        for k in self.extra.keys() {
+            namespaces.insert(k.split_once('/').expect("ns/name").0);
+        }
+        for ns in namespaces {
             out.push(K8sObject::Namespace(k8s(json!({"metadata": {
                 "name": ns,
                 "labels": {"ns": ns, "kubernetes.io/metadata.name": ns},
             }}))));
         }
-        for p in &self.spec.pods {
+        for p in &self.moat.cluster.spec.pods {
+            let extra = self.extra.get(&p.key);
+            if extra.is_some_and(|e| !e.announced) {
+                continue;
+            }
             let (ns, name) = p.key.split_once('/').expect("ns/name");
+            let labels = extra.map_or_else(|| json!({"pod": name}), |e| e.labels.clone());
+            let uid = extra.map_or_else(|| format!("uid-{ns}-{name}"), |e| e.uid.clone());
             let mut ports = Vec::new();
             for port in [80, 81] {
                 for proto in ["TCP", "UDP", "SCTP"] {
@@ -86,7 +110,7 @@ impl World {
                 }
             }
             out.push(K8sObject::Pod(k8s(json!({
-                "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}},
+                "metadata": {"name": name, "namespace": ns, "labels": labels, "uid": uid},
                 "spec": {"nodeName": node_name(p.node),
                          "containers": [{"name": "server", "image": "agnhost", "ports": ports}]},
                 "status": {"phase": "Running",
@@ -112,8 +136,38 @@ impl World {
         objects
     }
 
+    /// Adds a pod to the running cluster (namespace, veth, routes, a serving agent), not yet
+    /// known to the server: see [`announce`](Self::announce).
+    pub fn add_pod(&mut self, p: moat_harness::cluster::PodSpec, labels: serde_json::Value) {
+        let generation = self.extra.len();
+        self.extra.insert(
+            p.key.clone(),
+            ExtraPod {
+                labels,
+                uid: format!("uid-{}-{generation}", p.key.replace('/', "-")),
+                announced: false,
+            },
+        );
+        self.moat.cluster.add_pod(p).expect("adding a pod");
+    }
+
+    /// Deletes a pod from the cluster (the server still lists it until the next apply).
+    pub fn remove_pod(&mut self, key: &str) {
+        self.moat.cluster.remove_pod(key).expect("removing a pod");
+        self.extra.remove(key);
+    }
+
+    /// Lists these added pods in the manifests from the next apply on.
+    pub fn announce(&mut self, keys: &[String]) {
+        for k in keys {
+            self.extra.get_mut(k).expect("added pod").announced = true;
+        }
+    }
+
     pub fn pod(&self, key: &str) -> &moat_harness::cluster::PodSpec {
-        self.spec
+        self.moat
+            .cluster
+            .spec
             .pods
             .iter()
             .find(|p| p.key == key)

@@ -165,15 +165,15 @@ fn only_moats_enforcer_account_on_its_own_node_gets_a_certificate() {
         "not Moat's enforcer ServiceAccount",
     );
 
-    // Minted for another audience.
+    // Minted for another audience (refused on its own claims, before any TokenReview).
     let other_aud = w.api.token(&Bound {
         audiences: vec!["https://kubernetes.default.svc.cluster.local".into()],
         ..bound(&w.api, "moat-enforcer-n1", "n1")
     });
     refused(
         issue(&w, "default", "n1", &other_aud),
-        tonic::Code::Unauthenticated,
-        "audiences",
+        tonic::Code::PermissionDenied,
+        "not for audience \"moat\"",
     );
 
     // n2's enforcer asking for n1's rules.
@@ -187,8 +187,8 @@ fn only_moats_enforcer_account_on_its_own_node_gets_a_certificate() {
     // Legacy secret-based token.
     refused(
         issue(&w, "default", "n1", &w.api.legacy_token(NS, SA)),
-        tonic::Code::Unauthenticated,
-        "token rejected",
+        tonic::Code::PermissionDenied,
+        "legacy secret-based tokens are refused",
     );
     // Expired.
     let expired = w.api.token(&Bound {

@@ -571,7 +571,9 @@ async fn raw_sync(ch: tonic::transport::Channel, messages: Vec<Vec<u8>>) -> toni
 fn malformed_and_oversized_messages_only_end_their_own_stream() {
     use prost::Message;
     let nodes = ["n1", "n2"];
-    let mut bed = Bed::new(&nodes);
+    // n3 has no enforcer: a valid Hello makes a stream its node's one live stream, so the
+    // oversized message follows a Hello of n3's, not of a node whose stream must survive.
+    let mut bed = Bed::new(&["n1", "n2", "n3"]);
     bed.start_server();
     for n in nodes {
         bed.start_enforcer(n);
@@ -588,13 +590,13 @@ fn malformed_and_oversized_messages_only_end_their_own_stream() {
             kind: Some(moat_proto::v1::enforcer_message::Kind::Hello(
                 moat_proto::v1::Hello {
                     backend: "raw".into(),
-                    node: "n1".into(),
+                    node: "n3".into(),
                     ..Default::default()
                 },
             )),
         };
         let s = raw_sync(
-            node_channel(&bed, "node-n1").await,
+            node_channel(&bed, "node-n3").await,
             vec![hello.encode_to_vec(), vec![0u8; 4 << 20]],
         )
         .await;

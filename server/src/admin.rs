@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::hub::{ClusterState, Hub};
-use crate::sync::peer_identity;
+use crate::sync::{peer_addr, peer_identity};
 
 pub struct AdminService {
     hub: Arc<Hub>,
@@ -32,7 +32,7 @@ impl AdminService {
             Identity::Admin { .. } => Ok(()),
             other => {
                 self.hub.metrics.refused("not-an-admin");
-                warn!(peer = ?req.remote_addr(), identity = %other, "refused an admin call from a non-admin certificate");
+                warn!(peer = ?peer_addr(req), identity = %other, "refused an admin call from a non-admin certificate");
                 Err(Status::permission_denied(
                     "the admin API needs an admin certificate",
                 ))

@@ -13,6 +13,13 @@
 //!
 //! Only then is a certificate issued, for the identity (cluster, node), with the enforcer's
 //! public key from its CSR (everything else in the CSR is ignored).
+//!
+//! The listener takes requests from anyone, so before a request may cost the API server
+//! anything it must pass, in order: its source's token bucket, a read of the token's own
+//! claims ([`precheck`]), and a free slot among the few reviews in flight — waited for at
+//! most `queue_timeout`, so a flood makes callers retry rather than pile up.
+
+mod precheck;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,6 +38,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::hub::Hub;
+use crate::listen::{ConnInfo, LOG_EVERY, LOG_LINES, SourceKey};
+use crate::streams::CertKey;
+use crate::throttle::{LogEvery, PerSource};
+
+pub use precheck::precheck;
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -61,6 +73,10 @@ pub struct Policy {
 /// Why a token was refused (the `refused` metric's reason and the log line).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refusal {
+    #[error("token rejected: {0}")]
+    Malformed(String),
+    #[error("token rejected: it has expired")]
+    Expired,
     #[error("token rejected by the cluster: {0}")]
     Rejected(String),
     #[error("token is not for audience {0:?}")]
@@ -84,6 +100,8 @@ pub enum Refusal {
 impl Refusal {
     fn reason(&self) -> &'static str {
         match self {
+            Refusal::Malformed(_) => "bootstrap-malformed-token",
+            Refusal::Expired => "bootstrap-expired-token",
             Refusal::Rejected(_) => "bootstrap-token",
             Refusal::Audience(_) => "bootstrap-audience",
             Refusal::Account(_) => "bootstrap-account",
@@ -217,18 +235,44 @@ impl Ca {
     }
 }
 
+/// How much of the API server's time bootstrap callers may take (`--bootstrap-*` flags).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests per second per source address (IPv6: per /64), after a burst of `burst`.
+    pub per_source_rate: f64,
+    pub per_source_burst: u32,
+    /// TokenReviews in flight at once: a fleet restarting together queues behind these.
+    pub max_in_flight: usize,
+    /// Longest wait for one of those slots before the caller is told to retry.
+    pub queue_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_source_rate: 1.0,
+            per_source_burst: 10,
+            max_in_flight: 16,
+            queue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Sources tracked by the rate limiter at most (quiet ones are forgotten first).
+const MAX_SOURCES: usize = 100_000;
+
 pub struct BootstrapService {
     hub: Arc<Hub>,
     clients: HashMap<String, kube::Client>,
     policy: Policy,
     ca: Ca,
+    limits: Limits,
     /// Each request costs the cluster's API server a TokenReview and a pod read: at most
-    /// this many at once, so a flood of bootstrap calls cannot become a flood there.
+    /// `max_in_flight` at once, so a flood of bootstrap calls cannot become a flood there.
     in_flight: tokio::sync::Semaphore,
+    per_source: PerSource,
+    log: LogEvery,
 }
-
-/// Concurrent bootstrap requests (a fleet restarting at once queues behind these).
-const MAX_IN_FLIGHT: usize = 16;
 
 impl BootstrapService {
     pub fn new(
@@ -236,13 +280,29 @@ impl BootstrapService {
         clients: HashMap<String, kube::Client>,
         policy: Policy,
         ca: Ca,
+        limits: Limits,
     ) -> Self {
         Self {
             hub,
             clients,
             policy,
             ca,
-            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            in_flight: tokio::sync::Semaphore::new(limits.max_in_flight.max(1)),
+            per_source: PerSource::new(
+                limits.per_source_rate,
+                limits.per_source_burst,
+                MAX_SOURCES,
+            ),
+            limits,
+            log: LogEvery::new(LOG_EVERY, LOG_LINES),
+        }
+    }
+
+    /// Counts and logs (throttled) a refusal that never reached the token checks.
+    fn turn_away(&self, reason: &'static str, why: &str) {
+        self.hub.metrics.refused(reason);
+        if let Some(n) = self.log.tick(reason) {
+            warn!(reason = why, refused = n, "refused bootstrap requests");
         }
     }
 
@@ -278,9 +338,13 @@ impl BootstrapService {
 
     fn refuse(&self, r: Refusal) -> Status {
         self.hub.metrics.refused(r.reason());
-        warn!(reason = %r, "refused a bootstrap request");
+        if let Some(n) = self.log.tick(r.reason()) {
+            warn!(reason = %r, refused = n, "refused a bootstrap request");
+        }
         match r {
-            Refusal::Rejected(_) => Status::unauthenticated(r.to_string()),
+            Refusal::Rejected(_) | Refusal::Malformed(_) | Refusal::Expired => {
+                Status::unauthenticated(r.to_string())
+            }
             _ => Status::permission_denied(r.to_string()),
         }
     }
@@ -292,9 +356,22 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
         &self,
         req: Request<v1::IssueRequest>,
     ) -> Result<Response<v1::IssueResponse>, Status> {
+        // Requests always arrive through the TLS listener, which says where from; without
+        // that, every request shares one bucket (failing closed, not open).
+        let source = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| SourceKey::of(c.remote.ip()))
+            .unwrap_or(SourceKey::of(std::net::Ipv4Addr::UNSPECIFIED.into()));
+        if !self.per_source.allow(source) {
+            self.turn_away("bootstrap-rate", "too many requests from one source");
+            return Err(Status::resource_exhausted(
+                "too many bootstrap requests from this address; retry later",
+            ));
+        }
         let r = req.into_inner();
         let Some(client) = self.clients.get(&r.cluster) else {
-            self.hub.metrics.refused("bootstrap-cluster");
+            self.turn_away("bootstrap-cluster", "unknown cluster");
             return Err(Status::not_found(format!(
                 "cluster {:?} is not a Kubernetes cluster served here",
                 r.cluster
@@ -302,16 +379,22 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
         };
         let id = Identity::node(&r.cluster, &r.node);
         if !id.is_valid() {
+            self.turn_away("bootstrap-node-name", "invalid node name");
             return Err(Status::invalid_argument(format!(
                 "{:?} is not a valid node name",
                 r.node
             )));
         }
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        precheck(&self.policy, &r.token, SystemTime::now()).map_err(|e| self.refuse(e))?;
+        let _permit =
+            match tokio::time::timeout(self.limits.queue_timeout, self.in_flight.acquire()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(Status::unavailable("shutting down")),
+                Err(_) => {
+                    self.turn_away("bootstrap-busy", "no review slot in time");
+                    return Err(Status::unavailable("bootstrap is busy; retry with backoff"));
+                }
+            };
         let reviewed = self.review(client, &r.token).await?;
         let (pod, uid) =
             check_token(&self.policy, &reviewed, &r.node).map_err(|e| self.refuse(e))?;
@@ -333,7 +416,12 @@ impl v1::bootstrap_server::Bootstrap for BootstrapService {
             .issue(&id, &r.csr_pem, self.policy.cert_ttl)
             .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
         self.hub.metrics.certificates_issued.inc();
-        self.hub.renewed(&r.cluster, &r.node, not_after);
+        match CertKey::of_pem(&cert_pem) {
+            Some(k) => self.hub.streams.issued(&r.cluster, &r.node, k),
+            None => {
+                return Err(Status::internal("the issued certificate does not parse"));
+            }
+        }
         info!(cluster = %r.cluster, node = %r.node, ttl = ?self.policy.cert_ttl, "issued a node certificate");
         Ok(Response::new(v1::IssueResponse {
             cert_pem,

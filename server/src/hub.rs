@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::source::SourceEvent;
 use crate::status::{Fleet, StreamEvent};
 use crate::store::Store;
+use crate::streams::Streams;
 
 /// A node's newest version as published by the compiler.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,9 +203,8 @@ pub struct Hub {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     writer: Arc<Writer>,
-    /// The newest certificate expiry issued per node by bootstrap: a stream authenticated
-    /// as that node lives until then instead of closing at its own certificate's expiry.
-    renewed: Mutex<HashMap<NodeKey, watch::Sender<Option<SystemTime>>>>,
+    /// Each node's one live stream, and the newest certificate bootstrap issued it.
+    pub streams: Arc<Streams>,
 }
 
 impl Hub {
@@ -221,32 +221,8 @@ impl Hub {
             store,
             metrics,
             writer,
-            renewed: Mutex::new(HashMap::new()),
+            streams: Arc::new(Streams::default()),
         })
-    }
-
-    fn renewal_channel(&self, cluster: &str, node: &str) -> watch::Sender<Option<SystemTime>> {
-        self.renewed
-            .lock()
-            .expect("renewal lock")
-            .entry((Arc::from(cluster), Arc::from(node)))
-            .or_insert_with(|| watch::channel(None).0)
-            .clone()
-    }
-
-    /// Bootstrap issued `node` a certificate valid until `not_after`.
-    pub fn renewed(&self, cluster: &str, node: &str, not_after: SystemTime) {
-        self.renewal_channel(cluster, node).send_if_modified(|cur| {
-            let newer = cur.is_none_or(|c| c < not_after);
-            if newer {
-                *cur = Some(not_after);
-            }
-            newer
-        });
-    }
-
-    pub fn renewals(&self, cluster: &str, node: &str) -> watch::Receiver<Option<SystemTime>> {
-        self.renewal_channel(cluster, node).subscribe()
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<ClusterState>> {

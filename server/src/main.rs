@@ -13,6 +13,7 @@ use moat_policy::{Changes, Index};
 use moat_server::admin::AdminService;
 use moat_server::bootstrap;
 use moat_server::hub::{ClusterState, Hub};
+use moat_server::listen::{self, Admission, Http2, LimitArgs};
 use moat_server::metrics::Metrics;
 use moat_server::source::{self, ClusterSpec, Health, SourceSpec};
 use moat_server::status::Fleet;
@@ -21,6 +22,7 @@ use moat_server::sync::SyncService;
 use moat_server::tls::{self, TlsFiles};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tracing::{Instrument, info, warn};
 
@@ -113,6 +115,9 @@ struct Args {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "MOAT_LOG", default_value = "info")]
     log: String,
+    /// Connection, handshake, stream and bootstrap limits.
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 /// A certificate lifetime as `moatctl certs` takes it, at least 5 s.
@@ -337,27 +342,38 @@ async fn main() -> Result<()> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(
-            SyncService::new(
-                hub.clone(),
-                shutdown_rx.clone(),
-                args.insecure_dev_plaintext,
-            )
-            .svc(),
+    let routes = Routes::new(
+        SyncService::new(
+            hub.clone(),
+            shutdown_rx.clone(),
+            args.insecure_dev_plaintext,
         )
-        .add_service(AdminService::new(hub.clone(), args.insecure_dev_plaintext).svc());
+        .ack_timeout(args.limits.ack_timeout)
+        .svc(),
+    )
+    .add_service(AdminService::new(hub.clone(), args.insecure_dev_plaintext).svc());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
     info!(listen = %args.listen, tls = !args.insecure_dev_plaintext, "serving sync and admin");
-    let shutdown = async move {
+    tokio::spawn(async move {
         shutdown_signal().await;
         info!("shutting down");
         let _ = shutdown_tx.send(true);
-    };
+    });
+    // One table of connections for both TLS listeners: descriptors and memory are the
+    // process's, whichever listener a client floods.
+    let nofile = listen::descriptor_limit();
+    let (limits, lowered) = args.limits.listen().fit_descriptors(nofile);
+    if let Some(asked) = lowered {
+        warn!(
+            asked,
+            nofile,
+            holding = limits.max_connections,
+            "--max-connections lowered to fit the file-descriptor limit"
+        );
+    }
+    let admission = Admission::new(limits);
     let files = TlsFiles {
         ca: args.tls_ca.clone(),
         cert: args.tls_cert.clone(),
@@ -401,17 +417,34 @@ async fn main() -> Result<()> {
             .await
             .with_context(|| format!("--bootstrap-listen {addr}"))?;
         info!(%addr, service_account = %args.enforcer_service_account, audience = %args.bootstrap_audience, "serving node identity bootstrap");
-        let svc = bootstrap::BootstrapService::new(hub.clone(), kube_clients, policy, ca).svc();
-        let incoming = tls::incoming(l, tls, metrics.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming),
-        );
+        let svc = bootstrap::BootstrapService::new(
+            hub.clone(),
+            kube_clients,
+            policy,
+            ca,
+            args.limits.bootstrap(),
+        )
+        .svc();
+        tokio::spawn(listen::serve(
+            l,
+            listen::Listener {
+                tls,
+                routes: Routes::new(svc),
+                admission: admission.clone(),
+                http2: Http2::default(),
+                metrics: metrics.clone(),
+                name: "bootstrap",
+            },
+            shutdown_rx.clone(),
+        ));
     }
     if args.insecure_dev_plaintext {
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        let mut shutdown = shutdown_rx.clone();
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
             .await?;
     } else {
         let tls = tls::Reloading::new(files.clone()).with_context(|| {
@@ -423,9 +456,19 @@ async fn main() -> Result<()> {
             )
         })?;
         tls.watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
-        router
-            .serve_with_incoming_shutdown(tls::incoming(listener, tls, metrics.clone()), shutdown)
-            .await?;
+        listen::serve(
+            listener,
+            listen::Listener {
+                tls,
+                routes,
+                admission,
+                http2: Http2::default(),
+                metrics: metrics.clone(),
+                name: "sync",
+            },
+            shutdown_rx,
+        )
+        .await;
     }
     store.flush().await?;
     Ok(())

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub acks: Counter,
     pub nacks: Counter,
     pub refused: Family<ReasonLabel, Counter>,
+    /// Connections and streams the server ended, by why.
+    pub disconnected: Family<ReasonLabel, Counter>,
+    pub accept_errors: Counter,
     pub source_reloads: Counter,
     /// 1 while a cluster's source reaches its input, 0 while it serves a stale state.
     pub source_up: Family<ClusterLabel, Gauge>,
@@ -51,6 +54,8 @@ impl Default for Metrics {
             acks: Counter::default(),
             nacks: Counter::default(),
             refused: Family::default(),
+            disconnected: Family::default(),
+            accept_errors: Counter::default(),
             source_reloads: Counter::default(),
             source_up: Family::default(),
             certificates_issued: Counter::default(),
@@ -85,6 +90,16 @@ impl Default for Metrics {
             m.refused.clone(),
         );
         registry.register(
+            "disconnected",
+            "Connections and streams the server ended (idle, replaced, superseded, ack-timeout, cert-expired)",
+            m.disconnected.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the TLS listeners (out of file descriptors, …)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
             "source_reloads",
             "Times the source re-read its input after a change or a poll",
             m.source_reloads.clone(),
@@ -106,6 +121,14 @@ impl Default for Metrics {
 impl Metrics {
     pub fn refused(&self, reason: &str) {
         self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn disconnected(&self, reason: &str) {
+        self.disconnected
             .get_or_create(&ReasonLabel {
                 reason: reason.into(),
             })

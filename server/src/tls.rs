@@ -1,12 +1,11 @@
 //! Mutual TLS with certificates reloaded from disk.
 //!
 //! tonic's built-in TLS config is fixed at startup; here every new connection is accepted
-//! with the *current* rustls config, which a watcher rebuilds when the CA, certificate or
+//! (by [`crate::listen`]) with the *current* rustls config, which a watcher rebuilds when the CA, certificate or
 //! key files change. Established connections keep the session they authenticated with, so a
 //! rotation never drops a stream.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,16 +14,7 @@ use moat_proto::Identity;
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
-
-use crate::metrics::Metrics;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -173,48 +163,6 @@ impl Reloading {
             }
         });
     }
-}
-
-/// Accepts TCP connections and completes TLS handshakes off the accept loop, yielding
-/// authenticated streams for tonic. Failed handshakes (no certificate, wrong CA, expired)
-/// are logged with the peer address and never reach the services.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<Reloading>,
-    metrics: Arc<Metrics>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
-    let (tx, rx) = mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.config());
-            let tx = tx.clone();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
-                    }
-                    Ok(Err(e)) => refuse(&metrics, peer, &e.to_string()),
-                    Err(_) => refuse(&metrics, peer, "handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-fn refuse(metrics: &Metrics, peer: SocketAddr, why: &str) {
-    metrics.refused("tls");
-    warn!(%peer, reason = why, "refused a TLS connection");
 }
 
 /// The Moat identity in a peer certificate and when the certificate expires.

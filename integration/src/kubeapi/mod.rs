@@ -51,6 +51,8 @@ pub struct Options {
     pub page_size: usize,
     /// Interval of watch bookmarks (when the client allows them).
     pub bookmark_every: Duration,
+    /// How long each TokenReview takes to answer (an API server under load).
+    pub review_delay: Duration,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
         Options {
             page_size: 3,
             bookmark_every: Duration::from_millis(500),
+            review_delay: Duration::ZERO,
         }
     }
 }
@@ -376,6 +379,9 @@ async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
             return error(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
         };
+        if !inner.opts.review_delay.is_zero() {
+            tokio::time::sleep(inner.opts.review_delay).await;
+        }
         let answer = {
             let o = inner.objects.lock().unwrap();
             inner.signer.review(&review, &o)

@@ -7,9 +7,10 @@
 mod stream;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use futures::Stream;
 use moat_policy::ir::NodeSnapshot;
@@ -21,8 +22,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
 use crate::hub::{Hub, Published};
+use crate::listen::ConnInfo;
 use crate::metrics::Metrics;
 use crate::status::StreamEvent;
+use crate::streams::{CertKey, Claim, Superseded};
 
 /// What a sync stream needs from the rest of the server.
 pub trait Source: Send + Sync + 'static {
@@ -41,10 +44,16 @@ pub trait Source: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn observe(&self, cluster: &str, node: &str, ev: StreamEvent);
     fn metrics(&self) -> &Metrics;
-    /// Certificate expiries newly issued to this node (bootstrap renewals): a stream lives
-    /// until the newest one.
-    fn renewals(&self, _cluster: &str, _node: &str) -> watch::Receiver<Option<SystemTime>> {
-        watch::channel(None).1
+    /// The right of a new stream of `node`, on a certificate with `cert`'s key, to become the
+    /// node's one live stream (taken after its Hello); refused if a newer certificate for
+    /// another key was issued to the node.
+    fn claim(
+        &self,
+        _cluster: &str,
+        _node: &str,
+        _cert: Option<&CertKey>,
+    ) -> Result<Claim, Superseded> {
+        Ok(Claim::unmanaged())
     }
 }
 
@@ -84,17 +93,31 @@ impl Source for Hub {
         &self.metrics
     }
 
-    fn renewals(&self, cluster: &str, node: &str) -> watch::Receiver<Option<SystemTime>> {
-        Hub::renewals(self, cluster, node)
+    fn claim(
+        &self,
+        cluster: &str,
+        node: &str,
+        cert: Option<&CertKey>,
+    ) -> Result<Claim, Superseded> {
+        self.streams.claim(cluster, node, cert)
     }
 }
 
-/// The peer's identity: from its verified client certificate, or — only with
-/// `--insecure-dev-plaintext` — from the `x-moat-identity` header.
+/// The peer's address, from the TLS listener or tonic's own (plaintext mode).
+pub fn peer_addr<T>(req: &Request<T>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.remote)
+        .or_else(|| req.remote_addr())
+}
+
+/// The peer's identity and its certificate's key and lifetime: from its verified client
+/// certificate, or — only with `--insecure-dev-plaintext` — from the `x-moat-identity`
+/// header (no certificate).
 pub fn peer_identity<T>(
     req: &Request<T>,
     insecure: bool,
-) -> Result<(Identity, Option<SystemTime>), Status> {
+) -> Result<(Identity, Option<CertKey>), Status> {
     if insecure {
         let uri = req
             .metadata()
@@ -106,22 +129,30 @@ pub fn peer_identity<T>(
         return Ok((id, None));
     }
     let certs = req
-        .peer_certs()
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.certs.clone())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let der = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let (id, expires) = crate::tls::identity_of(der).ok_or_else(|| {
+    let (id, _) = crate::tls::identity_of(der).ok_or_else(|| {
         Status::permission_denied("client certificate carries no (or more than one) Moat identity")
     })?;
-    Ok((id, Some(expires)))
+    let key = CertKey::of_der(der)
+        .ok_or_else(|| Status::permission_denied("client certificate does not parse"))?;
+    Ok((id, Some(key)))
 }
 
 pub struct SyncService<S> {
     source: Arc<S>,
     shutdown: watch::Receiver<bool>,
     insecure: bool,
+    ack_timeout: Duration,
 }
+
+/// How long a version may stay in flight unacknowledged before the stream is closed.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<S: Source> SyncService<S> {
     pub fn new(source: Arc<S>, shutdown: watch::Receiver<bool>, insecure: bool) -> Self {
@@ -129,7 +160,15 @@ impl<S: Source> SyncService<S> {
             source,
             shutdown,
             insecure,
+            ack_timeout: ACK_TIMEOUT,
         }
+    }
+
+    /// An enforcer that neither acknowledges nor rejects a version within `t` is not reading
+    /// its stream (or not applying): the stream is closed, freeing what it holds.
+    pub fn ack_timeout(mut self, t: Duration) -> Self {
+        self.ack_timeout = t;
+        self
     }
 
     pub fn svc(self) -> v1::policy_sync_server::PolicySyncServer<Self> {
@@ -149,8 +188,8 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
         &self,
         req: Request<Streaming<v1::EnforcerMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
-        let remote = req.remote_addr();
-        let (id, expires) = peer_identity(&req, self.insecure).inspect_err(|e| {
+        let remote = peer_addr(&req);
+        let (id, cert) = peer_identity(&req, self.insecure).inspect_err(|e| {
             self.source.metrics().refused("identity");
             warn!(peer = ?remote, error = %e.message(), "refused a sync stream");
         })?;
@@ -166,20 +205,35 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
                 "cluster {cluster:?} is not served here"
             )));
         }
-        let (tx, rx) = mpsc::channel(2);
+        let claim = self
+            .source
+            .claim(&cluster, &node, cert.as_ref())
+            .inspect_err(|e| {
+                self.source.metrics().refused("superseded-certificate");
+                warn!(peer = ?remote, %cluster, %node, "refused a sync stream: {e}");
+            })
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<stream::Outgoing>(2);
         let span = info_span!("stream", %cluster, %node);
         tokio::spawn(
             stream::run(
-                self.source.clone(),
-                cluster,
-                node,
-                expires,
+                stream::Opened {
+                    source: self.source.clone(),
+                    cluster,
+                    node,
+                    cert,
+                    claim,
+                    ack_timeout: self.ack_timeout,
+                },
                 req.into_inner(),
                 tx,
                 self.shutdown.clone(),
             )
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            |m| *m,
+        ))))
     }
 }

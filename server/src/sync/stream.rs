@@ -28,8 +28,24 @@ use tracing::{debug, info, warn};
 use super::Source;
 use crate::hub::Published;
 use crate::status::StreamEvent;
+use crate::streams::{CertKey, Claim};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a stream hands the gRPC response, boxed: a tokio channel allocates its slots in
+/// blocks of 32, and 32 unboxed messages and statuses were 9.5 KiB per idle stream.
+pub(super) type Outgoing = Box<Result<v1::ServerMessage, Status>>;
+
+/// A stream the service admitted: whose, on which certificate, holding the node's slot.
+pub(super) struct Opened<S> {
+    pub source: Arc<S>,
+    pub cluster: String,
+    pub node: String,
+    /// The client certificate's key and lifetime (`None` in plaintext mode).
+    pub cert: Option<CertKey>,
+    pub claim: Claim,
+    pub ack_timeout: Duration,
+}
 
 struct InFlight {
     nonce: String,
@@ -38,26 +54,33 @@ struct InFlight {
 }
 
 pub(super) async fn run<S: Source>(
-    source: Arc<S>,
-    cluster: String,
-    node: String,
-    expires: Option<SystemTime>,
+    opened: Opened<S>,
     inbound: Streaming<v1::EnforcerMessage>,
-    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let Opened {
+        source,
+        cluster,
+        node,
+        cert,
+        claim,
+        ack_timeout,
+    } = opened;
     let mut s = Stream {
         source,
         cluster,
         node,
         tx,
         nonce: 0,
+        cert,
+        ack_timeout,
     };
-    if let Err(status) = s.serve(expires, inbound, shutdown).await {
+    if let Err(status) = s.serve(claim, inbound, shutdown).await {
         if status.code() != tonic::Code::Cancelled {
             warn!(code = ?status.code(), error = status.message(), "stream ended");
         }
-        let _ = s.tx.send(Err(status)).await;
+        let _ = s.tx.send(Box::new(Err(status))).await;
     }
 }
 
@@ -65,8 +88,10 @@ struct Stream<S> {
     source: Arc<S>,
     cluster: String,
     node: String,
-    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     nonce: u64,
+    cert: Option<CertKey>,
+    ack_timeout: Duration,
 }
 
 /// Counts the stream as connected until dropped.
@@ -86,9 +111,27 @@ impl<S: Source> Drop for Connected<S> {
 }
 
 impl<S: Source> Stream<S> {
+    /// Ends the stream (counted by `why`) if a newer certificate for another key was issued
+    /// to the node: from then on this stream never speaks for it.
+    fn check_superseded(&self, claim: &Claim) -> Result<(), Status> {
+        let newest = *claim.issued.borrow();
+        if let (Some(mine), Some(newest)) = (&self.cert, newest)
+            && mine.superseded_by(&newest)
+        {
+            self.source.metrics().disconnected("superseded");
+            info!(
+                "a newer certificate with another key was issued to this node; closing this stream"
+            );
+            return Err(Status::permission_denied(
+                "a newer certificate with another key was issued to this node",
+            ));
+        }
+        Ok(())
+    }
+
     async fn serve(
         &mut self,
-        expires: Option<SystemTime>,
+        mut claim: Claim,
         mut inbound: Streaming<v1::EnforcerMessage>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), Status> {
@@ -111,6 +154,7 @@ impl<S: Source> Stream<S> {
                 self.node, hello.node
             )));
         }
+        claim.take_over();
         let mut enforcing = match &hello.enforcing {
             Some(v) if v.version > 0 => Some(
                 VersionRef::from_proto(v)
@@ -126,9 +170,11 @@ impl<S: Source> Stream<S> {
         while !*synced.borrow_and_update() {
             tokio::select! {
                 r = synced.changed() => r.map_err(|_| Status::unavailable("server shutting down"))?,
+                _ = &mut claim.replaced => return Err(self.replaced()),
                 _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
             }
         }
+        self.check_superseded(&claim)?;
         let Some(mut rx) = self.source.subscribe(&self.cluster, &self.node) else {
             self.source.metrics().refused("unknown-node");
             warn!("refused: the source does not know this node");
@@ -163,18 +209,29 @@ impl<S: Source> Stream<S> {
             node: self.node.clone(),
         };
 
-        let until = |e: Option<SystemTime>| {
-            tokio::time::Instant::now()
-                + e.and_then(|e| e.duration_since(SystemTime::now()).ok())
-                    .unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600))
+        let far = || tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let until = |e: Option<SystemTime>| match e {
+            Some(e) => {
+                tokio::time::Instant::now()
+                    + e.duration_since(SystemTime::now()).unwrap_or_default()
+            }
+            None => far(),
         };
-        let mut expires = expires;
-        let expiry = tokio::time::sleep_until(until(expires));
-        tokio::pin!(expiry);
-        let mut renewals = self.source.renewals(&self.cluster, &self.node);
+        let mut expires = self.cert.map(|c| c.not_after);
+        // A renewal of this key issued before the stream opened counts too.
+        if let (Some(mine), Some(newest)) = (&self.cert, *claim.issued.borrow_and_update())
+            && newest.key == mine.key
+            && expires.is_some_and(|e| newest.not_after > e)
+        {
+            expires = Some(newest.not_after);
+        }
         if expires.is_some_and(|e| e <= SystemTime::now()) {
             return Err(Status::unauthenticated("client certificate expired"));
         }
+        let expiry = tokio::time::sleep_until(until(expires));
+        tokio::pin!(expiry);
+        let ack_deadline = tokio::time::sleep_until(far());
+        tokio::pin!(ack_deadline);
         let mut in_flight: Option<InFlight> = None;
         let mut rejected: Option<Digest> = None;
         let mut check = true;
@@ -183,6 +240,11 @@ impl<S: Source> Stream<S> {
                 check = false;
                 let published = rx.borrow_and_update().clone();
                 in_flight = self.offer(&published, enforcing, rejected).await?;
+                if in_flight.is_some() {
+                    ack_deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.ack_timeout);
+                }
             }
             tokio::select! {
                 r = rx.changed(), if in_flight.is_none() => {
@@ -197,6 +259,9 @@ impl<S: Source> Stream<S> {
                         Ok(None) => return Ok(()),
                         Err(e) => return Err(e),
                     };
+                    // Checked before anything it says is recorded: a superseded stream never
+                    // makes the node look in sync.
+                    self.check_superseded(&claim)?;
                     match m.kind {
                         Some(In::Ack(a)) => {
                             let f = in_flight.take().ok_or_else(|| Status::invalid_argument("Ack with nothing in flight"))?;
@@ -243,23 +308,40 @@ impl<S: Source> Stream<S> {
                         None => return Err(Status::invalid_argument("empty message")),
                     }
                 }
-                Ok(()) = renewals.changed(), if expires.is_some() => {
-                    // Bootstrap issued this node a newer certificate: the stream lives on as
-                    // if the enforcer had reconnected with it.
-                    let renewed = *renewals.borrow_and_update();
-                    if let (Some(r), Some(e)) = (renewed, expires) && r > e {
-                        debug!(?r, "certificate renewed; stream extended");
-                        expires = Some(r);
+                Ok(()) = claim.issued.changed() => {
+                    self.check_superseded(&claim)?;
+                    // Bootstrap re-certified this stream's key: it lives on as if the enforcer
+                    // had reconnected with the new certificate.
+                    let newest = *claim.issued.borrow_and_update();
+                    if let (Some(mine), Some(newest), Some(e)) = (&self.cert, newest, expires)
+                        && newest.key == mine.key
+                        && newest.not_after > e
+                    {
+                        debug!(until = ?newest.not_after, "certificate renewed; stream extended");
+                        expires = Some(newest.not_after);
                         expiry.as_mut().reset(until(expires));
                     }
                 }
                 _ = &mut expiry => {
+                    self.source.metrics().disconnected("cert-expired");
                     info!("client certificate expired; closing the stream");
                     return Err(Status::unauthenticated("client certificate expired"));
                 }
+                _ = &mut ack_deadline, if in_flight.is_some() => {
+                    self.source.metrics().disconnected("ack-timeout");
+                    warn!(timeout = ?self.ack_timeout, "the enforcer did not acknowledge in time (not reading or not applying); closing the stream");
+                    return Err(Status::deadline_exceeded("no acknowledgement in time"));
+                }
+                _ = &mut claim.replaced => return Err(self.replaced()),
                 _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
             }
         }
+    }
+
+    fn replaced(&self) -> Status {
+        self.source.metrics().disconnected("replaced");
+        info!("a newer stream of this node took over; closing this one");
+        Status::aborted("replaced by a newer stream of this node")
     }
 
     /// Sends what brings the enforcer from `enforcing` to the newest version, if anything.
@@ -376,7 +458,7 @@ impl<S: Source> Stream<S> {
         let msg = v1::ServerMessage { kind: Some(msg) };
         self.source.metrics().sent(kind, msg.encoded_len());
         self.tx
-            .send(Ok(msg))
+            .send(Box::new(Ok(msg)))
             .await
             .map_err(|_| Status::cancelled("enforcer went away"))
     }
