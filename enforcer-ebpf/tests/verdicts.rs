@@ -54,7 +54,7 @@ fn node_pods() -> LocalPods {
 
 fn known(l: &mut LocalPods, iface: u32, a: &str) {
     l.pod_ifaces.insert(iface);
-    let id = EndpointId(u64::from(iface) << 32 | l.addrs.len() as u64);
+    let id = EndpointId((u64::from(iface) << 32) | l.addrs.len() as u64);
     l.addrs
         .insert((iface, a.parse().unwrap()), PodAddr::Known(id));
 }
