@@ -60,7 +60,12 @@ async fn main() -> Result<()> {
         let backend = Switching::new(backend, "ebpf", ebpf_leftover(&args));
         return run(args, backend, "nftables (--backend nft)").await;
     }
-    match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &args.common.node) {
+    match moat_enforcer_ebpf::probe::open(
+        args.bpffs.clone(),
+        &args.common.node,
+        // The agent's `--pod-interfaces` lands with its local pod wiring.
+        moat_dataplane::local::PodInterfaces::Auto,
+    ) {
         Ok(mut backend) => {
             backend.note_probe("selected", format!("ebpf: --backend {mode}"));
             if let Some(m) = args.max_elements {
