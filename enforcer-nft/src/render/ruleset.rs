@@ -61,10 +61,8 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
             verdict.clone(),
         ],
     ));
-    r.push(rule(
-        name,
-        vec![json!({"mangle": {"key": ct("mark"), "value": 0}})],
-    ));
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    r.push(rule(name, vec![clear.clone()]));
     // Ranges first, then single addresses: a hit in the second overrides the first (a
     // failed map lookup ends the rule and leaves the mark as it was).
     for (fam, map) in [
@@ -78,7 +76,6 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
             vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{}", in_epoch(map, epoch))}}}})],
         ));
     }
-    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
     r.push(rule(
         name,
         vec![
@@ -87,28 +84,20 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
             verdict.clone(),
         ],
     ));
-    r.push(rule(
-        name,
-        vec![
-            lookup(
-                concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
-                &format!("{name}_gp"),
-            ),
-            clear.clone(),
-            verdict.clone(),
-        ],
-    ));
-    r.push(rule(
-        name,
-        vec![
-            lookup(
-                concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
-                &format!("{name}_gx"),
-            ),
-            clear.clone(),
-            verdict.clone(),
-        ],
-    ));
+    // Peer groups by exact port, then by port range.
+    for set in ["gp", "gx"] {
+        r.push(rule(
+            name,
+            vec![
+                lookup(
+                    concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
+                    &format!("{name}_{set}"),
+                ),
+                clear.clone(),
+                verdict.clone(),
+            ],
+        ));
+    }
     if rs.egress {
         for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
             r.push(rule(
