@@ -162,14 +162,7 @@ fn self_signed_ca(dir: &Path, base: &str, cn: &str) -> Result<()> {
     ];
     validity(&mut p, parse_duration("3650d")?)?;
     let cert = p.self_signed(&key)?;
-    // Key first: a certificate on disk always has its key.
-    write(
-        &dir.join(format!("{base}-key.pem")),
-        &key.serialize_pem(),
-        true,
-    )?;
-    write(&dir.join(format!("{base}.pem")), &cert.pem(), false)?;
-    Ok(())
+    write_pair(dir, base, &key, &cert)
 }
 
 /// Issues a client certificate for a node or admin identity into `<dir>/<base>{,-key}.pem`.
@@ -263,13 +256,7 @@ fn leaf(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut p, d)?;
     let cert = p.signed_by(&key, &issuer)?;
-    write(
-        &dir.join(format!("{base}-key.pem")),
-        &key.serialize_pem(),
-        true,
-    )?;
-    write(&dir.join(format!("{base}.pem")), &cert.pem(), false)?;
-    Ok(())
+    write_pair(dir, base, &key, &cert)
 }
 
 fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
@@ -280,4 +267,15 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
 /// `90d`, `12h`, `30m`, `45s`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(moat_proto::pki::parse_lifetime(s)?)
+}
+
+/// Writes `base-key.pem`, then `base.pem`: key first, so a certificate on disk always has
+/// its key.
+fn write_pair(dir: &Path, base: &str, key: &KeyPair, cert: &rcgen::Certificate) -> Result<()> {
+    write(
+        &dir.join(format!("{base}-key.pem")),
+        &key.serialize_pem(),
+        true,
+    )?;
+    write(&dir.join(format!("{base}.pem")), &cert.pem(), false)
 }
