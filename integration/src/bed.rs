@@ -20,9 +20,42 @@ use crate::process::Proc;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// A loopback address with a port nothing holds, for a process to listen on later.
+///
+/// The port is drawn below the kernel's ephemeral range (32768 and up by default): a
+/// port the kernel handed out for `:0` is also what it hands to the next outgoing
+/// connection, and tests open thousands of those, so a listener started a few seconds
+/// later would find it taken. A port that binds on every IPv4 and IPv6 address serves
+/// `0.0.0.0`/`[::]` listeners too; each process draws each port once.
 pub fn free_port() -> SocketAddr {
+    use rand::Rng;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static DRAWN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = ephemeral_low();
+    let floor = 10_000u16.min(low.saturating_sub(1));
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(floor..low);
+        let mut drawn = DRAWN.lock().unwrap();
+        if !drawn.get_or_insert_with(HashSet::new).insert(port) {
+            continue;
+        }
+        // One at a time: a dual-stack `[::]` bind conflicts with a held `0.0.0.0` one.
+        let v4 = TcpListener::bind(("0.0.0.0", port)).is_ok();
+        if v4 && TcpListener::bind(("::", port)).is_ok() {
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
+}
+
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 pub struct Enforcer {
