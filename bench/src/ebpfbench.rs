@@ -15,14 +15,32 @@ use std::time::Instant;
 
 use anyhow::Result;
 use moat_dataplane::Backend;
+use moat_dataplane::local::{LocalPods, PodAddr};
 use moat_enforcer_ebpf::EbpfBackend;
-use moat_enforcer_ebpf::dataplane::{EGRESS, INGRESS};
+use moat_enforcer_ebpf::common::MARK_FROM_OTHER;
+use moat_enforcer_ebpf::dataplane::{EGRESS_POD, INGRESS};
 use moat_policy::ir::delta;
 use moat_policy::model::K8sObject;
 
 use crate::nftapply::{median, ms, objects, snapshot, spread};
 
 const REPEAT: u32 = 1_000_000;
+
+/// Packets come in on an uplink (7), whose ingress program marks them as from elsewhere, and
+/// leave on the server pod's interface: test runs run on loopback (1), a pod interface here.
+const UPLINK: u32 = 7;
+const MARK: u32 = MARK_FROM_OTHER;
+
+fn node_pods() -> LocalPods {
+    let mut l = LocalPods::default();
+    l.other_ifaces.insert(UPLINK);
+    l.pod_ifaces.insert(1);
+    l.addrs.insert(
+        (1, std::net::Ipv4Addr::new(10, 1, 0, 1).into()),
+        PodAddr::Known(moat_policy::ir::EndpointId(1)),
+    );
+    l
+}
 
 fn eth(ethertype: u16) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
@@ -93,11 +111,18 @@ fn time_fresh(
     for round in 0..rounds.min(3) {
         let (mut f, mut n) = (0u64, 0u64);
         for i in 0..FRESH {
-            f += u64::from(b.dataplane().test_run(EGRESS, &arp, 0, 7)?.duration_ns);
-            let sport = 1024 + (call * 3 + round as u16) * FRESH + i;
-            let r =
+            f += u64::from(
                 b.dataplane()
-                    .test_run(EGRESS, &tcp_from(client, sport, server, 80, 0x02), 0, 7)?;
+                    .test_run(EGRESS_POD, &arp, MARK, UPLINK)?
+                    .duration_ns,
+            );
+            let sport = 1024 + (call * 3 + round as u16) * FRESH + i;
+            let r = b.dataplane().test_run(
+                EGRESS_POD,
+                &tcp_from(client, sport, server, 80, 0x02),
+                MARK,
+                UPLINK,
+            )?;
             anyhow::ensure!(r.retval == 0, "a fresh SYN of the client must be allowed");
             n += u64::from(r.duration_ns);
         }
@@ -121,7 +146,9 @@ fn time(b: &mut EbpfBackend, frames: &[&[u8]], rounds: usize) -> Result<Vec<Time
     let mut raw = vec![Vec::new(); frames.len()];
     for _ in 0..rounds {
         for (i, f) in frames.iter().enumerate() {
-            let r = b.dataplane().test_run_repeat(EGRESS, f, 0, 7, REPEAT)?;
+            let r = b
+                .dataplane()
+                .test_run_repeat(EGRESS_POD, f, MARK, UPLINK, REPEAT)?;
             raw[i].push(f64::from(r.duration_ns));
         }
     }
@@ -147,10 +174,10 @@ fn packet_costs(b: &mut EbpfBackend, rounds: usize, call: u16) -> Result<PacketC
     let syn = tcp(client, server, 80, 0x02);
     let ack = tcp(client, server, 80, 0x10);
     // The flow is allowed (and remembered) by its SYN; its ACKs are then established.
-    let first = b.dataplane().test_run(EGRESS, &syn, 0, 7)?;
+    let first = b.dataplane().test_run(EGRESS_POD, &syn, MARK, UPLINK)?;
     anyhow::ensure!(first.retval == 0, "the client's SYN must be allowed");
     let denied = tcp(stranger, server, 80, 0x02);
-    let d = b.dataplane().test_run(EGRESS, &denied, 0, 7)?;
+    let d = b.dataplane().test_run(EGRESS_POD, &denied, MARK, UPLINK)?;
     anyhow::ensure!(d.retval == 2, "a stranger's SYN must be dropped");
     let (floor_once, fresh) = time_fresh(b, client, server, rounds, call)?;
     let t = time(b, &[&arp(), &ack, &syn, &denied], rounds)?;
@@ -172,8 +199,20 @@ fn without_policies(objects: Vec<K8sObject>) -> Vec<K8sObject> {
 }
 
 pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> Result<String> {
-    let mut b = EbpfBackend::open(PathBuf::from("/sys/fs/bpf"), "bench", Default::default())?;
-    b.adopt(None, &moat_dataplane::LocalPods::default())?;
+    // Its own network namespace: `adopt` attaches the programs to every interface, and they
+    // drop forwarded packets through interfaces no local pod table classified.
+    // SAFETY: unshare affects the calling thread only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut b = EbpfBackend::open(
+        PathBuf::from("/sys/fs/bpf"),
+        "bench",
+        moat_dataplane::local::PodInterfaces::Auto,
+        Default::default(),
+    )?;
+    let pods = node_pods();
+    b.adopt(None, &pods)?;
     let empty = snapshot(&without_policies(objects(rules, true)));
     let a = snapshot(&objects(rules, false));
     let c = snapshot(&objects(rules, true));
@@ -181,9 +220,9 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     let size = a.size();
 
     // Per packet, 10 rules then `rules` rules, with the client allowed.
-    b.apply_full(&small, &moat_dataplane::LocalPods::default())?;
+    b.apply_full(&small, &pods)?;
     let few = packet_costs(&mut b, rounds, 0)?;
-    b.apply_full(&c, &moat_dataplane::LocalPods::default())?;
+    b.apply_full(&c, &pods)?;
     let many = packet_costs(&mut b, rounds, 1)?;
     let _ = b.dataplane().test_run(INGRESS, &arp(), 0, 7)?;
 
@@ -193,10 +232,10 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     // spaced-out stream of versions would find it) and timed on its own.
     let (mut full, mut full_bg) = (Vec::new(), Vec::new());
     for _ in 0..full_runs {
-        b.apply_full(&empty, &moat_dataplane::LocalPods::default())?;
+        b.apply_full(&empty, &pods)?;
         b.settle();
         let t = Instant::now();
-        b.apply_full(&a, &moat_dataplane::LocalPods::default())?;
+        b.apply_full(&a, &pods)?;
         full.push(t.elapsed());
         let t = Instant::now();
         b.settle();
@@ -207,9 +246,9 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     for i in 0..delta_runs {
         let t = Instant::now();
         if i % 2 == 0 {
-            b.apply_delta(&a, &ac, &c, &moat_dataplane::LocalPods::default())?;
+            b.apply_delta(&a, &ac, &c, &pods)?;
         } else {
-            b.apply_delta(&c, &ca, &a, &moat_dataplane::LocalPods::default())?;
+            b.apply_delta(&c, &ca, &a, &pods)?;
         }
         deltas.push(t.elapsed());
         let t = Instant::now();

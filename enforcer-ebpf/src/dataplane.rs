@@ -8,20 +8,20 @@
 //!                                TCX links: a new program replaces the old one in place
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use moat_dataplane::local::PodInterfaces;
 use moat_ebpf_common::*;
-use tracing::{debug, info};
+use tracing::info;
 
+use crate::attach::Progs;
 use crate::entries::{Diff, Entries};
+use crate::pods::{PodTables, PodWrites};
 use crate::sys::{self, Barrier, TestRun};
 
 /// The datapath object, built by build.rs.
@@ -57,7 +57,7 @@ pub enum DataplaneError {
         "{0} holds maps of layout {1}, newer than this binary's {2}: run a newer enforcer, or --uninstall first"
     )]
     NewerLayout(PathBuf, u32, u32),
-    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 to 3)")]
+    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 to 4)")]
     UnknownLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
@@ -77,8 +77,8 @@ pub struct Maps {
     /// `PORTS` holds them as full-length prefixes.
     port_exact: Option<HashMap<MapData, PortKey, u8>>,
     named: HashMap<MapData, NamedKey, u8>,
-    local: HashMap<MapData, LocalKey, u32>,
-    local_addr: Array<MapData, LocalAddr>,
+    /// Local pods (layout 5 on); `None` for an older layout's program (tests).
+    pods: Option<PodMaps>,
     meta: Array<MapData, Meta>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -92,6 +92,13 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
         MapError::InvalidName { name: name.into() },
     ))?;
     T::try_from(map).map_err(|e| DataplaneError::Map(name, e))
+}
+
+/// The local pod maps (see [`crate::pods`]).
+pub struct PodMaps {
+    pods: HashMap<MapData, PodKey, u8>,
+    addrs: HashMap<MapData, LocalKey, u8>,
+    ifaces: HashMap<MapData, u32, Iface>,
 }
 
 /// The version record pinned for `node`, read without loading anything: what an operator
@@ -116,7 +123,8 @@ pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
 }
 
 pub struct Dataplane {
-    ebpf: Ebpf,
+    /// The programs and the links they are on, shared with the attacher thread.
+    progs: std::sync::Arc<std::sync::Mutex<Progs>>,
     maps: Maps,
     barrier: std::sync::Arc<Barrier>,
     /// Where the maps are pinned: `<root>/v<layout>`.
@@ -124,13 +132,9 @@ pub struct Dataplane {
     pub(crate) root: PathBuf,
     /// The map layout this run uses (this binary's, unless a test asked for an older one).
     pub(crate) layout: u32,
-    links: PathBuf,
-    /// Interfaces this process attached to (or took over): ifindex → name.
-    attached: BTreeMap<u32, String>,
 }
 
-pub const INGRESS: &str = "moat_ingress";
-pub const EGRESS: &str = "moat_egress";
+pub use crate::attach::{EGRESS, EGRESS_POD, INGRESS, INGRESS_POD};
 
 impl Dataplane {
     /// Loads the program with its maps pinned under `<bpffs>/moat/<node>/`, adopting maps a
@@ -186,42 +190,41 @@ impl Dataplane {
                 None
             },
             named: take(&mut ebpf, MapNames::NAMED)?,
-            local: take(&mut ebpf, MapNames::LOCAL)?,
-            local_addr: take(&mut ebpf, MapNames::LOCAL_ADDR)?,
+            pods: if layout >= 5 {
+                Some(PodMaps {
+                    pods: take(&mut ebpf, MapNames::PODS)?,
+                    addrs: take(&mut ebpf, MapNames::LOCAL_ADDRS)?,
+                    ifaces: take(&mut ebpf, MapNames::IFACES)?,
+                })
+            } else {
+                None
+            },
             meta: take(&mut ebpf, MapNames::META)?,
             counters: take(&mut ebpf, MapNames::COUNTERS)?,
         };
         let barrier = Barrier::new().map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
-        let mut dp = Dataplane {
-            ebpf,
+        // The verifier runs here: a program it refuses fails the open.
+        let progs = Progs::load(ebpf, links, layout)?;
+        let dp = Dataplane {
+            progs: std::sync::Arc::new(std::sync::Mutex::new(progs)),
             maps,
             barrier: std::sync::Arc::new(barrier),
             dir: dir.clone(),
             root,
             layout,
-            links,
-            attached: BTreeMap::new(),
         };
-        // The verifier runs here: a program it refuses fails the open.
-        for name in [INGRESS, EGRESS] {
-            dp.program(name)?
-                .load()
-                .map_err(|e| DataplaneError::Program(name, e))?;
-        }
         // Before anything attaches this program: it stamps flows with this clock.
         crate::flows::resume_clock(&dir)?;
         Ok(dp)
     }
 
-    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Program(
-                name,
-                aya::programs::ProgramError::NotLoaded,
-            ))?
-            .try_into()
-            .map_err(|e| DataplaneError::Program(name, e))
+    pub(crate) fn progs(&self) -> std::sync::MutexGuard<'_, Progs> {
+        // A panic while attaching leaves the links as they were: still usable.
+        self.progs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn shared_progs(&self) -> std::sync::Arc<std::sync::Mutex<Progs>> {
+        std::sync::Arc::clone(&self.progs)
     }
 
     /// Runs one program once on a crafted frame (`BPF_PROG_TEST_RUN`).
@@ -245,97 +248,22 @@ impl Dataplane {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<TestRun> {
-        let prog = self.program(name)?;
+        let mut progs = self.progs();
+        let prog = progs.program(name)?;
         let fd = prog.fd().map_err(|e| DataplaneError::Program(name, e))?;
         sys::test_run_repeat(fd.as_fd(), frame, mark, ingress_ifindex, repeat)
             .map_err(|e| DataplaneError::Sys("BPF_PROG_TEST_RUN", e))
     }
 
-    /// Attaches both programs to every interface but loopback that has none from this run,
-    /// replacing (atomically, through the pinned link) what a previous run attached.
-    pub fn attach_all(&mut self) -> Result<usize> {
-        let ifaces = sys::interfaces().map_err(|e| DataplaneError::Sys("if_nameindex", e))?;
-        let mut added = 0;
-        for (index, name) in &ifaces {
-            if name == "lo" || self.attached.get(index) == Some(name) {
-                continue;
-            }
-            for (prog, ty, dir) in [
-                (INGRESS, TcAttachType::Ingress, "ingress"),
-                (EGRESS, TcAttachType::Egress, "egress"),
-            ] {
-                let pin = self.links.join(format!("{index}-{name}-{dir}"));
-                self.attach_one(prog, ty, name, &pin)?;
-            }
-            self.attached.insert(*index, name.clone());
-            added += 1;
-        }
-        // Pins of interfaces that are gone hold defunct links: drop them.
-        let live: BTreeSet<String> = ifaces.iter().map(|(i, n)| format!("{i}-{n}-")).collect();
-        if let Ok(dir) = std::fs::read_dir(&self.links) {
-            for e in dir.flatten() {
-                let f = e.file_name().to_string_lossy().into_owned();
-                if !live.iter().any(|p| f.starts_with(p.as_str())) {
-                    debug!(pin = %f, "removing the link pin of a vanished interface");
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        self.attached
-            .retain(|i, n| ifaces.iter().any(|(j, m)| i == j && n == m));
-        Ok(added)
-    }
-
-    fn attach_one(
-        &mut self,
-        prog_name: &'static str,
-        ty: TcAttachType,
-        iface: &str,
-        pin: &Path,
-    ) -> Result<()> {
-        let err = |e: String| DataplaneError::Attach(format!("{iface} ({prog_name})"), e);
-        let prog = self.program(prog_name)?;
-        let id = match PinnedLink::from_pin(pin) {
-            Ok(old) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(old))
-                    .map_err(|e| err(e.to_string()))?;
-                let id = prog.attach_to_link(link).map_err(|e| err(e.to_string()))?;
-                info!(
-                    iface,
-                    prog = prog_name,
-                    "replaced the program on a pinned link"
-                );
-                // Already pinned: keep it, this process's handle just closes later.
-                let _ = prog.take_link(id);
-                return Ok(());
-            }
-            Err(_) => prog
-                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| err(e.to_string()))?,
-        };
-        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
-        fd.pin(pin).map_err(|e| err(e.to_string()))?;
-        info!(iface, prog = prog_name, "attached");
-        Ok(())
+    /// Attaches the programs of each interface's kind to every interface but loopback that
+    /// has none from this run (see [`Progs::attach_all`]).
+    pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
+        self.progs().attach_all(mode)
     }
 
     /// Attaches both programs to `iface` and detaches them again (the capability probe).
     pub fn probe_attach(&mut self, iface: &str) -> Result<()> {
-        for (name, ty) in [
-            (INGRESS, TcAttachType::Ingress),
-            (EGRESS, TcAttachType::Egress),
-        ] {
-            let prog = self.program(name)?;
-            let id = prog
-                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
-            prog.detach(id)
-                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
-        }
-        Ok(())
+        self.progs().probe_attach(iface)
     }
 
     pub fn meta(&self) -> Result<Meta> {
@@ -412,8 +340,15 @@ impl Maps {
                 None
             },
             named: pinned(d, MapNames::NAMED)?,
-            local: pinned(d, MapNames::LOCAL)?,
-            local_addr: pinned(d, MapNames::LOCAL_ADDR)?,
+            pods: if d.join(MapNames::PODS).exists() {
+                Some(PodMaps {
+                    pods: pinned(d, MapNames::PODS)?,
+                    addrs: pinned(d, MapNames::LOCAL_ADDRS)?,
+                    ifaces: pinned(d, MapNames::IFACES)?,
+                })
+            } else {
+                None
+            },
             meta: pinned(d, MapNames::META)?,
             counters: pinned(d, MapNames::COUNTERS)?,
         })
@@ -429,56 +364,18 @@ impl Dataplane {
         self.maps.clear(slot)
     }
 
-    pub fn release_local(&mut self, stale: &[LocalKey]) -> Result<()> {
-        self.maps.release_local(stale)
-    }
-
     pub fn read_slot(&self, slot: u8) -> Entries {
         self.maps.read_slot(slot)
     }
 
-    /// Gives every address in `want` a mark index (kept for addresses that have one) and
-    /// returns the indices no longer wanted, to [`release_local`](Self::release_local) once
-    /// no slot refers to them.
-    pub fn assign_local(&mut self, want: &BTreeSet<LocalAddr>) -> Result<Vec<LocalKey>> {
-        let e = |err| DataplaneError::Map(MapNames::LOCAL, err);
-        let have: BTreeMap<LocalKey, u32> = self.maps.local.iter().filter_map(|r| r.ok()).collect();
-        let used: BTreeSet<u32> = have.values().copied().collect();
-        let mut free = (1..=MAX_LOCAL).filter(|i| !used.contains(i));
-        for a in want {
-            let k = LocalKey {
-                family: a.family,
-                _pad: [0; 3],
-                addr: a.addr,
-            };
-            if have.contains_key(&k) {
-                continue;
-            }
-            let i = free.next().ok_or(DataplaneError::Map(
-                MapNames::LOCAL,
-                MapError::OutOfBounds {
-                    index: MAX_LOCAL + 1,
-                    max_entries: MAX_LOCAL,
-                },
-            ))?;
-            // The address first: the ingress program may use the index the moment it exists.
-            self.maps
-                .local_addr
-                .set(i, *a, 0)
-                .map_err(|err| DataplaneError::Map(MapNames::LOCAL_ADDR, err))?;
-            self.maps.local.insert(k, i, 0).map_err(e)?;
-        }
-        Ok(have
-            .keys()
-            .filter(|k| {
-                !want.contains(&LocalAddr {
-                    family: k.family,
-                    _pad: [0; 3],
-                    addr: k.addr,
-                })
-            })
-            .copied()
-            .collect())
+    /// Writes local pod entries (see [`crate::pods`]); nothing for an older layout.
+    pub fn write_pods(&mut self, w: &PodWrites) -> Result<()> {
+        self.maps.write_pods(w)
+    }
+
+    /// The local pod maps' content, read back.
+    pub fn read_pods(&self) -> PodTables {
+        self.maps.read_pods()
     }
 
     /// Per-CPU counters summed.
@@ -489,6 +386,9 @@ impl Dataplane {
             (CNT_DENIED, "denied"),
             (CNT_MALFORMED, "malformed"),
             (CNT_CT_FULL, "flow_table_full"),
+            (CNT_SPOOFED, moat_dataplane::counters::SPOOFED),
+            (CNT_UNKNOWN_POD, moat_dataplane::counters::UNKNOWN_POD),
+            (CNT_UNCLASSIFIED, moat_dataplane::counters::UNCLASSIFIED),
         ] {
             if let Ok(v) = self.maps.counters.get(&i, 0) {
                 out.insert(name.to_string(), v.iter().sum());
@@ -568,11 +468,42 @@ impl Maps {
         self.write(slot, &Diff::between(&there, &Entries::default()))
     }
 
-    pub fn release_local(&mut self, stale: &[LocalKey]) -> Result<()> {
-        for k in stale {
-            gone(self.local.remove(k)).map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
+    pub fn write_pods(&mut self, w: &PodWrites) -> Result<()> {
+        let Some(m) = self.pods.as_mut() else {
+            return Ok(());
+        };
+        let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
+        // Removals first: within one phase every write goes the same way (more or less
+        // trust), so the order inside it does not matter; removals free room for puts.
+        for k in &w.pods.1 {
+            gone(m.pods.remove(k)).map_err(e(MapNames::PODS))?;
+        }
+        for k in &w.addrs.1 {
+            gone(m.addrs.remove(k)).map_err(e(MapNames::LOCAL_ADDRS))?;
+        }
+        for k in &w.ifaces.1 {
+            gone(m.ifaces.remove(k)).map_err(e(MapNames::IFACES))?;
+        }
+        for (k, v) in &w.pods.0 {
+            m.pods.insert(k, v, 0).map_err(e(MapNames::PODS))?;
+        }
+        for k in &w.addrs.0 {
+            m.addrs.insert(k, 1, 0).map_err(e(MapNames::LOCAL_ADDRS))?;
+        }
+        for (k, v) in &w.ifaces.0 {
+            m.ifaces.insert(k, v, 0).map_err(e(MapNames::IFACES))?;
         }
         Ok(())
+    }
+
+    pub fn read_pods(&self) -> PodTables {
+        let mut t = PodTables::default();
+        if let Some(m) = &self.pods {
+            t.pods = m.pods.iter().filter_map(|r| r.ok()).collect();
+            t.addrs = m.addrs.keys().filter_map(|r| r.ok()).collect();
+            t.ifaces = m.ifaces.iter().filter_map(|r| r.ok()).collect();
+        }
+        t
     }
 
     /// Entries currently written for `slot`, read back from the kernel (tests, adoption
@@ -622,14 +553,6 @@ impl Maps {
             if k.slot == slot {
                 e.named.insert(NamedKey { slot: 0, ..k });
             }
-        }
-        // Mark indices are shared by both slots.
-        for k in m.local.keys().filter_map(|r| r.ok()) {
-            e.local.insert(LocalAddr {
-                family: k.family,
-                _pad: [0; 3],
-                addr: k.addr,
-            });
         }
         e
     }

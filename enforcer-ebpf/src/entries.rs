@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use moat_dataplane::plan::incremental::Patched;
 use moat_dataplane::plan::{Desired, Ruleset};
 use moat_ebpf_common::{
-    AddrKey, CLASS_ANY, DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, LocalAddr,
-    MAX_LOCAL, NamedKey, PORT_CLASS_BITS, PortKey, RANGE_FIXED_BITS, RangeKey,
+    AddrKey, CLASS_ANY, DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, NamedKey,
+    PORT_CLASS_BITS, PORT_FULL_BITS, PortKey, RANGE_FIXED_BITS, RangeKey,
 };
 
 /// Capacity of each policy map, as the program declares it (per slot: half of it).
@@ -20,6 +20,23 @@ pub const MAX_ADDRS: usize = 1 << 20;
 pub const MAX_RANGES: usize = 1 << 20;
 pub const MAX_PORTS: usize = 1 << 20;
 pub const MAX_NAMED: usize = 1 << 20;
+
+/// What one version may hold: half of each map (the other slot holds the version in force
+/// while the next is written), intervals and port ranges counted as the prefixes they
+/// become, and at most `total` elements in all (`--max-elements`). Endpoints are not cut by
+/// a budget (a denied endpoint needs its entry as much as any); `check_capacity` refuses a
+/// version with more of them than `ENDPOINTS` holds.
+pub fn budget(total: Option<usize>) -> moat_dataplane::plan::Budget {
+    moat_dataplane::plan::Budget {
+        total: total.unwrap_or(usize::MAX),
+        addrs: MAX_ADDRS / 2,
+        ranges: MAX_RANGES / 2,
+        ports_exact: MAX_PORTS / 2,
+        ports_ranged: MAX_PORTS / 2,
+        named: MAX_NAMED / 2,
+        prefixes: true,
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EntriesError {
@@ -31,8 +48,6 @@ pub enum EntriesError {
         need: usize,
         max: usize,
     },
-    #[error("{0} local endpoints isolate egress; the mark can name at most {MAX_LOCAL}")]
-    TooManyLocal(usize),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,8 +58,6 @@ pub struct Entries {
     pub ranges: BTreeMap<(u32, RangeKey), u32>,
     pub ports: BTreeSet<(u32, PortKey)>,
     pub named: BTreeSet<NamedKey>,
-    /// Addresses of local endpoints whose egress is isolated (they need a mark index).
-    pub local: BTreeSet<LocalAddr>,
 }
 
 impl Entries {
@@ -54,7 +67,22 @@ impl Entries {
             ("ENDPOINTS", self.endpoints.len(), MAX_ENDPOINTS),
             ("ADDRS", self.addrs.len(), MAX_ADDRS),
             ("RANGES", self.ranges.len(), MAX_RANGES),
-            ("PORTS", self.ports.len(), MAX_PORTS),
+            (
+                "PORT_EXACT",
+                self.ports
+                    .iter()
+                    .filter(|(l, _)| *l == PORT_FULL_BITS)
+                    .count(),
+                MAX_PORTS,
+            ),
+            (
+                "PORTS",
+                self.ports
+                    .iter()
+                    .filter(|(l, _)| *l != PORT_FULL_BITS)
+                    .count(),
+                MAX_PORTS,
+            ),
             ("NAMED", self.named.len(), MAX_NAMED),
         ] {
             if need > max / 2 {
@@ -64,9 +92,6 @@ impl Entries {
                     max: max / 2,
                 });
             }
-        }
-        if self.local.len() > MAX_LOCAL as usize {
-            return Err(EntriesError::TooManyLocal(self.local.len()));
         }
         Ok(())
     }
@@ -206,13 +231,6 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
             },
             ids.id(name),
         );
-        if dir == DIR_EGRESS {
-            e.local.insert(LocalAddr {
-                family,
-                _pad: [0; 3],
-                addr: addr16,
-            });
-        }
     }
     let singles = d
         .addr4

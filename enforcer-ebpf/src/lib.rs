@@ -15,17 +15,20 @@
 
 #![deny(rust_2018_idioms)]
 
+pub mod attach;
 pub mod dataplane;
 pub mod entries;
 pub mod flows;
 pub mod migrate;
+pub mod pods;
 pub mod probe;
 pub mod sys;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use moat_dataplane::plan::{Classes, Desired, desired, incremental};
+use moat_dataplane::local::PodInterfaces;
+use moat_dataplane::plan::{Budget, Classes, Degraded, Desired, desired_within, incremental};
 use moat_dataplane::{Adopted, Applied, Backend, BackendError, Capabilities, Cause, LocalPods};
 use moat_policy::ir::NodeSnapshot;
 use moat_policy::ir::delta::Delta;
@@ -33,7 +36,9 @@ use tracing::{debug, info, warn};
 
 pub use dataplane::{Dataplane, DataplaneError, Maps};
 use entries::{Diff, Entries, RulesetIds};
-pub use moat_ebpf_common::{LAYOUT_VERSION, LocalAddr, META_PENDING, META_VALID, Meta};
+pub use moat_ebpf_common as common;
+pub use moat_ebpf_common::{LAYOUT_VERSION, META_PENDING, META_VALID, Meta};
+use pods::PodTables;
 
 pub struct EbpfBackend {
     dp: Dataplane,
@@ -50,10 +55,14 @@ pub struct EbpfBackend {
     spare: Option<Maps>,
     /// Stops the flow-table sweeper.
     sweeper: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Link events: a new interface gets the programs without waiting for a version.
-    links: Option<sys::LinkWatch>,
-    /// Whether `adopt` ran (the programs are attached from then on).
-    adopted: bool,
+    /// Which interfaces are pods (the programs' variant per interface).
+    mode: PodInterfaces,
+    /// Puts the programs on a new interface the moment it appears (from `adopt` on).
+    attacher: Option<attach::Attacher>,
+    /// What the local pod maps hold.
+    pods: PodTables,
+    /// What one version may hold: half of each map (the other half is the other slot's).
+    budget: Budget,
     /// The standby slot's content is not known (first change after a start, or a failed
     /// write): the next change rewrites slots whole instead of patching them.
     standby_unknown: bool,
@@ -69,22 +78,24 @@ fn failed<E: Into<Cause>>(op: &'static str) -> impl FnOnce(E) -> BackendError {
 
 impl EbpfBackend {
     /// Loads the datapath for `node`, adopting maps pinned under `<bpffs>/moat/<node>/`.
-    /// `probes` are the capability probe's findings, reported with the backend.
+    /// `mode` says which interfaces are pods (`--pod-interfaces`); `probes` are the
+    /// capability probe's findings, reported with the backend.
     pub fn open(
         bpffs: PathBuf,
         node: &str,
+        mode: PodInterfaces,
         probes: BTreeMap<String, String>,
     ) -> Result<Self, DataplaneError> {
         let dp = Dataplane::open(&bpffs, node)?;
         let sweeper = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         flows::start_sweeper(dp.map_dir(), sweeper.clone())?;
-        let links = sys::LinkWatch::new()
-            .map_err(|e| warn!(error = %e, "no link events; new interfaces are attached with the next version"))
-            .ok();
+        let pods = dp.read_pods();
         Ok(EbpfBackend {
             sweeper,
-            links,
-            adopted: false,
+            mode,
+            attacher: None,
+            pods,
+            budget: entries::budget(None),
             dp,
             classes: Classes::default(),
             ids: RulesetIds::default(),
@@ -98,6 +109,12 @@ impl EbpfBackend {
             bpffs,
             node: node.to_string(),
         })
+    }
+
+    /// Caps a version's elements in all maps together (`--max-elements`), below what the
+    /// maps hold; `None`: only the maps' capacities.
+    pub fn set_max_elements(&mut self, total: Option<usize>) {
+        self.budget = entries::budget(total);
     }
 
     pub fn set_probes(&mut self, probes: BTreeMap<String, String>) {
@@ -128,10 +145,24 @@ impl EbpfBackend {
     }
 
     /// Installs `snap` from its whole plan.
-    fn install(&mut self, snap: &NodeSnapshot) -> Result<(), BackendError> {
+    fn install(
+        &mut self,
+        snap: &NodeSnapshot,
+        local: &LocalPods,
+    ) -> Result<Vec<Degraded>, BackendError> {
         self.settle();
         self.plan = None;
-        let plan = desired(snap, &mut self.classes);
+        // Counted while it is built: what does not fit is denied, never refused whole.
+        let plan = desired_within(snap, &mut self.classes, local, &self.budget);
+        for d in &plan.degraded {
+            warn!(
+                version = snap.version,
+                egress = d.egress,
+                endpoints = d.endpoints.len(),
+                reason = %d.reason,
+                "a rule list does not fit; its endpoints deny in its direction"
+            );
+        }
         let new = entries::entries(&plan, &mut self.ids);
         new.check_capacity()
             .map_err(|e| BackendError::refused(snap.version, e))?;
@@ -141,11 +172,12 @@ impl EbpfBackend {
         } else {
             Diff::between(&self.current, &new)
         };
-        self.switch(snap, diff, whole, &new.local)?;
+        self.switch(snap, diff, whole, local)?;
         self.current = new;
+        let degraded = plan.degraded.clone();
         self.plan = Some(plan);
         self.cache = None;
-        Ok(())
+        Ok(degraded)
     }
 
     /// Installs `new` by patching the plan of `old` in place, if `delta` only moves
@@ -156,13 +188,16 @@ impl EbpfBackend {
         old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
+        local: &LocalPods,
     ) -> Result<bool, BackendError> {
         self.settle();
         let holds_old = self
             .plan
             .as_ref()
             .is_some_and(|p| p.version == old.version && p.digest == Some(old.digest));
-        if self.standby_unknown || !holds_old || !incremental::applies(old, delta) {
+        // A degraded plan is recomputed whole: what fits may have changed.
+        let degraded = self.plan.as_ref().is_some_and(|p| !p.degraded.is_empty());
+        if self.standby_unknown || !holds_old || degraded || !incremental::applies(old, delta) {
             return Ok(false);
         }
         let plan = self.plan.as_mut().expect("checked above");
@@ -170,16 +205,23 @@ impl EbpfBackend {
             .cache
             .get_or_insert_with(|| incremental::cache(old, plan));
         let log = incremental::patch_in_place(plan, cache, &mut self.classes, old, new, delta);
+        plan.local = local.clone();
+        if let Err(e) = plan.check(&self.budget) {
+            // Patched past the budget: the whole plan, counted, decides what is cut.
+            debug!(error = %e, "the patched plan does not fit; recomputing it whole");
+            self.plan = None;
+            self.cache = None;
+            return Ok(false);
+        }
         let diff = entries::patched(&log, &mut self.ids);
         // From here on plan and entries describe `new`; if it is not installed, the next
         // version is installed whole.
         self.current.apply(&diff);
-        let local = self.current.local.clone();
         let done = self
             .current
             .check_capacity()
             .map_err(|e| BackendError::refused(new.version, e))
-            .and_then(|()| self.switch(new, diff, false, &local));
+            .and_then(|()| self.switch(new, diff, false, local));
         if done.is_err() {
             self.plan = None;
             self.cache = None;
@@ -197,21 +239,24 @@ impl EbpfBackend {
         snap: &NodeSnapshot,
         diff: Diff,
         whole: bool,
-        local: &BTreeSet<LocalAddr>,
+        local: &LocalPods,
     ) -> Result<(), BackendError> {
         self.settle();
         self.dp
-            .attach_all()
+            .attach_all(&self.mode)
             .map_err(failed("attaching the programs"))?;
         let active = self
             .dp
             .active_slot()
             .map_err(failed("reading the active slot"))?;
         let standby = 1 - active;
-        let stale_local = self
-            .dp
-            .assign_local(local)
-            .map_err(failed("assigning local addresses"))?;
+        let pods = PodTables::of(local);
+        let (less, more) = self.pods.diff(&pods);
+        // Less trust before the flip: no packet judged by the old rules sees an address
+        // trusted that the new version distrusts.
+        let written = self.dp.write_pods(&less);
+        self.pods = self.dp.read_pods();
+        written.map_err(failed("writing local pods"))?;
         self.standby_unknown = true;
         // Pending from the first write into the unused slot until the selector has flipped:
         // a crash in between leaves a record that says "unknown", never a wrong version.
@@ -227,6 +272,14 @@ impl EbpfBackend {
             .write(standby, &diff)
             .map_err(failed("writing the standby slot"))?;
         self.dp.flip(standby).map_err(failed("switching slots"))?;
+        // More trust only once the new rules are in force.
+        let written = self.dp.write_pods(&more);
+        self.pods = self.dp.read_pods();
+        if let Err(e) = written {
+            // The rules are in force; the addresses not yet trusted stay denied until the
+            // next local pod update retries them.
+            warn!(error = %e, "local pods not fully written; the missing ones stay denied");
+        }
         // In force from here on: a failure below only leaves the unused slot to rewrite.
         if let Err(e) = self.dp.set_meta(Self::meta_for(snap, META_VALID)) {
             warn!(error = %e, "version record not updated; a restart will ask for a full snapshot");
@@ -249,8 +302,7 @@ impl EbpfBackend {
                 if whole {
                     maps.clear(active)?;
                 }
-                maps.write(active, &diff)?;
-                maps.release_local(&stale_local)
+                maps.write(active, &diff)
             })();
             (maps, done)
         }));
@@ -315,6 +367,7 @@ pub fn remove_leftover(bpffs: &std::path::Path, node: &str) -> std::io::Result<b
 
 impl Drop for EbpfBackend {
     fn drop(&mut self) {
+        self.attacher = None;
         self.sweeper
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -332,23 +385,34 @@ impl Backend for EbpfBackend {
     fn adopt(
         &mut self,
         last: Option<&NodeSnapshot>,
-        _local: &LocalPods,
+        local: &LocalPods,
     ) -> Result<Adopted, BackendError> {
+        // The local pods first: a migration moves the links to this layout's programs,
+        // which drop every forwarded new flow until they know the node's pods.
+        self.set_local(local)?;
         // Maps of an older binary's layout become this one's first (their rules stay in
         // force throughout), so what follows reads them as if this binary had written them.
         self.dp
-            .migrate()
+            .migrate(&self.mode)
             .map_err(failed("migrating an older map layout"))?;
-        self.adopted = true;
         let meta = self
             .dp
             .meta()
             .map_err(failed("reading the version record"))?;
         // Programs first: whatever the maps hold is enforced on every interface, and links
-        // a previous run pinned now run this binary's program.
+        // a previous run pinned now run this binary's program. From here on new interfaces
+        // get them the moment they appear.
         self.dp
-            .attach_all()
+            .attach_all(&self.mode)
             .map_err(failed("attaching the programs"))?;
+        if self.attacher.is_none() {
+            match attach::Attacher::start(self.dp.shared_progs(), self.mode.clone()) {
+                Ok(a) => self.attacher = Some(a),
+                Err(e) => {
+                    warn!(error = %e, "no link events; new interfaces are attached with the next version")
+                }
+            }
+        }
         self.standby_unknown = true;
         if meta.flags & META_VALID == 0 {
             return Ok(Adopted::Nothing);
@@ -366,7 +430,7 @@ impl Backend for EbpfBackend {
                     version = s.version,
                     "adopting the maps left by the previous run"
                 );
-                let plan = desired(s, &mut self.classes);
+                let plan = desired_within(s, &mut self.classes, local, &self.budget);
                 self.current = entries::entries(&plan, &mut self.ids);
                 self.plan = Some(plan);
                 Ok(Adopted::Enforcing)
@@ -384,10 +448,10 @@ impl Backend for EbpfBackend {
     fn apply_full(
         &mut self,
         snap: &NodeSnapshot,
-        _local: &LocalPods,
+        local: &LocalPods,
     ) -> Result<Applied, BackendError> {
-        self.install(snap)?;
-        Ok(Applied::default())
+        let degraded = self.install(snap, local)?;
+        Ok(Applied { degraded })
     }
 
     fn apply_delta(
@@ -395,31 +459,24 @@ impl Backend for EbpfBackend {
         old: &NodeSnapshot,
         delta: &Delta,
         new: &NodeSnapshot,
-        _local: &LocalPods,
+        local: &LocalPods,
     ) -> Result<Applied, BackendError> {
-        if self.install_patch(old, delta, new)? {
+        if self.install_patch(old, delta, new, local)? {
             return Ok(Applied::default());
         }
         // Anything else: the difference of the whole plans, still written as a difference.
-        self.install(new)?;
-        Ok(Applied::default())
+        let degraded = self.install(new, local)?;
+        Ok(Applied { degraded })
     }
 
-    fn set_local(&mut self, _local: &LocalPods) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn maintain(&mut self) -> Result<(), BackendError> {
-        if self.adopted && self.links.as_ref().is_some_and(|l| l.changed()) {
-            let added = self
-                .dp
-                .attach_all()
-                .map_err(failed("attaching the programs"))?;
-            if added > 0 {
-                debug!(added, "attached to new interfaces");
-            }
-        }
-        Ok(())
+    fn set_local(&mut self, local: &LocalPods) -> Result<(), BackendError> {
+        let (less, more) = self.pods.diff(&PodTables::of(local));
+        let written = self
+            .dp
+            .write_pods(&less)
+            .and_then(|()| self.dp.write_pods(&more));
+        self.pods = self.dp.read_pods();
+        written.map_err(failed("writing local pods"))
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -430,6 +487,7 @@ impl Backend for EbpfBackend {
 
     fn remove_all(&mut self) -> Result<(), BackendError> {
         self.settle();
+        self.attacher = None;
         self.sweeper
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let root = node_dir(&self.bpffs, &self.node).map_err(failed("removing the pins"))?;

@@ -16,6 +16,8 @@ use aya::maps::{Array, HashMap, MapData};
 use moat_ebpf_common::*;
 use tracing::{info, warn};
 
+use moat_dataplane::local::PodInterfaces;
+
 use crate::dataplane::{Dataplane, DataplaneError, pinned};
 use crate::flows::{FlowTable, coarse_now};
 
@@ -98,10 +100,20 @@ fn copy_array<V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result
 }
 
 /// Copies the flows of layouts 1 to 3's kernel hash (`CT`: layout 1's LRU table and the
-/// later preallocated one share key and value) into this layout's table, skipping those
-/// already idle; a flow the new program saw meanwhile keeps its later time.
+/// later preallocated one share key and value) or layout 4's array (`FLOWS`, placed anew
+/// under this layout's seed) into this layout's table, skipping those already idle; a flow
+/// the new program saw meanwhile keeps its later time.
 fn copy_flows(from: &Path, to: &Path) -> Result<usize> {
-    let old: HashMap<MapData, FlowKey, FlowVal> = pinned(from, MapNames::CT)?;
+    let old: Vec<(FlowKey, u64)> = match FlowTable::open(from)? {
+        Some(t) => t.flows(),
+        None => {
+            let ct: HashMap<MapData, FlowKey, FlowVal> = pinned(from, MapNames::CT)?;
+            ct.iter()
+                .filter_map(|r| r.ok())
+                .map(|(k, v)| (k, v.seen_ns))
+                .collect()
+        }
+    };
     let table = FlowTable::open(to)?.ok_or(DataplaneError::Map(
         MapNames::FLOWS,
         aya::maps::MapError::InvalidName {
@@ -110,11 +122,11 @@ fn copy_flows(from: &Path, to: &Path) -> Result<usize> {
     ))?;
     let now = coarse_now();
     let (mut n, mut full) = (0, 0);
-    for (k, v) in old.iter().filter_map(|r| r.ok()) {
-        if flow_idle(k.proto, v.seen_ns, now) {
+    for (k, seen) in old {
+        if flow_idle(k.proto, seen, now) {
             continue;
         }
-        if table.remember(&k, v.seen_ns, now) {
+        if table.remember(&k, seen, now) {
             n += 1;
         } else {
             full += 1;
@@ -134,7 +146,7 @@ impl Dataplane {
     /// Migrates older layouts' state into this run's maps and takes over their links (see
     /// the module docs). Returns the layout migrated from, if any. A run with an older
     /// layout (tests) never migrates.
-    pub fn migrate(&mut self) -> Result<Option<u32>> {
+    pub fn migrate(&mut self, mode: &PodInterfaces) -> Result<Option<u32>> {
         if self.layout != LAYOUT_VERSION {
             return Ok(None);
         }
@@ -145,12 +157,14 @@ impl Dataplane {
         let Some((n, from)) = older.last().cloned() else {
             return Ok(None);
         };
-        if !(1..=3).contains(&n) || older.len() > 1 {
+        if !(1..=4).contains(&n) || older.len() > 1 {
             return Err(DataplaneError::UnknownLayout(older[0].0));
         }
         let to = self.map_dir().to_path_buf();
         // Layout 1 → 2 changed the flow table's type, 2 → 3 moved single ports out of
-        // `PORTS`, 3 → 4 made the flow table an array: every other map copies as it is.
+        // `PORTS`, 3 → 4 made the flow table an array, 4 → 5 replaced the mark index maps
+        // (`LOCAL`, `LOCAL_ADDR`: not copied) by the local pod maps, which the caller writes
+        // before this runs: every other map copies as it is.
         let mut rules = 0;
         rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
         rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
@@ -160,14 +174,12 @@ impl Dataplane {
             rules += copy_hash::<PortKey, u8>(&from, &to, MapNames::PORT_EXACT)?;
         }
         rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
-        copy_hash::<LocalKey, u32>(&from, &to, MapNames::LOCAL)?;
-        copy_array::<LocalAddr>(&from, &to, MapNames::LOCAL_ADDR)?;
         copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
         copy_array::<Meta>(&from, &to, MapNames::META)?;
         let flows = copy_flows(&from, &to)?;
         // The links run this program from here on; once no packet runs the old one, the
         // flows it remembered in between are copied too.
-        self.attach_all()?;
+        self.attach_all(mode)?;
         self.barrier()
             .wait()
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;

@@ -1,6 +1,7 @@
 //! Can this node run the eBPF dataplane? Checks what the datapath really uses, in the order
 //! a failure is most likely, and stops at the first that fails, naming it.
 
+use moat_dataplane::local::PodInterfaces;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -33,7 +34,7 @@ fn kernel_version() -> Option<(u32, u32)> {
 
 /// Runs every probe; on success returns the backend, loaded (so the verifier accepted the
 /// program) and ready to adopt.
-pub fn open(bpffs: PathBuf, node: &str) -> Result<EbpfBackend, Failed> {
+pub fn open(bpffs: PathBuf, node: &str, mode: PodInterfaces) -> Result<EbpfBackend, Failed> {
     let mut probes = Probes::new();
     let fail = |probes: &mut Probes, probe: &str, why: String| {
         probes.insert(probe.to_string(), why.clone());
@@ -80,7 +81,7 @@ pub fn open(bpffs: PathBuf, node: &str) -> Result<EbpfBackend, Failed> {
     }
     probes.insert("bpffs".into(), "ok".into());
     // Loading runs the verifier over both programs and creates (or adopts) the maps.
-    let mut backend = match EbpfBackend::open(bpffs, node, Probes::new()) {
+    let mut backend = match EbpfBackend::open(bpffs, node, mode, Probes::new()) {
         Ok(b) => b,
         Err(e) => return Err(fail(&mut probes, "program_load", e.to_string())),
     };

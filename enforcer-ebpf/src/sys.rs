@@ -259,39 +259,203 @@ pub fn map_type_probes() -> Vec<(&'static str, io::Result<()>)> {
 pub struct LinkWatch(OwnedFd);
 
 const RTMGRP_LINK: u32 = 1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+
+fn netlink_socket(groups: u32, flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket this function just created and owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; family and groups are then set.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = groups;
+    // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Netlink messages in `buf`: (type, payload).
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at + 16 > buf.len() {
+            return None;
+        }
+        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        if len < 16 || at + len > buf.len() {
+            return None;
+        }
+        let payload = &buf[at + 16..at + len];
+        at += (len + 3) & !3;
+        Some((ty, payload))
+    })
+}
+
+/// Route attributes in `buf`: (type without flags, data).
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at + 4 > buf.len() {
+            return None;
+        }
+        let len = u16::from_ne_bytes(buf[at..at + 2].try_into().expect("2 bytes")) as usize;
+        let ty = u16::from_ne_bytes(buf[at + 2..at + 4].try_into().expect("2 bytes")) & 0x3fff;
+        if len < 4 || at + len > buf.len() {
+            return None;
+        }
+        let data = &buf[at + 4..at + len];
+        at += (len + 3) & !3;
+        Some((ty, data))
+    })
+}
+
+/// One netlink dump (`ty` with a zeroed header of `hdr` bytes): every message's payload.
+fn dump(ty: u16, hdr: usize) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    let fd = netlink_socket(0, 0)?;
+    let mut req = vec![0u8; 16 + hdr];
+    let len = req.len() as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&ty.to_ne_bytes());
+    // NLM_F_REQUEST | NLM_F_DUMP
+    req[6..8].copy_from_slice(&(0x1u16 | 0x300).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: `req` is readable for its length.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        for (t, payload) in messages(&buf[..n as usize]) {
+            match t {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes(payload[..4].try_into().expect("4 bytes"));
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+                _ => out.push((t, payload.to_vec())),
+            }
+        }
+    }
+}
+
+/// The links of the current network namespace as the pod classification needs them (kind,
+/// master, whether they hold a global address).
+pub fn links() -> io::Result<Vec<moat_dataplane::local::Link>> {
+    let mut global = std::collections::BTreeSet::new();
+    for (t, p) in dump(RTM_GETADDR, 8)? {
+        // ifaddrmsg: family, prefix length, flags, scope, index.
+        if t == RTM_NEWADDR && p.len() >= 8 && p[3] == 0 {
+            global.insert(u32::from_ne_bytes(p[4..8].try_into().expect("4 bytes")));
+        }
+    }
+    let mut out = Vec::new();
+    for (t, p) in dump(RTM_GETLINK, 16)? {
+        if t != RTM_NEWLINK || p.len() < 16 {
+            continue;
+        }
+        let index = u32::from_ne_bytes(p[4..8].try_into().expect("4 bytes"));
+        let mut link = moat_dataplane::local::Link {
+            index,
+            name: String::new(),
+            kind: String::new(),
+            master: None,
+            global_addr: global.contains(&index),
+        };
+        for (a, d) in attrs(&p[16..]) {
+            match a {
+                IFLA_IFNAME => {
+                    link.name = String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or(d))
+                        .into_owned()
+                }
+                IFLA_MASTER if d.len() >= 4 => {
+                    link.master = Some(u32::from_ne_bytes(d[..4].try_into().expect("4 bytes")))
+                }
+                IFLA_LINKINFO => {
+                    for (i, v) in attrs(d) {
+                        if i == IFLA_INFO_KIND {
+                            link.kind =
+                                String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(v))
+                                    .into_owned();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(link);
+    }
+    Ok(out)
+}
+
+/// Whether interface `index` exists in the current network namespace.
+pub fn link_exists(index: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` is IF_NAMESIZE long, as if_indextoname requires.
+    !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null()
+}
 
 impl LinkWatch {
+    /// Subscribed to link and address events (an address can change a link's kind).
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked before it is owned.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
+        netlink_socket(
+            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+            libc::SOCK_NONBLOCK,
+        )
+        .map(LinkWatch)
+    }
+
+    /// Blocks until an event arrives (or `timeout` passes); whether a link appeared or changed.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
         };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a socket this function just created and owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_nl is valid; family and groups are then set.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_LINK;
-        // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(LinkWatch(fd))
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        r > 0 && self.changed()
     }
 
     /// Whether a link appeared or changed since the last call (never blocks). A lost event
@@ -323,19 +487,10 @@ impl LinkWatch {
             if n == 0 {
                 return changed;
             }
-            // nlmsghdr: u32 length, u16 type, ... (several messages per datagram).
-            let mut at = 0usize;
-            let n = n as usize;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-                if ty == RTM_NEWLINK {
-                    changed = true;
-                }
-                if len < 16 {
-                    break;
-                }
-                at += (len + 3) & !3;
+            if messages(&buf[..n as usize])
+                .any(|(ty, _)| matches!(ty, RTM_NEWLINK | RTM_NEWADDR | RTM_DELADDR))
+            {
+                changed = true;
             }
         }
     }

@@ -429,10 +429,18 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
 }
 
-/// Layout 3 is the one before this binary's: its flows in the kernel's hash (`CT`), which
-/// layout 4 replaces with an array it places flows in itself.
+/// Layout 4 is the one before this binary's: the sender of an isolated-egress flow named by
+/// an 8-bit mark index (`LOCAL`, `LOCAL_ADDR`), which layout 5 replaces with the local pod
+/// maps (the sender named by its interface); its flow array is placed anew.
 #[test]
 fn an_upgrade_from_the_previous_map_layout_keeps_policy_and_connections() {
+    upgrade_from(4);
+}
+
+/// Layout 3: flows in the kernel's hash (`CT`), which layout 4 replaced with an array it
+/// places flows in itself.
+#[test]
+fn an_upgrade_from_layout_3_keeps_policy_and_connections() {
     upgrade_from(3);
 }
 

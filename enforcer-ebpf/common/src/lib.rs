@@ -25,7 +25,11 @@
 ///   (two sets of [`FLOW_WAYS`] slots per flow, by a keyed hash), instead of the kernel hash
 ///   `CT`, whose insert (bucket lock with interrupts off, free list) was a quarter of a new
 ///   flow's cost; `FLOW_SEED` holds the key.
-pub const LAYOUT_VERSION: u32 = 4;
+/// * 5: local pods (docs/design/fail-closed.md): `PODS` ((interface, address) → Known or
+///   Unknown), `IFACES` (interface → kind and the pod's addresses) and `LOCAL_ADDRS` (every
+///   local pod address) replace `LOCAL`/`LOCAL_ADDR` and the mark's 8-bit sender index:
+///   the egress program names a forwarded packet's sender by its ingress interface.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Idle time after which a remembered flow is new again (the program ignores it, and its
 /// slot is free; layouts before 4 had user space delete it): TCP as long as real idle connections live (conntrack's established
@@ -51,16 +55,40 @@ pub const DIR_EGRESS: u8 = 1;
 pub const CLASS_ANY: u32 = u32::MAX;
 
 /// `skb->mark` bits the datapath owns, clear of kube-proxy's 0x4000/0x8000 and Cilium's
-/// 0x0f00/0xf000: set by the ingress program, read by the egress program in the same netns.
+/// 0x0f00/0xf000: set by the ingress program, read by the egress program in the same netns
+/// (a veth crossing clears the mark, so a pod cannot forge them).
 pub const MARK_MASK: u32 = 0x3ff0_0000;
 /// The packet answers a connection this node allowed (or is an ICMP error about one).
 pub const MARK_REPLY: u32 = 0x2000_0000;
-/// Bits 20..=27 hold the index of the local endpoint that sent the packet (1..=255), so
-/// egress is judged on the original source even after SNAT.
-pub const MARK_SRC_SHIFT: u32 = 20;
-pub const MARK_SRC_MASK: u32 = 0x0ff0_0000;
-/// Most local endpoints an index can name.
-pub const MAX_LOCAL: u32 = 255;
+/// From a pod interface with a source that interface does not hold, or from another
+/// interface with a local pod's source: dropped if forwarded, replies included.
+pub const MARK_SPOOFED: u32 = 0x1000_0000;
+/// From a pod interface, its source an address the enforced snapshot does not name for
+/// that pod, under `--unknown-pods deny`: dropped if forwarded.
+pub const MARK_UNKNOWN: u32 = 0x0800_0000;
+/// The pod-interface ingress program judged the packet and found its source held there:
+/// without it, a forwarded new flow from a pod interface is unclassified (the program was
+/// not there yet).
+pub const MARK_FROM_POD: u32 = 0x0400_0000;
+/// The other-interface ingress program judged the packet (its source is no local pod's).
+pub const MARK_FROM_OTHER: u32 = 0x0200_0000;
+/// With [`MARK_FROM_POD`]: the source is unknown, and `--unknown-pods allow` leaves it open
+/// (no egress rules).
+pub const MARK_OPEN: u32 = 0x0100_0000;
+
+/// [`PODS`](MapNames::PODS) values, in order of trust (the loader writes a less trusted
+/// value before a version's flip, a more trusted one after it).
+pub const POD_UNKNOWN_DENY: u8 = 1;
+pub const POD_UNKNOWN_ALLOW: u8 = 2;
+pub const POD_KNOWN: u8 = 3;
+
+/// [`Iface::kind`]. An interface without an `IFACES` entry is unclassified.
+pub const IFACE_POD: u8 = 1;
+pub const IFACE_OTHER: u8 = 2;
+
+/// Most interfaces and pod addresses the local pod maps hold.
+pub const MAX_IFACES: u32 = 1 << 14;
+pub const MAX_POD_ADDRS: u32 = 1 << 16;
 
 /// Counter indices in the per-CPU `COUNTERS` array.
 pub const CNT_ALLOWED: u32 = 0;
@@ -69,6 +97,10 @@ pub const CNT_MALFORMED: u32 = 5;
 /// Allowed new flows the full flow table could not remember (their replies are judged as
 /// new flows).
 pub const CNT_CT_FULL: u32 = 6;
+/// `moat_dataplane::counters::{SPOOFED, UNKNOWN_POD, UNCLASSIFIED}` (layout 5 on).
+pub const CNT_SPOOFED: u32 = 2;
+pub const CNT_UNKNOWN_POD: u32 = 3;
+pub const CNT_UNCLASSIFIED: u32 = 4;
 pub const COUNTERS: u32 = 8;
 
 /// Map names, shared so the loader finds exactly what the program declares.
@@ -83,8 +115,13 @@ impl MapNames {
     /// Since layout 3; before it, single ports were `PORTS` prefixes of full length.
     pub const PORT_EXACT: &'static str = "PORT_EXACT";
     pub const NAMED: &'static str = "NAMED";
+    /// Layouts 1 to 4: the mark index of a local endpoint with isolated egress.
     pub const LOCAL: &'static str = "LOCAL";
     pub const LOCAL_ADDR: &'static str = "LOCAL_ADDR";
+    /// Layout 5 on: local pods.
+    pub const PODS: &'static str = "PODS";
+    pub const IFACES: &'static str = "IFACES";
+    pub const LOCAL_ADDRS: &'static str = "LOCAL_ADDRS";
     /// Layouts 1 to 3: the kernel hash; since 4, [`FLOWS`](Self::FLOWS).
     pub const CT: &'static str = "CT";
     pub const FLOWS: &'static str = "FLOWS";
@@ -191,13 +228,39 @@ pub struct NamedKey {
     pub addr: [u8; 16],
 }
 
-/// A local endpoint's address (no slot: indices outlive versions) → its mark index.
+/// A local endpoint's address (no slot: indices outlive versions) → its mark index (layouts
+/// 1 to 4); since layout 5, every local pod address (`LOCAL_ADDRS`, value unused).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LocalKey {
     pub family: u8,
     pub _pad: [u8; 3],
     pub addr: [u8; 16],
+}
+
+/// A local pod address on its interface (`PODS`; no slot: local pods switch with a version
+/// by the order of writes, see the loader) → `POD_*`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// An interface as classified (`IFACES`, by ifindex): its kind and, for a pod, the address
+/// per family its egress rules are found under (a known one), so the egress program names a
+/// forwarded packet's sender by its ingress interface whatever SNAT did to the source.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Iface {
+    pub kind: u8,
+    pub has4: u8,
+    pub has6: u8,
+    pub _pad: u8,
+    pub addr4: [u8; 16],
+    pub addr6: [u8; 16],
 }
 
 /// A connection as first judged (after DNAT): the reply is looked up reversed. 8-byte
@@ -354,6 +417,8 @@ mod pod {
     unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for LocalAddr {}
+    unsafe impl aya::Pod for PodKey {}
+    unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for Meta {}
 }
 
@@ -375,6 +440,8 @@ mod tests {
         assert_eq!(size_of::<FlowSet>(), 448);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<LocalAddr>(), 20);
+        assert_eq!(size_of::<PodKey>(), 24);
+        assert_eq!(size_of::<Iface>(), 36);
         assert_eq!(size_of::<Meta>(), 48);
     }
 

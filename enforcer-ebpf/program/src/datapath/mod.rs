@@ -1,11 +1,16 @@
-//! Two tc programs on every interface of the node's network namespace:
+//! Two tc programs on every interface of the node's network namespace, each in a variant
+//! for pod interfaces and one for the others (docs/design/fail-closed.md):
 //!
-//! * `moat_ingress` (packets entering the namespace, before routing and DNAT) recognises
-//!   replies and ICMP errors of connections this node allowed, and names the local endpoint
-//!   that sent the packet; both go into `skb->mark` bits the program owns;
-//! * `moat_egress` (packets leaving, after DNAT and SNAT) judges new flows on the translated
-//!   destination and the original source: the source's egress rules and the destination's
-//!   ingress rules, each a fixed number of map lookups, and remembers allowed flows.
+//! * `moat_ingress_pod`/`moat_ingress` (packets entering the namespace, before routing and
+//!   DNAT) recognise replies and ICMP errors of connections this node allowed, and check the
+//!   source: on a pod interface it must be one that interface holds (one hash lookup of
+//!   (interface, source)), elsewhere it must be no local pod's. The findings go into
+//!   `skb->mark` bits the program owns;
+//! * `moat_egress_pod`/`moat_egress` (packets leaving, after DNAT and SNAT) drop forwarded
+//!   packets marked spoofed or unknown, and judge new flows on the translated destination
+//!   and the sender named by the packet's ingress interface: the sender's egress rules and
+//!   the receiver's ingress rules, each a fixed number of map lookups, and remember allowed
+//!   flows.
 //!
 //! The node's own traffic (generated on the node: `ingress_ifindex == 0`) is never judged,
 //! like the nft backend's forward hook never sees it. See docs/design/ebpf.md.
@@ -39,10 +44,16 @@ static PORT_EXACT: HashMap<PortKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREA
 static PORTS: LpmTrie<PortKey, u8> = LpmTrie::pinned(1 << 20, 0);
 #[map]
 static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+/// (pod interface, address) → `POD_*`: what the pod-interface programs check sources and
+/// receivers against.
 #[map]
-static LOCAL: HashMap<LocalKey, u32> = HashMap::pinned(2 * MAX_LOCAL, 0);
+static PODS: HashMap<PodKey, u8> = HashMap::pinned(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
+/// Every local pod address: a source the other-interface ingress program refuses.
 #[map]
-static LOCAL_ADDR: Array<LocalAddr> = Array::pinned(MAX_LOCAL + 1, 0);
+static LOCAL_ADDRS: HashMap<LocalKey, u8> = HashMap::pinned(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
+/// Classified interfaces (absent: unclassified) and a pod's addresses, by ifindex.
+#[map]
+static IFACES: HashMap<u32, Iface> = HashMap::pinned(MAX_IFACES, BPF_F_NO_PREALLOC);
 /// The flow table, placed by this program (see [`flows`]); memory-mapped by user space.
 #[map]
 static FLOWS: Array<FlowSet> = Array::pinned(FLOW_SETS, BPF_F_MMAPABLE);
@@ -66,22 +77,44 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[classifier]
-pub fn moat_ingress(ctx: TcContext) -> i32 {
-    // Never drops: a packet this program can't read is judged (and refused) at egress.
-    let _ = try_ingress(&ctx);
+pub fn moat_ingress_pod(ctx: TcContext) -> i32 {
+    // Never drops: what it finds goes into the mark, and the egress program decides.
+    let _ = try_ingress::<true>(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
+pub fn moat_ingress(ctx: TcContext) -> i32 {
+    let _ = try_ingress::<false>(&ctx);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn moat_egress_pod(ctx: TcContext) -> i32 {
+    verdict(try_egress::<true>(&ctx))
+}
+
+#[classifier]
 pub fn moat_egress(ctx: TcContext) -> i32 {
-    match try_egress(&ctx) {
-        Ok(true) => TC_ACT_OK,
-        Ok(false) => {
-            count(CNT_DENIED);
-            TC_ACT_SHOT
-        }
-        Err(()) => {
-            count(CNT_MALFORMED);
+    verdict(try_egress::<false>(&ctx))
+}
+
+/// Why a packet is dropped, each with its counter.
+#[derive(Clone, Copy)]
+enum Shot {
+    Denied = CNT_DENIED as isize,
+    Malformed = CNT_MALFORMED as isize,
+    Spoofed = CNT_SPOOFED as isize,
+    UnknownPod = CNT_UNKNOWN_POD as isize,
+    Unclassified = CNT_UNCLASSIFIED as isize,
+}
+
+#[inline(always)]
+fn verdict(r: Result<(), Shot>) -> i32 {
+    match r {
+        Ok(()) => TC_ACT_OK,
+        Err(d) => {
+            count(d as u32);
             TC_ACT_SHOT
         }
     }
@@ -94,7 +127,7 @@ fn count(i: u32) {
     }
 }
 
-fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
+fn try_ingress<const POD: bool>(ctx: &TcContext) -> Result<(), ()> {
     let skb = ctx.skb.skb;
     let mut mark = unsafe { (*skb).mark } & !MARK_MASK;
     unsafe { (*skb).mark = mark };
@@ -103,14 +136,46 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
     if !parse::parse(ctx, p)? {
         return Ok(());
     }
+    // Neighbour discovery and IPv6 link-local sources are never forwarded (the node's own
+    // business, left alone); IPv4 link-local sources are, and are checked like any other.
+    if p.nd != 0 || (p.family == FAMILY_V6 && p.link_local_source()) {
+        return Ok(());
+    }
     if answers_allowed(p) {
         mark |= MARK_REPLY;
     }
-    if let Some(i) = unsafe { LOCAL.get(&local_key(p)) } {
-        mark |= (*i << MARK_SRC_SHIFT) & MARK_SRC_MASK;
+    // One lookup either way: the one `LOCAL` cost before layout 5.
+    if POD {
+        // At tc ingress the ingress interface is the device itself (`skb_iif` is set before
+        // the hook), read without following `skb->dev`.
+        let k = pod_key(unsafe { (*skb).ingress_ifindex }, p.family, &p.saddr);
+        mark |= match unsafe { PODS.get(&k) }.copied() {
+            Some(POD_KNOWN) => MARK_FROM_POD,
+            Some(POD_UNKNOWN_ALLOW) => MARK_FROM_POD | MARK_OPEN,
+            Some(_) => MARK_UNKNOWN,
+            None => MARK_SPOOFED,
+        };
+    } else if unsafe { LOCAL_ADDRS.get(&local_key(p)) }.is_some() {
+        mark |= MARK_SPOOFED;
+    } else {
+        mark |= MARK_FROM_OTHER;
     }
     unsafe { (*skb).mark = mark };
     Ok(())
+}
+
+#[inline(always)]
+fn pod_key(ifindex: u32, family: u8, a: &Addr) -> PodKey {
+    let mut k = core::mem::MaybeUninit::<PodKey>::uninit();
+    let at = k.as_mut_ptr();
+    // SAFETY: the three writes stay inside `k` and together cover every byte (ifindex, then
+    // family and padding as one word: little-endian, the family comes first, then the address).
+    unsafe {
+        (at as *mut u32).write(ifindex);
+        (at as *mut u32).add(1).write(u32::from(family));
+        core::ptr::addr_of_mut!((*at).addr).write(a.0);
+        k.assume_init()
+    }
 }
 
 /// The sender's [`LocalKey`], its family and padding written as one word: built field by
@@ -134,7 +199,7 @@ fn answers_allowed(p: &Pkt) -> bool {
         return seen(&p.inner) || seen(&p.inner.reversed());
     }
     match p.frag {
-        FRAG_LATER => frag_verdict(&p.frag_key()) == Some(1),
+        FRAG_LATER => frag_allowed(&p.frag_key()),
         FRAG_FIRST => {
             let hit = seen(&p.flow().reversed());
             if hit {
@@ -169,8 +234,14 @@ fn now() -> u64 {
     CLOCK.get(0).copied().unwrap_or(0)
 }
 
-fn frag_verdict(k: &FragKey) -> Option<u8> {
-    unsafe { FRAGS.get(k) }.copied()
+/// Whether the first fragment of `k`'s packet was allowed. A plain bool: comparing the
+/// `Option<u8>` with `Some(1)` let LLVM read the value on the `None` path too, which the
+/// verifier refuses (an uninitialised register).
+fn frag_allowed(k: &FragKey) -> bool {
+    match unsafe { FRAGS.get(k) } {
+        Some(v) => *v == 1,
+        None => false,
+    }
 }
 
 impl Pkt {
@@ -187,35 +258,47 @@ impl Pkt {
     }
 }
 
-fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
+fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
     let skb = ctx.skb.skb;
     let mark = unsafe { (*skb).mark };
-    if mark & MARK_REPLY != 0 {
-        return Ok(true);
-    }
     // Generated on this node: the node's own traffic is never judged.
-    if unsafe { (*skb).ingress_ifindex } == 0 {
-        return Ok(true);
+    let from = unsafe { (*skb).ingress_ifindex };
+    if from == 0 {
+        return Ok(());
+    }
+    // Bit tests, before the flow table: a spoofed or unknown sender's packets never pass,
+    // not even on a flow it shares a tuple with.
+    if mark & MARK_SPOOFED != 0 {
+        return Err(Shot::Spoofed);
+    }
+    if mark & MARK_UNKNOWN != 0 {
+        return Err(Shot::UnknownPod);
+    }
+    if mark & MARK_REPLY != 0 {
+        return Ok(());
     }
     let mut slot = core::mem::MaybeUninit::uninit();
     let p = Pkt::zeroed_in(&mut slot);
-    if !parse::parse(ctx, p)? {
-        return Ok(true);
+    if !parse::parse(ctx, p).map_err(|()| Shot::Malformed)? {
+        return Ok(());
     }
-    if p.nd != 0 || p.link_local_source() {
-        return Ok(true);
+    if p.nd != 0 || (p.family == FAMILY_V6 && p.link_local_source()) {
+        return Ok(());
     }
     if p.frag == FRAG_LATER {
-        return Ok(frag_verdict(&p.frag_key()) == Some(1));
+        return allowed_if(frag_allowed(&p.frag_key()));
     }
     let flow = p.flow();
     if p.has_inner == 0 && p.syn == 0 && seen(&flow) {
-        return Ok(true);
+        return Ok(());
     }
+    // The receiver judges the sender as the sender's pod, whatever SNAT made of the source.
+    let mut peer = p.saddr;
+    let isolated_sender = sender(from, mark, p, &mut peer)?;
+    let receiver = receiver::<POD>(unsafe { (*skb).ifindex }, p)?;
     let sel = SELECTOR.get(0).copied().unwrap_or(0) as u8;
-    let src = original_source(p, mark);
-    let allowed =
-        allows(sel, DIR_EGRESS, &src, &p.daddr, p) && allows(sel, DIR_INGRESS, &p.daddr, &src, p);
+    let allowed = (!isolated_sender || allows(sel, DIR_EGRESS, &peer, &p.daddr, p))
+        && (!receiver || allows(sel, DIR_INGRESS, &p.daddr, &peer, p));
     if p.frag == FRAG_FIRST {
         let _ = FRAGS.insert(&p.frag_key(), &u8::from(allowed), 0);
     }
@@ -228,19 +311,67 @@ fn try_egress(ctx: &TcContext) -> Result<bool, ()> {
         }
         count(CNT_ALLOWED);
     }
-    Ok(allowed)
+    allowed_if(allowed)
 }
 
-/// The sender as the ingress program saw it: SNAT may have rewritten the source since.
-fn original_source(p: &Pkt, mark: u32) -> Addr {
-    let i = (mark & MARK_SRC_MASK) >> MARK_SRC_SHIFT;
-    if i != 0
-        && let Some(a) = LOCAL_ADDR.get(i)
-        && a.family == p.family
-    {
-        return Addr(a.addr);
+#[inline(always)]
+fn allowed_if(ok: bool) -> Result<(), Shot> {
+    if ok { Ok(()) } else { Err(Shot::Denied) }
+}
+
+/// Whether a new flow from interface `from` is judged by a local pod's egress rules, and
+/// then whose: the pod's address, named by its interface (SNAT may have rewritten the source
+/// since), goes into `who`. Not for a remote sender (its own node judged its egress) nor an
+/// unknown pod left open. (An out-parameter, not an `Option<Addr>`: LLVM may read an
+/// `Option`'s payload on its `None` path, which the verifier refuses.)
+#[inline(always)]
+fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
+    let Some(i) = (unsafe { IFACES.get(&from) }) else {
+        return Err(Shot::Unclassified);
+    };
+    match i.kind {
+        // The pod ingress program must have vouched for the source: without its bit the
+        // program was not on the interface yet.
+        IFACE_POD if mark & MARK_FROM_POD != 0 => {
+            if mark & MARK_OPEN != 0 {
+                return Ok(false);
+            }
+            let has = if p.family == FAMILY_V4 {
+                if i.has4 != 0 {
+                    who.0 = i.addr4;
+                }
+                i.has4
+            } else {
+                if i.has6 != 0 {
+                    who.0 = i.addr6;
+                }
+                i.has6
+            };
+            Ok(has != 0)
+        }
+        IFACE_OTHER if mark & MARK_FROM_OTHER != 0 => Ok(false),
+        _ => Err(Shot::Unclassified),
     }
-    p.saddr
+}
+
+/// Whether the receiver's ingress rules apply: for a known local pod, not for a remote
+/// receiver or an unknown pod left open.
+#[inline(always)]
+fn receiver<const POD: bool>(to: u32, p: &Pkt) -> Result<bool, Shot> {
+    let kind = unsafe { IFACES.get(&to) }.map(|i| i.kind);
+    let want = if POD { IFACE_POD } else { IFACE_OTHER };
+    // The variant attached here must be the one the enforced classification asks for.
+    if kind != Some(want) {
+        return Err(Shot::Unclassified);
+    }
+    if !POD {
+        return Ok(false);
+    }
+    match unsafe { PODS.get(&pod_key(to, p.family, &p.daddr)) }.copied() {
+        Some(POD_KNOWN) => Ok(true),
+        Some(POD_UNKNOWN_ALLOW) => Ok(false),
+        _ => Err(Shot::UnknownPod),
+    }
 }
 
 /// Whether the rules of `local` (if any isolate it in `dir`) allow `peer`.

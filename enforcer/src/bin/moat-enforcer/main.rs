@@ -60,17 +60,16 @@ async fn main() -> Result<()> {
         let backend = Switching::new(backend, "ebpf", ebpf_leftover(&args));
         return run(args, backend, "nftables (--backend nft)").await;
     }
-    match moat_enforcer_ebpf::probe::open(args.bpffs.clone(), &args.common.node) {
+    match moat_enforcer_ebpf::probe::open(
+        args.bpffs.clone(),
+        &args.common.node,
+        // The same rule the agent classifies by, so the attacher picks the program variant
+        // the local pod table will expect.
+        args.common.pod_interfaces.clone(),
+    ) {
         Ok(mut backend) => {
             backend.note_probe("selected", format!("ebpf: --backend {mode}"));
-            if let Some(m) = args.max_elements {
-                // Said out loud rather than silently ignored: the eBPF maps' capacities are
-                // its only budget in this build.
-                tracing::warn!(
-                    max_elements = m,
-                    "--max-elements does not bound the eBPF dataplane yet; its map capacities do"
-                );
-            }
+            backend.set_max_elements(args.max_elements);
             let backend = Switching::new(backend, "nft", nft_leftover(&args));
             run(args, backend, "eBPF").await
         }

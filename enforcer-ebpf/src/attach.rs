@@ -1,0 +1,233 @@
+//! The programs and the interfaces they are on. Each interface gets the variant of its kind
+//! (`PodInterfaces::kind`, the rule the agent's classification uses too): pod interfaces
+//! `moat_ingress_pod`/`moat_egress_pod`, every other one (but loopback) `moat_ingress`/
+//! `moat_egress`. A dedicated thread ([`Attacher`]) puts them on a new interface the moment
+//! netlink announces it, so nothing passes a pod's interface before the programs judge it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aya::Ebpf;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use moat_dataplane::local::{Kind, PodInterfaces};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::DataplaneError;
+use crate::sys;
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+pub const INGRESS: &str = "moat_ingress";
+pub const EGRESS: &str = "moat_egress";
+/// Layout 5 on: the variants for pod interfaces.
+pub const INGRESS_POD: &str = "moat_ingress_pod";
+pub const EGRESS_POD: &str = "moat_egress_pod";
+
+pub struct Progs {
+    ebpf: Ebpf,
+    links: PathBuf,
+    layout: u32,
+    /// Interfaces this process attached to (or took over): ifindex → name and kind.
+    attached: BTreeMap<u32, (String, Kind)>,
+    /// Attach calls so far (tests: the attacher's work is visible).
+    pub attaches: u64,
+}
+
+impl Progs {
+    /// Loads (verifies) the programs of `layout` from `ebpf`.
+    pub fn load(ebpf: Ebpf, links: PathBuf, layout: u32) -> Result<Self> {
+        let mut p = Progs {
+            ebpf,
+            links,
+            layout,
+            attached: BTreeMap::new(),
+            attaches: 0,
+        };
+        for name in p.names() {
+            p.program(name)?
+                .load()
+                .map_err(|e| DataplaneError::Program(name, e))?;
+        }
+        Ok(p)
+    }
+
+    fn names(&self) -> &'static [&'static str] {
+        if self.layout >= 5 {
+            &[INGRESS, EGRESS, INGRESS_POD, EGRESS_POD]
+        } else {
+            &[INGRESS, EGRESS]
+        }
+    }
+
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Program(
+                name,
+                aya::programs::ProgramError::NotLoaded,
+            ))?
+            .try_into()
+            .map_err(|e| DataplaneError::Program(name, e))
+    }
+
+    /// Attaches the programs of its kind to every interface but loopback that has none (or
+    /// another kind's) from this run, replacing (atomically, through the pinned link) what a
+    /// previous run attached. Returns how many interfaces it attached to.
+    pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
+        let links = sys::links().map_err(|e| DataplaneError::Sys("listing links", e))?;
+        let mut added = 0;
+        for l in &links {
+            if l.name == "lo" {
+                continue;
+            }
+            let kind = mode.kind(l);
+            if self.attached.get(&l.index) == Some(&(l.name.clone(), kind)) {
+                continue;
+            }
+            let (ing, eg) = match (kind, self.layout >= 5) {
+                (Kind::Pod, true) => (INGRESS_POD, EGRESS_POD),
+                _ => (INGRESS, EGRESS),
+            };
+            // Egress first: a receiver is judged before its packets' replies are recognised.
+            for (prog, ty, dir) in [
+                (eg, TcAttachType::Egress, "egress"),
+                (ing, TcAttachType::Ingress, "ingress"),
+            ] {
+                let pin = self.links.join(format!("{}-{}-{dir}", l.index, l.name));
+                match self.attach_one(prog, ty, &l.name, &pin) {
+                    Ok(()) => {}
+                    // Gone between the dump and the attach: nothing to protect.
+                    Err(e) if !sys::link_exists(l.index) => {
+                        debug!(iface = %l.name, error = %e, "interface vanished while attaching");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.attached.insert(l.index, (l.name.clone(), kind));
+            added += 1;
+        }
+        // Pins of interfaces that are gone hold defunct links: drop them.
+        let live: BTreeSet<String> = links
+            .iter()
+            .map(|l| format!("{}-{}-", l.index, l.name))
+            .collect();
+        if let Ok(dir) = std::fs::read_dir(&self.links) {
+            for e in dir.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if !live.iter().any(|p| f.starts_with(p.as_str())) {
+                    debug!(pin = %f, "removing the link pin of a vanished interface");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.attached
+            .retain(|i, (n, _)| links.iter().any(|l| l.index == *i && l.name == *n));
+        Ok(added)
+    }
+
+    fn attach_one(
+        &mut self,
+        prog_name: &'static str,
+        ty: TcAttachType,
+        iface: &str,
+        pin: &Path,
+    ) -> Result<()> {
+        let err = |e: String| DataplaneError::Attach(format!("{iface} ({prog_name})"), e);
+        self.attaches += 1;
+        let prog = self.program(prog_name)?;
+        let id = match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| err(e.to_string()))?;
+                let id = prog.attach_to_link(link).map_err(|e| err(e.to_string()))?;
+                info!(
+                    iface,
+                    prog = prog_name,
+                    "replaced the program on a pinned link"
+                );
+                // Already pinned: keep it, this process's handle just closes later.
+                let _ = prog.take_link(id);
+                return Ok(());
+            }
+            Err(_) => prog
+                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| err(e.to_string()))?,
+        };
+        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        fd.pin(pin).map_err(|e| err(e.to_string()))?;
+        info!(iface, prog = prog_name, "attached");
+        Ok(())
+    }
+
+    /// Attaches every program to `iface` and detaches it again (the capability probe).
+    pub fn probe_attach(&mut self, iface: &str) -> Result<()> {
+        for name in self.names() {
+            let ty = if name.contains("ingress") {
+                TcAttachType::Ingress
+            } else {
+                TcAttachType::Egress
+            };
+            let prog = self.program(name)?;
+            let id = prog
+                .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
+            prog.detach(id)
+                .map_err(|e| DataplaneError::Attach(format!("{iface} ({name})"), e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The thread that attaches the programs to a new interface on its RTM_NEWLINK (and
+/// re-attaches the right variant when a link or address event may change its kind). Stops
+/// when dropped.
+pub struct Attacher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Attacher {
+    pub fn start(progs: Arc<Mutex<Progs>>, mode: PodInterfaces) -> std::io::Result<Attacher> {
+        let watch = sys::LinkWatch::new()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("moat-attacher".into())
+            .spawn(move || {
+                // Links that appeared before the socket was bound.
+                let mut pending = true;
+                while !stopped.load(Ordering::Relaxed) {
+                    if pending {
+                        let mut p = progs.lock().unwrap_or_else(|e| e.into_inner());
+                        match p.attach_all(&mode) {
+                            Ok(n) if n > 0 => debug!(added = n, "attached to new interfaces"),
+                            Ok(_) => {}
+                            Err(e) => warn!(error = %e, "attaching to new interfaces"),
+                        }
+                    }
+                    pending = watch.wait(std::time::Duration::from_millis(200));
+                }
+            })?;
+        Ok(Attacher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Attacher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
