@@ -380,13 +380,32 @@ fn dump(ty: u16, hdr: usize) -> io::Result<Vec<(u16, Vec<u8>)>> {
     }
 }
 
+/// Whether an address message's address (IFA_ADDRESS, 1, or IFA_LOCAL, 2) is link-local:
+/// 169.254/16 or fe80::/10.
+fn link_local_only(family: u8, attrs_buf: &[u8]) -> bool {
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    attrs(attrs_buf)
+        .filter(|(a, _)| *a == 1 || *a == 2)
+        .map(|(_, d)| match (family, d.len()) {
+            (AF_INET, 4) => d[0] == 169 && d[1] == 254,
+            (AF_INET6, 16) => d[0] == 0xfe && d[1] & 0xc0 == 0x80,
+            _ => false,
+        })
+        .next()
+        .unwrap_or(false)
+}
+
 /// The links of the current network namespace as the pod classification needs them (kind,
 /// master, whether they hold a global address).
 pub fn links() -> io::Result<Vec<moat_dataplane::local::Link>> {
     let mut global = std::collections::BTreeSet::new();
     for (t, p) in dump(RTM_GETADDR, 8)? {
         // ifaddrmsg: family, prefix length, flags, scope, index.
-        if t == RTM_NEWADDR && p.len() >= 8 && p[3] == 0 {
+        // Link-local addresses never count, whatever their scope: `ip addr add
+        // 169.254.1.1/32` is scope global, and CNIs give pod veths exactly that as the
+        // pods' gateway (the agent's watcher follows the same rule; see `Link::global_addr`).
+        if t == RTM_NEWADDR && p.len() >= 8 && p[3] == 0 && !link_local_only(p[0], &p[8..]) {
             global.insert(u32::from_ne_bytes(p[4..8].try_into().expect("4 bytes")));
         }
     }
