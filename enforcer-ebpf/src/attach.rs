@@ -79,38 +79,50 @@ impl Progs {
     /// previous run attached. Returns how many interfaces it attached to.
     pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
         let links = sys::links().map_err(|e| DataplaneError::Sys("listing links", e))?;
-        let mut added = 0;
-        for l in &links {
-            if l.name == "lo" {
-                continue;
-            }
-            let kind = mode.kind(l);
-            if self.attached.get(&l.index) == Some(&(l.name.clone(), kind)) {
-                continue;
-            }
-            let (ing, eg) = match (kind, self.layout >= 5) {
-                (Kind::Pod, true) => (INGRESS_POD, EGRESS_POD),
-                _ => (INGRESS, EGRESS),
-            };
-            // Egress first: a receiver is judged before its packets' replies are recognised.
-            for (prog, ty, dir) in [
-                (eg, TcAttachType::Egress, "egress"),
-                (ing, TcAttachType::Ingress, "ingress"),
-            ] {
+        let todo: Vec<(&moat_dataplane::local::Link, Kind)> = links
+            .iter()
+            .filter(|l| l.name != "lo")
+            .map(|l| (l, mode.kind(l)))
+            .filter(|(l, kind)| self.attached.get(&l.index) != Some(&(l.name.clone(), *kind)))
+            .collect();
+        // The first attach of a run covers a node whose traffic flows already (enforced by
+        // the other dataplane or a previous run): every ingress program first, so no egress
+        // program ever sees a packet its sender's ingress program did not mark (it would drop
+        // it as unclassified). A later attach is a new interface: egress first on it, so no
+        // packet reaches it unjudged; its own packets are unclassified for an instant.
+        let order: &[TcAttachType] = if self.attached.is_empty() {
+            &[TcAttachType::Ingress, TcAttachType::Egress]
+        } else {
+            &[TcAttachType::Egress, TcAttachType::Ingress]
+        };
+        let mut vanished = BTreeSet::new();
+        for ty in order {
+            for (l, kind) in &todo {
+                if vanished.contains(&l.index) {
+                    continue;
+                }
+                let (prog, dir) = match (*ty, kind, self.layout >= 5) {
+                    (TcAttachType::Ingress, Kind::Pod, true) => (INGRESS_POD, "ingress"),
+                    (TcAttachType::Ingress, _, _) => (INGRESS, "ingress"),
+                    (_, Kind::Pod, true) => (EGRESS_POD, "egress"),
+                    _ => (EGRESS, "egress"),
+                };
                 let pin = self.links.join(format!("{}-{}-{dir}", l.index, l.name));
-                match self.attach_one(prog, ty, &l.name, &pin) {
+                match self.attach_one(prog, *ty, &l.name, &pin) {
                     Ok(()) => {}
                     // Gone between the dump and the attach: nothing to protect.
                     Err(e) if !sys::link_exists(l.index) => {
                         debug!(iface = %l.name, error = %e, "interface vanished while attaching");
-                        break;
+                        vanished.insert(l.index);
                     }
                     Err(e) => return Err(e),
                 }
             }
-            self.attached.insert(l.index, (l.name.clone(), kind));
-            added += 1;
         }
+        for (l, kind) in &todo {
+            self.attached.insert(l.index, (l.name.clone(), *kind));
+        }
+        let added = todo.len();
         // Pins of interfaces that are gone hold defunct links: drop them.
         let live: BTreeSet<String> = links
             .iter()

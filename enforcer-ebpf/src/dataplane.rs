@@ -101,6 +101,20 @@ pub struct PodMaps {
     ifaces: HashMap<MapData, u32, Iface>,
 }
 
+/// The drop and allow counters pinned for `node` (summed over CPUs), read without loading
+/// anything: what a test shows when a verdict surprised it. Empty if nothing is pinned.
+pub fn pinned_counters(bpffs: &Path, node: &str) -> Result<BTreeMap<String, u64>> {
+    let root = crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
+    let Some((_, dir)) = crate::migrate::layouts(&root).pop() else {
+        return Ok(BTreeMap::new());
+    };
+    if !dir.join(MapNames::COUNTERS).exists() {
+        return Ok(BTreeMap::new());
+    }
+    let counters: PerCpuArray<MapData, u64> = pinned(&dir, MapNames::COUNTERS)?;
+    Ok(counters_of(&counters))
+}
+
 /// The version record pinned for `node`, read without loading anything: what an operator
 /// (or a test) sees of a running dataplane. `None` if nothing is pinned.
 pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
@@ -380,22 +394,26 @@ impl Dataplane {
 
     /// Per-CPU counters summed.
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for (i, name) in [
-            (CNT_ALLOWED, "allowed"),
-            (CNT_DENIED, "denied"),
-            (CNT_MALFORMED, "malformed"),
-            (CNT_CT_FULL, "flow_table_full"),
-            (CNT_SPOOFED, moat_dataplane::counters::SPOOFED),
-            (CNT_UNKNOWN_POD, moat_dataplane::counters::UNKNOWN_POD),
-            (CNT_UNCLASSIFIED, moat_dataplane::counters::UNCLASSIFIED),
-        ] {
-            if let Ok(v) = self.maps.counters.get(&i, 0) {
-                out.insert(name.to_string(), v.iter().sum());
-            }
-        }
-        out
+        counters_of(&self.maps.counters)
     }
+}
+
+fn counters_of(counters: &PerCpuArray<MapData, u64>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (i, name) in [
+        (CNT_ALLOWED, "allowed"),
+        (CNT_DENIED, "denied"),
+        (CNT_MALFORMED, "malformed"),
+        (CNT_CT_FULL, "flow_table_full"),
+        (CNT_SPOOFED, moat_dataplane::counters::SPOOFED),
+        (CNT_UNKNOWN_POD, moat_dataplane::counters::UNKNOWN_POD),
+        (CNT_UNCLASSIFIED, moat_dataplane::counters::UNCLASSIFIED),
+    ] {
+        if let Ok(v) = counters.get(&i, 0) {
+            out.insert(name.to_string(), v.iter().sum());
+        }
+    }
+    out
 }
 
 impl Maps {

@@ -200,8 +200,22 @@ pub fn counters() -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Deletes the Moat table (uninstall).
+/// Deletes the Moat table (uninstall, or a node another dataplane now enforces).
+///
+/// First, in a transaction of its own, an `accept` goes in front of the forward hook's
+/// rules: deleting a table with sets, verdict maps and chains in one transaction was seen
+/// to drop an allowed SYN in flight (the switching test, 1 run in ~15: the packet died in
+/// `nft_do_chain` while the table went). Whoever removes the table has decided that nothing
+/// of it is to be enforced any more, so accepting first opens nothing the deletion would
+/// not; it only keeps a packet judged mid-deletion from being dropped. A table without the
+/// forward chain (never expected) is deleted directly.
 pub fn delete_table(lock: &TxLock) -> Result<(), Error> {
+    let accept_first = serde_json::json!({"insert": {"rule": {
+        "family": "inet", "table": TABLE, "chain": "forward", "expr": [{"accept": null}]
+    }}});
+    if let Err(e) = apply(lock, vec![accept_first]) {
+        tracing::debug!(error = %e, "no forward chain to open first; deleting the table directly");
+    }
     apply(
         lock,
         vec![

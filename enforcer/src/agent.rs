@@ -70,7 +70,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("connect: {0}")]
+    /// The cause (refused, unreachable, TLS) is in the source chain: tonic's own message
+    /// is only "transport error".
+    #[error("connect")]
     Connect(#[from] tonic::transport::Error),
     #[error("server: {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -224,7 +226,7 @@ impl<B: Backend> Agent<B> {
             match result {
                 Ok(()) => info!("server closed the stream"),
                 Err(e) => {
-                    warn!(error = %e, "sync stream ended; enforcing version {:?} meanwhile", self.enforcing.as_ref().map(|s| s.version))
+                    warn!(error = %moat_dataplane::chain(&e), "sync stream ended; enforcing version {:?} meanwhile", self.enforcing.as_ref().map(|s| s.version))
                 }
             }
             if started.elapsed() > Duration::from_secs(30) {

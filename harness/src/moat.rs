@@ -326,6 +326,18 @@ impl Moat {
             return Ok(());
         };
         for i in 0..self.node_names.len() {
+            // The nodes have no default route, and a connect needs a route to its address
+            // before the output hook's DNAT can rewrite it (kube-proxy's nodes route a
+            // ClusterIP by their default route): an on-link route of its own.
+            crate::cluster::ip(&[
+                "-n",
+                &self.cluster.node(i),
+                "route",
+                "replace",
+                &format!("{vip}/32"),
+                "dev",
+                "eth0",
+            ])?;
             let script = format!(
                 "add table ip moatvip\ndelete table ip moatvip\ntable ip moatvip {{\n chain out {{ type nat hook output priority -100; ip daddr {vip} tcp dport {SYNC_PORT} dnat to {}; }}\n}}\n",
                 self.server_addr
@@ -382,6 +394,16 @@ impl Moat {
     pub fn ebpf_meta(&self, i: usize) -> Result<Option<moat_enforcer_ebpf::Meta>> {
         let bpffs = std::path::Path::new(crate::cluster::BPFFS).join(self.cluster.node(i));
         Ok(moat_enforcer_ebpf::dataplane::pinned_meta(
+            &bpffs,
+            &self.node_names[i],
+        )?)
+    }
+
+    /// Node `i`'s pinned eBPF counters (drops by reason, allowed flows); empty on a node
+    /// without eBPF pins.
+    pub fn ebpf_counters(&self, i: usize) -> Result<BTreeMap<String, u64>> {
+        let bpffs = std::path::Path::new(crate::cluster::BPFFS).join(self.cluster.node(i));
+        Ok(moat_enforcer_ebpf::dataplane::pinned_counters(
             &bpffs,
             &self.node_names[i],
         )?)

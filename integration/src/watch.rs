@@ -76,7 +76,14 @@ impl Watch {
                 counts.probes.fetch_add(r.len() as u64, Ordering::Relaxed);
                 for (ok, p) in r.into_iter().zip(&reqs) {
                     if ok != expect {
-                        eprintln!("{from} -> {p:?} was {ok}, must always be {expect}");
+                        // Wall-clock time, to set beside the processes' logs.
+                        let at = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default();
+                        eprintln!(
+                            "{from} -> {p:?} was {ok}, must always be {expect} (batch ending at unix {:.3})",
+                            at.as_secs_f64()
+                        );
                         counts.wrong.fetch_add(1, Ordering::Relaxed);
                     }
                 }

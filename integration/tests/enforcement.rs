@@ -405,7 +405,13 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     };
     switch(&mut w, "ebpf", &[from("y/b")]);
     std::thread::sleep(Duration::from_millis(500));
-    watch.finish().assert_clean();
+    let seen = watch.finish();
+    // Which check dropped, should a verdict have flipped.
+    eprintln!(
+        "eBPF counters on the switched node: {:?}",
+        w.moat.ebpf_counters(home)
+    );
+    seen.assert_clean();
     assert!(w.moat.has_ebpf_pins(home));
     assert!(
         !w.moat.has_nft_table(home).unwrap(),

@@ -18,25 +18,19 @@ fn nft() {
     every_attack_fails("nft", Moved::NotYet);
 }
 
-// eBPF map layout 5 (the same checks in the eBPF programs) is on branch `ebpf`: it passes
-// these attacks but opens a gap when a node switches dataplanes, so it has not landed. Until
-// it does, eBPF nodes do not validate sources or deny unknown pods (issue #12 stays open).
 #[test]
-#[ignore = "issue #12: eBPF layout 5 has not landed (branch ebpf)"]
 fn ebpf() {
     every_attack_fails("ebpf", Moved::Included);
 }
 
 #[test]
-#[ignore = "issue #12: eBPF layout 5 has not landed (branch ebpf)"]
 fn mixed() {
     every_attack_fails("mixed", Moved::Included);
 }
 
-// Issue #12 item 3: enforcers do not yet reconnect to a server that moved behind the service
-// address within 10 s (they keep failing to connect), so this case is not claimed.
+// The nft cluster runs the attacks without the move (`nft` above) and the move alone here,
+// so each stays within its time budget.
 #[test]
-#[ignore = "issue #12 item 3: enforcers do not yet follow a moved server"]
 fn nft_server_moved() {
     let mut w = World::start("nft");
     w.apply(&policies());
