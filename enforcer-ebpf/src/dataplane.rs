@@ -101,16 +101,22 @@ pub struct PodMaps {
     ifaces: HashMap<MapData, u32, Iface>,
 }
 
+/// The directory of the newest layout pinned for `node`, if it holds the pin `name`: an
+/// upgrade in progress still shows what is in force.
+fn newest_pin_dir(bpffs: &Path, node: &str, name: &str) -> Result<Option<PathBuf>> {
+    let root = crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
+    Ok(crate::migrate::layouts(&root)
+        .pop()
+        .map(|(_, dir)| dir)
+        .filter(|dir| dir.join(name).exists()))
+}
+
 /// The drop and allow counters pinned for `node` (summed over CPUs), read without loading
 /// anything: what a test shows when a verdict surprised it. Empty if nothing is pinned.
 pub fn pinned_counters(bpffs: &Path, node: &str) -> Result<BTreeMap<String, u64>> {
-    let root = crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
-    let Some((_, dir)) = crate::migrate::layouts(&root).pop() else {
+    let Some(dir) = newest_pin_dir(bpffs, node, MapNames::COUNTERS)? else {
         return Ok(BTreeMap::new());
     };
-    if !dir.join(MapNames::COUNTERS).exists() {
-        return Ok(BTreeMap::new());
-    }
     let counters: PerCpuArray<MapData, u64> = pinned(&dir, MapNames::COUNTERS)?;
     Ok(counters_of(&counters))
 }
@@ -118,19 +124,10 @@ pub fn pinned_counters(bpffs: &Path, node: &str) -> Result<BTreeMap<String, u64>
 /// The version record pinned for `node`, read without loading anything: what an operator
 /// (or a test) sees of a running dataplane. `None` if nothing is pinned.
 pub fn pinned_meta(bpffs: &Path, node: &str) -> Result<Option<Meta>> {
-    // The newest layout pinned: an upgrade in progress still shows what is in force.
-    let root = crate::node_dir(bpffs, node).map_err(|e| DataplaneError::Bpffs(bpffs.into(), e))?;
-    let Some((_, dir)) = crate::migrate::layouts(&root).pop() else {
+    let Some(dir) = newest_pin_dir(bpffs, node, MapNames::META)? else {
         return Ok(None);
     };
-    let path = dir.join(MapNames::META);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let data = MapData::from_pin(&path).map_err(|e| DataplaneError::Map(MapNames::META, e))?;
-    let map: Array<MapData, Meta> = aya::maps::Map::from_map_data(data)
-        .and_then(Array::try_from)
-        .map_err(|e| DataplaneError::Map(MapNames::META, e))?;
+    let map: Array<MapData, Meta> = pinned(&dir, MapNames::META)?;
     map.get(&0, 0)
         .map(Some)
         .map_err(|e| DataplaneError::Map(MapNames::META, e))

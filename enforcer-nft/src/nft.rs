@@ -204,7 +204,7 @@ pub fn counters() -> BTreeMap<String, u64> {
 ///
 /// First, in a transaction of its own, an `accept` goes in front of the forward hook's
 /// rules: deleting a table with sets, verdict maps and chains in one transaction was seen
-/// to drop an allowed SYN in flight (the switching test, 1 run in ~15: the packet died in
+/// to drop an allowed SYN in flight (the switching test, about 1 switch in 20: the packet died in
 /// `nft_do_chain` while the table went). Whoever removes the table has decided that nothing
 /// of it is to be enforced any more, so accepting first opens nothing the deletion would
 /// not; it only keeps a packet judged mid-deletion from being dropped. A table without the
