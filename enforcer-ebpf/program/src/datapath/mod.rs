@@ -356,16 +356,19 @@ fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
 
 /// Whether the receiver's ingress rules apply: for a known local pod, not for a remote
 /// receiver or an unknown pod left open.
+///
+/// On a pod interface one lookup answers both questions: a `PODS` entry exists only for an
+/// interface the enforced version classifies as a pod's (user space deletes an interface's
+/// entries before the flip that takes its classification away, and writes them after the
+/// flip that gives it), so a hit also says the pod variant belongs here; a miss, for an
+/// unclassified interface too, is an unknown pod. Elsewhere `IFACES` must say "other".
 #[inline(always)]
 fn receiver<const POD: bool>(to: u32, p: &Pkt) -> Result<bool, Shot> {
-    let kind = unsafe { IFACES.get(&to) }.map(|i| i.kind);
-    let want = if POD { IFACE_POD } else { IFACE_OTHER };
-    // The variant attached here must be the one the enforced classification asks for.
-    if kind != Some(want) {
-        return Err(Shot::Unclassified);
-    }
     if !POD {
-        return Ok(false);
+        return match unsafe { IFACES.get(&to) }.map(|i| i.kind) {
+            Some(IFACE_OTHER) => Ok(false),
+            _ => Err(Shot::Unclassified),
+        };
     }
     match unsafe { PODS.get(&pod_key(to, p.family, &p.daddr)) }.copied() {
         Some(POD_KNOWN) => Ok(true),
