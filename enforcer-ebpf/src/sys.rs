@@ -448,35 +448,6 @@ pub fn links() -> io::Result<Vec<moat_dataplane::local::Link>> {
     Ok(out)
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_TYPE_TCX: u32 = 11;
-
-/// The interface a pinned TCX link is on: `Some(0)` once its device is gone (the link is
-/// defunct, though its pin remains), `None` if the pin holds another kind of link.
-pub fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
-    let path = cpath(pin)?;
-    let mut attr = Attr::new();
-    attr.put_u64(0, path.as_ptr() as u64);
-    // SAFETY: the kernel returned a new descriptor, owned from here on.
-    let fd = unsafe { OwnedFd::from_raw_fd(bpf(BPF_OBJ_GET, &mut attr)? as i32) };
-    // `struct bpf_link_info`: type, id, prog_id, then the union (8-aligned, at 16), whose
-    // `tcx` member starts with the ifindex. Room for any kernel's larger struct.
-    let mut info = [0u64; 32];
-    let mut attr = Attr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32)
-        .put_u32(4, std::mem::size_of_val(&info) as u32)
-        .put_u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    // The i-th 4-byte word of the struct, in memory order.
-    let word = |i: usize| {
-        let b = info[i / 2].to_ne_bytes();
-        let at = (i % 2) * 4;
-        u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-    };
-    Ok((word(0) == BPF_LINK_TYPE_TCX).then(|| word(4)))
-}
-
 /// Whether interface `index` exists in the current network namespace.
 pub fn link_exists(index: u32) -> bool {
     let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
