@@ -53,8 +53,9 @@ for ((i = 1; i <= runs; i++)); do
         cp "$out/run.log" "$out/fail-$i.log"
     fi
     took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
-    # The test's own last line of figures, if it prints one.
-    said=$(grep -av '^test \|^running\|^$' "$out/run.log" | tail -n 1 || true)
+    # The test's own last line of figures, if it prints one (libtest puts it after "test
+    # NAME ... " on the same line).
+    said=$(grep -av '^running\|^$\|^test result' "$out/run.log" | tail -n 1 || true)
     echo "$i $r ${took}s load=$(cut -d' ' -f1 /proc/loadavg) $said" >>"$out/summary"
 done
 echo "commit $(cat "$out/commit"): $pass passed, $fail failed of $runs runs beside $hogs busy loop(s)" |
