@@ -83,7 +83,9 @@ impl Progs {
             .iter()
             .filter(|l| l.name != "lo")
             .map(|l| (l, mode.kind(l)))
-            .filter(|(l, kind)| self.attached.get(&l.index) != Some(&(l.name.clone(), *kind)))
+            .filter(|(l, kind)| {
+                self.attached.get(&l.index) != Some(&(l.name.clone(), *kind)) || !self.still_on(l)
+            })
             .collect();
         // The first attach of a run covers a node whose traffic flows already (enforced by
         // the other dataplane or a previous run): every ingress program first, so no egress
@@ -142,6 +144,16 @@ impl Progs {
         Ok(added)
     }
 
+    /// Whether the programs this run attached to `l` are still on that very device. An
+    /// interface deleted and created again under the same index and name between two passes
+    /// (a CNI may ask for the index, or a veth moved into this namespace keeps a free one)
+    /// looks unchanged in a link dump, but its links went with the old device: without this
+    /// check the new one would carry no program, and traffic to it would pass unjudged.
+    fn still_on(&self, l: &moat_dataplane::local::Link) -> bool {
+        let pin = self.links.join(format!("{}-{}-egress", l.index, l.name));
+        matches!(sys::tcx_link_ifindex(&pin), Ok(Some(i)) if i == l.index)
+    }
+
     fn attach_one(
         &mut self,
         prog_name: &'static str,
@@ -151,6 +163,22 @@ impl Progs {
     ) -> Result<()> {
         let err = |e: String| DataplaneError::Attach(format!("{iface} ({prog_name})"), e);
         self.attaches += 1;
+        // A pinned link whose device is gone (or that is on another one) can't take the
+        // program: drop it and attach anew. (Updating a defunct link fails, and that failure
+        // stopped every later interface of the pass from getting its programs.)
+        if pin.exists() {
+            let idx: Option<u32> = pin
+                .file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.split('-').next())
+                .and_then(|i| i.parse().ok());
+            if let Ok(Some(on)) = sys::tcx_link_ifindex(pin)
+                && Some(on) != idx
+            {
+                info!(iface, pin = %pin.display(), "dropping the pin of a link whose device is gone");
+                let _ = std::fs::remove_file(pin);
+            }
+        }
         let prog = self.program(prog_name)?;
         let id = match PinnedLink::from_pin(pin) {
             Ok(old) => {

@@ -178,6 +178,9 @@ impl Dataplane {
         for d in [&dir, &links] {
             std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
         }
+        if layout == LAYOUT_VERSION {
+            crate::migrate::share_previous(&root, &dir)?;
+        }
         let object = match std::env::var_os(OBJECT_ENV) {
             Some(path) => {
                 info!(path = %path.to_string_lossy(), "loading the datapath from {OBJECT_ENV}");
@@ -234,7 +237,7 @@ impl Dataplane {
         self.progs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn shared_progs(&self) -> std::sync::Arc<std::sync::Mutex<Progs>> {
+    pub fn shared_progs(&self) -> std::sync::Arc<std::sync::Mutex<Progs>> {
         std::sync::Arc::clone(&self.progs)
     }
 
@@ -489,7 +492,10 @@ impl Maps {
         };
         let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
         // Removals first: within one phase every write goes the same way (more or less
-        // trust), so the order inside it does not matter; removals free room for puts.
+        // trust); removals free room for puts. One order still matters: a `PODS` entry only
+        // ever exists for an interface `IFACES` calls a pod's (the pod egress program judges
+        // a receiver by `PODS` alone), so `PODS` goes first on the way out and last on the
+        // way in.
         for k in &w.pods.1 {
             gone(m.pods.remove(k)).map_err(e(MapNames::PODS))?;
         }
@@ -499,14 +505,14 @@ impl Maps {
         for k in &w.ifaces.1 {
             gone(m.ifaces.remove(k)).map_err(e(MapNames::IFACES))?;
         }
-        for (k, v) in &w.pods.0 {
-            m.pods.insert(k, v, 0).map_err(e(MapNames::PODS))?;
+        for (k, v) in &w.ifaces.0 {
+            m.ifaces.insert(k, v, 0).map_err(e(MapNames::IFACES))?;
         }
         for k in &w.addrs.0 {
             m.addrs.insert(k, 1, 0).map_err(e(MapNames::LOCAL_ADDRS))?;
         }
-        for (k, v) in &w.ifaces.0 {
-            m.ifaces.insert(k, v, 0).map_err(e(MapNames::IFACES))?;
+        for (k, v) in &w.pods.0 {
+            m.pods.insert(k, v, 0).map_err(e(MapNames::PODS))?;
         }
         Ok(())
     }

@@ -5,6 +5,14 @@
 //! changed), moves the links to its program, waits out the old program, copies the flows
 //! created meanwhile, and only then removes the old pins.
 //!
+//! The flow table is the exception where the previous layout defines it exactly as this one
+//! does: it is not copied but shared (see [`share_previous`]). A copy leaves a window: from
+//! the moment the links run the new program until the flows the old one remembered
+//! meanwhile are copied, a reply to a flow the old program had just admitted meets a table
+//! without it, and an egress-isolated pod's reply judged as a new flow is denied. Upgrades
+//! from older layouts (whose tables differ) still copy, repeatedly while the old program is
+//! waited out, which narrows that window to one copy pass.
+//!
 //! Crash safety: until the old pins are removed, a restart repeats the migration, which
 //! copies the same state again. Rules do not change during it (no version is installed
 //! before the migration returns).
@@ -22,6 +30,59 @@ use crate::dataplane::{Dataplane, DataplaneError, pinned};
 use crate::flows::{FlowTable, coarse_now};
 
 type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// The layout whose flow table (with its hash key and clock) and fragment verdicts this
+/// layout defines exactly as it did.
+const SHARES_FROM: u32 = 4;
+/// `FLOWS` last: once its pin is in this layout's directory, so are the others.
+const SHARED: [&str; 4] = [
+    MapNames::FLOW_SEED,
+    MapNames::CLOCK,
+    MapNames::FRAGS,
+    MapNames::FLOWS,
+];
+
+/// Before this layout's program loads into `dir`: pins the flow maps of the previous layout,
+/// if that is the one pinned beside, under `dir` too, so the loader takes them over as they
+/// are. Old and new program then remember and look up flows in one table throughout the
+/// switch. Does nothing once `dir` holds a flow table (shared or not).
+pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
+    let older: Vec<(u32, PathBuf)> = layouts(root)
+        .into_iter()
+        .filter(|(n, _)| *n < LAYOUT_VERSION)
+        .collect();
+    let [(SHARES_FROM, from)] = older.as_slice() else {
+        return Ok(());
+    };
+    if dir.join(MapNames::FLOWS).exists() || !from.join(MapNames::FLOWS).exists() {
+        return Ok(());
+    }
+    for name in SHARED {
+        let (old, new) = (from.join(name), dir.join(name));
+        if !old.exists() {
+            continue;
+        }
+        // A run that stopped between its loader's pins (no link runs this layout's program
+        // before `FLOWS` is pinned) may have left a map of its own here, such as another
+        // hash key: the old one replaces it.
+        if new.exists() && !same_map(&old, &new) {
+            std::fs::remove_file(&new).map_err(|e| DataplaneError::Bpffs(new.clone(), e))?;
+        }
+        if !new.exists() {
+            crate::sys::pin_again(&old, &new).map_err(|e| DataplaneError::Bpffs(new, e))?;
+        }
+    }
+    info!(
+        from = SHARES_FROM,
+        "sharing the previous layout's flow table"
+    );
+    Ok(())
+}
+
+/// Whether pins `a` and `b` name one map.
+fn same_map(a: &Path, b: &Path) -> bool {
+    matches!((crate::sys::map_id(a), crate::sys::map_id(b)), (Ok(x), Ok(y)) if x == y)
+}
 
 /// The layouts pinned under a node's root: `(n, <root>/v<n>)`.
 pub fn layouts(root: &Path) -> Vec<(u32, PathBuf)> {
@@ -176,14 +237,24 @@ impl Dataplane {
         rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
         copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
         copy_array::<Meta>(&from, &to, MapNames::META)?;
-        let flows = copy_flows(&from, &to)?;
+        let shared = same_map(&from.join(MapNames::FLOWS), &to.join(MapNames::FLOWS));
+        let flows = if shared { 0 } else { copy_flows(&from, &to)? };
         // The links run this program from here on; once no packet runs the old one, the
-        // flows it remembered in between are copied too.
+        // flows it remembered in between are copied too (again and again while that is
+        // awaited: each pass shortens the time a reply may meet a table without its flow).
         self.attach_all(mode)?;
-        self.barrier()
-            .wait()
+        let barrier = self.barrier();
+        let waited = std::thread::spawn(move || barrier.wait());
+        let mut passes = 0;
+        while !shared && !waited.is_finished() {
+            copy_flows(&from, &to)?;
+            passes += 1;
+        }
+        waited
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")))
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
-        let late = copy_flows(&from, &to)?;
+        let late = if shared { 0 } else { copy_flows(&from, &to)? };
         std::fs::remove_dir_all(&from).map_err(|e| DataplaneError::Bpffs(from.clone(), e))?;
         info!(
             from = n,
@@ -191,6 +262,8 @@ impl Dataplane {
             rules,
             flows,
             late,
+            passes,
+            shared,
             "migrated the maps to this binary's layout"
         );
         Ok(Some(n))

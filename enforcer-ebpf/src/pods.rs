@@ -54,6 +54,19 @@ fn family_bytes(a: IpAddr) -> (u8, [u8; 16]) {
     }
 }
 
+/// How much an entry lets through: an unknown pod under `deny` nothing, a known one what its
+/// rules allow, an unknown one under `allow` everything. (Not the values' order: known → open
+/// unknown is a step up, written after the flip.)
+fn openness(v: u8) -> u8 {
+    match v {
+        POD_UNKNOWN_DENY => 0,
+        POD_KNOWN => 1,
+        POD_UNKNOWN_ALLOW => 2,
+        // No other value is written; rank it as the most open, so it is never written early.
+        _ => u8::MAX,
+    }
+}
+
 impl PodTables {
     pub fn of(local: &LocalPods) -> PodTables {
         let mut t = PodTables::default();
@@ -123,7 +136,7 @@ impl PodTables {
         for (k, v) in &new.pods {
             match self.pods.get(k) {
                 Some(old) if old == v => {}
-                Some(old) if v < old => before.pods.0.push((*k, *v)),
+                Some(old) if openness(*v) < openness(*old) => before.pods.0.push((*k, *v)),
                 _ => after.pods.0.push((*k, *v)),
             }
         }
@@ -218,6 +231,20 @@ mod tests {
         // Interface 6 now names its pod by its first known address.
         let six = after.ifaces.0.iter().find(|(i, _)| *i == 6).unwrap().1;
         assert_eq!((six.has4, six.addr4[3]), (1, 2));
+        // Under `--unknown-pods allow`, known → unknown opens the pod (no rules): a step up,
+        // after the flip; unknown → known is the step down, before it.
+        let allow = |l: &[(u32, &str, Option<u64>)]| PodTables::of(&lp(l, UnknownPods::Allow));
+        let known = allow(&[(6, "10.0.0.2", Some(2))]);
+        let open = allow(&[(6, "10.0.0.2", None)]);
+        let (before, after) = known.diff(&open);
+        assert!(before.pods.0.is_empty());
+        assert_eq!(
+            after.pods.0,
+            vec![(key(6, [10, 0, 0, 2]), POD_UNKNOWN_ALLOW)]
+        );
+        let (before, after) = open.diff(&known);
+        assert_eq!(before.pods.0, vec![(key(6, [10, 0, 0, 2]), POD_KNOWN)]);
+        assert!(after.pods.0.is_empty());
         // Known → unknown is a step down, written before the flip.
         let (before, _) = new.diff(&PodTables::of(&lp(
             &[(6, "10.0.0.2", None), (6, "10.0.0.3", Some(2))],

@@ -448,6 +448,63 @@ pub fn links() -> io::Result<Vec<moat_dataplane::local::Link>> {
     Ok(out)
 }
 
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// A new descriptor of the object pinned at `pin`.
+fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
+    let path = cpath(pin)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64);
+    // SAFETY: the kernel returned a new descriptor, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(bpf(BPF_OBJ_GET, &mut attr)? as i32) })
+}
+
+/// The first 4-byte words of the object's `bpf_*_info`, in memory order (room for any
+/// kernel's larger struct).
+fn obj_info(fd: &OwnedFd) -> io::Result<[u32; 64]> {
+    let mut info = [0u64; 32];
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32)
+        .put_u32(4, std::mem::size_of_val(&info) as u32)
+        .put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut words = [0u32; 64];
+    for (i, w) in words.iter_mut().enumerate() {
+        let b = info[i / 2].to_ne_bytes();
+        let at = (i % 2) * 4;
+        *w = u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    }
+    Ok(words)
+}
+
+/// The interface a pinned TCX link is on: `Some(0)` once its device is gone (the link is
+/// defunct, though its pin remains), `None` if the pin holds another kind of link.
+pub fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+    // `struct bpf_link_info`: type, id, prog_id, then the union (8-aligned, at 16), whose
+    // `tcx` member starts with the ifindex.
+    let info = obj_info(&obj_get(pin)?)?;
+    Ok((info[0] == BPF_LINK_TYPE_TCX).then_some(info[4]))
+}
+
+/// The kernel's id of the map pinned at `pin` (`struct bpf_map_info`: type, then id): two
+/// pins name one map when their ids are equal.
+pub fn map_id(pin: &Path) -> io::Result<u32> {
+    Ok(obj_info(&obj_get(pin)?)?[1])
+}
+
+/// Pins the object pinned at `from` at `to` as well: one object, two names.
+pub fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
+    let fd = obj_get(from)?;
+    let path = cpath(to)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64)
+        .put_u32(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
 /// Whether interface `index` exists in the current network namespace.
 pub fn link_exists(index: u32) -> bool {
     let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];

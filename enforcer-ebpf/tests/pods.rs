@@ -61,7 +61,12 @@ impl Cluster {
 
     fn new() -> Cluster {
         let c = Cluster {
-            tag: std::process::id().to_string(),
+            // Unique per test, also when a harness runs several in one process.
+            tag: {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{}-{n}", std::process::id())
+            },
             bpffs: PathBuf::from("/run/moat-test/bpf"),
         };
         let node = c.node();
@@ -86,29 +91,43 @@ impl Cluster {
     /// A pod: namespace, veth `vp<p>` in the node, address 10.77.0.<n>, host route, proxy ARP.
     /// Returns when the veth's creation was asked for.
     fn add_pod(&self, p: char, n: u8) -> Instant {
-        let (node, pod) = (self.node(), self.pod(p));
-        let host = format!("vp{p}");
-        let addr = format!("10.77.0.{n}");
+        let pod = self.pod(p);
         ip(&["netns", "add", &pod]);
         let created = Instant::now();
-        ip(&[
-            "-n", &node, "link", "add", "name", &host, "type", "veth", "peer", "name", "eth0",
-            "netns", &pod,
-        ]);
-        ip(&["-n", &pod, "link", "set", "lo", "up"]);
+        Self::plug(
+            &self.node(),
+            &pod,
+            &format!("vp{p}"),
+            &format!("10.77.0.{n}"),
+            None,
+        );
+        created
+    }
+
+    /// Wires pod namespace `pod` to the node: veth `host` (at `index` if given), `addr` on
+    /// the pod's eth0, its routes, the node's host route and proxy ARP.
+    fn plug(node: &str, pod: &str, host: &str, addr: &str, index: Option<u32>) {
+        let index = index.map(|i| i.to_string());
+        let mut add = vec!["-n", node, "link", "add", "name", host];
+        if let Some(i) = &index {
+            add.extend(["index", i]);
+        }
+        add.extend(["type", "veth", "peer", "name", "eth0", "netns", pod]);
+        ip(&add);
+        ip(&["-n", pod, "link", "set", "lo", "up"]);
         ip(&[
             "-n",
-            &pod,
+            pod,
             "addr",
             "add",
             &format!("{addr}/32"),
             "dev",
             "eth0",
         ]);
-        ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+        ip(&["-n", pod, "link", "set", "eth0", "up"]);
         ip(&[
             "-n",
-            &pod,
+            pod,
             "route",
             "add",
             "169.254.1.1",
@@ -119,7 +138,7 @@ impl Cluster {
         ]);
         ip(&[
             "-n",
-            &pod,
+            pod,
             "route",
             "add",
             "default",
@@ -128,25 +147,32 @@ impl Cluster {
             "dev",
             "eth0",
         ]);
-        ip(&["-n", &node, "link", "set", "dev", &host, "up"]);
+        ip(&["-n", node, "link", "set", "dev", host, "up"]);
         ip(&[
             "-n",
-            &node,
+            node,
             "route",
             "add",
             &format!("{addr}/32"),
             "dev",
-            &host,
+            host,
         ]);
         let proxy = format!("net.ipv4.conf.{host}.proxy_arp=1");
         let rp = format!("net.ipv4.conf.{host}.rp_filter=0");
         for s in [proxy, rp] {
             Command::new("ip")
-                .args(["netns", "exec", &node, "sysctl", "-qw", &s])
+                .args(["netns", "exec", node, "sysctl", "-qw", &s])
                 .status()
                 .unwrap();
         }
-        created
+    }
+
+    /// Where the backend pins its links.
+    fn links(&self) -> PathBuf {
+        self.bpffs
+            .join("moat")
+            .join(format!("pods-{}", self.tag))
+            .join("links")
     }
 
     fn ifindex(&self, name: &str) -> u32 {
@@ -176,7 +202,10 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for ns in [self.pod('a'), self.pod('b'), self.pod('c'), self.node()] {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(self.bpffs.join("moat").join(format!("pods-{}", self.tag)));
     }
@@ -194,46 +223,10 @@ fn pods_are_isolated_until_named_spoofing_is_dropped_and_a_new_pod_is_covered_at
     c.add_pod('a', 1);
     c.add_pod('b', 2);
     let (ma, mb) = (c.ifindex("vpa"), c.ifindex("vpb"));
-    let node = c.node();
-    let bpffs = c.bpffs.clone();
-    let tag = c.tag.clone();
-    // The backend lives in the node namespace: its own thread, which its attacher inherits.
-    let (cmd, cmds) = std::sync::mpsc::channel::<Box<dyn FnOnce(&mut EbpfBackend) + Send>>();
-    let backend = std::thread::spawn(move || {
-        enter(&format!("/run/netns/{node}"));
-        let mut b = EbpfBackend::open(
-            bpffs,
-            &format!("pods-{tag}"),
-            PodInterfaces::Auto,
-            BTreeMap::new(),
-        )
-        .unwrap();
-        let mut l = LocalPods::default();
-        l.other_ifaces.insert(1);
-        b.adopt(None, &l).unwrap();
-        for f in cmds {
-            f(&mut b);
-        }
-        b.remove_all().unwrap();
-    });
-    let run = |f: Box<dyn FnOnce(&mut EbpfBackend) + Send>| {
-        let (done, wait) = std::sync::mpsc::channel();
-        cmd.send(Box::new(move |b| {
-            f(b);
-            done.send(()).unwrap();
-        }))
-        .unwrap();
-        wait.recv().unwrap();
-    };
-    let set = |l: LocalPods| run(Box::new(move |b| b.set_local(&l).unwrap()));
-    let counter = |name: &'static str| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        run(Box::new(move |b| {
-            tx.send(b.counters().get(name).copied().unwrap_or(0))
-                .unwrap()
-        }));
-        rx.recv().unwrap()
-    };
+    let node = Node::start(&c);
+    let set = |l: LocalPods| node.run(move |b| b.set_local(&l).unwrap());
+    let counter =
+        |name: &'static str| node.run(move |b| b.counters().get(name).copied().unwrap_or(0));
 
     // Nothing named yet: both pod interfaces are classified, their addresses unknown.
     let mut l = LocalPods::default();
@@ -276,11 +269,7 @@ fn pods_are_isolated_until_named_spoofing_is_dropped_and_a_new_pod_is_covered_at
     // A new pod appears: its interface and route are made and used at once. The attacher
     // puts the programs on it from its first packet, so before any table classifies it
     // nothing passes in either direction.
-    let links = c
-        .bpffs
-        .join("moat")
-        .join(format!("pods-{}", c.tag))
-        .join("links");
+    let links = c.links();
     // Watches for both programs' link pins of the new interface, from before it exists.
     let pinned = {
         let links = links.clone();
@@ -334,6 +323,142 @@ fn pods_are_isolated_until_named_spoofing_is_dropped_and_a_new_pod_is_covered_at
         "classified and named"
     );
     assert!(c.reaches('c', "10.77.0.3", 'b', "10.77.0.2"));
-    drop(cmd);
-    backend.join().unwrap();
+    node.stop();
+}
+
+/// An interface deleted and made again under the same index and name between two passes of
+/// the attacher (a CNI may ask for the index; a veth moved into the node keeps a free one)
+/// looks unchanged in a link dump. Its programs went with the old device: the next pass must
+/// put them on the new one, or traffic to the pod there passes unjudged.
+#[test]
+fn an_interface_made_again_under_its_index_and_name_gets_the_programs() {
+    let c = Cluster::new();
+    c.add_pod('a', 1);
+    c.add_pod('b', 2);
+    let (ma, mb) = (c.ifindex("vpa"), c.ifindex("vpb"));
+    // Pod a is not named: nothing reaches it.
+    let table = move || {
+        let mut l = LocalPods::default();
+        l.other_ifaces.insert(1);
+        known(&mut l, mb, "10.77.0.2", 2);
+        l.pod_ifaces.insert(ma);
+        l.addrs
+            .insert((ma, "10.77.0.1".parse().unwrap()), PodAddr::Unknown);
+        l
+    };
+    let node = Node::start(&c);
+    let l = table();
+    node.run(move |b| b.set_local(&l).unwrap());
+    assert!(!c.reaches('b', "10.77.0.2", 'a', "10.77.0.1"), "unknown");
+
+    // The attacher waits on the programs' lock while the interface is made again, as if
+    // both link events came before its next pass.
+    let (pod, host) = (c.pod('a'), c.node());
+    let (again, attached) = node.run(move |b| {
+        let progs = b.dataplane().shared_progs();
+        let mut p = progs.lock().unwrap();
+        ip(&["-n", &host, "link", "del", "vpa"]);
+        Cluster::plug(&host, &pod, "vpa", "10.77.0.1", Some(ma));
+        let again = in_ns(&host, || {
+            let c = std::ffi::CString::new("vpa").unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        });
+        (again, p.attach_all(&PodInterfaces::Auto).unwrap())
+    });
+    assert_eq!(again, ma, "the test needs the same index");
+    assert!(
+        !c.reaches('b', "10.77.0.2", 'a', "10.77.0.1"),
+        "still unknown on the new device"
+    );
+    assert_eq!(attached, 1, "the new device is attached to");
+    let pin = c.links().join(format!("{ma}-vpa-egress"));
+    let live = |node: &Node| {
+        let pin = pin.clone();
+        node.run(move |_| moat_enforcer_ebpf::sys::tcx_link_ifindex(&pin).unwrap())
+    };
+    assert_eq!(
+        live(&node),
+        Some(ma),
+        "the pin names a link on the new device"
+    );
+
+    // The same while no enforcer runs (killed: its pins stay): the next one finds a pin
+    // whose link went with the old device. It drops it and attaches anew.
+    node.stop_keeping_pins();
+    ip(&["-n", &c.node(), "link", "del", "vpa"]);
+    Cluster::plug(&c.node(), &c.pod('a'), "vpa", "10.77.0.1", Some(ma));
+    let node = Node::start(&c);
+    let l = table();
+    node.run(move |b| b.set_local(&l).unwrap());
+    assert!(
+        !c.reaches('b', "10.77.0.2", 'a', "10.77.0.1"),
+        "unknown on the device made while no enforcer ran"
+    );
+    assert_eq!(live(&node), Some(ma));
+    node.stop();
+}
+
+type Job = Box<dyn FnOnce(&mut EbpfBackend) + Send>;
+
+/// A backend adopted in the node namespace, on a thread of its own (which its attacher
+/// inherits), driven by jobs.
+struct Node {
+    jobs: std::sync::mpsc::Sender<Job>,
+    thread: std::thread::JoinHandle<()>,
+    keep_pins: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Node {
+    fn start(c: &Cluster) -> Node {
+        let (node, bpffs, tag) = (c.node(), c.bpffs.clone(), c.tag.clone());
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let keep_pins = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keep = std::sync::Arc::clone(&keep_pins);
+        let thread = std::thread::spawn(move || {
+            enter(&format!("/run/netns/{node}"));
+            let mut b = EbpfBackend::open(
+                bpffs,
+                &format!("pods-{tag}"),
+                PodInterfaces::Auto,
+                BTreeMap::new(),
+            )
+            .unwrap();
+            let mut l = LocalPods::default();
+            l.other_ifaces.insert(1);
+            b.adopt(None, &l).unwrap();
+            for f in rx {
+                f(&mut b);
+            }
+            if !keep.load(std::sync::atomic::Ordering::SeqCst) {
+                b.remove_all().unwrap();
+            }
+        });
+        Node {
+            jobs,
+            thread,
+            keep_pins,
+        }
+    }
+
+    /// Runs `f` on the backend's thread and returns its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut EbpfBackend) -> T + Send + 'static) -> T {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.jobs
+            .send(Box::new(move |b| done.send(f(b)).unwrap()))
+            .unwrap();
+        wait.recv().unwrap()
+    }
+
+    fn stop(self) {
+        drop(self.jobs);
+        self.thread.join().unwrap();
+    }
+
+    /// Stops it as a killed enforcer stops: its pins (links and maps) stay.
+    fn stop_keeping_pins(self) {
+        self.keep_pins
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop();
+    }
 }

@@ -534,7 +534,12 @@ impl Drop for Moat {
         // A failing test's only chance to show what the server and enforcers saw: the
         // directory holding the logs goes away with it.
         if std::thread::panicking() {
-            eprintln!("{}", self.log_tails(40));
+            // MOAT_HARNESS_LOG_LINES shows more of a debug-level run (see MOAT_HARNESS_LOG).
+            let lines = std::env::var("MOAT_HARNESS_LOG_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(40);
+            eprintln!("{}", self.log_tails(lines));
         }
     }
 }

@@ -270,7 +270,7 @@ fn an_enforcer_killed_mid_apply_never_opens_or_breaks_anything(backend: &str) {
     // its closed connections' TIME_WAIT never exhausts the ephemeral ports.
     let probers = [
         ("y/b", true, 16, Duration::from_millis(400), 10),
-        ("z/c", false, 100, Duration::from_millis(300), 0),
+        ("z/c", false, 200, Duration::from_millis(300), 0),
     ];
     for (from, expect, n, timeout, pause) in probers {
         let agent = w.moat.cluster.prober(from).unwrap();
@@ -522,7 +522,7 @@ fn upgrade_from(layout: u32) {
     );
 
     let mut watch = Watch::new();
-    for (from, port, expect, n, pause) in [("z/c", 81, true, 16, 10), ("y/b", 80, false, 100, 0)] {
+    for (from, port, expect, n, pause) in [("z/c", 81, true, 16, 10), ("y/b", 80, false, 200, 0)] {
         let agent = w.moat.cluster.prober(from).unwrap();
         let reqs: Vec<ProbeReq> = (0..n).map(|i| tcp([v4, v6][i % 2], port)).collect();
         let pause = Duration::from_millis(pause);
@@ -549,7 +549,11 @@ fn upgrade_from(layout: u32) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let seen = watch.finish();
-    eprintln!("{:.0} probes/s", seen.rate);
+    eprintln!(
+        "{:.0} probes/s; the upgraded node's drops: {:?}",
+        seen.rate,
+        w.moat.ebpf_counters(home).unwrap_or_default()
+    );
     seen.assert_rate(1000.0);
     seen.assert_clean();
     // The new layout enforces new versions on its own.

@@ -871,7 +871,48 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
     assert_eq!(
         pre - post,
         0,
-        "allowed packets dropped while the table was replaced"
+        "allowed packets dropped while the table was replaced; Moat's counters {:?}; \
+         conntrack {:?}; {}",
+        nft::counters(),
+        conntrack_stats(),
+        ip_stats()
     );
     drop(server);
+}
+
+/// This namespace's conntrack statistics summed over CPUs (`/proc/net/stat/nf_conntrack`,
+/// hexadecimal), those that are not zero: where a packet went if not to Moat's rules.
+fn conntrack_stats() -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/net/stat/nf_conntrack").unwrap_or_default();
+    let mut lines = text.lines();
+    let names: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let mut sum = std::collections::BTreeMap::new();
+    for l in lines {
+        for (n, v) in names.iter().zip(l.split_whitespace()) {
+            *sum.entry(n.to_string()).or_insert(0) += u64::from_str_radix(v, 16).unwrap_or(0);
+        }
+    }
+    sum.retain(|n, v| *v > 0 && n != "entries");
+    sum
+}
+
+/// The IP statistics of this namespace (`/proc/net/snmp`): forwarded, discarded, unroutable.
+fn ip_stats() -> String {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let ip: Vec<&str> = text.lines().filter(|l| l.starts_with("Ip:")).collect();
+    match ip.as_slice() {
+        [names, values] => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .filter(|(_, v)| *v != "0")
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
 }

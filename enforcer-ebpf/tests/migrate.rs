@@ -1,0 +1,130 @@
+//! An upgrade from the previous map layout, program by program in the kernel
+//! (`BPF_PROG_TEST_RUN`): the old program keeps admitting flows until its links move, and the
+//! new one must know every one of them at once. Needs root and BPF, as CI has.
+//!
+//! One test in its own binary: it points the loader at the committed layout-4 object through
+//! the environment, which no other test may see, and enters a network namespace of its own
+//! (the migration attaches to every interface; a new namespace has only loopback).
+
+mod frames;
+
+use std::path::Path;
+
+use frames::*;
+use moat_dataplane::local::PodInterfaces;
+use moat_ebpf_common::{LAYOUT_VERSION, MARK_REPLY, MapNames};
+use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, INGRESS_POD};
+
+const OK: u32 = 0;
+/// `BPF_PROG_TEST_RUN` runs a tc program on loopback unless told of another device.
+const OUT: u32 = 1;
+/// Where the client's packets come from (any interface but "generated here", 0).
+const FORWARDED: u32 = 7;
+
+fn udp(sport: u16) -> Vec<u8> {
+    V4::new("10.0.1.5", "10.0.0.1", UDP).frame(&ports(sport, 53))
+}
+
+fn reply(dport: u16) -> Vec<u8> {
+    V4::new("10.0.0.1", "10.0.1.5", UDP).frame(&ports(53, dport))
+}
+
+fn is_reply(dp: &mut Dataplane, dport: u16) -> bool {
+    let r = dp.test_run(INGRESS_POD, &reply(dport), 0, OUT).unwrap();
+    r.mark & MARK_REPLY != 0
+}
+
+fn set_env(old: Option<&Path>) {
+    // SAFETY: this binary's only test, on its only thread that reads the environment.
+    unsafe {
+        match old {
+            Some(object) => {
+                std::env::set_var("MOAT_EBPF_OBJECT", object);
+                std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", "4");
+            }
+            None => {
+                std::env::remove_var("MOAT_EBPF_OBJECT");
+                std::env::remove_var("MOAT_EBPF_LAYOUT_FOR_TESTS");
+            }
+        }
+    }
+}
+
+/// Layout 4's flow table is layout 5's: shared, not copied. A flow the old program admits
+/// while the new one is already loaded (as on a node mid-upgrade, where some links run the
+/// new program and the old one judges packets until its links move) is one the new program
+/// finds at once; a copy would leave the reply to an egress-isolated pod's flow to meet a
+/// table without it, and be denied as a new flow.
+#[test]
+fn the_previous_layouts_flows_are_the_new_programs_at_once() {
+    assert_eq!(LAYOUT_VERSION, 5, "update the layout this test shares from");
+    // SAFETY: a fresh namespace for this thread only; nothing else runs in this binary.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    let bpffs = Path::new("/run/moat-test/bpf");
+    let node = format!("migrate-{}", std::process::id());
+    let root = bpffs.join("moat").join(&node);
+    let _ = std::fs::remove_dir_all(&root);
+    struct Sweep<'a>(&'a Path);
+    impl Drop for Sweep<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _sweep = Sweep(&root);
+
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moat-datapath-layout4.o");
+    set_env(Some(&fixture));
+    let mut old = Dataplane::open(bpffs, &node).expect("load layout 4 (root and BPF needed)");
+    set_env(None);
+    // Layout 4 with no rules admits every flow and remembers it.
+    assert_eq!(
+        old.test_run(EGRESS, &udp(1000), 0, FORWARDED)
+            .unwrap()
+            .retval,
+        OK
+    );
+
+    // A run of this layout that stopped while its loader pinned maps left a hash key of its
+    // own (here: another node's, pinned under this one's directory).
+    let stray = format!("migrate-stray-{}", std::process::id());
+    let stray_root = bpffs.join("moat").join(&stray);
+    let _sweep_stray = Sweep(&stray_root);
+    drop(Dataplane::open(bpffs, &stray).unwrap());
+    let pin =
+        |n: &str, v: u32, map: &str| bpffs.join("moat").join(n).join(format!("v{v}")).join(map);
+    std::fs::create_dir_all(root.join("v5")).unwrap();
+    moat_enforcer_ebpf::sys::pin_again(
+        &pin(&stray, 5, MapNames::FLOW_SEED),
+        &pin(&node, 5, MapNames::FLOW_SEED),
+    )
+    .unwrap();
+
+    let mut new = Dataplane::open(bpffs, &node).expect("load this layout");
+    let id = |v: u32| {
+        moat_enforcer_ebpf::sys::map_id(&root.join(format!("v{v}")).join(MapNames::FLOWS)).unwrap()
+    };
+    assert_eq!(id(4), id(5), "one flow table under both layouts");
+    let seed =
+        |v: u32| moat_enforcer_ebpf::sys::map_id(&pin(&node, v, MapNames::FLOW_SEED)).unwrap();
+    assert_eq!(seed(4), seed(5), "and one hash key, the stray one replaced");
+    assert!(is_reply(&mut new, 1000), "a flow from before the upgrade");
+    // The old program, still running somewhere, admits another: known to the new at once.
+    assert_eq!(
+        old.test_run(EGRESS, &udp(1001), 0, FORWARDED)
+            .unwrap()
+            .retval,
+        OK
+    );
+    assert!(
+        is_reply(&mut new, 1001),
+        "a flow the old program admitted mid-upgrade"
+    );
+    assert!(!is_reply(&mut new, 1002), "a flow nobody admitted");
+
+    let mode = PodInterfaces::Auto;
+    assert_eq!(new.migrate(&mode).unwrap(), Some(4));
+    drop(old);
+    assert!(!root.join("v4").exists(), "the old layout's pins are gone");
+    assert!(is_reply(&mut new, 1000) && is_reply(&mut new, 1001));
+}
