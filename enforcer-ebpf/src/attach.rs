@@ -98,6 +98,10 @@ impl Progs {
             &[TcAttachType::Egress, TcAttachType::Ingress]
         };
         let mut vanished = BTreeSet::new();
+        // One interface that refuses a program must not leave the others without theirs:
+        // the pass goes on, the refused one stays out of `attached` (so the next pass
+        // retries it), and the first error is returned at the end.
+        let (mut refused, mut first_error) = (BTreeSet::new(), None);
         for ty in order {
             for (l, kind) in &todo {
                 if vanished.contains(&l.index) {
@@ -117,12 +121,18 @@ impl Progs {
                         debug!(iface = %l.name, error = %e, "interface vanished while attaching");
                         vanished.insert(l.index);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        warn!(iface = %l.name, error = %e, "attaching; retried with the next pass");
+                        refused.insert(l.index);
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
         for (l, kind) in &todo {
-            self.attached.insert(l.index, (l.name.clone(), *kind));
+            if !refused.contains(&l.index) {
+                self.attached.insert(l.index, (l.name.clone(), *kind));
+            }
         }
         let added = todo.len();
         // Pins of interfaces that are gone hold defunct links: drop them.
@@ -141,7 +151,10 @@ impl Progs {
         }
         self.attached
             .retain(|i, (n, _)| links.iter().any(|l| l.index == *i && l.name == *n));
-        Ok(added)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(added),
+        }
     }
 
     /// Whether the programs this run attached to `l` are still on that very device. An
@@ -243,17 +256,25 @@ impl Attacher {
             .name("moat-attacher".into())
             .spawn(move || {
                 // Links that appeared before the socket was bound.
-                let mut pending = true;
+                let (mut pending, mut failed) = (true, false);
                 while !stopped.load(Ordering::Relaxed) {
                     if pending {
                         let mut p = progs.lock().unwrap_or_else(|e| e.into_inner());
-                        match p.attach_all(&mode) {
-                            Ok(n) if n > 0 => debug!(added = n, "attached to new interfaces"),
-                            Ok(_) => {}
-                            Err(e) => warn!(error = %e, "attaching to new interfaces"),
-                        }
+                        failed = match p.attach_all(&mode) {
+                            Ok(n) => {
+                                if n > 0 {
+                                    debug!(added = n, "attached to new interfaces");
+                                }
+                                false
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "attaching to new interfaces");
+                                true
+                            }
+                        };
                     }
-                    pending = watch.wait(std::time::Duration::from_millis(200));
+                    // A failed pass is retried at the latest after the wait, event or not.
+                    pending = watch.wait(std::time::Duration::from_millis(200)) || failed;
                 }
             })?;
         Ok(Attacher {

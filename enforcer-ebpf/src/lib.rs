@@ -402,9 +402,8 @@ impl Backend for EbpfBackend {
         // Programs first: whatever the maps hold is enforced on every interface, and links
         // a previous run pinned now run this binary's program. From here on new interfaces
         // get them the moment they appear.
-        self.dp
-            .attach_all(&self.mode)
-            .map_err(failed("attaching the programs"))?;
+        let attached = self.dp.attach_all(&self.mode);
+        // Started whatever that pass met: it retries an interface that refused its program.
         if self.attacher.is_none() {
             match attach::Attacher::start(self.dp.shared_progs(), self.mode.clone()) {
                 Ok(a) => self.attacher = Some(a),
@@ -413,6 +412,7 @@ impl Backend for EbpfBackend {
                 }
             }
         }
+        attached.map_err(failed("attaching the programs"))?;
         self.standby_unknown = true;
         if meta.flags & META_VALID == 0 {
             return Ok(Adopted::Nothing);

@@ -57,6 +57,24 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
     if dir.join(MapNames::FLOWS).exists() || !from.join(MapNames::FLOWS).exists() {
         return Ok(());
     }
+    // The loader takes over a pinned map without comparing it with the program's: a table
+    // of another shape (a build that defined it differently) is copied, not shared.
+    const ARRAY: u32 = 2;
+    const MMAPABLE: u32 = 1 << 10;
+    let flows = [
+        ARRAY,
+        4,
+        std::mem::size_of::<FlowSet>() as u32,
+        FLOW_SETS,
+        MMAPABLE,
+    ];
+    match crate::sys::map_shape(&from.join(MapNames::FLOWS)) {
+        Ok(shape) if shape == flows => {}
+        other => {
+            warn!(shape = ?other, "the previous layout's flow table differs from this one's; copying it");
+            return Ok(());
+        }
+    }
     for name in SHARED {
         let (old, new) = (from.join(name), dir.join(name));
         if !old.exists() {
@@ -84,6 +102,21 @@ fn same_map(a: &Path, b: &Path) -> bool {
     matches!((crate::sys::map_id(a), crate::sys::map_id(b)), (Ok(x), Ok(y)) if x == y)
 }
 
+/// `v<n>-gone` beside `v<n>`: layout n is migrated and being deleted (see [`layouts`]; bpffs
+/// refuses dots in names).
+const GONE: &str = "-gone";
+
+/// Deletes what a run stopped while deleting a migrated layout left.
+fn sweep_gone(root: &Path) {
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(layout) = name.strip_suffix(GONE) {
+            let _ = std::fs::remove_dir_all(root.join(layout));
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// The layouts pinned under a node's root: `(n, <root>/v<n>)`.
 pub fn layouts(root: &Path) -> Vec<(u32, PathBuf)> {
     let Ok(dir) = std::fs::read_dir(root) else {
@@ -93,6 +126,10 @@ pub fn layouts(root: &Path) -> Vec<(u32, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let n = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
+            // Migrated, its deletion interrupted: not a layout any more.
+            if root.join(format!("v{n}{GONE}")).exists() {
+                return None;
+            }
             Some((n, e.path()))
         })
         .collect();
@@ -211,6 +248,7 @@ impl Dataplane {
         if self.layout != LAYOUT_VERSION {
             return Ok(None);
         }
+        sweep_gone(&self.root);
         let older: Vec<(u32, PathBuf)> = layouts(&self.root)
             .into_iter()
             .filter(|(n, _)| *n < LAYOUT_VERSION)
@@ -255,7 +293,12 @@ impl Dataplane {
             .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")))
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
         let late = if shared { 0 } else { copy_flows(&from, &to)? };
+        // Out of the layouts' sight in one step (bpffs renames no directory: a marker), then
+        // deleted: a run stopped midway must not find half a layout to migrate from.
+        let gone = self.root.join(format!("v{n}{GONE}"));
+        std::fs::create_dir_all(&gone).map_err(|e| DataplaneError::Bpffs(gone.clone(), e))?;
         std::fs::remove_dir_all(&from).map_err(|e| DataplaneError::Bpffs(from.clone(), e))?;
+        std::fs::remove_dir(&gone).map_err(|e| DataplaneError::Bpffs(gone.clone(), e))?;
         info!(
             from = n,
             to = LAYOUT_VERSION,

@@ -150,8 +150,29 @@ impl PodTables {
         before.addrs.0 = new.addrs.difference(&self.addrs).copied().collect();
         after.addrs.1 = self.addrs.difference(&new.addrs).copied().collect();
         for (i, v) in &new.ifaces {
-            if self.ifaces.get(i) != Some(v) {
-                after.ifaces.0.push((*i, *v));
+            match self.ifaces.get(i) {
+                Some(o) if o == v => {}
+                // A pod interface naming its pod by another address: a stale name after the
+                // flip may be an endpoint the new rules lack (no rules: not isolated), so a
+                // new name goes in before it. Under the old rules the new name is the same
+                // pod's, or its packets are still denied as unknown. A name that goes away
+                // waits for after the flip: its addresses are denied before it.
+                Some(o) if o.kind == IFACE_POD && v.kind == IFACE_POD => {
+                    let mut early = *o;
+                    if v.has4 != 0 {
+                        (early.has4, early.addr4) = (1, v.addr4);
+                    }
+                    if v.has6 != 0 {
+                        (early.has6, early.addr6) = (1, v.addr6);
+                    }
+                    if early != *o {
+                        before.ifaces.0.push((*i, early));
+                    }
+                    if early != *v {
+                        after.ifaces.0.push((*i, *v));
+                    }
+                }
+                _ => after.ifaces.0.push((*i, *v)),
             }
         }
         for i in self.ifaces.keys() {
@@ -228,9 +249,21 @@ mod tests {
             1,
             "10.0.0.3 is refused from elsewhere first"
         );
-        // Interface 6 now names its pod by its first known address.
-        let six = after.ifaces.0.iter().find(|(i, _)| *i == 6).unwrap().1;
+        // Interface 6 now names its pod by its first known address, before the flip.
+        let six = before.ifaces.0.iter().find(|(i, _)| *i == 6).unwrap().1;
         assert_eq!((six.has4, six.addr4[3]), (1, 2));
+        assert!(!after.ifaces.0.iter().any(|(i, _)| *i == 6));
+        // Its name moving to another address goes in before the flip too (after it, the
+        // stale name would be an endpoint the new rules lack); a name going away, after.
+        let deny = |l: &[(u32, &str, Option<u64>)]| PodTables::of(&lp(l, UnknownPods::Deny));
+        let two = deny(&[(6, "10.0.0.2", Some(2)), (6, "10.0.0.3", Some(2))]);
+        let (before, after) = two.diff(&deny(&[(6, "10.0.0.2", None), (6, "10.0.0.3", Some(2))]));
+        let six = before.ifaces.0.iter().find(|(i, _)| *i == 6).unwrap().1;
+        assert_eq!((six.has4, six.addr4[3]), (1, 3));
+        assert!(after.ifaces.0.is_empty());
+        let (before, after) = two.diff(&deny(&[(6, "10.0.0.2", None), (6, "10.0.0.3", None)]));
+        assert!(before.ifaces.0.is_empty());
+        assert_eq!(after.ifaces.0[0].1.has4, 0);
         // Under `--unknown-pods allow`, known → unknown opens the pod (no rules): a step up,
         // after the flip; unknown → known is the step down, before it.
         let allow = |l: &[(u32, &str, Option<u64>)]| PodTables::of(&lp(l, UnknownPods::Allow));

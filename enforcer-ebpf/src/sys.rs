@@ -495,6 +495,13 @@ pub fn map_id(pin: &Path) -> io::Result<u32> {
     Ok(obj_info(&obj_get(pin)?)?[1])
 }
 
+/// The definition of the map pinned at `pin` (`struct bpf_map_info` after the id): type,
+/// key size, value size, capacity, flags.
+pub fn map_shape(pin: &Path) -> io::Result<[u32; 5]> {
+    let i = obj_info(&obj_get(pin)?)?;
+    Ok([i[0], i[2], i[3], i[4], i[5]])
+}
+
 /// Pins the object pinned at `from` at `to` as well: one object, two names.
 pub fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
     let fd = obj_get(from)?;

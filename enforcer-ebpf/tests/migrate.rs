@@ -126,5 +126,43 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     assert_eq!(new.migrate(&mode).unwrap(), Some(4));
     drop(old);
     assert!(!root.join("v4").exists(), "the old layout's pins are gone");
+    assert!(
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("v4")),
+        "nothing of it left"
+    );
     assert!(is_reply(&mut new, 1000) && is_reply(&mut new, 1001));
+
+    // A previous layout whose flow table has another shape than this one's (here: a hash
+    // key where the table should be) is not taken over; the migration copies what it can.
+    let odd = format!("migrate-odd-{}", std::process::id());
+    let odd_root = bpffs.join("moat").join(&odd);
+    let _sweep_odd = Sweep(&odd_root);
+    std::fs::create_dir_all(odd_root.join("v4")).unwrap();
+    moat_enforcer_ebpf::sys::pin_again(
+        &pin(&stray, 5, MapNames::FLOW_SEED),
+        &pin(&odd, 4, MapNames::FLOWS),
+    )
+    .unwrap();
+    drop(Dataplane::open(bpffs, &odd).unwrap());
+    let id = |v: u32| moat_enforcer_ebpf::sys::map_id(&pin(&odd, v, MapNames::FLOWS)).unwrap();
+    assert_ne!(id(4), id(5), "a table of another shape is not shared");
+
+    // A run stopped while deleting the migrated layout left half of it, marked: the next
+    // run finishes the deletion instead of migrating from it.
+    let half = format!("migrate-half-{}", std::process::id());
+    let half_root = bpffs.join("moat").join(&half);
+    let _sweep_half = Sweep(&half_root);
+    std::fs::create_dir_all(half_root.join("v4")).unwrap();
+    std::fs::create_dir_all(half_root.join("v4-gone")).unwrap();
+    moat_enforcer_ebpf::sys::pin_again(
+        &pin(&stray, 5, MapNames::FLOW_SEED),
+        &pin(&half, 4, MapNames::FLOW_SEED),
+    )
+    .unwrap();
+    let mut dp = Dataplane::open(bpffs, &half).unwrap();
+    assert_eq!(dp.migrate(&mode).unwrap(), None);
+    assert!(!half_root.join("v4").exists() && !half_root.join("v4-gone").exists());
 }

@@ -399,6 +399,43 @@ fn an_interface_made_again_under_its_index_and_name_gets_the_programs() {
     node.stop();
 }
 
+/// An interface that refuses its program (here: something other than a link sits where its
+/// link's pin goes) leaves no other interface without its own: the pass goes on, reports the
+/// refusal, and the attacher retries it.
+#[test]
+fn an_interface_that_refuses_its_program_leaves_the_others_covered() {
+    let c = Cluster::new();
+    c.add_pod('a', 1);
+    c.add_pod('b', 2);
+    let (ma, mb) = (c.ifindex("vpa"), c.ifindex("vpb"));
+    assert!(ma < mb, "vpa comes first in the pass");
+    let blocked = c.links().join(format!("{ma}-vpa-ingress"));
+    std::fs::create_dir_all(&blocked).unwrap();
+    let node = Node::launch(&c);
+    let refused = node.adopted.clone().unwrap_err();
+    assert!(refused.contains("vpa"), "{refused}");
+    let mut l = LocalPods::default();
+    l.other_ifaces.insert(1);
+    l.pod_ifaces.extend([ma, mb]);
+    known(&mut l, mb, "10.77.0.2", 2);
+    l.addrs
+        .insert((ma, "10.77.0.1".parse().unwrap()), PodAddr::Unknown);
+    node.run(move |b| b.set_local(&l).unwrap());
+    // vpb's programs judge what reaches b: a is unknown (and unvouched for, vpa having no
+    // ingress program), so dropped.
+    assert!(!c.reaches('a', "10.77.0.1", 'b', "10.77.0.2"));
+    // Once the obstacle is gone the attacher's retry covers vpa too: b's packets to the
+    // unknown a are dropped by vpa's own egress program.
+    std::fs::remove_dir(&blocked).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !blocked.exists() {
+        assert!(Instant::now() < deadline, "vpa never got its programs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!c.reaches('b', "10.77.0.2", 'a', "10.77.0.1"));
+    node.stop();
+}
+
 type Job = Box<dyn FnOnce(&mut EbpfBackend) + Send>;
 
 /// A backend adopted in the node namespace, on a thread of its own (which its attacher
@@ -407,14 +444,23 @@ struct Node {
     jobs: std::sync::mpsc::Sender<Job>,
     thread: std::thread::JoinHandle<()>,
     keep_pins: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What `adopt` returned (its error as text).
+    adopted: Result<(), String>,
 }
 
 impl Node {
     fn start(c: &Cluster) -> Node {
+        let n = Node::launch(c);
+        n.adopted.clone().unwrap();
+        n
+    }
+
+    fn launch(c: &Cluster) -> Node {
         let (node, bpffs, tag) = (c.node(), c.bpffs.clone(), c.tag.clone());
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let keep_pins = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let keep = std::sync::Arc::clone(&keep_pins);
+        let (ready, adopted) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             enter(&format!("/run/netns/{node}"));
             let mut b = EbpfBackend::open(
@@ -426,7 +472,16 @@ impl Node {
             .unwrap();
             let mut l = LocalPods::default();
             l.other_ifaces.insert(1);
-            b.adopt(None, &l).unwrap();
+            let r = b.adopt(None, &l).map(|_| ()).map_err(|e| {
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text = format!("{text}: {c}");
+                    cause = c.source();
+                }
+                text
+            });
+            ready.send(r).unwrap();
             for f in rx {
                 f(&mut b);
             }
@@ -438,6 +493,7 @@ impl Node {
             jobs,
             thread,
             keep_pins,
+            adopted: adopted.recv().unwrap(),
         }
     }
 
