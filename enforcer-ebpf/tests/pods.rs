@@ -61,11 +61,12 @@ impl Cluster {
 
     fn new() -> Cluster {
         let c = Cluster {
-            // Unique per test, also when a harness runs several in one process.
+            // Unique per test, also when a harness runs several in one process; the pid
+            // last, as the other BPF tests' sweep of dead runs' directories reads it there.
             tag: {
                 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                format!("{}-{n}", std::process::id())
+                format!("{n}-{}", std::process::id())
             },
             bpffs: PathBuf::from("/run/moat-test/bpf"),
         };
