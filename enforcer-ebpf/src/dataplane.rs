@@ -178,9 +178,12 @@ impl Dataplane {
         for d in [&dir, &links] {
             std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
         }
-        if layout == LAYOUT_VERSION {
+        let legacy = if layout == LAYOUT_VERSION {
             crate::migrate::share_previous(&root, &dir)?;
-        }
+            crate::migrate::share_legacy_flows(&root, &dir)?
+        } else {
+            false
+        };
         let object = match std::env::var_os(OBJECT_ENV) {
             Some(path) => {
                 info!(path = %path.to_string_lossy(), "loading the datapath from {OBJECT_ENV}");
@@ -189,8 +192,11 @@ impl Dataplane {
             }
             None => PROGRAM.to_vec(),
         };
+        let legacy = u32::from(legacy);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            // Absent from older layouts' objects (tests load those): not required.
+            .override_global("LEGACY_FLOWS", &legacy, false)
             .load(&object)?;
         let maps = Maps {
             selector: take(&mut ebpf, MapNames::SELECTOR)?,

@@ -10,8 +10,8 @@
 //! the moment the links run the new program until the flows the old one remembered
 //! meanwhile are copied, a reply to a flow the old program had just admitted meets a table
 //! without it, and an egress-isolated pod's reply judged as a new flow is denied. Upgrades
-//! from older layouts (whose tables differ) still copy, repeatedly while the old program is
-//! waited out, which narrows that window to one copy pass.
+//! from layouts 1 to 3 (a kernel hash) copy, and the new program also looks flows up in the
+//! old table until then (see [`share_legacy_flows`]).
 //!
 //! Crash safety: until the old pins are removed, a restart repeats the migration, which
 //! copies the same state again. Rules do not change during it (no version is installed
@@ -95,6 +95,51 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
         "sharing the previous layout's flow table"
     );
     Ok(())
+}
+
+/// Before this layout's program loads into `dir`: while one of layouts 1 to 3 is pinned
+/// beside, pins its flow table (`CT`, a kernel hash) under `dir` as `LEGACY_CT`, where the
+/// program looks a flow up when its own table misses (with `LEGACY_FLOWS` set: the returned
+/// flag). A copy alone leaves a window: a reply to a flow the old program admitted after the
+/// copy, meeting this program's ingress, is not known as one. Otherwise removes a
+/// `LEGACY_CT` pin a finished migration left, so the program gets an empty map.
+pub fn share_legacy_flows(root: &Path, dir: &Path) -> Result<bool> {
+    let pin = dir.join(MapNames::LEGACY_CT);
+    let older: Vec<(u32, PathBuf)> = layouts(root)
+        .into_iter()
+        .filter(|(n, _)| *n < LAYOUT_VERSION)
+        .collect();
+    if let [(1..=3, from)] = older.as_slice() {
+        let ct = from.join(MapNames::CT);
+        if ct.exists() {
+            if pin.exists() && !same_map(&ct, &pin) {
+                std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
+            }
+            if !pin.exists() {
+                crate::sys::pin_again(&ct, &pin).map_err(|e| DataplaneError::Bpffs(pin, e))?;
+            }
+            return Ok(true);
+        }
+    }
+    if pin.exists() {
+        std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
+    }
+    Ok(false)
+}
+
+/// Once the old program is drained and its flows copied: empties the older layout's table
+/// this program still looks up (it holds the map until it is unloaded) and drops its pin.
+fn forget_legacy_flows(dir: &Path) -> Result<()> {
+    let pin = dir.join(MapNames::LEGACY_CT);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let mut ct: HashMap<MapData, FlowKey, FlowVal> = pinned(dir, MapNames::LEGACY_CT)?;
+    let keys: Vec<FlowKey> = ct.keys().filter_map(|k| k.ok()).collect();
+    for k in keys {
+        let _ = ct.remove(&k);
+    }
+    std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))
 }
 
 /// Whether pins `a` and `b` name one map.
@@ -293,6 +338,7 @@ impl Dataplane {
             .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")))
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
         let late = if shared { 0 } else { copy_flows(&from, &to)? };
+        forget_legacy_flows(&to)?;
         // Out of the layouts' sight in one step (bpffs renames no directory: a marker), then
         // deleted: a run stopped midway must not find half a layout to migrate from.
         let gone = self.root.join(format!("v{n}{GONE}"));

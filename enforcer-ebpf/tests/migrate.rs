@@ -34,13 +34,13 @@ fn is_reply(dp: &mut Dataplane, dport: u16) -> bool {
     r.mark & MARK_REPLY != 0
 }
 
-fn set_env(old: Option<&Path>) {
+fn set_env(old: Option<(&Path, u32)>) {
     // SAFETY: this binary's only test, on its only thread that reads the environment.
     unsafe {
         match old {
-            Some(object) => {
+            Some((object, layout)) => {
                 std::env::set_var("MOAT_EBPF_OBJECT", object);
-                std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", "4");
+                std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", layout.to_string());
             }
             None => {
                 std::env::remove_var("MOAT_EBPF_OBJECT");
@@ -74,7 +74,7 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
 
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moat-datapath-layout4.o");
-    set_env(Some(&fixture));
+    set_env(Some((&fixture, 4)));
     let mut old = Dataplane::open(bpffs, &node).expect("load layout 4 (root and BPF needed)");
     set_env(None);
     // Layout 4 with no rules admits every flow and remembers it.
@@ -165,4 +165,40 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     let mut dp = Dataplane::open(bpffs, &half).unwrap();
     assert_eq!(dp.migrate(&mode).unwrap(), None);
     assert!(!half_root.join("v4").exists() && !half_root.join("v4-gone").exists());
+    drop(dp);
+
+    // From layout 3, whose flow table is a kernel hash this layout does not have: the new
+    // program looks a flow up there too, until the migration has copied it. A flow the old
+    // program admits after the new one loaded is a reply to the new one at once.
+    let three = format!("migrate-three-{}", std::process::id());
+    let three_root = bpffs.join("moat").join(&three);
+    let _sweep_three = Sweep(&three_root);
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moat-datapath-layout3.o");
+    set_env(Some((&fixture, 3)));
+    let mut old = Dataplane::open(bpffs, &three).expect("load layout 3");
+    set_env(None);
+    let mut new = Dataplane::open(bpffs, &three).expect("load this layout");
+    assert!(!is_reply(&mut new, 2000), "nothing admitted yet");
+    let admit = |dp: &mut Dataplane, sport| {
+        dp.test_run(EGRESS, &udp(sport), 0, FORWARDED)
+            .unwrap()
+            .retval
+    };
+    assert_eq!(admit(&mut old, 2000), OK);
+    assert!(
+        is_reply(&mut new, 2000),
+        "a flow layout 3 admitted mid-upgrade"
+    );
+    assert_eq!(new.migrate(&mode).unwrap(), Some(3));
+    drop(old);
+    assert!(is_reply(&mut new, 2000), "copied into this layout's table");
+    assert!(
+        !three_root.join("v5").join(MapNames::LEGACY_CT).exists(),
+        "the old table is let go"
+    );
+    // Emptied: a flow only it knew is no reply any more (none is: every one was copied).
+    drop(new);
+    let mut again = Dataplane::open(bpffs, &three).unwrap();
+    assert!(is_reply(&mut again, 2000), "the copy outlives a restart");
 }

@@ -124,6 +124,8 @@ impl MapNames {
     pub const LOCAL_ADDRS: &'static str = "LOCAL_ADDRS";
     /// Layouts 1 to 3: the kernel hash; since 4, [`FLOWS`](Self::FLOWS).
     pub const CT: &'static str = "CT";
+    /// Layouts 1 to 3's `CT`, pinned again under this layout while it migrates from them.
+    pub const LEGACY_CT: &'static str = "LEGACY_CT";
     pub const FLOWS: &'static str = "FLOWS";
     pub const FLOW_SEED: &'static str = "FLOW_SEED";
     /// Since layout 2's second release; layout 1's program read the kernel's clock.

@@ -46,6 +46,14 @@ static PORTS: LpmTrie<PortKey, u8> = LpmTrie::pinned(1 << 20, 0);
 static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
 /// (pod interface, address) → `POD_*`: what the pod-interface programs check sources and
 /// receivers against.
+/// While migrating from layouts 1 to 3: their flow table (`CT`, a kernel hash), pinned again
+/// here before this program loads, so a flow their program admits until its links move is
+/// one this program knows at once (looked up only on a miss, and only when `LEGACY_FLOWS`).
+#[map]
+static LEGACY_CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(1, 0);
+/// Set at load (read-only to the program: the verifier prunes the lookup when it is 0).
+#[unsafe(no_mangle)]
+static LEGACY_FLOWS: u32 = 0;
 #[map]
 static PODS: HashMap<PodKey, u8> = HashMap::pinned(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
 /// Every local pod address: a source the other-interface ingress program refuses.
@@ -216,7 +224,7 @@ fn answers_allowed(p: &Pkt) -> bool {
 fn seen(k: &FlowKey) -> bool {
     let h = flows::hash(k);
     let Some(seen) = flows::find(k, h) else {
-        return false;
+        return seen_legacy(k);
     };
     let now = now();
     unsafe {
@@ -225,6 +233,26 @@ fn seen(k: &FlowKey) -> bool {
         }
         // Coarse time (no clock read) and one store: this is the established path's cost.
         *seen = now;
+    }
+    true
+}
+
+/// [`seen`] in the older layout's table while migrating from it.
+#[inline(always)]
+fn seen_legacy(k: &FlowKey) -> bool {
+    // Volatile: a constant to the verifier, never to LLVM.
+    if unsafe { core::ptr::read_volatile(&LEGACY_FLOWS) } == 0 {
+        return false;
+    }
+    let Some(v) = LEGACY_CT.get_ptr_mut(k) else {
+        return false;
+    };
+    let now = now();
+    unsafe {
+        if flow_idle(k.proto, (*v).seen_ns, now) {
+            return false;
+        }
+        (*v).seen_ns = now;
     }
     true
 }
