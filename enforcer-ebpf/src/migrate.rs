@@ -47,10 +47,7 @@ const SHARED: [&str; 4] = [
 /// are. Old and new program then remember and look up flows in one table throughout the
 /// switch. Does nothing once `dir` holds a flow table (shared or not).
 pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
-    let older: Vec<(u32, PathBuf)> = layouts(root)
-        .into_iter()
-        .filter(|(n, _)| *n < LAYOUT_VERSION)
-        .collect();
+    let older = older_layouts(root);
     let [(SHARES_FROM, from)] = older.as_slice() else {
         return Ok(());
     };
@@ -83,12 +80,7 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
         // A run that stopped between its loader's pins (no link runs this layout's program
         // before `FLOWS` is pinned) may have left a map of its own here, such as another
         // hash key: the old one replaces it.
-        if new.exists() && !same_map(&old, &new) {
-            std::fs::remove_file(&new).map_err(|e| DataplaneError::Bpffs(new.clone(), e))?;
-        }
-        if !new.exists() {
-            crate::sys::pin_again(&old, &new).map_err(|e| DataplaneError::Bpffs(new, e))?;
-        }
+        pin_as(&old, &new)?;
     }
     info!(
         from = SHARES_FROM,
@@ -105,19 +97,10 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
 /// `LEGACY_CT` pin a finished migration left, so the program gets an empty map.
 pub fn share_legacy_flows(root: &Path, dir: &Path) -> Result<bool> {
     let pin = dir.join(MapNames::LEGACY_CT);
-    let older: Vec<(u32, PathBuf)> = layouts(root)
-        .into_iter()
-        .filter(|(n, _)| *n < LAYOUT_VERSION)
-        .collect();
-    if let [(1..=3, from)] = older.as_slice() {
+    if let [(1..=3, from)] = older_layouts(root).as_slice() {
         let ct = from.join(MapNames::CT);
         if ct.exists() {
-            if pin.exists() && !same_map(&ct, &pin) {
-                std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
-            }
-            if !pin.exists() {
-                crate::sys::pin_again(&ct, &pin).map_err(|e| DataplaneError::Bpffs(pin, e))?;
-            }
+            pin_as(&ct, &pin)?;
             return Ok(true);
         }
     }
@@ -140,6 +123,25 @@ fn forget_legacy_flows(dir: &Path) -> Result<()> {
         let _ = ct.remove(&k);
     }
     std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))
+}
+
+/// The layouts older than this binary's pinned under `root`.
+fn older_layouts(root: &Path) -> Vec<(u32, PathBuf)> {
+    layouts(root)
+        .into_iter()
+        .filter(|(n, _)| *n < LAYOUT_VERSION)
+        .collect()
+}
+
+/// Makes `pin` name the map pinned at `old`, replacing whatever other map it names.
+fn pin_as(old: &Path, pin: &Path) -> Result<()> {
+    if pin.exists() && !same_map(old, pin) {
+        std::fs::remove_file(pin).map_err(|e| DataplaneError::Bpffs(pin.into(), e))?;
+    }
+    if !pin.exists() {
+        crate::sys::pin_again(old, pin).map_err(|e| DataplaneError::Bpffs(pin.into(), e))?;
+    }
+    Ok(())
 }
 
 /// Whether pins `a` and `b` name one map.
@@ -294,10 +296,7 @@ impl Dataplane {
             return Ok(None);
         }
         sweep_gone(&self.root);
-        let older: Vec<(u32, PathBuf)> = layouts(&self.root)
-            .into_iter()
-            .filter(|(n, _)| *n < LAYOUT_VERSION)
-            .collect();
+        let older = older_layouts(&self.root);
         let Some((n, from)) = older.last().cloned() else {
             return Ok(None);
         };

@@ -34,20 +34,23 @@ fn is_reply(dp: &mut Dataplane, dport: u16) -> bool {
     r.mark & MARK_REPLY != 0
 }
 
-fn set_env(old: Option<(&Path, u32)>) {
+/// Loads the committed datapath object of an older `layout` for `node`, as a node running
+/// that layout's binary would have it.
+fn open_layout(bpffs: &Path, node: &str, layout: u32) -> Dataplane {
+    let object = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/moat-datapath-layout{layout}.o"));
     // SAFETY: this binary's only test, on its only thread that reads the environment.
     unsafe {
-        match old {
-            Some((object, layout)) => {
-                std::env::set_var("MOAT_EBPF_OBJECT", object);
-                std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", layout.to_string());
-            }
-            None => {
-                std::env::remove_var("MOAT_EBPF_OBJECT");
-                std::env::remove_var("MOAT_EBPF_LAYOUT_FOR_TESTS");
-            }
-        }
+        std::env::set_var("MOAT_EBPF_OBJECT", object);
+        std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", layout.to_string());
     }
+    let dp = Dataplane::open(bpffs, node);
+    // SAFETY: as above.
+    unsafe {
+        std::env::remove_var("MOAT_EBPF_OBJECT");
+        std::env::remove_var("MOAT_EBPF_LAYOUT_FOR_TESTS");
+    }
+    dp.unwrap_or_else(|e| panic!("load layout {layout} (root and BPF needed): {e}"))
 }
 
 /// Layout 4's flow table is layout 5's: shared, not copied. A flow the old program admits
@@ -72,11 +75,7 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     }
     let _sweep = Sweep(&root);
 
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moat-datapath-layout4.o");
-    set_env(Some((&fixture, 4)));
-    let mut old = Dataplane::open(bpffs, &node).expect("load layout 4 (root and BPF needed)");
-    set_env(None);
+    let mut old = open_layout(bpffs, &node, 4);
     // Layout 4 with no rules admits every flow and remembers it.
     assert_eq!(
         old.test_run(EGRESS, &udp(1000), 0, FORWARDED)
@@ -173,11 +172,7 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     let three = format!("migrate-three-{}", std::process::id());
     let three_root = bpffs.join("moat").join(&three);
     let _sweep_three = Sweep(&three_root);
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moat-datapath-layout3.o");
-    set_env(Some((&fixture, 3)));
-    let mut old = Dataplane::open(bpffs, &three).expect("load layout 3");
-    set_env(None);
+    let mut old = open_layout(bpffs, &three, 3);
     let mut new = Dataplane::open(bpffs, &three).expect("load this layout");
     assert!(!is_reply(&mut new, 2000), "nothing admitted yet");
     let admit = |dp: &mut Dataplane, sport| {
