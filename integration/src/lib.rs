@@ -30,6 +30,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod process;
 pub mod record;
+pub mod sled_fixture;
 pub mod watch;
 pub mod world;
 

@@ -21,6 +21,7 @@ use moat_integration::bed::{
 };
 use moat_integration::binary;
 use moat_integration::process::Proc;
+use moat_integration::sled_fixture::SledFixture;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
@@ -106,8 +107,8 @@ impl Trap {
 }
 
 /// The server's sled trees, opened while the server is stopped.
-fn server_db(bed: &Bed) -> sled::Db {
-    sled::open(bed.path("state/server")).expect("the server's sled (is the server stopped?)")
+fn server_db(bed: &Bed) -> SledFixture {
+    SledFixture::open(&bed.path("state/server"))
 }
 
 fn skey(cluster: &str, node: &str) -> Vec<u8> {
@@ -204,7 +205,7 @@ fn a_corrupt_enforcer_record_keeps_the_dataplane_and_gets_a_full_snapshot() {
     bed.kill_enforcer("n1");
     bed.kill_server();
     {
-        let db = sled::open(bed.path("state/n1")).unwrap();
+        let db = SledFixture::open(&bed.path("state/n1"));
         db.insert(
             "applied",
             &b"\x0a\xff\xff\xff garbage where the record was"[..],
@@ -1060,7 +1061,7 @@ fn confined_enforcer_survives_a_corrupt_record(backend: &str) {
     // kernel's rules exactly as they are, and stays up.
     c.bed.kill_server();
     {
-        let db = sled::open(c.bed.path("state/n1")).unwrap();
+        let db = SledFixture::open(&c.bed.path("state/n1"));
         db.insert("applied", &b"\xde\xad\xbe\xef"[..]).unwrap();
         db.flush().unwrap();
     }

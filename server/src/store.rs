@@ -506,6 +506,23 @@ mod tests {
         assert_eq!(store.status.len(), 1, "the bad records are gone");
     }
 
+    /// sled's writer threads can hold the directory's lock for a moment after the last
+    /// handle is dropped (seen in CI under load), so a fixture written through its own
+    /// handle waits for the lock before the code under test opens the directory.
+    fn released(dir: &Path) {
+        use rustix::fs::{FlockOperation, flock};
+        let file = std::fs::File::open(dir.join("db")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sled still holds {}",
+                dir.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn an_unreadable_reservation_refuses_to_open() {
         for bad in [&[1u8, 2, 3][..], &[0; 9][..], &[0xff; 8][..]] {
@@ -518,6 +535,7 @@ mod tests {
                     .unwrap();
                 db.flush().unwrap();
             }
+            released(dir.path());
             let err = Store::open(dir.path(), 2).err().expect("refused");
             assert!(matches!(err, Error::Reservation { .. }), "{err}");
             assert!(err.to_string().contains("--first-version"), "{err}");
