@@ -17,7 +17,7 @@ use anyhow::Result;
 use moat_dataplane::Backend;
 use moat_dataplane::local::{LocalPods, PodAddr};
 use moat_enforcer_ebpf::EbpfBackend;
-use moat_enforcer_ebpf::common::MARK_FROM_OTHER;
+use moat_enforcer_ebpf::common::{MARK_CLASSIFIED, MARK_FROM_OTHER};
 use moat_enforcer_ebpf::dataplane::{EGRESS_POD, INGRESS};
 use moat_policy::ir::delta;
 use moat_policy::model::K8sObject;
@@ -29,7 +29,7 @@ const REPEAT: u32 = 1_000_000;
 /// Packets come in on an uplink (7), whose ingress program marks them as from elsewhere, and
 /// leave on the server pod's interface: test runs run on loopback (1), a pod interface here.
 const UPLINK: u32 = 7;
-const MARK: u32 = MARK_FROM_OTHER;
+const MARK: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
 
 fn node_pods() -> LocalPods {
     let mut l = LocalPods::default();

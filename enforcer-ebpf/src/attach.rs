@@ -37,6 +37,24 @@ pub struct Progs {
     pub attaches: u64,
 }
 
+/// Which programs a pass attaches first.
+///
+/// The first pass of a run covers a node whose traffic flows already, enforced by the
+/// other dataplane or a previous run of this layout: every ingress program first, so no
+/// egress program ever sees a packet its sender's ingress program did not mark (it would
+/// drop it as unclassified). Replacing an older layout's programs, egress first: the old
+/// egress program would read this layout's findings as its sender index and may judge the
+/// packet as another pod's (see `MARK_CLASSIFIED`), while this one decodes the old index.
+/// A later pass is a new interface: egress first on it, so no packet reaches it unjudged;
+/// its own packets are unclassified for an instant.
+pub fn attach_order(first_pass: bool, replacing_older: bool) -> [TcAttachType; 2] {
+    if first_pass && !replacing_older {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+    } else {
+        [TcAttachType::Egress, TcAttachType::Ingress]
+    }
+}
+
 impl Progs {
     /// Loads (verifies) the programs of `layout` from `ebpf`.
     pub fn load(ebpf: Ebpf, links: PathBuf, layout: u32) -> Result<Self> {
@@ -78,6 +96,18 @@ impl Progs {
     /// another kind's) from this run, replacing (atomically, through the pinned link) what a
     /// previous run attached. Returns how many interfaces it attached to.
     pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
+        let order = attach_order(self.attached.is_empty(), false);
+        self.attach_pass(mode, order)
+    }
+
+    /// [`attach_all`](Self::attach_all) on a node whose links run an older layout's
+    /// programs (see [`attach_order`]).
+    pub fn attach_all_replacing_older(&mut self, mode: &PodInterfaces) -> Result<usize> {
+        let order = attach_order(self.attached.is_empty(), true);
+        self.attach_pass(mode, order)
+    }
+
+    fn attach_pass(&mut self, mode: &PodInterfaces, order: [TcAttachType; 2]) -> Result<usize> {
         let links = sys::links().map_err(|e| DataplaneError::Sys("listing links", e))?;
         let todo: Vec<(&moat_dataplane::local::Link, Kind)> = links
             .iter()
@@ -87,22 +117,12 @@ impl Progs {
                 self.attached.get(&l.index) != Some(&(l.name.clone(), *kind)) || !self.still_on(l)
             })
             .collect();
-        // The first attach of a run covers a node whose traffic flows already (enforced by
-        // the other dataplane or a previous run): every ingress program first, so no egress
-        // program ever sees a packet its sender's ingress program did not mark (it would drop
-        // it as unclassified). A later attach is a new interface: egress first on it, so no
-        // packet reaches it unjudged; its own packets are unclassified for an instant.
-        let order: &[TcAttachType] = if self.attached.is_empty() {
-            &[TcAttachType::Ingress, TcAttachType::Egress]
-        } else {
-            &[TcAttachType::Egress, TcAttachType::Ingress]
-        };
         let mut vanished = BTreeSet::new();
         // One interface that refuses a program must not leave the others without theirs:
         // the pass goes on, the refused one stays out of `attached` (so the next pass
         // retries it), and the first error is returned at the end.
         let (mut refused, mut first_error) = (BTreeSet::new(), None);
-        for ty in order {
+        for ty in &order {
             for (l, kind) in &todo {
                 if vanished.contains(&l.index) {
                     continue;
@@ -290,5 +310,30 @@ impl Drop for Attacher {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_layouts_links_move_egress_first() {
+        use TcAttachType::{Egress, Ingress};
+        assert_eq!(
+            attach_order(true, false),
+            [Ingress, Egress],
+            "a node already enforced"
+        );
+        assert_eq!(
+            attach_order(true, true),
+            [Egress, Ingress],
+            "the old egress program must never read this layout's findings"
+        );
+        assert_eq!(
+            attach_order(false, false),
+            [Egress, Ingress],
+            "a new interface"
+        );
     }
 }

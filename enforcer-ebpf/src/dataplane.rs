@@ -180,6 +180,7 @@ impl Dataplane {
         }
         let legacy = if layout == LAYOUT_VERSION {
             crate::migrate::share_previous(&root, &dir)?;
+            crate::migrate::share_legacy_marks(&root, &dir)?;
             crate::migrate::share_legacy_flows(&root, &dir)?
         } else {
             false

@@ -13,6 +13,12 @@
 //! from layouts 1 to 3 (a kernel hash) copy, and the new program also looks flows up in the
 //! old table until then (see [`share_legacy_flows`]).
 //!
+//! The mark: layouts 1 to 4 write an 8-bit sender index where this one writes its findings
+//! (see `MARK_CLASSIFIED`). The egress links move first, so no old egress program reads a
+//! new mark; the new egress program decodes an old index through the old `LOCAL_ADDR`
+//! (see [`share_legacy_marks`]), and the indices that would read as a finding are renumbered
+//! before the links move (see [`renumber_findings`]).
+//!
 //! Crash safety: until the old pins are removed, a restart repeats the migration, which
 //! copies the same state again. Rules do not change during it (no version is installed
 //! before the migration returns).
@@ -108,6 +114,117 @@ pub fn share_legacy_flows(root: &Path, dir: &Path) -> Result<bool> {
         std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
     }
     Ok(false)
+}
+
+/// Before this layout's program loads into `dir`: while one of layouts 1 to 4 is pinned
+/// beside, pins its `LOCAL_ADDR` (sender index → address) under `dir` as
+/// `LEGACY_LOCAL_ADDR`, by which the egress program names the sender of a packet the old
+/// ingress program marked (see `MARK_CLASSIFIED`); returns whether it did. Otherwise removes a
+/// pin a finished migration left, so the program gets an empty map (an old mark then names
+/// nobody and is unclassified).
+pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
+    let pin = dir.join(MapNames::LEGACY_LOCAL_ADDR);
+    if let [(1..=4, from)] = older_layouts(root).as_slice() {
+        let old = from.join(MapNames::LOCAL_ADDR);
+        const ARRAY: u32 = 2;
+        let shape = [
+            ARRAY,
+            4,
+            std::mem::size_of::<LocalAddr>() as u32,
+            LEGACY_LOCAL_SLOTS,
+            0,
+        ];
+        match crate::sys::map_shape(&old) {
+            Ok(s) if s == shape => {
+                pin_as(&old, &pin)?;
+                return Ok(true);
+            }
+            // Unread, its packets are unclassified until the ingress links move: dropped.
+            other => {
+                warn!(shape = ?other, "the previous layout's sender indices cannot be read; its marks are unclassified while the links move")
+            }
+        }
+    }
+    if pin.exists() {
+        std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
+    }
+    Ok(false)
+}
+
+/// Tells this layout's egress program whether the links are moving from an older layout
+/// (see `LEGACY_MIGRATING`), through entry 0 of the older layout's sender indices shared
+/// into `dir` (no older program reads it). Does nothing where none is shared.
+pub fn legacy_marks_migrating(dir: &Path, on: bool) -> Result<()> {
+    if !dir.join(MapNames::LEGACY_LOCAL_ADDR).exists() {
+        return Ok(());
+    }
+    let mut addrs: Array<MapData, LocalAddr> = pinned(dir, MapNames::LEGACY_LOCAL_ADDR)?;
+    let entry = LocalAddr {
+        family: if on { LEGACY_MIGRATING } else { 0 },
+        ..Default::default()
+    };
+    addrs
+        .set(0, entry, 0)
+        .map_err(|e| DataplaneError::Map(MapNames::LEGACY_LOCAL_ADDR, e))
+}
+
+/// Before the links move from an older layout (1 to 4): gives every local sender whose mark
+/// index reads as one of this layout's findings (see `MARK_CLASSIFIED`; 33, 65, 81 and 129:
+/// "from another interface", "from a pod", "from an unknown pod left open", "unknown") a
+/// free index that reads as none, which this layout's egress program decodes. The address
+/// goes into `LOCAL_ADDR` before `LOCAL` names the new index, so the old programs resolve a
+/// sender throughout; the old entry stays for the packets already marked with it. A sender
+/// no free index is left for loses its index (the old egress program judges its source
+/// address; this layout's finds it unclassified). Returns (renumbered, unindexed).
+fn renumber_findings(from: &Path) -> Result<(usize, usize)> {
+    if !from.join(MapNames::LOCAL).exists() || !from.join(MapNames::LOCAL_ADDR).exists() {
+        return Ok((0, 0));
+    }
+    let mut local: HashMap<MapData, LocalKey, u32> = pinned(from, MapNames::LOCAL)?;
+    let mut addrs: Array<MapData, LocalAddr> = pinned(from, MapNames::LOCAL_ADDR)?;
+    let reads_as_finding = |i: u32| is_finding(i << MARK_LEGACY_SHIFT);
+    let entries: Vec<(LocalKey, u32)> = local.iter().filter_map(|e| e.ok()).collect();
+    let mut used = vec![false; LEGACY_LOCAL_SLOTS as usize];
+    used[0] = true;
+    for (_, i) in &entries {
+        if let Some(u) = used.get_mut(*i as usize) {
+            *u = true;
+        }
+    }
+    for i in 1..addrs.len() {
+        if addrs.get(&i, 0).is_ok_and(|a| a.family != 0) {
+            used[i as usize] = true;
+        }
+    }
+    let (mut moved, mut dropped) = (0, 0);
+    for (key, _) in entries.into_iter().filter(|(_, i)| reads_as_finding(*i)) {
+        let free = (1..LEGACY_LOCAL_SLOTS).find(|k| !used[*k as usize] && !reads_as_finding(*k));
+        let Some(k) = free else {
+            let _ = local.remove(&key);
+            dropped += 1;
+            continue;
+        };
+        used[k as usize] = true;
+        let addr = LocalAddr {
+            family: key.family,
+            _pad: [0; 3],
+            addr: key.addr,
+        };
+        addrs
+            .set(k, addr, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::LOCAL_ADDR, e))?;
+        local
+            .insert(key, k, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
+        moved += 1;
+    }
+    if dropped > 0 {
+        warn!(
+            dropped,
+            "no free sender index left: these senders are unclassified until the ingress links move"
+        );
+    }
+    Ok((moved, dropped))
 }
 
 /// Once the old program is drained and its flows copied: empties the older layout's table
@@ -321,10 +438,21 @@ impl Dataplane {
         copy_array::<Meta>(&from, &to, MapNames::META)?;
         let shared = same_map(&from.join(MapNames::FLOWS), &to.join(MapNames::FLOWS));
         let flows = if shared { 0 } else { copy_flows(&from, &to)? };
-        // The links run this program from here on; once no packet runs the old one, the
-        // flows it remembered in between are copied too (again and again while that is
-        // awaited: each pass shortens the time a reply may meet a table without its flow).
-        self.attach_all(mode)?;
+        // The links run this program from here on, egress links first: the old egress
+        // program would read this layout's findings in the mark as a sender index (see
+        // `MARK_CLASSIFIED`), while this one decodes the old index. Once no packet runs the
+        // old program, the flows it remembered in between are copied too (again and again
+        // while that is awaited: each pass shortens the time a reply may meet a table
+        // without its flow).
+        let (renumbered, unindexed) = renumber_findings(&from)?;
+        legacy_marks_migrating(&to, true)?;
+        if renumbered + unindexed > 0 {
+            // No old program run still holds an index it read before.
+            self.barrier()
+                .wait()
+                .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+        }
+        self.progs().attach_all_replacing_older(mode)?;
         let barrier = self.barrier();
         let waited = std::thread::spawn(move || barrier.wait());
         let mut passes = 0;
@@ -338,6 +466,14 @@ impl Dataplane {
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
         let late = if shared { 0 } else { copy_flows(&from, &to)? };
         forget_legacy_flows(&to)?;
+        // No old program runs any more: a mark naming no sender is unclassified again. The
+        // map stays the program's, as it is: a packet the old ingress program marked with
+        // an index may still be queued. Only the name goes with the old layout.
+        legacy_marks_migrating(&to, false)?;
+        let marks = to.join(MapNames::LEGACY_LOCAL_ADDR);
+        if marks.exists() {
+            std::fs::remove_file(&marks).map_err(|e| DataplaneError::Bpffs(marks.clone(), e))?;
+        }
         // Out of the layouts' sight in one step (bpffs renames no directory: a marker), then
         // deleted: a run stopped midway must not find half a layout to migrate from.
         let gone = self.root.join(format!("v{n}{GONE}"));
@@ -352,6 +488,7 @@ impl Dataplane {
             late,
             passes,
             shared,
+            renumbered,
             "migrated the maps to this binary's layout"
         );
         Ok(Some(n))

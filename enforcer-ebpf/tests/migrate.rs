@@ -7,15 +7,20 @@
 //! (the migration attaches to every interface; a new namespace has only loopback).
 
 mod frames;
+mod layouts;
 
 use std::path::Path;
 
 use frames::*;
-use moat_dataplane::local::PodInterfaces;
+use layouts::{BPFFS, Sweep, node, open_layout, own_netns};
+use moat_dataplane::local::{LocalPods, PodInterfaces};
 use moat_ebpf_common::{LAYOUT_VERSION, MARK_REPLY, MapNames};
-use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, INGRESS_POD};
+use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, INGRESS, INGRESS_POD};
+use moat_enforcer_ebpf::migrate::legacy_marks_migrating;
+use moat_enforcer_ebpf::pods::PodTables;
 
 const OK: u32 = 0;
+const SHOT: u32 = 2;
 /// `BPF_PROG_TEST_RUN` runs a tc program on loopback unless told of another device.
 const OUT: u32 = 1;
 /// Where the client's packets come from (any interface but "generated here", 0).
@@ -34,25 +39,6 @@ fn is_reply(dp: &mut Dataplane, dport: u16) -> bool {
     r.mark & MARK_REPLY != 0
 }
 
-/// Loads the committed datapath object of an older `layout` for `node`, as a node running
-/// that layout's binary would have it.
-fn open_layout(bpffs: &Path, node: &str, layout: u32) -> Dataplane {
-    let object = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("tests/fixtures/moat-datapath-layout{layout}.o"));
-    // SAFETY: this binary's only test, on its only thread that reads the environment.
-    unsafe {
-        std::env::set_var("MOAT_EBPF_OBJECT", object);
-        std::env::set_var("MOAT_EBPF_LAYOUT_FOR_TESTS", layout.to_string());
-    }
-    let dp = Dataplane::open(bpffs, node);
-    // SAFETY: as above.
-    unsafe {
-        std::env::remove_var("MOAT_EBPF_OBJECT");
-        std::env::remove_var("MOAT_EBPF_LAYOUT_FOR_TESTS");
-    }
-    dp.unwrap_or_else(|e| panic!("load layout {layout} (root and BPF needed): {e}"))
-}
-
 /// Layout 4's flow table is layout 5's: shared, not copied. A flow the old program admits
 /// while the new one is already loaded (as on a node mid-upgrade, where some links run the
 /// new program and the old one judges packets until its links move) is one the new program
@@ -61,18 +47,9 @@ fn open_layout(bpffs: &Path, node: &str, layout: u32) -> Dataplane {
 #[test]
 fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     assert_eq!(LAYOUT_VERSION, 5, "update the layout this test shares from");
-    // SAFETY: a fresh namespace for this thread only; nothing else runs in this binary.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let bpffs = Path::new("/run/moat-test/bpf");
-    let node = format!("migrate-{}", std::process::id());
-    let root = bpffs.join("moat").join(&node);
-    let _ = std::fs::remove_dir_all(&root);
-    struct Sweep<'a>(&'a Path);
-    impl Drop for Sweep<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
+    own_netns();
+    let bpffs = Path::new(BPFFS);
+    let (node, root) = node("migrate");
     let _sweep = Sweep(&root);
 
     let mut old = open_layout(bpffs, &node, 4);
@@ -185,6 +162,27 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
         is_reply(&mut new, 2000),
         "a flow layout 3 admitted mid-upgrade"
     );
+    // The egress links move first: meanwhile a flow this layout's egress program admits
+    // goes into layout 3's table too, where its ingress program, still on its links, looks
+    // the reply up. (Before the links move, a packet no program of this layout marked is
+    // unclassified.)
+    let mut l = LocalPods::default();
+    l.other_ifaces.extend([OUT, FORWARDED]);
+    let (less, more) = PodTables::default().diff(&PodTables::of(&l));
+    new.write_pods(&less).unwrap();
+    new.write_pods(&more).unwrap();
+    assert_eq!(admit(&mut new, 2001), SHOT, "not migrating yet");
+    legacy_marks_migrating(&three_root.join("v5"), true).unwrap();
+    assert_eq!(admit(&mut new, 2002), OK);
+    let old_knows = |old: &mut Dataplane, dport| {
+        let r = old.test_run(INGRESS, &reply(dport), 0, OUT).unwrap();
+        r.mark & MARK_REPLY != 0
+    };
+    assert!(
+        old_knows(&mut old, 2002),
+        "a flow the new egress program admitted mid-upgrade"
+    );
+    assert!(!old_knows(&mut old, 2001));
     assert_eq!(new.migrate(&mode).unwrap(), Some(3));
     drop(old);
     assert!(is_reply(&mut new, 2000), "copied into this layout's table");

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use frames::*;
 use moat_dataplane::local::{LocalPods, PodAddr, PodInterfaces, UnknownPods};
 use moat_dataplane::plan::{Desired, Ruleset};
-use moat_ebpf_common::{MARK_REPLY, MARK_SPOOFED, MARK_UNKNOWN};
+use moat_ebpf_common::{
+    MARK_FROM_POD, MARK_LEGACY_SHIFT, MARK_OPEN, MARK_REPLY, MARK_SPOOFED, MARK_UNKNOWN, is_finding,
+};
 use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, EGRESS_POD, INGRESS, INGRESS_POD};
 use moat_enforcer_ebpf::entries::{Diff, Entries, RulesetIds, entries};
 use moat_enforcer_ebpf::pods::PodTables;
@@ -916,4 +918,40 @@ fn a_version_that_does_not_fit_is_applied_degraded() {
     }
     assert!(deltas > 0, "a degraded version's deltas report what is cut");
     b.remove_all().unwrap();
+}
+
+/// A mark that is no finding of this layout's ingress programs names nobody: the findings of
+/// a build from before `MARK_CLASSIFIED` (a packet it marked, still queued when the links
+/// moved) and an older layout's sender index, with no older layout to decode it from, are
+/// unclassified, never "from a pod, left open".
+#[test]
+fn marks_that_are_no_finding_name_nobody() {
+    let mut b = Bed::new("nofinding");
+    b.edit_local(out_is_uplink);
+    b.install(&policy());
+    let denied = tcp4("10.0.0.2", "10.0.0.8", 1000, 1);
+    let allowed = tcp4("10.0.0.2", "10.0.0.9", 1000, 1);
+    for (frame, from) in [(&denied, POD_A), (&allowed, POD_A), (&denied, FORWARDED)] {
+        let mark = b.ingress_on(frame, from);
+        assert!(is_finding(mark), "{mark:#x} from {from}");
+    }
+    assert_eq!(b.forward(&allowed, POD_A), OK);
+    let before = b.counter("unclassified_interface_packets");
+    // New flows each (a remembered flow's packets pass before any finding is read).
+    for (n, mark) in [
+        MARK_FROM_POD | MARK_OPEN,
+        MARK_FROM_POD,
+        70 << MARK_LEGACY_SHIFT,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(!is_finding(mark));
+        let sport = 2000 + n as u16;
+        let denied = tcp4("10.0.0.2", "10.0.0.8", sport, 1);
+        let allowed = tcp4("10.0.0.2", "10.0.0.9", sport, 1);
+        assert_eq!(b.egress_marked(&denied, mark, POD_A), SHOT, "{mark:#x}");
+        assert_eq!(b.egress_marked(&allowed, mark, POD_A), SHOT, "{mark:#x}");
+    }
+    assert_eq!(b.counter("unclassified_interface_packets") - before, 6);
 }

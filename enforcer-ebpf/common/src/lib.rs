@@ -75,6 +75,40 @@ pub const MARK_FROM_OTHER: u32 = 0x0200_0000;
 /// With [`MARK_FROM_POD`]: the source is unknown, and `--unknown-pods allow` leaves it open
 /// (no egress rules).
 pub const MARK_OPEN: u32 = 0x0100_0000;
+/// Set by this layout's ingress programs with every finding above, which is then one of
+/// [`is_finding`]'s few patterns. Any other pattern of the bits below [`MARK_REPLY`] is no
+/// finding of this layout's: either no program ran, or an older layout's ingress program (1
+/// to 4) wrote its 8-bit sender index there ([`MARK_LEGACY_INDEX`]) — during a live upgrade,
+/// and for a packet it marked that is still queued (waiting for a neighbour, say) when the
+/// links have moved. Read as findings, such an index could say "from a pod, left open"; the
+/// egress program decodes it instead (see [`MapNames::LEGACY_LOCAL_ADDR`]), and the
+/// migration renumbers the old senders whose index reads as a finding.
+pub const MARK_CLASSIFIED: u32 = 0x0010_0000;
+/// The mark bits an ingress program's finding occupies.
+pub const MARK_FINDINGS: u32 = 0x1ff0_0000;
+
+/// Whether `mark`'s [`MARK_FINDINGS`] bits are exactly one finding of this layout's ingress
+/// programs.
+#[inline(always)]
+pub const fn is_finding(mark: u32) -> bool {
+    let f = mark & MARK_FINDINGS;
+    f == MARK_CLASSIFIED | MARK_FROM_POD
+        || f == MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN
+        || f == MARK_CLASSIFIED | MARK_FROM_OTHER
+        || f == MARK_CLASSIFIED | MARK_UNKNOWN
+        || f == MARK_CLASSIFIED | MARK_SPOOFED
+}
+/// Layouts 1 to 4: the mark bits holding the index of the local sender (in `LOCAL_ADDR`).
+pub const MARK_LEGACY_INDEX: u32 = 0x0ff0_0000;
+pub const MARK_LEGACY_SHIFT: u32 = 20;
+/// Layouts 1 to 4: `LOCAL_ADDR`'s entries (index 0 meaning "no local sender").
+pub const LEGACY_LOCAL_SLOTS: u32 = 256;
+/// `LEGACY_LOCAL_ADDR[0]`'s family while the links move from an older layout (no older
+/// program reads entry 0). Meanwhile a packet whose old mark names no sender is classified
+/// by its source where the egress program sees it, as this layout's ingress program would
+/// have: an older layout indexed only senders with isolated egress, and its ingress program
+/// runs until its link moves. Otherwise such a mark is unclassified.
+pub const LEGACY_MIGRATING: u8 = 0xff;
 
 /// [`PODS`](MapNames::PODS) values, in order of trust (the loader writes a less trusted
 /// value before a version's flip, a more trusted one after it).
@@ -126,6 +160,10 @@ impl MapNames {
     pub const CT: &'static str = "CT";
     /// Layouts 1 to 3's `CT`, pinned again under this layout while it migrates from them.
     pub const LEGACY_CT: &'static str = "LEGACY_CT";
+    /// Layouts 1 to 4's `LOCAL_ADDR`, pinned again under this layout while it migrates from
+    /// them: the egress program names the sender of a packet their ingress program marked by
+    /// it (see [`MARK_CLASSIFIED`]).
+    pub const LEGACY_LOCAL_ADDR: &'static str = "LEGACY_LOCAL_ADDR";
     pub const FLOWS: &'static str = "FLOWS";
     pub const FLOW_SEED: &'static str = "FLOW_SEED";
     /// Since layout 2's second release; layout 1's program read the kernel's clock.

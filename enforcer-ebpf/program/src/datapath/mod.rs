@@ -54,6 +54,11 @@ static LEGACY_CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(1, 0);
 /// Set at load (read-only to the program: the verifier prunes the lookup when it is 0).
 #[unsafe(no_mangle)]
 static LEGACY_FLOWS: u32 = 0;
+/// While migrating from layouts 1 to 4: their `LOCAL_ADDR`, pinned again here before this
+/// program loads, by which a packet their ingress program marked names its sender (see
+/// `MARK_CLASSIFIED`). Otherwise empty: such a mark names nobody.
+#[map]
+static LEGACY_LOCAL_ADDR: Array<LocalAddr> = Array::pinned(LEGACY_LOCAL_SLOTS, 0);
 #[map]
 static PODS: HashMap<PodKey, u8> = HashMap::pinned(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
 /// Every local pod address: a source the other-interface ingress program refuses.
@@ -157,16 +162,17 @@ fn try_ingress<const POD: bool>(ctx: &TcContext) -> Result<(), ()> {
         // At tc ingress the ingress interface is the device itself (`skb_iif` is set before
         // the hook), read without following `skb->dev`.
         let k = pod_key(unsafe { (*skb).ingress_ifindex }, p.family, &p.saddr);
-        mark |= match unsafe { PODS.get(&k) }.copied() {
-            Some(POD_KNOWN) => MARK_FROM_POD,
-            Some(POD_UNKNOWN_ALLOW) => MARK_FROM_POD | MARK_OPEN,
-            Some(_) => MARK_UNKNOWN,
-            None => MARK_SPOOFED,
-        };
+        mark |= MARK_CLASSIFIED
+            | match unsafe { PODS.get(&k) }.copied() {
+                Some(POD_KNOWN) => MARK_FROM_POD,
+                Some(POD_UNKNOWN_ALLOW) => MARK_FROM_POD | MARK_OPEN,
+                Some(_) => MARK_UNKNOWN,
+                None => MARK_SPOOFED,
+            };
     } else if unsafe { LOCAL_ADDRS.get(&local_key(p)) }.is_some() {
-        mark |= MARK_SPOOFED;
+        mark |= MARK_CLASSIFIED | MARK_SPOOFED;
     } else {
-        mark |= MARK_FROM_OTHER;
+        mark |= MARK_CLASSIFIED | MARK_FROM_OTHER;
     }
     unsafe { (*skb).mark = mark };
     Ok(())
@@ -257,6 +263,24 @@ fn seen_legacy(k: &FlowKey) -> bool {
     true
 }
 
+/// While the links move from layouts 1 to 3 (egress first): a flow this egress program
+/// admits goes into their table too, where their ingress program, still on its links,
+/// looks the reply up. Pruned by the verifier unless `LEGACY_FLOWS`; a call of its own to
+/// keep the egress program's stack as it was.
+#[inline(never)]
+fn remember_legacy(k: &FlowKey) {
+    // Volatile: a constant to the verifier, never to LLVM.
+    if unsafe { core::ptr::read_volatile(&LEGACY_FLOWS) } == 0 {
+        return;
+    }
+    let migrating = LEGACY_LOCAL_ADDR
+        .get(0)
+        .is_some_and(|a| a.family == LEGACY_MIGRATING);
+    if migrating {
+        let _ = LEGACY_CT.insert(k, &FlowVal { seen_ns: now() }, 0);
+    }
+}
+
 #[inline(always)]
 fn now() -> u64 {
     CLOCK.get(0).copied().unwrap_or(0)
@@ -295,11 +319,11 @@ fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
         return Ok(());
     }
     // Bit tests, before the flow table: a spoofed or unknown sender's packets never pass,
-    // not even on a flow it shares a tuple with.
+    // not even on a flow it shares a tuple with. (No older layout sets the spoofed bit.)
     if mark & MARK_SPOOFED != 0 {
         return Err(Shot::Spoofed);
     }
-    if mark & MARK_UNKNOWN != 0 {
+    if mark & MARK_FINDINGS == MARK_CLASSIFIED | MARK_UNKNOWN {
         return Err(Shot::UnknownPod);
     }
     if mark & MARK_REPLY != 0 {
@@ -322,7 +346,9 @@ fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
     }
     // The receiver judges the sender as the sender's pod, whatever SNAT made of the source.
     let mut peer = p.saddr;
-    let isolated_sender = sender(from, mark, p, &mut peer)?;
+    // The mark read again, not kept across the calls above: one register fewer keeps the
+    // stack (with the parser's calls) within the verifier's 512 bytes.
+    let isolated_sender = sender(from, unsafe { (*skb).mark }, p, &mut peer)?;
     let receiver = receiver::<POD>(unsafe { (*skb).ifindex }, p)?;
     let sel = SELECTOR.get(0).copied().unwrap_or(0) as u8;
     let allowed = (!isolated_sender || allows(sel, DIR_EGRESS, &peer, &p.daddr, p))
@@ -336,6 +362,7 @@ fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
             if !flows::remember(&flow, now()) {
                 count(CNT_CT_FULL);
             }
+            remember_legacy(&flow);
         }
         count(CNT_ALLOWED);
     }
@@ -354,30 +381,113 @@ fn allowed_if(ok: bool) -> Result<(), Shot> {
 /// `Option`'s payload on its `None` path, which the verifier refuses.)
 #[inline(always)]
 fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
+    match sender_code(from, mark, p, who) {
+        SENDER_OPEN => Ok(false),
+        SENDER_JUDGED => Ok(true),
+        SENDER_SPOOFED => Err(Shot::Spoofed),
+        SENDER_UNKNOWN => Err(Shot::UnknownPod),
+        _ => Err(Shot::Unclassified),
+    }
+}
+
+const SENDER_OPEN: u32 = 0;
+const SENDER_JUDGED: u32 = 1;
+const SENDER_SPOOFED: u32 = 2;
+const SENDER_UNKNOWN: u32 = 3;
+const SENDER_UNCLASSIFIED: u32 = 4;
+
+/// [`sender`]'s work, a call of its own returning a plain code (BPF returns one register):
+/// inlined (with the older layouts' path), the egress program's frame grew to 224 bytes,
+/// past the verifier's 512 for the deepest chain of calls (the program, the parser, its
+/// layer-4 step: 208 + 144 + 160 now).
+#[inline(never)]
+fn sender_code(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> u32 {
+    match sender_of(from, mark, p, who) {
+        Ok(false) => SENDER_OPEN,
+        Ok(true) => SENDER_JUDGED,
+        Err(Shot::Spoofed) => SENDER_SPOOFED,
+        Err(Shot::UnknownPod) => SENDER_UNKNOWN,
+        Err(_) => SENDER_UNCLASSIFIED,
+    }
+}
+
+#[inline(always)]
+fn sender_of(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
     let Some(i) = (unsafe { IFACES.get(&from) }) else {
         return Err(Shot::Unclassified);
     };
-    match i.kind {
-        // The pod ingress program must have vouched for the source: without its bit the
-        // program was not on the interface yet.
-        IFACE_POD if mark & MARK_FROM_POD != 0 => {
-            if mark & MARK_OPEN != 0 {
-                return Ok(false);
-            }
-            let has = if p.family == FAMILY_V4 {
-                if i.has4 != 0 {
-                    who.0 = i.addr4;
-                }
-                i.has4
-            } else {
-                if i.has6 != 0 {
-                    who.0 = i.addr6;
-                }
-                i.has6
-            };
-            Ok(has != 0)
+    if !is_finding(mark) {
+        return legacy_sender(i, from, mark, p, who);
+    }
+    // The pod ingress program must have vouched for the source: without its finding the
+    // program was not on the interface yet.
+    match (i.kind, mark & MARK_FINDINGS) {
+        (IFACE_POD, f) if f == MARK_CLASSIFIED | MARK_FROM_POD => Ok(pod_sender(i, p, who)),
+        (IFACE_POD, f) if f == MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN => Ok(false),
+        (IFACE_OTHER, f) if f == MARK_CLASSIFIED | MARK_FROM_OTHER => Ok(false),
+        _ => Err(Shot::Unclassified),
+    }
+}
+
+/// The pod of interface `i` as the sender: whether it has an address of the packet's family
+/// (then written to `who`).
+#[inline(always)]
+fn pod_sender(i: &Iface, p: &Pkt, who: &mut Addr) -> bool {
+    let has = if p.family == FAMILY_V4 {
+        if i.has4 != 0 {
+            who.0 = i.addr4;
         }
-        IFACE_OTHER if mark & MARK_FROM_OTHER != 0 => Ok(false),
+        i.has4
+    } else {
+        if i.has6 != 0 {
+            who.0 = i.addr6;
+        }
+        i.has6
+    };
+    has != 0
+}
+
+/// [`sender`] for a packet no ingress program of this layout marked: one an older layout's
+/// marked (a live upgrade; the links move egress first, so this is every forwarded new flow
+/// until the ingress links follow). A sender index names the source the old program saw
+/// before SNAT; it must be one the enforced version holds on the pod interface the packet
+/// came from, exactly as this layout's ingress program checks. No index (the old program
+/// indexed only senders with isolated egress) is checked on the source as it is here, while
+/// the links move (`LEGACY_MIGRATING`). Anything else is unclassified.
+#[inline(always)]
+fn legacy_sender(i: &Iface, from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
+    let index = (mark & MARK_LEGACY_INDEX) >> MARK_LEGACY_SHIFT;
+    let Some(a) = LEGACY_LOCAL_ADDR.get(index) else {
+        return Err(Shot::Unclassified);
+    };
+    let source = if index != 0 && a.family == p.family {
+        Addr(a.addr)
+    } else if index == 0 && a.family == LEGACY_MIGRATING {
+        p.saddr
+    } else {
+        return Err(Shot::Unclassified);
+    };
+    match i.kind {
+        IFACE_POD => match unsafe { PODS.get(&pod_key(from, p.family, &source)) }.copied() {
+            Some(POD_KNOWN) => Ok(pod_sender(i, p, who)),
+            Some(POD_UNKNOWN_ALLOW) => Ok(false),
+            Some(_) => Err(Shot::UnknownPod),
+            None => Err(Shot::Spoofed),
+        },
+        // An index on another interface is a local sender's address from elsewhere.
+        IFACE_OTHER if index == 0 => {
+            let k = LocalKey {
+                family: p.family,
+                _pad: [0; 3],
+                addr: source.0,
+            };
+            if unsafe { LOCAL_ADDRS.get(&k) }.is_some() {
+                Err(Shot::Spoofed)
+            } else {
+                Ok(false)
+            }
+        }
+        IFACE_OTHER => Err(Shot::Spoofed),
         _ => Err(Shot::Unclassified),
     }
 }
