@@ -35,6 +35,9 @@ pub struct Progs {
     attached: BTreeMap<u32, (String, Kind)>,
     /// Attach calls so far (tests: the attacher's work is visible).
     pub attaches: u64,
+    /// Set by a migration while it moves the links from an older layout: only then may a
+    /// pass replace an older layout's programs (see [`attach_all`](Self::attach_all)).
+    pub(crate) migrating: bool,
 }
 
 /// Which programs a pass attaches first.
@@ -64,6 +67,7 @@ impl Progs {
             layout,
             attached: BTreeMap::new(),
             attaches: 0,
+            migrating: false,
         };
         for name in p.names() {
             p.program(name)?
@@ -95,19 +99,42 @@ impl Progs {
     /// Attaches the programs of its kind to every interface but loopback that has none (or
     /// another kind's) from this run, replacing (atomically, through the pinned link) what a
     /// previous run attached. Returns how many interfaces it attached to.
+    ///
+    /// While an older layout is pinned beside this run's (a migration from it has not
+    /// finished, or failed), its programs may still be on the links: the egress programs
+    /// move first, and if one is refused no ingress program moves at all in this pass (an
+    /// old egress program left on an interface would read this layout's findings as its
+    /// sender index).
     pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
-        let order = attach_order(self.attached.is_empty(), false);
-        self.attach_pass(mode, order)
+        let replacing = self.replacing_older();
+        if replacing && !self.migrating {
+            // Only the migration renumbers the old sender indices and tells the egress
+            // program the links are moving: without it, this layout's egress program would
+            // read some old marks as findings.
+            return Err(DataplaneError::Attach(
+                "every interface".into(),
+                "an older map layout is still pinned: its migration must finish first".into(),
+            ));
+        }
+        let order = attach_order(self.attached.is_empty(), replacing);
+        self.attach_pass(mode, order, replacing)
     }
 
-    /// [`attach_all`](Self::attach_all) on a node whose links run an older layout's
-    /// programs (see [`attach_order`]).
-    pub fn attach_all_replacing_older(&mut self, mode: &PodInterfaces) -> Result<usize> {
-        let order = attach_order(self.attached.is_empty(), true);
-        self.attach_pass(mode, order)
+    fn replacing_older(&self) -> bool {
+        let Some(root) = self.links.parent() else {
+            return false;
+        };
+        crate::migrate::layouts(root)
+            .iter()
+            .any(|(n, _)| *n < self.layout)
     }
 
-    fn attach_pass(&mut self, mode: &PodInterfaces, order: [TcAttachType; 2]) -> Result<usize> {
+    fn attach_pass(
+        &mut self,
+        mode: &PodInterfaces,
+        order: [TcAttachType; 2],
+        replacing: bool,
+    ) -> Result<usize> {
         let links = sys::links().map_err(|e| DataplaneError::Sys("listing links", e))?;
         let todo: Vec<(&moat_dataplane::local::Link, Kind)> = links
             .iter()
@@ -123,6 +150,11 @@ impl Progs {
         // retries it), and the first error is returned at the end.
         let (mut refused, mut first_error) = (BTreeSet::new(), None);
         for ty in &order {
+            if replacing && *ty == TcAttachType::Ingress && !refused.is_empty() {
+                // Retried whole with the next pass; the egress programs that moved decode
+                // the old ingress programs' marks meanwhile.
+                return Err(first_error.expect("a refused interface has its error"));
+            }
             for (l, kind) in &todo {
                 if vanished.contains(&l.index) {
                     continue;

@@ -61,6 +61,10 @@ pub enum DataplaneError {
     UnknownLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
+    #[error(
+        "the older layout's sender indices are all in use ({0} senders): none is left to renumber one whose index reads as this layout's finding; the old programs keep enforcing"
+    )]
+    SenderIndices(usize),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -143,6 +147,9 @@ pub struct Dataplane {
     pub(crate) root: PathBuf,
     /// The map layout this run uses (this binary's, unless a test asked for an older one).
     pub(crate) layout: u32,
+    /// How long a migration waits after renumbering an older layout's sender indices
+    /// (`None`: [`queued_mark_lifetime`](crate::migrate::queued_mark_lifetime)).
+    pub(crate) renumber_settle: Option<std::time::Duration>,
 }
 
 pub use crate::attach::{EGRESS, EGRESS_POD, INGRESS, INGRESS_POD};
@@ -233,6 +240,7 @@ impl Dataplane {
             dir: dir.clone(),
             root,
             layout,
+            renumber_settle: None,
         };
         // Before anything attaches this program: it stamps flows with this clock.
         crate::flows::resume_clock(&dir)?;
@@ -325,6 +333,12 @@ impl Dataplane {
     }
 
     /// Waits out every program run that started before this call.
+    /// Tests: how long a migration waits out packets marked with renumbered sender indices
+    /// (a test crafts its packets; nothing is queued in its kernel).
+    pub fn set_renumber_settle(&mut self, wait: std::time::Duration) {
+        self.renumber_settle = Some(wait);
+    }
+
     pub fn barrier(&self) -> std::sync::Arc<Barrier> {
         std::sync::Arc::clone(&self.barrier)
     }

@@ -242,6 +242,12 @@ impl EbpfBackend {
         local: &LocalPods,
     ) -> Result<(), BackendError> {
         self.settle();
+        // An older layout still pinned means its migration failed when this run adopted
+        // the node: its programs may still be on the links, and only the migration moves
+        // them safely (nothing was switched meanwhile).
+        self.dp
+            .migrate(&self.mode)
+            .map_err(failed("migrating an older map layout"))?;
         self.dp
             .attach_all(&self.mode)
             .map_err(failed("attaching the programs"))?;

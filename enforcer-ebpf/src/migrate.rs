@@ -152,8 +152,9 @@ pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
 }
 
 /// Tells this layout's egress program whether the links are moving from an older layout
-/// (see `LEGACY_MIGRATING`), through entry 0 of the older layout's sender indices shared
-/// into `dir` (no older program reads it). Does nothing where none is shared.
+/// (see `LEGACY_MIGRATING`), through entry 0 of `LEGACY_LOCAL_ADDR` in `dir`: the older
+/// layout's sender indices where they were shared (no older program reads entry 0),
+/// otherwise the program's own empty map, where an old index then names nobody.
 pub fn legacy_marks_migrating(dir: &Path, on: bool) -> Result<()> {
     if !dir.join(MapNames::LEGACY_LOCAL_ADDR).exists() {
         return Ok(());
@@ -168,43 +169,48 @@ pub fn legacy_marks_migrating(dir: &Path, on: bool) -> Result<()> {
         .map_err(|e| DataplaneError::Map(MapNames::LEGACY_LOCAL_ADDR, e))
 }
 
-/// Before the links move from an older layout (1 to 4): gives every local sender whose mark
-/// index reads as one of this layout's findings (see `MARK_CLASSIFIED`; 33, 65, 81 and 129:
-/// "from another interface", "from a pod", "from an unknown pod left open", "unknown") a
-/// free index that reads as none, which this layout's egress program decodes. The address
-/// goes into `LOCAL_ADDR` before `LOCAL` names the new index, so the old programs resolve a
-/// sender throughout; the old entry stays for the packets already marked with it. A sender
-/// no free index is left for loses its index (the old egress program judges its source
-/// address; this layout's finds it unclassified). Returns (renumbered, unindexed).
-fn renumber_findings(from: &Path) -> Result<(usize, usize)> {
+/// Whether an older layout's sender index `i` must not stay in use once this layout's
+/// egress program reads marks: it reads as one of its findings (33, 65, 81 and 129: "from
+/// another interface", "from a pod", "from an unknown pod, left open", "unknown"; see
+/// `MARK_CLASSIFIED`), or as "unknown" in an earlier build of this layout (128).
+fn ambiguous(i: u32) -> bool {
+    let mark = i << MARK_LEGACY_SHIFT;
+    is_finding(mark) || mark & MARK_FINDINGS & !MARK_CLASSIFIED == MARK_UNKNOWN
+}
+
+/// Before the links move from an older layout (1 to 4): gives every local sender whose index
+/// is [`ambiguous`] a free one, which this layout's egress program decodes. The address goes
+/// into `LOCAL_ADDR` before `LOCAL` names the new index, so the old programs resolve a sender
+/// throughout; the old entry stays for the packets already marked with it (the caller waits
+/// those out). A free index is one `LOCAL` does not name, preferably one `LOCAL_ADDR` holds
+/// nothing at either. Returns how many were renumbered; none left is an error (the old
+/// programs keep enforcing).
+fn renumber_findings(from: &Path) -> Result<usize> {
     if !from.join(MapNames::LOCAL).exists() || !from.join(MapNames::LOCAL_ADDR).exists() {
-        return Ok((0, 0));
+        return Ok(0);
     }
     let mut local: HashMap<MapData, LocalKey, u32> = pinned(from, MapNames::LOCAL)?;
     let mut addrs: Array<MapData, LocalAddr> = pinned(from, MapNames::LOCAL_ADDR)?;
-    let reads_as_finding = |i: u32| is_finding(i << MARK_LEGACY_SHIFT);
     let entries: Vec<(LocalKey, u32)> = local.iter().filter_map(|e| e.ok()).collect();
-    let mut used = vec![false; LEGACY_LOCAL_SLOTS as usize];
-    used[0] = true;
+    let slots = LEGACY_LOCAL_SLOTS.min(addrs.len());
+    let mut named = vec![false; slots as usize];
+    named[0] = true;
     for (_, i) in &entries {
-        if let Some(u) = used.get_mut(*i as usize) {
+        if let Some(u) = named.get_mut(*i as usize) {
             *u = true;
         }
     }
-    for i in 1..addrs.len() {
-        if addrs.get(&i, 0).is_ok_and(|a| a.family != 0) {
-            used[i as usize] = true;
-        }
-    }
-    let (mut moved, mut dropped) = (0, 0);
-    for (key, _) in entries.into_iter().filter(|(_, i)| reads_as_finding(*i)) {
-        let free = (1..LEGACY_LOCAL_SLOTS).find(|k| !used[*k as usize] && !reads_as_finding(*k));
-        let Some(k) = free else {
-            let _ = local.remove(&key);
-            dropped += 1;
-            continue;
-        };
-        used[k as usize] = true;
+    let held: Vec<bool> = (0..slots)
+        .map(|i| addrs.get(&i, 0).is_ok_and(|a| a.family != 0))
+        .collect();
+    let mut moved = 0;
+    for (key, _) in entries.iter().filter(|(_, i)| ambiguous(*i)) {
+        let free = |k: &u32| !named[*k as usize] && !ambiguous(*k);
+        let k = (1..slots)
+            .find(|k| free(k) && !held[*k as usize])
+            .or_else(|| (1..slots).find(free))
+            .ok_or(DataplaneError::SenderIndices(entries.len()))?;
+        named[k as usize] = true;
         let addr = LocalAddr {
             family: key.family,
             _pad: [0; 3],
@@ -218,13 +224,29 @@ fn renumber_findings(from: &Path) -> Result<(usize, usize)> {
             .map_err(|e| DataplaneError::Map(MapNames::LOCAL, e))?;
         moved += 1;
     }
-    if dropped > 0 {
-        warn!(
-            dropped,
-            "no free sender index left: these senders are unclassified until the ingress links move"
-        );
-    }
-    Ok((moved, dropped))
+    Ok(moved)
+}
+
+/// How long a packet marked by an older layout's ingress program may wait in the kernel
+/// before it reaches an egress program: fragments until their datagram is reassembled
+/// (`ipfrag_time`, `ip6frag_time`; the reassembled packet carries a fragment's mark) and a
+/// packet held for neighbour resolution (a few seconds), whichever is longest, and a second
+/// more.
+pub fn queued_mark_lifetime() -> std::time::Duration {
+    let secs = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let longest = [
+        secs("/proc/sys/net/ipv4/ipfrag_time").unwrap_or(30),
+        secs("/proc/sys/net/ipv6/ip6frag_time").unwrap_or(60),
+        3,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(60);
+    std::time::Duration::from_secs(longest + 1)
 }
 
 /// Once the old program is drained and its flows copied: empties the older layout's table
@@ -444,15 +466,29 @@ impl Dataplane {
         // old program, the flows it remembered in between are copied too (again and again
         // while that is awaited: each pass shortens the time a reply may meet a table
         // without its flow).
-        let (renumbered, unindexed) = renumber_findings(&from)?;
-        legacy_marks_migrating(&to, true)?;
-        if renumbered + unindexed > 0 {
-            // No old program run still holds an index it read before.
-            self.barrier()
-                .wait()
-                .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+        let renumbered = renumber_findings(&from)?;
+        if renumbered > 0 {
+            // A packet the old ingress program marked with an index it no longer uses may
+            // still be queued in the kernel (a fragment awaiting its datagram, say): this
+            // layout's egress program would read that index as a finding. The old programs
+            // judge everything until such packets are gone.
+            let wait = self.renumber_settle.unwrap_or_else(queued_mark_lifetime);
+            info!(
+                renumbered,
+                ?wait,
+                "renumbered older sender indices; waiting out packets marked with the old ones"
+            );
+            std::thread::sleep(wait);
         }
-        self.progs().attach_all_replacing_older(mode)?;
+        legacy_marks_migrating(&to, true)?;
+        let attached = {
+            let mut progs = self.progs();
+            progs.migrating = true;
+            let r = progs.attach_all(mode);
+            progs.migrating = false;
+            r
+        };
+        attached?;
         let barrier = self.barrier();
         let waited = std::thread::spawn(move || barrier.wait());
         let mut passes = 0;
@@ -464,12 +500,16 @@ impl Dataplane {
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")))
             .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
+        // No old program runs any more: a mark naming no sender is unclassified again, and
+        // this layout's egress program stops writing into an older layout's flow table.
+        legacy_marks_migrating(&to, false)?;
+        self.barrier()
+            .wait()
+            .map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
         let late = if shared { 0 } else { copy_flows(&from, &to)? };
         forget_legacy_flows(&to)?;
-        // No old program runs any more: a mark naming no sender is unclassified again. The
-        // map stays the program's, as it is: a packet the old ingress program marked with
-        // an index may still be queued. Only the name goes with the old layout.
-        legacy_marks_migrating(&to, false)?;
+        // The map stays the program's, as it is: a packet the old ingress program marked
+        // with an index may still be queued. Only the name goes with the old layout.
         let marks = to.join(MapNames::LEGACY_LOCAL_ADDR);
         if marks.exists() {
             std::fs::remove_file(&marks).map_err(|e| DataplaneError::Bpffs(marks.clone(), e))?;
@@ -492,5 +532,16 @@ impl Dataplane {
             "migrated the maps to this binary's layout"
         );
         Ok(Some(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ambiguous_sender_indices_are_the_findings_and_the_old_unknown() {
+        let all: Vec<u32> = (0..LEGACY_LOCAL_SLOTS).filter(|i| ambiguous(*i)).collect();
+        assert_eq!(all, [33, 65, 81, 128, 129]);
     }
 }

@@ -216,7 +216,17 @@ fn an_older_layouts_sender_index_names_its_sender_and_never_opens_one() {
     assert_eq!(index(mark), B_INDEX);
     assert_eq!(judge(&mut new, &posing, mark, UPLINK), SHOT);
 
+    // Nothing but the migration moves the links while an older layout is pinned.
+    let refused = new.attach_all(&PodInterfaces::Auto).unwrap_err();
+    assert!(refused.to_string().contains("migration"), "{refused}");
+
+    // Pod A's index is renumbered, then the links wait for packets the old program marked
+    // with it (here crafted, so a short wait) before they move.
+    let settle = std::time::Duration::from_millis(300);
+    new.set_renumber_settle(settle);
+    let started = std::time::Instant::now();
     assert_eq!(new.migrate(&PodInterfaces::Auto).unwrap(), Some(4));
+    assert!(started.elapsed() >= settle, "waited out the old indices");
     assert!(
         !root.join("v5").join(MapNames::LEGACY_LOCAL_ADDR).exists(),
         "the name goes with the old layout"

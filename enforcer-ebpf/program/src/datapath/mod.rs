@@ -265,14 +265,10 @@ fn seen_legacy(k: &FlowKey) -> bool {
 
 /// While the links move from layouts 1 to 3 (egress first): a flow this egress program
 /// admits goes into their table too, where their ingress program, still on its links,
-/// looks the reply up. Pruned by the verifier unless `LEGACY_FLOWS`; a call of its own to
-/// keep the egress program's stack as it was.
+/// looks the reply up. Called only with `LEGACY_FLOWS`; a call of its own to keep the
+/// egress program's stack as it was.
 #[inline(never)]
 fn remember_legacy(k: &FlowKey) {
-    // Volatile: a constant to the verifier, never to LLVM.
-    if unsafe { core::ptr::read_volatile(&LEGACY_FLOWS) } == 0 {
-        return;
-    }
     let migrating = LEGACY_LOCAL_ADDR
         .get(0)
         .is_some_and(|a| a.family == LEGACY_MIGRATING);
@@ -323,7 +319,9 @@ fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
     if mark & MARK_SPOOFED != 0 {
         return Err(Shot::Spoofed);
     }
-    if mark & MARK_FINDINGS == MARK_CLASSIFIED | MARK_UNKNOWN {
+    // Also without `MARK_CLASSIFIED`: a packet an earlier build of this layout marked
+    // (the migration renumbers an older layout's sender index 128, which reads the same).
+    if mark & MARK_FINDINGS & !MARK_CLASSIFIED == MARK_UNKNOWN {
         return Err(Shot::UnknownPod);
     }
     if mark & MARK_REPLY != 0 {
@@ -362,7 +360,10 @@ fn try_egress<const POD: bool>(ctx: &TcContext) -> Result<(), Shot> {
             if !flows::remember(&flow, now()) {
                 count(CNT_CT_FULL);
             }
-            remember_legacy(&flow);
+            // Volatile: a constant to the verifier (which prunes the call), never to LLVM.
+            if unsafe { core::ptr::read_volatile(&LEGACY_FLOWS) } != 0 {
+                remember_legacy(&flow);
+            }
         }
         count(CNT_ALLOWED);
     }
@@ -381,53 +382,37 @@ fn allowed_if(ok: bool) -> Result<(), Shot> {
 /// `Option`'s payload on its `None` path, which the verifier refuses.)
 #[inline(always)]
 fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
-    match sender_code(from, mark, p, who) {
+    let Some(i) = (unsafe { IFACES.get(&from) }) else {
+        return Err(Shot::Unclassified);
+    };
+    // The pod ingress program must have vouched for the source: without its finding the
+    // program was not on the interface yet.
+    const POD: u32 = MARK_CLASSIFIED | MARK_FROM_POD;
+    const POD_OPEN: u32 = MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN;
+    const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
+    let code = match mark & MARK_FINDINGS {
+        POD if i.kind == IFACE_POD => SENDER_POD,
+        POD_OPEN if i.kind == IFACE_POD => SENDER_OPEN,
+        OTHER if i.kind == IFACE_OTHER => SENDER_OPEN,
+        f if is_finding(f) => SENDER_UNCLASSIFIED,
+        _ => legacy_sender(from, mark, p, i.kind),
+    };
+    match code {
+        SENDER_POD => Ok(pod_sender(i, p, who)),
         SENDER_OPEN => Ok(false),
-        SENDER_JUDGED => Ok(true),
         SENDER_SPOOFED => Err(Shot::Spoofed),
         SENDER_UNKNOWN => Err(Shot::UnknownPod),
         _ => Err(Shot::Unclassified),
     }
 }
 
+/// What [`sender`] found, as one register ([`legacy_sender`] returns it).
 const SENDER_OPEN: u32 = 0;
-const SENDER_JUDGED: u32 = 1;
+/// The interface's pod.
+const SENDER_POD: u32 = 1;
 const SENDER_SPOOFED: u32 = 2;
 const SENDER_UNKNOWN: u32 = 3;
 const SENDER_UNCLASSIFIED: u32 = 4;
-
-/// [`sender`]'s work, a call of its own returning a plain code (BPF returns one register):
-/// inlined (with the older layouts' path), the egress program's frame grew to 224 bytes,
-/// past the verifier's 512 for the deepest chain of calls (the program, the parser, its
-/// layer-4 step: 208 + 144 + 160 now).
-#[inline(never)]
-fn sender_code(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> u32 {
-    match sender_of(from, mark, p, who) {
-        Ok(false) => SENDER_OPEN,
-        Ok(true) => SENDER_JUDGED,
-        Err(Shot::Spoofed) => SENDER_SPOOFED,
-        Err(Shot::UnknownPod) => SENDER_UNKNOWN,
-        Err(_) => SENDER_UNCLASSIFIED,
-    }
-}
-
-#[inline(always)]
-fn sender_of(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
-    let Some(i) = (unsafe { IFACES.get(&from) }) else {
-        return Err(Shot::Unclassified);
-    };
-    if !is_finding(mark) {
-        return legacy_sender(i, from, mark, p, who);
-    }
-    // The pod ingress program must have vouched for the source: without its finding the
-    // program was not on the interface yet.
-    match (i.kind, mark & MARK_FINDINGS) {
-        (IFACE_POD, f) if f == MARK_CLASSIFIED | MARK_FROM_POD => Ok(pod_sender(i, p, who)),
-        (IFACE_POD, f) if f == MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN => Ok(false),
-        (IFACE_OTHER, f) if f == MARK_CLASSIFIED | MARK_FROM_OTHER => Ok(false),
-        _ => Err(Shot::Unclassified),
-    }
-}
 
 /// The pod of interface `i` as the sender: whether it has an address of the packet's family
 /// (then written to `who`).
@@ -454,25 +439,29 @@ fn pod_sender(i: &Iface, p: &Pkt, who: &mut Addr) -> bool {
 /// came from, exactly as this layout's ingress program checks. No index (the old program
 /// indexed only senders with isolated egress) is checked on the source as it is here, while
 /// the links move (`LEGACY_MIGRATING`). Anything else is unclassified.
-#[inline(always)]
-fn legacy_sender(i: &Iface, from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
+///
+/// A call of its own, returning a `SENDER_*` code in one register: inlined, the egress
+/// program's frame grew past the verifier's 512 bytes for the deepest chain of calls (the
+/// program, the parser, its layer-4 step: 208 + 144 + 160 now).
+#[inline(never)]
+fn legacy_sender(from: u32, mark: u32, p: &Pkt, kind: u8) -> u32 {
     let index = (mark & MARK_LEGACY_INDEX) >> MARK_LEGACY_SHIFT;
     let Some(a) = LEGACY_LOCAL_ADDR.get(index) else {
-        return Err(Shot::Unclassified);
+        return SENDER_UNCLASSIFIED;
     };
     let source = if index != 0 && a.family == p.family {
         Addr(a.addr)
     } else if index == 0 && a.family == LEGACY_MIGRATING {
         p.saddr
     } else {
-        return Err(Shot::Unclassified);
+        return SENDER_UNCLASSIFIED;
     };
-    match i.kind {
+    match kind {
         IFACE_POD => match unsafe { PODS.get(&pod_key(from, p.family, &source)) }.copied() {
-            Some(POD_KNOWN) => Ok(pod_sender(i, p, who)),
-            Some(POD_UNKNOWN_ALLOW) => Ok(false),
-            Some(_) => Err(Shot::UnknownPod),
-            None => Err(Shot::Spoofed),
+            Some(POD_KNOWN) => SENDER_POD,
+            Some(POD_UNKNOWN_ALLOW) => SENDER_OPEN,
+            Some(_) => SENDER_UNKNOWN,
+            None => SENDER_SPOOFED,
         },
         // An index on another interface is a local sender's address from elsewhere.
         IFACE_OTHER if index == 0 => {
@@ -482,13 +471,13 @@ fn legacy_sender(i: &Iface, from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Re
                 addr: source.0,
             };
             if unsafe { LOCAL_ADDRS.get(&k) }.is_some() {
-                Err(Shot::Spoofed)
+                SENDER_SPOOFED
             } else {
-                Ok(false)
+                SENDER_OPEN
             }
         }
-        IFACE_OTHER => Err(Shot::Spoofed),
-        _ => Err(Shot::Unclassified),
+        IFACE_OTHER => SENDER_SPOOFED,
+        _ => SENDER_UNCLASSIFIED,
     }
 }
 
