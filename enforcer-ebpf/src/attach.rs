@@ -35,9 +35,6 @@ pub struct Progs {
     attached: BTreeMap<u32, (String, Kind)>,
     /// Attach calls so far (tests: the attacher's work is visible).
     pub attaches: u64,
-    /// Set by a migration while it moves the links from an older layout: only then may a
-    /// pass replace an older layout's programs (see [`attach_all`](Self::attach_all)).
-    pub(crate) migrating: bool,
 }
 
 /// Which programs a pass attaches first.
@@ -67,7 +64,6 @@ impl Progs {
             layout,
             attached: BTreeMap::new(),
             attaches: 0,
-            migrating: false,
         };
         for name in p.names() {
             p.program(name)?
@@ -107,15 +103,6 @@ impl Progs {
     /// sender index).
     pub fn attach_all(&mut self, mode: &PodInterfaces) -> Result<usize> {
         let replacing = self.replacing_older();
-        if replacing && !self.migrating {
-            // Only the migration renumbers the old sender indices and tells the egress
-            // program the links are moving: without it, this layout's egress program would
-            // read some old marks as findings.
-            return Err(DataplaneError::Attach(
-                "every interface".into(),
-                "an older map layout is still pinned: its migration must finish first".into(),
-            ));
-        }
         let order = attach_order(self.attached.is_empty(), replacing);
         self.attach_pass(mode, order, replacing)
     }

@@ -61,10 +61,6 @@ pub enum DataplaneError {
     UnknownLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
-    #[error(
-        "the older layout's sender indices are all in use ({0} senders): none is left to renumber one whose index reads as this layout's finding; the old programs keep enforcing"
-    )]
-    SenderIndices(usize),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -147,9 +143,6 @@ pub struct Dataplane {
     pub(crate) root: PathBuf,
     /// The map layout this run uses (this binary's, unless a test asked for an older one).
     pub(crate) layout: u32,
-    /// How long a migration waits after renumbering an older layout's sender indices
-    /// (`None`: [`queued_mark_lifetime`](crate::migrate::queued_mark_lifetime)).
-    pub(crate) renumber_settle: Option<std::time::Duration>,
 }
 
 pub use crate::attach::{EGRESS, EGRESS_POD, INGRESS, INGRESS_POD};
@@ -185,12 +178,12 @@ impl Dataplane {
         for d in [&dir, &links] {
             std::fs::create_dir_all(d).map_err(|e| DataplaneError::Bpffs(d.clone(), e))?;
         }
-        let legacy = if layout == LAYOUT_VERSION {
+        let (legacy, legacy_marks) = if layout == LAYOUT_VERSION {
             crate::migrate::share_previous(&root, &dir)?;
-            crate::migrate::share_legacy_marks(&root, &dir)?;
-            crate::migrate::share_legacy_flows(&root, &dir)?
+            let marks = crate::migrate::share_legacy_marks(&root, &dir)?;
+            (crate::migrate::share_legacy_flows(&root, &dir)?, marks)
         } else {
-            false
+            (false, false)
         };
         let object = match std::env::var_os(OBJECT_ENV) {
             Some(path) => {
@@ -201,10 +194,12 @@ impl Dataplane {
             None => PROGRAM.to_vec(),
         };
         let legacy = u32::from(legacy);
+        let legacy_marks = u32::from(legacy_marks);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             // Absent from older layouts' objects (tests load those): not required.
             .override_global("LEGACY_FLOWS", &legacy, false)
+            .override_global("LEGACY_MARKS", &legacy_marks, false)
             .load(&object)?;
         let maps = Maps {
             selector: take(&mut ebpf, MapNames::SELECTOR)?,
@@ -240,7 +235,6 @@ impl Dataplane {
             dir: dir.clone(),
             root,
             layout,
-            renumber_settle: None,
         };
         // Before anything attaches this program: it stamps flows with this clock.
         crate::flows::resume_clock(&dir)?;
@@ -333,12 +327,6 @@ impl Dataplane {
     }
 
     /// Waits out every program run that started before this call.
-    /// Tests: how long a migration waits out packets marked with renumbered sender indices
-    /// (a test crafts its packets; nothing is queued in its kernel).
-    pub fn set_renumber_settle(&mut self, wait: std::time::Duration) {
-        self.renumber_settle = Some(wait);
-    }
-
     pub fn barrier(&self) -> std::sync::Arc<Barrier> {
         std::sync::Arc::clone(&self.barrier)
     }

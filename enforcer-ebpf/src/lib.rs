@@ -243,11 +243,12 @@ impl EbpfBackend {
     ) -> Result<(), BackendError> {
         self.settle();
         // An older layout still pinned means its migration failed when this run adopted
-        // the node: its programs may still be on the links, and only the migration moves
-        // them safely (nothing was switched meanwhile).
-        self.dp
-            .migrate(&self.mode)
-            .map_err(failed("migrating an older map layout"))?;
+        // the node: tried again (it renumbers the old sender indices and lets a mark
+        // without one be checked on its source). If it fails again the links still move,
+        // egress first, and the egress program checks the old marks it cannot decode.
+        if let Err(e) = self.dp.migrate(&self.mode) {
+            warn!(error = %e, "migrating an older map layout failed again; moving the links without it");
+        }
         self.dp
             .attach_all(&self.mode)
             .map_err(failed("attaching the programs"))?;
@@ -398,13 +399,10 @@ impl Backend for EbpfBackend {
         self.set_local(local)?;
         // Maps of an older binary's layout become this one's first (their rules stay in
         // force throughout), so what follows reads them as if this binary had written them.
-        self.dp
-            .migrate(&self.mode)
-            .map_err(failed("migrating an older map layout"))?;
-        let meta = self
-            .dp
-            .meta()
-            .map_err(failed("reading the version record"))?;
+        // A failed migration is reported once the programs are on every interface, new
+        // ones included (the next version tries it again).
+        let migrated = self.dp.migrate(&self.mode);
+        let meta = self.dp.meta();
         // Programs first: whatever the maps hold is enforced on every interface, and links
         // a previous run pinned now run this binary's program. From here on new interfaces
         // get them the moment they appear.
@@ -418,7 +416,9 @@ impl Backend for EbpfBackend {
                 }
             }
         }
+        migrated.map_err(failed("migrating an older map layout"))?;
         attached.map_err(failed("attaching the programs"))?;
+        let meta = meta.map_err(failed("reading the version record"))?;
         self.standby_unknown = true;
         if meta.flags & META_VALID == 0 {
             return Ok(Adopted::Nothing);

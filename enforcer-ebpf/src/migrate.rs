@@ -119,12 +119,14 @@ pub fn share_legacy_flows(root: &Path, dir: &Path) -> Result<bool> {
 /// Before this layout's program loads into `dir`: while one of layouts 1 to 4 is pinned
 /// beside, pins its `LOCAL_ADDR` (sender index → address) under `dir` as
 /// `LEGACY_LOCAL_ADDR`, by which the egress program names the sender of a packet the old
-/// ingress program marked (see `MARK_CLASSIFIED`); returns whether it did. Otherwise removes a
-/// pin a finished migration left, so the program gets an empty map (an old mark then names
-/// nobody and is unclassified).
+/// ingress program marked (see `MARK_CLASSIFIED`). Otherwise removes a pin a finished
+/// migration left, so the program gets an empty map (an old mark then names nobody and is
+/// unclassified). Returns whether an older layout is pinned (the program's `LEGACY_MARKS`).
 pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
     let pin = dir.join(MapNames::LEGACY_LOCAL_ADDR);
-    if let [(1..=4, from)] = older_layouts(root).as_slice() {
+    let older = older_layouts(root);
+    let any = older.iter().any(|(n, _)| (1..=4).contains(n));
+    if let [(1..=4, from)] = older.as_slice() {
         let old = from.join(MapNames::LOCAL_ADDR);
         const ARRAY: u32 = 2;
         let shape = [
@@ -148,7 +150,7 @@ pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
     if pin.exists() {
         std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
     }
-    Ok(false)
+    Ok(any)
 }
 
 /// Tells this layout's egress program whether the links are moving from an older layout
@@ -179,12 +181,13 @@ fn ambiguous(i: u32) -> bool {
 }
 
 /// Before the links move from an older layout (1 to 4): gives every local sender whose index
-/// is [`ambiguous`] a free one, which this layout's egress program decodes. The address goes
-/// into `LOCAL_ADDR` before `LOCAL` names the new index, so the old programs resolve a sender
-/// throughout; the old entry stays for the packets already marked with it (the caller waits
-/// those out). A free index is one `LOCAL` does not name, preferably one `LOCAL_ADDR` holds
-/// nothing at either. Returns how many were renumbered; none left is an error (the old
-/// programs keep enforcing).
+/// is [`ambiguous`] a free one, which this layout's egress program decodes exactly (a mark
+/// with an ambiguous index, such as one the kernel still holds from before, is only checked
+/// on the source the egress program sees: `LEGACY_MARKS`). The address goes into
+/// `LOCAL_ADDR` before `LOCAL` names the new index, so the old programs resolve a sender
+/// throughout; the old entry stays for the packets already marked with it. A free index is
+/// one `LOCAL` does not name, preferably one `LOCAL_ADDR` holds nothing at either. Returns
+/// how many were renumbered.
 fn renumber_findings(from: &Path) -> Result<usize> {
     if !from.join(MapNames::LOCAL).exists() || !from.join(MapNames::LOCAL_ADDR).exists() {
         return Ok(0);
@@ -206,10 +209,17 @@ fn renumber_findings(from: &Path) -> Result<usize> {
     let mut moved = 0;
     for (key, _) in entries.iter().filter(|(_, i)| ambiguous(*i)) {
         let free = |k: &u32| !named[*k as usize] && !ambiguous(*k);
-        let k = (1..slots)
+        let Some(k) = (1..slots)
             .find(|k| free(k) && !held[*k as usize])
             .or_else(|| (1..slots).find(free))
-            .ok_or(DataplaneError::SenderIndices(entries.len()))?;
+        else {
+            // Left as it is: the egress program checks such a finding anyway (`LEGACY_MARKS`).
+            warn!(
+                senders = entries.len(),
+                "no free sender index to renumber to; the egress program checks this sender's marks on its source"
+            );
+            break;
+        };
         named[k as usize] = true;
         let addr = LocalAddr {
             family: key.family,
@@ -225,28 +235,6 @@ fn renumber_findings(from: &Path) -> Result<usize> {
         moved += 1;
     }
     Ok(moved)
-}
-
-/// How long a packet marked by an older layout's ingress program may wait in the kernel
-/// before it reaches an egress program: fragments until their datagram is reassembled
-/// (`ipfrag_time`, `ip6frag_time`; the reassembled packet carries a fragment's mark) and a
-/// packet held for neighbour resolution (a few seconds), whichever is longest, and a second
-/// more.
-pub fn queued_mark_lifetime() -> std::time::Duration {
-    let secs = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-    };
-    let longest = [
-        secs("/proc/sys/net/ipv4/ipfrag_time").unwrap_or(30),
-        secs("/proc/sys/net/ipv6/ip6frag_time").unwrap_or(60),
-        3,
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(60);
-    std::time::Duration::from_secs(longest + 1)
 }
 
 /// Once the old program is drained and its flows copied: empties the older layout's table
@@ -467,28 +455,8 @@ impl Dataplane {
         // while that is awaited: each pass shortens the time a reply may meet a table
         // without its flow).
         let renumbered = renumber_findings(&from)?;
-        if renumbered > 0 {
-            // A packet the old ingress program marked with an index it no longer uses may
-            // still be queued in the kernel (a fragment awaiting its datagram, say): this
-            // layout's egress program would read that index as a finding. The old programs
-            // judge everything until such packets are gone.
-            let wait = self.renumber_settle.unwrap_or_else(queued_mark_lifetime);
-            info!(
-                renumbered,
-                ?wait,
-                "renumbered older sender indices; waiting out packets marked with the old ones"
-            );
-            std::thread::sleep(wait);
-        }
         legacy_marks_migrating(&to, true)?;
-        let attached = {
-            let mut progs = self.progs();
-            progs.migrating = true;
-            let r = progs.attach_all(mode);
-            progs.migrating = false;
-            r
-        };
-        attached?;
+        self.attach_all(mode)?;
         let barrier = self.barrier();
         let waited = std::thread::spawn(move || barrier.wait());
         let mut passes = 0;

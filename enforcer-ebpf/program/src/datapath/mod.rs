@@ -54,6 +54,13 @@ static LEGACY_CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(1, 0);
 /// Set at load (read-only to the program: the verifier prunes the lookup when it is 0).
 #[unsafe(no_mangle)]
 static LEGACY_FLOWS: u32 = 0;
+/// Set at load while an older layout (1 to 4) is pinned beside this one, until the next
+/// restart: a finding that is also a possible old sender index (a packet the old ingress
+/// program marked may be queued in the kernel for a while, a fragment awaiting its
+/// datagram say) is checked on what the egress program sees before it is believed (see
+/// [`ambiguous_finding`]). Pruned by the verifier when 0.
+#[unsafe(no_mangle)]
+static LEGACY_MARKS: u32 = 0;
 /// While migrating from layouts 1 to 4: their `LOCAL_ADDR`, pinned again here before this
 /// program loads, by which a packet their ingress program marked names its sender (see
 /// `MARK_CLASSIFIED`). Otherwise empty: such a mark names nobody.
@@ -390,7 +397,22 @@ fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
     const POD: u32 = MARK_CLASSIFIED | MARK_FROM_POD;
     const POD_OPEN: u32 = MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN;
     const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
-    let code = match mark & MARK_FINDINGS {
+    let f = mark & MARK_FINDINGS;
+    // Volatile: a constant to the verifier (which prunes the call), never to LLVM.
+    if unsafe { core::ptr::read_volatile(&LEGACY_MARKS) } != 0
+        && (f == POD || f == POD_OPEN || f == OTHER)
+    {
+        let has = if p.family == FAMILY_V4 {
+            i.has4
+        } else {
+            i.has6
+        };
+        return match ambiguous_finding(from, f, p, i.kind, u32::from(has)) {
+            SENDER_POD => Ok(pod_sender(i, p, who)),
+            code => sender_result(code),
+        };
+    }
+    let code = match f {
         POD if i.kind == IFACE_POD => SENDER_POD,
         POD_OPEN if i.kind == IFACE_POD => SENDER_OPEN,
         OTHER if i.kind == IFACE_OTHER => SENDER_OPEN,
@@ -399,10 +421,57 @@ fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
     };
     match code {
         SENDER_POD => Ok(pod_sender(i, p, who)),
+        code => sender_result(code),
+    }
+}
+
+#[inline(always)]
+fn sender_result(code: u32) -> Result<bool, Shot> {
+    match code {
         SENDER_OPEN => Ok(false),
         SENDER_SPOOFED => Err(Shot::Spoofed),
         SENDER_UNKNOWN => Err(Shot::UnknownPod),
         _ => Err(Shot::Unclassified),
+    }
+}
+
+/// [`sender`] for a finding an older layout's sender index can also spell (33, 65 and 81:
+/// "from elsewhere", "from a pod", "from an unknown pod, left open"), under `LEGACY_MARKS`.
+/// What the ingress program checked before SNAT is checked again on the source as the
+/// egress program sees it, wherever that decides anything: a local pod's address must be
+/// one `PODS` holds on the interface the packet came from (else spoofed); "left open" needs
+/// `PODS` to say so; without an entry (SNAT) the interface's own pod is the sender, or
+/// nobody if it has none of the packet's family (unclassified: an unknown pod left open
+/// loses its SNATed new flows on a migrated node until the enforcer restarts). A mark the old program wrote
+/// then judges its sender as this layout would, never as open. A call of its own, like
+/// [`legacy_sender`].
+#[inline(never)]
+fn ambiguous_finding(from: u32, f: u32, p: &Pkt, kind: u8, has: u32) -> u32 {
+    const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
+    let local = LocalKey {
+        family: p.family,
+        _pad: [0; 3],
+        addr: p.saddr.0,
+    };
+    let is_local = unsafe { LOCAL_ADDRS.get(&local) }.is_some();
+    if f == OTHER {
+        return match (kind, is_local) {
+            (IFACE_OTHER, false) => SENDER_OPEN,
+            (IFACE_OTHER, true) => SENDER_SPOOFED,
+            _ => SENDER_UNCLASSIFIED,
+        };
+    }
+    if kind != IFACE_POD {
+        return SENDER_UNCLASSIFIED;
+    }
+    match unsafe { PODS.get(&pod_key(from, p.family, &p.saddr)) }.copied() {
+        Some(POD_KNOWN) => SENDER_POD,
+        Some(POD_UNKNOWN_ALLOW) => SENDER_OPEN,
+        Some(_) => SENDER_UNKNOWN,
+        None if is_local => SENDER_SPOOFED,
+        // Not an address of this node's pods: SNAT, or a spoofed foreign one.
+        None if has == 0 => SENDER_UNCLASSIFIED,
+        None => SENDER_POD,
     }
 }
 
