@@ -448,16 +448,11 @@ fn sender_result(code: u32) -> Result<bool, Shot> {
 #[inline(never)]
 fn ambiguous_finding(from: u32, f: u32, p: &Pkt, kind: u8, has: u32) -> u32 {
     const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
-    let local = LocalKey {
-        family: p.family,
-        _pad: [0; 3],
-        addr: p.saddr.0,
-    };
-    let is_local = unsafe { LOCAL_ADDRS.get(&local) }.is_some();
+    // One lookup on the common path: a pod's own source (no SNAT) is in `PODS`.
     if f == OTHER {
-        return match (kind, is_local) {
-            (IFACE_OTHER, false) => SENDER_OPEN,
-            (IFACE_OTHER, true) => SENDER_SPOOFED,
+        return match kind {
+            IFACE_OTHER if is_local(p) => SENDER_SPOOFED,
+            IFACE_OTHER => SENDER_OPEN,
             _ => SENDER_UNCLASSIFIED,
         };
     }
@@ -468,11 +463,17 @@ fn ambiguous_finding(from: u32, f: u32, p: &Pkt, kind: u8, has: u32) -> u32 {
         Some(POD_KNOWN) => SENDER_POD,
         Some(POD_UNKNOWN_ALLOW) => SENDER_OPEN,
         Some(_) => SENDER_UNKNOWN,
-        None if is_local => SENDER_SPOOFED,
+        None if is_local(p) => SENDER_SPOOFED,
         // Not an address of this node's pods: SNAT, or a spoofed foreign one.
         None if has == 0 => SENDER_UNCLASSIFIED,
         None => SENDER_POD,
     }
+}
+
+/// Whether the packet's source is a local pod's address.
+#[inline(always)]
+fn is_local(p: &Pkt) -> bool {
+    unsafe { LOCAL_ADDRS.get(&local_key(p)) }.is_some()
 }
 
 /// What [`sender`] found, as one register ([`legacy_sender`] returns it).
