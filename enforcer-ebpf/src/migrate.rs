@@ -37,6 +37,8 @@ use crate::flows::{FlowTable, coarse_now};
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
+/// `BPF_MAP_TYPE_ARRAY`, as `sys::map_shape` reports it.
+const ARRAY: u32 = 2;
 /// The layout whose flow table (with its hash key and clock) and fragment verdicts this
 /// layout defines exactly as it did.
 const SHARES_FROM: u32 = 4;
@@ -62,7 +64,6 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
     }
     // The loader takes over a pinned map without comparing it with the program's: a table
     // of another shape (a build that defined it differently) is copied, not shared.
-    const ARRAY: u32 = 2;
     const MMAPABLE: u32 = 1 << 10;
     let flows = [
         ARRAY,
@@ -110,9 +111,7 @@ pub fn share_legacy_flows(root: &Path, dir: &Path) -> Result<bool> {
             return Ok(true);
         }
     }
-    if pin.exists() {
-        std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
-    }
+    unpin(&pin)?;
     Ok(false)
 }
 
@@ -128,7 +127,6 @@ pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
     let any = older.iter().any(|(n, _)| (1..=4).contains(n));
     if let [(1..=4, from)] = older.as_slice() {
         let old = from.join(MapNames::LOCAL_ADDR);
-        const ARRAY: u32 = 2;
         let shape = [
             ARRAY,
             4,
@@ -147,9 +145,7 @@ pub fn share_legacy_marks(root: &Path, dir: &Path) -> Result<bool> {
             }
         }
     }
-    if pin.exists() {
-        std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))?;
-    }
+    unpin(&pin)?;
     Ok(any)
 }
 
@@ -249,7 +245,7 @@ fn forget_legacy_flows(dir: &Path) -> Result<()> {
     for k in keys {
         let _ = ct.remove(&k);
     }
-    std::fs::remove_file(&pin).map_err(|e| DataplaneError::Bpffs(pin.clone(), e))
+    unpin(&pin)
 }
 
 /// The layouts older than this binary's pinned under `root`.
@@ -267,6 +263,14 @@ fn pin_as(old: &Path, pin: &Path) -> Result<()> {
     }
     if !pin.exists() {
         crate::sys::pin_again(old, pin).map_err(|e| DataplaneError::Bpffs(pin.into(), e))?;
+    }
+    Ok(())
+}
+
+/// Removes `pin` if it is there (the map lives on while a program holds it).
+fn unpin(pin: &Path) -> Result<()> {
+    if pin.exists() {
+        std::fs::remove_file(pin).map_err(|e| DataplaneError::Bpffs(pin.into(), e))?;
     }
     Ok(())
 }
@@ -478,10 +482,7 @@ impl Dataplane {
         forget_legacy_flows(&to)?;
         // The map stays the program's, as it is: a packet the old ingress program marked
         // with an index may still be queued. Only the name goes with the old layout.
-        let marks = to.join(MapNames::LEGACY_LOCAL_ADDR);
-        if marks.exists() {
-            std::fs::remove_file(&marks).map_err(|e| DataplaneError::Bpffs(marks.clone(), e))?;
-        }
+        unpin(&to.join(MapNames::LEGACY_LOCAL_ADDR))?;
         // Out of the layouts' sight in one step (bpffs renames no directory: a marker), then
         // deleted: a run stopped midway must not find half a layout to migrate from.
         let gone = self.root.join(format!("v{n}{GONE}"));

@@ -176,7 +176,7 @@ fn try_ingress<const POD: bool>(ctx: &TcContext) -> Result<(), ()> {
                 Some(_) => MARK_UNKNOWN,
                 None => MARK_SPOOFED,
             };
-    } else if unsafe { LOCAL_ADDRS.get(&local_key(p)) }.is_some() {
+    } else if is_local(p) {
         mark |= MARK_CLASSIFIED | MARK_SPOOFED;
     } else {
         mark |= MARK_CLASSIFIED | MARK_FROM_OTHER;
@@ -394,13 +394,10 @@ fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
     };
     // The pod ingress program must have vouched for the source: without its finding the
     // program was not on the interface yet.
-    const POD: u32 = MARK_CLASSIFIED | MARK_FROM_POD;
-    const POD_OPEN: u32 = MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN;
-    const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
     let f = mark & MARK_FINDINGS;
     // Volatile: a constant to the verifier (which prunes the call), never to LLVM.
     if unsafe { core::ptr::read_volatile(&LEGACY_MARKS) } != 0
-        && (f == POD || f == POD_OPEN || f == OTHER)
+        && (f == FINDING_POD || f == FINDING_POD_OPEN || f == FINDING_OTHER)
     {
         let has = if p.family == FAMILY_V4 {
             i.has4
@@ -413,9 +410,9 @@ fn sender(from: u32, mark: u32, p: &Pkt, who: &mut Addr) -> Result<bool, Shot> {
         };
     }
     let code = match f {
-        POD if i.kind == IFACE_POD => SENDER_POD,
-        POD_OPEN if i.kind == IFACE_POD => SENDER_OPEN,
-        OTHER if i.kind == IFACE_OTHER => SENDER_OPEN,
+        FINDING_POD if i.kind == IFACE_POD => SENDER_POD,
+        FINDING_POD_OPEN if i.kind == IFACE_POD => SENDER_OPEN,
+        FINDING_OTHER if i.kind == IFACE_OTHER => SENDER_OPEN,
         f if is_finding(f) => SENDER_UNCLASSIFIED,
         _ => legacy_sender(from, mark, p, i.kind),
     };
@@ -447,9 +444,8 @@ fn sender_result(code: u32) -> Result<bool, Shot> {
 /// [`legacy_sender`].
 #[inline(never)]
 fn ambiguous_finding(from: u32, f: u32, p: &Pkt, kind: u8, has: u32) -> u32 {
-    const OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
     // One lookup on the common path: a pod's own source (no SNAT) is in `PODS`.
-    if f == OTHER {
+    if f == FINDING_OTHER {
         return match kind {
             IFACE_OTHER if is_local(p) => SENDER_SPOOFED,
             IFACE_OTHER => SENDER_OPEN,
@@ -475,6 +471,11 @@ fn ambiguous_finding(from: u32, f: u32, p: &Pkt, kind: u8, has: u32) -> u32 {
 fn is_local(p: &Pkt) -> bool {
     unsafe { LOCAL_ADDRS.get(&local_key(p)) }.is_some()
 }
+
+/// The findings [`sender`] reads a sender from (the others drop the packet earlier).
+const FINDING_POD: u32 = MARK_CLASSIFIED | MARK_FROM_POD;
+const FINDING_POD_OPEN: u32 = MARK_CLASSIFIED | MARK_FROM_POD | MARK_OPEN;
+const FINDING_OTHER: u32 = MARK_CLASSIFIED | MARK_FROM_OTHER;
 
 /// What [`sender`] found, as one register ([`legacy_sender`] returns it).
 const SENDER_OPEN: u32 = 0;
@@ -533,19 +534,10 @@ fn legacy_sender(from: u32, mark: u32, p: &Pkt, kind: u8) -> u32 {
             Some(_) => SENDER_UNKNOWN,
             None => SENDER_SPOOFED,
         },
-        // An index on another interface is a local sender's address from elsewhere.
-        IFACE_OTHER if index == 0 => {
-            let k = LocalKey {
-                family: p.family,
-                _pad: [0; 3],
-                addr: source.0,
-            };
-            if unsafe { LOCAL_ADDRS.get(&k) }.is_some() {
-                SENDER_SPOOFED
-            } else {
-                SENDER_OPEN
-            }
-        }
+        // No index: the source as it is here (`source` is `p.saddr`). An index on another
+        // interface is a local sender's address from elsewhere.
+        IFACE_OTHER if index == 0 && is_local(p) => SENDER_SPOOFED,
+        IFACE_OTHER if index == 0 => SENDER_OPEN,
         IFACE_OTHER => SENDER_SPOOFED,
         _ => SENDER_UNCLASSIFIED,
     }
