@@ -20,12 +20,20 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches the program's directory only; the types it shares with this crate
     // are compiled into it too.
     println!("cargo:rerun-if-changed=common");
+    // The toolchain `rustup run` builds it with: `nightly`, or a dated one whose LLVM is
+    // bpf-linker's (scripts/toolchain.sh; the image's build stage sets it).
+    println!("cargo:rerun-if-env-changed=MOAT_EBPF_TOOLCHAIN");
+    let custom = std::env::var("MOAT_EBPF_TOOLCHAIN").unwrap_or_default();
+    let toolchain = match custom.as_str() {
+        "" => aya_build::Toolchain::default(),
+        t => aya_build::Toolchain::Custom(t),
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: program.name.as_str(),
             root_dir: root.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        toolchain,
     )
 }

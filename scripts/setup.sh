@@ -3,6 +3,8 @@
 # often as you like; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=versions.env
+. scripts/versions.env
 
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31msetup: %s\033[0m\n' "$*" >&2; exit 1; }
@@ -25,56 +27,44 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# The stable toolchain the workspace is built with (rust-version in Cargo.toml).
-if ! rustup run 1.95 rustc --version >/dev/null 2>&1 && ! rustc --version | grep -q ' 1\.9[5-9]\.'; then
-    say "installing Rust 1.95"
-    rustup toolchain install 1.95 --profile minimal --component clippy,rustfmt
-fi
-rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
-rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
-
-# Nightly: cargo-fuzz (libFuzzer instrumentation) and the eBPF program's build need it.
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    say "installing the nightly toolchain (for fuzzing and the eBPF program)"
-    rustup toolchain install nightly --profile minimal \
-        || die "cannot install the nightly toolchain; fuzzing needs it (rustup toolchain install nightly)"
-fi
-
-# The eBPF datapath (enforcer-ebpf/program) is Rust built for bpfel-unknown-none with the
-# nightly toolchain's core sources, linked by bpf-linker against Debian's LLVM 22.
-if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
-    say "adding rust-src to the nightly toolchain (the eBPF program builds core from source)"
-    rustup component add rust-src --toolchain nightly || die "cannot add rust-src to the nightly toolchain.
-  The eBPF datapath (enforcer-ebpf/program) is built with 'cargo +nightly -Z build-std=core' and
-  needs it. Fix rustup's access to its dist server, or port enforcer-ebpf/program to C for
-  Debian's clang-22 (still loaded by aya) as docs/design/ebpf.md describes."
-fi
-need=()
-for pkg in llvm-22-dev libzstd-dev zlib1g-dev; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need[*]} (for bpf-linker) and no apt-get"
-    [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run setup as root (apt-get install ${need[*]})"
-    say "installing ${need[*]} (bpf-linker links against LLVM 22)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null \
-        || die "cannot install ${need[*]} from Debian's packages"
-fi
-if ! bpf-linker --version 2>/dev/null | grep -q .; then
-    say "installing bpf-linker (built against LLVM 22; takes a few minutes)"
-    PATH="/usr/lib/llvm-22/bin:$PATH" cargo install bpf-linker --version 0.13.0 \
-        --no-default-features --features llvm-22 \
-        || die "cannot build bpf-linker against /usr/lib/llvm-22 (is llvm-22-dev installed?)"
-fi
+# The toolchains and linker that build the binaries and the eBPF program (also what the
+# image's build stage runs).
+./scripts/toolchain.sh
 
 if ! command -v cargo-nextest >/dev/null; then
     say "installing cargo-nextest"
-    cargo install cargo-nextest --version 0.9.143 --locked
+    cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     say "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
+fi
+
+# The container image path (scripts/image.sh): Debian's buildah and podman, mmdebstrap (a
+# local base root filesystem where no registry is reachable), runc, uidmap.
+need=()
+for tool in buildah:buildah podman:podman mmdebstrap:mmdebstrap runc:runc newuidmap:uidmap; do
+    command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing ${need[*]} (for the image) and no apt-get"
+    [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run setup as root (apt-get install ${need[*]})"
+    say "installing ${need[*]} (the container image)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# runc, as crun refuses hybrid cgroup hierarchies (this kind of machine's); no default
+# rlimits, which an unprivileged build may not raise; no default sysctls, which runc refuses
+# in a namespace it did not create (the harness's nodes) and Kubernetes does not set for
+# host-network pods.
+if [ "$(id -u)" = 0 ]; then
+    conf=/etc/containers/containers.conf.d/50-moat.conf
+    want=$'# Written by Moat\'s scripts/setup.sh.\n[containers]\ndefault_ulimits = []\ndefault_sysctls = []\n\n[engine]\nruntime = "runc"'
+    if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+        say "configuring containers ($conf)"
+        mkdir -p "$(dirname "$conf")"
+        printf '%s\n' "$want" > "$conf"
+    fi
 fi
 
 # The Helm chart's checkers (helm, kubernetes-validate) into .tools/.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use moat_conformance::cluster::Family;
 use moat_conformance::{Backend, Factory, Options, load_dir, model_backends, run as run_cases};
+use moat_harness::container::{Containers, Seccomp};
 use moat_harness::packets::PacketBackend;
 
 #[derive(clap::Args)]
@@ -23,6 +24,13 @@ pub struct Args {
     /// Address families to run.
     #[arg(long, default_value = "both", value_parser = ["ipv4", "ipv6", "both"])]
     family: String,
+    /// Run the server and enforcers as containers of this image (`./scripts/image.sh`),
+    /// under the Helm chart's security context, as `moatctl demo --image` does.
+    #[arg(long, requires = "backend")]
+    image: Option<String>,
+    /// With --image: the seccomp profiles (see `moatctl demo --help`).
+    #[arg(long, default_value = "containerd", value_parser = ["podman", "containerd", "chart"])]
+    seccomp: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -54,8 +62,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             // One netns cluster per family, every case applied to it as a live update.
             let slot = moat_harness::cluster::slot()?;
             let b = backend.clone();
+            let image = args.image.clone();
+            let seccomp: Seccomp = args.seccomp.parse()?;
             let factory: Factory<'_> = Box::new(move |plan| {
-                Ok(Box::new(PacketBackend::start(plan, &b)?) as Box<dyn Backend>)
+                let containers = match &image {
+                    Some(i) => Some(
+                        Containers::new(i, seccomp)
+                            .map_err(|e| moat_conformance::Error::Backend(format!("{e:#}")))?,
+                    ),
+                    None => None,
+                };
+                Ok(Box::new(PacketBackend::start_in(plan, &b, containers)?) as Box<dyn Backend>)
             });
             let opts = Options {
                 families,

@@ -40,6 +40,19 @@ pub struct Args {
     /// directory to change policy live).
     #[arg(long)]
     hold: bool,
+    /// Run the server and every enforcer as containers of this image (podman; build it
+    /// with `./scripts/image.sh`) under the Helm chart's security context, user, seccomp
+    /// profile and mounts, read from `helm template`.
+    #[arg(long, env = "MOAT_DEMO_IMAGE")]
+    image: Option<String>,
+    /// With --image: which seccomp profiles the chart's `RuntimeDefault` stands for —
+    /// `podman` (podman's and CRI-O's default), `containerd` (containerd's RuntimeDefault)
+    /// — or `chart`: the enforcer under the chart's own profile (files/seccomp-enforcer.json).
+    #[arg(long, env = "MOAT_DEMO_SECCOMP", default_value = "containerd", value_parser = ["podman", "containerd", "chart"])]
+    seccomp: String,
+    /// With --image and --backend auto: fail unless every node selected this dataplane.
+    #[arg(long, value_parser = ["ebpf", "nft"])]
+    expect_backend: Option<String>,
 }
 
 const APPLY: Duration = Duration::from_secs(30);
@@ -175,7 +188,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         demo.len()
     );
     let t = Instant::now();
-    let moat = Moat::start(spec, nodes.clone(), &args.backend)?;
+    let moat = match &args.image {
+        Some(image) => {
+            let seccomp = args.seccomp.parse()?;
+            println!(
+                "running the server and enforcers as containers of {image} (seccomp: {seccomp})"
+            );
+            let containers = moat_harness::container::Containers::new(image, seccomp)?;
+            Moat::start_in_containers(spec, nodes.clone(), &args.backend, containers)?
+        }
+        None => Moat::start(spec, nodes.clone(), &args.backend)?,
+    };
     // Namespaces the change brings come first, so the pods exist before policy.
     let namespaces: Vec<K8sObject> = change
         .iter()
@@ -205,7 +228,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     mismatches += matrix(&mut moat, &demo, &after, "with policy")?;
     println!("\n{}", moat.status_table(&[])?);
+    let wrong_backend = backends(&moat, args.expect_backend.as_deref())?;
 
+    if wrong_backend {
+        return Ok(ExitCode::FAILURE);
+    }
     if mismatches > 0 {
         eprintln!("{mismatches} cells disagree with the reference evaluator");
         return Ok(ExitCode::FAILURE);
@@ -220,6 +247,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     drop(slot);
     Ok(ExitCode::SUCCESS)
+}
+
+/// True when `expect` is given and some node selected another dataplane (the status
+/// table above shows every node's and why).
+fn backends(moat: &Moat, expect: Option<&str>) -> Result<bool> {
+    let status = moat.status()?;
+    let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+    let mut wrong = expect.is_some() && nodes.len() != moat.node_names.len();
+    for n in &nodes {
+        let backend = n["backend"].as_str().unwrap_or("?");
+        if expect.is_some_and(|e| e != backend) {
+            eprintln!(
+                "  node {} runs {backend}, expected {}",
+                n["node"],
+                expect.unwrap_or_default()
+            );
+            wrong = true;
+        }
+    }
+    Ok(wrong)
 }
 
 fn address(ip: IpAddr) -> k8s_openapi::api::core::v1::NodeAddress {

@@ -75,7 +75,7 @@ pub struct Cluster {
     next_pod: usize,
 }
 
-const PREFIX: &str = "moat-";
+pub(crate) const PREFIX: &str = "moat-";
 
 /// Runs `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
@@ -574,6 +574,22 @@ impl Cluster {
         let child = c.spawn().context("spawning in a namespace")?;
         self.children.push(child);
         Ok(self.children.last_mut().expect("pushed"))
+    }
+
+    /// Starts a process in this process's own namespaces (a container runtime, which puts
+    /// its container into a node's namespace itself: under `ip netns exec`, whose private
+    /// /sys hides the cgroup mounts, it cannot create one), output appended to `log`;
+    /// killed when the cluster is dropped.
+    pub fn spawn_here(&mut self, cmd: &mut Command, log: &std::path::Path) -> Result<()> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        self.children.push(cmd.spawn().context("spawning")?);
+        Ok(())
     }
 
     /// Runs a command inside a namespace to completion.

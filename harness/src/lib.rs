@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod client;
 pub mod cluster;
+pub mod container;
 pub mod icmp;
 pub mod raw;
 pub mod sctp;

@@ -13,6 +13,9 @@ use moat_policy::model::{self, K8sObject};
 use serde_json::Value;
 
 use crate::cluster::{Cluster, Spec, binary};
+use crate::container::Containers;
+
+mod in_containers;
 
 const SYNC_PORT: u16 = 7443;
 
@@ -36,6 +39,10 @@ pub struct Moat {
     pub server_vip: Option<std::net::Ipv4Addr>,
     /// The server's current address in the fabric.
     pub server_addr: std::net::Ipv4Addr,
+    /// Run the server and enforcers as containers of an image, as the chart runs them.
+    pub containers: Option<Containers>,
+    /// The containers started (removed on drop).
+    container_names: std::collections::BTreeSet<String>,
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
@@ -78,6 +85,41 @@ impl Moat {
         backend: &str,
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
     ) -> Result<Moat> {
+        Self::start_with(spec, node_names, backend, wrappers, None)
+    }
+
+    /// [`start`](Self::start), the server and every enforcer a container of
+    /// `containers`' image under the chart's security context (see [`crate::container`]).
+    pub fn start_in_containers(
+        spec: Spec,
+        node_names: Vec<String>,
+        backend: &str,
+        containers: Containers,
+    ) -> Result<Moat> {
+        crate::container::sweep(crate::cluster::PREFIX);
+        crate::cluster::ensure_bpffs()?;
+        // A node's /sys/fs/bpf is a shared mount (systemd makes every mount shared), which
+        // the chart's HostToContainer propagation makes a slave of in the container.
+        crate::container::make_shared(std::path::Path::new(crate::cluster::BPFFS))?;
+        Self::start_with(
+            spec,
+            node_names,
+            backend,
+            Default::default(),
+            Some(containers),
+        )
+    }
+
+    fn start_with(
+        spec: Spec,
+        node_names: Vec<String>,
+        backend: &str,
+        wrappers: std::collections::BTreeMap<usize, Vec<String>>,
+        containers: Option<Containers>,
+    ) -> Result<Moat> {
+        if containers.is_some() && !wrappers.is_empty() {
+            bail!("enforcer wrappers do not apply to containers");
+        }
         let dir = tempfile::tempdir()?;
         crate::cluster::ensure_bpffs()?;
         let server_addr = spec.fabric_v4();
@@ -93,6 +135,8 @@ impl Moat {
             node_args: Default::default(),
             server_vip: None,
             server_addr,
+            containers,
+            container_names: Default::default(),
         };
         m.certs()?;
         std::fs::create_dir_all(m.manifests())?;
@@ -183,6 +227,9 @@ impl Moat {
     }
 
     fn start_server(&mut self) -> Result<()> {
+        if self.containers.is_some() {
+            return self.start_server_container();
+        }
         let c = self.path("certs");
         let mut cmd = Command::new(binary("moat-server")?);
         cmd.arg("--source")
@@ -215,6 +262,9 @@ impl Moat {
 
     /// Starts (or restarts) node `i`'s enforcer.
     pub fn start_enforcer(&mut self, i: usize) -> Result<()> {
+        if self.containers.is_some() {
+            return self.start_enforcer_container(i);
+        }
         let c = self.path("certs");
         let name = self.node_names[i].clone();
         let enforcer = binary("moat-enforcer")?;
@@ -269,7 +319,7 @@ impl Moat {
     pub fn kill_server(&mut self) -> Result<()> {
         let fab = self.cluster.fabric();
         let out = Command::new("ip").args(["netns", "pids", &fab]).output()?;
-        let server = binary("moat-server")?;
+        let server = self.executable("moat-server")?;
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == server) {
                 Command::new("kill").args(["-9", pid]).status()?;
@@ -351,7 +401,7 @@ impl Moat {
     pub fn enforcer_pid(&self, i: usize) -> Result<Option<u32>> {
         let node = self.cluster.node(i);
         let out = Command::new("ip").args(["netns", "pids", &node]).output()?;
-        let enforcer = binary("moat-enforcer")?;
+        let enforcer = self.executable("moat-enforcer")?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .find_map(|pid| {
@@ -531,6 +581,9 @@ impl Moat {
 
 impl Drop for Moat {
     fn drop(&mut self) {
+        for name in &self.container_names {
+            crate::container::remove(name);
+        }
         // A failing test's only chance to show what the server and enforcers saw: the
         // directory holding the logs goes away with it.
         if std::thread::panicking() {

@@ -56,9 +56,23 @@ pub fn spec(id: u8) -> Spec {
 
 impl PacketBackend {
     pub fn start(plan: Plan, backend: &str) -> Result<Self, Error> {
+        Self::start_in(plan, backend, None)
+    }
+
+    /// [`start`](Self::start), the server and enforcers containers of an image when
+    /// `containers` is given.
+    pub fn start_in(
+        plan: Plan,
+        backend: &str,
+        containers: Option<crate::container::Containers>,
+    ) -> Result<Self, Error> {
         let names = (0..NODES).map(cluster::node_name).collect();
-        let moat = Moat::start(spec(plan.id), names, backend)
-            .map_err(|e| Error::Backend(format!("{e:#}")))?;
+        let spec = spec(plan.id);
+        let moat = match containers {
+            Some(c) => Moat::start_in_containers(spec, names, backend, c),
+            None => Moat::start(spec, names, backend),
+        }
+        .map_err(|e| Error::Backend(format!("{e:#}")))?;
         Ok(Self { moat })
     }
 }
