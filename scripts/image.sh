@@ -74,6 +74,10 @@ if [ "$binaries" = build ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     secret=(--secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt)
 fi
 old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+# buildah 1.28 leaves a working container behind for a stage another copies from; remove
+# what this build leaves, whichever way it ends.
+before=$(buildah containers -q | sort)
+trap 'comm -13 <(echo "$before") <(buildah containers -q | sort) | xargs -r buildah rm >/dev/null 2>&1 || true' EXIT
 say "building $tag from $base (binaries: $binaries)"
 buildah build --quiet --layers "${secret[@]}" \
     --build-arg "BASE=$base" --build-arg "BINARIES=$binaries" \
