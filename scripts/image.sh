@@ -53,8 +53,13 @@ fi
 
 if [ "$binaries" = context ]; then
     say "building the $profile binaries"
-    flag=(); [ "$profile" = release ] && flag=(--release)
-    cargo build "${flag[@]}" --locked -q -p moat-server -p moat-enforcer -p moat-cli
+    if [ "$profile" = release ]; then
+        cargo build --release --locked -q -p moat-server -p moat-enforcer -p moat-cli
+    else
+        # What the tests build (nextest's build-binaries): a subset of packages would unify
+        # features differently and rebuild half the dependency tree.
+        cargo build --locked -q --workspace --bins
+    fi
     # The Dockerfile takes them, stripped (debug information is most of their size), from
     # target/image/ in the build context.
     built="${CARGO_TARGET_DIR:-target}/$profile"
