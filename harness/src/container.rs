@@ -95,40 +95,62 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
+/// `helm template` of `charts/moat` (the helm `scripts/chart-tools.sh` installs), in
+/// namespace moat-system with `args` (`--set`, `-f`…): its documents.
+pub fn render_chart(args: &[String]) -> Result<Vec<Value>> {
+    let root = repo_root();
+    let helm = root.join(".tools/bin/helm");
+    if !helm.exists() {
+        bail!("{} not found: run ./scripts/setup.sh", helm.display());
+    }
+    let out = Command::new(&helm)
+        .args(["template", "moat"])
+        .arg(root.join("charts/moat"))
+        .args(["--namespace", "moat-system"])
+        .args(args)
+        .output()
+        .context("running helm")?;
+    if !out.status.success() {
+        bail!(
+            "helm template: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// The rendered object `kind`/`name`.
+pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|v| v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name))
+        .with_context(|| format!("the rendered chart has no {kind}/{name}"))
+}
+
 impl Containers {
     /// Renders the chart (`helm template`, the helm `scripts/chart-tools.sh` installs) for
     /// `image` and checks podman and the image are there.
     pub fn new(image: &str, seccomp: Seccomp) -> Result<Containers> {
         let root = repo_root();
-        let helm = root.join(".tools/bin/helm");
-        if !helm.exists() {
-            bail!("{} not found: run ./scripts/setup.sh", helm.display());
-        }
         let (repository, tag) = split_reference(image);
-        let mut cmd = Command::new(&helm);
-        cmd.args(["template", "moat"])
-            .arg(root.join("charts/moat"))
-            .args(["--namespace", "moat-system"])
-            .args(["--set", &format!("image.repository={repository}")])
-            .args(["--set", &format!("image.tag={tag}")]);
+        let mut sets = vec![
+            format!("image.repository={repository}"),
+            format!("image.tag={tag}"),
+        ];
         if seccomp == Seccomp::Chart {
-            cmd.args([
-                "--set",
-                "enforcer.seccompProfile.type=Localhost",
-                "--set",
-                "enforcer.seccompProfile.localhostProfile=moat/enforcer.json",
-            ]);
+            sets.push("enforcer.seccompProfile.type=Localhost".into());
+            sets.push("enforcer.seccompProfile.localhostProfile=moat/enforcer.json".into());
         }
-        let out = cmd.output().context("running helm")?;
-        if !out.status.success() {
-            bail!(
-                "helm template: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let text = String::from_utf8(out.stdout)?;
-        let server = workload(&text, "StatefulSet", "moat-server")?;
-        let enforcer = workload(&text, "DaemonSet", "moat-enforcer")?;
+        let args: Vec<String> = sets.into_iter().flat_map(|s| ["--set".into(), s]).collect();
+        let docs = render_chart(&args)?;
+        let server = workload(find(&docs, "StatefulSet", "moat-server")?)?;
+        let enforcer = workload(find(&docs, "DaemonSet", "moat-enforcer")?)?;
         let c = Containers {
             image: image.to_string(),
             seccomp,
@@ -532,39 +554,39 @@ fn mounts(w: &Workload, name: &str, provided: &BTreeMap<&str, Volume>) -> Result
     Ok(out)
 }
 
-fn workload(rendered: &str, kind: &str, name: &str) -> Result<Workload> {
-    for doc in serde_yaml::Deserializer::from_str(rendered) {
-        let v = Value::deserialize(doc)?;
-        if v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name) {
-            let mut pod = v["spec"]["template"]["spec"].clone();
-            // A StatefulSet's claim templates are volumes of its pods.
-            for claim in v["spec"]["volumeClaimTemplates"]
-                .as_sequence()
-                .into_iter()
-                .flatten()
-            {
-                let mut vol = serde_yaml::Mapping::new();
-                vol.insert("name".into(), claim["metadata"]["name"].clone());
-                vol.insert(
-                    "persistentVolumeClaim".into(),
-                    Value::Mapping(Default::default()),
-                );
-                if let Value::Sequence(list) = &mut pod["volumes"] {
-                    list.push(Value::Mapping(vol));
-                }
-            }
-            let containers = pod["containers"].as_sequence().context("no containers")?;
-            if containers.len() != 1 {
-                bail!(
-                    "{kind}/{name}: expected one container, the chart has {}",
-                    containers.len()
-                );
-            }
-            let container = containers[0].clone();
-            return Ok(Workload { pod, container });
+/// A rendered StatefulSet's or DaemonSet's pod template and its one container.
+fn workload(v: &Value) -> Result<Workload> {
+    let name = format!(
+        "{}/{}",
+        v["kind"].as_str().unwrap_or("?"),
+        v["metadata"]["name"].as_str().unwrap_or("?")
+    );
+    let mut pod = v["spec"]["template"]["spec"].clone();
+    // A StatefulSet's claim templates are volumes of its pods.
+    for claim in v["spec"]["volumeClaimTemplates"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        let mut vol = serde_yaml::Mapping::new();
+        vol.insert("name".into(), claim["metadata"]["name"].clone());
+        vol.insert(
+            "persistentVolumeClaim".into(),
+            Value::Mapping(Default::default()),
+        );
+        if let Value::Sequence(list) = &mut pod["volumes"] {
+            list.push(Value::Mapping(vol));
         }
     }
-    bail!("the rendered chart has no {kind}/{name}")
+    let containers = pod["containers"].as_sequence().context("no containers")?;
+    if containers.len() != 1 {
+        bail!(
+            "{name}: expected one container, the chart has {}",
+            containers.len()
+        );
+    }
+    let container = containers[0].clone();
+    Ok(Workload { pod, container })
 }
 
 /// `repo:tag` (a registry port's colon is not a tag).

@@ -8,30 +8,13 @@ use std::process::Command;
 use serde_yaml::Value;
 
 fn render(values: Option<&str>) -> Vec<Value> {
-    let root = moat_integration::repo();
-    let helm = root.join(".tools/bin/helm");
-    assert!(
-        helm.exists(),
-        "{} missing: run ./scripts/setup.sh (it installs the chart tools)",
-        helm.display()
-    );
-    let mut cmd = Command::new(helm);
-    cmd.args(["template", "moat"])
-        .arg(root.join("charts/moat"))
-        .args(["--namespace", "moat-system"]);
-    if let Some(v) = values {
-        cmd.arg("-f").arg(root.join("charts/moat/ci").join(v));
-    }
-    let out = cmd.output().expect("helm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+    let args: Vec<String> = values
+        .map(|v| {
+            let file = moat_integration::repo().join("charts/moat/ci").join(v);
+            vec!["-f".into(), file.display().to_string()]
+        })
+        .unwrap_or_default();
+    moat_harness::container::render_chart(&args).unwrap()
 }
 
 fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {

@@ -6,51 +6,30 @@
 //! processes, then on packets.
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Command;
 
 use moat_conformance::cluster::Family;
 use moat_conformance::{Backend, Factory, Options, load_dir, run};
 use moat_harness::container::{self, Containers, Seccomp};
 use moat_harness::moat::Moat;
 use moat_harness::packets::PacketBackend;
-use serde::Deserialize;
 use serde_yaml::Value;
 
 const IMAGE: &str = "localhost/moat:test";
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+fn root() -> std::path::PathBuf {
+    moat_integration::repo()
 }
 
 /// The two pod templates as `helm template` renders them with the default values.
 fn rendered() -> (Value, Value) {
-    let out = Command::new(root().join(".tools/bin/helm"))
-        .args(["template", "moat"])
-        .arg(root().join("charts/moat"))
-        .output()
-        .expect("helm (scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut server = None;
-    let mut enforcer = None;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = Value::deserialize(doc).unwrap();
-        match (v["kind"].as_str(), v["metadata"]["name"].as_str()) {
-            (Some("StatefulSet"), Some("moat-server")) => {
-                server = Some(v["spec"]["template"]["spec"].clone())
-            }
-            (Some("DaemonSet"), Some("moat-enforcer")) => {
-                enforcer = Some(v["spec"]["template"]["spec"].clone())
-            }
-            _ => {}
-        }
-    }
-    (server.expect("server"), enforcer.expect("enforcer"))
+    let docs = container::render_chart(&[]).unwrap();
+    let pod = |kind, name| {
+        container::find(&docs, kind, name).unwrap()["spec"]["template"]["spec"].clone()
+    };
+    (
+        pod("StatefulSet", "moat-server"),
+        pod("DaemonSet", "moat-enforcer"),
+    )
 }
 
 const CAPS: [&str; 41] = [
