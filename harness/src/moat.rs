@@ -17,6 +17,11 @@ use crate::container::Containers;
 
 mod in_containers;
 
+/// The MOAT_LOG of the processes the harness starts: MOAT_HARNESS_LOG, else warn.
+fn log_level() -> String {
+    std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 const SYNC_PORT: u16 = 7443;
 
 pub struct Moat {
@@ -249,10 +254,7 @@ impl Moat {
             .args(tls_args(&c, "server"))
             .arg("--state-dir")
             .arg(self.path("state/server"))
-            .env(
-                "MOAT_LOG",
-                std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("MOAT_LOG", log_level())
             .env("NO_COLOR", "1");
         let fab = self.cluster.fabric();
         let log = self.log("server");
@@ -298,10 +300,7 @@ impl Moat {
             .args(["--backoff-max-seconds", "1"])
             .args(&self.enforcer_args)
             .args(self.node_args.get(&i).into_iter().flatten())
-            .env(
-                "MOAT_LOG",
-                std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("MOAT_LOG", log_level())
             .env("NO_COLOR", "1");
         let node = self.cluster.node(i);
         let log = self.log(&format!("enforcer-{name}"));

@@ -36,8 +36,10 @@ impl Moat {
     }
 
     fn log_env(&self) -> Vec<(String, String)> {
-        let level = std::env::var("MOAT_HARNESS_LOG").unwrap_or_else(|_| "warn".into());
-        vec![("MOAT_LOG".into(), level), ("NO_COLOR".into(), "1".into())]
+        vec![
+            ("MOAT_LOG".into(), super::log_level()),
+            ("NO_COLOR".into(), "1".into()),
+        ]
     }
 
     /// A directory (`dir`, made once: a running container may be reading it) holding copies
