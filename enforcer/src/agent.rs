@@ -53,7 +53,10 @@ pub enum Transport {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub server: String,
+    /// Every policy server URL (`--server`, repeatable; a name may resolve to several).
+    pub servers: Vec<String>,
+    /// HTTP/2 keepalive: a server that answers no ping within this (twice) is dead.
+    pub keepalive: Duration,
     pub node: String,
     pub transport: Transport,
     pub backoff_min: Duration,
@@ -91,7 +94,13 @@ pub struct Agent<B: Backend> {
     metrics: Arc<Metrics>,
     enforcing: Option<Arc<NodeSnapshot>>,
     sessions: u64,
+    servers: crate::servers::Servers,
+    /// The address of the current (or last) stream.
+    current: Option<std::net::SocketAddr>,
 }
+
+/// How long an address whose stream ended goes last, so the enforcer moves elsewhere.
+const AVOID: Duration = Duration::from_secs(10);
 
 fn version_of(s: &NodeSnapshot) -> VersionRef {
     VersionRef {
@@ -112,7 +121,14 @@ impl<B: Backend> Agent<B> {
         metrics: Arc<Metrics>,
         topology: watch::Receiver<Topology>,
     ) -> Self {
+        // The URLs were checked by the command line: a bad one cannot reach here.
+        let servers = crate::servers::Servers::parse(&cfg.servers).unwrap_or_else(|e| {
+            warn!(error = %e, "no usable --server");
+            crate::servers::Servers::parse(&["https://127.0.0.1:7443".into()]).expect("literal")
+        });
         Self {
+            servers,
+            current: None,
             dp: Arc::new(Mutex::new(Dataplane::new(backend, cfg.local.clone()))),
             cfg,
             topology,
@@ -220,6 +236,9 @@ impl<B: Backend> Agent<B> {
                 _ = shutdown.changed() => return Ok(()),
             };
             self.metrics.connected.set(0);
+            if let Some(a) = self.current.take() {
+                self.servers.avoid(a, AVOID);
+            }
             self.health
                 .set_service_status(SYNC_SERVICE, ServingStatus::NotServing)
                 .await;
@@ -247,17 +266,47 @@ impl<B: Backend> Agent<B> {
         }
     }
 
-    async fn connect(&self) -> Result<Channel, Error> {
+    /// Connects to the first server address that answers (see [`crate::servers`]).
+    async fn connect(&mut self) -> Result<(Channel, std::net::SocketAddr), Error> {
+        let candidates = self.servers.candidates().await;
+        let timeout = if candidates.len() > 1 {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(5)
+        };
+        let mut last = Error::Protocol(format!(
+            "no address of --server {} resolves",
+            self.cfg.servers.join(",")
+        ));
+        for c in candidates {
+            match self.connect_to(&c, timeout).await {
+                Ok(ch) => return Ok((ch, c.addr)),
+                Err(e) => {
+                    debug!(server = %c.url, error = %moat_dataplane::chain(&e), "cannot connect; trying the next address");
+                    self.servers.avoid(c.addr, AVOID);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_to(
+        &self,
+        c: &crate::servers::Candidate,
+        timeout: Duration,
+    ) -> Result<Channel, Error> {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|source| Error::Read {
                 path: p.clone(),
                 source,
             })
         };
-        let mut ep = Endpoint::from_shared(self.cfg.server.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+        let mut ep = Endpoint::from_shared(c.url.clone())?
+            .connect_timeout(timeout)
+            .http2_keep_alive_interval(self.cfg.keepalive)
+            .keep_alive_timeout(self.cfg.keepalive)
+            .keep_alive_while_idle(true);
         if let Transport::Tls {
             ca,
             cert,
@@ -269,8 +318,11 @@ impl<B: Backend> Agent<B> {
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(ca)?))
                 .identity(Identity::from_pem(read(cert)?, read(key)?));
-            if let Some(n) = server_name {
-                tls = tls.domain_name(n.clone());
+            // The certificate names the URL's host, not the address it resolved to.
+            match (server_name, c.named()) {
+                (Some(n), _) => tls = tls.domain_name(n.clone()),
+                (None, true) => tls = tls.domain_name(c.host.clone()),
+                (None, false) => {}
             }
             ep = ep.tls_config(tls)?;
         }
@@ -278,7 +330,8 @@ impl<B: Backend> Agent<B> {
     }
 
     async fn session(&mut self) -> Result<(), Error> {
-        let channel = self.connect().await?;
+        let (channel, addr) = self.connect().await?;
+        self.current = Some(addr);
         let mut client = v1::policy_sync_client::PolicySyncClient::new(channel)
             .max_decoding_message_size(moat_proto::MAX_SERVER_MESSAGE)
             .max_encoding_message_size(moat_proto::MAX_ENFORCER_MESSAGE);
@@ -317,7 +370,7 @@ impl<B: Backend> Agent<B> {
             self.metrics.reconnects.inc();
         }
         self.metrics.connected.set(1);
-        info!(server = %self.cfg.server, "connected");
+        info!(server = %addr, "connected");
         let mut report = tokio::time::interval(self.cfg.report_every);
         report.tick().await;
         loop {
@@ -408,7 +461,7 @@ impl<B: Backend> Agent<B> {
                 self.health
                     .set_service_status(SYNC_SERVICE, ServingStatus::Serving)
                     .await;
-                info!(version = offered.version, micros, "applied");
+                info!(version = offered.version, digest = %offered.digest, micros, "applied");
                 v1::EnforcerMessage {
                     kind: Some(Out::Ack(v1::Ack {
                         nonce,

@@ -21,9 +21,21 @@ use crate::pods::LocalConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Policy server URL.
-    #[arg(long, env = "MOAT_SERVER", default_value = "https://127.0.0.1:7443")]
-    pub server: String,
+    /// Policy server URL; repeat it (or separate with commas) for several replicas. A
+    /// name is resolved on every connection attempt and each of its addresses is a replica
+    /// (a headless Service). The enforcer spreads over them at random, and moves to another
+    /// when its stream ends.
+    #[arg(
+        long,
+        env = "MOAT_SERVER",
+        value_delimiter = ',',
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub server: Vec<String>,
+    /// HTTP/2 keepalive interval, in seconds: a server that answers no ping within as long
+    /// again is dead, and the enforcer moves to another replica.
+    #[arg(long, env = "MOAT_KEEPALIVE_SECONDS", default_value_t = 5)]
+    pub keepalive_seconds: u64,
     /// This node's name (in Kubernetes: the downward API's spec.nodeName). Must match the
     /// certificate; the server refuses anything else. A Kubernetes node name (DNS-1123
     /// subdomain): it names the node's directory under the bpffs.
@@ -113,10 +125,15 @@ pub fn check_urls(args: &Args) -> Result<()> {
                 "--bootstrap-server/--bootstrap-token-file issue real certificates: they cannot run with --insecure-dev-plaintext"
             );
         }
-        check_server_url("--server", &args.server, false)?;
+        for s in &args.server {
+            check_server_url("--server", s, false)?;
+        }
         return Ok(());
     }
-    check_server_url("--server", &args.server, true)?;
+    for s in &args.server {
+        check_server_url("--server", s, true)?;
+    }
+    crate::servers::Servers::parse(&args.server).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(b) = &args.bootstrap_server {
         check_server_url("--bootstrap-server", b, true)?;
     }
@@ -201,7 +218,8 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     let cfg = Config {
-        server: args.server.clone(),
+        servers: args.server.clone(),
+        keepalive: Duration::from_secs(args.keepalive_seconds.max(1)),
         node: args.node.clone(),
         transport,
         backoff_min: Duration::from_millis(200),
@@ -219,7 +237,7 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         .context("reading the node's interfaces and routes (rtnetlink)")?;
     info!(
         node = %args.node,
-        server = %args.server,
+        server = %args.server.join(","),
         backend = backend.name(),
         selection,
         pod_interfaces = ?args.pod_interfaces,

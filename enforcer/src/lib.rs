@@ -11,4 +11,5 @@ pub mod cli;
 pub mod host;
 pub mod metrics;
 pub mod pods;
+pub mod servers;
 pub mod state;

@@ -75,6 +75,8 @@ pub struct Bed {
     pub server_args: Vec<String>,
     /// A command the server runs under (e.g. `prlimit --nofile=1024 --`), if any.
     pub server_wrapper: Vec<String>,
+    /// The `--server` URLs enforcers get (several replicas); empty: the bed's one server.
+    pub enforcer_servers: Vec<String>,
 }
 
 /// Runs `moatctl` and returns (exit code, stdout, stderr).
@@ -113,6 +115,7 @@ impl Bed {
             enforcers: BTreeMap::new(),
             server_args: Vec::new(),
             server_wrapper: Vec::new(),
+            enforcer_servers: Vec::new(),
             dir,
         };
         let certs = bed.certs();
@@ -290,7 +293,11 @@ impl Bed {
             .arg(self.path(&format!("rec/{node}")))
             .args(["--node", claims])
             .arg("--server")
-            .arg(format!("https://{}", self.listen))
+            .arg(if self.enforcer_servers.is_empty() {
+                format!("https://{}", self.listen)
+            } else {
+                self.enforcer_servers.join(",")
+            })
             .args(["--tls-server-name", "localhost"])
             .args(identity)
             .arg("--state-dir")

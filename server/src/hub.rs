@@ -197,6 +197,15 @@ impl ClusterState {
             .cloned()
     }
 
+    fn recent_by_digest(&self, node: &str, d: &Digest) -> Option<Arc<NodeSnapshot>> {
+        let sent = self.sent.lock().expect("history lock");
+        sent.get(node)?
+            .iter()
+            .rev()
+            .find(|s| s.digest == *d)
+            .cloned()
+    }
+
     /// Runs `f` on the index under the read lock (admin queries).
     pub fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
         f(&self.index.read().expect("index lock"))
@@ -232,6 +241,13 @@ pub struct Hub {
     writer: Arc<Writer>,
     /// Each node's one live stream, and the newest certificate bootstrap issued it.
     pub streams: Arc<Streams>,
+    /// One of several replicas (`--ha-cluster`): its standing per cluster.
+    ha: std::sync::OnceLock<Ha>,
+}
+
+struct Ha {
+    replica: Arc<crate::ha::Replica>,
+    standings: HashMap<Arc<str>, watch::Receiver<crate::ha::Standing>>,
 }
 
 impl Hub {
@@ -261,7 +277,33 @@ impl Hub {
             limits,
             writer,
             streams: Arc::new(Streams::default()),
+            ha: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this server a replica: each cluster's streams follow its standing. Call
+    /// before serving.
+    pub fn set_replica(&self, replica: Arc<crate::ha::Replica>) {
+        let standings = self
+            .clusters
+            .iter()
+            .map(|(name, c)| (name.clone(), replica.standing(c.health.stale_watch())))
+            .collect();
+        let _ = self.ha.set(Ha { replica, standings });
+    }
+
+    pub fn replica(&self) -> Option<&Arc<crate::ha::Replica>> {
+        self.ha.get().map(|h| &h.replica)
+    }
+
+    /// The replica's standing for `cluster` (`None`: a single server, which serves its last
+    /// state whatever happens).
+    pub fn standing(
+        &self,
+        cluster: &str,
+    ) -> Option<(String, watch::Receiver<crate::ha::Standing>)> {
+        let ha = self.ha.get()?;
+        Some((ha.replica.name.clone(), ha.standings.get(cluster)?.clone()))
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<ClusterState>> {
@@ -287,12 +329,18 @@ impl Hub {
             return Some(s);
         }
         match self.store.load(&cluster.name, node, v) {
-            Ok(s) => s.map(Arc::new),
-            Err(e) => {
-                warn!(error = %e, node, "cannot load a delta base from the store");
-                None
-            }
+            Ok(Some(s)) => return Some(Arc::new(s)),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, node, "cannot load a delta base from the store"),
         }
+        // Content another replica (or an earlier epoch) numbered: a digest names content,
+        // so the same content held here serves as the base under the enforcer's number.
+        let same = cluster
+            .recent_by_digest(node, &v.digest)
+            .or_else(|| cluster.snapshot(node).filter(|s| s.digest == v.digest))?;
+        let mut s = (*same).clone();
+        s.version = v.version;
+        Some(Arc::new(s))
     }
 
     /// Records what a stream saw, and persists what must survive a restart.

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cost;
 pub mod degraded;
+pub mod ha;
 pub mod hub;
 pub mod index;
 pub mod listen;

@@ -12,6 +12,7 @@ use clap::Parser;
 use moat_policy::{Changes, Index};
 use moat_server::admin::AdminService;
 use moat_server::bootstrap;
+use moat_server::ha::{self, HaArgs, Replica};
 use moat_server::hub::{ClusterState, Hub, Limits};
 use moat_server::listen::{self, Admission, Http2, LimitArgs};
 use moat_server::metrics::Metrics;
@@ -150,6 +151,9 @@ struct Args {
     /// Connection, handshake, stream and bootstrap limits.
     #[command(flatten)]
     limits: LimitArgs,
+    /// Active-active replicas.
+    #[command(flatten)]
+    ha: HaArgs,
 }
 
 /// A certificate lifetime as `moatctl certs` takes it, at least 5 s.
@@ -320,6 +324,40 @@ async fn main() -> Result<()> {
             .await
             .context("recording --first-version")?;
     }
+    // A replica takes its epoch before any version exists: its versions are its own.
+    let replica = match &args.ha.ha_cluster {
+        None => None,
+        Some(name) => {
+            let client = kube_clients.get(name).with_context(|| {
+                format!("--ha-cluster {name:?} is none of the Kubernetes clusters served here")
+            })?;
+            let replica_name = ha::replica_name(&args.ha)?;
+            let api = kube::Api::namespaced(client.clone(), &args.ha.ha_namespace);
+            let r = Replica::start(
+                api,
+                replica_name,
+                store.last_epoch()?,
+                args.ha.ha_stale_after,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "taking a version epoch in namespace {} of cluster {name}",
+                    args.ha.ha_namespace
+                )
+            })?;
+            store.record_epoch(r.epoch).await?;
+            info!(replica = %r.name, epoch = r.epoch, "serving as one of several replicas");
+            Some(r)
+        }
+    };
+    let first_version = match &replica {
+        Some(r) => store.reserved().max(ha::epoch::first_version(r.epoch)),
+        None => store.reserved(),
+    };
+    let ceiling = replica
+        .as_ref()
+        .map_or(u64::MAX, |r| ha::epoch::ceiling(r.epoch));
     let saved = store.statuses()?;
     // Blobs a crash left unreferenced, and snapshots that cannot be read, go now.
     tokio::spawn(moat_server::hub::collect_garbage(store.clone()));
@@ -328,7 +366,7 @@ async fn main() -> Result<()> {
     let mut pending = Vec::new();
     for (name, spec, health, rx) in started {
         let previous = Fleet::saved_published(&saved, &name);
-        let state = ClusterState::with_source(&name, store.reserved(), spec.to_string(), health);
+        let state = ClusterState::with_source(&name, first_version, spec.to_string(), health);
         states.push(state.clone());
         pending.push((state, rx, previous));
     }
@@ -343,6 +381,9 @@ async fn main() -> Result<()> {
         cost_warn: args.policy_cost_warn,
     };
     let hub = Hub::with_limits(states, fleet.clone(), store.clone(), metrics.clone(), sizes);
+    if let Some(r) = &replica {
+        hub.set_replica(r.clone());
+    }
     let warned = Arc::new(moat_server::cost::Warned::default());
     moat_server::prune::spawn(hub.clone(), args.deleted_node_grace);
 
@@ -362,6 +403,9 @@ async fn main() -> Result<()> {
             .add_service(health_svc)
             .serve_with_incoming(TcpListenerStream::new(health_listener)),
     );
+    if replica.is_some() {
+        tokio::spawn(follow_standing(hub.clone(), health.clone()));
+    }
     let m = metrics.clone();
     let bound = moat_telemetry::serve_metrics(args.metrics_addr, Arc::new(move || m.encode()))
         .await
@@ -422,6 +466,14 @@ async fn main() -> Result<()> {
             metrics.clone(),
             previous,
             move |c, i, first| {
+                if c.generation >= ceiling {
+                    // Never into the next epoch's versions: a restart takes a new epoch.
+                    tracing::error!(
+                        generation = c.generation,
+                        "this replica used up its version epoch; exiting so that a restart takes a new one"
+                    );
+                    std::process::exit(75);
+                }
                 print_changes(&prefix, c, i, first);
                 let since = if first { 0 } else { c.generation };
                 warned.check(costed.clone(), sizes.cost_warn, since);
@@ -429,7 +481,7 @@ async fn main() -> Result<()> {
                     return;
                 }
                 // Per cluster `moat.cluster/<name>`; overall once every cluster is in.
-                let all = hub.clusters().all(|c| c.is_synced());
+                let all = ready(&hub);
                 let health = health.clone();
                 let service = format!("moat.cluster/{name_for_health}");
                 tokio::spawn(async move {
@@ -457,8 +509,21 @@ async fn main() -> Result<()> {
     )
     .add_service(AdminService::new(hub.clone(), auth).svc());
     info!(listen = %args.listen, tls = !args.insecure_dev_plaintext, "serving sync and admin");
+    let drain = replica
+        .clone()
+        .map(|r| (r, args.ha.ha_drain, health.clone()));
     tokio::spawn(async move {
         shutdown_signal().await;
+        if let Some((r, over, health)) = drain {
+            // Unready first (no new enforcer is sent here), then the streams leave a share
+            // at a time.
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            info!(?over, "draining: moving enforcers to the other replicas");
+            r.drain(over);
+            tokio::time::sleep(over + Duration::from_millis(200)).await;
+        }
         info!("shutting down");
         let _ = shutdown_tx.send(true);
     });
@@ -562,6 +627,48 @@ async fn main() -> Result<()> {
     }
     store.flush().await?;
     Ok(())
+}
+
+/// Ready (health `""` and the sync service SERVING): every cluster's first full sync is in
+/// and, for a replica, it is current for every cluster.
+fn ready(hub: &Hub) -> bool {
+    hub.clusters().all(|c| {
+        c.is_synced()
+            && hub
+                .standing(&c.name)
+                .is_none_or(|(_, s)| *s.borrow() == ha::Standing::Current)
+    })
+}
+
+/// A replica's readiness follows its standing: a stale one leaves the Service's endpoints,
+/// so no new enforcer is sent to it.
+async fn follow_standing(hub: Arc<Hub>, health: tonic_health::server::HealthReporter) {
+    let mut rxs: Vec<_> = hub
+        .clusters()
+        .filter_map(|c| hub.standing(&c.name).map(|(_, rx)| rx))
+        .collect();
+    let mut was = None;
+    loop {
+        let now = ready(&hub);
+        if was != Some(now) && hub.clusters().all(|c| c.is_synced()) {
+            was = Some(now);
+            let s = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", s).await;
+            health
+                .set_service_status("moat.sync.v1.PolicySync", s)
+                .await;
+        }
+        let changes = rxs.iter_mut().map(|rx| Box::pin(rx.changed()));
+        let tick = tokio::time::sleep(Duration::from_secs(1));
+        tokio::select! {
+            (r, _, _) = futures::future::select_all(changes) => if r.is_err() { return },
+            _ = tick => {}
+        }
+    }
 }
 
 async fn shutdown_signal() {

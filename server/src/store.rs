@@ -202,6 +202,22 @@ impl Store {
         *self.reserved.lock().expect("reserve lock")
     }
 
+    /// The newest version epoch this server held (HA replicas; 0: none yet).
+    pub fn last_epoch(&self) -> Result<u64> {
+        Ok(self
+            .meta
+            .get("epoch")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Makes the epoch this replica took durable before any version of it is handed out.
+    pub async fn record_epoch(&self, epoch: u64) -> Result<()> {
+        self.meta.insert("epoch", &epoch.to_be_bytes())?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Makes `version` durable as handed out before it is sent anywhere.
     pub async fn reserve(&self, version: u64) -> Result<()> {
         let upto = {

@@ -11,6 +11,10 @@
 //!   streaming list (`sendInitialEvents=true`, ended by the `k8s.io/initial-events-end`
 //!   bookmark), `410 Gone` as a watch `ERROR` event for a compacted resource version;
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}`;
+//! - ConfigMaps, as Moat's server replicas coordinate through them: list (with an
+//!   equality `labelSelector`) and watch, and in a namespace `POST` (`409 AlreadyExists`),
+//!   `GET`, `PUT` with optimistic concurrency (`409 Conflict` when `metadata.resourceVersion`
+//!   is not the stored one) and `DELETE`;
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` (see [`token`]);
 //! - bearer-token authentication of every request.
 //!
@@ -39,7 +43,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use store::Kind;
-use store::{Objects, event_line, status};
+use store::{Objects, Refused, Selection, event_line, status};
 pub use token::Bound;
 use token::Signer;
 
@@ -321,7 +325,11 @@ fn query(q: Option<&str>) -> HashMap<String, String> {
         .filter(|s| !s.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_string(), v.replace("%3D", "=").replace("%2C", ","))
+            let v = v
+                .replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/");
+            (k.to_string(), v)
         })
         .collect()
 }
@@ -372,6 +380,13 @@ async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             ),
         };
     }
+    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.len() >= 2 && parts[1] == Kind::ConfigMap.plural() {
+            let (ns, name) = (parts[0].to_string(), parts.get(2).map(|s| s.to_string()));
+            return config_map(inner, req, &q, ns, name).await;
+        }
+    }
     if req.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         let Ok(body) = req.into_body().collect().await else {
             return error(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
@@ -395,12 +410,108 @@ async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     )
 }
 
+/// The ConfigMap verbs in one namespace (`name`: the object's, for all but list and create).
+async fn config_map(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    q: &HashMap<String, String>,
+    ns: String,
+    name: Option<String>,
+) -> Response<Body> {
+    let kind = Kind::ConfigMap;
+    let not_found = |name: &str| {
+        error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("configmaps \"{name}\" not found"),
+        )
+    };
+    let method = req.method().clone();
+    match (method, name) {
+        (Method::GET, None) => list_selected(inner, kind, q, Some(&ns)).await,
+        (Method::GET, Some(name)) => match inner.objects.lock().unwrap().get(kind, &ns, &name) {
+            Some(v) => json_response(StatusCode::OK, v),
+            None => not_found(&name),
+        },
+        (Method::DELETE, Some(name)) => {
+            match inner.objects.lock().unwrap().delete(kind, &ns, &name) {
+                Some(v) => json_response(StatusCode::OK, &v),
+                None => not_found(&name),
+            }
+        }
+        (m @ (Method::POST | Method::PUT), name) => {
+            let Ok(body) = req.into_body().collect().await else {
+                return error(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+            };
+            let Ok(mut v) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                return error(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+            };
+            if Kind::of(&v) != Some(kind) {
+                return error(StatusCode::BAD_REQUEST, "BadRequest", "not a ConfigMap");
+            }
+            let given = v["metadata"]["name"].as_str().map(str::to_string);
+            if name.is_some() && given != name {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the name of the object does not match the name on the URL",
+                );
+            }
+            let shown = given.unwrap_or_default();
+            v["metadata"]["namespace"] = json!(ns);
+            let mut o = inner.objects.lock().unwrap();
+            let (r, ok) = if m == Method::POST {
+                (o.create(v), StatusCode::CREATED)
+            } else {
+                (o.update(v), StatusCode::OK)
+            };
+            match r {
+                Ok(v) => json_response(ok, &v),
+                Err(Refused::Exists) => error(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("configmaps \"{shown}\" already exists"),
+                ),
+                Err(Refused::Conflict { .. }) => error(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on configmaps \"{shown}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                ),
+                Err(Refused::Missing) => not_found(&shown),
+            }
+        }
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ),
+    }
+}
+
 async fn held(inner: &Inner) {
     let mut h = inner.hold_lists.subscribe();
     let _ = h.wait_for(|held| !held).await;
 }
 
 async fn list(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Response<Body> {
+    list_selected(inner, kind, q, None).await
+}
+
+async fn list_selected(
+    inner: Arc<Inner>,
+    kind: Kind,
+    q: &HashMap<String, String>,
+    namespace: Option<&str>,
+) -> Response<Body> {
+    let Some(sel) = Selection::parse(namespace, q.get("labelSelector").map(String::as_str)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "only equality label selectors are served here",
+        );
+    };
     held(&inner).await;
     let limit = q
         .get("limit")
@@ -411,11 +522,12 @@ async fn list(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Res
     if token.is_some() && inner.expire_next_continue.swap(false, Ordering::SeqCst) {
         inner.objects.lock().unwrap().compact();
     }
-    let page = inner
-        .objects
-        .lock()
-        .unwrap()
-        .list(kind, Some(limit), token.map(String::as_str));
+    let page =
+        inner
+            .objects
+            .lock()
+            .unwrap()
+            .list_in(kind, &sel, Some(limit), token.map(String::as_str));
     match page {
         Ok((items, rv, next)) => {
             let mut meta = json!({"resourceVersion": rv.to_string()});

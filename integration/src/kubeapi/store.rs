@@ -7,17 +7,24 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-/// The four kinds Moat watches.
+/// The four kinds Moat watches, and the ConfigMaps its replicas coordinate through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Namespace,
     Node,
     Pod,
     NetworkPolicy,
+    ConfigMap,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Node, Kind::Pod, Kind::NetworkPolicy];
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::ConfigMap,
+    ];
 
     pub fn api_version(self) -> &'static str {
         match self {
@@ -32,6 +39,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ConfigMap => "ConfigMap",
         }
     }
 
@@ -42,6 +50,7 @@ impl Kind {
             Kind::Node => "/api/v1/nodes",
             Kind::Pod => "/api/v1/pods",
             Kind::NetworkPolicy => "/apis/networking.k8s.io/v1/networkpolicies",
+            Kind::ConfigMap => "/api/v1/configmaps",
         }
     }
 
@@ -51,12 +60,18 @@ impl Kind {
             "Node" => Some(Kind::Node),
             "Pod" => Some(Kind::Pod),
             "NetworkPolicy" => Some(Kind::NetworkPolicy),
+            "ConfigMap" => Some(Kind::ConfigMap),
             _ => None,
         }
     }
 
-    fn namespaced(self) -> bool {
-        matches!(self, Kind::Pod | Kind::NetworkPolicy)
+    /// The path segment of the kind in a namespace (`/api/v1/namespaces/NS/<plural>`).
+    pub fn plural(self) -> &'static str {
+        self.collection().rsplit('/').next().expect("a path")
+    }
+
+    pub fn namespaced(self) -> bool {
+        matches!(self, Kind::Pod | Kind::NetworkPolicy | Kind::ConfigMap)
     }
 }
 
@@ -82,6 +97,53 @@ pub fn event_line(typ: &str, object: &Value) -> Vec<u8> {
     let mut b = serde_json::to_vec(&json!({"type": typ, "object": object})).expect("event json");
     b.push(b'\n');
     b
+}
+
+/// Why a create or an update was refused, as the API server says it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// 409 `AlreadyExists`: a create of a name that is taken.
+    Exists,
+    /// 409 `Conflict`: an update whose `metadata.resourceVersion` is not the stored one.
+    Conflict { stored: u64 },
+    /// 404 `NotFound`: an update of nothing.
+    Missing,
+}
+
+/// A list's namespace and equality label selector (`a=b,c=d`).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub namespace: Option<String>,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Selection {
+    /// `None` for a selector this server does not speak (set-based, `!=`).
+    pub fn parse(namespace: Option<&str>, selector: Option<&str>) -> Option<Selection> {
+        let mut labels = Vec::new();
+        for term in selector.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            let (k, v) = term.split_once('=')?;
+            if k.ends_with('!') || v.starts_with('=') {
+                return None;
+            }
+            labels.push((k.to_string(), v.to_string()));
+        }
+        Some(Selection {
+            namespace: namespace.map(str::to_string),
+            labels,
+        })
+    }
+
+    fn selects(&self, v: &Value) -> bool {
+        let meta = &v["metadata"];
+        self.namespace
+            .as_deref()
+            .is_none_or(|ns| meta["namespace"].as_str() == Some(ns))
+            && self
+                .labels
+                .iter()
+                .all(|(k, want)| meta["labels"][k].as_str() == Some(want))
+    }
 }
 
 /// A continue token that names no list in progress (compacted, or never issued).
@@ -182,6 +244,34 @@ impl Objects {
         Ok(v)
     }
 
+    /// `POST`: creates, refusing a name that exists.
+    pub fn create(&mut self, v: Value) -> Result<Value, Refused> {
+        let kind = Kind::of(&v).ok_or(Refused::Missing)?;
+        let key = key_of(kind, &v).map_err(|_| Refused::Missing)?;
+        if self.objects.contains_key(&key) {
+            return Err(Refused::Exists);
+        }
+        self.apply(v).map_err(|_| Refused::Missing)
+    }
+
+    /// `PUT`: replaces, with optimistic concurrency: a `metadata.resourceVersion` that is
+    /// not the stored object's is a conflict (none given: unconditional, as the API allows).
+    pub fn update(&mut self, v: Value) -> Result<Value, Refused> {
+        let kind = Kind::of(&v).ok_or(Refused::Missing)?;
+        let key = key_of(kind, &v).map_err(|_| Refused::Missing)?;
+        let stored = self.objects.get(&key).ok_or(Refused::Missing)?;
+        let stored_rv: u64 = stored["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        if let Some(given) = v["metadata"]["resourceVersion"].as_str()
+            && given.parse::<u64>().ok() != Some(stored_rv)
+        {
+            return Err(Refused::Conflict { stored: stored_rv });
+        }
+        self.apply(v).map_err(|_| Refused::Missing)
+    }
+
     pub fn delete(&mut self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
         let mut v = self
             .objects
@@ -235,6 +325,18 @@ impl Objects {
         limit: Option<usize>,
         token: Option<&str>,
     ) -> Result<(Vec<Value>, u64, Option<String>), Expired> {
+        self.list_in(kind, &Selection::default(), limit, token)
+    }
+
+    /// [`Objects::list`] of what `sel` selects (its filter applies before pagination, as
+    /// the API server's does).
+    pub fn list_in(
+        &mut self,
+        kind: Kind,
+        sel: &Selection,
+        limit: Option<usize>,
+        token: Option<&str>,
+    ) -> Result<(Vec<Value>, u64, Option<String>), Expired> {
         let (id, offset) = match token {
             Some(t) => {
                 let (id, off) = t.split_once('-').ok_or(Expired)?;
@@ -248,7 +350,9 @@ impl Objects {
             None => {
                 let id = self.next_page;
                 self.next_page += 1;
-                let items = Arc::new(self.items(kind));
+                let mut items = self.items(kind);
+                items.retain(|v| sel.selects(v));
+                let items = Arc::new(items);
                 self.pages.insert(
                     id,
                     Page {
@@ -328,6 +432,43 @@ mod tests {
         let (_, _, next) = o.list(Kind::Pod, Some(2), None).unwrap();
         o.compact();
         assert!(o.list(Kind::Pod, Some(2), next.as_deref()).is_err());
+    }
+
+    #[test]
+    fn updates_are_optimistic_and_creates_refuse_taken_names() {
+        let cm = |rv: Option<&str>, n: u32| {
+            let mut v = json!({"kind": "ConfigMap", "metadata": {"name": "c", "namespace": "m"},
+                "data": {"next": n.to_string()}});
+            if let Some(rv) = rv {
+                v["metadata"]["resourceVersion"] = json!(rv);
+            }
+            v
+        };
+        let mut o = Objects::default();
+        let first = o.create(cm(None, 1)).unwrap();
+        assert_eq!(o.create(cm(None, 1)), Err(Refused::Exists));
+        let rv = first["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let second = o.update(cm(Some(&rv), 2)).unwrap();
+        // The loser of a race read the same version: refused, with nothing changed.
+        let stored = second["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            o.update(cm(Some(&rv), 3)),
+            Err(Refused::Conflict { stored })
+        );
+        assert_eq!(
+            o.get(Kind::ConfigMap, "m", "c").unwrap()["data"]["next"],
+            "2"
+        );
+        let mut other = cm(None, 1);
+        other["metadata"]["name"] = json!("d");
+        assert_eq!(o.update(other), Err(Refused::Missing));
     }
 
     #[test]

@@ -178,6 +178,8 @@ impl ClustersFile {
 pub struct Health {
     state: Mutex<HealthState>,
     up: Gauge,
+    /// Whether the source is stale, for whoever must act on it at once (HA replicas).
+    stale: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -196,7 +198,12 @@ impl Health {
         Health {
             state: Mutex::new(HealthState::default()),
             up,
+            stale: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    pub fn stale_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stale.subscribe()
     }
 
     pub fn set_failing(&self, failing: bool, error: Option<String>) {
@@ -205,6 +212,7 @@ impl Health {
             s.stale = failing;
             s.since = Some(SystemTime::now());
             self.up.set(i64::from(!failing));
+            self.stale.send_replace(failing);
             if failing {
                 tracing::warn!("source is stale: serving its last state");
             } else {

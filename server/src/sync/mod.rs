@@ -20,7 +20,7 @@ use moat_proto::{Identity, v1};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::hub::{Hub, Published};
 use crate::listen::ConnInfo;
@@ -49,6 +49,11 @@ pub trait Source: Send + Sync + 'static {
     /// Largest message an enforcer is sent (see `fit`).
     fn message_limit(&self) -> usize {
         moat_proto::MAX_SERVER_MESSAGE
+    }
+    /// One of several replicas: its name, and its standing for `cluster`; a stream ends
+    /// (and none is admitted) while that is not current, so the enforcer moves.
+    fn standing(&self, _cluster: &str) -> Option<(String, watch::Receiver<crate::ha::Standing>)> {
+        None
     }
     /// The right of a new stream of `node`, on a certificate with `cert`'s key, to become the
     /// node's one live stream (taken after its Hello); refused if a newer certificate for
@@ -110,6 +115,10 @@ impl Source for Hub {
         cert: Option<&CertKey>,
     ) -> Result<Claim, Superseded> {
         self.streams.claim(cluster, node, cert)
+    }
+
+    fn standing(&self, cluster: &str) -> Option<(String, watch::Receiver<crate::ha::Standing>)> {
+        Hub::standing(self, cluster)
     }
 }
 
@@ -247,6 +256,14 @@ impl<S: Source> v1::policy_sync_server::PolicySync for SyncService<S> {
             return Err(Status::not_found(format!(
                 "cluster {cluster:?} is not served here"
             )));
+        }
+        if let Some((replica, standing)) = self.source.standing(&cluster) {
+            let refused = standing.borrow().refusal(&replica);
+            if let Some(status) = refused {
+                self.source.metrics().refused("replica-not-current");
+                info!(peer = ?remote, %cluster, %node, "refused a sync stream: {}", status.message());
+                return Err(status);
+            }
         }
         let claim = self
             .source

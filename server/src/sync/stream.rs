@@ -26,11 +26,22 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::{Source, fit};
+use crate::ha::Standing;
 use crate::hub::Published;
 use crate::status::StreamEvent;
 use crate::streams::{CertKey, Claim};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The next change of a replica's standing; never, for a single server.
+async fn changed(
+    standing: &mut Option<(String, watch::Receiver<Standing>)>,
+) -> Result<(), watch::error::RecvError> {
+    match standing {
+        Some((_, rx)) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What a stream hands the gRPC response, boxed: a tokio channel allocates its slots in
 /// blocks of 32, and 32 unboxed messages and statuses were 9.5 KiB per idle stream.
@@ -240,6 +251,16 @@ impl<S: Source> Stream<S> {
         let mut in_flight: Option<InFlight> = None;
         let mut rejected: Option<Digest> = None;
         let mut check = true;
+        // A replica that stops being current ends the stream (the enforcer moves); one that
+        // drains ends it at this stream's own point of the drain, so they leave a share at
+        // a time.
+        let mut standing = self.source.standing(&self.cluster);
+        if let Some((_, rx)) = standing.as_mut() {
+            rx.mark_changed();
+        }
+        let drain_slot: f64 = rand::random();
+        let drain_at = tokio::time::sleep_until(far());
+        tokio::pin!(drain_at);
         loop {
             if in_flight.is_none() && check {
                 check = false;
@@ -342,6 +363,32 @@ impl<S: Source> Stream<S> {
                     self.source.metrics().disconnected("ack-timeout");
                     warn!(timeout = ?self.ack_timeout, "the enforcer did not acknowledge in time (not reading or not applying); closing the stream");
                     return Err(Status::deadline_exceeded("no acknowledgement in time"));
+                }
+                r = changed(&mut standing) => {
+                    let Some((replica, rx)) = standing.as_ref() else { continue };
+                    if r.is_err() {
+                        standing = None;
+                        continue;
+                    }
+                    let now = rx.borrow().clone();
+                    match &now {
+                        Standing::Current => drain_at.as_mut().reset(far()),
+                        Standing::Stale(why) => {
+                            self.source.metrics().disconnected("replica-stale");
+                            info!(%why, "this replica is stale; moving the enforcer away");
+                            return Err(now.refusal(replica).expect("stale refuses"));
+                        }
+                        Standing::Draining { started, over } => {
+                            drain_at.as_mut().reset(*started + over.mul_f64(drain_slot));
+                        }
+                    }
+                }
+                _ = &mut drain_at => {
+                    self.source.metrics().disconnected("replica-draining");
+                    info!("this replica is draining; moving the enforcer away");
+                    let (replica, rx) = standing.as_ref().expect("a drain has a standing");
+                    let now = rx.borrow().clone();
+                    return Err(now.refusal(replica).unwrap_or_else(|| Status::unavailable("draining")));
                 }
                 _ = &mut claim.replaced => return Err(self.replaced()),
                 _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
