@@ -127,7 +127,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                         "last_error": n.last_error, "applied_digest": n.applied_digest,
                         "latest_digest": n.latest_digest, "last_ack_unix_micros": n.last_ack_unix_micros,
                         "selection": n.selection, "degraded": degraded, "local": local,
-                        "deleted_unix_micros": n.deleted_unix_micros,
+                        "deleted_unix_micros": n.deleted_unix_micros, "replica": n.replica,
                     })
                 })
                 .collect();
@@ -271,6 +271,7 @@ fn print_nodes(nodes: &[&v1::NodeStatus]) {
                 format!("{} versions / {:.1}s", n.lag_versions, n.lag_seconds)
             };
             let connected = match (n.connected, n.deleted_unix_micros) {
+                (true, _) if !n.replica.is_empty() => format!("yes ({})", escape(&n.replica)),
                 (true, _) => "yes".to_string(),
                 (false, 0) => "no".to_string(),
                 (false, at) => format!("no (deleted {} ago)", ago(at)),

@@ -35,6 +35,9 @@ impl Candidate {
     }
 }
 
+/// The longest wait for a server name to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
+
 pub struct Servers {
     targets: Vec<Target>,
     avoid: HashMap<SocketAddr, Instant>,
@@ -72,10 +75,21 @@ impl Servers {
         for t in &self.targets {
             let addrs: Vec<SocketAddr> = match t.host.parse::<IpAddr>() {
                 Ok(ip) => vec![SocketAddr::new(ip, t.port)],
-                Err(_) => match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
-                    Ok(a) => a.collect(),
-                    Err(e) => {
+                // Bounded: DNS may not answer a node that is not enforcing its snapshot yet,
+                // and the other URLs must not wait for it.
+                Err(_) => match tokio::time::timeout(
+                    RESOLVE_TIMEOUT,
+                    tokio::net::lookup_host((t.host.as_str(), t.port)),
+                )
+                .await
+                {
+                    Ok(Ok(a)) => a.collect(),
+                    Ok(Err(e)) => {
                         tracing::debug!(host = %t.host, error = %e, "server name does not resolve");
+                        Vec::new()
+                    }
+                    Err(_) => {
+                        tracing::debug!(host = %t.host, "server name did not resolve in time");
                         Vec::new()
                     }
                 },

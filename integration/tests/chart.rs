@@ -114,10 +114,12 @@ fn the_enforcer_gets_exactly_what_the_dataplane_needs() {
     env_understood(c, "moat-enforcer");
     args_understood(c, "moat-enforcer");
     // The server by the Service's ClusterIP (kubelet expands it in args): no DNS, which a
-    // fail-closed node may not reach before its snapshot; the certificate name is checked.
+    // fail-closed node may not reach before its snapshot; the replicas' names come second,
+    // resolved when DNS answers. The certificate name is checked.
     let args = strs(&c["args"]);
     assert!(
-        args.contains("--server=https://$(MOAT_SERVER_SERVICE_HOST):7443"),
+        args.iter()
+            .any(|a| a.starts_with("--server=https://$(MOAT_SERVER_SERVICE_HOST):7443,")),
         "{args:?}"
     );
     assert!(
@@ -259,8 +261,28 @@ fn the_server_is_least_privileged_and_understands_its_config() {
         strs(&local["rules"][0]["verbs"]),
         BTreeSet::from(["get".to_string()])
     );
+    // The replicas may write only their own ConfigMaps (and the epoch counter).
+    let updates: BTreeSet<String> = local["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| strs(&r["verbs"]).contains("update"))
+        .flat_map(|r| {
+            assert_eq!(
+                strs(&r["verbs"]).len(),
+                1,
+                "update alone where names are listed"
+            );
+            strs(&r["resourceNames"])
+        })
+        .collect();
+    let mut want: BTreeSet<String> = ["moat-server-epochs".to_string()].into();
+    for i in 0..3 {
+        want.insert(format!("moat-replica-moat-server-{i}"));
+        want.insert(format!("moat-status-moat-server-{i}"));
+    }
+    assert_eq!(updates, want);
     let sts = find(&objs, "StatefulSet", "moat-server");
-    assert_eq!(sts["spec"]["replicas"], 1);
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
     env_understood(c, "moat-server");
     let sa = item(&c["env"], "name", "MOAT_ENFORCER_SERVICE_ACCOUNT");
@@ -298,4 +320,52 @@ fn the_multi_cluster_values_give_the_server_a_clusters_file_it_parses() {
     assert!(mounts.contains("/etc/moat/clusters/west"));
     // The remote-access account exists with the same read-only rules.
     find(&objs, "ClusterRole", "moat-central");
+}
+
+#[test]
+fn three_replicas_by_default_one_per_node_with_a_disruption_budget() {
+    let objs = render(None);
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["serviceName"], "moat-server-replicas");
+    let pod = &sts["spec"]["template"]["spec"];
+    // hostNetwork: two replicas on one node would collide on its ports.
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"],
+        sts["spec"]["selector"]["matchLabels"]
+    );
+    let pdb = find(&objs, "PodDisruptionBudget", "moat-server");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"], sts["spec"]["selector"]);
+    let headless = find(&objs, "Service", "moat-server-replicas");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], false);
+    // Each replica coordinates through the local cluster under its pod's name.
+    let c = &pod["containers"][0];
+    assert_eq!(item(&c["env"], "name", "MOAT_HA_CLUSTER")["value"], "local");
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_REPLICA")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    // Enforcers get the Service and every replica by name.
+    let ds = find(&objs, "DaemonSet", "moat-enforcer");
+    let server = strs(&ds["spec"]["template"]["spec"]["containers"][0]["args"])
+        .into_iter()
+        .find(|a| a.starts_with("--server="))
+        .unwrap();
+    assert_eq!(
+        server,
+        "--server=https://$(MOAT_SERVER_SERVICE_HOST):7443,https://moat-server-replicas.moat-system.svc:7443"
+    );
+    // One replica: no budget (it would block every drain of its node).
+    let one = moat_harness::container::render_chart(&["--set".into(), "server.replicas=1".into()])
+        .unwrap();
+    assert_eq!(
+        find(&one, "StatefulSet", "moat-server")["spec"]["replicas"],
+        1
+    );
+    assert!(!one.iter().any(|o| o["kind"] == "PodDisruptionBudget"));
 }

@@ -25,7 +25,26 @@ fn fleet() -> (Bed, ApiServer, Replicas) {
     wait_until("every enforcer connected", WAIT, || {
         total(&reps) == NODES.len()
     });
+    for i in 0..3 {
+        wait_until("the whole fleet in every replica's status", WAIT, || {
+            whole_fleet_seen(&reps, i, &[0, 1, 2])
+        });
+    }
     (bed, api, reps)
+}
+
+/// Whether replica `i`'s `moatctl status` shows every node connected to one of `alive`
+/// and in sync: one fleet view, whichever replica holds a node's stream.
+fn whole_fleet_seen(reps: &Replicas, i: usize, alive: &[usize]) -> bool {
+    let names: Vec<&str> = alive.iter().map(|a| reps.all[*a].name.as_str()).collect();
+    let s = reps.status(i);
+    let nodes = s["nodes"].as_array().expect("nodes");
+    nodes.len() == NODES.len()
+        && nodes.iter().all(|n| {
+            n["connected"] == true
+                && n["in_sync"] == true
+                && names.contains(&n["replica"].as_str().unwrap_or_default())
+        })
 }
 
 fn total(reps: &Replicas) -> usize {
@@ -119,8 +138,20 @@ fn a_killed_replica_s_enforcers_re_home_and_take_the_change_made_meanwhile() {
     wait_until("every enforcer on a surviving replica", WAIT, || {
         total(&reps) == NODES.len()
     });
-    for i in (0..3).filter(|i| *i != victim) {
+    let alive: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    for &i in &alive {
         assert_eq!(health_status(reps.all[i].health, ""), SERVING);
+        let t = Instant::now();
+        wait_until(
+            "the survivors' status showing the re-homed fleet",
+            WAIT,
+            || whole_fleet_seen(&reps, i, &alive),
+        );
+        eprintln!(
+            "{}'s status shows the re-homed fleet after {:?} more",
+            reps.all[i].name,
+            t.elapsed()
+        );
         // Every replica compiles the same content for every node: in sync by digest.
         let latest = reps.latest(i);
         for (n, d) in bed.expected() {

@@ -381,8 +381,16 @@ async fn main() -> Result<()> {
         cost_warn: args.policy_cost_warn,
     };
     let hub = Hub::with_limits(states, fleet.clone(), store.clone(), metrics.clone(), sizes);
-    if let Some(r) = &replica {
+    if let (Some(r), Some(name)) = (&replica, &args.ha.ha_cluster) {
         hub.set_replica(r.clone());
+        fleet.set_replica(&r.name, args.ha.ha_stale_after);
+        let api = kube::Api::namespaced(kube_clients[name].clone(), &args.ha.ha_namespace);
+        tokio::spawn(ha::peers::publish(
+            api.clone(),
+            r.name.clone(),
+            fleet.clone(),
+        ));
+        tokio::spawn(ha::peers::follow(api, fleet.clone()));
     }
     let warned = Arc::new(moat_server::cost::Warned::default());
     moat_server::prune::spawn(hub.clone(), args.deleted_node_grace);

@@ -125,6 +125,23 @@ pub struct Fleet {
     nodes: Mutex<BTreeMap<NodeKey, NodeState>>,
     /// Nodes with a degradation in force, kept in step with `nodes`.
     degraded: Mutex<(usize, Option<prometheus_client::metrics::gauge::Gauge>)>,
+    /// Several replicas: this one's name, and what the others say of their streams.
+    peers: Mutex<Peers>,
+}
+
+#[derive(Default)]
+struct Peers {
+    me: String,
+    /// A peer's word counts while its last heartbeat is younger than this.
+    fresh_for: std::time::Duration,
+    by_replica: BTreeMap<String, Peer>,
+}
+
+#[derive(Default)]
+struct Peer {
+    /// When its last heartbeat arrived here (this clock, not the peer's).
+    beat: Option<std::time::Instant>,
+    nodes: HashMap<NodeKey, v1::NodeStatus>,
 }
 
 impl Fleet {
@@ -394,8 +411,110 @@ impl Fleet {
             .count()
     }
 
-    /// Every node of `cluster` (or of every cluster), as the admin API reports it.
+    /// This server is replica `me`; a peer's word counts for `fresh_for` after its heartbeat.
+    pub fn set_replica(&self, me: &str, fresh_for: std::time::Duration) {
+        let mut p = self.peers.lock().expect("peers lock");
+        p.me = me.to_string();
+        p.fresh_for = fresh_for;
+    }
+
+    /// A peer's heartbeat arrived.
+    pub fn peer_beat(&self, replica: &str) {
+        let mut p = self.peers.lock().expect("peers lock");
+        if replica != p.me {
+            p.by_replica.entry(replica.to_string()).or_default().beat =
+                Some(std::time::Instant::now());
+        }
+    }
+
+    /// A peer's streams, as it published them (replacing what it said before).
+    pub fn peer_nodes(&self, replica: &str, nodes: Vec<v1::NodeStatus>) {
+        let mut p = self.peers.lock().expect("peers lock");
+        if replica == p.me {
+            return;
+        }
+        p.by_replica.entry(replica.to_string()).or_default().nodes = nodes
+            .into_iter()
+            .map(|n| {
+                (
+                    (Arc::from(n.cluster.as_str()), Arc::from(n.node.as_str())),
+                    n,
+                )
+            })
+            .collect();
+    }
+
+    pub fn peer_gone(&self, replica: &str) {
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .by_replica
+            .remove(replica);
+    }
+
+    /// The nodes this replica holds streams of, for its peers.
+    pub fn held(&self) -> Vec<v1::NodeStatus> {
+        let mut v = self.view_local(None);
+        v.retain(|n| n.connected);
+        for n in &mut v {
+            // What peers need to show it; the rest they know themselves.
+            n.degraded.clear();
+            n.local = None;
+        }
+        v
+    }
+
+    /// What fresh peers say of nodes with a stream there: the freshest word per node.
+    fn peers_word(&self) -> HashMap<NodeKey, (String, v1::NodeStatus)> {
+        let p = self.peers.lock().expect("peers lock");
+        let mut out = HashMap::new();
+        for (name, peer) in &p.by_replica {
+            if peer.beat.is_none_or(|b| b.elapsed() >= p.fresh_for) {
+                continue;
+            }
+            for (k, n) in &peer.nodes {
+                out.insert(k.clone(), (name.clone(), n.clone()));
+            }
+        }
+        out
+    }
+
+    /// Every node of `cluster` (or of every cluster), as the admin API reports it: with
+    /// several replicas, a node whose stream another replica holds shows as that replica
+    /// says (connected there, applied what it acknowledged there), in sync by digest.
     pub fn view(&self, cluster: Option<&str>) -> Vec<v1::NodeStatus> {
+        let mut nodes = self.view_local(cluster);
+        let me = self.peers.lock().expect("peers lock").me.clone();
+        let peers = self.peers_word();
+        for n in &mut nodes {
+            if n.connected {
+                n.replica = me.clone();
+                continue;
+            }
+            let key = (Arc::from(n.cluster.as_str()), Arc::from(n.node.as_str()));
+            let Some((replica, theirs)) = peers.get(&key) else {
+                continue;
+            };
+            n.connected = true;
+            n.replica = replica.clone();
+            n.backend = theirs.backend.clone();
+            n.kernel = theirs.kernel.clone();
+            n.selection = theirs.selection.clone();
+            n.applied_version = theirs.applied_version;
+            n.applied_digest = theirs.applied_digest.clone();
+            n.last_error = theirs.last_error.clone();
+            n.last_ack_unix_micros = theirs.last_ack_unix_micros;
+            n.in_sync = !n.latest_digest.is_empty() && theirs.applied_digest == n.latest_digest;
+            if n.in_sync {
+                (n.lag_versions, n.lag_seconds) = (0, 0.0);
+            } else {
+                (n.lag_versions, n.lag_seconds) = (theirs.lag_versions.max(1), theirs.lag_seconds);
+            }
+        }
+        nodes
+    }
+
+    fn view_local(&self, cluster: Option<&str>) -> Vec<v1::NodeStatus> {
         let now = SystemTime::now();
         let nodes = self.nodes.lock().expect("fleet lock");
         nodes
@@ -443,6 +562,7 @@ impl Fleet {
     /// Whether each node that needs a policy enforces its current content: the node has
     /// applied the version it was given when that content was compiled, or a later one.
     pub fn policy(&self, cluster: &str, span: &PolicySpan) -> Vec<v1::PolicyNode> {
+        let peers = self.peers_word();
         let nodes = self.nodes.lock().expect("fleet lock");
         span.nodes
             .iter()
@@ -459,9 +579,20 @@ impl Fleet {
                         .map(|(v, _)| v.version)
                 });
                 let applied = n.and_then(|n| n.applied).map_or(0, |a| a.version);
+                let key = (Arc::from(cluster), node.clone());
+                // A node whose stream another replica holds: enforced when it holds this
+                // replica's newest content (its version numbers are that replica's).
+                let elsewhere = (n.is_none_or(|n| n.streams == 0))
+                    .then(|| peers.get(&key))
+                    .flatten()
+                    .map(|(_, theirs)| {
+                        let latest = n.and_then(|n| n.published.back()).map(|(v, _)| v.digest);
+                        latest.is_some_and(|l| l.to_string() == theirs.applied_digest)
+                    });
                 v1::PolicyNode {
                     node: node.to_string(),
-                    enforced: needed.is_some_and(|needed| applied >= needed),
+                    enforced: elsewhere
+                        .unwrap_or_else(|| needed.is_some_and(|needed| applied >= needed)),
                     applied_version: applied,
                     needed_version: needed.unwrap_or(0),
                     last_error: n.map(|n| n.last_error.clone()).unwrap_or_default(),

@@ -40,3 +40,21 @@ pods, whose traffic a fail-closed dataplane may deny until the node has its snap
   resources: [tokenreviews]
   verbs: [create]
 {{- end }}
+
+{{/* Server replicas: the value, or 3 when the cluster has that many nodes (see values). */}}
+{{- define "moat.serverReplicas" -}}
+{{- if gt (int .Values.server.replicas) 0 -}}
+{{- .Values.server.replicas -}}
+{{- else if not .Values.server.watchLocalCluster -}}
+1
+{{- else -}}
+{{- $nodes := lookup "v1" "Node" "" "" -}}
+{{- $n := len (dig "items" list $nodes) -}}
+{{- if eq $n 0 -}}3{{- else -}}{{ min 3 $n }}{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* The headless Service naming every ready replica, for enforcers to spread over. */}}
+{{- define "moat.replicasAddress" -}}
+{{- printf "https://moat-server-replicas.%s.svc:%v" .Release.Namespace .Values.server.service.syncPort -}}
+{{- end }}

@@ -428,7 +428,22 @@ async fn config_map(
     };
     let method = req.method().clone();
     match (method, name) {
-        (Method::GET, None) => list_selected(inner, kind, q, Some(&ns)).await,
+        (Method::GET, None) => {
+            if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                let Some(sel) =
+                    Selection::parse(Some(&ns), q.get("labelSelector").map(String::as_str))
+                else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "only equality label selectors are served here",
+                    );
+                };
+                watch_selected(inner, kind, q, sel).await
+            } else {
+                list_selected(inner, kind, q, Some(&ns)).await
+            }
+        }
         (Method::GET, Some(name)) => match inner.objects.lock().unwrap().get(kind, &ns, &name) {
             Some(v) => json_response(StatusCode::OK, v),
             None => not_found(&name),
@@ -564,6 +579,17 @@ fn bookmark(kind: Kind, rv: u64, initial_end: bool) -> Vec<u8> {
 }
 
 async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) -> Response<Body> {
+    watch_selected(inner, kind, q, Selection::default()).await
+}
+
+/// A watch of what `sel` selects (its namespace and labels; events of other objects are
+/// not sent, as the API server filters them).
+async fn watch_selected(
+    inner: Arc<Inner>,
+    kind: Kind,
+    q: &HashMap<String, String>,
+    sel: Selection,
+) -> Response<Body> {
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
     let timeout = q
@@ -585,7 +611,11 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
             match o.since(kind, from) {
                 Ok((past, live)) => {
                     let last = past.last().map_or(from, |c| c.rv);
-                    first.extend(past.iter().map(|c| c.line()));
+                    first.extend(
+                        past.iter()
+                            .filter(|c| sel.selects(&c.object))
+                            .map(|c| c.line()),
+                    );
                     (last, live)
                 }
                 Err(oldest) => {
@@ -604,7 +634,12 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
         _ => {
             held(&inner).await;
             let o = inner.objects.lock().unwrap();
-            first.extend(o.items(kind).iter().map(|v| event_line("ADDED", v)));
+            first.extend(
+                o.items(kind)
+                    .iter()
+                    .filter(|v| sel.selects(v))
+                    .map(|v| event_line("ADDED", v)),
+            );
             if initial {
                 first.push(bookmark(kind, o.rv(), true));
             }
@@ -628,6 +663,9 @@ async fn watch_kind(inner: Arc<Inner>, kind: Kind, q: &HashMap<String, String>) 
                 c = live.recv() => match c {
                     Ok(c) if c.kind == kind && c.rv > last => {
                         last = c.rv;
+                        if !sel.selects(&c.object) {
+                            continue;
+                        }
                         c.line()
                     }
                     Ok(_) => continue,

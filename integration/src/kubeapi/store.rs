@@ -134,7 +134,7 @@ impl Selection {
         })
     }
 
-    fn selects(&self, v: &Value) -> bool {
+    pub fn selects(&self, v: &Value) -> bool {
         let meta = &v["metadata"];
         self.namespace
             .as_deref()

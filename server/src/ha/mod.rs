@@ -7,10 +7,13 @@
 //! - the heartbeat (here): the replica renews its own ConfigMap every [`HEARTBEAT`]; one
 //!   that cannot for `--ha-stale-after` (partitioned from the API server) is stale: it ends
 //!   its streams and refuses new ones, so enforcers move to a replica that sees the cluster;
+//! - [`peers`]: each replica publishes the statuses of the streams it holds and follows
+//!   the others', so `moatctl status` on any replica shows the whole fleet;
 //! - draining: on SIGTERM a replica tells its enforcers to move a share at a time over
 //!   `--ha-drain`, so a rolling upgrade is not a reconnect storm.
 
 pub mod epoch;
+pub mod peers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -168,6 +171,7 @@ impl Replica {
                 ..Default::default()
             },
             data: Some(BTreeMap::from([
+                ("replica".into(), self.name.clone()),
                 ("epoch".into(), self.epoch.to_string()),
                 (
                     "heartbeat".into(),
