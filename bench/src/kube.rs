@@ -50,7 +50,7 @@ fn pod(i: usize, nodes: usize, probe: bool) -> Value {
     })
 }
 
-fn cluster(nodes: usize, pods: usize, policies: usize) -> Vec<Value> {
+pub(crate) fn cluster(nodes: usize, pods: usize, policies: usize) -> Vec<Value> {
     let mut out = Vec::new();
     for n in 0..nodes {
         out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_name(n)},

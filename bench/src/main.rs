@@ -8,6 +8,7 @@
 mod alloc;
 mod datapath;
 mod ebpfbench;
+mod ha;
 mod kube;
 mod netns;
 mod nftapply;
@@ -68,6 +69,18 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         idle: usize,
         /// The server binary (a release build).
+        #[arg(long, default_value = "target/release/moat-server")]
+        server_bin: std::path::PathBuf,
+    },
+    /// Server replicas: kill -9 and rolling restarts under simulated enforcers that fail
+    /// over (test API server; release server).
+    Ha {
+        /// Simulated enforcers during the failovers.
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// More nodes connected afterwards for the replicas' memory and CPU (0 to skip).
+        #[arg(long, default_value_t = 4000)]
+        idle: usize,
         #[arg(long, default_value = "target/release/moat-server")]
         server_bin: std::path::PathBuf,
     },
@@ -210,6 +223,11 @@ fn main() -> Result<()> {
             idle,
             server_bin,
         } => print!("{}", sync::run(server_bin, nodes, idle)?),
+        Command::Ha {
+            nodes,
+            idle,
+            server_bin,
+        } => print!("{}", ha::run(&server_bin, nodes, idle)?),
         Command::SyncMemory {
             nodes,
             idle,

@@ -77,7 +77,11 @@ impl Pki {
         })
     }
 
-    fn leaf(&self, san: SanType, usage: ExtendedKeyUsagePurpose) -> Result<(String, String)> {
+    pub(crate) fn leaf(
+        &self,
+        san: SanType,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![san];
@@ -202,6 +206,18 @@ impl Server {
         pki: &Pki,
         source: &[String],
     ) -> Result<(Server, Duration)> {
+        Self::start_args(bin, dir, pki, source, &[], free_port())
+    }
+
+    /// [`Server::start_with`], with more arguments, listening on `listen`.
+    pub(crate) fn start_args(
+        bin: &Path,
+        dir: &Path,
+        pki: &Pki,
+        source: &[String],
+        extra: &[String],
+        listen: SocketAddr,
+    ) -> Result<(Server, Duration)> {
         let (cert, key) = pki.leaf(
             SanType::DnsName("localhost".try_into()?),
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -209,10 +225,10 @@ impl Server {
         std::fs::write(dir.join("ca.pem"), &pki.ca_pem)?;
         std::fs::write(dir.join("server.pem"), cert)?;
         std::fs::write(dir.join("server-key.pem"), key)?;
-        let listen = free_port();
         let spawned = Instant::now();
         let mut child = Command::new(bin)
             .args(source)
+            .args(extra)
             .args(["--poll-seconds", "3600", "--log", "warn"])
             // Every simulated enforcer connects from 127.0.0.1.
             .args(["--max-connections-per-source", "100000"])
@@ -255,6 +271,15 @@ impl Server {
 
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit (a replica drains first).
+    pub(crate) fn terminate(mut self) -> Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use crate::cluster::{Cluster, Spec, binary};
 use crate::container::Containers;
 
 mod in_containers;
+mod replicas;
 
 /// The MOAT_LOG of the processes the harness starts: MOAT_HARNESS_LOG, else warn.
 fn log_level() -> String {
@@ -48,6 +49,12 @@ pub struct Moat {
     pub containers: Option<Containers>,
     /// The containers started (removed on drop).
     container_names: std::collections::BTreeSet<String>,
+    /// Server replicas (0: the one file-source server), see [`replicas`].
+    pub replicas: usize,
+    /// Replicas stopped by the harness (status asks another).
+    pub down: std::collections::BTreeSet<usize>,
+    /// The test API server the replicas watch.
+    kube: Option<std::sync::Mutex<replicas::KubeApi>>,
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key` for the certificate `base` in `dir`, named as
@@ -90,7 +97,25 @@ impl Moat {
         backend: &str,
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
     ) -> Result<Moat> {
-        Self::start_with(spec, node_names, backend, wrappers, None)
+        Self::start_with(spec, node_names, backend, wrappers, None, 0)
+    }
+
+    /// [`start`](Self::start) with `n` server replicas watching a test API server (see
+    /// [`replicas`]).
+    pub fn start_replicated(
+        spec: Spec,
+        node_names: Vec<String>,
+        backend: &str,
+        n: usize,
+    ) -> Result<Moat> {
+        Self::start_with(
+            spec,
+            node_names,
+            backend,
+            Default::default(),
+            None,
+            n.max(1),
+        )
     }
 
     /// [`start`](Self::start), the server and every enforcer a container of
@@ -112,6 +137,7 @@ impl Moat {
             backend,
             Default::default(),
             Some(containers),
+            0,
         )
     }
 
@@ -121,9 +147,10 @@ impl Moat {
         backend: &str,
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
         containers: Option<Containers>,
+        replicas: usize,
     ) -> Result<Moat> {
-        if containers.is_some() && !wrappers.is_empty() {
-            bail!("enforcer wrappers do not apply to containers");
+        if containers.is_some() && (!wrappers.is_empty() || replicas > 0) {
+            bail!("enforcer wrappers and replicas do not apply to containers");
         }
         let dir = tempfile::tempdir()?;
         crate::cluster::ensure_bpffs()?;
@@ -142,9 +169,16 @@ impl Moat {
             server_addr,
             containers,
             container_names: Default::default(),
+            replicas,
+            down: Default::default(),
+            kube: None,
         };
         m.certs()?;
         std::fs::create_dir_all(m.manifests())?;
+        if replicas > 0 {
+            let api = replicas::KubeApi::start(&m.cluster.fabric(), &m.path("kubeconfig"))?;
+            m.kube = Some(std::sync::Mutex::new(api));
+        }
         m.start_server()?;
         for i in 0..m.node_names.len() {
             m.start_enforcer(i)?;
@@ -235,6 +269,12 @@ impl Moat {
         if self.containers.is_some() {
             return self.start_server_container();
         }
+        if self.replicas > 0 {
+            for i in 0..self.replicas {
+                self.start_replica(i)?;
+            }
+            return Ok(());
+        }
         let c = self.path("certs");
         let mut cmd = Command::new(binary("moat-server")?);
         cmd.arg("--source")
@@ -283,10 +323,7 @@ impl Moat {
             .arg("--bpffs")
             .arg(std::path::Path::new(crate::cluster::BPFFS).join(&node_ns))
             .arg("--server")
-            .arg(format!(
-                "https://{}:{SYNC_PORT}",
-                self.server_vip.unwrap_or(self.server_addr)
-            ))
+            .arg(self.server_urls())
             .args(["--tls-server-name", "moat-server"])
             .args(tls_args(&c, &format!("node-{name}")))
             .arg("--state-dir")
@@ -503,7 +540,11 @@ impl Moat {
         }
         let tmp = self.manifests().join(".cluster.yaml.tmp");
         std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.manifests().join("cluster.yaml"))?;
+        let file = self.manifests().join("cluster.yaml");
+        std::fs::rename(&tmp, &file)?;
+        if let Some(k) = &self.kube {
+            k.lock().expect("kube api").sync(&file)?;
+        }
         Ok(())
     }
 
@@ -528,10 +569,19 @@ impl Moat {
 
     /// Same, as the human-readable table (`extra`: more `moatctl status` arguments).
     pub fn status_table(&self, extra: &[&str]) -> Result<String> {
+        // With replicas: the first one running (any shows the whole fleet).
+        let port = match (0..self.replicas).find(|i| !self.down.contains(i)) {
+            Some(i) => Self::replica_port(i),
+            None => SYNC_PORT,
+        };
+        self.status_at(port, extra)
+    }
+
+    fn status_at(&self, port: u16, extra: &[&str]) -> Result<String> {
         let mut args: Vec<String> = vec![
             "status".into(),
             "--server".into(),
-            format!("https://127.0.0.1:{SYNC_PORT}"),
+            format!("https://127.0.0.1:{port}"),
             "--tls-server-name".into(),
             "localhost".into(),
         ];

@@ -70,6 +70,23 @@ impl World {
         w
     }
 
+    /// [`start`](Self::start) with `n` server replicas watching a test API server, every
+    /// enforcer given all of them (see `moat_harness::moat::replicas`).
+    pub fn start_replicated(backend: &str, n: usize) -> World {
+        let s = slot().expect("address slot");
+        let spec = packets::spec(s.id);
+        let names = (0..spec.nodes).map(node_name).collect();
+        let moat = Moat::start_replicated(spec.clone(), names, backend, n).expect("starting moat");
+        let w = World {
+            moat,
+            spec,
+            extra: Default::default(),
+            _slot: s,
+        };
+        w.apply(&[]);
+        w
+    }
+
     /// Nodes, namespaces and pods, without policies.
     pub fn base(&self) -> Vec<K8sObject> {
         let mut out = Vec::new();

@@ -327,7 +327,9 @@ fn three_replicas_by_default_one_per_node_with_a_disruption_budget() {
     let objs = render(None);
     let sts = find(&objs, "StatefulSet", "moat-server");
     assert_eq!(sts["spec"]["replicas"], 3);
-    assert_eq!(sts["spec"]["serviceName"], "moat-server-replicas");
+    // As the one-replica chart had it: the field cannot change on an existing StatefulSet.
+    assert_eq!(sts["spec"]["serviceName"], "moat-server");
+    assert!(sts["spec"]["podManagementPolicy"].is_null());
     let pod = &sts["spec"]["template"]["spec"];
     // hostNetwork: two replicas on one node would collide on its ports.
     let anti =

@@ -182,7 +182,10 @@ fn a_replica_partitioned_from_the_api_server_goes_stale_and_its_enforcers_move()
         total(&reps) == NODES.len()
     });
     let err = reps.stderr(p);
-    assert!(err.contains("this replica is stale"), "{err}");
+    assert!(
+        err.contains("is stale (its heartbeat does not reach the API server)"),
+        "{err}"
+    );
     // Healed, it serves again.
     reps.all[p].proxy.heal();
     wait_until("the healed replica ready", WAIT, || {
@@ -200,7 +203,12 @@ fn a_rolling_restart_drains_each_replica_and_the_fleet_follows_every_change() {
         let held = reps.connected(i);
         let (status, err) = reps.terminate(i);
         assert!(status.success(), "{name}: {status:?}\n{err}");
-        let drained = err.matches("this replica is draining").count();
+        let drained = err
+            .lines()
+            .filter(|l| {
+                l.contains("moving the enforcer to another replica") && l.contains("is draining")
+            })
+            .count();
         assert_eq!(drained, held, "{name} held {held} streams:\n{err}");
         wait_until("every enforcer on the other replicas", WAIT, || {
             total(&reps) == NODES.len()

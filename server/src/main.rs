@@ -358,6 +358,12 @@ async fn main() -> Result<()> {
     let ceiling = replica
         .as_ref()
         .map_or(u64::MAX, |r| ha::epoch::ceiling(r.epoch));
+    if first_version >= ceiling {
+        bail!(
+            "the state directory's version reservation ({}) lies beyond this replica's epoch; versions would leave it. Start with a fresh --state-dir",
+            store.reserved()
+        );
+    }
     let saved = store.statuses()?;
     // Blobs a crash left unreferenced, and snapshots that cannot be read, go now.
     tokio::spawn(moat_server::hub::collect_garbage(store.clone()));
@@ -390,7 +396,11 @@ async fn main() -> Result<()> {
             r.name.clone(),
             fleet.clone(),
         ));
-        tokio::spawn(ha::peers::follow(api, fleet.clone()));
+        tokio::spawn(ha::peers::follow(
+            api,
+            fleet.clone(),
+            args.ha.ha_stale_after,
+        ));
     }
     let warned = Arc::new(moat_server::cost::Warned::default());
     moat_server::prune::spawn(hub.clone(), args.deleted_node_grace);
@@ -638,23 +648,14 @@ async fn main() -> Result<()> {
 }
 
 /// Ready (health `""` and the sync service SERVING): every cluster's first full sync is in
-/// and, for a replica, it is current for every cluster.
+/// and, for a replica, its heartbeat lands and it is not draining.
 fn ready(hub: &Hub) -> bool {
-    hub.clusters().all(|c| {
-        c.is_synced()
-            && hub
-                .standing(&c.name)
-                .is_none_or(|(_, s)| *s.borrow() == ha::Standing::Current)
-    })
+    hub.clusters().all(|c| c.is_synced()) && hub.replica().is_none_or(|r| r.serving())
 }
 
-/// A replica's readiness follows its standing: a stale one leaves the Service's endpoints,
-/// so no new enforcer is sent to it.
+/// A replica's readiness follows its heartbeat and drain: a replica cut off from the API
+/// server leaves the Service's endpoints, so no new enforcer is sent to it.
 async fn follow_standing(hub: Arc<Hub>, health: tonic_health::server::HealthReporter) {
-    let mut rxs: Vec<_> = hub
-        .clusters()
-        .filter_map(|c| hub.standing(&c.name).map(|(_, rx)| rx))
-        .collect();
     let mut was = None;
     loop {
         let now = ready(&hub);
@@ -670,12 +671,7 @@ async fn follow_standing(hub: Arc<Hub>, health: tonic_health::server::HealthRepo
                 .set_service_status("moat.sync.v1.PolicySync", s)
                 .await;
         }
-        let changes = rxs.iter_mut().map(|rx| Box::pin(rx.changed()));
-        let tick = tokio::time::sleep(Duration::from_secs(1));
-        tokio::select! {
-            (r, _, _) = futures::future::select_all(changes) => if r.is_err() { return },
-            _ = tick => {}
-        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

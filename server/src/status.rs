@@ -22,6 +22,17 @@ use crate::degraded::NodeDegradations;
 use crate::hub::NodeKey;
 use crate::store::{self, StoredStatus};
 
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 /// How many published versions per node are remembered for lag and policy accounting.
 const PUBLISHED_LOG: usize = 64;
 
@@ -429,19 +440,26 @@ impl Fleet {
 
     /// A peer's streams, as it published them (replacing what it said before).
     pub fn peer_nodes(&self, replica: &str, nodes: Vec<v1::NodeStatus>) {
+        // Only nodes this replica's sources know: what a peer says of others is never shown,
+        // and a peer's object cannot make this replica hold more than its own fleet.
+        let nodes: HashMap<NodeKey, v1::NodeStatus> = {
+            let known = self.nodes.lock().expect("fleet lock");
+            nodes
+                .into_iter()
+                .map(|n| {
+                    (
+                        (Arc::from(n.cluster.as_str()), Arc::from(n.node.as_str())),
+                        n,
+                    )
+                })
+                .filter(|(k, _)| known.contains_key(k))
+                .collect()
+        };
         let mut p = self.peers.lock().expect("peers lock");
         if replica == p.me {
             return;
         }
-        p.by_replica.entry(replica.to_string()).or_default().nodes = nodes
-            .into_iter()
-            .map(|n| {
-                (
-                    (Arc::from(n.cluster.as_str()), Arc::from(n.node.as_str())),
-                    n,
-                )
-            })
-            .collect();
+        p.by_replica.entry(replica.to_string()).or_default().nodes = nodes;
     }
 
     pub fn peer_gone(&self, replica: &str) {
@@ -457,23 +475,43 @@ impl Fleet {
         let mut v = self.view_local(None);
         v.retain(|n| n.connected);
         for n in &mut v {
-            // What peers need to show it; the rest they know themselves.
+            // What peers need to show it; the rest they know themselves (and what changes
+            // with the clock alone would rewrite the object at every beat).
             n.degraded.clear();
             n.local = None;
+            n.lag_versions = 0;
+            n.lag_seconds = 0.0;
+            n.latest_version = 0;
+            n.latest_digest.clear();
+            n.in_sync = false;
+            for s in [
+                &mut n.backend,
+                &mut n.kernel,
+                &mut n.selection,
+                &mut n.last_error,
+            ] {
+                truncate(s, 256);
+            }
         }
         v
     }
 
-    /// What fresh peers say of nodes with a stream there: the freshest word per node.
+    /// What fresh peers say of nodes with a stream there: per node, the word of the peer
+    /// that heard from it last (two claim it for a moment while it moves).
     fn peers_word(&self) -> HashMap<NodeKey, (String, v1::NodeStatus)> {
         let p = self.peers.lock().expect("peers lock");
-        let mut out = HashMap::new();
+        let mut out: HashMap<NodeKey, (String, v1::NodeStatus)> = HashMap::new();
         for (name, peer) in &p.by_replica {
             if peer.beat.is_none_or(|b| b.elapsed() >= p.fresh_for) {
                 continue;
             }
             for (k, n) in &peer.nodes {
-                out.insert(k.clone(), (name.clone(), n.clone()));
+                let newer = out
+                    .get(k)
+                    .is_none_or(|(_, o)| n.last_ack_unix_micros > o.last_ack_unix_micros);
+                if newer {
+                    out.insert(k.clone(), (name.clone(), n.clone()));
+                }
             }
         }
         out
@@ -578,21 +616,36 @@ impl Fleet {
                         .or_else(|| p.front())
                         .map(|(v, _)| v.version)
                 });
-                let applied = n.and_then(|n| n.applied).map_or(0, |a| a.version);
+                let applied_ref = n.and_then(|n| n.applied);
+                let applied = applied_ref.map_or(0, |a| a.version);
                 let key = (Arc::from(cluster), node.clone());
-                // A node whose stream another replica holds: enforced when it holds this
-                // replica's newest content (its version numbers are that replica's).
+                // Content at least as new as `needed`: a digest published since (numbers of
+                // another replica's epoch say nothing about this replica's order), or, in
+                // this replica's own numbering, a version at or above it (a version the
+                // server cut to fit carries another digest).
+                let newer_digest = |d: &str| {
+                    published.is_some_and(|p| {
+                        p.iter()
+                            .filter(|(v, _)| needed.is_some_and(|needed| v.version >= needed))
+                            .any(|(v, _)| v.digest.to_string() == d)
+                    })
+                };
+                let own_epoch = |v: u64| {
+                    needed.is_some_and(|needed| {
+                        crate::ha::epoch::epoch_of(v) == crate::ha::epoch::epoch_of(needed)
+                            && v >= needed
+                    })
+                };
+                // A node whose stream another replica holds: by what it acknowledged there.
                 let elsewhere = (n.is_none_or(|n| n.streams == 0))
                     .then(|| peers.get(&key))
                     .flatten()
-                    .map(|(_, theirs)| {
-                        let latest = n.and_then(|n| n.published.back()).map(|(v, _)| v.digest);
-                        latest.is_some_and(|l| l.to_string() == theirs.applied_digest)
-                    });
+                    .map(|(_, theirs)| newer_digest(&theirs.applied_digest));
+                let here = applied_ref
+                    .is_some_and(|a| own_epoch(a.version) || newer_digest(&a.digest.to_string()));
                 v1::PolicyNode {
                     node: node.to_string(),
-                    enforced: elsewhere
-                        .unwrap_or_else(|| needed.is_some_and(|needed| applied >= needed)),
+                    enforced: elsewhere.unwrap_or(here),
                     applied_version: applied,
                     needed_version: needed.unwrap_or(0),
                     last_error: n.map(|n| n.last_error.clone()).unwrap_or_default(),

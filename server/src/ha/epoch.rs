@@ -4,15 +4,16 @@
 //! Two replicas never hold one epoch: both read `next = n`, both write `n + 1` naming the
 //! `resourceVersion` they read, and the API server lets exactly one write through (the other
 //! gets `409 Conflict`, reads again and takes `n + 1`). The epoch never goes back either:
-//! it is at least the replica's own last epoch + 1 (kept in its sled) and at least the hours
-//! since 2026-01-01, so even a deleted ConfigMap starts again above what was handed out,
-//! unless replicas restarted more than once an hour on average since then.
+//! it is above the replica's own last epoch (kept in its sled), above every epoch a
+//! replica's heartbeat object names (they stay after a replica is gone), and at least the
+//! hours since 2026-01-01, so a deleted or restored counter starts again above what was
+//! handed out.
 
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use tracing::{debug, info};
 
 use super::Error;
@@ -78,7 +79,19 @@ pub async fn acquire(api: &Api<ConfigMap>, replica: &str, own_last: u64) -> Resu
                     })?,
             ),
         };
-        let epoch = take(stored, own_last, SystemTime::now());
+        // Every replica's heartbeat names its epoch: a reset or restored counter still
+        // starts above every replica that ever beat.
+        let beats = api
+            .list(&ListParams::default().labels("moat.io/role=replica"))
+            .await
+            .map_err(Error::Api)?;
+        let highest_beat = beats
+            .items
+            .iter()
+            .filter_map(|cm| cm.data.as_ref()?.get("epoch")?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        let epoch = take(stored, own_last.max(highest_beat), SystemTime::now());
         if epoch > MAX_EPOCH {
             return Err(Error::Damaged {
                 what: EPOCHS.into(),

@@ -109,6 +109,7 @@ impl Standing {
 pub struct Replica {
     pub name: String,
     pub epoch: u64,
+    stale_after: Duration,
     heartbeat_ok: watch::Sender<bool>,
     draining: watch::Sender<Option<(Instant, Duration)>>,
 }
@@ -146,13 +147,17 @@ impl Replica {
         let r = Arc::new(Replica {
             name,
             epoch,
-            heartbeat_ok: watch::channel(true).0,
+            stale_after,
+            heartbeat_ok: watch::channel(false).0,
             draining: watch::channel(None).0,
         });
         // The first beat before anything is served: a replica that cannot write now is
-        // stale from the start.
-        if let Err(e) = r.beat(&api).await {
-            warn!(error = %e, "first heartbeat failed");
+        // stale from the start, until a beat lands.
+        match r.beat(&api).await {
+            Ok(()) => {
+                r.heartbeat_ok.send_replace(true);
+            }
+            Err(e) => warn!(error = %e, "first heartbeat failed: stale until one lands"),
         }
         tokio::spawn(r.clone().heartbeat(api, stale_after));
         Ok(r)
@@ -229,37 +234,65 @@ impl Replica {
         self.draining.send_replace(Some((Instant::now(), over)));
     }
 
-    /// The standing of a cluster whose source reports staleness on `source_stale`.
+    /// Whether the replica may be ready at all: its heartbeat lands and it is not draining.
+    /// (A cluster whose source is stale is refused per stream, not by readiness: one
+    /// unreachable remote cluster must not take every replica out of its Service.)
+    pub fn serving(&self) -> bool {
+        *self.heartbeat_ok.borrow() && self.draining.borrow().is_none()
+    }
+
+    /// The standing of a cluster whose source reports staleness on `source_stale`. A source
+    /// counts as stale once it has been for `--ha-stale-after`: one failed watch (an API
+    /// server restarting) moves nobody.
     pub fn standing(&self, mut source_stale: watch::Receiver<bool>) -> watch::Receiver<Standing> {
         let mut beat = self.heartbeat_ok.subscribe();
         let mut draining = self.draining.subscribe();
-        let compute = |beat: bool, source_stale: bool, draining: Option<(Instant, Duration)>| {
+        let grace = self.stale_after;
+        let compute = move |beat: bool,
+                            stale_since: Option<Instant>,
+                            draining: Option<(Instant, Duration)>| {
             if let Some((started, over)) = draining {
                 Standing::Draining { started, over }
             } else if !beat {
                 Standing::Stale("its heartbeat does not reach the API server".into())
-            } else if source_stale {
+            } else if stale_since.is_some_and(|s| s.elapsed() >= grace) {
                 Standing::Stale("its source cannot reach the cluster".into())
             } else {
                 Standing::Current
             }
         };
+        let mut stale_since = source_stale.borrow_and_update().then(Instant::now);
         let (tx, rx) = watch::channel(compute(
             *beat.borrow_and_update(),
-            *source_stale.borrow_and_update(),
+            stale_since,
             *draining.borrow_and_update(),
         ));
         tokio::spawn(async move {
             loop {
+                let grace_over = async {
+                    match stale_since {
+                        Some(s) => tokio::time::sleep_until(s + grace).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = beat.changed() => if r.is_err() { return },
-                    r = source_stale.changed() => if r.is_err() { return },
+                    r = source_stale.changed() => {
+                        if r.is_err() { return }
+                        let stale = *source_stale.borrow_and_update();
+                        stale_since = match (stale, stale_since) {
+                            (true, Some(s)) => Some(s),
+                            (true, None) => Some(Instant::now()),
+                            (false, _) => None,
+                        };
+                    }
                     r = draining.changed() => if r.is_err() { return },
+                    _ = grace_over => {}
                     _ = tx.closed() => return,
                 }
                 let s = compute(
                     *beat.borrow_and_update(),
-                    *source_stale.borrow_and_update(),
+                    stale_since,
                     *draining.borrow_and_update(),
                 );
                 tx.send_if_modified(|cur| {

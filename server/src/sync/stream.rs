@@ -33,6 +33,9 @@ use crate::streams::{CertKey, Claim};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Over how long a replica that turned stale ends its streams.
+const STALE_SPREAD: Duration = Duration::from_secs(2);
+
 /// The next change of a replica's standing; never, for a single server.
 async fn changed(
     standing: &mut Option<(String, watch::Receiver<Standing>)>,
@@ -365,30 +368,31 @@ impl<S: Source> Stream<S> {
                     return Err(Status::deadline_exceeded("no acknowledgement in time"));
                 }
                 r = changed(&mut standing) => {
-                    let Some((replica, rx)) = standing.as_ref() else { continue };
+                    let Some((_, rx)) = standing.as_ref() else { continue };
                     if r.is_err() {
                         standing = None;
                         continue;
                     }
                     let now = rx.borrow().clone();
-                    match &now {
-                        Standing::Current => drain_at.as_mut().reset(far()),
-                        Standing::Stale(why) => {
-                            self.source.metrics().disconnected("replica-stale");
-                            info!(%why, "this replica is stale; moving the enforcer away");
-                            return Err(now.refusal(replica).expect("stale refuses"));
-                        }
-                        Standing::Draining { started, over } => {
-                            drain_at.as_mut().reset(*started + over.mul_f64(drain_slot));
-                        }
-                    }
+                    let at = match &now {
+                        Standing::Current => far(),
+                        // Spread too: a whole replica's streams do not all move at once.
+                        Standing::Stale(_) => tokio::time::Instant::now() + STALE_SPREAD.mul_f64(drain_slot),
+                        Standing::Draining { started, over } => *started + over.mul_f64(drain_slot),
+                    };
+                    drain_at.as_mut().reset(at);
                 }
                 _ = &mut drain_at => {
-                    self.source.metrics().disconnected("replica-draining");
-                    info!("this replica is draining; moving the enforcer away");
-                    let (replica, rx) = standing.as_ref().expect("a drain has a standing");
+                    let Some((replica, rx)) = standing.as_ref() else { continue };
                     let now = rx.borrow().clone();
-                    return Err(now.refusal(replica).unwrap_or_else(|| Status::unavailable("draining")));
+                    let Some(status) = now.refusal(replica) else {
+                        drain_at.as_mut().reset(far());
+                        continue;
+                    };
+                    let why = if matches!(now, Standing::Stale(_)) { "replica-stale" } else { "replica-draining" };
+                    self.source.metrics().disconnected(why);
+                    info!(why = status.message(), "moving the enforcer to another replica");
+                    return Err(status);
                 }
                 _ = &mut claim.replaced => return Err(self.replaced()),
                 _ = shutdown.changed() => return Err(Status::unavailable("server shutting down")),
