@@ -21,18 +21,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use moat_integration::kubeapi::{ApiServer, Options};
 use moat_policy::ir::NodeSnapshot;
-use moat_policy::ir::delta::{self, VersionRef};
+use moat_policy::ir::delta::VersionRef;
 use moat_policy::ir::digest::Digest;
-use moat_proto::convert::{self, FromProto, ToProto};
+use moat_proto::convert::ToProto;
 use moat_proto::v1;
-use moat_proto::v1::enforcer_message::Kind as Out;
-use moat_proto::v1::server_message::Kind as In;
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Identity};
 
-use crate::sync::{Pki, Server, free_port, ms, node_name, percentile, proc_usage};
+use crate::sync::{
+    Pki, Server, ack, free_port, ms, node_name, open_stream, percentile, proc_usage, verify,
+};
 
 /// What a simulated node saw.
 #[derive(Clone, Debug)]
@@ -102,37 +101,27 @@ async fn session(
     let index: usize = name
         .trim_start_matches(|c: char| !c.is_ascii_digit())
         .parse()?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(ca.clone())
-        .identity(identity.clone())
-        .domain_name("localhost");
-    let channel = {
-        let _permit = gate.acquire().await?;
-        Endpoint::from_shared(format!("https://{}", addrs[on]))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await?
+    let hello = v1::Hello {
+        backend: "sim".into(),
+        node: name.to_string(),
+        enforcing: held.as_ref().map(|h| {
+            VersionRef {
+                version: h.version,
+                digest: h.digest,
+            }
+            .to_proto()
+        }),
+        ..Default::default()
     };
-    let mut client = v1::policy_sync_client::PolicySyncClient::new(channel)
-        .max_decoding_message_size(moat_proto::MAX_SERVER_MESSAGE);
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(v1::EnforcerMessage {
-        kind: Some(Out::Hello(v1::Hello {
-            backend: "sim".into(),
-            node: name.to_string(),
-            enforcing: held.as_ref().map(|h| {
-                VersionRef {
-                    version: h.version,
-                    digest: h.digest,
-                }
-                .to_proto()
-            }),
-            ..Default::default()
-        })),
-    })
+    let (tx, mut inbound) = open_stream(
+        addrs[on],
+        ca,
+        identity.clone(),
+        Duration::from_secs(2),
+        gate,
+        hello,
+    )
     .await?;
-    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
     loop {
         let m = tokio::select! {
             m = inbound.message() => m?,
@@ -140,42 +129,9 @@ async fn session(
         };
         let Some(m) = m else { return Ok(()) };
         let bytes = m.encoded_len();
-        let (nonce, version) = match m.kind {
-            Some(In::Snapshot(s)) => {
-                let v = VersionRef::from_proto(s.version.as_ref().context("version")?)?;
-                let snap =
-                    convert::snapshot_from_proto(name, &v, s.content.as_ref().context("content")?)?;
-                if snap.content_digest() != v.digest {
-                    bail!("{name}: digest mismatch");
-                }
-                *held = Some(snap);
-                (s.nonce, v)
-            }
-            Some(In::Delta(d)) => {
-                let dd = convert::delta_from_proto(&d)?;
-                let new = delta::apply(held.as_ref().context("delta without base")?, &dd)?;
-                *held = Some(new);
-                (d.nonce, dd.version)
-            }
-            Some(In::Current(c)) => {
-                let v = VersionRef::from_proto(c.version.as_ref().context("version")?)?;
-                let h = held.as_mut().context("rename without content")?;
-                if h.digest != v.digest {
-                    bail!("{name}: renamed to content it does not hold");
-                }
-                h.version = v.version;
-                (c.nonce, v)
-            }
-            None => bail!("empty message"),
-        };
-        tx.send(v1::EnforcerMessage {
-            kind: Some(Out::Ack(v1::Ack {
-                nonce,
-                applied: Some(version.to_proto()),
-                ..Default::default()
-            })),
-        })
-        .await?;
+        let v = verify(name, m.kind, held)?;
+        tx.send(ack(v.nonce, v.version)).await?;
+        let version = v.version;
         let _ = events.send(Ev::Held {
             node: index,
             on,

@@ -316,6 +316,105 @@ pub(crate) struct SimConfig {
     pub(crate) ca: Certificate,
 }
 
+/// A server message an enforcer verified and applied (to what it holds).
+pub(crate) struct Verified {
+    pub(crate) kind: &'static str,
+    pub(crate) nonce: String,
+    pub(crate) version: VersionRef,
+    /// When the server published the version (unix micros).
+    pub(crate) published: u64,
+}
+
+/// Checks one server message as `moat-enforcer` does (digests recomputed, deltas only on
+/// the base held, renames only of the content held) and makes `held` what it says.
+pub(crate) fn verify(
+    node: &str,
+    m: Option<In>,
+    held: &mut Option<NodeSnapshot>,
+) -> Result<Verified> {
+    let (kind, nonce, version, published) = match m {
+        Some(In::Snapshot(s)) => {
+            let v = VersionRef::from_proto(s.version.as_ref().context("version")?)?;
+            let snap =
+                convert::snapshot_from_proto(node, &v, s.content.as_ref().context("content")?)?;
+            if snap.content_digest() != v.digest {
+                bail!("{node}: digest mismatch");
+            }
+            *held = Some(snap);
+            ("snapshot", s.nonce, v, s.published_unix_micros)
+        }
+        Some(In::Delta(d)) => {
+            let dd = convert::delta_from_proto(&d)?;
+            let new = delta::apply(held.as_ref().context("delta without base")?, &dd)?;
+            *held = Some(new);
+            ("delta", d.nonce, dd.version, d.published_unix_micros)
+        }
+        Some(In::Current(c)) => {
+            let v = VersionRef::from_proto(c.version.as_ref().context("version")?)?;
+            let h = held.as_mut().context("rename without content")?;
+            if h.digest != v.digest {
+                bail!("{node}: renamed to content it does not hold");
+            }
+            h.version = v.version;
+            ("current", c.nonce, v, c.published_unix_micros)
+        }
+        None => bail!("empty message"),
+    };
+    Ok(Verified {
+        kind,
+        nonce,
+        version,
+        published,
+    })
+}
+
+/// The acknowledgement of `version`.
+pub(crate) fn ack(nonce: String, version: VersionRef) -> v1::EnforcerMessage {
+    v1::EnforcerMessage {
+        kind: Some(Out::Ack(v1::Ack {
+            nonce,
+            applied: Some(version.to_proto()),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A sync stream to `addr` as a node's certificate, `hello` sent (connections opened at most
+/// as many at once as `gate` allows).
+pub(crate) async fn open_stream(
+    addr: SocketAddr,
+    ca: &Certificate,
+    identity: Identity,
+    timeout: Duration,
+    gate: &Semaphore,
+    hello: v1::Hello,
+) -> Result<(
+    mpsc::Sender<v1::EnforcerMessage>,
+    tonic::Streaming<v1::ServerMessage>,
+)> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .identity(identity)
+        .domain_name("localhost");
+    let channel = {
+        let _permit = gate.acquire().await?;
+        Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect_timeout(timeout)
+            .connect()
+            .await?
+    };
+    let mut client = v1::policy_sync_client::PolicySyncClient::new(channel)
+        .max_decoding_message_size(moat_proto::MAX_SERVER_MESSAGE);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::EnforcerMessage {
+        kind: Some(Out::Hello(hello)),
+    })
+    .await?;
+    let inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
+}
+
 /// One simulated enforcer: verifies and acknowledges everything; reports what it received.
 async fn simulate(
     cfg: SimConfig,
@@ -327,30 +426,19 @@ async fn simulate(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let node = node_name(index);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(cfg.ca.clone())
-        .identity(identity)
-        .domain_name("localhost");
-    let channel = {
-        let _permit = gate.acquire().await?;
-        Endpoint::from_shared(format!("https://{}", cfg.addr))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(30))
-            .connect()
-            .await?
-    };
-    let mut client = v1::policy_sync_client::PolicySyncClient::new(channel)
-        .max_decoding_message_size(moat_proto::MAX_SERVER_MESSAGE);
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(v1::EnforcerMessage {
-        kind: Some(Out::Hello(v1::Hello {
+    let (tx, mut inbound) = open_stream(
+        cfg.addr,
+        &cfg.ca,
+        identity,
+        Duration::from_secs(30),
+        &gate,
+        v1::Hello {
             backend: "sim".into(),
             node: node.clone(),
             ..Default::default()
-        })),
-    })
+        },
+    )
     .await?;
-    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
     let _ = connected.send(index);
     let mut held: Option<NodeSnapshot> = None;
     loop {
@@ -360,45 +448,13 @@ async fn simulate(
         };
         let Some(m) = m else { return Ok(()) };
         let bytes = m.encoded_len();
-        let (kind, nonce, version, published) = match m.kind {
-            Some(In::Snapshot(s)) => {
-                let v = VersionRef::from_proto(s.version.as_ref().context("version")?)?;
-                let snap = convert::snapshot_from_proto(
-                    &node,
-                    &v,
-                    s.content.as_ref().context("content")?,
-                )?;
-                if snap.content_digest() != v.digest {
-                    bail!("{node}: digest mismatch");
-                }
-                held = Some(snap);
-                ("snapshot", s.nonce, v, s.published_unix_micros)
-            }
-            Some(In::Delta(d)) => {
-                let dd = convert::delta_from_proto(&d)?;
-                let new = delta::apply(held.as_ref().context("delta without base")?, &dd)?;
-                let v = dd.version;
-                held = Some(new);
-                ("delta", d.nonce, v, d.published_unix_micros)
-            }
-            Some(In::Current(c)) => {
-                let v = VersionRef::from_proto(c.version.as_ref().context("version")?)?;
-                if let Some(h) = &mut held {
-                    h.version = v.version;
-                }
-                ("current", c.nonce, v, c.published_unix_micros)
-            }
-            None => bail!("empty message"),
-        };
-        tx.send(v1::EnforcerMessage {
-            kind: Some(Out::Ack(v1::Ack {
-                nonce,
-                applied: Some(version.to_proto()),
-                apply_micros: 0,
-                degraded: Vec::new(),
-            })),
-        })
-        .await?;
+        let Verified {
+            kind,
+            nonce,
+            version,
+            published,
+        } = verify(&node, m.kind, &mut held)?;
+        tx.send(ack(nonce, version)).await?;
         let ack = now_micros();
         let _ = events.send(Received {
             node: index,

@@ -55,28 +55,21 @@ impl World {
         backend: &str,
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
     ) -> World {
-        let s = slot().expect("address slot");
-        let spec = packets::spec(s.id);
-        let names = (0..spec.nodes).map(node_name).collect();
-        let moat =
-            Moat::start_wrapped(spec.clone(), names, backend, wrappers).expect("starting moat");
-        let w = World {
-            moat,
-            spec,
-            extra: Default::default(),
-            _slot: s,
-        };
-        w.apply(&[]);
-        w
+        Self::start_by(|spec, names| Moat::start_wrapped(spec, names, backend, wrappers))
     }
 
     /// [`start`](Self::start) with `n` server replicas watching a test API server, every
     /// enforcer given all of them (see `moat_harness::moat::replicas`).
     pub fn start_replicated(backend: &str, n: usize) -> World {
+        Self::start_by(|spec, names| Moat::start_replicated(spec, names, backend, n))
+    }
+
+    /// The bed on an address slot of its own, Moat deployed by `deploy`.
+    fn start_by(deploy: impl FnOnce(Spec, Vec<String>) -> anyhow::Result<Moat>) -> World {
         let s = slot().expect("address slot");
         let spec = packets::spec(s.id);
         let names = (0..spec.nodes).map(node_name).collect();
-        let moat = Moat::start_replicated(spec.clone(), names, backend, n).expect("starting moat");
+        let moat = deploy(spec.clone(), names).expect("starting moat");
         let w = World {
             moat,
             spec,
