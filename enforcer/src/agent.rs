@@ -53,8 +53,8 @@ pub enum Transport {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Every policy server URL (`--server`, repeatable; a name may resolve to several).
-    pub servers: Vec<String>,
+    /// Every policy server (`--server`, repeatable; a name may resolve to several).
+    pub servers: crate::servers::Servers,
     /// HTTP/2 keepalive: a server that answers no ping within this (twice) is dead.
     pub keepalive: Duration,
     pub node: String,
@@ -121,13 +121,8 @@ impl<B: Backend> Agent<B> {
         metrics: Arc<Metrics>,
         topology: watch::Receiver<Topology>,
     ) -> Self {
-        // The URLs were checked by the command line: a bad one cannot reach here.
-        let servers = crate::servers::Servers::parse(&cfg.servers).unwrap_or_else(|e| {
-            warn!(error = %e, "no usable --server");
-            crate::servers::Servers::parse(&["https://127.0.0.1:7443".into()]).expect("literal")
-        });
         Self {
-            servers,
+            servers: cfg.servers.clone(),
             current: None,
             dp: Arc::new(Mutex::new(Dataplane::new(backend, cfg.local.clone()))),
             cfg,
@@ -276,7 +271,7 @@ impl<B: Backend> Agent<B> {
         };
         let mut last = Error::Protocol(format!(
             "no address of --server {} resolves",
-            self.cfg.servers.join(",")
+            self.servers.describe()
         ));
         for c in candidates {
             match self.connect_to(&c, timeout).await {

@@ -133,7 +133,6 @@ pub fn check_urls(args: &Args) -> Result<()> {
     for s in &args.server {
         check_server_url("--server", s, true)?;
     }
-    crate::servers::Servers::parse(&args.server).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(b) = &args.bootstrap_server {
         check_server_url("--bootstrap-server", b, true)?;
     }
@@ -150,6 +149,8 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         return Err(e);
     }
     check_urls(&args)?;
+    // Before anything else starts: a URL that does not parse is a clear error, not a default.
+    let servers = crate::servers::Servers::parse(&args.server).map_err(|e| anyhow::anyhow!(e))?;
     let transport = if args.insecure_dev_plaintext {
         warn!(
             "!!! --insecure-dev-plaintext: NO TLS. The server is not authenticated and this node's identity is only asserted. Development only. !!!"
@@ -218,7 +219,7 @@ pub async fn run<B: Backend>(args: Args, backend: B, selection: &str) -> Result<
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     let cfg = Config {
-        servers: args.server.clone(),
+        servers,
         keepalive: Duration::from_secs(args.keepalive_seconds.max(1)),
         node: args.node.clone(),
         transport,

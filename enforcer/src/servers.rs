@@ -38,6 +38,7 @@ impl Candidate {
 /// The longest wait for a server name to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
 
+#[derive(Clone, Debug)]
 pub struct Servers {
     targets: Vec<Target>,
     avoid: HashMap<SocketAddr, Instant>,
@@ -67,6 +68,15 @@ impl Servers {
             targets,
             avoid: HashMap::new(),
         })
+    }
+
+    /// The URLs as given, for messages.
+    pub fn describe(&self) -> String {
+        self.targets
+            .iter()
+            .map(|t| format!("{}://{}:{}", t.scheme, t.host, t.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Every address of every URL, shuffled, the ones to avoid last (soonest free first).

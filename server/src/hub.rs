@@ -188,22 +188,14 @@ impl ClusterState {
         }
     }
 
-    fn recent(&self, node: &str, v: &VersionRef) -> Option<Arc<NodeSnapshot>> {
+    /// The newest snapshot sent to `node` that `pred` accepts.
+    fn recent(
+        &self,
+        node: &str,
+        pred: impl Fn(&NodeSnapshot) -> bool,
+    ) -> Option<Arc<NodeSnapshot>> {
         let sent = self.sent.lock().expect("history lock");
-        sent.get(node)?
-            .iter()
-            .rev()
-            .find(|s| s.version == v.version && s.digest == v.digest)
-            .cloned()
-    }
-
-    fn recent_by_digest(&self, node: &str, d: &Digest) -> Option<Arc<NodeSnapshot>> {
-        let sent = self.sent.lock().expect("history lock");
-        sent.get(node)?
-            .iter()
-            .rev()
-            .find(|s| s.digest == *d)
-            .cloned()
+        sent.get(node)?.iter().rev().find(|s| pred(s)).cloned()
     }
 
     /// Runs `f` on the index under the read lock (admin queries).
@@ -325,7 +317,7 @@ impl Hub {
         if v.version == 0 {
             return None;
         }
-        if let Some(s) = cluster.recent(node, v) {
+        if let Some(s) = cluster.recent(node, |s| s.version == v.version && s.digest == v.digest) {
             return Some(s);
         }
         match self.store.load(&cluster.name, node, v) {
@@ -336,7 +328,7 @@ impl Hub {
         // Content another replica (or an earlier epoch) numbered: a digest names content,
         // so the same content held here serves as the base under the enforcer's number.
         let same = cluster
-            .recent_by_digest(node, &v.digest)
+            .recent(node, |s| s.digest == v.digest)
             .or_else(|| cluster.snapshot(node).filter(|s| s.digest == v.digest))?;
         let mut s = (*same).clone();
         s.version = v.version;
