@@ -25,6 +25,8 @@ cargo nextest run --workspace --locked
 step "conformance in model mode (moatctl)"
 cargo run -q --locked -p moat-cli -- conformance --cases conformance/upstream/netpol --mode model | tail -n 1
 cargo run -q --locked -p moat-cli -- conformance --cases conformance/cases --mode model | tail -n 1
+cargo run -q --locked -p moat-cli -- conformance --cases conformance/upstream/cnp --mode model | tail -n 1
+cargo run -q --locked -p moat-cli -- conformance --cases conformance/cases/cnp --mode model | tail -n 1
 
 step "fuzzing (${MOAT_FUZZ_SECONDS:-30} s per target)"
 ./scripts/fuzz.sh "${MOAT_FUZZ_SECONDS:-30}"

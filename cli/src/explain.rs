@@ -172,6 +172,16 @@ pub(crate) fn print_side(label: &str, who: &str, side: &Side, k8s: &[K8sObject],
                 names.join(", ")
             );
         }
+        Reason::Cluster(r) => println!(
+            "  {label} {who}: {verdict} by ClusterNetworkPolicy {r} (spec.{dir}[{}])",
+            r.index
+        ),
+    }
+    for p in &side.passed {
+        println!(
+            "      after passing ClusterNetworkPolicy {p} (spec.{dir}[{}])",
+            p.index
+        );
     }
 }
 

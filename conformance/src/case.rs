@@ -1,4 +1,6 @@
 //! The case schema of `shared/conformance/README.md`: one file = one state of the cluster.
+//! Parsing also checks a case against its own model (see [`Layout`]), so that a typo in a pod
+//! name fails loudly instead of leaving a cell nobody compares.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::Error;
+use crate::layout::Layout;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -78,12 +81,39 @@ fn tcp() -> Protocol {
     Protocol::Tcp
 }
 
+/// One pod of a `cluster:` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Container ports: they only matter to named-port resolution.
+    #[serde(default)]
+    pub ports: Vec<ContainerPortSpec>,
+}
+
+/// The `cluster:` section: when present it replaces the x/y/z model entirely.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Every namespace with its full label set (pods are optional).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every pod, keyed `"ns/name"`.
+    #[serde(default)]
+    pub pods: BTreeMap<String, PodSpec>,
+    /// What every pod serves; probes must be among these.
+    pub serves: Vec<ProbeSpec>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Case {
     pub name: String,
     #[serde(default)]
     pub source: String,
+    /// `None`: the x/y/z model.
+    #[serde(default)]
+    pub cluster: Option<ClusterSpec>,
     #[serde(default)]
     pub policies: Vec<serde_yaml::Value>,
     #[serde(default)]
@@ -137,6 +167,24 @@ impl Case {
                     "expect[{i}] is for {:?}, probes[{i}] is {p:?}",
                     e.probe
                 )));
+            }
+        }
+        let layout = Layout::of(&case)?;
+        for p in &case.probes {
+            if !layout.serves.contains(p) {
+                return Err(bad(format!(
+                    "probe {}/{} is not served by the pods (serves: {:?})",
+                    p.protocol, p.port, layout.serves
+                )));
+            }
+        }
+        for e in case.expect.iter().flat_map(|e| &e.exceptions) {
+            for pod in [&e.from, &e.to] {
+                if layout.pod(pod).is_none() {
+                    return Err(bad(format!(
+                        "exception names {pod:?}, not a pod of the case's model"
+                    )));
+                }
             }
         }
         Ok(case)

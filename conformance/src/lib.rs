@@ -1,5 +1,6 @@
-//! NetworkPolicy conformance: the case schema of `shared/conformance/`, the 9-pod cluster the
-//! cases assume, a runner generic over [`Backend`], and the model backends. Dataplane
+//! NetworkPolicy and ClusterNetworkPolicy conformance: the case schema of
+//! `shared/conformance/`, the cluster each case describes (the 9-pod x/y/z model or its own
+//! `cluster:` section), a runner generic over [`Backend`], and the model backends. Dataplane
 //! backends (nftables, eBPF) plug into the same runner.
 
 #![deny(rust_2018_idioms)]
@@ -7,7 +8,9 @@
 
 pub mod case;
 pub mod cluster;
+pub mod layout;
 pub mod model;
+mod policy;
 pub mod random;
 pub mod runner;
 

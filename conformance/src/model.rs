@@ -21,6 +21,10 @@ pub struct Compiled {
 }
 
 impl Backend for Compiled {
+    fn supports_cluster_section(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error> {
         let mut next = BTreeMap::new();
         for o in objects {
@@ -75,6 +79,10 @@ pub struct Evaluator {
 }
 
 impl Backend for Evaluator {
+    fn supports_cluster_section(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error> {
         self.cluster = eval::Cluster::from_objects(objects.iter().cloned());
         Ok(())

@@ -89,6 +89,7 @@ pub fn case(seed: u64) -> Case {
     Case {
         name: format!("random-{seed}"),
         source: format!("moat random case, seed {seed}"),
+        cluster: None,
         policies,
         namespace_labels,
         pod_labels,

@@ -8,6 +8,7 @@ use moat_policy::model::K8sObject;
 use crate::Error;
 use crate::case::{Case, ProbeSpec};
 use crate::cluster::{self, Family, Plan};
+use crate::layout::Layout;
 
 /// One probe: `from` connects to `to`'s address with `spec`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +27,20 @@ pub trait Backend {
     fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error>;
     /// Whether each probe's connection succeeds.
     fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error>;
+    /// Whether it can hold any namespaces and pods a case's `cluster:` section lists, not
+    /// just the x/y/z pods. A packet cluster wires its pods' network namespaces once, when it
+    /// starts, so by default a backend cannot.
+    fn supports_cluster_section(&self) -> bool {
+        false
+    }
+}
+
+/// What the runner reports for a `cluster:` case on a backend that cannot hold it: a failure
+/// of the case, never a silent skip, and no sign that the cluster itself broke.
+pub const CLUSTER_SECTION_UNSUPPORTED: &str = "cluster: cases are not supported on packets yet";
+
+fn refuses(case: &Case, backend: &dyn Backend) -> bool {
+    case.cluster.is_some() && !backend.supports_cluster_section()
 }
 
 /// Builds a backend for a cluster with this addressing.
@@ -188,16 +203,26 @@ impl fmt::Display for Report {
 }
 
 /// Every ordered pod pair × every probe of the case.
+///
+/// # Panics
+/// If the case's pods are inconsistent (an override naming a pod the case lacks); every case
+/// [`Case::parse`] returned is consistent.
 pub fn probes(case: &Case, plan: Plan) -> Vec<Probe> {
+    let layout = Layout::of(case).unwrap_or_else(|e| panic!("{e}"));
+    probes_in(&layout, case, plan)
+}
+
+/// [`probes`] for a case whose layout is already known.
+pub fn probes_in(layout: &Layout, case: &Case, plan: Plan) -> Vec<Probe> {
     let mut out = Vec::new();
     for spec in &case.probes {
-        for from in cluster::all_pods() {
-            for to in cluster::all_pods() {
+        for from in &layout.pods {
+            for to in &layout.pods {
                 out.push(Probe {
-                    from_ip: plan.ip_of(&from).expect("known pod"),
-                    to_ip: plan.ip_of(&to).expect("known pod"),
-                    from: from.clone(),
-                    to,
+                    from: from.key.clone(),
+                    to: to.key.clone(),
+                    from_ip: from.ip(plan),
+                    to_ip: to.ip(plan),
                     spec: *spec,
                 });
             }
@@ -207,14 +232,21 @@ pub fn probes(case: &Case, plan: Plan) -> Vec<Probe> {
 }
 
 fn check(case: &Case, backend: &mut dyn Backend, plan: Plan) -> Outcome {
-    let objects = match cluster::objects(case, plan) {
+    if refuses(case, backend) {
+        return Outcome::Error(CLUSTER_SECTION_UNSUPPORTED.into());
+    }
+    let layout = match Layout::of(case) {
+        Ok(l) => l,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let objects = match cluster::objects_in(&layout, case, plan) {
         Ok(o) => o,
         Err(e) => return Outcome::Error(e.to_string()),
     };
     if let Err(e) = backend.apply(&objects) {
         return Outcome::Error(e.to_string());
     }
-    let probes = probes(case, plan);
+    let probes = probes_in(&layout, case, plan);
     let got = match backend.probe(&probes) {
         Ok(g) => g,
         Err(e) => return Outcome::Error(e.to_string()),
@@ -283,26 +315,34 @@ pub fn run(cases: &[Case], backends: &mut [(String, Factory<'_>)], opts: &Option
                 let mut errors_in_a_row = 0;
                 for case in cases {
                     let label = format!("{name} {family} live");
+                    // Not a fault of the cluster: it neither counts towards a rebuild nor
+                    // hides the cases after it.
+                    let refused = matches!(&backend, Ok(b) if refuses(case, b.as_ref()));
                     let outcome = match (skip(case), &mut backend) {
                         (Some(why), _) => Outcome::Skipped(why),
+                        _ if refused => Outcome::Error(CLUSTER_SECTION_UNSUPPORTED.into()),
                         _ if errors_in_a_row >= 2 => {
                             Outcome::Error("not run: the cluster failed twice in a row".into())
                         }
                         (None, Ok(b)) => check(case, b.as_mut(), plan),
                         (None, Err(e)) => Outcome::Error(e.to_string()),
                     };
-                    if matches!(outcome, Outcome::Error(_)) {
-                        errors_in_a_row += 1;
-                        if errors_in_a_row == 1 {
-                            // The old cluster must be gone before its replacement takes its names.
-                            drop(std::mem::replace(
-                                &mut backend,
-                                Err(Error::Backend("rebuilding".into())),
-                            ));
-                            backend = factory(plan);
+                    match &outcome {
+                        // The cluster was never touched: nothing to learn about its health.
+                        _ if refused => {}
+                        Outcome::Error(_) => {
+                            errors_in_a_row += 1;
+                            if errors_in_a_row == 1 {
+                                // The old cluster must be gone before its replacement takes its names.
+                                drop(std::mem::replace(
+                                    &mut backend,
+                                    Err(Error::Backend("rebuilding".into())),
+                                ));
+                                backend = factory(plan);
+                            }
                         }
-                    } else if !matches!(outcome, Outcome::Skipped(_)) {
-                        errors_in_a_row = 0;
+                        Outcome::Skipped(_) => {}
+                        Outcome::Pass { .. } | Outcome::Fail { .. } => errors_in_a_row = 0,
                     }
                     report.case(&case.name).runs.push(Run { label, outcome });
                 }
@@ -328,6 +368,56 @@ mod tests {
         fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error> {
             Ok(vec![true; probes.len()])
         }
+    }
+
+    /// The evaluator behind a backend that, like a packet cluster, holds only x/y/z pods.
+    #[derive(Default)]
+    struct XyzOnly(crate::model::Evaluator);
+
+    impl Backend for XyzOnly {
+        fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error> {
+            self.0.apply(objects)
+        }
+        fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error> {
+            self.0.probe(probes)
+        }
+    }
+
+    /// `cluster:` cases fail by name on such a backend, every one of them, and the live
+    /// cluster is neither rebuilt nor abandoned: the x/y/z cases after them still run.
+    #[test]
+    fn cluster_cases_fail_on_a_backend_without_them_and_the_run_goes_on() {
+        let built = Counter::new(0);
+        let factory: Factory<'_> = Box::new(|_| {
+            built.set(built.get() + 1);
+            Ok(Box::new(XyzOnly::default()) as Box<dyn Backend>)
+        });
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("upstream/cnp");
+        let mut all: Vec<Case> = crate::load_dir(&dir).unwrap().into_iter().take(3).collect();
+        all.extend(cases(2));
+        let opts = Options {
+            families: vec![Family::Ipv4],
+            plan_id: 0,
+            scratch: true,
+            live: true,
+        };
+        let report = run(&all, &mut [("packets".into(), factory)], &opts);
+        assert_eq!((report.failed(), report.passed()), (3, 2), "{report}");
+        for c in &report.cases[..3] {
+            for r in &c.runs {
+                assert!(
+                    matches!(&r.outcome, Outcome::Error(m) if m == CLUSTER_SECTION_UNSUPPORTED),
+                    "{}: {:?}",
+                    c.name,
+                    r.outcome
+                );
+            }
+        }
+        assert_eq!(
+            built.get(),
+            5 + 1,
+            "one per scratch case, one live cluster never rebuilt"
+        );
     }
 
     fn cases(n: usize) -> Vec<Case> {

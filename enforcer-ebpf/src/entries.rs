@@ -35,6 +35,8 @@ pub fn budget(total: Option<usize>) -> moat_dataplane::plan::Budget {
         ports_ranged: MAX_PORTS / 2,
         named: MAX_NAMED / 2,
         prefixes: true,
+        // Layout 5 reads any hit as an allow: cluster tiers wait for layout 6.
+        tiers: false,
     }
 }
 

@@ -100,9 +100,15 @@ fn layout(set: &str) -> Option<Layout> {
         "in_if" | "out_if" => Layout::IfVerdict,
         "src4" | "src6" | "dst4" | "dst6" => Layout::IfAddrVerdict,
         "local4" | "local6" => Layout::Addr,
-        s if s.ends_with("_aa") => Layout::Mark,
-        s if s.ends_with("_gx") => Layout::MarkProtoPort,
-        s if s.ends_with("_n4") || s.ends_with("_n6") => Layout::AddrProtoPort,
+        // A ruleset's allow sets, and an ordered ruleset's deny sets (`_d…`) of the same type.
+        s if s.ends_with("_aa") || s.ends_with("_daa") => Layout::Mark,
+        s if s.ends_with("_gx") || s.ends_with("_dgx") => Layout::MarkProtoPort,
+        s if ["_n4", "_n6", "_dn4", "_dn6"]
+            .iter()
+            .any(|x| s.ends_with(x)) =>
+        {
+            Layout::AddrProtoPort
+        }
         // Interval sets (class maps, port ranges) need nft's interval encoding.
         _ => return None,
     })

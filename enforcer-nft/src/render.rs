@@ -304,9 +304,9 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
         }
     }
     // Last: nothing may still point at a ruleset when it goes.
-    for name in old.rulesets.keys() {
+    for (name, rs) in &old.rulesets {
         if !new.rulesets.contains_key(name) {
-            c.extend(ruleset::delete_ruleset(name, e));
+            c.extend(ruleset::delete_ruleset(name, rs, e));
         }
     }
     c.push(record_elem("add", new));

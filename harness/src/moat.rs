@@ -529,6 +529,11 @@ impl Moat {
                     "NetworkPolicy",
                     "networking.k8s.io/v1",
                 ),
+                K8sObject::ClusterNetworkPolicy(x) => (
+                    serde_yaml::to_value(x)?,
+                    "ClusterNetworkPolicy",
+                    moat_policy::model::cnp_api::API_VERSION,
+                ),
             };
             let mut v = v;
             if let serde_yaml::Value::Mapping(m) = &mut v {

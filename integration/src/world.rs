@@ -130,7 +130,8 @@ impl World {
         out
     }
 
-    /// Makes the cluster hold the base objects plus `policies` (YAML NetworkPolicies) and
+    /// Makes the cluster hold the base objects plus `policies` (YAML NetworkPolicies or
+    /// ClusterNetworkPolicies) and
     /// waits until every enforcer has applied that state.
     pub fn apply(&self, policies: &[String]) {
         let objects = self.objects(policies);
@@ -140,8 +141,16 @@ impl World {
     pub fn objects(&self, policies: &[String]) -> Vec<K8sObject> {
         let mut objects = self.base();
         for p in policies {
-            let np = serde_yaml::from_str(p).unwrap_or_else(|e| panic!("{e}: {p}"));
-            objects.push(K8sObject::NetworkPolicy(np));
+            let v: serde_yaml::Value =
+                serde_yaml::from_str(p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            let o = if v["kind"].as_str() == Some("ClusterNetworkPolicy") {
+                K8sObject::ClusterNetworkPolicy(
+                    serde_yaml::from_value(v).expect("a ClusterNetworkPolicy"),
+                )
+            } else {
+                K8sObject::NetworkPolicy(serde_yaml::from_value(v).expect("a NetworkPolicy"))
+            };
+            objects.push(o);
         }
         objects
     }

@@ -152,7 +152,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         .to_string();
     let (name, ns) = (name.as_str(), ns.as_str());
     let label = match kind.as_str() {
-        "Namespace" | "Node" => format!("{kind} {name}"),
+        "Namespace" | "Node" | "ClusterNetworkPolicy" => format!("{kind} {name}"),
         _ => format!("{kind} {ns}/{name}"),
     };
     let k8s = match (api.as_str(), kind.as_str()) {
@@ -167,6 +167,25 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
                 Some("apiVersion".into()),
                 format!("{api} is not supported (use networking.k8s.io/v1)"),
             );
+            return;
+        }
+        (moat_policy::model::cnp_api::API_VERSION, "ClusterNetworkPolicy") => {
+            typed(doc).map(K8sObject::ClusterNetworkPolicy)
+        }
+        // Another group's kind of that name (Antrea's `crd.antrea.io`, say) is not ours.
+        (api, "ClusterNetworkPolicy") if api.starts_with("policy.networking.k8s.io/") => {
+            out.error(
+                file,
+                Some(label),
+                Some("apiVersion".into()),
+                format!(
+                    "{api} is not supported (use {})",
+                    moat_policy::model::cnp_api::API_VERSION
+                ),
+            );
+            if let Some(key) = key_of(&kind, ns, name) {
+                out.rejected.push(key);
+            }
             return;
         }
         _ => return,
@@ -234,6 +253,7 @@ fn key_of(kind: &str, ns: &str, name: &str) -> Option<model::ObjectKey> {
             namespace: ns,
             name,
         },
+        "ClusterNetworkPolicy" => model::ObjectKey::ClusterPolicy(name),
         _ => return None,
     })
 }

@@ -184,3 +184,65 @@ fn warnings_for_normalised_input() {
             .contains("host bits set; using 10.0.0.0/8")
     );
 }
+
+fn cluster_policy(name: &str, priority: &str, peer: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: {priority}\n  subject: {{namespaces: {{}}}}\n  egress:\n  - name: out\n    action: Deny\n    to: [{peer}]\n"
+    )
+}
+
+#[test]
+fn cluster_network_policies_load_and_an_invalid_update_keeps_the_last_valid_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("platform.yaml");
+    fs::write(&f, cluster_policy("guard", "5", "{networks: [10.0.0.0/8]}")).unwrap();
+    let mut set = ManifestSet::new(dir.path());
+    let r = set.reload().unwrap();
+    assert_eq!(r.errors().count(), 0, "{:?}", r.diagnostics);
+    assert_eq!(keys(&r.events), vec!["apply ClusterNetworkPolicy guard"]);
+
+    // A domainNames peer is refused (never enforced without it), naming file, object and
+    // field; the last valid version stays in force.
+    fs::write(
+        &f,
+        cluster_policy("guard", "5", "{domainNames: [example.com]}"),
+    )
+    .unwrap();
+    let r = set.reload().unwrap();
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    let e = r.errors().next().expect("an error").to_string();
+    assert!(
+        e.contains("platform.yaml: ClusterNetworkPolicy guard: spec.egress[0].to[0].domainNames"),
+        "{e}"
+    );
+    assert!(
+        set.objects()
+            .any(|o| o.key().to_string() == "ClusterNetworkPolicy guard")
+    );
+
+    // So is another apiVersion of the kind.
+    fs::write(
+        &f,
+        cluster_policy("guard", "5", "{networks: [10.0.0.0/8]}").replace("v1alpha2", "v1alpha1"),
+    )
+    .unwrap();
+    let r = set.reload().unwrap();
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert!(
+        r.errors()
+            .next()
+            .expect("an error")
+            .to_string()
+            .contains("v1alpha1 is not supported")
+    );
+    // Another group's kind of the same name is skipped like any kind Moat does not use.
+    fs::write(
+        &f,
+        cluster_policy("guard", "5", "{networks: [10.0.0.0/8]}")
+            .replace("policy.networking.k8s.io/v1alpha2", "crd.antrea.io/v1beta1"),
+    )
+    .unwrap();
+    let r = set.reload().unwrap();
+    assert_eq!(r.errors().count(), 0, "{:?}", r.diagnostics);
+    assert_eq!(keys(&r.events), vec!["delete ClusterNetworkPolicy guard"]);
+}

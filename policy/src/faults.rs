@@ -17,16 +17,41 @@ pub enum Fault {
     PodPeerAnyNamespace,
     /// Omitted `policyTypes` isolate egress when `egress: []` is present.
     EgressTypeWhenEmpty,
+    /// A ClusterNetworkPolicy `Pass` rule is compiled as `Accept`.
+    CnpPassAsAccept,
+    /// Baseline-tier rules are compiled into the Admin tier.
+    CnpBaselineAsAdmin,
+    /// Rules of one ClusterNetworkPolicy are ranked in reverse written order.
+    CnpRuleOrderReversed,
+    /// A `pods` subject ignores its `podSelector` (every pod of the selected namespaces).
+    CnpPodsSubjectIgnoresPodSelector,
+    /// An Accept rule with a peer of an unknown kind matches everything (it must match
+    /// nothing: fail closed).
+    CnpUnknownPeerAcceptsAll,
+    /// A `destinationNamedPort` matches a container port by name whatever its protocol.
+    CnpNamedPortIgnoresProtocol,
+    /// Same-priority policies of one tier are ordered inversely to `ir::tie_key`.
+    CnpTieKeyInverted,
+    /// A rule without `protocols` matches TCP, UDP and SCTP only (it must match ICMP too).
+    CnpNoProtocolsExcludesIcmp,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 14] = [
         Fault::NotInAbsentKey,
         Fault::IgnoreExcept,
         Fault::NamedPortIgnoresProtocol,
         Fault::EndPortExclusive,
         Fault::PodPeerAnyNamespace,
         Fault::EgressTypeWhenEmpty,
+        Fault::CnpPassAsAccept,
+        Fault::CnpBaselineAsAdmin,
+        Fault::CnpRuleOrderReversed,
+        Fault::CnpPodsSubjectIgnoresPodSelector,
+        Fault::CnpUnknownPeerAcceptsAll,
+        Fault::CnpNamedPortIgnoresProtocol,
+        Fault::CnpTieKeyInverted,
+        Fault::CnpNoProtocolsExcludesIcmp,
     ];
 
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]

@@ -34,20 +34,49 @@ fn cases(default: u64) -> u64 {
     std::env::var("MOAT_CASES").map_or(default, |s| s.parse().expect("MOAT_CASES is a number"))
 }
 
+/// Whether a run is long enough to require that every counted kind of decision or event
+/// happened: a short replay (`MOAT_CASES`) may legitimately miss the rarer ones.
+fn full_run(n: u64, default: u64) -> bool {
+    n >= default
+}
+
+/// What decided flows, as counted by [`World::attribution`]; each must be non-zero after a
+/// default run, so that a generator drifting away from a semantic fails the test instead of
+/// silently testing less.
+const DECIDERS: [&str; 14] = [
+    "decided: Admin Accept",
+    "decided: Admin Deny",
+    "decided: Admin Pass",
+    "decided: Baseline Accept",
+    "decided: Baseline Deny",
+    "decided: Baseline Pass",
+    "decided: NetworkPolicy allow",
+    "decided: NetworkPolicy deny",
+    "decided: default allow",
+    "peer: namespaces",
+    "peer: pods",
+    "peer: networks",
+    "peer: unknown kind (fail closed)",
+    "port: named port resolved",
+];
+
 /// Compiles the world and compares simulated snapshots with the evaluator on sampled flows.
 fn check_semantics(world: &World, rng: &mut SmallRng, flows: usize) -> Result<(), String> {
     let index = Index::build(parse_all(&world.objects()));
-    check_index(&index, world, rng, flows)
+    check_index(&index, world, rng, flows, &mut Features::default())
 }
 
-/// Compares `index` (which must hold `world`) with the evaluator on sampled flows.
+/// Compares `index` (which must hold `world`) with the evaluator on sampled flows, counting
+/// in `coverage` what decided them.
 fn check_index(
     index: &Index,
     world: &World,
     rng: &mut SmallRng,
     flows: usize,
+    coverage: &mut Features,
 ) -> Result<(), String> {
     let cluster = eval::Cluster::from_objects(world.objects());
+    let attribution = world.attribution();
     index.verify()?;
     let snaps: Vec<_> = index
         .nodes()
@@ -65,15 +94,14 @@ fn check_index(
             .collect();
         let dst = *same_family.choose(rng).expect("src itself");
         let (proto, port) = *PROBES.choose(rng).expect("probes");
-        let want = eval::verdict(
-            &cluster,
-            &Flow {
-                src,
-                dst,
-                proto,
-                port,
-            },
-        );
+        let flow = Flow {
+            src,
+            dst,
+            proto,
+            port,
+        };
+        let want = eval::verdict(&cluster, &flow);
+        attribution.count(&flow, &want, coverage);
         let got = fleet.allows(&Packet {
             src,
             dst,
@@ -95,22 +123,30 @@ fn compiled_snapshots_agree_with_the_evaluator() {
     let seed = base_seed();
     let n = cases(3000);
     let mut features = Features::default();
+    let mut coverage = Features::default();
     for case in 0..n {
         let mut rng = SmallRng::seed_from_u64(seed.wrapping_add(case));
         let mut world = World::generate(&mut rng, &mut features);
         let mut index = Index::build(parse_all(&world.objects()));
-        if let Err(e) = check_index(&index, &world, &mut rng, 200) {
+        if let Err(e) = check_index(&index, &world, &mut rng, 200, &mut coverage) {
             panic!("case {case} (MOAT_SEED={seed}): {e}\nworld: {world:#?}");
         }
         // The same after live updates, as a watch would deliver them.
         let before = keyed(world.objects());
         world.mutate(&mut rng, &mut features, false);
         index.batch(diff(&before, &keyed(world.objects()), &mut rng));
-        if let Err(e) = check_index(&index, &world, &mut rng, 200) {
+        if let Err(e) = check_index(&index, &world, &mut rng, 200, &mut coverage) {
             panic!("case {case} after mutation (MOAT_SEED={seed}): {e}\nworld: {world:#?}");
         }
     }
     eprintln!("{n} random clusters (MOAT_SEED={seed}); features generated:\n{features}");
+    eprintln!("sides of sampled flows, by what decided them:\n{coverage}");
+    for d in DECIDERS.iter().filter(|_| full_run(n, 3000)) {
+        assert!(
+            coverage.get(d) > 0,
+            "no sampled flow was decided by {d} (MOAT_SEED={seed})"
+        );
+    }
     for (feature, count) in features.iter() {
         assert!(count > 0, "generator never produced {feature}");
     }
@@ -127,9 +163,29 @@ fn compiled_snapshots_agree_with_the_evaluator() {
         "rule: multiple peers",
         "peer: podSelector AND namespaceSelector",
         "port: SCTP",
+        "world: both policy kinds",
+        "cnp: same tier and priority (tie)",
+        "cnp subject: pods",
+        "cnp peer: networks covering a pod address",
+        "cnp peer: networks covering no pod address",
+        "cnp peer: unknown kind (fail closed)",
+        "cnp protocol: destinationNamedPort",
+        "cnp protocol: port range",
+        "cnp protocol: sctp",
     ] {
         assert!(
             features.get(must) >= n / 20,
+            "{must} generated only {} times",
+            features.get(must)
+        );
+    }
+    // Rarer by design, but they must not vanish.
+    for must in [
+        "cnp protocol: unknown kind (fail closed)",
+        "mutation: relabel changed a cnp subject's pods",
+    ] {
+        assert!(
+            features.get(must) >= n / 100,
             "{must} generated only {} times",
             features.get(must)
         );
@@ -371,4 +427,18 @@ fn incremental_compile_matches_full_compile_in_any_order() {
         );
     }
     eprintln!("{n} incremental runs (MOAT_SEED={seed}); features generated:\n{features}");
+    let must = [
+        "mutation: cnp added",
+        "mutation: cnp deleted",
+        "mutation: cnp priority changed",
+        "mutation: cnp tier changed",
+        "mutation: cnp rewritten",
+        "mutation: relabel changed a cnp subject's pods",
+    ];
+    for must in must.iter().filter(|_| full_run(n, 300)) {
+        assert!(
+            features.get(must) > 0,
+            "the event sequences never had a {must:?} (MOAT_SEED={seed})"
+        );
+    }
 }

@@ -32,6 +32,10 @@ pub struct Budget {
     /// Count an interval or a port range as the LPM prefixes it becomes (eBPF), not as one
     /// element (nft intervals).
     pub prefixes: bool,
+    /// The dataplane takes a ruleset's lookups most specific first with deny entries
+    /// (`Ruleset::deny`), as ClusterNetworkPolicy tiers need. Without it, a rule list with
+    /// cluster rules is denied whole.
+    pub tiers: bool,
 }
 
 impl Budget {
@@ -43,6 +47,7 @@ impl Budget {
         ports_ranged: usize::MAX,
         named: usize::MAX,
         prefixes: false,
+        tiers: true,
     };
 
     /// Only a total (nft).

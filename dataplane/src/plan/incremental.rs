@@ -94,7 +94,12 @@ fn old_group(old: &NodeSnapshot, id: GroupId) -> Option<&Members> {
 /// budget, else it is recomputed whole.
 pub fn applies(old: &NodeSnapshot, delta: &Delta) -> bool {
     let addrs = |m: Option<&Members>| matches!(m, None | Some(Members::Addrs(_)));
-    delta.node_addrs.is_none()
+    // Lists with cluster rules are resolved whole (`tiers`): a class appearing there changes
+    // verdicts at many keys, which the patch below does not know how to fold.
+    old.rules
+        .iter()
+        .all(|r| r.tier == moat_policy::ir::Tier::NetworkPolicy)
+        && delta.node_addrs.is_none()
         && delta.upsert_endpoints.is_empty()
         && delta.remove_endpoints.is_empty()
         && delta.add_rules.is_empty()

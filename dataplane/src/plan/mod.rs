@@ -18,6 +18,7 @@
 
 pub mod budget;
 pub mod incremental;
+pub mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -47,6 +48,37 @@ pub struct Ruleset {
     /// Egress named ports: destination address, protocol, port.
     pub n4: BTreeSet<(Ipv4Addr, u8, u16)>,
     pub n6: BTreeSet<(Ipv6Addr, u8, u16)>,
+    /// Entries that deny, from ClusterNetworkPolicy tiers (see [`tiers`]). A ruleset with
+    /// any is looked up most specific first and its first hit decides (named, `gx`, `gp`,
+    /// `aa`, `ap`, then `any` or drop); a key is never both allowed and denied. Without
+    /// denies, every hit allows and the order does not matter.
+    pub deny: Denies,
+}
+
+/// The deny entries of a ruleset, shaped as its allow entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Denies {
+    pub ap: BTreeSet<(u8, u16, u16)>,
+    pub aa: BTreeSet<u32>,
+    pub gp: BTreeSet<(u32, u8, u16, u16)>,
+    pub gx: BTreeSet<(u32, u8, u16)>,
+    pub n4: BTreeSet<(Ipv4Addr, u8, u16)>,
+    pub n6: BTreeSet<(Ipv6Addr, u8, u16)>,
+}
+
+impl Denies {
+    pub fn len(&self) -> usize {
+        self.ap.len()
+            + self.aa.len()
+            + self.gp.len()
+            + self.gx.len()
+            + self.n4.len()
+            + self.n6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Ruleset {
@@ -57,6 +89,12 @@ impl Ruleset {
             + self.gx.len()
             + self.n4.len()
             + self.n6.len()
+            + self.deny.len()
+    }
+
+    /// Whether its lookups must be taken most specific first (see [`deny`](Self::deny)).
+    pub fn ordered(&self) -> bool {
+        !self.deny.is_empty()
     }
 }
 
@@ -132,15 +170,26 @@ impl Desired {
             .fold(0usize, usize::saturating_add);
         m.take(Kind::Ranges, ranges)?;
         for rs in self.rulesets.values() {
-            m.take(Kind::PortsExact, rs.gx.len())?;
+            let (d, b) = (&rs.deny, budget);
+            m.take(Kind::PortsExact, rs.gx.len() + d.gx.len())?;
             let ranged = rs.aa.len()
+                + d.aa.len()
                 + rs.ap
                     .iter()
-                    .map(|(_, a, b)| budget.port_range(*a, *b))
-                    .chain(rs.gp.iter().map(|(_, _, a, b)| budget.port_range(*a, *b)))
+                    .chain(&d.ap)
+                    .map(|(_, a, z)| b.port_range(*a, *z))
+                    .chain(
+                        rs.gp
+                            .iter()
+                            .chain(&d.gp)
+                            .map(|(_, _, a, z)| b.port_range(*a, *z)),
+                    )
                     .sum::<usize>();
             m.take(Kind::PortsRanged, ranged)?;
-            m.take(Kind::Named, rs.n4.len() + rs.n6.len())?;
+            m.take(
+                Kind::Named,
+                rs.n4.len() + rs.n6.len() + d.n4.len() + d.n6.len(),
+            )?;
         }
         Ok(())
     }
@@ -348,13 +397,20 @@ fn points(
     out
 }
 
-/// A cheap key for a rule list: direction, length, first and last rule.
-type ListKey = (bool, usize, Option<RuleId>, Option<RuleId>);
+/// A cheap key for a rule list: direction, isolation, length, first and last rule.
+type ListKey = (bool, bool, usize, Option<RuleId>, Option<RuleId>);
 
 /// Name of the chain for one direction's rule list (content-derived, so stable).
 pub fn chain_name(egress: bool, rules: &[RuleId]) -> String {
+    list_name(egress, true, rules)
+}
+
+/// [`chain_name`] for a list that may not isolate (one with cluster rules: whether a
+/// NetworkPolicy isolates the endpoint changes its verdicts). An isolating list keeps the
+/// name it always had.
+pub fn list_name(egress: bool, isolated: bool, rules: &[RuleId]) -> String {
     let mut h = blake3::Hasher::new();
-    h.update(&[u8::from(egress)]);
+    h.update(&[u8::from(egress) | if isolated { 0 } else { 2 }]);
     for r in rules {
         h.update(&r.0.to_le_bytes());
     }
@@ -448,21 +504,27 @@ pub fn desired_within(
     };
     // What no budget can cut: an entry per local pod address and per isolated endpoint
     // address and direction (a denied endpoint needs its entry as much as any).
+    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    // A direction is enforced when a NetworkPolicy isolates it or a cluster policy has rules
+    // for it (then also when nothing isolates: its Admin and Baseline rules still apply).
+    let tiered = |d: &moat_policy::ir::DirectionRules| tiers::tiered(&d.rules, &rules);
+    let enforced = |d: &moat_policy::ir::DirectionRules| d.isolated || tiered(d);
     let fixed = local.addrs.len()
         + snap
             .endpoints
             .iter()
             .map(|e| {
-                e.addrs.len() * (usize::from(e.ingress.isolated) + usize::from(e.egress.isolated))
+                e.addrs.len()
+                    * (usize::from(enforced(&e.ingress)) + usize::from(enforced(&e.egress)))
             })
             .sum::<usize>();
-    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
     let groups: HashMap<GroupId, &Members> =
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
     // Every distinct rule list, named once (hashing a long list per endpoint is what a big
     // policy over many pods would otherwise cost), with the endpoints holding it.
     struct List<'a> {
         egress: bool,
+        isolated: bool,
         rules: &'a [RuleId],
         endpoints: Vec<EndpointId>,
     }
@@ -472,11 +534,12 @@ pub fn desired_within(
     for e in &snap.endpoints {
         let mut both = [None, None];
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
-            if !dir.isolated {
+            if !enforced(dir) {
                 continue;
             }
             let key = (
                 egress,
+                dir.isolated,
                 dir.rules.len(),
                 dir.rules.first().copied(),
                 dir.rules.last().copied(),
@@ -485,7 +548,7 @@ pub fn desired_within(
             let name = match known.iter().find(|(r, _)| *r == dir.rules.as_slice()) {
                 Some((_, n)) => n.clone(),
                 None => {
-                    let n = chain_name(egress, &dir.rules);
+                    let n = list_name(egress, dir.isolated, &dir.rules);
                     known.push((&dir.rules, n.clone()));
                     n
                 }
@@ -494,6 +557,7 @@ pub fn desired_within(
                 .entry(name.clone())
                 .or_insert_with(|| List {
                     egress,
+                    isolated: dir.isolated,
                     rules: &dir.rules,
                     endpoints: Vec::new(),
                 })
@@ -515,6 +579,18 @@ pub fn desired_within(
     };
     // Rule lists denied, with why.
     let mut denied: BTreeMap<String, String> = BTreeMap::new();
+    // A dataplane that cannot take first-hit lookups gets no cluster rules: such a list is
+    // denied whole, never enforced as if its Deny were an allow.
+    if !budget.tiers {
+        for (name, l) in &lists {
+            if tiers::tiered(l.rules, &rules) {
+                denied.insert(
+                    name.clone(),
+                    "ClusterNetworkPolicy rules are not enforced by this dataplane yet (denied, fail closed)".to_string(),
+                );
+            }
+        }
+    }
     // Groups first: their addresses and ranges are shared by every ruleset. If they don't
     // fit, the rule list whose groups weigh most is denied (its groups go with it, unless a
     // surviving list names them), until they do.
@@ -610,7 +686,21 @@ pub fn desired_within(
     for (_, name) in order {
         let l = &lists[name];
         let mut trial = meter;
-        match ruleset(l.egress, l.rules, &rules, &groups, &classes_of, &mut trial) {
+        let built = if tiers::tiered(l.rules, &rules) {
+            tiers::ruleset(
+                l.egress,
+                l.isolated,
+                l.rules,
+                &rules,
+                &groups,
+                &classes_of,
+                classes,
+                &mut trial,
+            )
+        } else {
+            ruleset(l.egress, l.rules, &rules, &groups, &classes_of, &mut trial)
+        };
+        match built {
             Ok(rs) => {
                 meter = trial;
                 d.rulesets.insert(name.clone(), rs);

@@ -38,6 +38,9 @@ fn class_of(d: &Desired, a: IpAddr) -> u32 {
 /// One ruleset chain, as nft evaluates it.
 fn chain(d: &Desired, name: &str, peer: IpAddr, p: &Packet) -> bool {
     let rs = &d.rulesets[name];
+    if rs.ordered() {
+        return ordered_chain(d, rs, peer, p);
+    }
     let ported = matches!(p.proto, 6 | 17 | 132);
     if rs.any {
         return true;
@@ -75,6 +78,53 @@ fn chain(d: &Desired, name: &str, peer: IpAddr, p: &Packet) -> bool {
         }
     }
     false
+}
+
+/// A ruleset with deny entries: most specific lookup first, the first hit decides.
+fn ordered_chain(d: &Desired, rs: &Ruleset, peer: IpAddr, p: &Packet) -> bool {
+    let ported = matches!(p.proto, 6 | 17 | 132);
+    let x = &rs.deny;
+    if rs.egress && ported {
+        let (allow, deny) = match p.dst {
+            IpAddr::V4(a) => (
+                rs.n4.contains(&(a, p.proto, p.port)),
+                x.n4.contains(&(a, p.proto, p.port)),
+            ),
+            IpAddr::V6(a) => (
+                rs.n6.contains(&(a, p.proto, p.port)),
+                x.n6.contains(&(a, p.proto, p.port)),
+            ),
+        };
+        assert!(!(allow && deny), "a key both allowed and denied");
+        if allow || deny {
+            return allow;
+        }
+    }
+    let c = class_of(d, peer);
+    let in_gp = |set: &BTreeSet<(u32, u8, u16, u16)>| {
+        set.iter()
+            .any(|(cl, pr, a, b)| *cl == c && *pr == p.proto && *a <= p.port && p.port <= *b)
+    };
+    let in_ap = |set: &BTreeSet<(u8, u16, u16)>| {
+        set.iter()
+            .any(|(pr, a, b)| *pr == p.proto && *a <= p.port && p.port <= *b)
+    };
+    let levels = [
+        (
+            ported && rs.gx.contains(&(c, p.proto, p.port)),
+            ported && x.gx.contains(&(c, p.proto, p.port)),
+        ),
+        (ported && in_gp(&rs.gp), ported && in_gp(&x.gp)),
+        (rs.aa.contains(&c), x.aa.contains(&c)),
+        (ported && in_ap(&rs.ap), ported && in_ap(&x.ap)),
+    ];
+    for (allow, deny) in levels {
+        assert!(!(allow && deny), "a key both allowed and denied");
+        if allow || deny {
+            return allow;
+        }
+    }
+    rs.any
 }
 
 fn egress(d: &Desired, p: &Packet) -> Option<bool> {
@@ -349,4 +399,214 @@ fn check_counts_a_plan_as_it_was_built() {
         &Budget::total(10_000),
     );
     assert!(cut.check(&Budget::total(10_000)).is_ok());
+}
+
+/// On a dataplane that cannot take first-hit lookups (`Budget::tiers` off), a rule list with
+/// a ClusterNetworkPolicy rule must be denied whole: an Admin Deny enforced as if it were an
+/// allow (every rule used to read as an allow here) would open exactly what the platform
+/// team closed.
+#[test]
+fn cluster_policy_rules_are_denied_never_read_as_allows_without_tiers() {
+    use moat_policy::model::K8sObject;
+    use serde_json::json;
+    fn k8s<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+    let pod = |name: &str, ip: &str| {
+        K8sObject::Pod(k8s(json!({
+            "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"podIP": ip},
+        })))
+    };
+    let objs = vec![
+        K8sObject::Node(k8s(json!({"metadata": {"name": "n1"}}))),
+        pod("isolated", "10.0.0.1"),
+        pod("open", "10.0.0.2"),
+        pod("untouched", "10.0.0.3"),
+        K8sObject::NetworkPolicy(k8s(json!({
+            "metadata": {"name": "allow-all", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "isolated"}}, "ingress": [{}]},
+        }))),
+        K8sObject::ClusterNetworkPolicy(k8s(json!({
+            "metadata": {"name": "deny-from-open"},
+            "spec": {"tier": "Admin", "priority": 1,
+                     "subject": {"pods": {"namespaceSelector": {},
+                                          "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["isolated", "open"]}]}}},
+                     "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "untouched"}}}}]}]},
+        }))),
+    ];
+    let index = Index::build(parse_all(&objs));
+    let snap = index.snapshot("n1").unwrap();
+    let no_tiers = Budget {
+        tiers: false,
+        ..Budget::UNLIMITED
+    };
+    let d = desired_within(
+        &snap,
+        &mut Classes::default(),
+        &LocalPods::default(),
+        &no_tiers,
+    );
+    let a = |s: &str| -> std::net::Ipv4Addr { s.parse().unwrap() };
+    // Both selected pods, the isolated one and the one no NetworkPolicy isolates, are
+    // denied whole and reported; the pod the policy does not select keeps no entry.
+    assert_eq!(
+        d.ing4.get(&a("10.0.0.1")).map(String::as_str),
+        Some(DENY_INGRESS)
+    );
+    assert_eq!(
+        d.ing4.get(&a("10.0.0.2")).map(String::as_str),
+        Some(DENY_INGRESS)
+    );
+    assert_eq!(d.ing4.get(&a("10.0.0.3")), None);
+    assert_eq!(d.degraded.len(), 2, "{:?}", d.degraded);
+    assert!(
+        d.degraded
+            .iter()
+            .all(|g| g.reason.contains("ClusterNetworkPolicy"))
+    );
+    // The denial is what the dataplanes will enforce: no ruleset allows anything.
+    assert_eq!(d.rulesets[DENY_INGRESS], Ruleset::default());
+}
+
+/// The two ways "first match per lookup" goes wrong, laid out and checked against the IR
+/// interpreter on every pair and probe: an any-peer allow (a NetworkPolicy rule without
+/// peers) must not shadow an Admin Deny for one namespace, and a shorter-prefix Deny must not
+/// override a longer-prefix Accept ranked before it (nor the reverse).
+#[test]
+fn cluster_tiers_are_laid_out_most_specific_first() {
+    use moat_policy::model::K8sObject;
+    use serde_json::json;
+    fn k8s<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+    let pod = |ns: &str, name: &str, ip: &str| {
+        K8sObject::Pod(k8s(json!({
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
+                {"name": "web", "containerPort": 8080, "protocol": "TCP"}]}]},
+            "status": {"podIP": ip},
+        })))
+    };
+    let ns = |n: &str| K8sObject::Namespace(k8s(json!({"metadata": {"name": n}})));
+    let objs = vec![
+        K8sObject::Node(k8s(json!({"metadata": {"name": "n1"}}))),
+        ns("x"),
+        ns("y"),
+        ns("z"),
+        pod("x", "a", "10.0.0.1"),
+        pod("x", "b", "10.0.1.1"),
+        pod("y", "a", "10.0.0.2"),
+        pod("y", "b", "10.0.1.2"),
+        pod("z", "a", "10.0.2.3"),
+        // Any peer may reach x on TCP 80 and 81.
+        K8sObject::NetworkPolicy(k8s(json!({
+            "metadata": {"name": "web", "namespace": "x"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}, {"port": 81}]}]},
+        }))),
+        K8sObject::ClusterNetworkPolicy(k8s(json!({
+            "metadata": {"name": "guard"},
+            "spec": {"tier": "Admin", "priority": 1,
+                     "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+                     "ingress": [
+                         {"action": "Deny", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}],
+                          "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
+                         {"action": "Pass", "from": [{"namespaces": {}}],
+                          "protocols": [{"tcp": {"destinationPort": {"range": {"start": 81, "end": 90}}}}]},
+                         {"action": "Accept", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}],
+                          "protocols": [{"destinationNamedPort": "web"}]},
+                     ],
+                     "egress": [
+                         {"action": "Accept", "to": [{"networks": ["10.0.1.0/24"]}],
+                          "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
+                         {"action": "Deny", "to": [{"networks": ["10.0.0.0/16"]}]},
+                     ]},
+        }))),
+        K8sObject::ClusterNetworkPolicy(k8s(json!({
+            "metadata": {"name": "baseline"},
+            "spec": {"tier": "Baseline", "priority": 5,
+                     "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "b"}}}},
+                     "ingress": [
+                         {"action": "Pass", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "z"}}}]},
+                         {"action": "Deny", "from": [{"namespaces": {}}]},
+                     ],
+                     "egress": [
+                         {"action": "Deny", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}],
+                          "protocols": [{"destinationNamedPort": "web"}]},
+                     ]},
+        }))),
+    ];
+    let index = Index::build(parse_all(&objs));
+    let snap = index.snapshot("n1").unwrap();
+    let fleet = Fleet::new(std::slice::from_ref(&snap));
+    let d = desired(&snap, &mut Classes::default());
+    assert!(d.degraded.is_empty(), "{:?}", d.degraded);
+    assert!(
+        d.rulesets.values().any(Ruleset::ordered),
+        "some list denies"
+    );
+    let ips: Vec<IpAddr> = [
+        "10.0.0.1", "10.0.1.1", "10.0.0.2", "10.0.1.2", "10.0.2.3", "10.9.9.9",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let (mut allowed, mut denied) = (0, 0);
+    for src in &ips {
+        for dst in &ips {
+            for (proto, port) in [
+                (6, 80),
+                (6, 81),
+                (6, 85),
+                (6, 8080),
+                (6, 443),
+                (17, 80),
+                (1, 0),
+            ] {
+                let p = Packet {
+                    src: *src,
+                    dst: *dst,
+                    proto,
+                    port,
+                };
+                let eg = egress(&d, &p).unwrap_or(true);
+                let ing = ingress(&d, &p).unwrap_or(true);
+                assert_eq!(eg, fleet.egress_allows(&p), "egress {p:?}");
+                assert_eq!(ing, fleet.ingress_allows(&p), "ingress {p:?}");
+                if eg && ing { allowed += 1 } else { denied += 1 }
+            }
+        }
+    }
+    assert!(
+        allowed > 20 && denied > 20,
+        "{allowed} allowed, {denied} denied"
+    );
+    // The two named mistakes, spelled out.
+    let tcp = |s: &str, t: &str, port| Packet {
+        src: s.parse().unwrap(),
+        dst: t.parse().unwrap(),
+        proto: 6,
+        port,
+    };
+    assert_eq!(
+        ingress(&d, &tcp("10.0.0.2", "10.0.0.1", 80)),
+        Some(false),
+        "y → x:80 denied over the any-peer allow"
+    );
+    assert_eq!(
+        ingress(&d, &tcp("10.0.2.3", "10.0.0.1", 80)),
+        Some(true),
+        "z → x:80 allowed by it"
+    );
+    assert_eq!(
+        egress(&d, &tcp("10.0.0.1", "10.0.1.2", 80)),
+        Some(true),
+        "/24 Accept before the /16 Deny"
+    );
+    assert_eq!(
+        egress(&d, &tcp("10.0.0.1", "10.0.0.2", 80)),
+        Some(false),
+        "outside the /24: the /16 Deny"
+    );
 }

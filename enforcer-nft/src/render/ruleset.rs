@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 
 use super::{cmd, concat, ct, elements, in_epoch, l4proto, lookup, payload, port, rule, set_decl};
-use crate::desired::Ruleset;
+use crate::desired::{Denies, Ruleset};
 
 /// A ruleset's set names.
 fn sets(chain: &str) -> [(String, Value, bool); 6] {
@@ -40,9 +40,25 @@ fn sets(chain: &str) -> [(String, Value, bool); 6] {
     ]
 }
 
+/// The deny sets of an ordered ruleset ([`Ruleset::ordered`]): `_d` + the allow set's
+/// suffix, same types. Only ordered rulesets have them, so NetworkPolicy-only tables are
+/// exactly what they were.
+fn deny_sets(chain: &str) -> Vec<(String, Value, bool)> {
+    sets(chain)
+        .into_iter()
+        .map(|(n, ty, interval)| {
+            let (base, suffix) = n.rsplit_once('_').expect("suffixed");
+            (format!("{base}_d{suffix}"), ty, interval)
+        })
+        .collect()
+}
+
 /// The fixed rules of ruleset chain `name` (already in `epoch`, see [`in_epoch`]): a constant
 /// number of lookups whatever its size, in the class maps of the same epoch.
 fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
+    if rs.ordered() {
+        return ordered_rules(name, rs, epoch);
+    }
     // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
     let ok = if rs.egress { "return" } else { "accept" };
     let verdict = json!({ ok: null });
@@ -124,6 +140,74 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     r
 }
 
+/// Rules that set the peer's class into the conntrack mark (ranges first, then single
+/// addresses: a hit in the second overrides the first, and a failed map lookup ends the rule
+/// and leaves the mark as it was).
+fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    let mut r = vec![rule(name, vec![clear])];
+    for (fam, map) in [
+        ("ip", "class4"),
+        ("ip6", "class6"),
+        ("ip", "addr4"),
+        ("ip6", "addr6"),
+    ] {
+        r.push(rule(
+            name,
+            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{}", in_epoch(map, epoch))}}}})],
+        ));
+    }
+    r
+}
+
+/// A ruleset with deny entries (cluster tiers): most specific lookup first, the first hit
+/// decides — named address·port, class × single port, class × port range, class × any
+/// port, any peer × port, then the default. Each level is a deny set and an allow set with
+/// disjoint keys, so their order within a level does not matter.
+fn ordered_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
+    let ok = if rs.egress { "return" } else { "accept" };
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    let allow = || vec![clear.clone(), json!({ ok: null })];
+    let deny = || {
+        vec![
+            clear.clone(),
+            json!({"counter": "denied"}),
+            json!({"drop": null}),
+        ]
+    };
+    let peer = if rs.egress { "daddr" } else { "saddr" };
+    let level = |r: &mut Vec<Value>, key: Value, set: &str| {
+        for (prefix, then) in [("d", deny()), ("", allow())] {
+            let mut e = vec![lookup(key.clone(), &format!("{name}_{prefix}{set}"))];
+            e.extend(then);
+            r.push(rule(name, e));
+        }
+    };
+    let mut r = Vec::new();
+    if rs.egress {
+        for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
+            let key = concat(vec![
+                payload(fam, "daddr"),
+                l4proto(),
+                payload("th", "dport"),
+            ]);
+            level(&mut r, key, set);
+        }
+    }
+    r.extend(classify(name, peer, epoch));
+    let class_port = || concat(vec![ct("mark"), l4proto(), payload("th", "dport")]);
+    level(&mut r, class_port(), "gx");
+    level(&mut r, class_port(), "gp");
+    level(&mut r, ct("mark"), "aa");
+    level(
+        &mut r,
+        concat(vec![l4proto(), payload("th", "dport")]),
+        "ap",
+    );
+    r.push(rule(name, if rs.any { allow() } else { deny() }));
+    r
+}
+
 fn gx_elems<'a>(it: impl Iterator<Item = &'a (u32, u8, u16)>) -> Vec<Value> {
     it.map(|(c, p, port)| concat(vec![json!(c), json!(p), json!(port)]))
         .collect()
@@ -144,22 +228,43 @@ fn n_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = &'a (A, u8, u16)>) -> 
         .collect()
 }
 
-fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
+fn deny_elements(verb: &str, name: &str, d: &Denies) -> Vec<Value> {
     [
-        elements(verb, &format!("{name}_ap"), ap_elems(rs.ap.iter())),
+        elements(verb, &format!("{name}_dap"), ap_elems(d.ap.iter())),
         elements(
             verb,
-            &format!("{name}_aa"),
-            rs.aa.iter().map(|c| json!(c)).collect(),
+            &format!("{name}_daa"),
+            d.aa.iter().map(|c| json!(c)).collect(),
         ),
-        elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
-        elements(verb, &format!("{name}_gx"), gx_elems(rs.gx.iter())),
-        elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
-        elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
+        elements(verb, &format!("{name}_dgp"), gp_elems(d.gp.iter())),
+        elements(verb, &format!("{name}_dgx"), gx_elems(d.gx.iter())),
+        elements(verb, &format!("{name}_dn4"), n_elems(d.n4.iter())),
+        elements(verb, &format!("{name}_dn6"), n_elems(d.n6.iter())),
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
+    let mut out = deny_elements(verb, name, &rs.deny);
+    out.extend(
+        [
+            elements(verb, &format!("{name}_ap"), ap_elems(rs.ap.iter())),
+            elements(
+                verb,
+                &format!("{name}_aa"),
+                rs.aa.iter().map(|c| json!(c)).collect(),
+            ),
+            elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
+            elements(verb, &format!("{name}_gx"), gx_elems(rs.gx.iter())),
+            elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
+            elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    out
 }
 
 pub(super) fn add_ruleset(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
@@ -168,16 +273,26 @@ pub(super) fn add_ruleset(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     for (set, ty, interval) in sets(name) {
         c.push(set_decl(&set, ty, interval));
     }
+    if rs.ordered() {
+        for (set, ty, interval) in deny_sets(name) {
+            c.push(set_decl(&set, ty, interval));
+        }
+    }
     c.push(cmd("add", "chain", json!({"name": name})));
     c.extend(chain_rules(name, rs, epoch));
     c.extend(ruleset_elements("add", name, rs));
     c
 }
 
-pub(super) fn delete_ruleset(name: &str, epoch: u32) -> Vec<Value> {
+pub(super) fn delete_ruleset(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     let name = &in_epoch(name, epoch);
     let mut c = vec![cmd("delete", "chain", json!({"name": name}))];
-    for (set, ty, _) in sets(name) {
+    let deny = if rs.ordered() {
+        deny_sets(name)
+    } else {
+        Vec::new()
+    };
+    for (set, ty, _) in sets(name).into_iter().chain(deny) {
         // `type` is redundant for nft but the nftables crate's schema requires it.
         c.push(cmd("delete", "set", json!({"name": set, "type": ty})));
     }
@@ -191,21 +306,59 @@ pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Ve
         return c;
     }
     let name = &in_epoch(name, epoch);
+    if old.ordered() != new.ordered() {
+        // The chain's shape changes: rebuild it around fresh deny sets (or without them).
+        c.push(cmd("flush", "chain", json!({"name": name})));
+        if old.ordered() {
+            for (set, ty, _) in deny_sets(name) {
+                c.push(cmd("delete", "set", json!({"name": set, "type": ty})));
+            }
+        } else {
+            for (set, ty, interval) in deny_sets(name) {
+                c.push(set_decl(&set, ty, interval));
+            }
+        }
+        c.extend(chain_rules(name, new, epoch));
+        c.extend(elements_diff(name, old, new, !new.ordered()));
+        return c;
+    }
     if old.any != new.any {
         c.push(cmd("flush", "chain", json!({"name": name})));
         c.extend(chain_rules(name, new, epoch));
+    }
+    c.extend(elements_diff(name, old, new, true));
+    c
+}
+
+/// Element changes from `old` to `new` in ruleset `name` (already in its epoch); the deny
+/// sets' only when both sides have them (`fresh_deny`: new ones, filled whole).
+fn elements_diff(name: &str, old: &Ruleset, new: &Ruleset, same_shape: bool) -> Vec<Value> {
+    let mut c = Vec::new();
+    if !same_shape {
+        if new.ordered() {
+            c.extend(deny_elements("add", name, &new.deny));
+        }
+    } else if new.ordered() {
+        let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
+            c.extend(elements("delete", &format!("{name}_d{set}"), r));
+            c.extend(elements("add", &format!("{name}_d{set}"), a));
+        };
+        let (o, n) = (&old.deny, &new.deny);
+        sync("ap", both(set_diff(&o.ap, &n.ap), ap_elems));
+        sync(
+            "aa",
+            both(set_diff(&o.aa, &n.aa), |it| it.map(|x| json!(x)).collect()),
+        );
+        sync("gp", both(set_diff(&o.gp, &n.gp), gp_elems));
+        sync("gx", both(set_diff(&o.gx, &n.gx), gx_elems));
+        sync("n4", both(set_diff(&o.n4, &n.n4), n_elems));
+        sync("n6", both(set_diff(&o.n6, &n.n6), n_elems));
     }
     // Deletions before additions in each set, as everywhere.
     let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
         c.extend(elements("delete", &format!("{name}_{set}"), r));
         c.extend(elements("add", &format!("{name}_{set}"), a));
     };
-    fn both<'a, T: Ord + 'a, I>(
-        (r, a): (Vec<&'a T>, Vec<&'a T>),
-        enc: impl Fn(std::vec::IntoIter<&'a T>) -> I,
-    ) -> (I, I) {
-        (enc(r.into_iter()), enc(a.into_iter()))
-    }
     sync("ap", both(set_diff(&old.ap, &new.ap), ap_elems));
     sync(
         "aa",
@@ -218,6 +371,13 @@ pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Ve
     sync("n4", both(set_diff(&old.n4, &new.n4), n_elems));
     sync("n6", both(set_diff(&old.n6, &new.n6), n_elems));
     c
+}
+
+fn both<'a, T: Ord + 'a, I>(
+    (r, a): (Vec<&'a T>, Vec<&'a T>),
+    enc: impl Fn(std::vec::IntoIter<&'a T>) -> I,
+) -> (I, I) {
+    (enc(r.into_iter()), enc(a.into_iter()))
 }
 
 fn set_diff<'a, T: Ord>(old: &'a BTreeSet<T>, new: &'a BTreeSet<T>) -> (Vec<&'a T>, Vec<&'a T>) {

@@ -2,16 +2,31 @@
 
 use smallvec::SmallVec;
 
-use crate::index::{EndpointState, GroupIdx, Index, NamedPort, NodeIdx, PodIdx, RuleIdx};
+use crate::faults::{self, Fault};
+use crate::index::{
+    CpIdx, EndpointState, GroupIdx, Index, NamedPort, NodeIdx, Order, PodIdx, RuleIdx, Template,
+};
 use crate::intern::Sym;
 use crate::ir::{self, PortRange, RuleId};
 use crate::model::Protocol;
 
 type PerPod = (
+    Order,
     Option<Box<[GroupIdx]>>,
     Vec<PortRange>,
     Vec<(Sym, Protocol)>,
 );
+
+/// The rules of one ingress template that need no pod, and queues those that do.
+fn ingress_template(t: &Template, v: &mut Vec<RuleIdx>, per_pod: &mut Vec<PerPod>) {
+    match t.static_rule {
+        Some(r) => v.push(r),
+        None if !t.named.is_empty() => {
+            per_pod.push((t.order, t.peers.clone(), t.ranges.clone(), t.named.clone()))
+        }
+        None => {}
+    }
+}
 
 impl Index {
     /// What the pod's node must enforce for it now; `None` if it isn't an endpoint (host
@@ -37,13 +52,7 @@ impl Index {
             if let Some(ts) = &ps.ingress {
                 let v = ingress.get_or_insert_with(Vec::new);
                 for t in ts {
-                    match t.static_rule {
-                        Some(r) => v.push(r),
-                        None if !t.named.is_empty() => {
-                            per_pod.push((t.peers.clone(), t.ranges.clone(), t.named.clone()))
-                        }
-                        None => {}
-                    }
+                    ingress_template(t, v, &mut per_pod);
                 }
             }
             if let Some(ts) = &ps.egress {
@@ -54,33 +63,76 @@ impl Index {
                 }
             }
         }
-        if !per_pod.is_empty() {
+        // Cluster policies selecting the pod: their rules apply whether or not a
+        // NetworkPolicy isolates it, so they are kept apart from the isolating lists.
+        let mut cluster: [Vec<RuleIdx>; 2] = [Vec::new(), Vec::new()];
+        let mut cluster_per_pod: Vec<PerPod> = Vec::new();
+        let ns_labels = self.namespaces[pod.ns.get()].labels;
+        for (i, cp) in self.cluster_policies.iter() {
+            if !self.subject_selects(CpIdx::new(i), ns_labels, pod.labels) {
+                continue;
+            }
+            for t in cp.ingress.iter().flatten() {
+                ingress_template(t, &mut cluster[0], &mut cluster_per_pod);
+            }
+            for t in cp.egress.iter().flatten() {
+                cluster[1].extend(t.static_rule);
+                cluster[1].extend(t.named_rule);
+            }
+        }
+        if !per_pod.is_empty() || !cluster_per_pod.is_empty() {
             let ports: SmallVec<[NamedPort; 8]> = pod.ports.iter().copied().collect();
-            let v = ingress.as_mut().expect("per-pod rules come from ingress");
-            for (peers, ranges, named) in per_pod {
-                v.extend(self.ingress_rule_for(peers.as_deref(), &ranges, &named, &ports));
+            for (order, peers, ranges, named) in per_pod {
+                let r = self.ingress_rule_for(order, peers.as_deref(), &ranges, &named, &ports);
+                ingress
+                    .as_mut()
+                    .expect("per-pod rules come from ingress")
+                    .extend(r);
+            }
+            // As if every container port were declared for every protocol: a name match
+            // alone then resolves.
+            let ports: SmallVec<[NamedPort; 8]> =
+                if faults::active(Fault::CnpNamedPortIgnoresProtocol) {
+                    ports
+                        .iter()
+                        .flat_map(|p| Protocol::ALL.map(|proto| NamedPort { proto, ..*p }))
+                        .collect()
+                } else {
+                    ports
+                };
+            for (order, peers, ranges, named) in cluster_per_pod {
+                let r = self.ingress_rule_for(order, peers.as_deref(), &ranges, &named, &ports);
+                cluster[0].extend(r);
             }
         }
         let ingress = ingress.map(|v| self.sorted_by_id(v));
         let egress = egress.map(|v| self.sorted_by_id(v));
-        let ids = |l: &Option<Box<[RuleIdx]>>| -> SmallVec<[RuleId; 16]> {
-            l.iter()
+        let [ci, ce] = cluster;
+        let cluster = [self.sorted_by_id(ci), self.sorted_by_id(ce)];
+        let ids = |l: &Option<Box<[RuleIdx]>>, c: &[RuleIdx]| -> SmallVec<[RuleId; 16]> {
+            let mut v: SmallVec<[RuleId; 16]> = l
+                .iter()
                 .flatten()
+                .chain(c)
                 .map(|r| self.rules[r.get()].rule.id)
-                .collect()
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
         };
         let pod = &self.pods[p.get()];
         let item = ir::endpoint_item_parts(
             pod.endpoint_id,
             pod.sandbox,
             &pod.ips,
-            (ingress.is_some(), &ids(&ingress)),
-            (egress.is_some(), &ids(&egress)),
+            (ingress.is_some(), &ids(&ingress, &cluster[0])),
+            (egress.is_some(), &ids(&egress, &cluster[1])),
         );
         Some(EndpointState {
             node,
             ingress,
             egress,
+            cluster,
             item,
         })
     }
@@ -109,13 +161,8 @@ impl Index {
         let n = ep.node;
         self.nodes[n.get()].acc.add(&ep.item);
         self.touch(n);
-        for r in ep
-            .ingress
-            .iter()
-            .flatten()
-            .chain(ep.egress.iter().flatten())
-        {
-            self.node_ref_rule(n, *r);
+        for r in ep.rules(false).chain(ep.rules(true)) {
+            self.node_ref_rule(n, r);
         }
     }
 
@@ -123,13 +170,8 @@ impl Index {
         let n = ep.node;
         self.nodes[n.get()].acc.sub(&ep.item);
         self.touch(n);
-        for r in ep
-            .ingress
-            .iter()
-            .flatten()
-            .chain(ep.egress.iter().flatten())
-        {
-            self.node_unref_rule(n, *r);
+        for r in ep.rules(false).chain(ep.rules(true)) {
+            self.node_unref_rule(n, r);
         }
     }
 

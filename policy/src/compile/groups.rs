@@ -15,7 +15,9 @@ use crate::model::{self, Selector};
 
 impl Index {
     /// Interns a policy peer as a group definition (taking references on its selectors).
-    pub(crate) fn peer_def(&mut self, ns: NsIdx, peer: &model::Peer) -> PeerDef {
+    /// `ns`: the namespace a pod peer without a namespace selector is confined to (a
+    /// NetworkPolicy's own); `None` for cluster policies, whose pod peers always name theirs.
+    pub(crate) fn peer_def(&mut self, ns: Option<NsIdx>, peer: &model::Peer) -> PeerDef {
         match peer {
             model::Peer::Pods { namespaces, pods } => {
                 let pods_sel = self.selectors.intern(&mut self.strings, pods);
@@ -25,7 +27,7 @@ impl Index {
                         self.selectors
                             .intern(&mut self.strings, &Selector::everything()),
                     ),
-                    None => Scope::Ns(ns),
+                    None => Scope::Ns(ns.expect("a namespaced policy's pod peer")),
                 };
                 PeerDef::Pods {
                     scope,

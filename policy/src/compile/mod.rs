@@ -184,13 +184,17 @@ impl Index {
         let n: NodeIdx = *self.node_by_name.get(node)?;
         let ns = &self.nodes[n.get()];
         let (version, digest) = ns.published?;
-        let dir = |l: &Option<Box<[crate::index::RuleIdx]>>| DirectionRules {
-            isolated: l.is_some(),
-            rules: l
-                .iter()
-                .flatten()
+        let dir = |ep: &crate::index::EndpointState, egress: bool| {
+            let mut rules: Vec<_> = ep
+                .rules(egress)
                 .map(|r| self.rules[r.get()].rule.id)
-                .collect(),
+                .collect();
+            rules.sort_unstable();
+            rules.dedup();
+            DirectionRules {
+                isolated: if egress { &ep.egress } else { &ep.ingress }.is_some(),
+                rules,
+            }
         };
         let mut endpoints: Vec<_> = ns
             .pods
@@ -202,8 +206,8 @@ impl Index {
                     id: pod.endpoint_id,
                     sandbox: pod.sandbox,
                     addrs: pod.ips.to_vec(),
-                    ingress: dir(&ep.ingress),
-                    egress: dir(&ep.egress),
+                    ingress: dir(ep, false),
+                    egress: dir(ep, true),
                 })
             })
             .collect();

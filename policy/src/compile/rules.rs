@@ -4,14 +4,11 @@ use std::sync::Arc;
 
 use crate::faults::{self, Fault};
 use crate::index::{
-    GroupDef, GroupIdx, Index, NamedPort, NsIdx, PortsKey, RuleIdx, RuleKey, RuleState, Template,
+    GroupDef, GroupIdx, Index, NamedPort, NsIdx, Order, PortsKey, RuleIdx, RuleKey, RuleState,
+    Template,
 };
-use crate::ir::{self, Action, Direction, PortRange, Tier};
+use crate::ir::{self, Direction, PortRange};
 use crate::model::{self, PortSpec};
-
-/// NetworkPolicy rules all sit at one precedence: they only ever add allows.
-const NP_TIER: Tier = Tier::NetworkPolicy;
-const NP_PRIORITY: u32 = 0;
 
 impl Index {
     pub(crate) fn build_templates(
@@ -22,11 +19,18 @@ impl Index {
     ) -> Vec<Template> {
         rules
             .iter()
-            .map(|r| self.build_template(ns, direction, r))
+            .map(|r| self.build_template(Some(ns), direction, r, Order::NP))
             .collect()
     }
 
-    fn build_template(&mut self, ns: NsIdx, direction: Direction, rule: &model::Rule) -> Template {
+    /// `ns`: a NetworkPolicy's namespace (`None` for a cluster policy's rule).
+    pub(crate) fn build_template(
+        &mut self,
+        ns: Option<NsIdx>,
+        direction: Direction,
+        rule: &model::Rule,
+        order: Order,
+    ) -> Template {
         let peers: Option<Box<[GroupIdx]>> = if rule.peers.is_empty() {
             None
         } else {
@@ -68,6 +72,7 @@ impl Index {
         }
         let any_port = rule.ports.is_empty();
         let mut t = Template {
+            order,
             peers,
             any_port,
             ranges: normalize(ranges),
@@ -84,7 +89,7 @@ impl Index {
             } else {
                 PortsKey::Ranges(t.ranges.clone().into_boxed_slice())
             };
-            let r = self.intern_rule(direction, dedup_peers(t.peers.as_deref()), ports);
+            let r = self.intern_rule(direction, dedup_peers(t.peers.as_deref()), ports, order);
             self.rules[r.get()].refs += 1;
             t.static_rule = Some(r);
         }
@@ -112,6 +117,7 @@ impl Index {
                 direction,
                 Some(key.into_boxed_slice()),
                 PortsKey::FromGroups,
+                order,
             );
             self.rules[r.get()].refs += 1;
             t.named_rule = Some(r);
@@ -137,6 +143,7 @@ impl Index {
     /// against that pod's container ports. `None` if no port resolves.
     pub(crate) fn ingress_rule_for(
         &mut self,
+        order: Order,
         t_peers: Option<&[GroupIdx]>,
         t_ranges: &[PortRange],
         t_named: &[(crate::intern::Sym, model::Protocol)],
@@ -147,12 +154,14 @@ impl Index {
             Direction::Ingress,
             dedup_peers(t_peers),
             PortsKey::Ranges(ranges.into_boxed_slice()),
+            order,
         ))
     }
 
     /// The rule [`ingress_rule_for`](Self::ingress_rule_for) gives, if it exists (read-only).
     pub(crate) fn find_ingress_rule_for(
         &self,
+        order: Order,
         t_peers: Option<&[GroupIdx]>,
         t_ranges: &[PortRange],
         t_named: &[(crate::intern::Sym, model::Protocol)],
@@ -163,6 +172,7 @@ impl Index {
             Direction::Ingress,
             dedup_peers(t_peers),
             PortsKey::Ranges(ranges.into_boxed_slice()),
+            order,
         );
         self.rule_by_key.get(&key).copied()
     }
@@ -174,8 +184,9 @@ impl Index {
         direction: Direction,
         peers: Option<Box<[GroupIdx]>>,
         ports: PortsKey,
+        order: Order,
     ) -> RuleIdx {
-        let key = rule_key(direction, peers, ports);
+        let key = rule_key(direction, peers, ports, order);
         if let Some(&r) = self.rule_by_key.get(&key) {
             return r;
         }
@@ -245,12 +256,17 @@ impl Index {
     }
 }
 
-fn rule_key(direction: Direction, peers: Option<Box<[GroupIdx]>>, ports: PortsKey) -> RuleKey {
+fn rule_key(
+    direction: Direction,
+    peers: Option<Box<[GroupIdx]>>,
+    ports: PortsKey,
+    order: Order,
+) -> RuleKey {
     RuleKey {
         direction,
-        tier: NP_TIER,
-        priority: NP_PRIORITY,
-        action: Action::Allow,
+        tier: order.tier,
+        priority: order.priority,
+        action: order.action,
         peers,
         ports,
     }

@@ -1,9 +1,14 @@
-//! The reference evaluator: what Kubernetes NetworkPolicy says about one flow.
+//! The reference evaluator: what Kubernetes NetworkPolicy and ClusterNetworkPolicy say about
+//! one flow.
 //!
 //! It reads the Kubernetes objects directly and shares no code with the index or compiler
 //! (its own selector matching, defaulting, CIDR containment and port resolution), so that a
 //! mistake in one is caught by the other. It is slow on purpose: every flow looks at every
 //! policy. It is the oracle of the property tests and of `moatctl explain`.
+//!
+//! Per direction: the Admin tier (ClusterNetworkPolicies by priority, rules in order; Accept
+//! and Deny final, Pass on to the next tier) → NetworkPolicy (final for a pod any policy
+//! isolates) → the Baseline tier → allow.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +22,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use crate::model::K8sObject;
+use crate::model::cnp_api as cnp;
+
+mod cluster;
 
 /// The objects of one cluster, as the API serves them.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +33,7 @@ pub struct Cluster {
     pub pods: Vec<core::Pod>,
     pub nodes: Vec<core::Node>,
     pub policies: Vec<net::NetworkPolicy>,
+    pub cluster_policies: Vec<cnp::ClusterNetworkPolicy>,
 }
 
 impl Cluster {
@@ -36,6 +45,7 @@ impl Cluster {
                 K8sObject::Pod(p) => c.pods.push(p),
                 K8sObject::Node(n) => c.nodes.push(n),
                 K8sObject::NetworkPolicy(p) => c.policies.push(p),
+                K8sObject::ClusterNetworkPolicy(p) => c.cluster_policies.push(p),
             }
         }
         c
@@ -64,6 +74,34 @@ impl fmt::Display for PolicyRef {
     }
 }
 
+/// One rule of one `ClusterNetworkPolicy`: `spec.ingress[index]` or `spec.egress[index]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClusterRuleRef {
+    /// `Admin` or `Baseline`.
+    pub tier: String,
+    pub policy: String,
+    pub priority: u32,
+    pub index: usize,
+    /// The rule's `name` (may be empty).
+    pub name: String,
+    /// `Accept`, `Deny` or `Pass`.
+    pub action: String,
+}
+
+impl fmt::Display for ClusterRuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} (priority {}) rule {}",
+            self.tier, self.policy, self.priority, self.index
+        )?;
+        if !self.name.is_empty() {
+            write!(f, " {:?}", self.name)?;
+        }
+        write!(f, ": {}", self.action)
+    }
+}
+
 /// One rule of one policy: `spec.ingress[index]` or `spec.egress[index]`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleRef {
@@ -83,12 +121,17 @@ pub enum Reason {
     AllowedBy(Vec<RuleRef>),
     /// Isolated by these policies, and none of their rules allows the flow.
     DeniedBy(Vec<PolicyRef>),
+    /// A ClusterNetworkPolicy rule accepted or denied the flow.
+    Cluster(ClusterRuleRef),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Side {
     pub allowed: bool,
     pub reason: Reason,
+    /// The Pass rules the decision went through (at most one per tier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<ClusterRuleRef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +173,7 @@ fn not_a_pod() -> Side {
     Side {
         allowed: true,
         reason: Reason::NotAPod,
+        passed: Vec::new(),
     }
 }
 
@@ -207,8 +251,41 @@ fn side(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: &Flow) -> Side 
         return Side {
             allowed: true,
             reason: Reason::NodeLocal,
+            passed: Vec::new(),
         };
     }
+    let mut passed = Vec::new();
+    match cluster::tier(c, cluster::ADMIN, pod, dir, peer, f) {
+        cluster::Outcome::Decided(allowed, r) => {
+            return Side {
+                allowed,
+                reason: Reason::Cluster(r),
+                passed,
+            };
+        }
+        cluster::Outcome::Passed(r) => passed.push(r),
+        cluster::Outcome::NoMatch => {}
+    }
+    let np = network_policy_tier(c, pod, dir, peer, f);
+    if np.reason != Reason::NotIsolated {
+        return Side { passed, ..np };
+    }
+    match cluster::tier(c, cluster::BASELINE, pod, dir, peer, f) {
+        cluster::Outcome::Decided(allowed, r) => Side {
+            allowed,
+            reason: Reason::Cluster(r),
+            passed,
+        },
+        cluster::Outcome::Passed(r) => {
+            passed.push(r);
+            Side { passed, ..np }
+        }
+        cluster::Outcome::NoMatch => Side { passed, ..np },
+    }
+}
+
+/// The NetworkPolicy tier's decision: final if any policy isolates the pod for `dir`.
+fn network_policy_tier(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: &Flow) -> Side {
     let pod_ns = ns_of(&pod.metadata);
     let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
     let mut isolating = Vec::new();
@@ -258,21 +335,17 @@ fn side(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: &Flow) -> Side 
         }
         isolating.push(pref);
     }
-    if isolating.is_empty() {
-        Side {
-            allowed: true,
-            reason: Reason::NotIsolated,
-        }
+    let (allowed, reason) = if isolating.is_empty() {
+        (true, Reason::NotIsolated)
     } else if allowing.is_empty() {
-        Side {
-            allowed: false,
-            reason: Reason::DeniedBy(isolating),
-        }
+        (false, Reason::DeniedBy(isolating))
     } else {
-        Side {
-            allowed: true,
-            reason: Reason::AllowedBy(allowing),
-        }
+        (true, Reason::AllowedBy(allowing))
+    };
+    Side {
+        allowed,
+        reason,
+        passed: Vec::new(),
     }
 }
 

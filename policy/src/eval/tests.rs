@@ -30,7 +30,173 @@ fn cluster(policies: Vec<serde_json::Value>) -> Cluster {
             .into_iter()
             .map(|p| serde_json::from_value(p).unwrap())
             .collect(),
+        cluster_policies: vec![],
     }
+}
+
+fn cnp(
+    name: &str,
+    tier: &str,
+    priority: i64,
+    spec: serde_json::Value,
+) -> crate::model::cnp_api::ClusterNetworkPolicy {
+    let mut s = spec;
+    s["tier"] = json!(tier);
+    s["priority"] = json!(priority);
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": s})).unwrap()
+}
+
+fn with_cluster(mut c: Cluster, cnps: Vec<crate::model::cnp_api::ClusterNetworkPolicy>) -> Cluster {
+    c.cluster_policies = cnps;
+    c
+}
+
+fn allow_all_into_x() -> serde_json::Value {
+    json!({"metadata": {"name": "allow", "namespace": "x"},
+           "spec": {"podSelector": {}, "ingress": [{}]}})
+}
+
+#[test]
+fn admin_deny_beats_a_network_policy_allow_and_pass_hands_over() {
+    let deny = cnp(
+        "no-y",
+        "Admin",
+        5,
+        json!({
+            "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+            "ingress": [
+                {"action": "Pass", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}],
+                 "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
+                {"name": "deny-y", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]},
+            ],
+        }),
+    );
+    let c = with_cluster(cluster(vec![allow_all_into_x()]), vec![deny]);
+    // y/c (app a) on port 80: the Pass rule comes first, so the NetworkPolicy allows.
+    let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80));
+    assert!(v.allowed);
+    assert!(matches!(v.ingress.reason, Reason::AllowedBy(_)));
+    assert_eq!(v.ingress.passed.len(), 1);
+    // Port 81: the Deny rule decides, whatever the NetworkPolicy allows.
+    let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 81));
+    assert!(!v.allowed);
+    let Reason::Cluster(r) = &v.ingress.reason else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        (
+            r.policy.as_str(),
+            r.index,
+            r.name.as_str(),
+            r.action.as_str()
+        ),
+        ("no-y", 1, "deny-y", "Deny")
+    );
+}
+
+#[test]
+fn baseline_applies_only_where_no_network_policy_isolates() {
+    let base = cnp(
+        "default-deny",
+        "Baseline",
+        0,
+        json!({
+            "subject": {"namespaces": {}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+        }),
+    );
+    let c = with_cluster(cluster(vec![allow_all_into_x()]), vec![base]);
+    // x pods are isolated by a NetworkPolicy that allows: the baseline never sees them.
+    assert!(verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80)).allowed);
+    // y/c is not isolated: the baseline denies.
+    let v = verdict(&c, &flow("10.0.0.1", "10.0.1.1", 80));
+    assert!(!v.allowed);
+    assert!(matches!(v.ingress.reason, Reason::Cluster(_)));
+}
+
+#[test]
+fn an_egress_accept_leaves_the_ingress_decision_to_the_destination() {
+    let accept = cnp(
+        "out",
+        "Admin",
+        1,
+        json!({
+            "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}},
+            "egress": [{"action": "Accept", "to": [{"namespaces": {}}]}],
+        }),
+    );
+    let deny_into_x = json!({"metadata": {"name": "deny", "namespace": "x"},
+           "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+    let c = with_cluster(cluster(vec![deny_into_x]), vec![accept]);
+    let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80));
+    assert!(v.egress.allowed && !v.ingress.allowed && !v.allowed);
+}
+
+#[test]
+fn an_unknown_peer_fails_closed_by_action() {
+    let rules = |action: &str| {
+        json!({
+            "subject": {"namespaces": {}},
+            "ingress": [{"action": action, "from": [{"someFutureField": {}}]}],
+        })
+    };
+    let c = with_cluster(cluster(vec![]), vec![cnp("p", "Admin", 1, rules("Accept"))]);
+    let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80));
+    assert!(
+        v.allowed && v.ingress.reason == Reason::NotIsolated,
+        "Accept matches nothing"
+    );
+    for action in ["Deny", "Pass"] {
+        let base = cnp(
+            "b",
+            "Baseline",
+            1,
+            json!({
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+            }),
+        );
+        let c = with_cluster(
+            cluster(vec![]),
+            vec![cnp("p", "Admin", 1, rules(action)), base],
+        );
+        assert!(
+            !verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80)).allowed,
+            "{action} matches everything"
+        );
+    }
+}
+
+#[test]
+fn same_priority_policies_follow_the_tie_key() {
+    let mk = |name: &str, action: &str| {
+        cnp(
+            name,
+            "Admin",
+            7,
+            json!({
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": action, "from": [{"namespaces": {}}]}],
+            }),
+        )
+    };
+    let (a, b) = ("alpha", "bravo");
+    let first = if cluster::tie_key(a) < cluster::tie_key(b) {
+        a
+    } else {
+        b
+    };
+    let c = with_cluster(cluster(vec![]), vec![mk(a, "Accept"), mk(b, "Deny")]);
+    let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80));
+    let Reason::Cluster(r) = &v.ingress.reason else {
+        panic!()
+    };
+    assert_eq!(r.policy, first);
+    assert_eq!(
+        cluster::tie_key(a),
+        crate::ir::tie_key(a),
+        "the evaluator and the IR agree on the definition"
+    );
 }
 
 fn flow(src: &str, dst: &str, port: u16) -> Flow {

@@ -100,6 +100,8 @@ pub struct Index {
     pub(crate) node_by_name: rustc_hash::FxHashMap<Arc<str>, NodeIdx>,
     pub(crate) policies: Slab<PolicyState>,
     pub(crate) policy_by_key: rustc_hash::FxHashMap<(NsIdx, Arc<str>), PolicyIdx>,
+    pub(crate) cluster_policies: Slab<ClusterPolicyState>,
+    pub(crate) cluster_policy_by_name: rustc_hash::FxHashMap<Arc<str>, CpIdx>,
     /// Selectable pods by address, for named ports behind an ipBlock.
     pub(crate) pods_by_ip:
         std::collections::BTreeMap<std::net::IpAddr, smallvec::SmallVec<[PodIdx; 1]>>,
@@ -143,6 +145,8 @@ impl Index {
             node_by_name: Default::default(),
             policies: Slab::new(),
             policy_by_key: Default::default(),
+            cluster_policies: Slab::new(),
+            cluster_policy_by_name: Default::default(),
             pods_by_ip: Default::default(),
             groups: Slab::new(),
             group_by_def: Default::default(),
@@ -210,7 +214,7 @@ impl Index {
                 Object::Node(_) => nodes.push(o),
                 Object::Namespace(_) => namespaces.push(o),
                 Object::Pod(_) => pods.push(o),
-                Object::Policy(_) => policies.push(o),
+                Object::Policy(_) | Object::ClusterPolicy(_) => policies.push(o),
             }
         }
         for o in nodes
@@ -228,7 +232,7 @@ impl Index {
             namespaces: self.namespaces.len(),
             pods: self.pods.len(),
             nodes: self.nodes.len(),
-            policies: self.policies.len(),
+            policies: self.policies.len() + self.cluster_policies.len(),
             groups: self.groups.len(),
             rules: self.rules.len(),
             strings: self.strings.len(),

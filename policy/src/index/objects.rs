@@ -5,12 +5,16 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::{
-    Index, NamedPort, NodeIdx, NodeState, NsIdx, NsState, PodIdx, PodState, PolicyIdx, PolicyState,
+    ClusterPolicyState, CpIdx, Index, NamedPort, NodeIdx, NodeState, NsIdx, NsState, Order, PodIdx,
+    PodState, PolicyIdx, PolicyState,
 };
+use crate::faults::{self, Fault};
 use crate::ir::digest::Enc;
 use crate::ir::{self, Direction, EndpointId};
 use crate::labels::value_of;
-use crate::model::{Namespace, Node, Object, ObjectKey, Pod, Policy};
+use crate::model::{
+    ClusterPolicy, CnpAction, CnpTier, Namespace, Node, Object, ObjectKey, Pod, Policy, Subject,
+};
 
 impl Index {
     pub(crate) fn upsert(&mut self, o: Object) {
@@ -19,6 +23,7 @@ impl Index {
             Object::Pod(p) => self.upsert_pod(p),
             Object::Node(n) => self.upsert_node(n),
             Object::Policy(p) => self.upsert_policy(p),
+            Object::ClusterPolicy(p) => self.upsert_cluster_policy(p),
         }
     }
 
@@ -34,6 +39,11 @@ impl Index {
             ObjectKey::Policy { namespace, name } => {
                 if let Some(p) = self.find_policy(namespace, name) {
                     self.policy_out(p);
+                }
+            }
+            ObjectKey::ClusterPolicy(name) => {
+                if let Some(&p) = self.cluster_policy_by_name.get(name.as_str()) {
+                    self.cluster_policy_out(p);
                 }
             }
         }
@@ -100,6 +110,7 @@ impl Index {
         }
         let old = std::mem::replace(&mut ns.labels, new);
         self.ns_relabelled(idx);
+        self.ns_subject_changed(idx);
         self.labels.release(&mut self.strings, old);
     }
 
@@ -120,6 +131,7 @@ impl Index {
         let old = std::mem::replace(&mut ns.labels, implicit);
         if old != implicit {
             self.ns_relabelled(idx);
+            self.ns_subject_changed(idx);
         }
         self.labels.release(&mut self.strings, old);
         self.work.ns_gc.push(idx);
@@ -423,6 +435,163 @@ impl Index {
         for (ls, pods) in &self.namespaces[ns.get()].classes {
             if self.selectors.matches(selector, self.labels.get(*ls)) {
                 hit.extend_from_slice(pods);
+            }
+        }
+        for p in hit {
+            if self.pods[p.get()].node.is_some() {
+                self.mark_dirty(p);
+            }
+        }
+    }
+
+    // === cluster network policies ===
+
+    /// A namespace's labels changed: which cluster policies select its pods may have.
+    fn ns_subject_changed(&mut self, idx: NsIdx) {
+        if self.cluster_policies.is_empty() {
+            return;
+        }
+        let pods: Vec<PodIdx> = self.namespaces[idx.get()]
+            .classes
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        for p in pods {
+            if self.pods[p.get()].node.is_some() {
+                self.mark_dirty(p);
+            }
+        }
+    }
+
+    fn upsert_cluster_policy(&mut self, policy: ClusterPolicy) {
+        let name: Arc<str> = Arc::from(policy.name.as_str());
+        if let Some(&p) = self.cluster_policy_by_name.get(&name) {
+            if self.cluster_policies[p.get()].model == policy {
+                return;
+            }
+            self.cluster_policy_out(p);
+        }
+        let (ns_sel, pod_sel) = match &policy.subject {
+            Subject::Namespaces(n) => (n, None),
+            Subject::Pods { namespaces, pods } => (namespaces, Some(pods)),
+        };
+        let pod_sel = if faults::active(Fault::CnpPodsSubjectIgnoresPodSelector) {
+            None
+        } else {
+            pod_sel
+        };
+        let ns_sel = self.selectors.intern(&mut self.strings, ns_sel);
+        let pod_sel = pod_sel.map(|s| self.selectors.intern(&mut self.strings, s));
+        let tier = match policy.tier {
+            CnpTier::Admin => ir::Tier::Admin,
+            CnpTier::Baseline => ir::Tier::Baseline,
+        };
+        let tier = if faults::active(Fault::CnpBaselineAsAdmin) {
+            ir::Tier::Admin
+        } else {
+            tier
+        };
+        let build = |idx: &mut Self, direction: Direction, rules: &[crate::model::CnpRule]| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let i = if faults::active(Fault::CnpRuleOrderReversed) {
+                        rules.len() - 1 - i
+                    } else {
+                        i
+                    };
+                    let order = Order {
+                        tier,
+                        priority: ir::cluster_rank(policy.priority, &policy.name, i),
+                        action: match r.action {
+                            CnpAction::Accept => ir::Action::Allow,
+                            CnpAction::Deny => ir::Action::Deny,
+                            CnpAction::Pass => ir::Action::Pass,
+                        },
+                    };
+                    let order = if faults::active(Fault::CnpPassAsAccept)
+                        && order.action == ir::Action::Pass
+                    {
+                        Order {
+                            action: ir::Action::Allow,
+                            ..order
+                        }
+                    } else {
+                        order
+                    };
+                    // Flipping the 46 tie-key bits of the rank reverses the order of
+                    // same-priority policies and nothing else.
+                    let order = if faults::active(Fault::CnpTieKeyInverted) {
+                        Order {
+                            priority: order.priority ^ (((1 << 46) - 1) << 7),
+                            ..order
+                        }
+                    } else {
+                        order
+                    };
+                    // Peers of a cluster policy always name their namespaces, so no
+                    // namespace scopes them.
+                    r.rule
+                        .as_ref()
+                        .map(|rule| idx.build_template(None, direction, rule, order))
+                })
+                .collect::<Vec<_>>()
+        };
+        let ingress = build(self, Direction::Ingress, &policy.ingress);
+        let egress = build(self, Direction::Egress, &policy.egress);
+        let p = CpIdx::new(self.cluster_policies.insert(ClusterPolicyState {
+            name: name.clone(),
+            model: policy,
+            ns_sel,
+            pod_sel,
+            ingress,
+            egress,
+        }));
+        self.cluster_policy_by_name.insert(name, p);
+        self.mark_subject_dirty(p);
+    }
+
+    fn cluster_policy_out(&mut self, p: CpIdx) {
+        self.mark_subject_dirty(p);
+        let s = self.cluster_policies.remove(p.get());
+        self.cluster_policy_by_name.remove(&s.name);
+        for ts in [s.ingress, s.egress] {
+            self.release_templates(ts.into_iter().flatten().collect());
+        }
+        self.selectors.release(&mut self.strings, s.ns_sel);
+        if let Some(sel) = s.pod_sel {
+            self.selectors.release(&mut self.strings, sel);
+        }
+    }
+
+    /// Whether cluster policy `p` selects pods with labels `pod` in a namespace labelled `ns`.
+    pub(crate) fn subject_selects(
+        &self,
+        p: CpIdx,
+        ns: crate::labels::LabelSetId,
+        pod: crate::labels::LabelSetId,
+    ) -> bool {
+        let s = &self.cluster_policies[p.get()];
+        self.selectors.matches(s.ns_sel, self.labels.get(ns))
+            && s.pod_sel
+                .is_none_or(|sel| self.selectors.matches(sel, self.labels.get(pod)))
+    }
+
+    fn mark_subject_dirty(&mut self, p: CpIdx) {
+        let mut hit: Vec<PodIdx> = Vec::new();
+        for (_, ns) in &self.namespaces {
+            let s = &self.cluster_policies[p.get()];
+            if !self.selectors.matches(s.ns_sel, self.labels.get(ns.labels)) {
+                continue;
+            }
+            for (ls, pods) in &ns.classes {
+                if s.pod_sel
+                    .is_none_or(|sel| self.selectors.matches(sel, self.labels.get(*ls)))
+                {
+                    hit.extend_from_slice(pods);
+                }
             }
         }
         for p in hit {

@@ -114,7 +114,13 @@ impl Index {
         let mut v: Vec<RuleIdx> = t.static_rule.iter().chain(&t.named_rule).copied().collect();
         if !egress && t.static_rule.is_none() && !t.named.is_empty() {
             let ports = &self.pods[pod.get()].ports;
-            v.extend(self.find_ingress_rule_for(t.peers.as_deref(), &t.ranges, &t.named, ports));
+            v.extend(self.find_ingress_rule_for(
+                t.order,
+                t.peers.as_deref(),
+                &t.ranges,
+                &t.named,
+                ports,
+            ));
         }
         v
     }

@@ -114,6 +114,9 @@ impl Index {
         for (_, p) in self.policies.iter() {
             out.push(Object::Policy(p.model.clone()));
         }
+        for (_, p) in self.cluster_policies.iter() {
+            out.push(Object::ClusterPolicy(p.model.clone()));
+        }
         out
     }
 }

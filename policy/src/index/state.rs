@@ -10,7 +10,7 @@ use crate::intern::Sym;
 use crate::ir::digest::{Acc, Digest};
 use crate::ir::{self, Action, AddrPort, Direction, EndpointId, GroupId, PortRange, Tier};
 use crate::labels::LabelSetId;
-use crate::model::{IpBlock, Policy, Protocol};
+use crate::model::{ClusterPolicy, IpBlock, Policy, Protocol};
 use crate::selector::SelId;
 
 macro_rules! idx {
@@ -33,6 +33,7 @@ idx!(NodeIdx);
 idx!(PolicyIdx);
 idx!(GroupIdx);
 idx!(RuleIdx);
+idx!(CpIdx);
 
 pub(crate) struct NsState {
     pub name: Arc<str>,
@@ -95,7 +96,21 @@ pub(crate) struct EndpointState {
     /// `None`: not isolated. Sorted by rule ID.
     pub ingress: Option<Box<[RuleIdx]>>,
     pub egress: Option<Box<[RuleIdx]>>,
+    /// ClusterNetworkPolicy rules (ingress, egress), sorted by rule ID: they apply whether
+    /// or not a NetworkPolicy isolates the pod.
+    pub cluster: [Box<[RuleIdx]>; 2],
     pub item: [u8; 32],
+}
+
+impl EndpointState {
+    /// Every rule of one direction (NetworkPolicy and cluster), sorted by rule ID.
+    pub fn rules(&self, egress: bool) -> impl Iterator<Item = RuleIdx> + '_ {
+        let np = if egress { &self.egress } else { &self.ingress };
+        np.iter()
+            .flat_map(|l| l.iter())
+            .chain(self.cluster[usize::from(egress)].iter())
+            .copied()
+    }
 }
 
 pub(crate) struct NodeState {
@@ -123,8 +138,37 @@ pub(crate) struct PolicyState {
     pub egress: Option<Vec<Template>>,
 }
 
+pub(crate) struct ClusterPolicyState {
+    pub name: Arc<str>,
+    pub model: ClusterPolicy,
+    /// Subject: namespaces, and pods within them (`None`: every pod).
+    pub ns_sel: SelId,
+    pub pod_sel: Option<SelId>,
+    /// Per rule in written order; `None`: the rule matches nothing.
+    pub ingress: Vec<Option<Template>>,
+    pub egress: Vec<Option<Template>>,
+}
+
+/// Where a rule sits in evaluation: its tier, its order there, and what a match does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Order {
+    pub tier: Tier,
+    pub priority: u64,
+    pub action: Action,
+}
+
+impl Order {
+    /// Every NetworkPolicy rule: one precedence, allows only.
+    pub const NP: Order = Order {
+        tier: Tier::NetworkPolicy,
+        priority: 0,
+        action: Action::Allow,
+    };
+}
+
 /// One policy rule, compiled as far as it can be without knowing the pod it applies to.
 pub(crate) struct Template {
+    pub order: Order,
     /// `None`: any peer.
     pub peers: Option<Box<[GroupIdx]>>,
     pub any_port: bool,
@@ -200,7 +244,7 @@ pub(crate) enum PortsKey {
 pub(crate) struct RuleKey {
     pub direction: Direction,
     pub tier: Tier,
-    pub priority: u32,
+    pub priority: u64,
     pub action: Action,
     /// `None`: any peer. Sorted.
     pub peers: Option<Box<[GroupIdx]>>,

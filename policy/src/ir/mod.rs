@@ -116,7 +116,9 @@ pub struct Rule {
     pub id: RuleId,
     pub direction: Direction,
     pub tier: Tier,
-    pub priority: u32,
+    /// Order within the tier, lower first: 0 for NetworkPolicy (its rules only add allows);
+    /// [`cluster_rank`] for a ClusterNetworkPolicy rule.
+    pub priority: u64,
     pub action: Action,
     pub peers: Peers,
     pub ports: Ports,
@@ -342,7 +344,7 @@ pub fn rule_hash(r: &Rule) -> [u8; 32] {
 pub fn rule_id(
     direction: Direction,
     tier: Tier,
-    priority: u32,
+    priority: u64,
     action: Action,
     peers: &Peers,
     ports: &Ports,
@@ -353,16 +355,21 @@ pub fn rule_id(
 fn rule_enc(
     direction: Direction,
     tier: Tier,
-    priority: u32,
+    priority: u64,
     action: Action,
     peers: &Peers,
     ports: &Ports,
 ) -> Enc {
     let mut e = Enc::new("rule");
-    e.u8(direction as u8)
-        .u8(tier as u8)
-        .u32(priority)
-        .u8(action as u8);
+    e.u8(direction as u8).u8(tier as u8);
+    // NetworkPolicy rules keep the 32-bit field of the servers before ClusterNetworkPolicy
+    // (the tier, encoded first, tells the widths apart), so their IDs and every digest of a
+    // NetworkPolicy-only node stay the same across that upgrade and enforcers resume by delta.
+    match tier {
+        Tier::NetworkPolicy => e.u32(priority as u32),
+        Tier::Admin | Tier::Baseline => e.u64(priority),
+    };
+    e.u8(action as u8);
     match peers {
         Peers::Any => {
             e.u8(0);
@@ -389,6 +396,27 @@ fn rule_enc(
         }
     }
     e
+}
+
+/// A ClusterNetworkPolicy rule's order within its tier, as content: the top bit always set
+/// (so the rank never fits the 32-bit field of enforcers older than ClusterNetworkPolicy,
+/// which then refuse the rule instead of reading a Deny as an allow), the policy's priority
+/// (0 to 1000) in the next 10 bits, then [`tie_key`] of its name (same-priority policies),
+/// then the rule's index in its list (at most 25). Adding or removing a policy never changes
+/// another policy's rules, and no name travels to nodes.
+pub fn cluster_rank(priority: u32, name: &str, index: usize) -> u64 {
+    debug_assert!(priority < 1 << 10 && index < 1 << 7);
+    (1 << 63) | (u64::from(priority) << 53) | (tie_key(name) << 7) | (index as u64 & 0x7f)
+}
+
+/// The documented order of same-priority ClusterNetworkPolicies of one tier (upstream leaves
+/// it undefined): 46 bits of a hash of the name.
+pub fn tie_key(name: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"moat.cnp.order\0");
+    h.update(name.as_bytes());
+    let first: [u8; 8] = h.finalize().as_bytes()[..8].try_into().expect("8 bytes");
+    u64::from_be_bytes(first) >> 18
 }
 
 pub fn group_item(id: GroupId, members: &[u8; 32]) -> [u8; 32] {

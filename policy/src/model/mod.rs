@@ -6,6 +6,7 @@
 //! form. These values own plain strings and are independent of any index.
 
 pub mod cidr;
+pub mod cnp_api;
 pub mod lookup;
 pub mod parse;
 pub mod render;
@@ -166,6 +167,77 @@ pub struct Policy {
     pub egress: Option<Vec<Rule>>,
 }
 
+/// A `ClusterNetworkPolicy` tier (the NetworkPolicy tier sits between them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CnpTier {
+    Admin,
+    Baseline,
+}
+
+impl CnpTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CnpTier::Admin => "Admin",
+            CnpTier::Baseline => "Baseline",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CnpAction {
+    Accept,
+    Deny,
+    /// Skip the tier's remaining rules: Admin goes on to NetworkPolicy, Baseline to the
+    /// default allow.
+    Pass,
+}
+
+impl CnpAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CnpAction::Accept => "Accept",
+            CnpAction::Deny => "Deny",
+            CnpAction::Pass => "Pass",
+        }
+    }
+}
+
+/// The pods a `ClusterNetworkPolicy` applies to (never host-network pods).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Subject {
+    /// Every pod of the namespaces this selects.
+    Namespaces(Selector),
+    /// Pods matching `pods` in namespaces matching `namespaces`.
+    Pods {
+        namespaces: Selector,
+        pods: Selector,
+    },
+}
+
+/// One rule of a `ClusterNetworkPolicy`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CnpRule {
+    /// `name` as written (may be empty).
+    pub name: String,
+    pub action: CnpAction,
+    /// `None`: the rule matches nothing (an Accept rule with a peer of a kind Moat does not
+    /// know: the API's fail-closed reading). Otherwise peers are never empty, except for a
+    /// Deny or Pass rule with such a peer, which matches every peer and port.
+    pub rule: Option<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPolicy {
+    pub name: String,
+    pub tier: CnpTier,
+    /// 0 to 1000, lower first.
+    pub priority: u32,
+    pub subject: Subject,
+    /// In written order; an empty list leaves that direction alone.
+    pub ingress: Vec<CnpRule>,
+    pub egress: Vec<CnpRule>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContainerPort {
     pub name: String,
@@ -231,6 +303,7 @@ pub enum Object {
     Pod(Pod),
     Node(Node),
     Policy(Policy),
+    ClusterPolicy(ClusterPolicy),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -239,6 +312,7 @@ pub enum ObjectKey {
     Node(String),
     Pod { namespace: String, name: String },
     Policy { namespace: String, name: String },
+    ClusterPolicy(String),
 }
 
 impl Object {
@@ -254,6 +328,7 @@ impl Object {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
             },
+            Object::ClusterPolicy(p) => ObjectKey::ClusterPolicy(p.name.clone()),
         }
     }
 }
@@ -265,6 +340,7 @@ impl fmt::Display for ObjectKey {
             ObjectKey::Node(n) => write!(f, "Node {n}"),
             ObjectKey::Pod { namespace, name } => write!(f, "Pod {namespace}/{name}"),
             ObjectKey::Policy { namespace, name } => write!(f, "NetworkPolicy {namespace}/{name}"),
+            ObjectKey::ClusterPolicy(name) => write!(f, "ClusterNetworkPolicy {name}"),
         }
     }
 }

@@ -635,6 +635,7 @@ pub enum K8sObject {
     Pod(core::Pod),
     Node(core::Node),
     NetworkPolicy(net::NetworkPolicy),
+    ClusterNetworkPolicy(super::cnp_api::ClusterNetworkPolicy),
 }
 
 /// Validates and converts any supported object.
@@ -650,8 +651,14 @@ pub fn object(o: &K8sObject) -> Result<Parsed<Object>> {
         K8sObject::Pod(p) => wrap(pod(p)?, Object::Pod),
         K8sObject::Node(n) => wrap(node(n)?, Object::Node),
         K8sObject::NetworkPolicy(p) => wrap(network_policy(p)?, Object::Policy),
+        K8sObject::ClusterNetworkPolicy(p) => {
+            wrap(cnp::cluster_network_policy(p)?, Object::ClusterPolicy)
+        }
     })
 }
+
+mod cnp;
+pub use cnp::{MAX_PRIORITY, cluster_network_policy};
 
 #[cfg(test)]
 mod tests;

@@ -9,10 +9,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{K8sObject, Object, Op, Peer, PortSpec, Rule, Selector};
+use super::cnp_api as cnp;
+use super::{
+    ClusterPolicy, CnpRule, K8sObject, Object, Op, Peer, PortSpec, Rule, Selector, Subject,
+};
 
 pub fn to_k8s(o: &Object) -> K8sObject {
     match o {
+        Object::ClusterPolicy(p) => K8sObject::ClusterNetworkPolicy(cluster_policy(p)),
         Object::Namespace(n) => K8sObject::Namespace(core::Namespace {
             metadata: ObjectMeta {
                 name: Some(n.name.clone()),
@@ -192,4 +196,133 @@ fn ports(r: &Rule) -> Option<Vec<net::NetworkPolicyPort>> {
             })
             .collect(),
     )
+}
+
+fn cluster_policy(p: &ClusterPolicy) -> cnp::ClusterNetworkPolicy {
+    let subject = match &p.subject {
+        Subject::Namespaces(n) => cnp::Subject {
+            namespaces: Some(selector(n)),
+            pods: None,
+        },
+        Subject::Pods { namespaces, pods } => cnp::Subject {
+            namespaces: None,
+            pods: Some(cnp::NamespacedPod {
+                namespace_selector: selector(namespaces),
+                pod_selector: selector(pods),
+            }),
+        },
+    };
+    cnp::ClusterNetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(p.name.clone()),
+            ..Default::default()
+        },
+        spec: Some(cnp::Spec {
+            tier: p.tier.as_str().to_string(),
+            priority: Some(i64::from(p.priority)),
+            subject,
+            ingress: p
+                .ingress
+                .iter()
+                .map(|r| {
+                    let (peers, protocols) = cluster_rule(r);
+                    cnp::IngressRule {
+                        name: r.name.clone(),
+                        action: r.action.as_str().to_string(),
+                        from: peers
+                            .into_iter()
+                            .map(|e| cnp::IngressPeer {
+                                namespaces: e.namespaces,
+                                pods: e.pods,
+                            })
+                            .collect(),
+                        protocols,
+                    }
+                })
+                .collect(),
+            egress: p
+                .egress
+                .iter()
+                .map(|r| {
+                    let (to, protocols) = cluster_rule(r);
+                    cnp::EgressRule {
+                        name: r.name.clone(),
+                        action: r.action.as_str().to_string(),
+                        to,
+                        protocols,
+                    }
+                })
+                .collect(),
+        }),
+        status: None,
+    }
+}
+
+/// A rule's peers and protocols. A rule that matches nothing (Accept) or everything (Deny,
+/// Pass) because of a peer kind Moat does not know comes back with such a peer: empty.
+fn cluster_rule(r: &CnpRule) -> (Vec<cnp::EgressPeer>, Option<Vec<cnp::ProtocolMatch>>) {
+    let Some(rule) = r.rule.as_ref().filter(|x| !x.peers.is_empty()) else {
+        return (vec![cnp::EgressPeer::default()], None);
+    };
+    let peers = rule
+        .peers
+        .iter()
+        .map(|p| match p {
+            Peer::Pods { namespaces, pods } => cnp::EgressPeer {
+                pods: Some(cnp::NamespacedPod {
+                    namespace_selector: namespaces.as_ref().map(selector).unwrap_or_default(),
+                    pod_selector: selector(pods),
+                }),
+                ..Default::default()
+            },
+            Peer::Block(b) => cnp::EgressPeer {
+                networks: Some(vec![b.cidr.to_string()]),
+                ..Default::default()
+            },
+        })
+        .collect();
+    if rule.ports.is_empty() {
+        return (peers, None);
+    }
+    let mut out: Vec<cnp::ProtocolMatch> = Vec::new();
+    for p in &rule.ports {
+        let port = |first: u16, last: u16| cnp::ProtocolPort {
+            destination_port: Some(if first == last {
+                cnp::Port {
+                    number: Some(i64::from(first)),
+                    range: None,
+                }
+            } else {
+                cnp::Port {
+                    number: None,
+                    range: Some(cnp::PortRange {
+                        start: i64::from(first),
+                        end: i64::from(last),
+                    }),
+                }
+            }),
+        };
+        let m = match p {
+            PortSpec::Named { name, .. } => cnp::ProtocolMatch {
+                destination_named_port: Some(name.clone()),
+                ..Default::default()
+            },
+            PortSpec::Range { proto, first, last } => proto_match(*proto, port(*first, *last)),
+            PortSpec::All(proto) => proto_match(*proto, port(1, u16::MAX)),
+        };
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    (peers, Some(out))
+}
+
+fn proto_match(proto: super::Protocol, p: cnp::ProtocolPort) -> cnp::ProtocolMatch {
+    let mut m = cnp::ProtocolMatch::default();
+    match proto {
+        super::Protocol::Tcp => m.tcp = Some(p),
+        super::Protocol::Udp => m.udp = Some(p),
+        super::Protocol::Sctp => m.sctp = Some(p),
+    }
+    m
 }

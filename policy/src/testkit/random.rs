@@ -1,9 +1,10 @@
-//! Small random clusters that exercise every NetworkPolicy feature.
+//! Small random clusters that exercise every NetworkPolicy and ClusterNetworkPolicy feature.
 //!
 //! Vocabularies are tiny on purpose, so selectors hit and miss often, the same port name
-//! resolves differently on different pods, and ipBlocks overlap pod addresses.
+//! resolves differently on different pods, ipBlocks and `networks` overlap pod addresses, and
+//! cluster policies of one tier share priorities (so the tie order matters).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -13,7 +14,11 @@ use rand::seq::{IndexedMutRandom, IndexedRandom};
 use serde_json::{Value, json};
 
 use super::k8s;
-use crate::model::K8sObject;
+use crate::eval::{ClusterRuleRef, Flow, Reason, Side, Verdict};
+use crate::model::cnp_api;
+use crate::model::{
+    ClusterPolicy, K8sObject, NAMESPACE_NAME_LABEL, Object, Peer, PortSpec, Protocol, Rule, Subject,
+};
 
 const POD_KEYS: [&str; 3] = ["app", "tier", "env"];
 const NS_KEYS: [&str; 2] = ["env", "team"];
@@ -21,6 +26,12 @@ const VALUES: [&str; 3] = ["a", "b", "c"];
 const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
 const PORTS: [u16; 5] = [53, 80, 81, 8080, 9090];
 const PROTOS: [&str; 3] = ["TCP", "UDP", "SCTP"];
+/// Few values, so that policies of one tier often share a priority.
+const CNP_PRIORITIES: [u32; 5] = [0, 1, 1, 2, 1000];
+const CNP_ACTIONS: [&str; 3] = ["Accept", "Deny", "Pass"];
+/// Addresses outside every pod and node range (probed, and anchors of `networks` that
+/// cover no pod).
+const OUTSIDERS: [&str; 4] = ["10.0.0.250", "203.0.113.7", "fd00::fff0", "2001:db8::7"];
 
 /// (IP protocol, port) pairs every flow is probed with.
 pub const PROBES: [(u8, u16); 12] = [
@@ -91,6 +102,13 @@ pub struct GenPod {
     pub terminal: bool,
 }
 
+impl GenPod {
+    /// Whether policy applies to the pod: not host-network, not finished, with an address.
+    pub fn is_endpoint(&self) -> bool {
+        !self.host_network && !self.terminal && !self.ips.is_empty()
+    }
+}
+
 /// A generated cluster, kept as plain data so it can be mutated and rendered again.
 #[derive(Clone, Debug, Default)]
 pub struct World {
@@ -99,8 +117,11 @@ pub struct World {
     pub pods: Vec<GenPod>,
     /// NetworkPolicy manifests as JSON.
     pub policies: Vec<Value>,
+    /// ClusterNetworkPolicy manifests as JSON.
+    pub cluster_policies: Vec<Value>,
     next_pod: u32,
     next_policy: u32,
+    next_cluster_policy: u32,
 }
 
 impl World {
@@ -127,10 +148,50 @@ impl World {
         for _ in 0..rng.random_range(3..=10) {
             w.add_pod(rng, f);
         }
-        for _ in 0..rng.random_range(1..=5) {
+        // Either kind may be missing, so each is also seen without the other.
+        let policies = if rng.random_bool(0.15) {
+            0
+        } else {
+            rng.random_range(1..=5)
+        };
+        for _ in 0..policies {
             w.add_policy(rng, f);
         }
+        let cluster_policies = if rng.random_bool(0.25) {
+            0
+        } else {
+            rng.random_range(1..=4)
+        };
+        for _ in 0..cluster_policies {
+            w.add_cluster_policy(rng, f);
+        }
+        w.count_policy_mix(f);
         w
+    }
+
+    fn count_policy_mix(&self, f: &mut Features) {
+        f.hit(
+            match (self.policies.is_empty(), self.cluster_policies.is_empty()) {
+                (false, false) => "world: both policy kinds",
+                (false, true) => "world: NetworkPolicies only",
+                (true, false) => "world: ClusterNetworkPolicies only",
+                (true, true) => "world: no policy",
+            },
+        );
+        let mut seen = BTreeSet::new();
+        let ties = self
+            .cluster_policies
+            .iter()
+            .filter(|p| {
+                !seen.insert((
+                    p["spec"]["tier"].to_string(),
+                    p["spec"]["priority"].to_string(),
+                ))
+            })
+            .count();
+        if ties > 0 {
+            f.hit("cnp: same tier and priority (tie)");
+        }
     }
 
     fn add_pod(&mut self, rng: &mut SmallRng, f: &mut Features) {
@@ -278,40 +339,35 @@ impl World {
         }
     }
 
-    fn random_block(&self, rng: &mut SmallRng, f: &mut Features) -> Value {
-        let v6 = rng.random_bool(0.4);
-        let max: u8 = if v6 { 128 } else { 32 };
-        let anchors: Vec<IpAddr> = self
-            .pods
+    /// Pod and node addresses of one family.
+    fn anchors(&self, v6: bool) -> Vec<IpAddr> {
+        self.pods
             .iter()
             .flat_map(|p| p.ips.iter())
             .chain(self.nodes.iter().flat_map(|n| n.ips.iter()))
             .filter(|ip| ip.is_ipv6() == v6)
             .copied()
-            .collect();
-        let anchor = anchors.choose(rng).copied().unwrap_or(if v6 {
-            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
-        });
-        let lens: &[u8] = if v6 {
-            &[0, 8, 64, 112, 120, 128]
-        } else {
-            &[0, 8, 16, 24, 28, 32]
-        };
-        let len = *lens.choose(rng).expect("lens");
+            .collect()
+    }
+
+    fn random_block(&self, rng: &mut SmallRng, f: &mut Features) -> Value {
+        let v6 = rng.random_bool(0.4);
+        let max: u8 = if v6 { 128 } else { 32 };
+        let anchors = self.anchors(v6);
+        let Prefix {
+            anchor,
+            len,
+            text,
+            host_bits,
+        } = random_prefix(rng, &anchors, v6);
         f.hit(if v6 { "ipBlock: IPv6" } else { "ipBlock: IPv4" });
         if len == 0 {
             f.hit("ipBlock: all addresses (/0)");
         }
-        let host_bits = len < max && rng.random_bool(0.1);
-        let cidr = if host_bits {
+        if host_bits {
             f.hit("ipBlock: host bits set (normalised)");
-            format!("{anchor}/{len}")
-        } else {
-            format!("{}/{len}", mask(anchor, len))
-        };
-        let mut block = json!({"cidr": cidr});
+        }
+        let mut block = json!({ "cidr": text });
         if len < max && rng.random_bool(0.5) {
             let inside: Vec<IpAddr> = anchors
                 .iter()
@@ -331,131 +387,391 @@ impl World {
         block
     }
 
-    /// Random edits: labels, ports, pods and policies come and go. Nodes stay unless
-    /// `nodes` is set (the evaluator judges policy, not whether a node enforces it).
-    pub fn mutate(&mut self, rng: &mut SmallRng, f: &mut Features, nodes: bool) {
-        for _ in 0..rng.random_range(1..=4) {
-            match rng.random_range(0..if nodes { 14 } else { 13 }) {
-                0 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    self.pods[i].labels = random_labels(rng, &POD_KEYS);
-                    f.hit("mutation: pod relabelled");
-                }
-                1 => {
-                    let i = rng.random_range(0..self.namespaces.len());
-                    self.namespaces[i].labels = random_labels(rng, &NS_KEYS);
-                    f.hit("mutation: namespace relabelled");
-                }
-                2 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    self.pods[i].ports = random_ports(rng);
-                    f.hit("mutation: pod ports changed");
-                }
-                3 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    self.pods.remove(i);
-                    f.hit("mutation: pod deleted");
-                }
-                4 => {
-                    self.add_pod(rng, f);
-                    f.hit("mutation: pod added");
-                }
-                5 if !self.policies.is_empty() => {
-                    let i = rng.random_range(0..self.policies.len());
-                    let ns = self.policies[i]["metadata"]["namespace"]
-                        .as_str()
-                        .expect("ns")
-                        .to_string();
-                    let name = self.policies[i]["metadata"]["name"]
-                        .as_str()
-                        .expect("name")
-                        .to_string();
-                    self.policies[i] = self.random_policy(rng, f, &ns, &name);
-                    f.hit("mutation: policy updated");
-                }
-                6 if !self.policies.is_empty() => {
-                    let i = rng.random_range(0..self.policies.len());
-                    self.policies.remove(i);
-                    f.hit("mutation: policy deleted");
-                }
-                7 => {
-                    self.add_policy(rng, f);
-                    f.hit("mutation: policy added");
-                }
-                8 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    let p = &mut self.pods[i];
-                    if !p.host_network {
-                        p.terminal = !p.terminal;
-                        f.hit("mutation: pod phase changed");
-                    }
-                }
-                9 => {
-                    let i = rng.random_range(0..self.namespaces.len());
-                    self.namespaces[i].labels.clear();
-                    f.hit("mutation: namespace labels cleared");
-                }
-                10 => {
-                    let i = rng.random_range(0..self.namespaces.len());
-                    self.namespaces[i].present = !self.namespaces[i].present;
-                    f.hit("mutation: namespace object deleted or restored");
-                }
-                11 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    let node = self.nodes.choose(rng).expect("nodes").clone();
-                    let p = &mut self.pods[i];
-                    p.node = node.name;
-                    if p.host_network {
-                        p.ips = node.ips;
-                    }
-                    f.hit("mutation: pod moved to another node");
-                }
-                12 if !self.pods.is_empty() => {
-                    let i = rng.random_range(0..self.pods.len());
-                    let p = &mut self.pods[i];
-                    if !p.host_network && !p.ips.is_empty() {
-                        // Swap to an unused address of the same shape.
-                        let n = 1000 + self.next_pod;
-                        self.next_pod += 1;
-                        for ip in &mut p.ips {
-                            *ip = match ip {
-                                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(
-                                    10,
-                                    0,
-                                    (n / 200) as u8,
-                                    (n % 200) as u8 + 1,
-                                )),
-                                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(
-                                    0xfd00,
-                                    0,
-                                    0,
-                                    0,
-                                    0,
-                                    0,
-                                    0,
-                                    n as u16 + 1,
-                                )),
-                            };
-                        }
-                        f.hit("mutation: pod address changed");
-                    }
-                }
-                13 => {
-                    if rng.random_bool(0.5) && self.nodes.len() > 1 {
-                        let i = rng.random_range(0..self.nodes.len());
-                        let gone = self.nodes.remove(i);
-                        self.pods.retain(|p| p.node != gone.name);
-                        f.hit("mutation: node deleted with its pods");
-                    } else if let Some(n) = self.nodes.choose_mut(rng) {
-                        if let IpAddr::V4(a) = n.ips[0] {
-                            n.ips[0] = IpAddr::V4(Ipv4Addr::from(u32::from(a) + 100));
-                        }
-                        f.hit("mutation: node address changed");
-                    }
-                }
-                _ => {}
+    fn add_cluster_policy(&mut self, rng: &mut SmallRng, f: &mut Features) {
+        let n = self.next_cluster_policy;
+        self.next_cluster_policy += 1;
+        let p = self.random_cluster_policy(rng, f, &format!("cnp{n}"));
+        self.cluster_policies.push(p);
+    }
+
+    fn random_cluster_policy(&self, rng: &mut SmallRng, f: &mut Features, name: &str) -> Value {
+        let tier = if rng.random_bool(0.5) {
+            f.hit("cnp: Admin tier");
+            "Admin"
+        } else {
+            f.hit("cnp: Baseline tier");
+            "Baseline"
+        };
+        let priority = *CNP_PRIORITIES.choose(rng).expect("priorities");
+        let mut spec = json!({
+            "tier": tier,
+            "priority": priority,
+            "subject": self.cnp_subject(rng, f),
+        });
+        for (dir, egress) in [("ingress", false), ("egress", true)] {
+            if rng.random_bool(0.2) {
+                f.hit("cnp: direction without rules");
+                continue;
+            }
+            let rules: Vec<Value> = (0..rng.random_range(1..=4))
+                .map(|_| self.random_cnp_rule(rng, f, egress))
+                .collect();
+            if rules.len() > 1 {
+                f.hit("cnp: several rules in one direction");
+            }
+            spec[dir] = Value::Array(rules);
+        }
+        json!({
+            "apiVersion": cnp_api::API_VERSION,
+            "kind": cnp_api::KIND,
+            "metadata": {"name": name},
+            "spec": spec,
+        })
+    }
+
+    fn cnp_subject(&self, rng: &mut SmallRng, f: &mut Features) -> Value {
+        if rng.random_bool(0.5) {
+            f.hit("cnp subject: namespaces");
+            json!({"namespaces": self.cnp_ns_selector(rng, f)})
+        } else {
+            f.hit("cnp subject: pods");
+            json!({"pods": {
+                "namespaceSelector": self.cnp_ns_selector(rng, f),
+                "podSelector": selector(rng, f, &POD_KEYS),
+            }})
+        }
+    }
+
+    /// Cluster policies name namespaces by selector only, often by the name label the API
+    /// server sets.
+    fn cnp_ns_selector(&self, rng: &mut SmallRng, f: &mut Features) -> Value {
+        if rng.random_bool(0.15) {
+            f.hit("cnp selector: namespace name label");
+            let ns = &self.namespaces.choose(rng).expect("namespaces").name;
+            return json!({"matchLabels": {NAMESPACE_NAME_LABEL: ns}});
+        }
+        selector(rng, f, &NS_KEYS)
+    }
+
+    fn random_cnp_rule(&self, rng: &mut SmallRng, f: &mut Features, egress: bool) -> Value {
+        let action = *CNP_ACTIONS.choose(rng).expect("actions");
+        f.hit(match action {
+            "Accept" => "cnp rule: Accept",
+            "Deny" => "cnp rule: Deny",
+            _ => "cnp rule: Pass",
+        });
+        let mut rule = serde_json::Map::new();
+        if rng.random_bool(0.3) {
+            rule.insert(
+                "name".into(),
+                json!(format!("rule-{}", rng.random_range(0..10))),
+            );
+        }
+        rule.insert("action".into(), json!(action));
+        let peers: Vec<Value> = (0..rng.random_range(1..=3))
+            .map(|_| self.random_cnp_peer(rng, f, egress))
+            .collect();
+        if peers.len() > 1 {
+            f.hit("cnp rule: several peers");
+        }
+        // The API refuses a named port beside a `networks` peer (no pod, no port names).
+        let named_ok = !peers.iter().any(|p| p.get("networks").is_some());
+        rule.insert(
+            (if egress { "to" } else { "from" }).into(),
+            Value::Array(peers),
+        );
+        if rng.random_bool(0.3) {
+            f.hit("cnp rule: no protocols (all traffic)");
+        } else {
+            let protocols: Vec<Value> = (0..rng.random_range(1..=3))
+                .map(|_| random_protocol_match(rng, f, named_ok))
+                .collect();
+            rule.insert("protocols".into(), Value::Array(protocols));
+        }
+        Value::Object(rule)
+    }
+
+    fn random_cnp_peer(&self, rng: &mut SmallRng, f: &mut Features, egress: bool) -> Value {
+        // Rare: a fail-closed Deny or Pass matches everything and hides the rules after it.
+        if rng.random_bool(0.012) {
+            f.hit("cnp peer: unknown kind (fail closed)");
+            return unknown_peer(rng);
+        }
+        match rng.random_range(0..100) {
+            0..35 => {
+                f.hit("cnp peer: namespaces");
+                json!({"namespaces": self.cnp_ns_selector(rng, f)})
+            }
+            35..65 if egress => self.random_networks(rng, f),
+            _ => {
+                f.hit("cnp peer: pods");
+                json!({"pods": {
+                    "namespaceSelector": self.cnp_ns_selector(rng, f),
+                    "podSelector": selector(rng, f, &POD_KEYS),
+                }})
             }
         }
+    }
+
+    /// A `networks` peer around pod and node addresses or, now and then, addresses no pod has.
+    fn random_networks(&self, rng: &mut SmallRng, f: &mut Features) -> Value {
+        let cidrs: Vec<String> = (0..rng.random_range(1..=2))
+            .map(|_| {
+                let v6 = rng.random_bool(0.4);
+                let anchors = if rng.random_bool(0.3) {
+                    outsiders(v6)
+                } else {
+                    self.anchors(v6)
+                };
+                let prefix = random_prefix(rng, &anchors, v6);
+                if prefix.host_bits {
+                    f.hit("cnp networks: host bits set (normalised)");
+                }
+                prefix.text
+            })
+            .collect();
+        let nets: Vec<ipnet::IpNet> = cidrs
+            .iter()
+            .map(|c| c.parse().expect("generated CIDR"))
+            .collect();
+        let covers_pod = self
+            .pods
+            .iter()
+            .flat_map(|p| &p.ips)
+            .any(|ip| nets.iter().any(|n| n.contains(ip)));
+        f.hit(if covers_pod {
+            "cnp peer: networks covering a pod address"
+        } else {
+            "cnp peer: networks covering no pod address"
+        });
+        json!({ "networks": cidrs })
+    }
+
+    /// Random edits: labels, ports, pods and policies of both kinds come and go. Nodes stay
+    /// unless `nodes` is set (the evaluator judges policy, not whether a node enforces it).
+    pub fn mutate(&mut self, rng: &mut SmallRng, f: &mut Features, nodes: bool) {
+        for _ in 0..rng.random_range(1..=4) {
+            let op = rng.random_range(0..17);
+            // Relabels are what moves pods in and out of cluster policy subjects.
+            let relabel = matches!(op, 0 | 1 | 9 | 10);
+            let before = relabel.then(|| self.subject_selection());
+            self.mutate_one(rng, f, op, nodes);
+            if before.is_some_and(|b| b != self.subject_selection()) {
+                f.hit("mutation: relabel changed a cnp subject's pods");
+            }
+        }
+    }
+
+    fn mutate_one(&mut self, rng: &mut SmallRng, f: &mut Features, op: u32, nodes: bool) {
+        match op {
+            0 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                self.pods[i].labels = random_labels(rng, &POD_KEYS);
+                f.hit("mutation: pod relabelled");
+            }
+            1 => {
+                let i = rng.random_range(0..self.namespaces.len());
+                self.namespaces[i].labels = random_labels(rng, &NS_KEYS);
+                f.hit("mutation: namespace relabelled");
+            }
+            2 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                self.pods[i].ports = random_ports(rng);
+                f.hit("mutation: pod ports changed");
+            }
+            3 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                self.pods.remove(i);
+                f.hit("mutation: pod deleted");
+            }
+            4 => {
+                self.add_pod(rng, f);
+                f.hit("mutation: pod added");
+            }
+            5 if !self.policies.is_empty() => {
+                let i = rng.random_range(0..self.policies.len());
+                let ns = self.policies[i]["metadata"]["namespace"]
+                    .as_str()
+                    .expect("ns")
+                    .to_string();
+                let name = self.policies[i]["metadata"]["name"]
+                    .as_str()
+                    .expect("name")
+                    .to_string();
+                self.policies[i] = self.random_policy(rng, f, &ns, &name);
+                f.hit("mutation: policy updated");
+            }
+            6 if !self.policies.is_empty() => {
+                let i = rng.random_range(0..self.policies.len());
+                self.policies.remove(i);
+                f.hit("mutation: policy deleted");
+            }
+            7 => {
+                self.add_policy(rng, f);
+                f.hit("mutation: policy added");
+            }
+            8 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                let p = &mut self.pods[i];
+                if !p.host_network {
+                    p.terminal = !p.terminal;
+                    f.hit("mutation: pod phase changed");
+                }
+            }
+            9 => {
+                let i = rng.random_range(0..self.namespaces.len());
+                self.namespaces[i].labels.clear();
+                f.hit("mutation: namespace labels cleared");
+            }
+            10 => {
+                let i = rng.random_range(0..self.namespaces.len());
+                self.namespaces[i].present = !self.namespaces[i].present;
+                f.hit("mutation: namespace object deleted or restored");
+            }
+            11 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                let node = self.nodes.choose(rng).expect("nodes").clone();
+                let p = &mut self.pods[i];
+                p.node = node.name;
+                if p.host_network {
+                    p.ips = node.ips;
+                }
+                f.hit("mutation: pod moved to another node");
+            }
+            12 if !self.pods.is_empty() => {
+                let i = rng.random_range(0..self.pods.len());
+                let p = &mut self.pods[i];
+                if !p.host_network && !p.ips.is_empty() {
+                    // Swap to an unused address of the same shape.
+                    let n = 1000 + self.next_pod;
+                    self.next_pod += 1;
+                    for ip in &mut p.ips {
+                        *ip = match ip {
+                            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(
+                                10,
+                                0,
+                                (n / 200) as u8,
+                                (n % 200) as u8 + 1,
+                            )),
+                            IpAddr::V6(_) => {
+                                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n as u16 + 1))
+                            }
+                        };
+                    }
+                    f.hit("mutation: pod address changed");
+                }
+            }
+            13 if nodes => {
+                if rng.random_bool(0.5) && self.nodes.len() > 1 {
+                    let i = rng.random_range(0..self.nodes.len());
+                    let gone = self.nodes.remove(i);
+                    self.pods.retain(|p| p.node != gone.name);
+                    f.hit("mutation: node deleted with its pods");
+                } else if let Some(n) = self.nodes.choose_mut(rng) {
+                    if let IpAddr::V4(a) = n.ips[0] {
+                        n.ips[0] = IpAddr::V4(Ipv4Addr::from(u32::from(a) + 100));
+                    }
+                    f.hit("mutation: node address changed");
+                }
+            }
+            14 if !self.cluster_policies.is_empty() => {
+                let i = rng.random_range(0..self.cluster_policies.len());
+                self.update_cluster_policy(rng, f, i);
+            }
+            15 if !self.cluster_policies.is_empty() => {
+                let i = rng.random_range(0..self.cluster_policies.len());
+                self.cluster_policies.remove(i);
+                f.hit("mutation: cnp deleted");
+            }
+            16 => {
+                self.add_cluster_policy(rng, f);
+                f.hit("mutation: cnp added");
+            }
+            _ => {}
+        }
+    }
+
+    /// Rewrites cluster policy `i`, or moves it alone: a new priority reorders it among its
+    /// tier, a new tier moves every rule across the NetworkPolicy tier.
+    fn update_cluster_policy(&mut self, rng: &mut SmallRng, f: &mut Features, i: usize) {
+        let p = &mut self.cluster_policies[i];
+        match rng.random_range(0..3) {
+            0 => {
+                p["spec"]["priority"] = json!(CNP_PRIORITIES.choose(rng).expect("priorities"));
+                f.hit("mutation: cnp priority changed");
+            }
+            1 => {
+                let flipped = if p["spec"]["tier"] == "Admin" {
+                    "Baseline"
+                } else {
+                    "Admin"
+                };
+                p["spec"]["tier"] = json!(flipped);
+                f.hit("mutation: cnp tier changed");
+            }
+            _ => {
+                let name = p["metadata"]["name"].as_str().expect("name").to_string();
+                self.cluster_policies[i] = self.random_cluster_policy(rng, f, &name);
+                f.hit("mutation: cnp rewritten");
+            }
+        }
+    }
+
+    /// The cluster policies as Moat parses them (generators only produce valid ones).
+    fn parsed_cluster_policies(&self) -> Vec<ClusterPolicy> {
+        self.cluster_policies
+            .iter()
+            .map(|v| {
+                let o = K8sObject::ClusterNetworkPolicy(k8s(v.clone()));
+                match crate::model::parse::object(&o)
+                    .expect("generated object is valid")
+                    .value
+                {
+                    Object::ClusterPolicy(p) => p,
+                    other => unreachable!("a ClusterNetworkPolicy parsed as {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// (policy, namespace, pod) for every pod a cluster policy's subject selects.
+    fn subject_selection(&self) -> BTreeSet<(String, String, String)> {
+        let mut out = BTreeSet::new();
+        for cp in self.parsed_cluster_policies() {
+            for p in self.pods.iter().filter(|p| p.is_endpoint()) {
+                let ns = self.ns_labels(&p.namespace);
+                let selected = match &cp.subject {
+                    Subject::Namespaces(n) => n.matches(&ns),
+                    Subject::Pods { namespaces, pods } => {
+                        namespaces.matches(&ns) && pods.matches(&p.labels)
+                    }
+                };
+                if selected {
+                    out.insert((cp.name.clone(), p.namespace.clone(), p.name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// A namespace's labels as the API server serves them, name label included (also for a
+    /// namespace whose object is gone).
+    fn ns_labels(&self, name: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .iter()
+            .find(|n| n.present && n.name == name)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+        labels
+    }
+
+    /// The pod policy applies to at `ip`, if any.
+    fn endpoint_at(&self, ip: IpAddr) -> Option<&GenPod> {
+        self.pods
+            .iter()
+            .find(|p| p.is_endpoint() && p.ips.contains(&ip))
     }
 
     pub fn objects(&self) -> Vec<K8sObject> {
@@ -497,6 +813,9 @@ impl World {
         for p in &self.policies {
             out.push(K8sObject::NetworkPolicy(k8s(p.clone())));
         }
+        for p in &self.cluster_policies {
+            out.push(K8sObject::ClusterNetworkPolicy(k8s(p.clone())));
+        }
         out
     }
 
@@ -507,15 +826,192 @@ impl World {
             .iter()
             .flat_map(|p| p.ips.iter().copied())
             .chain(self.nodes.iter().flat_map(|n| n.ips.iter().copied()))
-            .chain(
-                ["10.0.0.250", "203.0.113.7", "fd00::fff0", "2001:db8::7"]
-                    .iter()
-                    .map(|s| s.parse().expect("literal")),
-            )
+            .chain(outsiders(false))
+            .chain(outsiders(true))
             .collect();
         v.sort();
         v.dedup();
         v
+    }
+}
+
+/// The kind of one `ClusterNetworkPolicy` peer, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerKind {
+    Namespaces,
+    Pods,
+    Networks,
+}
+
+/// One cluster policy rule: Moat's reading, and what its JSON says the parser cannot show.
+struct RuleView {
+    /// `None` when the rule fails closed (then its peers no longer say what matched).
+    rule: Option<Rule>,
+    /// The written kind of each of `rule`'s peers (a `networks` peer gives one per CIDR).
+    kinds: Vec<PeerKind>,
+    /// What made the rule fail closed, if anything did.
+    fail_closed: Option<&'static str>,
+}
+
+/// Says what decided each side of a flow, as coverage counters: the tier and action, and for
+/// a cluster policy rule the kinds of its peers that matched and whether a named port
+/// resolved. Built once per world, since it parses the cluster policies.
+pub struct Attribution<'w> {
+    world: &'w World,
+    /// By (policy, egress, rule index).
+    rules: BTreeMap<(String, bool, usize), RuleView>,
+}
+
+impl World {
+    pub fn attribution(&self) -> Attribution<'_> {
+        let mut rules = BTreeMap::new();
+        for (json, parsed) in self
+            .cluster_policies
+            .iter()
+            .zip(self.parsed_cluster_policies())
+        {
+            for (egress, dir, model) in [
+                (false, "ingress", &parsed.ingress),
+                (true, "egress", &parsed.egress),
+            ] {
+                let written = json["spec"][dir].as_array().map_or(&[][..], Vec::as_slice);
+                for (i, (w, m)) in written.iter().zip(model).enumerate() {
+                    rules.insert((parsed.name.clone(), egress, i), rule_view(w, m, egress));
+                }
+            }
+        }
+        Attribution { world: self, rules }
+    }
+}
+
+fn rule_view(written: &Value, model: &crate::model::CnpRule, egress: bool) -> RuleView {
+    let peers = written[if egress { "to" } else { "from" }]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let mut kinds = Vec::new();
+    let mut unknown_peer = false;
+    for p in peers {
+        if p.get("namespaces").is_some() {
+            kinds.push(PeerKind::Namespaces);
+        } else if p.get("pods").is_some() {
+            kinds.push(PeerKind::Pods);
+        } else if let Some(nets) = p.get("networks").and_then(Value::as_array) {
+            kinds.extend(nets.iter().map(|_| PeerKind::Networks));
+        } else {
+            unknown_peer = true;
+        }
+    }
+    let unknown_protocol = written["protocols"].as_array().is_some_and(|l| {
+        l.iter().any(|m| {
+            ["tcp", "udp", "sctp", "destinationNamedPort"]
+                .iter()
+                .all(|k| m.get(k).is_none())
+        })
+    });
+    let fail_closed = if unknown_peer {
+        Some("peer: unknown kind (fail closed)")
+    } else if unknown_protocol {
+        Some("protocol: unknown kind (fail closed)")
+    } else {
+        None
+    };
+    RuleView {
+        rule: model.rule.clone().filter(|_| fail_closed.is_none()),
+        kinds,
+        fail_closed,
+    }
+}
+
+impl Attribution<'_> {
+    /// Counts what decided each side of `v`, the evaluator's verdict on `flow`.
+    pub fn count(&self, flow: &Flow, v: &Verdict, c: &mut Features) {
+        self.count_side(flow, &v.egress, true, c);
+        self.count_side(flow, &v.ingress, false, c);
+    }
+
+    fn count_side(&self, flow: &Flow, side: &Side, egress: bool, c: &mut Features) {
+        for r in &side.passed {
+            self.count_cluster_rule(flow, r, egress, c);
+        }
+        match &side.reason {
+            Reason::Cluster(r) => self.count_cluster_rule(flow, r, egress, c),
+            Reason::AllowedBy(_) => c.hit("decided: NetworkPolicy allow"),
+            Reason::DeniedBy(_) => c.hit("decided: NetworkPolicy deny"),
+            // Also where a Baseline Pass handed over: that is the default allow.
+            Reason::NotIsolated => c.hit("decided: default allow"),
+            Reason::NotAPod | Reason::NodeLocal => c.hit("decided: not a pod, or node-local"),
+        }
+    }
+
+    fn count_cluster_rule(&self, flow: &Flow, r: &ClusterRuleRef, egress: bool, c: &mut Features) {
+        c.hit(match (r.tier.as_str(), r.action.as_str()) {
+            ("Admin", "Accept") => "decided: Admin Accept",
+            ("Admin", "Deny") => "decided: Admin Deny",
+            ("Admin", "Pass") => "decided: Admin Pass",
+            ("Baseline", "Accept") => "decided: Baseline Accept",
+            ("Baseline", "Deny") => "decided: Baseline Deny",
+            ("Baseline", "Pass") => "decided: Baseline Pass",
+            other => panic!("unknown tier and action {other:?}"),
+        });
+        let view = self
+            .rules
+            .get(&(r.policy.clone(), egress, r.index))
+            .unwrap_or_else(|| panic!("the verdict names a rule the world lacks: {r}"));
+        if let Some(why) = view.fail_closed {
+            c.hit(why);
+            return;
+        }
+        let Some(rule) = &view.rule else {
+            return;
+        };
+        let peer = if egress { flow.dst } else { flow.src };
+        let mut matched: Vec<PeerKind> = rule
+            .peers
+            .iter()
+            .zip(&view.kinds)
+            .filter(|(p, _)| self.peer_matches(p, peer))
+            .map(|(_, k)| *k)
+            .collect();
+        matched.dedup();
+        for k in matched {
+            c.hit(match k {
+                PeerKind::Namespaces => "peer: namespaces",
+                PeerKind::Pods => "peer: pods",
+                PeerKind::Networks => "peer: networks",
+            });
+        }
+        if self.named_port_resolves(&rule.ports, flow) {
+            c.hit("port: named port resolved");
+        }
+    }
+
+    fn peer_matches(&self, p: &Peer, ip: IpAddr) -> bool {
+        match p {
+            Peer::Block(b) => b.contains(ip),
+            Peer::Pods { namespaces, pods } => self.world.endpoint_at(ip).is_some_and(|q| {
+                namespaces
+                    .as_ref()
+                    .is_none_or(|n| n.matches(&self.world.ns_labels(&q.namespace)))
+                    && pods.matches(&q.labels)
+            }),
+        }
+    }
+
+    /// Whether one of `ports`' named ports is the flow's destination port on its
+    /// destination pod.
+    fn named_port_resolves(&self, ports: &[PortSpec], flow: &Flow) -> bool {
+        let Some(dst) = self.world.endpoint_at(flow.dst) else {
+            return false;
+        };
+        ports.iter().any(|p| match p {
+            PortSpec::Named { proto, name } => {
+                proto.number() == flow.proto
+                    && dst.ports.iter().any(|(n, pr, port)| {
+                        n == name && Protocol::parse(pr) == Some(*proto) && *port == flow.port
+                    })
+            }
+            _ => false,
+        })
     }
 }
 
@@ -658,6 +1154,96 @@ fn random_port(rng: &mut SmallRng, f: &mut Features) -> Value {
     Value::Object(p)
 }
 
+/// A generated prefix and the address it was drawn around.
+struct Prefix {
+    anchor: IpAddr,
+    len: u8,
+    text: String,
+    /// `text` keeps the anchor's host bits (the parser normalises them).
+    host_bits: bool,
+}
+
+/// A prefix around one of `anchors` (all of family `v6`; a fixed address when empty).
+fn random_prefix(rng: &mut SmallRng, anchors: &[IpAddr], v6: bool) -> Prefix {
+    let max: u8 = if v6 { 128 } else { 32 };
+    let anchor = anchors.choose(rng).copied().unwrap_or(if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
+    });
+    let lens: &[u8] = if v6 {
+        &[0, 8, 64, 112, 120, 128]
+    } else {
+        &[0, 8, 16, 24, 28, 32]
+    };
+    let len = *lens.choose(rng).expect("lens");
+    let host_bits = len < max && rng.random_bool(0.1) && mask(anchor, len) != anchor;
+    let text = if host_bits {
+        format!("{anchor}/{len}")
+    } else {
+        format!("{}/{len}", mask(anchor, len))
+    };
+    Prefix {
+        anchor,
+        len,
+        text,
+        host_bits,
+    }
+}
+
+fn outsiders(v6: bool) -> Vec<IpAddr> {
+    OUTSIDERS
+        .iter()
+        .map(|s| s.parse::<IpAddr>().expect("literal"))
+        .filter(|ip| ip.is_ipv6() == v6)
+        .collect()
+}
+
+/// A peer of a kind this version does not know: nothing, or a field from a newer API (which
+/// the types must ignore, not refuse).
+fn unknown_peer(rng: &mut SmallRng) -> Value {
+    if rng.random_bool(0.5) {
+        json!({})
+    } else {
+        json!({"fromTheFuture": {"matchLabels": {"app": "a"}}})
+    }
+}
+
+/// One `protocols` entry; `named_ok`: a `destinationNamedPort` is allowed.
+fn random_protocol_match(rng: &mut SmallRng, f: &mut Features, named_ok: bool) -> Value {
+    if rng.random_bool(0.008) {
+        f.hit("cnp protocol: unknown kind (fail closed)");
+        return json!({});
+    }
+    match rng.random_range(0..100) {
+        0..30 if named_ok => {
+            f.hit("cnp protocol: destinationNamedPort");
+            json!({"destinationNamedPort": PORT_NAMES.choose(rng).expect("names")})
+        }
+        _ => {
+            let key = match rng.random_range(0..4) {
+                0 | 1 => "tcp",
+                2 => "udp",
+                _ => "sctp",
+            };
+            let first = *PORTS.choose(rng).expect("ports");
+            let port = if rng.random_bool(0.35) {
+                f.hit("cnp protocol: port range");
+                json!({"range": {"start": first, "end": first + rng.random_range(1..=10)}})
+            } else {
+                f.hit("cnp protocol: port number");
+                json!({ "number": first })
+            };
+            f.hit(match key {
+                "tcp" => "cnp protocol: tcp",
+                "udp" => "cnp protocol: udp",
+                _ => "cnp protocol: sctp",
+            });
+            json!({key: {"destinationPort": port}})
+        }
+    }
+}
+
 fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(a) => {
@@ -676,5 +1262,106 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
             };
             IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{self, Cluster};
+
+    /// Two pods in one namespace under one Admin policy: egress denies pod1's address by
+    /// `networks` and accepts pods labelled app=a on the named port `http`; ingress passes
+    /// everything through a peer of an unknown kind.
+    fn world() -> World {
+        let pod = |name: &str, app: &str, ip: &str, ports| GenPod {
+            namespace: "ns0".into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            node: "node-0".into(),
+            ips: vec![ip.parse().expect("literal")],
+            ports,
+            host_network: false,
+            terminal: false,
+        };
+        World {
+            namespaces: vec![GenNamespace {
+                name: "ns0".into(),
+                labels: BTreeMap::new(),
+                present: true,
+            }],
+            nodes: vec![GenNode {
+                name: "node-0".into(),
+                ips: vec!["192.168.0.1".parse().expect("literal")],
+            }],
+            pods: vec![
+                pod("pod0", "a", "10.0.0.1", vec![("http".into(), "UDP", 80)]),
+                pod("pod1", "b", "10.0.0.2", Vec::new()),
+            ],
+            cluster_policies: vec![json!({
+                "metadata": {"name": "cnp0"},
+                "spec": {
+                    "tier": "Admin",
+                    "priority": 0,
+                    "subject": {"namespaces": {}},
+                    "egress": [
+                        {"action": "Deny", "to": [{"networks": ["10.0.0.2/32"]}]},
+                        {"action": "Accept",
+                         "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}],
+                         "protocols": [{"destinationNamedPort": "http"}]},
+                    ],
+                    "ingress": [{"action": "Pass", "from": [{}]}],
+                },
+            })],
+            ..World::default()
+        }
+    }
+
+    fn counted(w: &World, src: &str, dst: &str, proto: u8, port: u16) -> Vec<(&'static str, u64)> {
+        let flow = Flow {
+            src: src.parse().expect("literal"),
+            dst: dst.parse().expect("literal"),
+            proto,
+            port,
+        };
+        let v = eval::verdict(&Cluster::from_objects(w.objects()), &flow);
+        let mut c = Features::default();
+        w.attribution().count(&flow, &v, &mut c);
+        c.iter().collect()
+    }
+
+    #[test]
+    fn attribution_names_the_tier_action_peer_kind_and_named_port() {
+        let w = world();
+        assert_eq!(
+            counted(&w, "10.0.0.1", "10.0.0.2", 6, 80),
+            vec![
+                ("decided: Admin Deny", 1),
+                ("decided: Admin Pass", 1),
+                ("decided: default allow", 1),
+                ("peer: networks", 1),
+                ("peer: unknown kind (fail closed)", 1),
+            ]
+        );
+        assert_eq!(
+            counted(&w, "10.0.0.2", "10.0.0.1", 17, 80),
+            vec![
+                ("decided: Admin Accept", 1),
+                ("decided: Admin Pass", 1),
+                ("decided: default allow", 1),
+                ("peer: pods", 1),
+                ("peer: unknown kind (fail closed)", 1),
+                ("port: named port resolved", 1),
+            ]
+        );
+        // The named port is UDP: over TCP nothing resolves, and nothing else matches.
+        assert_eq!(
+            counted(&w, "10.0.0.2", "10.0.0.1", 6, 80),
+            vec![
+                ("decided: Admin Pass", 1),
+                ("decided: default allow", 2),
+                ("peer: unknown kind (fail closed)", 1),
+            ]
+        );
     }
 }

@@ -123,3 +123,38 @@ fn rejects_malformed_content() {
     }
     assert!(digest(&[0; 31]).is_err());
 }
+
+/// A ClusterNetworkPolicy rule's rank needs all 64 bits of `priority`; an enforcer from before
+/// them decodes the field as 32 bits, and the rule ID it recomputes then cannot match, so it
+/// refuses the rule instead of enforcing a Deny as an allow.
+#[test]
+fn a_cluster_rank_round_trips_and_a_truncated_one_is_refused() {
+    let priority = ir::cluster_rank(3, "no-tenants-to-payments", 1);
+    assert!(priority > u64::from(u32::MAX));
+    let peers = Peers::Any;
+    let ports = Ports::Any;
+    let rule = Rule {
+        id: ir::rule_id(
+            Direction::Ingress,
+            Tier::Admin,
+            priority,
+            Action::Deny,
+            &peers,
+            &ports,
+        ),
+        direction: Direction::Ingress,
+        tier: Tier::Admin,
+        priority,
+        action: Action::Deny,
+        peers,
+        ports,
+    };
+    let p = rule.to_proto();
+    assert_eq!(Rule::from_proto(&p).unwrap(), rule);
+    let mut old = p.clone();
+    old.priority = u64::from(old.priority as u32);
+    assert!(matches!(
+        Rule::from_proto(&old),
+        Err(ConvertError::RuleId(_))
+    ));
+}

@@ -1,6 +1,6 @@
 //! A snapshot that would not fit one gRPC message is degraded by the server before sending,
 //! the way a dataplane degrades a version it cannot hold (`moat_dataplane::plan::budget`):
-//! the biggest rule lists are replaced by "deny" in their direction — their endpoints stay
+//! the biggest rule lists are replaced by "deny" in their direction — their endpoints are
 //! isolated with no rules — until it fits; every other endpoint keeps its exact rules. The
 //! result is an ordinary snapshot with a content-derived digest, so deltas, acknowledgements
 //! and the store treat it like any other; what was cut travels to the fleet status.
@@ -98,7 +98,8 @@ pub fn fit(snap: Arc<NodeSnapshot>, limit: usize) -> Fitted {
     let mut lists: BTreeMap<(bool, &[RuleId]), Vec<EndpointId>> = BTreeMap::new();
     for e in &snap.endpoints {
         for (egress, d) in [(false, &e.ingress), (true, &e.egress)] {
-            if d.isolated && !d.rules.is_empty() {
+            // Also a list no NetworkPolicy isolates: its cluster rules cut, it denies too.
+            if !d.rules.is_empty() {
                 lists.entry((egress, &d.rules)).or_default().push(e.id);
             }
         }
@@ -192,14 +193,16 @@ pub fn fit(snap: Arc<NodeSnapshot>, limit: usize) -> Fitted {
     }
 }
 
-/// `snap` with the `cut` lists denied: their holders keep isolation and lose every rule of
-/// that direction; rules and groups nothing references any more are dropped.
+/// `snap` with the `cut` lists denied: their holders are isolated (a list of cluster rules
+/// may not have been) and lose every rule of that direction; rules and groups nothing
+/// references any more are dropped.
 fn without(snap: &NodeSnapshot, cut: &[(bool, &[RuleId])]) -> NodeSnapshot {
     let mut s = snap.clone();
     for e in &mut s.endpoints {
         for (egress, d) in [(false, &mut e.ingress), (true, &mut e.egress)] {
             if cut.iter().any(|(eg, r)| *eg == egress && **r == *d.rules) {
                 d.rules.clear();
+                d.isolated = true;
             }
         }
     }

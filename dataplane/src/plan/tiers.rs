@@ -1,0 +1,336 @@
+//! Rule lists with ClusterNetworkPolicy rules: the Admin tier, NetworkPolicy and the Baseline
+//! tier resolved into one ruleset whose lookups the dataplane takes **most specific first,
+//! first hit wins** (named address·port → class × port → class × any port → any peer × port
+//! → the default), instead of ORing allows.
+//!
+//! A peer address maps to exactly one class (the groups containing it: a shorter prefix's
+//! groups are in every longer prefix's class), so the decision for (class, protocol, port) is
+//! a function of the rule list alone. This module tabulates it: every entry holds the final
+//! verdict of all three tiers at its key, so a less specific entry can never win where a more
+//! specific one exists, and an any-peer rule ranked before a class rule is folded into that
+//! class's entries (never shadowed by them, never shadowing them).
+//!
+//! The work is proportional to (classes the list names + 1) × (port segments its rules cut)
+//! × rules: fine for cluster policies' sizes; NetworkPolicy-only lists never come here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use moat_policy::ir::{Action, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
+
+use super::budget::{Kind, Meter, Overflow};
+use super::{Classes, Ruleset};
+
+/// The three protocols with ports; anything else (ICMP…) only meets port-less rules.
+const PORTED: [u8; 3] = [6, 17, 132];
+
+/// Where a flow's peer stands: the groups of its class, and (for named ports) its address.
+struct At<'a> {
+    groups: &'a [GroupId],
+    addr: Option<IpAddr>,
+}
+
+struct Lists<'a> {
+    admin: Vec<&'a Rule>,
+    np: Vec<&'a Rule>,
+    baseline: Vec<&'a Rule>,
+    isolated: bool,
+    members: &'a HashMap<GroupId, &'a Members>,
+}
+
+impl Lists<'_> {
+    /// The verdict of all three tiers for a flow to or from `at` with `proto`/`port`
+    /// (`proto` `None`: a protocol without ports).
+    fn allows(&self, at: &At<'_>, proto: Option<u8>, port: u16) -> bool {
+        for r in &self.admin {
+            if self.matches(r, at, proto, port) {
+                match r.action {
+                    Action::Allow => return true,
+                    Action::Deny => return false,
+                    Action::Pass => break,
+                }
+            }
+        }
+        if self.isolated {
+            return self.np.iter().any(|r| self.matches(r, at, proto, port));
+        }
+        for r in &self.baseline {
+            if self.matches(r, at, proto, port) {
+                match r.action {
+                    Action::Allow | Action::Pass => return true,
+                    Action::Deny => return false,
+                }
+            }
+        }
+        true
+    }
+
+    fn matches(&self, r: &Rule, at: &At<'_>, proto: Option<u8>, port: u16) -> bool {
+        match &r.ports {
+            Ports::FromGroups => {
+                let (Some(addr), Some(proto), Peers::Groups(gs)) = (at.addr, proto, &r.peers)
+                else {
+                    return false;
+                };
+                gs.iter().any(|g| match self.members.get(g) {
+                    Some(Members::AddrPorts(m)) => m
+                        .iter()
+                        .any(|m| m.addr == addr && m.proto.number() == proto && m.port == port),
+                    _ => false,
+                })
+            }
+            ports => {
+                let ports_ok = match ports {
+                    Ports::Any => true,
+                    Ports::Ranges(v) => proto.is_some_and(|p| {
+                        v.iter()
+                            .any(|x| x.proto.number() == p && x.first <= port && port <= x.last)
+                    }),
+                    Ports::FromGroups => unreachable!(),
+                };
+                ports_ok
+                    && match &r.peers {
+                        Peers::Any => true,
+                        Peers::Groups(gs) => gs.iter().any(|g| at.groups.binary_search(g).is_ok()),
+                    }
+            }
+        }
+    }
+}
+
+/// Whether any rule of `ids` belongs to a cluster tier.
+pub fn tiered(ids: &[RuleId], rules: &HashMap<RuleId, &Rule>) -> bool {
+    ids.iter()
+        .any(|id| rules.get(id).is_some_and(|r| r.tier != Tier::NetworkPolicy))
+}
+
+/// The segments `[lo, hi]` of 0..=65535 within which no rule's port range starts or ends,
+/// per protocol with ports.
+fn segments(rules: &[&Rule]) -> BTreeMap<u8, Vec<(u16, u16)>> {
+    let mut cuts: BTreeMap<u8, BTreeSet<u32>> = PORTED
+        .iter()
+        .map(|p| (*p, BTreeSet::from([0u32])))
+        .collect();
+    for r in rules {
+        if let Ports::Ranges(v) = &r.ports {
+            for x in v {
+                let c = cuts.entry(x.proto.number()).or_default();
+                c.insert(u32::from(x.first));
+                c.insert(u32::from(x.last) + 1);
+            }
+        }
+    }
+    cuts.into_iter()
+        .map(|(p, c)| {
+            let c: Vec<u32> = c.into_iter().filter(|x| *x <= 65535).collect();
+            let segs = c
+                .iter()
+                .enumerate()
+                .map(|(i, lo)| {
+                    let hi = c.get(i + 1).map_or(65535, |n| n - 1);
+                    (*lo as u16, hi as u16)
+                })
+                .collect();
+            (p, segs)
+        })
+        .collect()
+}
+
+/// The resolved ruleset of one rule list holding cluster rules, counted against `meter`.
+#[allow(clippy::too_many_arguments)]
+pub fn ruleset(
+    egress: bool,
+    isolated: bool,
+    ids: &[RuleId],
+    rules: &HashMap<RuleId, &Rule>,
+    members: &HashMap<GroupId, &Members>,
+    classes_of: &HashMap<GroupId, BTreeSet<u32>>,
+    classes: &Classes,
+    meter: &mut Meter,
+) -> Result<Ruleset, Overflow> {
+    let mut list: Vec<&Rule> = ids.iter().filter_map(|id| rules.get(id).copied()).collect();
+    list.sort_by_key(|r| (r.tier, r.priority, r.id));
+    let lists = Lists {
+        admin: list
+            .iter()
+            .copied()
+            .filter(|r| r.tier == Tier::Admin)
+            .collect(),
+        np: list
+            .iter()
+            .copied()
+            .filter(|r| r.tier == Tier::NetworkPolicy)
+            .collect(),
+        baseline: list
+            .iter()
+            .copied()
+            .filter(|r| r.tier == Tier::Baseline)
+            .collect(),
+        isolated,
+        members,
+    };
+    let segs = segments(&list);
+    let mut rs = Ruleset {
+        egress,
+        ..Default::default()
+    };
+    let mut put = |allow: bool, rs: &mut Ruleset, entry: Entry| -> Result<(), Overflow> {
+        let (kind, n) = match entry {
+            Entry::Ap(p, a, b) => {
+                let w = meter.budget.port_range(a, b);
+                if allow {
+                    rs.ap.insert((p, a, b))
+                } else {
+                    rs.deny.ap.insert((p, a, b))
+                };
+                (Kind::PortsRanged, w)
+            }
+            Entry::Aa(c) => {
+                if allow {
+                    rs.aa.insert(c)
+                } else {
+                    rs.deny.aa.insert(c)
+                };
+                (Kind::PortsRanged, 1)
+            }
+            Entry::Gx(c, p, port) => {
+                if allow {
+                    rs.gx.insert((c, p, port))
+                } else {
+                    rs.deny.gx.insert((c, p, port))
+                };
+                (Kind::PortsExact, 1)
+            }
+            Entry::Gp(c, p, a, b) => {
+                let w = meter.budget.port_range(a, b);
+                if allow {
+                    rs.gp.insert((c, p, a, b))
+                } else {
+                    rs.deny.gp.insert((c, p, a, b))
+                };
+                (Kind::PortsRanged, w)
+            }
+            Entry::Named(a, p, port) => {
+                let new = match (a, allow) {
+                    (IpAddr::V4(a), true) => rs.n4.insert((a, p, port)),
+                    (IpAddr::V6(a), true) => rs.n6.insert((a, p, port)),
+                    (IpAddr::V4(a), false) => rs.deny.n4.insert((a, p, port)),
+                    (IpAddr::V6(a), false) => rs.deny.n6.insert((a, p, port)),
+                };
+                (Kind::Named, usize::from(new))
+            }
+        };
+        meter.take(kind, n)
+    };
+    // Peers in no class this list names: only any-peer rules meet them.
+    let nowhere = At {
+        groups: &[],
+        addr: None,
+    };
+    let default = lists.allows(&nowhere, None, 0);
+    rs.any = default;
+    for (p, v) in &segs {
+        for (a, b, allow) in merged(v, |port| lists.allows(&nowhere, Some(*p), port)) {
+            if allow != default {
+                put(allow, &mut rs, Entry::Ap(*p, a, b))?;
+            }
+        }
+    }
+    // Every class a rule names: its whole-class verdict, and the ports where it differs.
+    let named_classes: BTreeSet<u32> = list
+        .iter()
+        .filter(|r| !matches!(r.ports, Ports::FromGroups))
+        .filter_map(|r| match &r.peers {
+            Peers::Groups(gs) => Some(gs.iter()),
+            Peers::Any => None,
+        })
+        .flatten()
+        .filter_map(|g| classes_of.get(g))
+        .flatten()
+        .copied()
+        .collect();
+    for c in named_classes {
+        let Some(groups) = classes.groups(c) else {
+            continue;
+        };
+        let at = At { groups, addr: None };
+        let whole = lists.allows(&at, None, 0);
+        put(whole, &mut rs, Entry::Aa(c))?;
+        for (p, v) in &segs {
+            for (a, b, allow) in merged(v, |port| lists.allows(&at, Some(*p), port)) {
+                if allow == whole {
+                    continue;
+                }
+                let e = if a == b {
+                    Entry::Gx(c, *p, a)
+                } else {
+                    Entry::Gp(c, *p, a, b)
+                };
+                put(allow, &mut rs, e)?;
+            }
+        }
+    }
+    // Named ports: an entry per resolved (address, protocol, port), with everything that
+    // also matches there folded in.
+    let mut named: BTreeSet<(IpAddr, u8, u16)> = BTreeSet::new();
+    for r in &list {
+        if let (Ports::FromGroups, Peers::Groups(gs)) = (&r.ports, &r.peers) {
+            for g in gs {
+                if let Some(Members::AddrPorts(m)) = members.get(g) {
+                    named.extend(m.iter().map(|m| (m.addr, m.proto.number(), m.port)));
+                }
+            }
+        }
+    }
+    for (addr, p, port) in named {
+        let groups = groups_of(addr, members);
+        let at = At {
+            groups: &groups,
+            addr: Some(addr),
+        };
+        put(
+            lists.allows(&at, Some(p), port),
+            &mut rs,
+            Entry::Named(addr, p, port),
+        )?;
+    }
+    Ok(rs)
+}
+
+enum Entry {
+    Ap(u8, u16, u16),
+    Aa(u32),
+    Gx(u32, u8, u16),
+    Gp(u32, u8, u16, u16),
+    Named(IpAddr, u8, u16),
+}
+
+/// `segs` with their verdicts, neighbours of equal verdict merged.
+fn merged(segs: &[(u16, u16)], allows: impl Fn(u16) -> bool) -> Vec<(u16, u16, bool)> {
+    let mut out: Vec<(u16, u16, bool)> = Vec::new();
+    for (a, b) in segs {
+        let v = allows(*a);
+        match out.last_mut() {
+            Some(l) if l.2 == v && u32::from(l.1) + 1 == u32::from(*a) => l.1 = *b,
+            _ => out.push((*a, *b, v)),
+        }
+    }
+    out
+}
+
+/// The class of a single address: every address group containing it (sorted).
+fn groups_of(addr: IpAddr, members: &HashMap<GroupId, &Members>) -> Vec<GroupId> {
+    let mut v: Vec<GroupId> = members
+        .iter()
+        .filter(|(_, m)| match m {
+            Members::Addrs(a) => a.binary_search(&addr).is_ok(),
+            Members::Block { cidr, except } => {
+                cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
+            }
+            Members::AddrPorts(_) => false,
+        })
+        .map(|(g, _)| *g)
+        .collect();
+    v.sort_unstable();
+    v
+}
