@@ -6,8 +6,8 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 
 use super::{
-    Cluster, ClusterRuleRef, Dir, Flow, Owner, container_ports, namespace_labels, ns_of, owner,
-    selector_matches,
+    Cluster, ClusterRuleRef, Dir, Flow, Owner, has_named_port, namespace_labels, ns_of, owner,
+    proto_name, selector_matches,
 };
 use crate::model::cnp_api as cnp;
 
@@ -207,21 +207,12 @@ fn protocols_match(
     let Some(list) = list else {
         return true;
     };
-    let proto = match f.proto {
-        6 => "TCP",
-        17 => "UDP",
-        132 => "SCTP",
-        _ => return false,
+    let Some(proto) = proto_name(f.proto) else {
+        return false;
     };
     list.iter().any(|m| {
         if let Some(name) = &m.destination_named_port {
-            return dst_pod.is_some_and(|q| {
-                container_ports(q).any(|cp| {
-                    cp.name.as_deref() == Some(name.as_str())
-                        && cp.protocol.as_deref().unwrap_or("TCP") == proto
-                        && i64::from(cp.container_port) == i64::from(f.port)
-                })
-            });
+            return dst_pod.is_some_and(|q| has_named_port(q, name, proto, f.port));
         }
         let (p, want) = match (&m.tcp, &m.udp, &m.sctp) {
             (Some(p), _, _) => (p, "TCP"),

@@ -418,11 +418,8 @@ fn ports_match(
     let Some(ports) = ports.filter(|p| !p.is_empty()) else {
         return true;
     };
-    let flow_proto = match f.proto {
-        6 => "TCP",
-        17 => "UDP",
-        132 => "SCTP",
-        _ => return false,
+    let Some(flow_proto) = proto_name(f.proto) else {
+        return false;
     };
     ports.iter().any(|p| {
         let proto = p.protocol.as_deref().unwrap_or("TCP");
@@ -436,14 +433,29 @@ fn ports_match(
                 let last = p.end_port.map_or(first, i64::from);
                 first <= i64::from(f.port) && i64::from(f.port) <= last
             }
-            Some(IntOrString::String(name)) => dst_pod.is_some_and(|q| {
-                container_ports(q).any(|cp| {
-                    cp.name.as_deref() == Some(name.as_str())
-                        && cp.protocol.as_deref().unwrap_or("TCP") == proto
-                        && i64::from(cp.container_port) == i64::from(f.port)
-                })
-            }),
+            Some(IntOrString::String(name)) => {
+                dst_pod.is_some_and(|q| has_named_port(q, name, proto, f.port))
+            }
         }
+    })
+}
+
+/// The names policy uses for the protocols with ports.
+fn proto_name(proto: u8) -> Option<&'static str> {
+    match proto {
+        6 => Some("TCP"),
+        17 => Some("UDP"),
+        132 => Some("SCTP"),
+        _ => None,
+    }
+}
+
+/// Whether pod `q` has a container port named `name` with this protocol and number.
+fn has_named_port(q: &core::Pod, name: &str, proto: &str, port: u16) -> bool {
+    container_ports(q).any(|cp| {
+        cp.name.as_deref() == Some(name)
+            && cp.protocol.as_deref().unwrap_or("TCP") == proto
+            && i64::from(cp.container_port) == i64::from(port)
     })
 }
 
