@@ -139,6 +139,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                         "name": c.name, "source": c.source, "synced": c.synced, "stale": c.stale,
                         "stale_since_unix_micros": c.stale_since_unix_micros, "last_error": c.last_error,
                         "generation": c.generation, "last_event_unix_micros": c.last_event_unix_micros,
+                        "warnings": c.warnings,
                     })
                 })
                 .collect();
@@ -179,6 +180,9 @@ fn print_table(r: &v1::StatusResponse) {
             deleted_note(deleted),
             crate::degraded::summary(&nodes)
         );
+        for w in &c.warnings {
+            println!("  warning: {}", escape(w));
+        }
         print_nodes(&nodes);
     }
     if clusters.is_empty() {

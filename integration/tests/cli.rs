@@ -215,3 +215,57 @@ fn invalid_objects_are_named_and_the_rest_still_answers() {
     assert!(err.contains("bad.yaml: NetworkPolicy shop/broken: spec.ingress[0].ports[0].endPort: 70 must be greater than or equal to `port` (80)"), "{err}");
     assert!(out.contains("ALLOWED"), "{out}");
 }
+
+/// A ClusterNetworkPolicy decision names its tier, policy, priority, rule and action, and
+/// the Pass rules on the way.
+#[test]
+fn explain_names_the_deciding_cluster_policy_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("examples"), dir.path());
+    std::fs::write(
+        dir.path().join("platform.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: keep-off-the-database}
+spec:
+  tier: Admin
+  priority: 20
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {tier: database}}}}
+  ingress:
+  - name: backend-to-the-tenant
+    action: Pass
+    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {tier: backend}}}}]
+  - name: nobody-else
+    action: Deny
+    from: [{namespaces: {}}]
+",
+    )
+    .unwrap();
+    let explain = |from: &str| {
+        let (code, out, err) = moatctl(&[
+            "explain",
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--from",
+            from,
+            "--to",
+            "shop/database-0",
+            "--port",
+            "5432",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let out = explain("shop/frontend-0");
+    assert!(out.contains("TCP/5432: DENIED"), "{out}");
+    assert!(
+        out.contains("ingress shop/database-0: DENIED by ClusterNetworkPolicy Admin keep-off-the-database (priority 20) rule 1 \"nobody-else\": Deny (spec.ingress[1])"),
+        "{out}"
+    );
+    let out = explain("shop/backend-0");
+    assert!(out.contains("TCP/5432: ALLOWED"), "{out}");
+    assert!(
+        out.contains("after passing ClusterNetworkPolicy Admin keep-off-the-database (priority 20) rule 0 \"backend-to-the-tenant\": Pass"),
+        "{out}"
+    );
+}

@@ -338,3 +338,33 @@ fn what_a_node_reports_it_denies_shows_mapped_back_and_escaped() {
     let m = scrape(bed.metrics);
     assert_eq!(metric(&m, "moat_server_nodes_degraded"), 1.0, "{m}");
 }
+
+/// Two cluster policies of one tier with one priority: upstream leaves their order
+/// undefined, so `moatctl status` says which order Moat took.
+#[test]
+fn equal_cluster_policy_priorities_are_warned_about_in_status() {
+    let mut bed = Bed::new(&["n1"]);
+    for name in ["first-guard", "second-guard"] {
+        std::fs::write(
+            bed.manifests().join(format!("{name}.yaml")),
+            format!("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: 7\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n"),
+        )
+        .unwrap();
+    }
+    bed.start_server();
+    let (code, out, err) = bed.moatctl_admin(&["status"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("warning: ClusterNetworkPolicies")
+            && out.contains("share Admin priority 7")
+            && out.contains("first-guard")
+            && out.contains("second-guard"),
+        "{out}"
+    );
+    let s = bed.status();
+    assert_eq!(
+        s["clusters"][0]["warnings"].as_array().unwrap().len(),
+        1,
+        "{s}"
+    );
+}

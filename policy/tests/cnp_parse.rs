@@ -215,3 +215,28 @@ fn an_unknown_peer_fails_closed_by_action_with_a_warning() {
     .unwrap();
     assert!(p.value.ingress[0].rule.as_ref().unwrap().peers.is_empty());
 }
+
+#[test]
+fn equal_priorities_of_one_tier_are_reported_in_evaluation_order() {
+    use moat_policy::Index;
+    use moat_policy::model::Object;
+    let obj = |name: &str, tier: &str, priority: i64| {
+        let mut v = cnp(json!({"tier": tier, "priority": priority, "subject": {"namespaces": {}}}));
+        v.metadata.name = Some(name.into());
+        Object::ClusterPolicy(cluster_network_policy(&v).unwrap().value)
+    };
+    let index = Index::build([
+        obj("alpha", "Admin", 5),
+        obj("bravo", "Admin", 5),
+        obj("charlie", "Baseline", 5),
+        obj("delta", "Admin", 6),
+    ]);
+    let ties = index.priority_ties();
+    assert_eq!(ties.len(), 1, "{ties:?}");
+    let t = &ties[0];
+    assert_eq!((t.tier, t.priority), (CnpTier::Admin, 5));
+    let mut want = vec!["alpha", "bravo"];
+    want.sort_by_key(|n| moat_policy::ir::tie_key(n));
+    assert_eq!(t.policies, want);
+    assert!(t.to_string().contains("share Admin priority 5"), "{t}");
+}

@@ -91,6 +91,8 @@ impl v1::admin_server::Admin for AdminService {
                     last_error: h.last_error,
                     generation: c.read(|i| i.generation()),
                     last_event_unix_micros: micros(h.last_event),
+                    warnings: c
+                        .read(|i| i.priority_ties().iter().map(ToString::to_string).collect()),
                 }
             })
             .collect();

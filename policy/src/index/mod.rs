@@ -38,7 +38,7 @@ use crate::selector::Selectors;
 
 pub use cost::{CostWarning, PolicyCost};
 pub use origin::{ListOrigin, PolicyRule};
-pub use query::PolicySpan;
+pub use query::{PolicySpan, PriorityTie};
 pub(crate) use state::*;
 
 /// One change from a source.

@@ -120,3 +120,49 @@ impl Index {
         out
     }
 }
+
+/// Cluster policies of one tier sharing one priority: upstream leaves their order undefined,
+/// Moat takes them by [`ir::tie_key`](crate::ir::tie_key) of their names (the order here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityTie {
+    pub tier: crate::model::CnpTier,
+    pub priority: u32,
+    /// In the order Moat evaluates them.
+    pub policies: Vec<String>,
+}
+
+impl std::fmt::Display for PriorityTie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ClusterNetworkPolicies {} share {} priority {}: upstream leaves their order undefined; Moat evaluates them in this order (a hash of the names); give them distinct priorities if the order matters",
+            self.policies.join(", "),
+            self.tier.as_str(),
+            self.priority
+        )
+    }
+}
+
+impl Index {
+    /// Every set of two or more cluster policies with the same tier and priority.
+    pub fn priority_ties(&self) -> Vec<PriorityTie> {
+        let mut by: std::collections::BTreeMap<(crate::model::CnpTier, u32), Vec<(u64, String)>> =
+            Default::default();
+        for (_, p) in self.cluster_policies.iter() {
+            by.entry((p.model.tier, p.model.priority))
+                .or_default()
+                .push((crate::ir::tie_key(&p.name), p.name.to_string()));
+        }
+        by.into_iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|((tier, priority), mut v)| {
+                v.sort();
+                PriorityTie {
+                    tier,
+                    priority,
+                    policies: v.into_iter().map(|(_, n)| n).collect(),
+                }
+            })
+            .collect()
+    }
+}
