@@ -83,7 +83,8 @@ pub struct StatusArgs {
     /// `table` or `json`.
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     output: String,
-    /// Where one policy's current content is enforced: `NAMESPACE/NAME`.
+    /// Where one policy's current content is enforced: `NAMESPACE/NAME` for a
+    /// NetworkPolicy, `NAME` for a ClusterNetworkPolicy.
     #[arg(long)]
     policy: Option<String>,
     /// The cluster (needed only when the server serves several).
@@ -95,7 +96,11 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let mut client = args.conn.client().await?;
         if let Some(p) = &args.policy {
-            let (ns, name) = p.split_once('/').ok_or_else(|| anyhow!("--policy wants NAMESPACE/NAME"))?;
+            // No namespace: a ClusterNetworkPolicy (cluster-scoped).
+            let (ns, name) = p.split_once('/').unwrap_or(("", p));
+            if name.is_empty() || (ns.is_empty() && p.contains('/')) {
+                return Err(anyhow!("--policy wants NAMESPACE/NAME or a ClusterNetworkPolicy's NAME"));
+            }
             let r = client
                 .policy_status(args.conn.request(v1::PolicyStatusRequest {
                     namespace: ns.into(),
@@ -350,10 +355,13 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
     }
+    let what = if r.namespace.is_empty() {
+        format!("ClusterNetworkPolicy {}", r.name)
+    } else {
+        format!("NetworkPolicy {}/{}", r.namespace, r.name)
+    };
     println!(
-        "NetworkPolicy {}/{} (generation {}): enforced on {enforced} of {} nodes",
-        r.namespace,
-        r.name,
+        "{what} (generation {}): enforced on {enforced} of {} nodes",
         r.generation,
         r.nodes.len()
     );

@@ -805,3 +805,49 @@ fn live_explain_answers_from_the_servers_state() {
     assert_ne!(code, 0);
     assert!(err.contains("admin certificate"), "{err}");
 }
+
+/// `moatctl status --policy NAME` for a ClusterNetworkPolicy: needed where its subject's pods
+/// run, enforced once those nodes hold a version compiled since its content.
+#[test]
+fn a_cluster_policy_status_counts_the_nodes_of_its_subject() {
+    let nodes = ["n1", "n2", "n3"];
+    let mut bed = Bed::new(&nodes);
+    // Only the web pod of n2 is selected.
+    std::fs::write(
+        bed.manifests().join("guard.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 3\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  egress:\n  - action: Deny\n    to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]\n",
+    )
+    .unwrap();
+    let cluster = std::fs::read_to_string(bed.manifests().join("cluster.yaml")).unwrap();
+    std::fs::write(
+        bed.manifests().join("cluster.yaml"),
+        cluster
+            .replace(
+                "name: web-n1, namespace: app, uid: uid-web-n1, labels: {app: web}",
+                "name: web-n1, namespace: app, uid: uid-web-n1, labels: {app: other}",
+            )
+            .replace(
+                "name: web-n3, namespace: app, uid: uid-web-n3, labels: {app: web}",
+                "name: web-n3, namespace: app, uid: uid-web-n3, labels: {app: other}",
+            ),
+    )
+    .unwrap();
+    bed.start_server();
+    for n in nodes {
+        bed.start_enforcer(n);
+    }
+    bed.wait_in_sync(&nodes);
+    let (code, out, err) = bed.moatctl_admin(&["status"], &["--policy", "guard"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ClusterNetworkPolicy guard (generation"),
+        "{out}"
+    );
+    assert!(out.contains("enforced on 1 of 1 nodes"), "{out}");
+    let (_, out, _) = bed.moatctl_admin(&["status"], &["--policy", "guard", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nodes"][0]["node"], "n2", "{v}");
+    let (code, _, err) = bed.moatctl_admin(&["status"], &["--policy", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no ClusterNetworkPolicy nope"), "{err}");
+}

@@ -117,7 +117,11 @@ impl v1::admin_server::Admin for AdminService {
         let span = cluster
             .read(|i| i.policy_span(&r.namespace, &r.name))
             .ok_or_else(|| {
-                Status::not_found(format!("no NetworkPolicy {}/{}", r.namespace, r.name))
+                Status::not_found(if r.namespace.is_empty() {
+                    format!("no ClusterNetworkPolicy {}", r.name)
+                } else {
+                    format!("no NetworkPolicy {}/{}", r.namespace, r.name)
+                })
             })?;
         let mut resp = v1::PolicyStatusResponse {
             cluster: cluster.name.to_string(),

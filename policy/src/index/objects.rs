@@ -544,6 +544,7 @@ impl Index {
         let p = CpIdx::new(self.cluster_policies.insert(ClusterPolicyState {
             name: name.clone(),
             model: policy,
+            generation: self.generation + 1,
             ns_sel,
             pod_sel,
             ingress,

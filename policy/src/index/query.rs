@@ -40,7 +40,29 @@ impl Index {
         adopted
     }
 
+    /// `namespace` empty: the ClusterNetworkPolicy `name`, whose rules are enforced where
+    /// the pods its subject selects run.
     pub fn policy_span(&self, namespace: &str, name: &str) -> Option<PolicySpan> {
+        if namespace.is_empty() {
+            let p = *self.cluster_policy_by_name.get(name)?;
+            let mut nodes = BTreeSet::new();
+            for (_, ns) in &self.namespaces {
+                for (ls, pods) in &ns.classes {
+                    if !self.subject_selects(p, ns.labels, *ls) {
+                        continue;
+                    }
+                    for pod in pods {
+                        if let Some(ep) = &self.pods[pod.get()].endpoint {
+                            nodes.insert(self.nodes[ep.node.get()].name.clone());
+                        }
+                    }
+                }
+            }
+            return Some(PolicySpan {
+                generation: self.cluster_policies[p.get()].generation,
+                nodes: nodes.into_iter().collect(),
+            });
+        }
         let ns = *self.ns_by_name.get(namespace)?;
         let p = *self.policy_by_key.get(&(ns, Arc::from(name)))?;
         let ps = &self.policies[p.get()];

@@ -141,6 +141,8 @@ pub(crate) struct PolicyState {
 pub(crate) struct ClusterPolicyState {
     pub name: Arc<str>,
     pub model: ClusterPolicy,
+    /// The generation whose flush first compiled this content.
+    pub generation: u64,
     /// Subject: namespaces, and pods within them (`None`: every pod).
     pub ns_sel: SelId,
     pub pod_sel: Option<SelId>,
