@@ -143,11 +143,12 @@ fn ingress(d: &Desired, p: &Packet) -> Option<bool> {
     Some(chain(d, name, p.src, p))
 }
 
-#[test]
-fn the_table_decides_like_the_ir() {
+/// Compares the table with the IR on random clusters (NetworkPolicies and cluster policies
+/// together): the first disagreement, and how many verdicts were compared.
+fn first_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize) {
     let mut f = Features::default();
     let mut checked = 0;
-    for case in 0..400u64 {
+    for case in cases {
         let mut rng = SmallRng::seed_from_u64(case);
         let mut world = World::generate(&mut rng, &mut f);
         let mut classes = Classes::default();
@@ -182,29 +183,45 @@ fn the_table_decides_like_the_ir() {
                     if snap.node_addrs.contains(&src) || snap.node_addrs.contains(&dst) {
                         continue;
                     }
-                    if let Some(got) = egress(d, &p) {
-                        assert_eq!(
-                            got,
-                            fleet.egress_allows(&p),
-                            "case {case}: egress {p:?} on {}",
-                            snap.node
-                        );
-                        checked += 1;
-                    }
-                    if let Some(got) = ingress(d, &p) {
-                        assert_eq!(
-                            got,
-                            fleet.ingress_allows(&p),
-                            "case {case}: ingress {p:?} on {}",
-                            snap.node
-                        );
+                    let sides = [
+                        ("egress", egress(d, &p), fleet.egress_allows(&p)),
+                        ("ingress", ingress(d, &p), fleet.ingress_allows(&p)),
+                    ];
+                    for (side, got, want) in sides {
+                        let Some(got) = got else { continue };
+                        if got != want {
+                            let at = format!(
+                                "case {case}: {side} {p:?} on {}: table {got}, IR {want}",
+                                snap.node
+                            );
+                            return (Some(at), checked);
+                        }
                         checked += 1;
                     }
                 }
             }
         }
     }
+    (None, checked)
+}
+
+#[test]
+fn the_table_decides_like_the_ir() {
+    let (wrong, checked) = first_mismatch(0..400);
+    assert_eq!(wrong, None);
     assert!(checked > 10_000, "{checked}");
+}
+
+/// The two ways a per-lookup "first match" goes wrong for tiers, planted in the layout:
+/// the random comparison above catches each.
+#[test]
+fn planted_tier_layout_mistakes_are_caught() {
+    use super::tiers::plant::{self, Plant};
+    for p in [Plant::AnyPeerNotFolded, Plant::OneGroupPerClass] {
+        let (wrong, _) = plant::with(p, || first_mismatch(0..400));
+        assert!(wrong.is_some(), "{p:?} was not caught");
+        eprintln!("{p:?} caught: {}", wrong.unwrap());
+    }
 }
 
 #[test]

@@ -249,10 +249,28 @@ pub fn ruleset(
         .flatten()
         .copied()
         .collect();
+    // What the tests plant to show they catch it: class entries that ignore the any-peer
+    // rules ranked before them, and a class read as one group only (the mistake of taking
+    // a longest-prefix match for the whole answer).
+    let folded = !plant::on(plant::Plant::AnyPeerNotFolded);
+    let keep = |r: &&&Rule| folded || r.peers != Peers::Any;
+    let for_classes = Lists {
+        admin: lists.admin.iter().filter(keep).copied().collect(),
+        np: lists.np.clone(),
+        baseline: lists.baseline.iter().filter(keep).copied().collect(),
+        isolated,
+        members,
+    };
     for c in named_classes {
         let Some(groups) = classes.groups(c) else {
             continue;
         };
+        let groups = if plant::on(plant::Plant::OneGroupPerClass) {
+            &groups[groups.len().saturating_sub(1)..]
+        } else {
+            groups
+        };
+        let lists = &for_classes;
         let at = At { groups, addr: None };
         let whole = lists.allows(&at, None, 0);
         put(whole, &mut rs, Entry::Aa(c))?;
@@ -333,4 +351,44 @@ fn groups_of(addr: IpAddr, members: &HashMap<GroupId, &Members>) -> Vec<GroupId>
         .collect();
     v.sort_unstable();
     v
+}
+
+/// Layout mistakes the tests plant to show that they catch them; never on outside tests.
+pub(crate) mod plant {
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Plant {
+        /// An any-peer rule ranked before a class's rules is not folded into the class's
+        /// entries: the class entry shadows it.
+        AnyPeerNotFolded,
+        /// A class is judged by one of its groups only (as if a longest-prefix match were
+        /// the whole answer): a shorter prefix's rule is lost under a longer one's.
+        OneGroupPerClass,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static ON: std::cell::Cell<Option<Plant>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[inline(always)]
+    pub fn on(p: Plant) -> bool {
+        #[cfg(test)]
+        {
+            ON.with(|c| c.get() == Some(p))
+        }
+        #[cfg(not(test))]
+        {
+            let _ = p;
+            false
+        }
+    }
+
+    /// Runs `body` with `p` planted on this thread.
+    #[cfg(test)]
+    pub fn with<T>(p: Plant, body: impl FnOnce() -> T) -> T {
+        ON.with(|c| c.set(Some(p)));
+        let out = body();
+        ON.with(|c| c.set(None));
+        out
+    }
 }
