@@ -228,42 +228,79 @@ fn n_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = &'a (A, u8, u16)>) -> 
         .collect()
 }
 
-fn deny_elements(verb: &str, name: &str, d: &Denies) -> Vec<Value> {
+/// One kind of a ruleset's entries (its allows, or its denies), set by set.
+#[derive(Clone, Copy)]
+struct Sets<'a> {
+    ap: &'a BTreeSet<(u8, u16, u16)>,
+    aa: &'a BTreeSet<u32>,
+    gp: &'a BTreeSet<(u32, u8, u16, u16)>,
+    gx: &'a BTreeSet<(u32, u8, u16)>,
+    n4: &'a BTreeSet<(std::net::Ipv4Addr, u8, u16)>,
+    n6: &'a BTreeSet<(std::net::Ipv6Addr, u8, u16)>,
+}
+
+fn allows(rs: &Ruleset) -> Sets<'_> {
+    Sets {
+        ap: &rs.ap,
+        aa: &rs.aa,
+        gp: &rs.gp,
+        gx: &rs.gx,
+        n4: &rs.n4,
+        n6: &rs.n6,
+    }
+}
+
+fn denies(d: &Denies) -> Sets<'_> {
+    Sets {
+        ap: &d.ap,
+        aa: &d.aa,
+        gp: &d.gp,
+        gx: &d.gx,
+        n4: &d.n4,
+        n6: &d.n6,
+    }
+}
+
+fn aa_elems<'a>(it: impl Iterator<Item = &'a u32>) -> Vec<Value> {
+    it.map(|c| json!(c)).collect()
+}
+
+/// `verb` every element of `s` in the sets `<name>_<prefix><suffix>`.
+fn sets_elements(verb: &str, name: &str, prefix: &str, s: Sets<'_>) -> Vec<Value> {
+    let set = |suffix: &str| format!("{name}_{prefix}{suffix}");
     [
-        elements(verb, &format!("{name}_dap"), ap_elems(d.ap.iter())),
-        elements(
-            verb,
-            &format!("{name}_daa"),
-            d.aa.iter().map(|c| json!(c)).collect(),
-        ),
-        elements(verb, &format!("{name}_dgp"), gp_elems(d.gp.iter())),
-        elements(verb, &format!("{name}_dgx"), gx_elems(d.gx.iter())),
-        elements(verb, &format!("{name}_dn4"), n_elems(d.n4.iter())),
-        elements(verb, &format!("{name}_dn6"), n_elems(d.n6.iter())),
+        elements(verb, &set("ap"), ap_elems(s.ap.iter())),
+        elements(verb, &set("aa"), aa_elems(s.aa.iter())),
+        elements(verb, &set("gp"), gp_elems(s.gp.iter())),
+        elements(verb, &set("gx"), gx_elems(s.gx.iter())),
+        elements(verb, &set("n4"), n_elems(s.n4.iter())),
+        elements(verb, &set("n6"), n_elems(s.n6.iter())),
     ]
     .into_iter()
     .flatten()
     .collect()
 }
 
+/// The element changes from `old` to `new` in the sets `<name>_<prefix><suffix>`, deletions
+/// before additions in each set, as everywhere.
+fn sets_diff(name: &str, prefix: &str, old: Sets<'_>, new: Sets<'_>) -> Vec<Value> {
+    let mut c = Vec::new();
+    let mut sync = |suffix: &str, (r, a): (Vec<Value>, Vec<Value>)| {
+        c.extend(elements("delete", &format!("{name}_{prefix}{suffix}"), r));
+        c.extend(elements("add", &format!("{name}_{prefix}{suffix}"), a));
+    };
+    sync("ap", both(set_diff(old.ap, new.ap), ap_elems));
+    sync("aa", both(set_diff(old.aa, new.aa), aa_elems));
+    sync("gp", both(set_diff(old.gp, new.gp), gp_elems));
+    sync("gx", both(set_diff(old.gx, new.gx), gx_elems));
+    sync("n4", both(set_diff(old.n4, new.n4), n_elems));
+    sync("n6", both(set_diff(old.n6, new.n6), n_elems));
+    c
+}
+
 fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
-    let mut out = deny_elements(verb, name, &rs.deny);
-    out.extend(
-        [
-            elements(verb, &format!("{name}_ap"), ap_elems(rs.ap.iter())),
-            elements(
-                verb,
-                &format!("{name}_aa"),
-                rs.aa.iter().map(|c| json!(c)).collect(),
-            ),
-            elements(verb, &format!("{name}_gp"), gp_elems(rs.gp.iter())),
-            elements(verb, &format!("{name}_gx"), gx_elems(rs.gx.iter())),
-            elements(verb, &format!("{name}_n4"), n_elems(rs.n4.iter())),
-            elements(verb, &format!("{name}_n6"), n_elems(rs.n6.iter())),
-        ]
-        .into_iter()
-        .flatten(),
-    );
+    let mut out = sets_elements(verb, name, "d", denies(&rs.deny));
+    out.extend(sets_elements(verb, name, "", allows(rs)));
     out
 }
 
@@ -319,57 +356,20 @@ pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Ve
             }
         }
         c.extend(chain_rules(name, new, epoch));
-        c.extend(elements_diff(name, old, new, !new.ordered()));
+        if new.ordered() {
+            c.extend(sets_elements("add", name, "d", denies(&new.deny)));
+        }
+        c.extend(sets_diff(name, "", allows(old), allows(new)));
         return c;
     }
     if old.any != new.any {
         c.push(cmd("flush", "chain", json!({"name": name})));
         c.extend(chain_rules(name, new, epoch));
     }
-    c.extend(elements_diff(name, old, new, true));
-    c
-}
-
-/// Element changes from `old` to `new` in ruleset `name` (already in its epoch); the deny
-/// sets' only when both sides have them (`fresh_deny`: new ones, filled whole).
-fn elements_diff(name: &str, old: &Ruleset, new: &Ruleset, same_shape: bool) -> Vec<Value> {
-    let mut c = Vec::new();
-    if !same_shape {
-        if new.ordered() {
-            c.extend(deny_elements("add", name, &new.deny));
-        }
-    } else if new.ordered() {
-        let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
-            c.extend(elements("delete", &format!("{name}_d{set}"), r));
-            c.extend(elements("add", &format!("{name}_d{set}"), a));
-        };
-        let (o, n) = (&old.deny, &new.deny);
-        sync("ap", both(set_diff(&o.ap, &n.ap), ap_elems));
-        sync(
-            "aa",
-            both(set_diff(&o.aa, &n.aa), |it| it.map(|x| json!(x)).collect()),
-        );
-        sync("gp", both(set_diff(&o.gp, &n.gp), gp_elems));
-        sync("gx", both(set_diff(&o.gx, &n.gx), gx_elems));
-        sync("n4", both(set_diff(&o.n4, &n.n4), n_elems));
-        sync("n6", both(set_diff(&o.n6, &n.n6), n_elems));
+    if new.ordered() {
+        c.extend(sets_diff(name, "d", denies(&old.deny), denies(&new.deny)));
     }
-    // Deletions before additions in each set, as everywhere.
-    let mut sync = |set: &str, (r, a): (Vec<Value>, Vec<Value>)| {
-        c.extend(elements("delete", &format!("{name}_{set}"), r));
-        c.extend(elements("add", &format!("{name}_{set}"), a));
-    };
-    sync("ap", both(set_diff(&old.ap, &new.ap), ap_elems));
-    sync(
-        "aa",
-        both(set_diff(&old.aa, &new.aa), |it| {
-            it.map(|x| json!(x)).collect()
-        }),
-    );
-    sync("gp", both(set_diff(&old.gp, &new.gp), gp_elems));
-    sync("gx", both(set_diff(&old.gx, &new.gx), gx_elems));
-    sync("n4", both(set_diff(&old.n4, &new.n4), n_elems));
-    sync("n6", both(set_diff(&old.n6, &new.n6), n_elems));
+    c.extend(sets_diff(name, "", allows(old), allows(new)));
     c
 }
 
