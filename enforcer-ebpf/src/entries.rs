@@ -212,6 +212,13 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
     ids.retain(&d.rulesets);
     let mut e = Entries::default();
     for (name, rs) in &d.rulesets {
+        // Layout 5 reads any hit as an allow. A ruleset with deny entries (which this
+        // dataplane's budget never asks the plan for) would be misread: it holds nothing
+        // here, so its endpoints deny.
+        if rs.ordered() {
+            let _ = ids.id(name);
+            continue;
+        }
         ruleset_entries(ids.id(name), rs, &mut e);
     }
     let eps = d

@@ -96,13 +96,8 @@ impl NftBackend {
     /// most `--nft-max-elements` (see [`table_elements`]: the plan's fixed entries per
     /// endpoint and local address give way to the local pod table).
     fn budget(&self, snap: &NodeSnapshot, local: &LocalPods) -> Budget {
-        let isolated: usize = snap
-            .endpoints
-            .iter()
-            .map(|e| {
-                e.addrs.len() * (usize::from(e.ingress.isolated) + usize::from(e.egress.isolated))
-            })
-            .sum();
+        // The plan's own count (NetworkPolicy isolation and cluster rules alike).
+        let isolated = crate::desired::endpoint_entries(snap);
         Budget::total(
             self.max_elements
                 .saturating_add(isolated)

@@ -206,6 +206,9 @@ fn an_unknown_peer_fails_closed_by_action_with_a_warning() {
             .as_ref()
             .expect("matches everything");
         assert!(r.peers.is_empty() && r.ports.is_empty(), "{action}");
+        // "A 'Deny all' rule", for a Pass too: a Pass matching everything would skip every
+        // later Admin Deny.
+        assert_eq!(p.value.ingress[0].action, CnpAction::Deny, "{action}");
         assert_eq!(p.warnings.len(), 1);
     }
     // The same for a protocol entry of a kind this version does not know.

@@ -505,19 +505,8 @@ pub fn desired_within(
     // What no budget can cut: an entry per local pod address and per isolated endpoint
     // address and direction (a denied endpoint needs its entry as much as any).
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
-    // A direction is enforced when a NetworkPolicy isolates it or a cluster policy has rules
-    // for it (then also when nothing isolates: its Admin and Baseline rules still apply).
-    let tiered = |d: &moat_policy::ir::DirectionRules| tiers::tiered(&d.rules, &rules);
-    let enforced = |d: &moat_policy::ir::DirectionRules| d.isolated || tiered(d);
-    let fixed = local.addrs.len()
-        + snap
-            .endpoints
-            .iter()
-            .map(|e| {
-                e.addrs.len()
-                    * (usize::from(enforced(&e.ingress)) + usize::from(enforced(&e.egress)))
-            })
-            .sum::<usize>();
+    let enforced = |d: &moat_policy::ir::DirectionRules| enforced(d, &rules);
+    let fixed = local.addrs.len() + endpoint_entries(snap);
     let groups: HashMap<GroupId, &Members> =
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
     // Every distinct rule list, named once (hashing a long list per endpoint is what a big
@@ -579,6 +568,16 @@ pub fn desired_within(
     };
     // Rule lists denied, with why.
     let mut denied: BTreeMap<String, String> = BTreeMap::new();
+    // A list naming a rule the snapshot does not hold (only a server bug makes one) is
+    // denied whole: the missing rule could have been a Deny.
+    for (name, l) in &lists {
+        if l.rules.iter().any(|id| !rules.contains_key(id)) {
+            denied.insert(
+                name.clone(),
+                "it names a rule the snapshot does not hold (denied, fail closed)".to_string(),
+            );
+        }
+    }
     // A dataplane that cannot take first-hit lookups gets no cluster rules: such a list is
     // denied whole, never enforced as if its Deny were an allow.
     if !budget.tiers {
@@ -743,6 +742,26 @@ pub fn desired_within(
         }
     }
     d
+}
+
+/// Whether a direction gets entries: a NetworkPolicy isolates it, or a cluster policy has
+/// rules for it (its Admin and Baseline rules apply also where nothing isolates).
+fn enforced(d: &moat_policy::ir::DirectionRules, rules: &HashMap<RuleId, &Rule>) -> bool {
+    d.isolated || tiers::tiered(&d.rules, rules)
+}
+
+/// The entries no budget can cut: one per address of an enforced endpoint direction (a
+/// denied direction needs its entry as much as any).
+pub fn endpoint_entries(snap: &NodeSnapshot) -> usize {
+    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    snap.endpoints
+        .iter()
+        .map(|e| {
+            e.addrs.len()
+                * (usize::from(enforced(&e.ingress, &rules))
+                    + usize::from(enforced(&e.egress, &rules)))
+        })
+        .sum()
 }
 
 /// An upper bound of a rule list's elements, from sizes alone.

@@ -627,3 +627,25 @@ fn cluster_tiers_are_laid_out_most_specific_first() {
         "outside the /24: the /16 Deny"
     );
 }
+
+/// A list naming a rule the snapshot does not hold (only a server bug makes one) is denied
+/// whole, also where nothing isolates: the missing rule could have been a Deny.
+#[test]
+fn a_list_naming_a_missing_rule_is_denied_whole() {
+    let mut snap = overflow_snapshot();
+    let small: Vec<RuleId> = snap
+        .endpoints
+        .iter()
+        .flat_map(|e| e.ingress.rules.iter().copied())
+        .collect();
+    let gone = *small.last().expect("a rule");
+    snap.rules.retain(|r| r.id != gone);
+    let d = desired(&snap, &mut Classes::default());
+    assert!(
+        d.degraded
+            .iter()
+            .any(|g| g.rules.contains(&gone) && g.reason.contains("does not hold")),
+        "{:?}",
+        d.degraded
+    );
+}

@@ -184,3 +184,28 @@ fn patched_plans_give_the_same_entries_as_whole_ones() {
     }
     assert!(patched_count >= 100, "{patched_count} patched deltas");
 }
+
+/// Layout 5 cannot hold deny entries; handed a ruleset with some anyway (its budget never
+/// asks for them), it writes none of its entries, so its endpoints deny rather than read a
+/// Deny as an allow.
+#[test]
+fn a_ruleset_with_deny_entries_holds_nothing_on_layout_5() {
+    use moat_dataplane::plan::{Desired, Ruleset};
+    let mut rs = Ruleset {
+        any: true,
+        ..Default::default()
+    };
+    rs.aa.insert(1);
+    rs.deny.gx.insert((1, 6, 80));
+    let mut d = Desired::default();
+    d.rulesets.insert("i_tiered".into(), rs);
+    d.ing4
+        .insert("10.0.0.1".parse().unwrap(), "i_tiered".into());
+    let e = entries(&d, &mut RulesetIds::default());
+    assert!(e.ports.is_empty() && e.named.is_empty(), "{:?}", e.ports);
+    assert_eq!(
+        e.endpoints.len(),
+        1,
+        "the endpoint still points at it: it denies"
+    );
+}

@@ -98,7 +98,7 @@ pub(super) fn tier(
         };
         for (index, (rule_name, action, peers, protocols)) in rules.into_iter().enumerate() {
             // The types file's fail-closed reading of a peer (or protocol entry) of a kind
-            // this version does not know: Accept matches nothing, Deny and Pass everything.
+            // this version does not know: Accept matches nothing, Deny and Pass deny all.
             let unknown = peers.iter().any(PeerView::unknown)
                 || protocols.is_some_and(|l| l.iter().any(unknown_protocol));
             let hit = if unknown {
@@ -110,6 +110,9 @@ pub(super) fn tier(
             if !hit {
                 continue;
             }
+            // "Deny all" for a Deny or a Pass rule (a Pass matching everything would skip
+            // every later Admin Deny).
+            let action = if unknown { "Deny" } else { action };
             let r = ClusterRuleRef {
                 tier: tier.to_string(),
                 policy: name.to_string(),

@@ -146,24 +146,16 @@ fn an_unknown_peer_fails_closed_by_action() {
         v.allowed && v.ingress.reason == Reason::NotIsolated,
         "Accept matches nothing"
     );
+    // "A 'Deny all' rule" for a Deny and for a Pass: a Pass matching everything would hand
+    // every flow to the (here absent) NetworkPolicy tier and skip later Admin Denies.
     for action in ["Deny", "Pass"] {
-        let base = cnp(
-            "b",
-            "Baseline",
-            1,
-            json!({
-                "subject": {"namespaces": {}},
-                "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
-            }),
-        );
-        let c = with_cluster(
-            cluster(vec![]),
-            vec![cnp("p", "Admin", 1, rules(action)), base],
-        );
-        assert!(
-            !verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80)).allowed,
-            "{action} matches everything"
-        );
+        let c = with_cluster(cluster(vec![]), vec![cnp("p", "Admin", 1, rules(action))]);
+        let v = verdict(&c, &flow("10.0.1.1", "10.0.0.2", 80));
+        assert!(!v.allowed, "{action} denies all");
+        let Reason::Cluster(r) = &v.ingress.reason else {
+            panic!("{v:?}")
+        };
+        assert_eq!(r.action, "Deny", "{action}");
     }
 }
 

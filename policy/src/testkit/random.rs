@@ -1335,10 +1335,9 @@ mod tests {
         let w = world();
         assert_eq!(
             counted(&w, "10.0.0.1", "10.0.0.2", 6, 80),
+            // The ingress Pass with an unknown peer is "a 'Deny all' rule" (fail closed).
             vec![
-                ("decided: Admin Deny", 1),
-                ("decided: Admin Pass", 1),
-                ("decided: default allow", 1),
+                ("decided: Admin Deny", 2),
                 ("peer: networks", 1),
                 ("peer: unknown kind (fail closed)", 1),
             ]
@@ -1347,8 +1346,7 @@ mod tests {
             counted(&w, "10.0.0.2", "10.0.0.1", 17, 80),
             vec![
                 ("decided: Admin Accept", 1),
-                ("decided: Admin Pass", 1),
-                ("decided: default allow", 1),
+                ("decided: Admin Deny", 1),
                 ("peer: pods", 1),
                 ("peer: unknown kind (fail closed)", 1),
                 ("port: named port resolved", 1),
@@ -1358,8 +1356,8 @@ mod tests {
         assert_eq!(
             counted(&w, "10.0.0.2", "10.0.0.1", 6, 80),
             vec![
-                ("decided: Admin Pass", 1),
-                ("decided: default allow", 2),
+                ("decided: Admin Deny", 1),
+                ("decided: default allow", 1),
                 ("peer: unknown kind (fail closed)", 1),
             ]
         );

@@ -143,7 +143,7 @@ fn rule(
             format!("longer than {MAX_RULE_NAME} characters"),
         ));
     }
-    let action = match action {
+    let mut action = match action {
         "Accept" => CnpAction::Accept,
         "Deny" => CnpAction::Deny,
         "Pass" => CnpAction::Pass,
@@ -198,7 +198,8 @@ fn rule(
     };
     // The types file's fail-closed reading of a peer (and, by the same reasoning, of a
     // protocol entry) with no field this version knows: an Accept rule matches nothing, a
-    // Deny or Pass rule matches everything.
+    // Deny or Pass rule is "a 'Deny all' rule". A Pass that matched everything would skip
+    // every later Admin Deny, so a Pass becomes a Deny as the types file says.
     let matches_everything = Rule {
         peers: Vec::new(),
         ports: Vec::new(),
@@ -229,11 +230,12 @@ fn rule(
             );
             None
         }
-        (true, _) => {
+        (true, written) => {
             ctx.warn(
                 path,
-                format!("{unknown_what} with no field this version of Moat knows: the {} rule matches all traffic (fail closed)", action.as_str()),
+                format!("{unknown_what} with no field this version of Moat knows: the {} rule denies all traffic (fail closed)", written.as_str()),
             );
+            action = CnpAction::Deny;
             Some(matches_everything)
         }
     };
