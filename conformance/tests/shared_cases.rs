@@ -14,17 +14,33 @@ fn run_dir(dir: &Path, expect_cases: Option<usize>) {
     run_cases(&cases);
 }
 
-fn run_cases(cases: &[Case]) {
-    let report = run(
-        cases,
-        &mut model_backends(),
-        &Options {
-            families: vec![Family::Ipv4, Family::Ipv6],
-            plan_id: 0,
-            scratch: true,
-            live: true,
-        },
+/// Both families, from scratch and as live updates.
+fn every_way() -> Options {
+    Options {
+        families: vec![Family::Ipv4, Family::Ipv6],
+        plan_id: 0,
+        scratch: true,
+        live: true,
+    }
+}
+
+/// Runs `cases` (one of them wrong in exactly one cell) every way on both model backends:
+/// the cell must be named, and fail all 8 runs.
+fn assert_one_wrong_cell(cases: &[Case], cell: &str) {
+    let report = run(cases, &mut model_backends(), &every_way());
+    let text = report.to_string();
+    assert_eq!(report.failed(), 1, "{text}");
+    assert!(
+        text.contains(&format!("{cell}: expected allowed, got denied")),
+        "{text}"
     );
+    assert!(text.ends_with("0 passed, 1 failed"), "{text}");
+    // Both model backends, both families, scratch and live: 8 failing runs.
+    assert_eq!(text.matches("1 cells wrong").count(), 8, "{text}");
+}
+
+fn run_cases(cases: &[Case]) {
+    let report = run(cases, &mut model_backends(), &every_way());
     println!("{report}");
     assert_eq!(report.failed(), 0, "\n{report}");
     assert_eq!(report.passed(), cases.len(), "\n{report}");
@@ -139,25 +155,7 @@ fn a_wrong_expectation_fails_and_names_the_cells() {
     cases[0].expect[1]
         .exceptions
         .retain(|e| !(e.from == "y/b" && e.to == "x/a"));
-    let report = run(
-        &cases,
-        &mut model_backends(),
-        &Options {
-            families: vec![Family::Ipv4, Family::Ipv6],
-            plan_id: 0,
-            scratch: true,
-            live: true,
-        },
-    );
-    let text = report.to_string();
-    assert_eq!(report.failed(), 1, "{text}");
-    assert!(
-        text.contains("y/b -> x/a TCP/81: expected allowed, got denied"),
-        "{text}"
-    );
-    assert!(text.ends_with("0 passed, 1 failed"), "{text}");
-    // Both model backends, both families, scratch and live: 8 failing runs.
-    assert_eq!(text.matches("1 cells wrong").count(), 8, "{text}");
+    assert_one_wrong_cell(&cases, "y/b -> x/a TCP/81");
 }
 
 /// The same for a ClusterNetworkPolicy case: its own pods are probed and compared, every
@@ -181,23 +179,5 @@ fn a_wrong_cnp_expectation_fails_and_names_the_cells() {
     cases[0].expect[0]
         .exceptions
         .retain(|e| !(e.from == from && e.to == to));
-    let report = run(
-        &cases,
-        &mut model_backends(),
-        &Options {
-            families: vec![Family::Ipv4, Family::Ipv6],
-            plan_id: 0,
-            scratch: true,
-            live: true,
-        },
-    );
-    let text = report.to_string();
-    assert_eq!(report.failed(), 1, "{text}");
-    assert!(
-        text.contains(&format!(
-            "{from} -> {to} TCP/80: expected allowed, got denied"
-        )),
-        "{text}"
-    );
-    assert_eq!(text.matches("1 cells wrong").count(), 8, "{text}");
+    assert_one_wrong_cell(&cases, &format!("{from} -> {to} TCP/80"));
 }

@@ -506,7 +506,7 @@ pub fn desired_within(
     // address and direction (a denied endpoint needs its entry as much as any).
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
     let enforced = |d: &moat_policy::ir::DirectionRules| enforced(d, &rules);
-    let fixed = local.addrs.len() + endpoint_entries(snap);
+    let fixed = local.addrs.len() + entries_of_endpoints(snap, &rules);
     let groups: HashMap<GroupId, &Members> =
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
     // Every distinct rule list, named once (hashing a long list per endpoint is what a big
@@ -754,12 +754,17 @@ fn enforced(d: &moat_policy::ir::DirectionRules, rules: &HashMap<RuleId, &Rule>)
 /// denied direction needs its entry as much as any).
 pub fn endpoint_entries(snap: &NodeSnapshot) -> usize {
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    entries_of_endpoints(snap, &rules)
+}
+
+/// [`endpoint_entries`] with the snapshot's rules by ID already at hand.
+fn entries_of_endpoints(snap: &NodeSnapshot, rules: &HashMap<RuleId, &Rule>) -> usize {
     snap.endpoints
         .iter()
         .map(|e| {
             e.addrs.len()
-                * (usize::from(enforced(&e.ingress, &rules))
-                    + usize::from(enforced(&e.egress, &rules)))
+                * (usize::from(enforced(&e.ingress, rules))
+                    + usize::from(enforced(&e.egress, rules)))
         })
         .sum()
 }

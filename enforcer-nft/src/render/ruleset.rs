@@ -78,20 +78,7 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
         ],
     ));
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    r.push(rule(name, vec![clear.clone()]));
-    // Ranges first, then single addresses: a hit in the second overrides the first (a
-    // failed map lookup ends the rule and leaves the mark as it was).
-    for (fam, map) in [
-        ("ip", "class4"),
-        ("ip6", "class6"),
-        ("ip", "addr4"),
-        ("ip6", "addr6"),
-    ] {
-        r.push(rule(
-            name,
-            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": format!("@{}", in_epoch(map, epoch))}}}})],
-        ));
-    }
+    r.extend(classify(name, peer, epoch));
     r.push(rule(
         name,
         vec![

@@ -6,8 +6,8 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 
 use super::{
-    Cluster, ClusterRuleRef, Dir, Flow, Owner, has_named_port, namespace_labels, ns_of, owner,
-    proto_name, selector_matches,
+    Cluster, ClusterRuleRef, Dir, Flow, Owner, destination_pod, has_named_port, namespace_labels,
+    ns_of, owner, proto_name, selector_matches,
 };
 use crate::model::cnp_api as cnp;
 
@@ -88,14 +88,7 @@ pub(super) fn tier(
                 })
                 .collect(),
         };
-        // The pod a named port refers to: the destination.
-        let dst_pod = match dir {
-            Dir::Ingress => Some(pod),
-            Dir::Egress => match owner(c, peer) {
-                Owner::Pod(p) => Some(p),
-                _ => None,
-            },
-        };
+        let dst_pod = destination_pod(c, pod, dir, peer);
         for (index, (rule_name, action, peers, protocols)) in rules.into_iter().enumerate() {
             // The types file's fail-closed reading of a peer (or protocol entry) of a kind
             // this version does not know: Accept matches nothing, Deny and Pass deny all.

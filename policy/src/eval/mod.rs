@@ -317,14 +317,7 @@ fn network_policy_tier(c: &Cluster, pod: &core::Pod, dir: Dir, peer: IpAddr, f: 
                 .map(|r| (r.to.as_ref(), r.ports.as_ref()))
                 .collect(),
         };
-        // The pod whose ports a named port refers to: the destination.
-        let dst_pod = match dir {
-            Dir::Ingress => Some(pod),
-            Dir::Egress => match owner(c, peer) {
-                Owner::Pod(p) => Some(p),
-                _ => None,
-            },
-        };
+        let dst_pod = destination_pod(c, pod, dir, peer);
         for (i, (peers, ports)) in rules.iter().enumerate() {
             if peers_match(c, pod_ns, *peers, peer) && ports_match(*ports, dst_pod, f) {
                 allowing.push(RuleRef {
@@ -438,6 +431,23 @@ fn ports_match(
             }
         }
     })
+}
+
+/// The pod whose ports a named port refers to: the destination (`pod` itself for ingress,
+/// the peer for egress, if it is a pod).
+fn destination_pod<'a>(
+    c: &'a Cluster,
+    pod: &'a core::Pod,
+    dir: Dir,
+    peer: IpAddr,
+) -> Option<&'a core::Pod> {
+    match dir {
+        Dir::Ingress => Some(pod),
+        Dir::Egress => match owner(c, peer) {
+            Owner::Pod(p) => Some(p),
+            _ => None,
+        },
+    }
 }
 
 /// The names policy uses for the protocols with ports.
