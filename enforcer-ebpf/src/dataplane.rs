@@ -57,8 +57,12 @@ pub enum DataplaneError {
         "{0} holds maps of layout {1}, newer than this binary's {2}: run a newer enforcer, or --uninstall first"
     )]
     NewerLayout(PathBuf, u32, u32),
-    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 to 4)")]
+    #[error("cannot migrate maps of layout {0} (this binary migrates from layouts 1 to 5)")]
     UnknownLayout(u32),
+    #[error(
+        "a program of layout {0} reads every policy map hit as an allow: it cannot hold a deny entry"
+    )]
+    OlderLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
 }
@@ -81,6 +85,8 @@ pub struct Maps {
     pods: Option<PodMaps>,
     meta: Array<MapData, Meta>,
     counters: PerCpuArray<MapData, u64>,
+    /// The program's layout: before 6 (tests), values are what it reads (see [`Maps::write`]).
+    layout: u32,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -224,6 +230,7 @@ impl Dataplane {
             },
             meta: take(&mut ebpf, MapNames::META)?,
             counters: take(&mut ebpf, MapNames::COUNTERS)?,
+            layout,
         };
         let barrier = Barrier::new().map_err(|e| DataplaneError::Sys("map-of-maps barrier", e))?;
         // The verifier runs here: a program it refuses fails the open.
@@ -333,7 +340,7 @@ impl Dataplane {
 
     /// A second set of handles on the policy maps, opened from their pins.
     pub fn open_maps(&self) -> Result<Maps> {
-        Maps::pinned_in(&self.dir)
+        Maps::pinned_in(&self.dir, self.layout)
     }
 }
 
@@ -349,8 +356,8 @@ pub(crate) fn pinned<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl Maps {
-    /// Handles on the policy maps pinned in `dir`.
-    pub fn pinned_in(d: &Path) -> Result<Maps> {
+    /// Handles on the policy maps pinned in `dir`, for a program of `layout`.
+    pub fn pinned_in(d: &Path, layout: u32) -> Result<Maps> {
         Ok(Maps {
             selector: pinned(d, MapNames::SELECTOR)?,
             endpoints: pinned(d, MapNames::ENDPOINTS)?,
@@ -374,6 +381,7 @@ impl Maps {
             },
             meta: pinned(d, MapNames::META)?,
             counters: pinned(d, MapNames::COUNTERS)?,
+            layout,
         })
     }
 }
@@ -426,11 +434,22 @@ fn counters_of(counters: &PerCpuArray<MapData, u64>) -> BTreeMap<String, u64> {
 }
 
 impl Maps {
-    /// Writes `diff` into `slot`: additions and changes first, removals last.
+    /// Writes `diff` into `slot`: additions and changes first, removals last. For a program
+    /// of a layout before 6 (tests), endpoints lose [`RULESET_NAMED`] (such a program reads
+    /// the value as the ruleset) and a deny entry is refused before anything is written
+    /// (such a program reads any hit as an allow; its budget never asks for one).
     pub fn write(&mut self, slot: u8, diff: &Diff) -> Result<()> {
         let m = self;
         let e = |name: &'static str| move |err| DataplaneError::Map(name, err);
+        let old = m.layout < 6;
+        if old
+            && (diff.ports.0.iter().any(|(_, v)| *v != VERDICT_ALLOW)
+                || diff.named.0.iter().any(|(_, v)| *v != VERDICT_ALLOW))
+        {
+            return Err(DataplaneError::OlderLayout(m.layout));
+        }
         for (k, v) in &diff.endpoints.0 {
+            let v = if old { v & !RULESET_NAMED } else { *v };
             m.endpoints
                 .insert(EndpointKey { slot, ..*k }, v, 0)
                 .map_err(e(MapNames::ENDPOINTS))?;
@@ -445,21 +464,21 @@ impl Maps {
                 .insert(&Key::new(*len, RangeKey { slot, ..*k }), v, 0)
                 .map_err(e(MapNames::RANGES))?;
         }
-        for (len, k) in &diff.ports.0 {
+        for ((len, k), v) in &diff.ports.0 {
             let k = with_slot(k, slot);
             match m.port_exact.as_mut() {
                 Some(exact) if *len == PORT_FULL_BITS => {
-                    exact.insert(k, 1, 0).map_err(e(MapNames::PORT_EXACT))?
+                    exact.insert(k, v, 0).map_err(e(MapNames::PORT_EXACT))?
                 }
                 _ => m
                     .ports
-                    .insert(&Key::new(*len, k), 1, 0)
+                    .insert(&Key::new(*len, k), v, 0)
                     .map_err(e(MapNames::PORTS))?,
             }
         }
-        for k in &diff.named.0 {
+        for (k, v) in &diff.named.0 {
             m.named
-                .insert(NamedKey { slot, ..*k }, 1, 0)
+                .insert(NamedKey { slot, ..*k }, v, 0)
                 .map_err(e(MapNames::NAMED))?;
         }
         for k in &diff.endpoints.1 {
@@ -565,23 +584,23 @@ impl Maps {
                 );
             }
         }
-        for k in m.ports.keys().filter_map(|r| r.ok()) {
+        for (k, v) in m.ports.iter().filter_map(|r| r.ok()) {
             if k.data().data[0] == slot {
-                e.ports.insert((k.prefix_len(), with_slot(&k.data(), 0)));
+                e.ports.insert((k.prefix_len(), with_slot(&k.data(), 0)), v);
             }
         }
-        for k in m
+        for (k, v) in m
             .port_exact
             .iter()
-            .flat_map(|x| x.keys().filter_map(|r| r.ok()))
+            .flat_map(|x| x.iter().filter_map(|r| r.ok()))
         {
             if k.data[0] == slot {
-                e.ports.insert((PORT_FULL_BITS, with_slot(&k, 0)));
+                e.ports.insert((PORT_FULL_BITS, with_slot(&k, 0)), v);
             }
         }
-        for k in m.named.keys().filter_map(|r| r.ok()) {
+        for (k, v) in m.named.iter().filter_map(|r| r.ok()) {
             if k.slot == slot {
-                e.named.insert(NamedKey { slot: 0, ..k });
+                e.named.insert(NamedKey { slot: 0, ..k }, v);
             }
         }
         e

@@ -4,14 +4,15 @@
 //! replayed onto both slots. Address intervals become CIDR prefixes and port ranges become
 //! port prefixes, so every lookup in the kernel is one LPM or hash probe.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use moat_dataplane::plan::incremental::Patched;
-use moat_dataplane::plan::{Desired, Ruleset};
+use moat_dataplane::plan::{Desired, Ruleset, Sets};
 use moat_ebpf_common::{
     AddrKey, CLASS_ANY, DIR_EGRESS, DIR_INGRESS, EndpointKey, FAMILY_V4, FAMILY_V6, NamedKey,
-    PORT_CLASS_BITS, PORT_FULL_BITS, PortKey, RANGE_FIXED_BITS, RangeKey,
+    PORT_CLASS_BITS, PORT_FULL_BITS, PortKey, RANGE_FIXED_BITS, RULESET_NAMED, RangeKey,
+    VERDICT_ALLOW, VERDICT_DENY,
 };
 
 /// Capacity of each policy map, as the program declares it (per slot: half of it).
@@ -25,8 +26,9 @@ pub const MAX_NAMED: usize = 1 << 20;
 /// while the next is written), intervals and port ranges counted as the prefixes they
 /// become, and at most `total` elements in all (`--max-elements`). Endpoints are not cut by
 /// a budget (a denied endpoint needs its entry as much as any); `check_capacity` refuses a
-/// version with more of them than `ENDPOINTS` holds.
-pub fn budget(total: Option<usize>) -> moat_dataplane::plan::Budget {
+/// version with more of them than `ENDPOINTS` holds. A program of a `layout` before 6
+/// (tests only) reads any hit as an allow: it is never given cluster tiers.
+pub fn budget(total: Option<usize>, layout: u32) -> moat_dataplane::plan::Budget {
     moat_dataplane::plan::Budget {
         total: total.unwrap_or(usize::MAX),
         addrs: MAX_ADDRS / 2,
@@ -35,8 +37,7 @@ pub fn budget(total: Option<usize>) -> moat_dataplane::plan::Budget {
         ports_ranged: MAX_PORTS / 2,
         named: MAX_NAMED / 2,
         prefixes: true,
-        // Layout 5 reads any hit as an allow: cluster tiers wait for layout 6.
-        tiers: false,
+        tiers: layout >= 6,
     }
 }
 
@@ -54,12 +55,15 @@ pub enum EntriesError {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entries {
+    /// → ruleset number, with [`RULESET_NAMED`] where the ruleset has named-port rules.
     pub endpoints: BTreeMap<EndpointKey, u32>,
     pub addrs: BTreeMap<AddrKey, u32>,
     /// (prefix length, data) → class.
     pub ranges: BTreeMap<(u32, RangeKey), u32>,
-    pub ports: BTreeSet<(u32, PortKey)>,
-    pub named: BTreeSet<NamedKey>,
+    /// (prefix length, data) → verdict.
+    pub ports: BTreeMap<(u32, PortKey), u8>,
+    /// → verdict.
+    pub named: BTreeMap<NamedKey, u8>,
 }
 
 impl Entries {
@@ -72,7 +76,7 @@ impl Entries {
             (
                 "PORT_EXACT",
                 self.ports
-                    .iter()
+                    .keys()
                     .filter(|(l, _)| *l == PORT_FULL_BITS)
                     .count(),
                 MAX_PORTS,
@@ -80,7 +84,7 @@ impl Entries {
             (
                 "PORTS",
                 self.ports
-                    .iter()
+                    .keys()
                     .filter(|(l, _)| *l != PORT_FULL_BITS)
                     .count(),
                 MAX_PORTS,
@@ -118,17 +122,11 @@ impl Entries {
             }
             m.extend(put.iter().copied());
         }
-        fn set<K: Ord + Copy>(m: &mut BTreeSet<K>, (add, del): &SetChanges<K>) {
-            for k in del {
-                m.remove(k);
-            }
-            m.extend(add.iter().copied());
-        }
         map(&mut self.endpoints, &diff.endpoints);
         map(&mut self.addrs, &diff.addrs);
         map(&mut self.ranges, &diff.ranges);
-        set(&mut self.ports, &diff.ports);
-        set(&mut self.named, &diff.named);
+        map(&mut self.ports, &diff.ports);
+        map(&mut self.named, &diff.named);
     }
 }
 
@@ -212,13 +210,6 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
     ids.retain(&d.rulesets);
     let mut e = Entries::default();
     for (name, rs) in &d.rulesets {
-        // Layout 5 reads any hit as an allow. A ruleset with deny entries (which this
-        // dataplane's budget never asks the plan for) would be misread: it holds nothing
-        // here, so its endpoints deny.
-        if rs.ordered() {
-            let _ = ids.id(name);
-            continue;
-        }
         ruleset_entries(ids.id(name), rs, &mut e);
     }
     let eps = d
@@ -230,6 +221,7 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
         .chain(d.eg6.iter().map(|(a, n)| (IpAddr::V6(*a), DIR_EGRESS, n)));
     for (addr, dir, name) in eps {
         let (family, addr16) = addr16(addr);
+        let named = d.rulesets.get(name).is_some_and(|rs| rs.named_ports);
         e.endpoints.insert(
             EndpointKey {
                 slot: 0,
@@ -238,7 +230,7 @@ pub fn entries(d: &Desired, ids: &mut RulesetIds) -> Entries {
                 _pad: 0,
                 addr: addr16,
             },
-            ids.id(name),
+            ids.id(name) | if named { RULESET_NAMED } else { 0 },
         );
     }
     let singles = d
@@ -298,11 +290,11 @@ pub fn patched(log: &Patched, ids: &mut RulesetIds) -> Diff {
         ruleset_entries(id, &change.removed, &mut gone);
         ruleset_entries(id, &change.added, &mut new);
         // Elements differ, but their port prefixes may coincide: keep a key both sides name.
-        let (add, del) = set_diff(&gone.ports, &new.ports);
-        diff.ports.0.extend(add);
+        let (put, del) = map_diff(&gone.ports, &new.ports);
+        diff.ports.0.extend(put);
         diff.ports.1.extend(del);
-        let (add, del) = set_diff(&gone.named, &new.named);
-        diff.named.0.extend(add);
+        let (put, del) = map_diff(&gone.named, &new.named);
+        diff.named.0.extend(put);
         diff.named.1.extend(del);
     }
     diff
@@ -320,37 +312,47 @@ fn range_key(family: u8, addr: [u8; 16], len: u32) -> (u32, RangeKey) {
     )
 }
 
+/// The entries of one ruleset: its allows, and (cluster tiers) its denies, each key with its
+/// verdict. A key both would name (the plan never makes one) denies.
 fn ruleset_entries(rs_id: u32, rs: &Ruleset, e: &mut Entries) {
-    let class_all = |class: u32| (PORT_CLASS_BITS, PortKey::new(0, rs_id, class, 0, 0));
+    if rs.any {
+        let key = (PORT_CLASS_BITS, PortKey::new(0, rs_id, CLASS_ANY, 0, 0));
+        e.ports.entry(key).or_insert(VERDICT_ALLOW);
+    }
+    verdict_entries(rs_id, VERDICT_ALLOW, rs.allows(), e);
+    verdict_entries(rs_id, VERDICT_DENY, rs.denies(), e);
+}
+
+fn verdict_entries(rs_id: u32, verdict: u8, s: Sets<'_>, e: &mut Entries) {
+    let port = |len: u32, key: PortKey, e: &mut Entries| {
+        let v = e.ports.entry((len, key)).or_insert(verdict);
+        *v = (*v).max(verdict);
+    };
     let ports = |class: u32, proto: u8, first: u16, last: u16, e: &mut Entries| {
         for (p, len) in prefixes(u128::from(first), u128::from(last), 16) {
             let key = PortKey::new(0, rs_id, class, proto, p as u16);
-            e.ports.insert((PORT_CLASS_BITS + 8 + len, key));
+            port(PORT_CLASS_BITS + 8 + len, key, e);
         }
     };
-    if rs.any {
-        e.ports.insert(class_all(CLASS_ANY));
+    for c in s.aa {
+        port(PORT_CLASS_BITS, PortKey::new(0, rs_id, *c, 0, 0), e);
     }
-    for c in &rs.aa {
-        e.ports.insert(class_all(*c));
-    }
-    for (proto, a, b) in &rs.ap {
+    for (proto, a, b) in s.ap {
         ports(CLASS_ANY, *proto, *a, *b, e);
     }
-    for (c, proto, a, b) in &rs.gp {
+    for (c, proto, a, b) in s.gp {
         ports(*c, *proto, *a, *b, e);
     }
-    for (c, proto, port) in &rs.gx {
-        ports(*c, *proto, *port, *port, e);
+    for (c, proto, p) in s.gx {
+        ports(*c, *proto, *p, *p, e);
     }
-    let named = rs
-        .n4
-        .iter()
-        .map(|(a, p, port)| (IpAddr::V4(*a), *p, *port))
-        .chain(rs.n6.iter().map(|(a, p, port)| (IpAddr::V6(*a), *p, *port)));
+    let named =
+        s.n4.iter()
+            .map(|(a, p, port)| (IpAddr::V4(*a), *p, *port))
+            .chain(s.n6.iter().map(|(a, p, port)| (IpAddr::V6(*a), *p, *port)));
     for (a, proto, port) in named {
         let (family, addr) = addr16(a);
-        e.named.insert(NamedKey {
+        let key = NamedKey {
             slot: 0,
             family,
             proto,
@@ -359,14 +361,14 @@ fn ruleset_entries(rs_id: u32, rs: &Ruleset, e: &mut Entries) {
             port,
             _pad2: [0; 2],
             addr,
-        });
+        };
+        let v = e.named.entry(key).or_insert(verdict);
+        *v = (*v).max(verdict);
     }
 }
 
 /// Entries to write (key, value) and keys to remove.
 pub type Changes<K, V> = (Vec<(K, V)>, Vec<K>);
-/// Keys to add and keys to remove.
-pub type SetChanges<K> = (Vec<K>, Vec<K>);
 
 /// What to write and remove to turn one entry set into another.
 #[derive(Debug, Default)]
@@ -374,8 +376,8 @@ pub struct Diff {
     pub endpoints: Changes<EndpointKey, u32>,
     pub addrs: Changes<AddrKey, u32>,
     pub ranges: Changes<(u32, RangeKey), u32>,
-    pub ports: SetChanges<(u32, PortKey)>,
-    pub named: SetChanges<NamedKey>,
+    pub ports: Changes<(u32, PortKey), u8>,
+    pub named: Changes<NamedKey, u8>,
 }
 
 impl Diff {
@@ -384,8 +386,8 @@ impl Diff {
             endpoints: map_diff(&old.endpoints, &new.endpoints),
             addrs: map_diff(&old.addrs, &new.addrs),
             ranges: map_diff(&old.ranges, &new.ranges),
-            ports: set_diff(&old.ports, &new.ports),
-            named: set_diff(&old.named, &new.named),
+            ports: map_diff(&old.ports, &new.ports),
+            named: map_diff(&old.named, &new.named),
         }
     }
 
@@ -422,13 +424,6 @@ fn map_diff<K: Ord + Copy, V: PartialEq + Copy>(
         .copied()
         .collect();
     (put, del)
-}
-
-fn set_diff<K: Ord + Copy>(old: &BTreeSet<K>, new: &BTreeSet<K>) -> SetChanges<K> {
-    (
-        new.difference(old).copied().collect(),
-        old.difference(new).copied().collect(),
-    )
 }
 
 #[cfg(test)]

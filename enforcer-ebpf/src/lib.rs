@@ -95,7 +95,7 @@ impl EbpfBackend {
             mode,
             attacher: None,
             pods,
-            budget: entries::budget(None),
+            budget: entries::budget(None, dp.layout),
             dp,
             classes: Classes::default(),
             ids: RulesetIds::default(),
@@ -114,7 +114,7 @@ impl EbpfBackend {
     /// Caps a version's elements in all maps together (`--max-elements`), below what the
     /// maps hold; `None`: only the maps' capacities.
     pub fn set_max_elements(&mut self, total: Option<usize>) {
-        self.budget = entries::budget(total);
+        self.budget = entries::budget(total, self.dp.layout);
     }
 
     pub fn set_probes(&mut self, probes: BTreeMap<String, String>) {
@@ -416,7 +416,7 @@ impl Backend for EbpfBackend {
                 }
             }
         }
-        migrated.map_err(failed("migrating an older map layout"))?;
+        let migrated = migrated.map_err(failed("migrating an older map layout"))?;
         attached.map_err(failed("attaching the programs"))?;
         let meta = meta.map_err(failed("reading the version record"))?;
         self.standby_unknown = true;
@@ -432,6 +432,17 @@ impl Backend for EbpfBackend {
         }
         match last {
             Some(s) if s.version == meta.version && s.digest.0 == meta.digest => {
+                if let Some(from) = migrated {
+                    // The migrated maps hold what the older layout could enforce (before 6,
+                    // cluster tiers denied whole): the same version, written again in this
+                    // layout's terms, switches atomically like any other.
+                    info!(
+                        version = s.version,
+                        from, "installing the version in force again in this binary's layout"
+                    );
+                    self.install(s, local)?;
+                    return Ok(Adopted::Enforcing);
+                }
                 info!(
                     version = s.version,
                     "adopting the maps left by the previous run"

@@ -39,9 +39,9 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 
 /// `BPF_MAP_TYPE_ARRAY`, as `sys::map_shape` reports it.
 const ARRAY: u32 = 2;
-/// The layout whose flow table (with its hash key and clock) and fragment verdicts this
-/// layout defines exactly as it did.
-const SHARES_FROM: u32 = 4;
+/// The layouts whose flow table (with its hash key and clock) and fragment verdicts this
+/// layout defines exactly as they did.
+const SHARES_FROM: std::ops::RangeInclusive<u32> = 4..=5;
 /// `FLOWS` last: once its pin is in this layout's directory, so are the others.
 const SHARED: [&str; 4] = [
     MapNames::FLOW_SEED,
@@ -56,9 +56,12 @@ const SHARED: [&str; 4] = [
 /// switch. Does nothing once `dir` holds a flow table (shared or not).
 pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
     let older = older_layouts(root);
-    let [(SHARES_FROM, from)] = older.as_slice() else {
+    let [(n, from)] = older.as_slice() else {
         return Ok(());
     };
+    if !SHARES_FROM.contains(n) {
+        return Ok(());
+    }
     if dir.join(MapNames::FLOWS).exists() || !from.join(MapNames::FLOWS).exists() {
         return Ok(());
     }
@@ -89,10 +92,7 @@ pub fn share_previous(root: &Path, dir: &Path) -> Result<()> {
         // hash key: the old one replaces it.
         pin_as(&old, &new)?;
     }
-    info!(
-        from = SHARES_FROM,
-        "sharing the previous layout's flow table"
-    );
+    info!(from = n, "sharing the previous layout's flow table");
     Ok(())
 }
 
@@ -365,6 +365,30 @@ fn copy_ports(from: &Path, to: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// Flags (with [`RULESET_NAMED`]) every endpoint whose ruleset holds named-port entries in
+/// its slot: before layout 6 the program looked `NAMED` up for every egress new flow, now only
+/// for a flagged one. A ruleset with named-port rules but no entry yet is not flagged; the
+/// next version is written whole (the adopted one is, see `adopt`), flags included.
+fn flag_named(dir: &Path) -> Result<()> {
+    let named: HashMap<MapData, NamedKey, u8> = pinned(dir, MapNames::NAMED)?;
+    let with: std::collections::HashSet<(u8, u32)> = named
+        .keys()
+        .filter_map(|k| k.ok())
+        .map(|k| (k.slot, k.ruleset))
+        .collect();
+    let mut eps: HashMap<MapData, EndpointKey, u32> = pinned(dir, MapNames::ENDPOINTS)?;
+    let flag: Vec<(EndpointKey, u32)> = eps
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(k, v)| k.dir == DIR_EGRESS && with.contains(&(k.slot, *v)))
+        .collect();
+    for (k, v) in flag {
+        eps.insert(k, v | RULESET_NAMED, 0)
+            .map_err(|e| DataplaneError::Map(MapNames::ENDPOINTS, e))?;
+    }
+    Ok(())
+}
+
 fn copy_array<V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result<()> {
     let old: Array<MapData, V> = pinned(from, name)?;
     let mut new: Array<MapData, V> = pinned(to, name)?;
@@ -431,14 +455,16 @@ impl Dataplane {
         let Some((n, from)) = older.last().cloned() else {
             return Ok(None);
         };
-        if !(1..=4).contains(&n) || older.len() > 1 {
+        if !(1..=5).contains(&n) || older.len() > 1 {
             return Err(DataplaneError::UnknownLayout(older[0].0));
         }
         let to = self.map_dir().to_path_buf();
         // Layout 1 → 2 changed the flow table's type, 2 → 3 moved single ports out of
         // `PORTS`, 3 → 4 made the flow table an array, 4 → 5 replaced the mark index maps
         // (`LOCAL`, `LOCAL_ADDR`: not copied) by the local pod maps, which the caller writes
-        // before this runs: every other map copies as it is.
+        // before this runs, 5 → 6 made the port maps' values verdicts (an older layout's 1 is
+        // an allow) and flags endpoints whose ruleset has named ports: every other map copies
+        // as it is.
         let mut rules = 0;
         rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
         rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
@@ -448,6 +474,7 @@ impl Dataplane {
             rules += copy_hash::<PortKey, u8>(&from, &to, MapNames::PORT_EXACT)?;
         }
         rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
+        flag_named(&to)?;
         copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
         copy_array::<Meta>(&from, &to, MapNames::META)?;
         let shared = same_map(&from.join(MapNames::FLOWS), &to.join(MapNames::FLOWS));
@@ -459,7 +486,8 @@ impl Dataplane {
         // while that is awaited: each pass shortens the time a reply may meet a table
         // without its flow).
         let renumbered = renumber_findings(&from)?;
-        legacy_marks_migrating(&to, true)?;
+        // Layout 5's ingress programs write this layout's findings: nothing to decode.
+        legacy_marks_migrating(&to, n <= 4)?;
         self.attach_all(mode)?;
         let barrier = self.barrier();
         let waited = std::thread::spawn(move || barrier.wait());

@@ -2,7 +2,7 @@
 //! (`BPF_PROG_TEST_RUN`): the old program keeps admitting flows until its links move, and the
 //! new one must know every one of them at once. Needs root and BPF, as CI has.
 //!
-//! One test in its own binary: it points the loader at the committed layout-4 object through
+//! One test in its own binary: it points the loader at the committed layout-5 object through
 //! the environment, which no other test may see, and enters a network namespace of its own
 //! (the migration attaches to every interface; a new namespace has only loopback).
 
@@ -14,8 +14,10 @@ use std::path::Path;
 use frames::*;
 use layouts::{BPFFS, Sweep, node, open_layout, own_netns};
 use moat_dataplane::local::{LocalPods, PodInterfaces};
-use moat_ebpf_common::{LAYOUT_VERSION, MARK_REPLY, MapNames};
+use moat_dataplane::plan::{Desired, Ruleset};
+use moat_ebpf_common::{LAYOUT_VERSION, MARK_REPLY, MapNames, RULESET_NAMED};
 use moat_enforcer_ebpf::dataplane::{Dataplane, EGRESS, INGRESS, INGRESS_POD};
+use moat_enforcer_ebpf::entries::{Diff, Entries, RulesetIds, entries};
 use moat_enforcer_ebpf::migrate::legacy_marks_migrating;
 use moat_enforcer_ebpf::pods::PodTables;
 
@@ -34,32 +36,69 @@ fn reply(dport: u16) -> Vec<u8> {
     V4::new("10.0.0.1", "10.0.1.5", UDP).frame(&ports(53, dport))
 }
 
+/// A client's packet in on the uplink and out: the ingress program's finding, then the
+/// egress program's verdict.
+fn forward(dp: &mut Dataplane, sport: u16) -> u32 {
+    let mark = dp
+        .test_run(INGRESS, &udp(sport), 0, FORWARDED)
+        .unwrap()
+        .mark;
+    dp.test_run(EGRESS, &udp(sport), mark, FORWARDED)
+        .unwrap()
+        .retval
+}
+
 fn is_reply(dp: &mut Dataplane, dport: u16) -> bool {
     let r = dp.test_run(INGRESS_POD, &reply(dport), 0, OUT).unwrap();
     r.mark & MARK_REPLY != 0
 }
 
-/// Layout 4's flow table is layout 5's: shared, not copied. A flow the old program admits
+/// Layout 5's flow table is layout 6's: shared, not copied. A flow the old program admits
 /// while the new one is already loaded (as on a node mid-upgrade, where some links run the
 /// new program and the old one judges packets until its links move) is one the new program
 /// finds at once; a copy would leave the reply to an egress-isolated pod's flow to meet a
 /// table without it, and be denied as a new flow.
 #[test]
 fn the_previous_layouts_flows_are_the_new_programs_at_once() {
-    assert_eq!(LAYOUT_VERSION, 5, "update the layout this test shares from");
+    assert_eq!(LAYOUT_VERSION, 6, "update the layout this test shares from");
     own_netns();
     let bpffs = Path::new(BPFFS);
     let (node, root) = node("migrate");
     let _sweep = Sweep(&root);
 
-    let mut old = open_layout(bpffs, &node, 4);
-    // Layout 4 with no rules admits every flow and remembers it.
-    assert_eq!(
-        old.test_run(EGRESS, &udp(1000), 0, FORWARDED)
-            .unwrap()
-            .retval,
-        OK
+    let mut old = open_layout(bpffs, &node, 5);
+    let mut l = LocalPods::default();
+    l.other_ifaces.extend([OUT, FORWARDED]);
+    let (less, more) = PodTables::default().diff(&PodTables::of(&l));
+    old.write_pods(&less).unwrap();
+    old.write_pods(&more).unwrap();
+    // A pod's egress rules with a named port, as layout 5 holds them (no flag: its program
+    // looked `NAMED` up for every egress new flow), in both slots.
+    let mut d = Desired::default();
+    let mut rs = Ruleset {
+        egress: true,
+        named_ports: true,
+        ..Default::default()
+    };
+    rs.n4.insert(("10.0.0.9".parse().unwrap(), 6, 8080));
+    d.rulesets.insert("e_named".into(), rs);
+    d.eg4.insert("10.0.0.2".parse().unwrap(), "e_named".into());
+    let diff = Diff::between(
+        &Entries::default(),
+        &entries(&d, &mut RulesetIds::default()),
     );
+    for slot in [0, 1] {
+        old.write(slot, &diff).unwrap();
+    }
+    let flagged = |dp: &Dataplane| {
+        dp.read_slot(0)
+            .endpoints
+            .values()
+            .all(|v| v & RULESET_NAMED != 0)
+    };
+    assert!(!flagged(&old), "layout 5 holds no flag");
+    // Layout 5 with no rules for the sender admits every flow and remembers it.
+    assert_eq!(forward(&mut old, 1000), OK);
 
     // A run of this layout that stopped while its loader pinned maps left a hash key of its
     // own (here: another node's, pinned under this one's directory).
@@ -69,10 +108,10 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     drop(Dataplane::open(bpffs, &stray).unwrap());
     let pin =
         |n: &str, v: u32, map: &str| bpffs.join("moat").join(n).join(format!("v{v}")).join(map);
-    std::fs::create_dir_all(root.join("v5")).unwrap();
+    std::fs::create_dir_all(root.join("v6")).unwrap();
     moat_enforcer_ebpf::sys::pin_again(
-        &pin(&stray, 5, MapNames::FLOW_SEED),
-        &pin(&node, 5, MapNames::FLOW_SEED),
+        &pin(&stray, 6, MapNames::FLOW_SEED),
+        &pin(&node, 6, MapNames::FLOW_SEED),
     )
     .unwrap();
 
@@ -80,18 +119,13 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     let id = |v: u32| {
         moat_enforcer_ebpf::sys::map_id(&root.join(format!("v{v}")).join(MapNames::FLOWS)).unwrap()
     };
-    assert_eq!(id(4), id(5), "one flow table under both layouts");
+    assert_eq!(id(5), id(6), "one flow table under both layouts");
     let seed =
         |v: u32| moat_enforcer_ebpf::sys::map_id(&pin(&node, v, MapNames::FLOW_SEED)).unwrap();
-    assert_eq!(seed(4), seed(5), "and one hash key, the stray one replaced");
+    assert_eq!(seed(5), seed(6), "and one hash key, the stray one replaced");
     assert!(is_reply(&mut new, 1000), "a flow from before the upgrade");
     // The old program, still running somewhere, admits another: known to the new at once.
-    assert_eq!(
-        old.test_run(EGRESS, &udp(1001), 0, FORWARDED)
-            .unwrap()
-            .retval,
-        OK
-    );
+    assert_eq!(forward(&mut old, 1001), OK);
     assert!(
         is_reply(&mut new, 1001),
         "a flow the old program admitted mid-upgrade"
@@ -99,48 +133,53 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     assert!(!is_reply(&mut new, 1002), "a flow nobody admitted");
 
     let mode = PodInterfaces::Auto;
-    assert_eq!(new.migrate(&mode).unwrap(), Some(4));
+    assert_eq!(new.migrate(&mode).unwrap(), Some(5));
     drop(old);
-    assert!(!root.join("v4").exists(), "the old layout's pins are gone");
+    assert!(!root.join("v5").exists(), "the old layout's pins are gone");
     assert!(
         std::fs::read_dir(&root)
             .unwrap()
             .flatten()
-            .all(|e| !e.file_name().to_string_lossy().starts_with("v4")),
+            .all(|e| !e.file_name().to_string_lossy().starts_with("v5")),
         "nothing of it left"
     );
     assert!(is_reply(&mut new, 1000) && is_reply(&mut new, 1001));
+    assert!(
+        flagged(&new),
+        "an endpoint whose ruleset has named entries looks them up"
+    );
+    assert_eq!(new.read_slot(0).named.values().collect::<Vec<_>>(), [&1]);
 
     // A previous layout whose flow table has another shape than this one's (here: a hash
     // key where the table should be) is not taken over; the migration copies what it can.
     let odd = format!("migrate-odd-{}", std::process::id());
     let odd_root = bpffs.join("moat").join(&odd);
     let _sweep_odd = Sweep(&odd_root);
-    std::fs::create_dir_all(odd_root.join("v4")).unwrap();
+    std::fs::create_dir_all(odd_root.join("v5")).unwrap();
     moat_enforcer_ebpf::sys::pin_again(
-        &pin(&stray, 5, MapNames::FLOW_SEED),
-        &pin(&odd, 4, MapNames::FLOWS),
+        &pin(&stray, 6, MapNames::FLOW_SEED),
+        &pin(&odd, 5, MapNames::FLOWS),
     )
     .unwrap();
     drop(Dataplane::open(bpffs, &odd).unwrap());
     let id = |v: u32| moat_enforcer_ebpf::sys::map_id(&pin(&odd, v, MapNames::FLOWS)).unwrap();
-    assert_ne!(id(4), id(5), "a table of another shape is not shared");
+    assert_ne!(id(5), id(6), "a table of another shape is not shared");
 
     // A run stopped while deleting the migrated layout left half of it, marked: the next
     // run finishes the deletion instead of migrating from it.
     let half = format!("migrate-half-{}", std::process::id());
     let half_root = bpffs.join("moat").join(&half);
     let _sweep_half = Sweep(&half_root);
-    std::fs::create_dir_all(half_root.join("v4")).unwrap();
-    std::fs::create_dir_all(half_root.join("v4-gone")).unwrap();
+    std::fs::create_dir_all(half_root.join("v5")).unwrap();
+    std::fs::create_dir_all(half_root.join("v5-gone")).unwrap();
     moat_enforcer_ebpf::sys::pin_again(
-        &pin(&stray, 5, MapNames::FLOW_SEED),
-        &pin(&half, 4, MapNames::FLOW_SEED),
+        &pin(&stray, 6, MapNames::FLOW_SEED),
+        &pin(&half, 5, MapNames::FLOW_SEED),
     )
     .unwrap();
     let mut dp = Dataplane::open(bpffs, &half).unwrap();
     assert_eq!(dp.migrate(&mode).unwrap(), None);
-    assert!(!half_root.join("v4").exists() && !half_root.join("v4-gone").exists());
+    assert!(!half_root.join("v5").exists() && !half_root.join("v5-gone").exists());
     drop(dp);
 
     // From layout 3, whose flow table is a kernel hash this layout does not have: the new
@@ -172,7 +211,7 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     new.write_pods(&less).unwrap();
     new.write_pods(&more).unwrap();
     assert_eq!(admit(&mut new, 2001), SHOT, "not migrating yet");
-    legacy_marks_migrating(&three_root.join("v5"), true).unwrap();
+    legacy_marks_migrating(&three_root.join("v6"), true).unwrap();
     assert_eq!(admit(&mut new, 2002), OK);
     let old_knows = |old: &mut Dataplane, dport| {
         let r = old.test_run(INGRESS, &reply(dport), 0, OUT).unwrap();
@@ -187,7 +226,7 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
     drop(old);
     assert!(is_reply(&mut new, 2000), "copied into this layout's table");
     assert!(
-        !three_root.join("v5").join(MapNames::LEGACY_CT).exists(),
+        !three_root.join("v6").join(MapNames::LEGACY_CT).exists(),
         "the old table is let go"
     );
     // Emptied: a flow only it knew is no reply any more (none is: every one was copied).

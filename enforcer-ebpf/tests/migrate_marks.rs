@@ -135,10 +135,8 @@ fn index(mark: u32) -> u32 {
 
 #[test]
 fn an_older_layouts_sender_index_names_its_sender_and_never_opens_one() {
-    assert_eq!(
-        LAYOUT_VERSION, 5,
-        "update the layout this test upgrades from"
-    );
+    // Layout 4 is the last to write a sender index; later layouts all read it this way.
+    let layout_dir = format!("v{LAYOUT_VERSION}");
     own_netns();
     let bpffs = Path::new(BPFFS);
     let (node, root) = node("migrate-marks");
@@ -159,7 +157,7 @@ fn an_older_layouts_sender_index_names_its_sender_and_never_opens_one() {
     };
     assert_eq!(
         id(4, MapNames::LOCAL_ADDR),
-        id(5, MapNames::LEGACY_LOCAL_ADDR),
+        id(LAYOUT_VERSION, MapNames::LEGACY_LOCAL_ADDR),
         "the old sender indices are the new program's to read"
     );
     enforce(&mut new);
@@ -190,7 +188,7 @@ fn an_older_layouts_sender_index_names_its_sender_and_never_opens_one() {
     assert_eq!(index(mark), 0);
     assert_eq!(judge(&mut new, &from_d, mark, POD_D), SHOT, "not migrating");
     // While they move, the source is checked where the new egress program sees it.
-    legacy_marks_migrating(&root.join("v5"), true).unwrap();
+    legacy_marks_migrating(&root.join(&layout_dir), true).unwrap();
     assert_eq!(judge(&mut new, &from_d, mark, POD_D), OK, "pod D is open");
     let d_snat = tcp4("192.168.0.1", "10.0.0.8", 1001);
     assert_eq!(
@@ -220,7 +218,10 @@ fn an_older_layouts_sender_index_names_its_sender_and_never_opens_one() {
 
     assert_eq!(new.migrate(&PodInterfaces::Auto).unwrap(), Some(4));
     assert!(
-        !root.join("v5").join(MapNames::LEGACY_LOCAL_ADDR).exists(),
+        !root
+            .join(&layout_dir)
+            .join(MapNames::LEGACY_LOCAL_ADDR)
+            .exists(),
         "the name goes with the old layout"
     );
     // A packet the old ingress program marks now (a straggler queued in the kernel, or on

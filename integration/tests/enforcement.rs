@@ -435,11 +435,19 @@ fn a_node_switching_dataplane_keeps_enforcing_and_leaves_no_stale_rules() {
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 80));
 }
 
-/// Layout 4 is the one before this binary's: the sender of an isolated-egress flow named by
-/// an 8-bit mark index (`LOCAL`, `LOCAL_ADDR`), which layout 5 replaces with the local pod
-/// maps (the sender named by its interface); its flow array is placed anew.
+/// Layout 5 is the one before this binary's: every policy map hit an allow (cluster tiers
+/// denied whole), where layout 6 reads verdicts and flags named-port rulesets; the flow
+/// table is shared.
 #[test]
 fn an_upgrade_from_the_previous_map_layout_keeps_policy_and_connections() {
+    upgrade_from(5);
+}
+
+/// Layout 4: the sender of an isolated-egress flow named by an 8-bit mark index (`LOCAL`,
+/// `LOCAL_ADDR`), which layout 5 replaced with the local pod maps (the sender named by its
+/// interface); its flow array is placed anew.
+#[test]
+fn an_upgrade_from_layout_4_keeps_policy_and_connections() {
     upgrade_from(4);
 }
 
@@ -556,10 +564,29 @@ fn upgrade_from(layout: u32) {
     );
     seen.assert_rate(1000.0);
     seen.assert_clean();
-    // The new layout enforces new versions on its own.
+    // The new layout enforces new versions on its own, cluster tiers included: an Admin
+    // Deny over the tenant's allow.
     w.apply(&[from("y/b", 80)]);
     assert!(w.reach("y/b", "x/a", Proto::Tcp, 80));
     assert!(!w.reach("z/c", "x/a", Proto::Tcp, 81));
+    let deny = "
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: keep-y-out-of-x}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {ns: x}}}
+  ingress:
+  - {name: no-y, action: Deny, from: [{namespaces: {matchLabels: {ns: y}}}]}
+";
+    w.apply(&[from("y/b", 80), deny.to_string()]);
+    assert!(
+        !w.reach("y/b", "x/a", Proto::Tcp, 80),
+        "the Admin Deny wins"
+    );
+    let status = w.moat.status_table(&[]).unwrap();
+    assert!(!status.contains("degraded"), "nothing cut:\n{status}");
 }
 
 /// An interface that appears in a node between two versions (a new pod's veth) gets both

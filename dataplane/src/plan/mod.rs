@@ -48,6 +48,10 @@ pub struct Ruleset {
     /// Egress named ports: destination address, protocol, port.
     pub n4: BTreeSet<(Ipv4Addr, u8, u16)>,
     pub n6: BTreeSet<(Ipv6Addr, u8, u16)>,
+    /// Some rule of the list takes its ports from its peers' named ports: a dataplane must
+    /// look up named entries even while `n4`/`n6` are empty (a patch can fill them without
+    /// recomputing the ruleset).
+    pub named_ports: bool,
     /// Entries that deny, from ClusterNetworkPolicy tiers (see [`tiers`]). A ruleset with
     /// any is looked up most specific first and its first hit decides (named, `gx`, `gp`,
     /// `aa`, `ap`, then `any` or drop); a key is never both allowed and denied. Without
@@ -96,6 +100,42 @@ impl Ruleset {
     pub fn ordered(&self) -> bool {
         !self.deny.is_empty()
     }
+
+    /// Its allow entries (but `any`), shaped as its deny entries.
+    pub fn allows(&self) -> Sets<'_> {
+        Sets {
+            ap: &self.ap,
+            aa: &self.aa,
+            gp: &self.gp,
+            gx: &self.gx,
+            n4: &self.n4,
+            n6: &self.n6,
+        }
+    }
+
+    pub fn denies(&self) -> Sets<'_> {
+        let d = &self.deny;
+        Sets {
+            ap: &d.ap,
+            aa: &d.aa,
+            gp: &d.gp,
+            gx: &d.gx,
+            n4: &d.n4,
+            n6: &d.n6,
+        }
+    }
+}
+
+/// One verdict's entries of a ruleset: what a dataplane writes for its allows and for its
+/// denies alike.
+#[derive(Clone, Copy, Debug)]
+pub struct Sets<'a> {
+    pub ap: &'a BTreeSet<(u8, u16, u16)>,
+    pub aa: &'a BTreeSet<u32>,
+    pub gp: &'a BTreeSet<(u32, u8, u16, u16)>,
+    pub gx: &'a BTreeSet<(u32, u8, u16)>,
+    pub n4: &'a BTreeSet<(Ipv4Addr, u8, u16)>,
+    pub n6: &'a BTreeSet<(Ipv6Addr, u8, u16)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -700,7 +740,12 @@ pub fn desired_within(
             ruleset(l.egress, l.rules, &rules, &groups, &classes_of, &mut trial)
         };
         match built {
-            Ok(rs) => {
+            Ok(mut rs) => {
+                rs.named_ports = l.rules.iter().any(|id| {
+                    rules.get(id).is_some_and(|r| {
+                        matches!((&r.peers, &r.ports), (Peers::Groups(_), Ports::FromGroups))
+                    })
+                });
                 meter = trial;
                 d.rulesets.insert(name.clone(), rs);
             }

@@ -29,7 +29,12 @@
 ///   Unknown), `IFACES` (interface → kind and the pod's addresses) and `LOCAL_ADDRS` (every
 ///   local pod address) replace `LOCAL`/`LOCAL_ADDR` and the mark's 8-bit sender index:
 ///   the egress program names a forwarded packet's sender by its ingress interface.
-pub const LAYOUT_VERSION: u32 = 5;
+/// * 6: ClusterNetworkPolicy tiers (docs/design/cluster-tiers.md): `PORT_EXACT`, `PORTS`
+///   and `NAMED` values are verdicts ([`VERDICT_ALLOW`], [`VERDICT_DENY`]), looked up most
+///   specific first, the first hit deciding; an `ENDPOINTS` value carries
+///   [`RULESET_NAMED`]. Same types as 5: only what the values mean changed, which is why a
+///   layout-5 program must never read these maps (it reads any hit as an allow).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Idle time after which a remembered flow is new again (the program ignores it, and its
 /// slot is free; layouts before 4 had user space delete it): TCP as long as real idle connections live (conntrack's established
@@ -53,6 +58,16 @@ pub const DIR_EGRESS: u8 = 1;
 /// Class number meaning "any peer" in [`PortKey`]; real classes start at 1, and 0 means an
 /// address in no group.
 pub const CLASS_ANY: u32 = u32::MAX;
+
+/// Policy map values (layout 6 on): what a hit decides. Layouts before 6 wrote 1 for every
+/// entry, which reads as an allow here: their maps migrate as they are.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// Set in an `ENDPOINTS` value (layout 6 on) when the ruleset's rules take ports from their
+/// peers' named ports: only then is `NAMED` looked up (first, as the most specific key), so
+/// a ruleset without such rules pays no lookup for it. The rest of the value is the ruleset.
+pub const RULESET_NAMED: u32 = 1 << 31;
 
 /// `skb->mark` bits the datapath owns, clear of kube-proxy's 0x4000/0x8000 and Cilium's
 /// 0x0f00/0xf000: set by the ingress program, read by the egress program in the same netns

@@ -56,7 +56,7 @@ fn port_ranges_become_port_prefixes_and_any_is_one_short_prefix() {
     d.rulesets.insert("i_x".into(), rs);
     d.ing4.insert(Ipv4Addr::new(10, 0, 0, 1), "i_x".into());
     let e = entries(&d, &mut RulesetIds::default());
-    let ports: Vec<_> = e.ports.iter().map(|(l, k)| (*l, k.data)).collect();
+    let ports: Vec<_> = e.ports.keys().map(|(l, k)| (*l, k.data)).collect();
     assert!(ports.contains(&(72, PortKey::new(0, 1, CLASS_ANY, 0, 0).data)));
     assert!(ports.contains(&(72, PortKey::new(0, 1, 4, 0, 0).data)));
     assert!(ports.contains(&(95, PortKey::new(0, 1, CLASS_ANY, 6, 8080).data)));
@@ -185,27 +185,44 @@ fn patched_plans_give_the_same_entries_as_whole_ones() {
     assert!(patched_count >= 100, "{patched_count} patched deltas");
 }
 
-/// Layout 5 cannot hold deny entries; handed a ruleset with some anyway (its budget never
-/// asks for them), it writes none of its entries, so its endpoints deny rather than read a
-/// Deny as an allow.
+/// A ruleset with deny entries: every key carries its verdict (a key both sides name, which
+/// the plan never makes, denies), and an endpoint of a ruleset with named-port rules is
+/// flagged even before it has a named entry.
 #[test]
-fn a_ruleset_with_deny_entries_holds_nothing_on_layout_5() {
+fn deny_entries_carry_their_verdict_and_named_rulesets_are_flagged() {
     use moat_dataplane::plan::{Desired, Ruleset};
     let mut rs = Ruleset {
         any: true,
+        egress: true,
+        named_ports: true,
         ..Default::default()
     };
     rs.aa.insert(1);
     rs.deny.gx.insert((1, 6, 80));
+    rs.deny.aa.insert(2);
+    rs.gx.insert((2, 6, 443));
+    rs.deny.ap.insert((17, 53, 53));
+    rs.ap.insert((17, 53, 53));
     let mut d = Desired::default();
-    d.rulesets.insert("i_tiered".into(), rs);
-    d.ing4
-        .insert("10.0.0.1".parse().unwrap(), "i_tiered".into());
-    let e = entries(&d, &mut RulesetIds::default());
-    assert!(e.ports.is_empty() && e.named.is_empty(), "{:?}", e.ports);
-    assert_eq!(
-        e.endpoints.len(),
-        1,
-        "the endpoint still points at it: it denies"
-    );
+    d.rulesets.insert("e_tiered".into(), rs);
+    d.rulesets.insert("e_plain".into(), Ruleset::default());
+    d.eg4.insert("10.0.0.1".parse().unwrap(), "e_tiered".into());
+    d.eg4.insert("10.0.0.2".parse().unwrap(), "e_plain".into());
+    let mut ids = RulesetIds::default();
+    let e = entries(&d, &mut ids);
+    let id = ids.id("e_tiered");
+    let v = |len: u32, class: u32, proto: u8, port: u16| {
+        e.ports
+            .get(&(len, PortKey::new(0, id, class, proto, port)))
+            .copied()
+    };
+    assert_eq!(v(72, CLASS_ANY, 0, 0), Some(VERDICT_ALLOW));
+    assert_eq!(v(72, 1, 0, 0), Some(VERDICT_ALLOW));
+    assert_eq!(v(96, 1, 6, 80), Some(VERDICT_DENY));
+    assert_eq!(v(72, 2, 0, 0), Some(VERDICT_DENY));
+    assert_eq!(v(96, 2, 6, 443), Some(VERDICT_ALLOW));
+    assert_eq!(v(96, CLASS_ANY, 17, 53), Some(VERDICT_DENY), "both: deny");
+    assert_eq!(e.ports.len(), 6);
+    let flags: Vec<u32> = e.endpoints.values().map(|v| v & RULESET_NAMED).collect();
+    assert_eq!(flags, [RULESET_NAMED, 0]);
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 
 use super::{cmd, concat, ct, elements, in_epoch, l4proto, lookup, payload, port, rule, set_decl};
-use crate::desired::{Denies, Ruleset};
+use crate::desired::{Ruleset, Sets};
 
 /// A ruleset's set names.
 fn sets(chain: &str) -> [(String, Value, bool); 6] {
@@ -215,39 +215,6 @@ fn n_elems<'a, A: ToString + 'a>(it: impl Iterator<Item = &'a (A, u8, u16)>) -> 
         .collect()
 }
 
-/// One kind of a ruleset's entries (its allows, or its denies), set by set.
-#[derive(Clone, Copy)]
-struct Sets<'a> {
-    ap: &'a BTreeSet<(u8, u16, u16)>,
-    aa: &'a BTreeSet<u32>,
-    gp: &'a BTreeSet<(u32, u8, u16, u16)>,
-    gx: &'a BTreeSet<(u32, u8, u16)>,
-    n4: &'a BTreeSet<(std::net::Ipv4Addr, u8, u16)>,
-    n6: &'a BTreeSet<(std::net::Ipv6Addr, u8, u16)>,
-}
-
-fn allows(rs: &Ruleset) -> Sets<'_> {
-    Sets {
-        ap: &rs.ap,
-        aa: &rs.aa,
-        gp: &rs.gp,
-        gx: &rs.gx,
-        n4: &rs.n4,
-        n6: &rs.n6,
-    }
-}
-
-fn denies(d: &Denies) -> Sets<'_> {
-    Sets {
-        ap: &d.ap,
-        aa: &d.aa,
-        gp: &d.gp,
-        gx: &d.gx,
-        n4: &d.n4,
-        n6: &d.n6,
-    }
-}
-
 fn aa_elems<'a>(it: impl Iterator<Item = &'a u32>) -> Vec<Value> {
     it.map(|c| json!(c)).collect()
 }
@@ -286,8 +253,8 @@ fn sets_diff(name: &str, prefix: &str, old: Sets<'_>, new: Sets<'_>) -> Vec<Valu
 }
 
 fn ruleset_elements(verb: &str, name: &str, rs: &Ruleset) -> Vec<Value> {
-    let mut out = sets_elements(verb, name, "d", denies(&rs.deny));
-    out.extend(sets_elements(verb, name, "", allows(rs)));
+    let mut out = sets_elements(verb, name, "d", rs.denies());
+    out.extend(sets_elements(verb, name, "", rs.allows()));
     out
 }
 
@@ -344,9 +311,9 @@ pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Ve
         }
         c.extend(chain_rules(name, new, epoch));
         if new.ordered() {
-            c.extend(sets_elements("add", name, "d", denies(&new.deny)));
+            c.extend(sets_elements("add", name, "d", new.denies()));
         }
-        c.extend(sets_diff(name, "", allows(old), allows(new)));
+        c.extend(sets_diff(name, "", old.allows(), new.allows()));
         return c;
     }
     if old.any != new.any {
@@ -354,9 +321,9 @@ pub(super) fn change(name: &str, old: &Ruleset, new: &Ruleset, epoch: u32) -> Ve
         c.extend(chain_rules(name, new, epoch));
     }
     if new.ordered() {
-        c.extend(sets_diff(name, "d", denies(&old.deny), denies(&new.deny)));
+        c.extend(sets_diff(name, "d", old.denies(), new.denies()));
     }
-    c.extend(sets_diff(name, "", allows(old), allows(new)));
+    c.extend(sets_diff(name, "", old.allows(), new.allows()));
     c
 }
 

@@ -36,7 +36,8 @@ static ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC
 #[map]
 static RANGES: LpmTrie<RangeKey, u32> = LpmTrie::pinned(1 << 20, 0);
 /// Single ports (a [`PortKey`] with every bit significant), looked up before `PORTS`: the
-/// common rule, and a hash hit costs a third of a hit deep in a 10,000-rule trie.
+/// common rule, and a hash hit costs a third of a hit deep in a 10,000-rule trie. The
+/// values of the three port maps are verdicts (`VERDICT_*`, see [`allows`]).
 #[map]
 static PORT_EXACT: HashMap<PortKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
 /// Port ranges (as prefixes), whole protocols and whole classes.
@@ -566,7 +567,11 @@ fn receiver<const POD: bool>(to: u32, p: &Pkt) -> Result<bool, Shot> {
     }
 }
 
-/// Whether the rules of `local` (if any isolate it in `dir`) allow `peer`.
+/// Whether the rules of `local` (if any apply to it in `dir`) allow `peer`: the first hit,
+/// most specific first (named address·port, then the peer's class, then any peer), decides,
+/// and no hit denies. Each entry holds the verdict of every tier at its key (the plan folds
+/// less specific rules into more specific entries), so no lookup is ever ORed with another;
+/// a ruleset of NetworkPolicy only holds allows, where the order changes nothing.
 fn allows(slot: u8, dir: u8, local: &Addr, peer: &Addr, p: &Pkt) -> bool {
     let ek = EndpointKey {
         slot,
@@ -575,21 +580,11 @@ fn allows(slot: u8, dir: u8, local: &Addr, peer: &Addr, p: &Pkt) -> bool {
         _pad: 0,
         addr: local.0,
     };
-    let Some(rs) = (unsafe { ENDPOINTS.get(&ek) }).copied() else {
+    let Some(v) = (unsafe { ENDPOINTS.get(&ek) }).copied() else {
         return true;
     };
-    let class = class_of(slot, p.family, peer);
-    let hit = |class: u32| {
-        let k = LpmKey {
-            prefix_len: PORT_FULL_BITS,
-            data: PortKey::new(slot, rs, class, p.proto, p.port),
-        };
-        unsafe { PORT_EXACT.get(&k.data) }.is_some() || PORTS.get(k.as_key()).is_some()
-    };
-    if (class != 0 && hit(class)) || hit(CLASS_ANY) {
-        return true;
-    }
-    if dir == DIR_EGRESS {
+    let rs = v & !RULESET_NAMED;
+    if dir == DIR_EGRESS && v & RULESET_NAMED != 0 {
         let nk = NamedKey {
             slot,
             family: p.family,
@@ -600,9 +595,37 @@ fn allows(slot: u8, dir: u8, local: &Addr, peer: &Addr, p: &Pkt) -> bool {
             _pad2: [0; 2],
             addr: peer.0,
         };
-        return unsafe { NAMED.get(&nk) }.is_some();
+        if let Some(v) = unsafe { NAMED.get(&nk) } {
+            return *v == VERDICT_ALLOW;
+        }
     }
-    false
+    let class = class_of(slot, p.family, peer);
+    if class != 0 {
+        let v = port_verdict(slot, rs, class, p);
+        if v != 0 {
+            return v == u32::from(VERDICT_ALLOW);
+        }
+    }
+    port_verdict(slot, rs, CLASS_ANY, p) == u32::from(VERDICT_ALLOW)
+}
+
+/// The verdict of `class`'s entry for the packet's protocol and port in ruleset `rs` (a
+/// single port first, then the longest port prefix: a range, the protocol, the whole
+/// class), or 0 for none. A `u32`, not an `Option<u8>`: LLVM may read an `Option`'s payload
+/// on its `None` path, which the verifier refuses.
+#[inline(always)]
+fn port_verdict(slot: u8, rs: u32, class: u32, p: &Pkt) -> u32 {
+    let k = LpmKey {
+        prefix_len: PORT_FULL_BITS,
+        data: PortKey::new(slot, rs, class, p.proto, p.port),
+    };
+    if let Some(v) = unsafe { PORT_EXACT.get(&k.data) } {
+        return u32::from(*v);
+    }
+    match PORTS.get(k.as_key()) {
+        Some(v) => u32::from(*v),
+        None => 0,
+    }
 }
 
 /// The class of an address: single addresses first, then CIDR ranges; 0 for none.
