@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use moat_conformance::cluster::Family;
+use moat_conformance::layout::Layout;
 use moat_conformance::{Backend, Factory, Options, load_dir, model_backends, run as run_cases};
 use moat_harness::container::{Containers, Seccomp};
 use moat_harness::packets::PacketBackend;
@@ -59,8 +60,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             run_cases(&cases, &mut model_backends(), &opts)
         }
         Some(backend) => {
-            // One netns cluster per family, every case applied to it as a live update.
+            // Per family, one netns cluster per layout (x/y/z, or a `cluster:` section), every
+            // case applied to its layout's cluster as a live update; the first case's is built
+            // first, so a run of `cluster:` cases builds no x/y/z cluster it never uses.
             let slot = moat_harness::cluster::slot()?;
+            let first = match cases.first() {
+                Some(c) => Layout::of(c)?,
+                None => moat_conformance::layout::xyz(),
+            };
             let b = backend.clone();
             let image = args.image.clone();
             let seccomp: Seccomp = args.seccomp.parse()?;
@@ -72,7 +79,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     ),
                     None => None,
                 };
-                Ok(Box::new(PacketBackend::start_in(plan, &b, containers)?) as Box<dyn Backend>)
+                let backend = PacketBackend::start_for(plan, &b, containers, &first)?;
+                Ok(Box::new(backend) as Box<dyn Backend>)
             });
             let opts = Options {
                 families,

@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Why is a flow allowed or denied? Both directions, with the deciding policies and rules.
     Explain(explain::Args),
-    /// Run NetworkPolicy conformance cases.
+    /// Run NetworkPolicy and ClusterNetworkPolicy conformance cases.
     Conformance(conformance::Args),
     /// Print the snapshot a node would receive (JSON).
     Snapshot(snapshot::Args),

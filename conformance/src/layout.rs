@@ -184,7 +184,7 @@ fn section(c: &ClusterSpec) -> Result<Layout, String> {
 
 /// The x/y/z model of the schema: pods `a`, `b`, `c` in each namespace, serving TCP, UDP and
 /// SCTP on 80 and 81, each port a named container port.
-fn xyz() -> Layout {
+pub fn xyz() -> Layout {
     let protocols = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
     let mut serves = Vec::new();
     let mut ports = Vec::new();

@@ -28,16 +28,23 @@ pub trait Backend {
     /// Whether each probe's connection succeeds.
     fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error>;
     /// Whether it can hold any namespaces and pods a case's `cluster:` section lists, not
-    /// just the x/y/z pods. A packet cluster wires its pods' network namespaces once, when it
-    /// starts, so by default a backend cannot.
+    /// just the x/y/z pods (see [`enter`](Self::enter)); by default a backend cannot.
     fn supports_cluster_section(&self) -> bool {
         false
+    }
+    /// Called before every case's [`apply`](Self::apply) with the namespaces and pods it needs
+    /// (the x/y/z model too), so a backend that supports `cluster:` sections can hold them: a
+    /// packet cluster switches to the netns cluster of these pods and ports. Labels and
+    /// container ports arrive with `apply`, as objects.
+    fn enter(&mut self, _layout: &Layout) -> Result<(), Error> {
+        Ok(())
     }
 }
 
 /// What the runner reports for a `cluster:` case on a backend that cannot hold it: a failure
 /// of the case, never a silent skip, and no sign that the cluster itself broke.
-pub const CLUSTER_SECTION_UNSUPPORTED: &str = "cluster: cases are not supported on packets yet";
+pub const CLUSTER_SECTION_UNSUPPORTED: &str =
+    "cluster: cases are not supported by this backend (it holds only the x/y/z pods)";
 
 fn refuses(case: &Case, backend: &dyn Backend) -> bool {
     case.cluster.is_some() && !backend.supports_cluster_section()
@@ -243,6 +250,9 @@ fn check(case: &Case, backend: &mut dyn Backend, plan: Plan) -> Outcome {
         Ok(o) => o,
         Err(e) => return Outcome::Error(e.to_string()),
     };
+    if let Err(e) = backend.enter(&layout) {
+        return Outcome::Error(e.to_string());
+    }
     if let Err(e) = backend.apply(&objects) {
         return Outcome::Error(e.to_string());
     }
@@ -417,6 +427,62 @@ mod tests {
             built.get(),
             5 + 1,
             "one per scratch case, one live cluster never rebuilt"
+        );
+    }
+
+    /// The evaluator, holding any layout, logging what the runner asks of it.
+    struct Logged(
+        crate::model::Evaluator,
+        std::rc::Rc<std::cell::RefCell<Vec<String>>>,
+    );
+
+    impl Backend for Logged {
+        fn supports_cluster_section(&self) -> bool {
+            true
+        }
+        fn enter(&mut self, layout: &Layout) -> Result<(), Error> {
+            let first = &layout.pods[0].key;
+            self.1.borrow_mut().push(format!("enter {first}"));
+            Ok(())
+        }
+        fn apply(&mut self, objects: &[K8sObject]) -> Result<(), Error> {
+            self.1.borrow_mut().push("apply".into());
+            self.0.apply(objects)
+        }
+        fn probe(&mut self, probes: &[Probe]) -> Result<Vec<bool>, Error> {
+            self.0.probe(probes)
+        }
+    }
+
+    /// A backend learns each case's pods before its objects, x/y/z cases included, so it can
+    /// move to the cluster that holds them.
+    #[test]
+    fn every_case_enters_its_layout_before_it_is_applied() {
+        let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let backend_log = log.clone();
+        let factory: Factory<'_> = Box::new(move |_| {
+            Ok(Box::new(Logged(Default::default(), backend_log.clone())) as Box<dyn Backend>)
+        });
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("upstream/cnp");
+        let mut all: Vec<Case> = crate::load_dir(&dir).unwrap().into_iter().take(1).collect();
+        all.extend(cases(1));
+        let opts = Options {
+            families: vec![Family::Ipv4],
+            plan_id: 0,
+            scratch: false,
+            live: true,
+        };
+        let report = run(&all, &mut [("logged".into(), factory)], &opts);
+        assert_eq!(report.passed(), 2, "{report}");
+        let fixture = Layout::of(&all[0]).unwrap().pods[0].key.clone();
+        assert_eq!(
+            *log.borrow(),
+            [
+                format!("enter {fixture}"),
+                "apply".into(),
+                "enter x/a".into(),
+                "apply".into()
+            ]
         );
     }
 

@@ -206,8 +206,18 @@ pub fn slot() -> Result<Slot> {
 
 impl Cluster {
     pub fn create(spec: Spec) -> Result<Cluster> {
+        Self::create_tagged(spec, "")
+    }
+
+    /// [`create`](Self::create), `tag` in every namespace's name: another cluster on the same
+    /// address slot in this process then keeps its names (their fabrics are separate, so the
+    /// same addresses never meet).
+    pub fn create_tagged(spec: Spec, tag: &str) -> Result<Cluster> {
         sweep();
-        let prefix = format!("{PREFIX}{}-{}", std::process::id(), spec.id);
+        let mut prefix = format!("{PREFIX}{}-{}", std::process::id(), spec.id);
+        if !tag.is_empty() {
+            prefix = format!("{prefix}-{tag}");
+        }
         let mut c = Cluster {
             spec,
             prefix,
@@ -462,6 +472,11 @@ impl Cluster {
     /// Waits until every pod reaches every pod in both families (links, neighbours, routes).
     fn warm_up(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Pods that serve no TCP still answer echo requests (their kernel does).
+        let (proto, port) = match self.spec.tcp.first() {
+            Some(p) => (Proto::Tcp, *p),
+            None => (Proto::Icmp, 0),
+        };
         loop {
             let mut reqs = Vec::new();
             for from in self.spec.pods.iter().map(|p| p.key.clone()) {
@@ -470,11 +485,7 @@ impl Cluster {
                     .pods
                     .iter()
                     .flat_map(|p| [IpAddr::V4(p.v4), IpAddr::V6(p.v6)])
-                    .map(|dst| ProbeReq {
-                        dst,
-                        proto: Proto::Tcp,
-                        port: self.spec.tcp[0],
-                    })
+                    .map(|dst| ProbeReq { dst, proto, port })
                     .collect();
                 reqs.push((from, probes));
             }

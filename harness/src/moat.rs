@@ -97,7 +97,7 @@ impl Moat {
         backend: &str,
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
     ) -> Result<Moat> {
-        Self::start_with(spec, node_names, backend, wrappers, None, 0)
+        Self::start_with(spec, node_names, backend, wrappers, None, 0, "")
     }
 
     /// [`start`](Self::start) with `n` server replicas watching a test API server (see
@@ -115,6 +115,7 @@ impl Moat {
             Default::default(),
             None,
             n.max(1),
+            "",
         )
     }
 
@@ -126,18 +127,34 @@ impl Moat {
         backend: &str,
         containers: Containers,
     ) -> Result<Moat> {
-        crate::container::sweep(crate::cluster::PREFIX);
-        crate::cluster::ensure_bpffs()?;
-        // A node's /sys/fs/bpf is a shared mount (systemd makes every mount shared), which
-        // the chart's HostToContainer propagation makes a slave of in the container.
-        crate::container::make_shared(std::path::Path::new(crate::cluster::BPFFS))?;
+        Self::start_tagged(spec, node_names, backend, Some(containers), "")
+    }
+
+    /// [`start`](Self::start), or [`start_in_containers`](Self::start_in_containers) when
+    /// `containers` is given, the namespaces' names holding `tag` (see
+    /// [`Cluster::create_tagged`]).
+    pub fn start_tagged(
+        spec: Spec,
+        node_names: Vec<String>,
+        backend: &str,
+        containers: Option<Containers>,
+        tag: &str,
+    ) -> Result<Moat> {
+        if containers.is_some() {
+            crate::container::sweep(crate::cluster::PREFIX);
+            crate::cluster::ensure_bpffs()?;
+            // A node's /sys/fs/bpf is a shared mount (systemd makes every mount shared), which
+            // the chart's HostToContainer propagation makes a slave of in the container.
+            crate::container::make_shared(std::path::Path::new(crate::cluster::BPFFS))?;
+        }
         Self::start_with(
             spec,
             node_names,
             backend,
             Default::default(),
-            Some(containers),
+            containers,
             0,
+            tag,
         )
     }
 
@@ -148,6 +165,7 @@ impl Moat {
         wrappers: std::collections::BTreeMap<usize, Vec<String>>,
         containers: Option<Containers>,
         replicas: usize,
+        tag: &str,
     ) -> Result<Moat> {
         if containers.is_some() && (!wrappers.is_empty() || replicas > 0) {
             bail!("enforcer wrappers and replicas do not apply to containers");
@@ -155,7 +173,7 @@ impl Moat {
         let dir = tempfile::tempdir()?;
         crate::cluster::ensure_bpffs()?;
         let server_addr = spec.fabric_v4();
-        let cluster = Cluster::create(spec)?;
+        let cluster = Cluster::create_tagged(spec, tag)?;
         let mut m = Moat {
             cluster,
             dir,
