@@ -10,7 +10,7 @@ validate=.tools/bin/kubernetes-validate
 [ -x "$helm" ] && [ -x "$validate" ] || { echo "chart tools missing: run ./scripts/setup.sh" >&2; exit 1; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-for values in "" charts/moat/ci/multi-cluster-values.yaml charts/moat/ci/remote-cluster-values.yaml; do
+for values in "" charts/moat/ci/multi-cluster-values.yaml charts/moat/ci/remote-cluster-values.yaml charts/moat/ci/cnp-status-values.yaml; do
     name=${values:+$(basename "$values" .yaml)}
     name=${name:-default}
     args=()

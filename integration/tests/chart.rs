@@ -250,10 +250,13 @@ fn the_server_is_least_privileged_and_understands_its_config() {
         "pods:watch",
         "networkpolicies:list",
         "networkpolicies:watch",
+        "clusternetworkpolicies:list",
+        "clusternetworkpolicies:watch",
         "tokenreviews:create",
     ]
     .map(String::from)
     .into();
+    // No write to policy objects unless asked (`clusterNetworkPolicy.writeStatus`).
     assert_eq!(granted, want);
     let local = find(&objs, "Role", "moat-server");
     assert_eq!(local["metadata"]["namespace"], "moat-system");
@@ -370,4 +373,180 @@ fn three_replicas_by_default_one_per_node_with_a_disruption_budget() {
         1
     );
     assert!(!one.iter().any(|o| o["kind"] == "PodDisruptionBudget"));
+}
+
+/// The schema of the rendered ClusterNetworkPolicy CRD at `path` (`spec.ingress`, …).
+fn schema<'a>(crd: &'a Value, path: &str) -> &'a Value {
+    let mut v = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    for part in path.split('.') {
+        v = if part == "[]" {
+            &v["items"]
+        } else {
+            &v["properties"][part]
+        };
+    }
+    assert!(!v.is_null(), "no schema at {path}");
+    v
+}
+
+/// Whether Moat's own validation accepts the policy `edit` makes of a valid one.
+fn moat_accepts(edit: impl FnOnce(&mut serde_json::Value)) -> bool {
+    let mut v = serde_json::json!({
+        "metadata": {"name": "p"},
+        "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+            "ingress": [{"name": "r", "action": "Deny", "from": [{"namespaces": {}}],
+                "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}],
+            "egress": [{"action": "Accept", "to": [{"networks": ["10.0.0.0/8"]}]}]}
+    });
+    edit(&mut v);
+    let p: moat_policy::model::cnp_api::ClusterNetworkPolicy = serde_json::from_value(v).unwrap();
+    moat_policy::model::parse::cluster_network_policy(&p).is_ok()
+}
+
+fn int(v: &Value, key: &str) -> usize {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {v:?}")) as usize
+}
+
+#[test]
+fn the_cnp_crd_admits_exactly_what_moat_accepts_at_its_limits() {
+    let objs = render(None);
+    let crd = find(
+        &objs,
+        "CustomResourceDefinition",
+        "clusternetworkpolicies.policy.networking.k8s.io",
+    );
+    // Deleting a CRD deletes every policy of it: never with a release.
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let v = &crd["spec"]["versions"][0];
+    assert_eq!(v["name"], "v1alpha2");
+    assert!(v["subresources"]["status"].is_mapping());
+    assert_eq!(crd["spec"]["scope"], "Cluster");
+    assert_eq!(
+        strs(&schema(crd, "spec.tier")["enum"]),
+        ["Admin", "Baseline"].map(String::from).into()
+    );
+    let action = schema(crd, "spec.ingress.[].action");
+    assert_eq!(
+        strs(&action["enum"]),
+        ["Accept", "Deny", "Pass"].map(String::from).into()
+    );
+    assert_eq!(action, schema(crd, "spec.egress.[].action"));
+    for tier in ["Admin", "Baseline"] {
+        assert!(moat_accepts(|p| p["spec"]["tier"] = tier.into()));
+    }
+    assert!(!moat_accepts(|p| p["spec"]["tier"] = "NetworkPolicy".into()));
+    // Priority: both ends admitted by both, one past either refused by Moat.
+    let prio = schema(crd, "spec.priority");
+    let (lo, hi) = (int(prio, "minimum") as i64, int(prio, "maximum") as i64);
+    assert_eq!(hi, moat_policy::model::parse::MAX_PRIORITY);
+    for (n, ok) in [(lo, true), (hi, true), (lo - 1, false), (hi + 1, false)] {
+        assert_eq!(
+            moat_accepts(|p| p["spec"]["priority"] = n.into()),
+            ok,
+            "priority {n}"
+        );
+    }
+    // Every count the CRD bounds: its maximum is Moat's, one more is refused.
+    let counts: [(&str, &str); 5] = [
+        ("spec.ingress", "/spec/ingress"),
+        ("spec.egress", "/spec/egress"),
+        ("spec.ingress.[].from", "/spec/ingress/0/from"),
+        ("spec.ingress.[].protocols", "/spec/ingress/0/protocols"),
+        (
+            "spec.egress.[].to.[].networks",
+            "/spec/egress/0/to/0/networks",
+        ),
+    ];
+    for (path, pointer) in counts {
+        let max = int(schema(crd, path), "maxItems");
+        let fill = |n: usize| {
+            move |p: &mut serde_json::Value| {
+                let list = p.pointer_mut(pointer).unwrap().as_array_mut().unwrap();
+                let first = list[0].clone();
+                list.clear();
+                for i in 0..n {
+                    let mut e = first.clone();
+                    if e.is_string() {
+                        e = format!("10.{i}.0.0/16").into();
+                    }
+                    list.push(e);
+                }
+            }
+        };
+        assert!(moat_accepts(fill(max)), "{path}: {max} refused by Moat");
+        assert!(
+            !moat_accepts(fill(max + 1)),
+            "{path}: {} accepted by Moat",
+            max + 1
+        );
+    }
+    let name = int(schema(crd, "spec.ingress.[].name"), "maxLength");
+    assert!(moat_accepts(
+        |p| p["spec"]["ingress"][0]["name"] = "r".repeat(name).into()
+    ));
+    assert!(!moat_accepts(
+        |p| p["spec"]["ingress"][0]["name"] = "r".repeat(name + 1).into()
+    ));
+    // Exactly one field where the API says so.
+    for path in [
+        "spec.subject",
+        "spec.ingress.[].from.[]",
+        "spec.egress.[].to.[]",
+    ] {
+        let s = schema(crd, path);
+        assert_eq!(
+            (int(s, "minProperties"), int(s, "maxProperties")),
+            (1, 1),
+            "{path}"
+        );
+    }
+    assert!(!moat_accepts(|p| p["spec"]["subject"]["pods"] =
+        serde_json::json!({"namespaceSelector": {}, "podSelector": {}})));
+    // Status conditions are a map by type: Moat's entry never replaces another's.
+    let conds = schema(crd, "status.conditions");
+    assert_eq!(conds["x-kubernetes-list-type"], "map");
+    assert_eq!(
+        strs(&conds["x-kubernetes-list-map-keys"]),
+        BTreeSet::from(["type".to_string()])
+    );
+}
+
+#[test]
+fn the_cnp_crd_is_optional_and_status_writes_are_granted_only_when_enabled() {
+    let objs = render(Some("cnp-status-values.yaml"));
+    assert!(!objs.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
+    let role = find(&objs, "ClusterRole", "moat-server");
+    let status = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| strs(&r["resources"]).contains("clusternetworkpolicies/status"))
+        .expect("a rule for the status subresource");
+    assert_eq!(
+        strs(&status["verbs"]),
+        BTreeSet::from(["patch".to_string()])
+    );
+    assert_eq!(strs(&status["resources"]).len(), 1);
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_WRITE_CNP_STATUS")["value"],
+        "true"
+    );
+    env_understood(c, "moat-server");
+    // By default the flag is not set at all.
+    let objs = render(None);
+    let sts = find(&objs, "StatefulSet", "moat-server");
+    let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        !env.as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "MOAT_WRITE_CNP_STATUS")
+    );
 }

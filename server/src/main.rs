@@ -51,6 +51,15 @@ struct Args {
     /// Page size of paginated initial lists.
     #[arg(long, env = "MOAT_KUBE_PAGE_SIZE", default_value_t = 500)]
     kube_page_size: u32,
+    /// While a cluster has no ClusterNetworkPolicy CRD, how often API discovery is asked
+    /// whether it was installed (its policies are then picked up without a restart).
+    #[arg(long, env = "MOAT_KUBE_CRD_RECHECK", default_value = "30s", value_parser = parse_recheck)]
+    kube_crd_recheck: Duration,
+    /// Write each ClusterNetworkPolicy's acceptance (accepted, or refused and why) to its
+    /// `status.conditions` (type `moat.io/Accepted`). Off by default: it is Moat's only write
+    /// to policy objects, and needs `patch` on `clusternetworkpolicies/status`.
+    #[arg(long, env = "MOAT_WRITE_CNP_STATUS")]
+    write_cnp_status: bool,
     /// Seconds between full rescans of a directory source (changes are also watched).
     #[arg(long, env = "MOAT_POLL_SECONDS", default_value_t = 5)]
     poll_seconds: u64,
@@ -165,6 +174,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_recheck(s: &str) -> Result<Duration, String> {
+    let d = moat_proto::pki::parse_lifetime(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: at least 1s"));
+    }
+    Ok(d)
+}
+
 fn parse_grace(s: &str) -> Result<Duration, String> {
     moat_proto::pki::parse_lifetime(s).map_err(|e| e.to_string())
 }
@@ -263,6 +280,8 @@ async fn main() -> Result<()> {
     let kube_opts = moat_server::source::kube::Options {
         streaming_list: args.kube_streaming_list,
         page_size: args.kube_page_size.max(1),
+        crd_recheck: args.kube_crd_recheck,
+        write_cnp_status: args.write_cnp_status,
     };
 
     // One source and one channel per cluster: an outage of one never stalls another.

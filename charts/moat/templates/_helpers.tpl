@@ -28,7 +28,9 @@ pods, whose traffic a fail-closed dataplane may deny until the node has its snap
 7443,7444,7445,7450
 {{- end }}
 
-{{/* The four kinds the policy model reads, and TokenReviews for bootstrap. */}}
+{{/* The kinds the policy model reads, TokenReviews for bootstrap, and with
+clusterNetworkPolicy.writeStatus the status subresource of ClusterNetworkPolicies (Moat's
+only write to a policy object). */}}
 {{- define "moat.watchRules" -}}
 - apiGroups: [""]
   resources: [namespaces, nodes, pods]
@@ -36,6 +38,14 @@ pods, whose traffic a fail-closed dataplane may deny until the node has its snap
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [list, watch]
+- apiGroups: [policy.networking.k8s.io]
+  resources: [clusternetworkpolicies]
+  verbs: [list, watch]
+{{- if .Values.clusterNetworkPolicy.writeStatus }}
+- apiGroups: [policy.networking.k8s.io]
+  resources: [clusternetworkpolicies/status]
+  verbs: [patch]
+{{- end }}
 - apiGroups: [authentication.k8s.io]
   resources: [tokenreviews]
   verbs: [create]

@@ -15,12 +15,20 @@
 //!   equality `labelSelector`) and watch, and in a namespace `POST` (`409 AlreadyExists`),
 //!   `GET`, `PUT` with optimistic concurrency (`409 Conflict` when `metadata.resourceVersion`
 //!   is not the stored one) and `DELETE`;
+//! - the `ClusterNetworkPolicy` CRD (`policy.networking.k8s.io/v1alpha2`), absent until a
+//!   test installs it ([`ApiServer::install_cnp_crd`]): discovery (`/apis`, the group, the
+//!   version's resource list; `404` while absent), cluster-scoped list and watch (`404`
+//!   while absent; removing the CRD deletes its objects and ends their watches, as the API
+//!   server does), `metadata.generation` counting spec changes, and
+//!   `PATCH …/clusternetworkpolicies/{name}/status` as server-side apply (`fieldManager`
+//!   required) or JSON merge patch;
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews` (see [`token`]);
 //! - bearer-token authentication of every request.
 //!
 //! Tests change objects while clients watch ([`ApiServer::apply`], [`ApiServer::delete`]),
 //! compact history, drop every connection, or take the server away and bring it back.
 
+mod crd;
 pub mod store;
 pub mod token;
 
@@ -42,6 +50,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crd::{CNP_GROUP_PATH, discovery, patch_status};
 pub use store::Kind;
 use store::{Objects, Refused, Selection, event_line, status};
 pub use token::Bound;
@@ -80,6 +89,8 @@ struct Inner {
     hold_lists: watch::Sender<bool>,
     expire_next_continue: AtomicBool,
     log: Mutex<Vec<String>>,
+    /// Whether the ClusterNetworkPolicy CRD is installed.
+    cnp_crd: watch::Sender<bool>,
 }
 
 pub struct ApiServer {
@@ -110,6 +121,7 @@ impl ApiServer {
             hold_lists: watch::channel(false).0,
             expire_next_continue: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
+            cnp_crd: watch::channel(false).0,
         });
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -205,7 +217,33 @@ impl ApiServer {
     }
 
     pub fn apply(&self, v: Value) -> Value {
+        if Kind::of(&v) == Some(Kind::ClusterNetworkPolicy) {
+            assert!(
+                *self.inner.cnp_crd.borrow(),
+                "no ClusterNetworkPolicy without its CRD: install_cnp_crd first"
+            );
+        }
         self.inner.objects.lock().unwrap().apply(v).expect("apply")
+    }
+
+    /// Installs the ClusterNetworkPolicy CRD: discovery and the collection appear.
+    pub fn install_cnp_crd(&self) {
+        self.inner.cnp_crd.send_replace(true);
+    }
+
+    /// Removes the CRD as the API server does: its objects are deleted (watches see each
+    /// `DELETED`), then the resource stops being served and its watches end.
+    pub fn remove_cnp_crd(&self) {
+        let mut o = self.inner.objects.lock().unwrap();
+        let kind = Kind::ClusterNetworkPolicy;
+        for v in o.items(kind) {
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            o.delete(kind, "", &name);
+        }
+        self.inner.cnp_crd.send_replace(false);
     }
 
     /// Applies a multi-document YAML text.
@@ -358,6 +396,20 @@ async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     }
     let q = query(uri.query());
     let path = uri.path();
+    let crd = *inner.cnp_crd.borrow();
+    if !crd && path.starts_with(CNP_GROUP_PATH) {
+        return not_found(path);
+    }
+    if req.method() == Method::GET
+        && let Some(d) = discovery(path, crd)
+    {
+        return json_response(StatusCode::OK, &d);
+    }
+    if let Some(rest) = path.strip_prefix(Kind::ClusterNetworkPolicy.collection())
+        && let ["", name, "status"] = rest.split('/').collect::<Vec<_>>()[..]
+    {
+        return patch_status(inner, req, &q, name.to_string()).await;
+    }
     if req.method() == Method::GET
         && let Some(kind) = Kind::ALL.into_iter().find(|k| k.collection() == path)
     {
@@ -403,6 +455,10 @@ async fn route(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         };
         return json_response(StatusCode::CREATED, &answer);
     }
+    not_found(path)
+}
+
+fn not_found(path: &str) -> Response<Body> {
     error(
         StatusCode::NOT_FOUND,
         "NotFound",
@@ -646,6 +702,8 @@ async fn watch_selected(
             (o.rv(), o.events.subscribe())
         }
     };
+    let mut crd = inner.cnp_crd.subscribe();
+    let ends_with_crd = kind == Kind::ClusterNetworkPolicy;
     tokio::spawn(async move {
         for b in first {
             if tx.send(Ok(Frame::data(Bytes::from(b)))).await.is_err() {
@@ -681,6 +739,7 @@ async fn watch_selected(
                     bookmark(kind, last, false)
                 }
                 _ = &mut end => return,
+                _ = crd.wait_for(|on| !on), if ends_with_crd => return,
                 _ = tx.closed() => return,
             };
             if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-/// The four kinds Moat watches, and the ConfigMaps its replicas coordinate through.
+/// The kinds Moat watches (ClusterNetworkPolicy only while its CRD is installed), and the
+/// ConfigMaps its replicas coordinate through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Namespace,
@@ -15,20 +16,23 @@ pub enum Kind {
     Pod,
     NetworkPolicy,
     ConfigMap,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
         Kind::NetworkPolicy,
         Kind::ConfigMap,
+        Kind::ClusterNetworkPolicy,
     ];
 
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -40,6 +44,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::ConfigMap => "ConfigMap",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -51,6 +56,9 @@ impl Kind {
             Kind::Pod => "/api/v1/pods",
             Kind::NetworkPolicy => "/apis/networking.k8s.io/v1/networkpolicies",
             Kind::ConfigMap => "/api/v1/configmaps",
+            Kind::ClusterNetworkPolicy => {
+                "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"
+            }
         }
     }
 
@@ -61,6 +69,7 @@ impl Kind {
             "Pod" => Some(Kind::Pod),
             "NetworkPolicy" => Some(Kind::NetworkPolicy),
             "ConfigMap" => Some(Kind::ConfigMap),
+            "ClusterNetworkPolicy" => Some(Kind::ClusterNetworkPolicy),
             _ => None,
         }
     }
@@ -72,6 +81,12 @@ impl Kind {
 
     pub fn namespaced(self) -> bool {
         matches!(self, Kind::Pod | Kind::NetworkPolicy | Kind::ConfigMap)
+    }
+
+    /// A CRD with the status subresource: the main resource ignores `status` and counts
+    /// spec changes in `metadata.generation`; `/status` writes status only.
+    pub fn has_status_subresource(self) -> bool {
+        self == Kind::ClusterNetworkPolicy
     }
 }
 
@@ -229,6 +244,26 @@ impl Objects {
             },
         };
         v["apiVersion"] = json!(kind.api_version());
+        if kind.has_status_subresource() {
+            let stored = self.objects.get(&key);
+            let generation = match stored {
+                None => 1,
+                Some(o) => {
+                    let g = o["metadata"]["generation"].as_i64().unwrap_or(1);
+                    let changed = o.get("spec") != v.get("spec");
+                    g + i64::from(changed)
+                }
+            };
+            v["metadata"]["generation"] = json!(generation);
+            match stored.and_then(|o| o.get("status")).cloned() {
+                Some(st) => v["status"] = st,
+                None => {
+                    if let Some(m) = v.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        }
         let meta = &mut v["metadata"];
         meta["uid"] = json!(uid);
         meta["resourceVersion"] = json!(self.rv.to_string());
@@ -270,6 +305,53 @@ impl Objects {
             return Err(Refused::Conflict { stored: stored_rv });
         }
         self.apply(v).map_err(|_| Refused::Missing)
+    }
+
+    /// `PATCH …/{name}/status`: only `status` changes. `apply` (server-side apply) merges
+    /// `status.conditions` as the `listType=map` keyed by `type` it is (an entry of the
+    /// patch replaces the entry of its type, others stay); otherwise `status` is JSON
+    /// merge-patched (lists replaced whole). A `metadata.uid` in the patch is a
+    /// precondition, as the API server treats it.
+    pub fn patch_status(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        patch: &Value,
+        apply: bool,
+    ) -> Result<Value, Refused> {
+        let key = (kind, String::new(), name.to_string());
+        let stored = self.objects.get(&key).ok_or(Refused::Missing)?;
+        if let Some(uid) = patch["metadata"]["uid"].as_str()
+            && stored["metadata"]["uid"].as_str() != Some(uid)
+        {
+            let stored_rv = stored["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            return Err(Refused::Conflict { stored: stored_rv });
+        }
+        let mut v = stored.clone();
+        let given = patch.get("status").cloned().unwrap_or(Value::Null);
+        if apply {
+            let mut conditions: Vec<Value> = v["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for c in given["conditions"].as_array().into_iter().flatten() {
+                match conditions.iter_mut().find(|x| x["type"] == c["type"]) {
+                    Some(x) => *x = c.clone(),
+                    None => conditions.push(c.clone()),
+                }
+            }
+            v["status"]["conditions"] = json!(conditions);
+        } else {
+            merge_patch(&mut v["status"], &given);
+        }
+        self.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects.insert(key, v.clone());
+        self.record(kind, "MODIFIED", v.clone());
+        Ok(v)
     }
 
     pub fn delete(&mut self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
@@ -396,6 +478,25 @@ impl Objects {
     }
 }
 
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(p) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 /// A `Status` object (the body of every API error).
 pub fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({
@@ -469,6 +570,48 @@ mod tests {
         let mut other = cm(None, 1);
         other["metadata"]["name"] = json!("d");
         assert_eq!(o.update(other), Err(Refused::Missing));
+    }
+
+    #[test]
+    fn a_status_subresource_counts_spec_changes_and_merges_conditions_by_type() {
+        let cnp = |prio: u32| {
+            json!({"kind": "ClusterNetworkPolicy", "metadata": {"name": "c"},
+                "spec": {"tier": "Admin", "priority": prio}, "status": {"conditions": []}})
+        };
+        let mut o = Objects::default();
+        let first = o.apply(cnp(1)).unwrap();
+        assert_eq!(first["metadata"]["generation"], 1);
+        assert!(first.get("status").is_none(), "a create sets no status");
+        let cond = |t: &str, s: &str| json!({"type": t, "status": s});
+        let k = Kind::ClusterNetworkPolicy;
+        let patch = |c: Value| json!({"status": {"conditions": [c]}});
+        o.patch_status(k, "c", &patch(cond("other.io/Ready", "True")), true)
+            .unwrap();
+        let v = o
+            .patch_status(k, "c", &patch(cond("moat.io/Accepted", "True")), true)
+            .unwrap();
+        assert_eq!(v["status"]["conditions"].as_array().unwrap().len(), 2);
+        let v = o
+            .patch_status(k, "c", &patch(cond("moat.io/Accepted", "False")), true)
+            .unwrap();
+        let conds = v["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conds.len(), 2);
+        assert_eq!(conds[1]["status"], "False");
+        assert_eq!(v["metadata"]["generation"], 1, "status is no generation");
+        // The main resource keeps status, and counts spec changes only.
+        assert_eq!(o.apply(cnp(1)).unwrap()["metadata"]["generation"], 1);
+        let v = o.apply(cnp(2)).unwrap();
+        assert_eq!(v["metadata"]["generation"], 2);
+        assert_eq!(v["status"]["conditions"].as_array().unwrap().len(), 2);
+        let wrong = json!({"metadata": {"uid": "not-it"}, "status": {}});
+        assert!(matches!(
+            o.patch_status(k, "c", &wrong, true),
+            Err(Refused::Conflict { .. })
+        ));
+        assert_eq!(
+            o.patch_status(k, "nope", &patch(cond("a", "True")), true),
+            Err(Refused::Missing)
+        );
     }
 
     #[test]

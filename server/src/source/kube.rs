@@ -1,9 +1,14 @@
-//! The Kubernetes source: list/watch of Namespaces, Nodes, Pods and NetworkPolicies through
-//! `kube::runtime::watcher`, converted on arrival into the compact policy model (nothing
-//! else of an object is kept; the source itself keeps a 128-bit fingerprint per object).
+//! The Kubernetes source: list/watch of Namespaces, Nodes, Pods, NetworkPolicies and, where
+//! the CRD is installed, ClusterNetworkPolicies through `kube::runtime::watcher`, converted
+//! on arrival into the compact policy model (nothing else of an object is kept; the source
+//! itself keeps a 128-bit fingerprint per object).
 //!
-//! - The first full sync is one `Reset`, sent only when all four kinds have listed
-//!   (`Init … InitDone`); nothing is served before it.
+//! - The first full sync is one `Reset`, sent only when every kind has listed
+//!   (`Init … InitDone`) — ClusterNetworkPolicies too, unless discovery says the API does
+//!   not serve them; nothing is served before it, so never a cluster without its admin tier.
+//! - A CRD installed later is found by re-asking discovery every `--kube-crd-recheck`; its
+//!   policies then arrive as one batch once their list is complete. A CRD removed takes its
+//!   policies with it (as deletes).
 //! - A relist (after `410 Gone`, or any restart of a watcher) is diffed against what the
 //!   source last sent: one `Batch` with exactly the objects that changed, so objects that
 //!   merely survived the relist are never deleted and re-added.
@@ -11,12 +16,12 @@
 //! - Errors never touch the served state: the source marks itself stale (shown in
 //!   `moatctl status` and metrics) and probes each failing kind until it lists again.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{BoxStream, SelectAll};
+use futures::future::BoxFuture;
+use futures::stream::{AbortHandle, BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -25,12 +30,15 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event as W};
 use kube::{Client, Resource, ResourceExt};
-use moat_policy::Event;
+use moat_policy::model::parse::ValidationError;
 use moat_policy::model::{Object, ObjectKey, parse};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::cnp::{self, Cnp};
+use super::cnp_status::{self, Observed};
+use super::merge::{Converted, Item, KINDS, Kind, Merger, N};
 use super::{Health, SourceEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,13 +94,18 @@ pub async fn client(target: &Target) -> Result<Client, Error> {
     Ok(Client::try_from(config)?)
 }
 
-/// How lists are done.
+/// How lists are done, and what the source may do besides reading.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// Streaming lists (`sendInitialEvents`, Kubernetes ≥ 1.32) instead of paginated
     /// list-then-watch.
     pub streaming_list: bool,
     pub page_size: u32,
+    /// While the ClusterNetworkPolicy CRD is not installed, how often discovery is asked
+    /// again.
+    pub crd_recheck: Duration,
+    /// Write each ClusterNetworkPolicy's acceptance to its `status.conditions`.
+    pub write_cnp_status: bool,
 }
 
 impl Default for Options {
@@ -100,39 +113,10 @@ impl Default for Options {
         Options {
             streaming_list: false,
             page_size: 500,
+            crd_recheck: Duration::from_secs(30),
+            write_cnp_status: false,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    Namespace = 0,
-    Node = 1,
-    Pod = 2,
-    Policy = 3,
-}
-
-const KINDS: [Kind; 4] = [Kind::Namespace, Kind::Node, Kind::Pod, Kind::Policy];
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Namespace => "namespaces",
-            Kind::Node => "nodes",
-            Kind::Pod => "pods",
-            Kind::Policy => "networkpolicies",
-        }
-    }
-}
-
-/// One watcher event, already converted: `Ok(object)`, or `Err(key, why)` for an object the
-/// model refuses (its last valid version stays).
-enum Item {
-    Init,
-    InitApply(Result<Object, (ObjectKey, String)>),
-    InitDone,
-    Apply(Result<Object, (ObjectKey, String)>),
-    Delete(ObjectKey),
 }
 
 trait Convert:
@@ -140,7 +124,7 @@ trait Convert:
 {
     const KIND: Kind;
     fn key(&self) -> ObjectKey;
-    fn convert(&self) -> Result<Object, String>;
+    fn convert(&self) -> Converted;
 }
 
 macro_rules! convert {
@@ -151,10 +135,15 @@ macro_rules! convert {
                 let $o = self;
                 $key
             }
-            fn convert(&self) -> Result<Object, String> {
-                $parse(self)
-                    .map(|p| $variant(p.value))
-                    .map_err(|e| e.to_string())
+            fn convert(&self) -> Converted {
+                Converted {
+                    key: self.key(),
+                    result: $parse(self).map(|p| {
+                        let w = p.warnings.iter().map(ToString::to_string).collect();
+                        ($variant(p.value), w)
+                    }),
+                    observed: None,
+                }
             }
         }
     };
@@ -187,6 +176,31 @@ convert!(
     }
 );
 
+impl Convert for Cnp {
+    const KIND: Kind = Kind::ClusterPolicy;
+    fn key(&self) -> ObjectKey {
+        ObjectKey::ClusterPolicy(self.name_any())
+    }
+    fn convert(&self) -> Converted {
+        let result = match &self.object {
+            Ok(o) => parse::cluster_network_policy(o).map(|p| {
+                let w = p.warnings.iter().map(ToString::to_string).collect();
+                (Object::ClusterPolicy(p.value), w)
+            }),
+            Err(e) => Err(ValidationError {
+                object: format!("ClusterNetworkPolicy {}", self.name_any()),
+                field: "(schema)".into(),
+                message: e.clone(),
+            }),
+        };
+        Converted {
+            key: self.key(),
+            result,
+            observed: Some(Observed::of(self)),
+        }
+    }
+}
+
 type Stream = BoxStream<'static, (Kind, Result<Item, watcher::Error>)>;
 
 fn watch<K: Convert>(client: &Client, opts: Options) -> Stream {
@@ -195,15 +209,14 @@ fn watch<K: Convert>(client: &Client, opts: Options) -> Stream {
     if opts.streaming_list {
         cfg = cfg.streaming_lists();
     }
-    let conv = |o: &K| o.convert().map_err(|e| (o.key(), e));
     watcher::watcher(api, cfg)
         .default_backoff()
         .map(move |r| {
             let item = r.map(|e| match e {
                 W::Init => Item::Init,
-                W::InitApply(o) => Item::InitApply(conv(&o)),
+                W::InitApply(o) => Item::InitApply(o.convert()),
                 W::InitDone => Item::InitDone,
-                W::Apply(o) => Item::Apply(conv(&o)),
+                W::Apply(o) => Item::Apply(o.convert()),
                 W::Delete(o) => Item::Delete(o.key()),
             });
             (K::KIND, item)
@@ -211,7 +224,31 @@ fn watch<K: Convert>(client: &Client, opts: Options) -> Stream {
         .boxed()
 }
 
-/// Starts the source: watchers for the four kinds, merged into one ordered event stream.
+/// What the source knows of the ClusterNetworkPolicy CRD.
+enum Crd {
+    /// Discovery has not answered yet (the first full sync waits for it).
+    Unknown,
+    Absent,
+    /// Watched; the handle ends the watch when the CRD goes.
+    Watching(AbortHandle),
+}
+
+type Discovery = BoxFuture<'static, Result<bool, kube::Error>>;
+
+fn discover(client: &Client) -> Discovery {
+    let client = client.clone();
+    async move { cnp::served(&client).await }.boxed()
+}
+
+/// The output of `f`, or never when there is none.
+async fn output<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts the source: watchers for every kind, merged into one ordered event stream.
 pub fn spawn(
     cluster: &str,
     client: Client,
@@ -224,18 +261,71 @@ pub fn spawn(
     streams.push(watch::<core::Node>(&client, opts));
     streams.push(watch::<core::Pod>(&client, opts));
     streams.push(watch::<net::NetworkPolicy>(&client, opts));
+    let writer = opts
+        .write_cnp_status
+        .then(|| cnp_status::spawn(cluster, client.clone()));
     let span = info_span!("source", %cluster);
     tokio::spawn(
         async move {
-            let mut merger = Merger::default();
-            let mut failing = [false; 4];
+            let mut merger = Merger::new(health.acceptance());
+            let mut failing = [false; N];
             let mut probe = tokio::time::interval(Duration::from_secs(2));
+            let mut crd = Crd::Unknown;
+            // Asked at once, beside the other kinds' lists: it delays nothing they don't.
+            let mut discovery = Some(discover(&client));
+            let never = Duration::from_secs(365 * 24 * 3600);
+            let recheck = tokio::time::sleep(never);
+            tokio::pin!(recheck);
+            let cp = Kind::ClusterPolicy as usize;
             loop {
                 let first = tokio::select! {
                     n = streams.next() => match n {
-                        Some(n) => n,
+                        Some(n) => Some(n),
                         None => return,
                     },
+                    r = output(&mut discovery) => {
+                        discovery = None;
+                        if r.is_ok() {
+                            failing[cp] = false;
+                        }
+                        let next = match r {
+                            Ok(true) => {
+                                if !matches!(crd, Crd::Watching(_)) {
+                                    info!("the ClusterNetworkPolicy CRD is installed: watching it");
+                                    let (s, h) = futures::stream::abortable(watch::<Cnp>(&client, opts));
+                                    streams.push(s.boxed());
+                                    crd = Crd::Watching(h);
+                                }
+                                never
+                            }
+                            Ok(false) => {
+                                match &crd {
+                                    Crd::Watching(h) => {
+                                        h.abort();
+                                        info!("the ClusterNetworkPolicy CRD was removed, and its policies with it");
+                                    }
+                                    Crd::Unknown => info!(recheck = ?opts.crd_recheck, "no ClusterNetworkPolicy CRD installed: syncing without, asking again periodically"),
+                                    Crd::Absent => {}
+                                }
+                                crd = Crd::Absent;
+                                merger.absent(Kind::ClusterPolicy);
+                                opts.crd_recheck
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "API discovery failed; asking again");
+                                failing[cp] = true;
+                                health.set_failing(true, Some(format!("discovery of clusternetworkpolicies: {e}")));
+                                Duration::from_secs(2)
+                            }
+                        };
+                        recheck.as_mut().reset(tokio::time::Instant::now() + next);
+                        None
+                    },
+                    _ = &mut recheck, if discovery.is_none() => {
+                        discovery = Some(discover(&client));
+                        recheck.as_mut().reset(tokio::time::Instant::now() + never);
+                        continue;
+                    }
                     _ = probe.tick(), if failing.iter().any(|f| *f) => {
                         for k in KINDS {
                             if failing[k as usize] && probe_kind(&client, k).await {
@@ -249,13 +339,20 @@ pub fn spawn(
                     _ = tx.closed() => return,
                 };
                 // Take everything already waiting, so a burst becomes one batch.
-                let mut next = Some(first);
+                let mut next = first;
                 let mut taken = 0;
                 while let Some((kind, r)) = next.take() {
                     match r {
                         Ok(item) => {
                             failing[kind as usize] = false;
                             merger.take(kind, item);
+                        }
+                        Err(e) if kind == Kind::ClusterPolicy && cnp::not_served(&e) => {
+                            // The CRD may be gone: discovery tells, and takes its policies.
+                            debug!(error = %e, "clusternetworkpolicies not served; asking discovery");
+                            if discovery.is_none() {
+                                discovery = Some(discover(&client));
+                            }
                         }
                         Err(e) => {
                             failing[kind as usize] = true;
@@ -269,6 +366,11 @@ pub fn spawn(
                     }
                 }
                 health.set_failing(failing.iter().any(|f| *f), None);
+                for w in merger.status.drain(..) {
+                    if let Some(writer) = &writer {
+                        let _ = writer.send(w);
+                    }
+                }
                 if let Some(ev) = merger.flush() {
                     if let SourceEvent::Reset(o) = &ev {
                         info!(objects = o.len(), "first full sync");
@@ -291,6 +393,8 @@ async fn probe_kind(client: &Client, kind: Kind) -> bool {
         Kind::Node => lists::<core::Node>(client).await,
         Kind::Pod => lists::<core::Pod>(client).await,
         Kind::Policy => lists::<net::NetworkPolicy>(client).await,
+        // Whether or not the CRD is there, an answer is an answer.
+        Kind::ClusterPolicy => cnp::served(client).await.is_ok(),
     }
 }
 
@@ -299,229 +403,4 @@ async fn lists<K: Convert>(client: &Client) -> bool {
         .list(&ListParams::default().limit(1))
         .await
         .is_ok()
-}
-
-/// The model content of an object, as a collision-resistant 128-bit hash: a change a tenant
-/// makes to its own pod must never look like no change (a fast, keyless 64-bit hash could be
-/// steered into a collision).
-/// `buf` is reused: serialising straight into the hasher costs one `update` per JSON token.
-fn fingerprint(o: &Object, buf: &mut Vec<u8>) -> u128 {
-    buf.clear();
-    // The model serialises infallibly into memory.
-    let _ = serde_json::to_writer(&mut *buf, o);
-    let b = blake3::hash(buf);
-    u128::from_le_bytes(b.as_bytes()[..16].try_into().expect("16 bytes"))
-}
-
-/// Turns watcher events of four kinds into index events: the first full sync as one reset,
-/// relists as diffs, and nothing for objects whose model content did not change.
-#[derive(Default)]
-struct Merger {
-    /// Per kind: what the index has (model fingerprint per object).
-    known: [HashMap<ObjectKey, u128>; 4],
-    /// Per kind, during a (re)list: what it has delivered so far (`None` = keep the old).
-    listing: [Option<HashMap<ObjectKey, Option<Object>>>; 4],
-    listed: [bool; 4],
-    /// Until the first full sync: the objects themselves.
-    staging: Option<HashMap<ObjectKey, Object>>,
-    out: Vec<Event>,
-    synced: bool,
-    buf: Vec<u8>,
-}
-
-impl Merger {
-    fn take(&mut self, kind: Kind, item: Item) {
-        let k = kind as usize;
-        if self.staging.is_none() && !self.synced {
-            self.staging = Some(HashMap::new());
-        }
-        match item {
-            Item::Init => self.listing[k] = Some(HashMap::new()),
-            Item::InitApply(r) => {
-                let Some(l) = self.listing[k].as_mut() else {
-                    return;
-                };
-                match r {
-                    Ok(o) => {
-                        l.insert(o.key(), Some(o));
-                    }
-                    Err((key, why)) => {
-                        warn!(object = %key, error = %why, "invalid object; its last valid version stays");
-                        l.insert(key, None);
-                    }
-                }
-            }
-            Item::InitDone => {
-                let Some(l) = self.listing[k].take() else {
-                    return;
-                };
-                self.listed[k] = true;
-                let gone: Vec<ObjectKey> = self.known[k]
-                    .keys()
-                    .filter(|key| !l.contains_key(*key))
-                    .cloned()
-                    .collect();
-                for key in gone {
-                    self.delete(k, key);
-                }
-                // An object listed but refused by the model keeps its last valid version
-                // (or stays absent): only valid ones are applied.
-                for o in l.into_values().flatten() {
-                    self.apply(k, o);
-                }
-            }
-            Item::Apply(Ok(o)) => self.apply(k, o),
-            Item::Apply(Err((key, why))) => {
-                warn!(object = %key, error = %why, "invalid object; its last valid version stays");
-            }
-            Item::Delete(key) => {
-                if self.known[k].contains_key(&key) {
-                    self.delete(k, key);
-                }
-            }
-        }
-    }
-
-    fn apply(&mut self, k: usize, o: Object) {
-        let f = fingerprint(&o, &mut self.buf);
-        let key = o.key();
-        if self.known[k].insert(key.clone(), f) == Some(f) {
-            return;
-        }
-        match self.staging.as_mut() {
-            Some(s) => {
-                s.insert(key, o);
-            }
-            None => self.out.push(Event::Apply(o)),
-        }
-    }
-
-    fn delete(&mut self, k: usize, key: ObjectKey) {
-        self.known[k].remove(&key);
-        match self.staging.as_mut() {
-            Some(s) => {
-                s.remove(&key);
-            }
-            None => self.out.push(Event::Delete(key)),
-        }
-    }
-
-    /// What to send now, if anything.
-    fn flush(&mut self) -> Option<SourceEvent> {
-        if !self.synced {
-            if !self.listed.iter().all(|l| *l) {
-                return None;
-            }
-            self.synced = true;
-            let objects = self.staging.take().unwrap_or_default();
-            return Some(SourceEvent::Reset(objects.into_values().collect()));
-        }
-        if self.out.is_empty() {
-            return None;
-        }
-        Some(SourceEvent::Batch(std::mem::take(&mut self.out)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use moat_policy::model::{Namespace, Node};
-
-    fn node(n: &str, addr: &str) -> Object {
-        Object::Node(Node {
-            name: n.into(),
-            addrs: vec![addr.parse().unwrap()],
-        })
-    }
-
-    fn ns(n: &str) -> Object {
-        Object::Namespace(Namespace {
-            name: n.into(),
-            labels: Namespace::implicit_labels(n),
-        })
-    }
-
-    fn list(m: &mut Merger, kind: Kind, objects: Vec<Object>) {
-        m.take(kind, Item::Init);
-        for o in objects {
-            m.take(kind, Item::InitApply(Ok(o)));
-        }
-        m.take(kind, Item::InitDone);
-    }
-
-    #[test]
-    fn nothing_before_every_kind_listed_then_one_reset() {
-        let mut m = Merger::default();
-        list(&mut m, Kind::Node, vec![node("n1", "10.0.0.1")]);
-        list(&mut m, Kind::Namespace, vec![ns("a")]);
-        list(&mut m, Kind::Pod, vec![]);
-        assert!(m.flush().is_none());
-        // A change before the sync lands in the reset, not in a batch.
-        m.take(Kind::Node, Item::Apply(Ok(node("n2", "10.0.0.2"))));
-        assert!(m.flush().is_none());
-        list(&mut m, Kind::Policy, vec![]);
-        match m.flush() {
-            Some(SourceEvent::Reset(o)) => assert_eq!(o.len(), 3),
-            other => panic!("{other:?}"),
-        }
-        assert!(m.flush().is_none());
-    }
-
-    #[test]
-    fn a_relist_is_a_diff_without_transient_deletes() {
-        let mut m = Merger::default();
-        for k in KINDS {
-            list(&mut m, k, vec![]);
-        }
-        list(
-            &mut m,
-            Kind::Node,
-            vec![node("n1", "10.0.0.1"), node("n2", "10.0.0.2")],
-        );
-        m.flush();
-        // Relist: n1 unchanged, n2 changed, n3 new, and (say) n4 would have been deleted.
-        list(
-            &mut m,
-            Kind::Node,
-            vec![
-                node("n1", "10.0.0.1"),
-                node("n2", "10.0.0.9"),
-                node("n3", "10.0.0.3"),
-            ],
-        );
-        let Some(SourceEvent::Batch(ev)) = m.flush() else {
-            panic!("no batch")
-        };
-        assert_eq!(ev.len(), 2, "{ev:?}");
-        assert!(ev.iter().all(|e| matches!(e, Event::Apply(_))));
-        list(&mut m, Kind::Node, vec![node("n1", "10.0.0.1")]);
-        let Some(SourceEvent::Batch(ev)) = m.flush() else {
-            panic!("no batch")
-        };
-        assert_eq!(ev.len(), 2);
-        assert!(ev.iter().all(|e| matches!(e, Event::Delete(_))));
-    }
-
-    #[test]
-    fn an_invalid_update_keeps_the_last_valid_version() {
-        let mut m = Merger::default();
-        for k in KINDS {
-            list(&mut m, k, vec![]);
-        }
-        m.flush();
-        m.take(Kind::Node, Item::Apply(Ok(node("n1", "10.0.0.1"))));
-        m.flush();
-        let key = ObjectKey::Node("n1".into());
-        m.take(Kind::Node, Item::Apply(Err((key.clone(), "bad".into()))));
-        assert!(m.flush().is_none());
-        // Also across a relist: invalid now, so it is neither deleted nor changed.
-        m.take(Kind::Node, Item::Init);
-        m.take(Kind::Node, Item::InitApply(Err((key, "bad".into()))));
-        m.take(Kind::Node, Item::InitDone);
-        assert!(m.flush().is_none());
-        // An identical re-apply is no event either.
-        m.take(Kind::Node, Item::Apply(Ok(node("n1", "10.0.0.1"))));
-        assert!(m.flush().is_none());
-    }
 }

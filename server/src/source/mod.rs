@@ -1,11 +1,15 @@
 //! Where cluster state comes from: a directory of manifests, or a Kubernetes API server.
 
+pub mod acceptance;
+pub mod cnp;
+pub mod cnp_status;
 pub mod file;
 pub mod kube;
+mod merge;
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use moat_proto::identity::valid_name as valid_cluster_name;
@@ -180,6 +184,8 @@ pub struct Health {
     up: Gauge,
     /// Whether the source is stale, for whoever must act on it at once (HA replicas).
     stale: tokio::sync::watch::Sender<bool>,
+    /// The verdict on each policy the source delivered (`moatctl status --policy`).
+    acceptance: Arc<acceptance::Acceptance>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -199,7 +205,12 @@ impl Health {
             state: Mutex::new(HealthState::default()),
             up,
             stale: tokio::sync::watch::channel(false).0,
+            acceptance: Arc::default(),
         }
+    }
+
+    pub fn acceptance(&self) -> Arc<acceptance::Acceptance> {
+        self.acceptance.clone()
     }
 
     pub fn stale_watch(&self) -> tokio::sync::watch::Receiver<bool> {
