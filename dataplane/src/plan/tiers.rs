@@ -139,38 +139,70 @@ fn segments(rules: &[&Rule]) -> BTreeMap<u8, Vec<(u16, u16)>> {
 
 /// The resolved ruleset of one rule list holding cluster rules, counted against `meter`.
 #[allow(clippy::too_many_arguments)]
-pub fn ruleset(
+pub fn ruleset<'a>(
     egress: bool,
     isolated: bool,
     ids: &[RuleId],
-    rules: &HashMap<RuleId, &Rule>,
-    members: &HashMap<GroupId, &Members>,
+    rules: &HashMap<RuleId, &'a Rule>,
+    members: &'a HashMap<GroupId, &'a Members>,
     classes_of: &HashMap<GroupId, BTreeSet<u32>>,
     classes: &Classes,
     meter: &mut Meter,
 ) -> Result<Ruleset, Overflow> {
     let mut list: Vec<&Rule> = ids.iter().filter_map(|id| rules.get(id).copied()).collect();
     list.sort_by_key(|r| (r.tier, r.priority, r.id));
-    let lists = Lists {
-        admin: list
-            .iter()
-            .copied()
-            .filter(|r| r.tier == Tier::Admin)
-            .collect(),
-        np: list
-            .iter()
-            .copied()
-            .filter(|r| r.tier == Tier::NetworkPolicy)
-            .collect(),
-        baseline: list
-            .iter()
-            .copied()
-            .filter(|r| r.tier == Tier::Baseline)
-            .collect(),
-        isolated,
-        members,
+    // A peer's verdict depends only on the rules that can match it: the any-peer rules and
+    // those naming one of its groups. Resolving each class over its own rules (and its own
+    // port cuts) keeps the work near the list's size; over the whole list it is classes ×
+    // segments × rules, which at 10,000 single-peer rules never ends.
+    let (mut any_peer, mut by_group, mut from_groups) = (Vec::new(), HashMap::new(), Vec::new());
+    for (i, r) in list.iter().enumerate() {
+        match &r.peers {
+            Peers::Any => any_peer.push(i),
+            Peers::Groups(gs) => {
+                for g in gs {
+                    by_group.entry(*g).or_insert_with(Vec::new).push(i);
+                }
+                if matches!(r.ports, Ports::FromGroups) {
+                    from_groups.push(i);
+                }
+            }
+        }
+    }
+    let relevant = |groups: &[GroupId], named: bool| -> Vec<&Rule> {
+        let mut idx = any_peer.clone();
+        for g in groups {
+            idx.extend(by_group.get(g).into_iter().flatten());
+        }
+        if named {
+            idx.extend(&from_groups);
+        }
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| list[i]).collect()
     };
-    let segs = segments(&list);
+    // What the tests plant to show they catch it: class entries that ignore the any-peer
+    // rules ranked before them.
+    let folded = !plant::on(plant::Plant::AnyPeerNotFolded);
+    let tiers = |rules: &[&'a Rule], for_class: bool| {
+        let tier = |t: Tier| -> Vec<&'a Rule> {
+            rules
+                .iter()
+                .copied()
+                .filter(|r| r.tier == t)
+                .filter(|r| {
+                    t == Tier::NetworkPolicy || folded || !for_class || r.peers != Peers::Any
+                })
+                .collect()
+        };
+        Lists {
+            admin: tier(Tier::Admin),
+            np: tier(Tier::NetworkPolicy),
+            baseline: tier(Tier::Baseline),
+            isolated,
+            members,
+        }
+    };
     let mut rs = Ruleset {
         egress,
         ..Default::default()
@@ -228,9 +260,11 @@ pub fn ruleset(
         groups: &[],
         addr: None,
     };
+    let anyone = relevant(&[], false);
+    let lists = tiers(&anyone, false);
     let default = lists.allows(&nowhere, None, 0);
     rs.any = default;
-    for (p, v) in &segs {
+    for (p, v) in &segments(&anyone) {
         for (a, b, allow) in merged(v, |port| lists.allows(&nowhere, Some(*p), port)) {
             if allow != default {
                 put(allow, &mut rs, Entry::Ap(*p, a, b))?;
@@ -250,18 +284,8 @@ pub fn ruleset(
         .flatten()
         .copied()
         .collect();
-    // What the tests plant to show they catch it: class entries that ignore the any-peer
-    // rules ranked before them, and a class read as one group only (the mistake of taking
-    // a longest-prefix match for the whole answer).
-    let folded = !plant::on(plant::Plant::AnyPeerNotFolded);
-    let keep = |r: &&&Rule| folded || r.peers != Peers::Any;
-    let for_classes = Lists {
-        admin: lists.admin.iter().filter(keep).copied().collect(),
-        np: lists.np.clone(),
-        baseline: lists.baseline.iter().filter(keep).copied().collect(),
-        isolated,
-        members,
-    };
+    // What the tests plant to show they catch it: a class read as one group only (the
+    // mistake of taking a longest-prefix match for the whole answer).
     for c in named_classes {
         let Some(groups) = classes.groups(c) else {
             continue;
@@ -271,11 +295,12 @@ pub fn ruleset(
         } else {
             groups
         };
-        let lists = &for_classes;
+        let own = relevant(groups, false);
+        let lists = &tiers(&own, true);
         let at = At { groups, addr: None };
         let whole = lists.allows(&at, None, 0);
         put(whole, &mut rs, Entry::Aa(c))?;
-        for (p, v) in &segs {
+        for (p, v) in &segments(&own) {
             for (a, b, allow) in merged(v, |port| lists.allows(&at, Some(*p), port)) {
                 if allow == whole {
                     continue;
@@ -307,8 +332,9 @@ pub fn ruleset(
             groups: &groups,
             addr: Some(addr),
         };
+        let own = relevant(&groups, true);
         put(
-            lists.allows(&at, Some(p), port),
+            tiers(&own, false).allows(&at, Some(p), port),
             &mut rs,
             Entry::Named(addr, p, port),
         )?;
