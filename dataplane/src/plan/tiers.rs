@@ -261,11 +261,11 @@ pub fn ruleset<'a>(
         addr: None,
     };
     let anyone = relevant(&[], false);
-    let lists = tiers(&anyone, false);
-    let default = lists.allows(&nowhere, None, 0);
+    let anyone_lists = tiers(&anyone, false);
+    let default = anyone_lists.allows(&nowhere, None, 0);
     rs.any = default;
     for (p, v) in &segments(&anyone) {
-        for (a, b, allow) in merged(v, |port| lists.allows(&nowhere, Some(*p), port)) {
+        for (a, b, allow) in merged(v, |port| anyone_lists.allows(&nowhere, Some(*p), port)) {
             if allow != default {
                 put(allow, &mut rs, Entry::Ap(*p, a, b))?;
             }
@@ -299,10 +299,43 @@ pub fn ruleset<'a>(
         let lists = &tiers(&own, true);
         let at = At { groups, addr: None };
         let whole = lists.allows(&at, None, 0);
-        put(whole, &mut rs, Entry::Aa(c))?;
+        // A class whose whole verdict is the default needs no whole-class entry: where its
+        // lookup misses, the any-peer lookup decides, so only the ports where the class
+        // decides otherwise than a peer in no class need entries (each of `own`'s segments
+        // has one any-peer verdict: its cuts include the any-peer rules'). Most classes of
+        // a big NetworkPolicy list are then one entry, as without tiers.
+        let fall_through = whole == default;
+        if !fall_through {
+            put(whole, &mut rs, Entry::Aa(c))?;
+        }
         for (p, v) in &segments(&own) {
-            for (a, b, allow) in merged(v, |port| lists.allows(&at, Some(*p), port)) {
-                if allow == whole {
+            let base = |port| {
+                if fall_through {
+                    anyone_lists.allows(&nowhere, Some(*p), port)
+                } else {
+                    whole
+                }
+            };
+            let mut runs: Vec<(u16, u16, bool)> = Vec::new();
+            for (a, b) in v {
+                let allow = lists.allows(&at, Some(*p), *a);
+                if allow == base(*a) {
+                    runs.push((*a, *b, allow));
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(l)
+                        if l.2 == allow
+                            && base(l.0) != l.2
+                            && u32::from(l.1) + 1 == u32::from(*a) =>
+                    {
+                        l.1 = *b
+                    }
+                    _ => runs.push((*a, *b, allow)),
+                }
+            }
+            for (a, b, allow) in runs {
+                if allow == base(a) {
                     continue;
                 }
                 let e = if a == b {
