@@ -6,6 +6,8 @@
 //! implementation has to do), event latencies against a full compile.
 
 mod alloc;
+mod cnp;
+mod compiler;
 mod datapath;
 mod ebpfbench;
 mod ha;
@@ -19,13 +21,11 @@ mod sync;
 mod syncmem;
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use moat_policy::model::{self, Object};
-use moat_policy::testkit::synthetic::{self, Scale};
-use moat_policy::{Index, model::K8sObject};
+use compiler::{COMPILE_HEADER, Cnps, compile, events, secs};
+use moat_policy::testkit::synthetic::Scale;
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -59,6 +59,37 @@ enum Command {
         scale: ScaleArg,
         #[arg(long, default_value_t = 100)]
         percent: usize,
+        #[command(flatten)]
+        cnps: Cnps,
+        /// One line of `key=value` pairs instead of the table row (for `cnp`).
+        #[arg(long)]
+        machine: bool,
+    },
+    /// Internal: one pod-event run (compile, then time single-pod events), for `cnp`.
+    #[command(hide = true)]
+    Events {
+        #[arg(long, value_enum, default_value = "antrea")]
+        scale: ScaleArg,
+        #[command(flatten)]
+        cnps: Cnps,
+        #[arg(long, default_value_t = 500)]
+        iterations: usize,
+    },
+    /// ClusterNetworkPolicy at scale (issue #16): full compile and pod events with and
+    /// without admin and baseline policies, each run in a fresh process, interleaved.
+    Cnp {
+        #[arg(long, value_enum, default_value = "antrea")]
+        scale: ScaleArg,
+        #[command(flatten)]
+        cnps: Cnps,
+        /// Compile runs per world (baseline and with CNPs alternate).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Event runs per world (each applies and undoes every event `iterations` times).
+        #[arg(long, default_value_t = 3)]
+        event_rounds: usize,
+        #[arg(long, default_value_t = 500)]
+        iterations: usize,
     },
     /// The sync plane: simulated enforcers against a real server process.
     Sync {
@@ -214,9 +245,55 @@ impl ScaleArg {
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Compile { scale, percent } => {
-            let r = compile(scale.scale().percent(percent));
-            println!("{}", r.row());
+        Command::Compile {
+            scale,
+            percent,
+            cnps,
+            machine,
+        } => {
+            let r = compile(scale.scale().percent(percent), cnps);
+            if machine {
+                println!("{}", r.machine());
+            } else {
+                println!("{}", r.row());
+            }
+        }
+        Command::Events {
+            scale,
+            cnps,
+            iterations,
+        } => {
+            let (full, rows) = events(scale.scale(), cnps, iterations);
+            println!("full={}", full.as_nanos());
+            for r in rows {
+                println!(
+                    "event={}\tnodes={}\tmedian={}\tp90={}",
+                    r.what,
+                    r.nodes,
+                    r.median.as_nanos(),
+                    r.p90.as_nanos()
+                );
+            }
+        }
+        Command::Cnp {
+            scale,
+            cnps,
+            rounds,
+            event_rounds,
+            iterations,
+        } => {
+            let cnps = if cnps == Cnps::NONE {
+                Cnps {
+                    admin: 100,
+                    baseline: 20,
+                }
+            } else {
+                cnps
+            };
+            print!(
+                "{}",
+                cnp::run(scale.scale(), cnps, rounds, event_rounds, iterations)?
+            )
         }
         Command::Sync {
             nodes,
@@ -282,278 +359,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-struct Input {
-    objects: Vec<Object>,
-    parse: Duration,
-    bytes: usize,
-}
-
-/// Generates the cluster and converts it as a source would; the conversion is the baseline.
-fn input(scale: Scale) -> Input {
-    let mut k8s: Vec<K8sObject> = Vec::new();
-    synthetic::generate(scale, 7, |o| k8s.push(o));
-    let live = alloc::live();
-    let t = Instant::now();
-    let objects: Vec<Object> = k8s
-        .iter()
-        .map(|o| {
-            model::parse::object(o)
-                .expect("synthetic objects are valid")
-                .value
-        })
-        .collect();
-    let parse = t.elapsed();
-    let bytes = alloc::live() - live;
-    drop(k8s);
-    Input {
-        objects,
-        parse,
-        bytes,
-    }
-}
-
-struct CompileResult {
-    scale: Scale,
-    parse: Duration,
-    build: Duration,
-    materialize: Duration,
-    input_bytes: usize,
-    peak_bytes: usize,
-    retained_bytes: usize,
-    stats: moat_policy::Stats,
-    snapshot_entries: usize,
-    largest_snapshot: usize,
-}
-
-fn compile(scale: Scale) -> CompileResult {
-    let input = input(scale);
-    let before = alloc::live();
-    alloc::reset_peak();
-    let t = Instant::now();
-    let index = Index::build(input.objects);
-    let build = t.elapsed();
-    let peak = alloc::peak() - (before - input.bytes);
-    let retained = alloc::live() - (before - input.bytes);
-    let t = Instant::now();
-    let mut entries = 0;
-    let mut largest = 0;
-    for n in index.nodes() {
-        let s = index.snapshot(&n.node).expect("listed");
-        let size = s.size().total();
-        entries += size;
-        largest = largest.max(size);
-    }
-    let materialize = t.elapsed();
-    CompileResult {
-        scale,
-        parse: input.parse,
-        build,
-        materialize,
-        input_bytes: input.bytes,
-        peak_bytes: peak,
-        retained_bytes: retained,
-        stats: index.stats(),
-        snapshot_entries: entries,
-        largest_snapshot: largest,
-    }
-}
-
-fn mib(b: usize) -> String {
-    format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
-}
-
-fn secs(d: Duration) -> String {
-    if d.as_secs_f64() >= 1.0 {
-        format!("{:.2} s", d.as_secs_f64())
-    } else if d.as_secs_f64() >= 1e-3 {
-        format!("{:.1} ms", d.as_secs_f64() * 1e3)
-    } else {
-        format!("{:.1} µs", d.as_secs_f64() * 1e6)
-    }
-}
-
-impl CompileResult {
-    fn row(&self) -> String {
-        let s = self.scale;
-        format!(
-            "| {} / {} / {} / {} | {} | {} | **{}** | {:.2}× | {} | {} | {} | {} | {} | {} / {} |",
-            s.nodes,
-            s.namespaces,
-            s.pods,
-            s.policies,
-            secs(self.parse),
-            mib(self.input_bytes),
-            secs(self.build),
-            self.build.as_secs_f64() / self.parse.as_secs_f64(),
-            mib(self.peak_bytes),
-            mib(self.retained_bytes),
-            secs(self.materialize),
-            self.stats.groups,
-            self.stats.rules,
-            self.snapshot_entries,
-            self.largest_snapshot,
-        )
-    }
-}
-
-const COMPILE_HEADER: &str = "| nodes / namespaces / pods / policies | baseline: validate + convert input | input size | full compile | compile ÷ baseline | peak heap (input + index) | index after compile | materialise all snapshots | groups | rules | snapshot entries: all nodes / largest node |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
-
-struct EventResult {
-    what: &'static str,
-    nodes: usize,
-    median: Duration,
-    p90: Duration,
-}
-
-/// Times single-pod events on a compiled cluster. Each kind is applied and undone many times;
-/// the node count is how many snapshots the event changed.
-fn events(scale: Scale, iterations: usize) -> (Duration, Vec<EventResult>) {
-    let input = input(scale);
-    let t = Instant::now();
-    let mut index = Index::build(input.objects);
-    let full = t.elapsed();
-    // A quiet namespace (no policies) and a ten-node one whose pods all allow each other.
-    let mut setup = vec![Object::Namespace(model::Namespace {
-        name: "bench-ten".into(),
-        labels: model::Namespace::implicit_labels("bench-ten"),
-    })];
-    for i in 0..10 {
-        setup.push(pod(
-            "bench-ten",
-            &format!("p{i}"),
-            "peer",
-            i * (scale.nodes / 10),
-            1_000_000 + i,
-        ));
-    }
-    setup.push(Object::Policy(model::Policy {
-        namespace: "bench-ten".into(),
-        name: "mesh".into(),
-        pod_selector: model::Selector::everything(),
-        ingress: Some(vec![model::Rule {
-            peers: vec![model::Peer::Pods {
-                namespaces: None,
-                pods: model::Selector::everything(),
-            }],
-            ports: vec![],
-        }]),
-        egress: None,
-    }));
-    index.batch(setup.into_iter().map(moat_policy::Event::Apply));
-
-    let node = scale.nodes / 2 + 1;
-    let kinds: [(&'static str, Object); 4] = [
-        (
-            "pod added in a namespace without policies",
-            pod("bench-solo", "new", "solo", node, 2_000_000),
-        ),
-        (
-            "pod added to a 10-node mesh",
-            pod("bench-ten", "new", "peer", node, 2_000_001),
-        ),
-        (
-            "pod added in an app namespace (100 pods)",
-            pod("ns-00000", "new", "app-1", node, 2_000_002),
-        ),
-        (
-            "DNS replica added (every node's DNS egress rule)",
-            pod("kube-system", "coredns-new", "dns", node, 2_000_003),
-        ),
-    ];
-    let mut out = Vec::new();
-    for (what, obj) in kinds {
-        let key = obj.key();
-        let mut add = Vec::new();
-        let mut del = Vec::new();
-        let mut nodes = 0;
-        for _ in 0..iterations {
-            let t = Instant::now();
-            let c = index.apply(obj.clone());
-            add.push(t.elapsed());
-            nodes = c.updated.len();
-            let t = Instant::now();
-            index.delete(&key);
-            del.push(t.elapsed());
-        }
-        out.push(EventResult {
-            what,
-            nodes,
-            median: median(&mut add),
-            p90: p90(&mut add),
-        });
-        let what_del: &'static str = match what {
-            w if w.starts_with("DNS") => "DNS replica deleted",
-            _ => "… and deleted again",
-        };
-        out.push(EventResult {
-            what: what_del,
-            nodes,
-            median: median(&mut del),
-            p90: p90(&mut del),
-        });
-    }
-    // A relabel moves one pod between app groups.
-    let mut relabel = Vec::new();
-    let mut nodes = 0;
-    let a = pod("ns-00001", "relabelled", "app-1", node, 2_000_010);
-    let mut b = a.clone();
-    if let Object::Pod(p) = &mut b {
-        p.labels.insert("app".into(), "app-2".into());
-    }
-    index.apply(a.clone());
-    for i in 0..iterations {
-        let t = Instant::now();
-        let c = index.apply(if i % 2 == 0 { b.clone() } else { a.clone() });
-        relabel.push(t.elapsed());
-        nodes = nodes.max(c.updated.len());
-    }
-    out.push(EventResult {
-        what: "pod relabelled app-1 ↔ app-2 (app namespace)",
-        nodes,
-        median: median(&mut relabel),
-        p90: p90(&mut relabel),
-    });
-    (full, out)
-}
-
-fn pod(ns: &str, name: &str, app: &str, node: usize, n: usize) -> Object {
-    let labels = if app == "dns" {
-        [("k8s-app".to_string(), "kube-dns".to_string())].into()
-    } else {
-        [
-            ("app".to_string(), app.to_string()),
-            ("tier".to_string(), "frontend".to_string()),
-        ]
-        .into()
-    };
-    Object::Pod(model::Pod {
-        namespace: ns.into(),
-        name: name.into(),
-        labels,
-        node: Some(synthetic::node_name(node)),
-        ips: vec![synthetic::pod_ip_v4(n)],
-        ports: vec![model::ContainerPort {
-            name: "http".into(),
-            proto: model::Protocol::Tcp,
-            port: 8080,
-        }],
-        host_network: false,
-        terminal: false,
-        uid: None,
-        sandbox: None,
-    })
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn p90(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() * 9 / 10]
-}
-
 fn report(quick: bool) -> (String, String) {
     let mut md = String::new();
     let mut time = Vec::new();
@@ -562,14 +367,14 @@ fn report(quick: bool) -> (String, String) {
     writeln!(md, "## Full compile\n").unwrap();
     md.push_str(COMPILE_HEADER);
     for scale in [Scale::MEDIUM, Scale::ANTREA] {
-        md.push_str(&compile(scale).row());
+        md.push_str(&compile(scale, Cnps::NONE).row());
         md.push('\n');
     }
     for (name, scale) in [
         ("1,000 nodes / 30,000 pods", Scale::MEDIUM),
         ("5,000 nodes / 100,000 pods", Scale::ANTREA),
     ] {
-        let (full, rows) = events(scale, iterations);
+        let (full, rows) = events(scale, Cnps::NONE, iterations);
         writeln!(
             md,
             "\n## One pod event, {name} (baseline: full compile {})\n",
@@ -611,7 +416,7 @@ fn report(quick: bool) -> (String, String) {
             points: Vec::new(),
         };
         for pct in [10, 25, 50, 75, 100] {
-            let r = compile(scale.percent(pct));
+            let r = compile(scale.percent(pct), Cnps::NONE);
             md.push_str(&r.row());
             md.push('\n');
             t.points.push((pct as f64, r.build.as_secs_f64()));

@@ -249,20 +249,25 @@ impl Index {
                 }
             }
         }
+        self.groups[g.get()].members.reserve(pods.len());
         for p in pods {
-            for m in self.pod_members(&def, p) {
-                self.member_delta(g, m, true);
+            for (m, h) in self.pod_members(&def, p) {
+                self.member_delta(g, m, h, true);
             }
         }
     }
 
-    /// A pod's members in a group it belongs to (scope and selector already checked).
-    fn pod_members(&self, def: &GroupDef, p: PodIdx) -> SmallVec<[Member; 4]> {
+    /// A pod's members in a group it belongs to (scope and selector already checked), with
+    /// their hashes.
+    fn pod_members(&self, def: &GroupDef, p: PodIdx) -> SmallVec<[(Member, [u8; 32]); 2]> {
         let pod = &self.pods[p.get()];
         match def {
-            GroupDef::Peer(PeerDef::Pods { .. }) => {
-                pod.ips.iter().map(|ip| Member::Addr(*ip)).collect()
-            }
+            GroupDef::Peer(PeerDef::Pods { .. }) => pod
+                .ips
+                .iter()
+                .zip(&pod.addr_members)
+                .map(|(ip, h)| (Member::Addr(*ip), *h))
+                .collect(),
             GroupDef::Peer(PeerDef::Block(_)) => SmallVec::new(),
             GroupDef::Named { peer, name, proto } => {
                 let mut out = SmallVec::new();
@@ -278,11 +283,12 @@ impl Index {
                         {
                             continue;
                         }
-                        out.push(Member::AddrPort(AddrPort {
+                        let m = Member::AddrPort(AddrPort {
                             addr: *ip,
                             proto: *proto,
                             port: port.port,
-                        }));
+                        });
+                        out.push((m, member_hash(&m)));
                     }
                 }
                 out
@@ -307,8 +313,8 @@ impl Index {
         hits.extend(self.block_named_groups.iter().copied());
         for g in hits {
             let def = self.groups[g.get()].def.clone();
-            for m in self.pod_members(&def, p) {
-                self.member_delta(g, m, add);
+            for (m, h) in self.pod_members(&def, p) {
+                self.member_delta(g, m, h, add);
             }
         }
     }
@@ -326,13 +332,13 @@ impl Index {
             }
         }
         for p in pods {
-            for m in self.pod_members(&def, p) {
-                self.member_delta(g, m, add);
+            for (m, h) in self.pod_members(&def, p) {
+                self.member_delta(g, m, h, add);
             }
         }
     }
 
-    fn member_delta(&mut self, g: GroupIdx, m: Member, add: bool) {
+    fn member_delta(&mut self, g: GroupIdx, m: Member, h: [u8; 32], add: bool) {
         let gs = &mut self.groups[g.get()];
         let changed = if add {
             let c = gs.members.entry(m).or_insert(0);
@@ -354,7 +360,6 @@ impl Index {
         if !changed {
             return;
         }
-        let h = member_hash(&m);
         if add {
             gs.members_acc.add(&h);
         } else {

@@ -19,13 +19,21 @@ impl Index {
 
     pub(crate) fn compile_dirty(&mut self) {
         self.settle_groups();
-        for p in std::mem::take(&mut self.work.dirty_pods) {
+        let mut dirty = std::mem::take(&mut self.work.dirty_pods);
+        // By node: a node's reference counts stay in cache while its pods are recomputed
+        // (the order of pods is otherwise immaterial).
+        dirty.sort_unstable_by_key(|p| self.pods.get(p.get()).map(|s| s.node));
+        for p in dirty {
             match self.pods.get_mut(p.get()) {
                 Some(s) if s.dirty => s.dirty = false,
                 _ => continue,
             }
             self.recompute_endpoint(p);
         }
+        self.work.subjects.clear();
+        self.work.np_lists.clear();
+        self.work.blocks.clear();
+        self.gc_cluster_rules();
         self.collect_garbage();
     }
 

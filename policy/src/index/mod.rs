@@ -114,6 +114,9 @@ pub struct Index {
     pub(crate) block_named_groups: Vec<GroupIdx>,
     pub(crate) rules: Slab<RuleState>,
     pub(crate) rule_by_key: rustc_hash::FxHashMap<RuleKey, RuleIdx>,
+    /// Cluster rule lists in use, shared by every endpoint with the same key.
+    pub(crate) cluster_rules: rustc_hash::FxHashMap<ClusterKey, Arc<ClusterRules>>,
+    pub(crate) cluster_rules_next: u64,
 
     pub(crate) work: Work,
     pub(crate) generation: u64,
@@ -154,6 +157,8 @@ impl Index {
             block_named_groups: Vec::new(),
             rules: Slab::new(),
             rule_by_key: Default::default(),
+            cluster_rules: Default::default(),
+            cluster_rules_next: 0,
             work: Work::default(),
             generation,
         }
@@ -217,14 +222,15 @@ impl Index {
                 Object::Policy(_) | Object::ClusterPolicy(_) => policies.push(o),
             }
         }
-        for o in nodes
-            .into_iter()
-            .chain(namespaces)
-            .chain(pods)
-            .chain(policies)
-        {
+        for o in nodes.into_iter().chain(namespaces).chain(pods) {
             self.upsert(o);
         }
+        // Every pod with a node is dirty by now: policies need not find the ones they select.
+        self.work.loading = true;
+        for o in policies {
+            self.upsert(o);
+        }
+        self.work.loading = false;
     }
 
     pub fn stats(&self) -> Stats {

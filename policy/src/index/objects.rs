@@ -175,6 +175,8 @@ impl Index {
             addrs: Vec::new(),
             pods: Vec::new(),
             rule_refs: Default::default(),
+            cluster_refs: Default::default(),
+            block_refs: Default::default(),
             group_refs: Default::default(),
             acc: Default::default(),
             published: None,
@@ -267,6 +269,7 @@ impl Index {
             ns,
             labels,
             node,
+            addr_members: pod.ips.iter().map(|ip| ir::addr_member(*ip)).collect(),
             ips: SmallVec::from_vec(pod.ips),
             ports,
             host_network: pod.host_network,
@@ -431,6 +434,9 @@ impl Index {
     }
 
     fn mark_selected_dirty(&mut self, ns: NsIdx, selector: crate::selector::SelId) {
+        if self.work.loading {
+            return;
+        }
         let mut hit: Vec<PodIdx> = Vec::new();
         for (ls, pods) in &self.namespaces[ns.get()].classes {
             if self.selectors.matches(selector, self.labels.get(*ls)) {
@@ -541,12 +547,18 @@ impl Index {
         };
         let ingress = build(self, Direction::Ingress, &policy.ingress);
         let egress = build(self, Direction::Egress, &policy.egress);
+        let named_ingress = ingress
+            .iter()
+            .flatten()
+            .any(|t| t.static_rule.is_none() && !t.named.is_empty());
+        self.clear_cluster_rules();
         let p = CpIdx::new(self.cluster_policies.insert(ClusterPolicyState {
             name: name.clone(),
             model: policy,
             generation: self.generation + 1,
             ns_sel,
             pod_sel,
+            named_ingress,
             ingress,
             egress,
         }));
@@ -555,6 +567,7 @@ impl Index {
     }
 
     fn cluster_policy_out(&mut self, p: CpIdx) {
+        self.clear_cluster_rules();
         self.mark_subject_dirty(p);
         let s = self.cluster_policies.remove(p.get());
         self.cluster_policy_by_name.remove(&s.name);
@@ -581,6 +594,9 @@ impl Index {
     }
 
     fn mark_subject_dirty(&mut self, p: CpIdx) {
+        if self.work.loading {
+            return;
+        }
         let mut hit: Vec<PodIdx> = Vec::new();
         for (_, ns) in &self.namespaces {
             let s = &self.cluster_policies[p.get()];

@@ -69,6 +69,9 @@ pub(crate) struct PodState {
     pub labels: LabelSetId,
     pub node: Option<NodeIdx>,
     pub ips: SmallVec<[IpAddr; 2]>,
+    /// `ir::addr_member` of each of `ips`: the pod joins many groups, broad cluster policy
+    /// peers above all, and each would hash the same addresses again.
+    pub addr_members: SmallVec<[[u8; 32]; 2]>,
     pub ports: Box<[NamedPort]>,
     pub host_network: bool,
     pub terminal: bool,
@@ -90,27 +93,85 @@ impl PodState {
 }
 
 /// A local pod as its node enforces it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub(crate) struct EndpointState {
     pub node: NodeIdx,
     /// `None`: not isolated. Sorted by rule ID.
     pub ingress: Option<Box<[RuleIdx]>>,
     pub egress: Option<Box<[RuleIdx]>>,
-    /// ClusterNetworkPolicy rules (ingress, egress), sorted by rule ID: they apply whether
-    /// or not a NetworkPolicy isolates the pod.
-    pub cluster: [Box<[RuleIdx]>; 2],
+    /// ClusterNetworkPolicy rules: they apply whether or not a NetworkPolicy isolates the
+    /// pod. Shared by every pod with the same [`ClusterKey`].
+    pub cluster: Arc<ClusterRules>,
     pub item: [u8; 32],
 }
 
-impl EndpointState {
-    /// Every rule of one direction (NetworkPolicy and cluster), sorted by rule ID.
-    pub fn rules(&self, egress: bool) -> impl Iterator<Item = RuleIdx> + '_ {
-        let np = if egress { &self.egress } else { &self.ingress };
-        np.iter()
-            .flat_map(|l| l.iter())
-            .chain(self.cluster[usize::from(egress)].iter())
-            .copied()
+impl PartialEq for EndpointState {
+    /// The cluster list by identity: nodes count references per list, so an endpoint that
+    /// moves to an equal list from another cache entry must be re-referenced.
+    fn eq(&self, other: &Self) -> bool {
+        self.node == other.node
+            && self.ingress == other.ingress
+            && self.egress == other.egress
+            && Arc::ptr_eq(&self.cluster, &other.cluster)
+            && self.item == other.item
     }
+}
+
+impl EndpointState {
+    /// Every rule of one direction (NetworkPolicy, then cluster).
+    pub fn rules(&self, egress: bool) -> impl Iterator<Item = RuleIdx> + '_ {
+        self.np_rules(egress)
+            .chain(self.cluster.rules[usize::from(egress)].iter().copied())
+    }
+
+    /// The NetworkPolicy rules of one direction, sorted by rule ID.
+    pub fn np_rules(&self, egress: bool) -> impl Iterator<Item = RuleIdx> + '_ {
+        let np = if egress { &self.egress } else { &self.ingress };
+        np.iter().flat_map(|l| l.iter()).copied()
+    }
+}
+
+/// A pod's container ports, as far as named ports resolve against them.
+pub(crate) type PortsOf = Box<[(Sym, Protocol, u16)]>;
+
+/// NetworkPolicy lists for pods with these container ports.
+pub(crate) type NpListsFor = (Box<[NamedPort]>, NpLists);
+
+/// The cluster policies selecting a pod, as a bitset over [`CpIdx`].
+pub(crate) type CpSet = SmallVec<[u64; 2]>;
+
+/// What a pod's ClusterNetworkPolicy rules depend on. Admin policies select broad sets, so
+/// thousands of pods share one key, and with it one rule list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ClusterKey {
+    pub subjects: CpSet,
+    /// The pod's container ports, when a selecting policy has an ingress named port to
+    /// resolve against them; empty otherwise, so that pods share whatever their ports.
+    pub ports: Box<[(Sym, Protocol, u16)]>,
+}
+
+/// The ClusterNetworkPolicy rules of every pod with one [`ClusterKey`]. While cached in
+/// `Index::cluster_rules` it holds a reference on each rule and on the key's port names.
+pub(crate) struct ClusterRules {
+    /// Unique for the index's lifetime: nodes count their endpoints' lists by it.
+    pub id: u64,
+    pub key: ClusterKey,
+    /// Ingress, egress; each sorted by rule ID.
+    pub rules: [Box<[RuleIdx]>; 2],
+    /// The same rules' IDs, sorted, for the endpoint digest.
+    pub ids: [Box<[ir::RuleId]>; 2],
+    /// The same rules again, by policy: lists share these, and a node takes each block's
+    /// rules once however many of its lists hold it.
+    pub blocks: Box<[Arc<RuleBlock>]>,
+}
+
+/// The rules one cluster policy gives a pod (both directions).
+pub(crate) struct RuleBlock {
+    /// Unique for the index's lifetime, like [`ClusterRules::id`].
+    pub id: u64,
+    /// `rules[..n_in]` are ingress rules, the rest egress.
+    pub n_in: usize,
+    pub rules: Box<[RuleIdx]>,
 }
 
 pub(crate) struct NodeState {
@@ -121,6 +182,11 @@ pub(crate) struct NodeState {
     /// Pods whose `nodeName` is this node.
     pub pods: Vec<PodIdx>,
     pub rule_refs: FxHashMap<RuleIdx, u32>,
+    /// Local endpoints per cluster rule list ([`ClusterRules::id`]): a list's rules are
+    /// referenced once per node, not once per pod.
+    pub cluster_refs: FxHashMap<u64, u32>,
+    /// Cluster lists per [`RuleBlock::id`] held through them.
+    pub block_refs: FxHashMap<u64, u32>,
     pub group_refs: FxHashMap<GroupIdx, u32>,
     pub acc: Acc,
     pub published: Option<(u64, Digest)>,
@@ -146,6 +212,8 @@ pub(crate) struct ClusterPolicyState {
     /// Subject: namespaces, and pods within them (`None`: every pod).
     pub ns_sel: SelId,
     pub pod_sel: Option<SelId>,
+    /// Some ingress rule names a port, which resolves against each selected pod's ports.
+    pub named_ingress: bool,
     /// Per rule in written order; `None`: the rule matches nothing.
     pub ingress: Vec<Option<Template>>,
     pub egress: Vec<Option<Template>>,
@@ -257,7 +325,7 @@ pub(crate) struct RuleState {
     pub key: RuleKey,
     pub rule: Arc<ir::Rule>,
     pub hash: [u8; 32],
-    /// References from templates and endpoints.
+    /// References from templates, cached cluster rule lists, and nodes (one per node).
     pub refs: u32,
 }
 
@@ -271,4 +339,28 @@ pub(crate) struct Work {
     pub group_gc: Vec<GroupIdx>,
     pub ns_gc: Vec<NsIdx>,
     pub node_gc: Vec<NodeIdx>,
+    /// Keys of cluster rule lists an endpoint let go of: evicted if nothing else holds them.
+    pub cluster_rules_gc: Vec<ClusterKey>,
+    /// Cluster policies selecting a pod, by (namespace labels, pod labels); valid for one
+    /// `compile_dirty` only (label set IDs are reused once released).
+    pub subjects: FxHashMap<(LabelSetId, LabelSetId), (CpSet, bool)>,
+    /// Rule blocks by (cluster policy, the ports its named ports resolved against); valid
+    /// for one `compile_dirty`, like `subjects` (lists built later get blocks of their own).
+    pub blocks: FxHashMap<(CpIdx, PortsOf), Arc<RuleBlock>>,
+    /// NetworkPolicy rule lists by (namespace, pod labels), then by pod ports; valid for one
+    /// `compile_dirty` only, like `subjects`.
+    pub np_lists: FxHashMap<(NsIdx, LabelSetId), SmallVec<[NpListsFor; 1]>>,
+    /// Inside `Index::load` (a fresh index), after its pods: every endpoint is dirty already.
+    pub loading: bool,
+    /// Scratch for merging an endpoint's rule IDs.
+    pub ids: [Vec<ir::RuleId>; 2],
+}
+
+/// A pod's NetworkPolicy rules per direction (`None`: not isolated), sorted by rule ID, with
+/// those IDs.
+#[derive(Clone)]
+pub(crate) struct NpLists {
+    pub ingress: Option<Box<[RuleIdx]>>,
+    pub egress: Option<Box<[RuleIdx]>>,
+    pub ids: [SmallVec<[ir::RuleId; 16]>; 2],
 }

@@ -233,3 +233,175 @@ fn policy(ns: &str, team: &str, k: usize, apps: usize) -> Value {
         }
     }
 }
+
+/// Emits `admin` Admin-tier and `baseline` Baseline-tier ClusterNetworkPolicies for a cluster
+/// from [`generate`] (any scale: they select by the labels it uses, never by name).
+///
+/// What a platform team writes over every tenant: subjects are broad (all namespaces, one or
+/// two environments, half the teams, a tier across the cluster), as are many peers, and the
+/// rules mix Accept, Deny and Pass, numeric ports, ranges, named ports and CIDRs in both
+/// families. Peers come from a small vocabulary, as real admin policies share their notions
+/// ("dev", "monitoring", "DNS"); a few priorities tie, which upstream allows. Deterministic.
+pub fn cluster_policies(admin: usize, baseline: usize, mut emit: impl FnMut(K8sObject)) {
+    for i in 0..admin {
+        // Every 25th policy shares its predecessor's priority.
+        let priority = if i % 25 == 24 { (i - 1) * 10 } else { i * 10 };
+        let priority = priority.min(1000);
+        let ingress: Vec<Value> = (0..1 + i % 3).map(|k| admin_ingress(i + k * 7)).collect();
+        let egress: Vec<Value> = (0..1 + (i / 3) % 3)
+            .map(|k| admin_egress(i + k * 5))
+            .collect();
+        emit(cnp(
+            format!("admin-{i:03}"),
+            "Admin",
+            priority,
+            cnp_subject(i),
+            ingress,
+            egress,
+        ));
+    }
+    for i in 0..baseline {
+        let (ingress, egress) = baseline_rules(i);
+        emit(cnp(
+            format!("baseline-{i:03}"),
+            "Baseline",
+            i * 50,
+            cnp_subject(i + 3),
+            ingress,
+            egress,
+        ));
+    }
+}
+
+fn cnp(
+    name: String,
+    tier: &str,
+    priority: usize,
+    subject: Value,
+    ingress: Vec<Value>,
+    egress: Vec<Value>,
+) -> K8sObject {
+    K8sObject::ClusterNetworkPolicy(k8s(json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": tier, "priority": priority, "subject": subject,
+                 "ingress": ingress, "egress": egress},
+    })))
+}
+
+fn teams(from: usize, n: usize) -> Value {
+    json!(
+        (0..n)
+            .map(|k| format!("team-{}", (from + k) % TEAMS))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Between a fifth and all of the cluster's application pods; one in ten selects every pod.
+fn cnp_subject(i: usize) -> Value {
+    match i % 10 {
+        0 => json!({"namespaces": {}}),
+        1 => {
+            json!({"namespaces": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "staging"]}]}})
+        }
+        2 => {
+            json!({"namespaces": {"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]}})
+        }
+        3 => {
+            json!({"namespaces": {"matchExpressions": [{"key": "team", "operator": "In", "values": teams(i, TEAMS / 2)}]}})
+        }
+        4 => json!({"namespaces": {"matchExpressions": [{"key": "team", "operator": "Exists"}]}}),
+        5 => json!({"pods": {"namespaceSelector": {},
+                             "podSelector": {"matchExpressions": [
+                                 {"key": "tier", "operator": "In", "values": ["frontend", "backend"]}]}}}),
+        6 => {
+            json!({"pods": {"namespaceSelector": {"matchLabels": {"env": "prod"}}, "podSelector": {}}})
+        }
+        7 => json!({"pods": {"namespaceSelector": {"matchExpressions": [
+                                 {"key": "team", "operator": "In", "values": teams(i, 4)}]},
+                             "podSelector": {"matchLabels": {"tier": "db"}}}}),
+        8 => json!({"namespaces": {"matchLabels": {"env": "dev"}}}),
+        _ => {
+            json!({"namespaces": {"matchExpressions": [{"key": "team", "operator": "NotIn", "values": teams(i, 2)}]}})
+        }
+    }
+}
+
+fn action(i: usize) -> &'static str {
+    ["Deny", "Accept", "Pass"][i % 3]
+}
+
+fn tcp(n: u16) -> Value {
+    json!({"tcp": {"destinationPort": {"number": n}}})
+}
+
+fn tcp_range(start: u16, end: u16) -> Value {
+    json!({"tcp": {"destinationPort": {"range": {"start": start, "end": end}}}})
+}
+
+fn admin_ingress(j: usize) -> Value {
+    let env = |e: &str| json!({"namespaces": {"matchLabels": {"env": e}}});
+    match j % 6 {
+        0 => {
+            json!({"action": "Deny", "from": [env("dev")], "protocols": [tcp(5432), tcp_range(6379, 6380)]})
+        }
+        1 => json!({"action": "Accept", "from": [{"pods": {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                        "podSelector": {"matchLabels": {"app": "prometheus"}}}}],
+                    "protocols": [{"destinationNamedPort": "metrics"}]}),
+        2 => {
+            json!({"action": "Pass", "from": [{"namespaces": {"matchLabels": {"team": format!("team-{}", j % TEAMS)}}}]})
+        }
+        3 => {
+            json!({"action": action(j / 6), "from": [{"namespaces": {}}], "protocols": [tcp_range(22, 23)]})
+        }
+        4 => json!({"action": "Accept", "from": [{"namespaces": {"matchExpressions": [
+                        {"key": "env", "operator": "In", "values": ["prod", "staging"]}]}}],
+                    "protocols": [tcp(8080), tcp_range(9000, 9003), {"destinationNamedPort": "http"}]}),
+        _ => json!({"action": "Deny", "from": [{"pods": {"namespaceSelector": {},
+                        "podSelector": {"matchLabels": {"tier": "worker"}}}}]}),
+    }
+}
+
+fn admin_egress(j: usize) -> Value {
+    let networks = |v: &[&str]| json!({"networks": v});
+    match j % 6 {
+        0 => json!({"action": "Accept", "to": [{"pods": {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}}],
+                    "protocols": [{"udp": {"destinationPort": {"number": 53}}}, tcp(53)]}),
+        1 => {
+            json!({"action": "Deny", "to": [networks(&["169.254.169.254/32", "fd00:ec2::254/128"])]})
+        }
+        2 => json!({"action": "Pass", "to": [{"namespaces": {"matchLabels": {"env": "prod"}}}],
+                    "protocols": [{"destinationNamedPort": "http"}]}),
+        3 => json!({"action": action(j / 6), "to": [networks(&["10.0.0.0/8", "fd00::/8"])],
+                    "protocols": [tcp_range(5432, 5439)]}),
+        4 => {
+            json!({"action": "Accept", "to": [networks(&["0.0.0.0/0", "::/0"])], "protocols": [tcp(443)]})
+        }
+        _ => json!({"action": "Deny", "to": [{"namespaces": {"matchLabels": {"env": "dev"}}}]}),
+    }
+}
+
+/// Defaults where tenants wrote nothing: deny from everywhere but the namespace's own team,
+/// no egress to the internet but DNS and HTTPS.
+fn baseline_rules(i: usize) -> (Vec<Value>, Vec<Value>) {
+    let team = json!({"namespaces": {"matchLabels": {"team": format!("team-{}", i % TEAMS)}}});
+    let ingress = vec![
+        json!({"action": "Accept", "from": [team]}),
+        json!({"action": "Deny", "from": [{"namespaces": {}}]}),
+    ];
+    let egress = if i.is_multiple_of(2) {
+        vec![
+            admin_egress(0),
+            admin_egress(4),
+            json!({"action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]}),
+        ]
+    } else {
+        vec![
+            json!({"action": "Accept", "to": [{"namespaces": {}}], "protocols": [{"destinationNamedPort": "http"}]}),
+        ]
+    };
+    (ingress, egress)
+}
