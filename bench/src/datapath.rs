@@ -35,6 +35,9 @@ enum Config {
     Linear(usize),
     /// This build's nft dataplane with the server node's local pod table.
     Local(usize),
+    /// `Moat` under 100 Admin ClusterNetworkPolicies over every namespace, whose Deny and
+    /// Pass rules name other pods on other ports (issue #16): the server's ruleset tiered.
+    Tiers(&'static str, usize),
 }
 
 impl Config {
@@ -44,11 +47,14 @@ impl Config {
             Config::Moat(b, n) => format!("Moat {b}, {n} rules + 10k-member group"),
             Config::Linear(n) => format!("linear list, {n} rules"),
             Config::Local(n) => format!("Moat nft, local pods, {n} rules + 10k-member group"),
+            Config::Tiers(b, n) => {
+                format!("Moat {b}, {n} rules + 10k-member group + 100 admin policies")
+            }
         }
     }
 }
 
-const CONFIGS: [Config; 17] = [
+const CONFIGS: [Config; 19] = [
     Config::None,
     Config::Moat("nft", 10),
     Config::Moat("nft", 1_000),
@@ -66,6 +72,8 @@ const CONFIGS: [Config; 17] = [
     Config::Local(1_000),
     Config::Local(10_000),
     Config::Local(100_000),
+    Config::Tiers("nft", 10_000),
+    Config::Tiers("ebpf", 10_000),
 ];
 
 const SETTLE: Duration = Duration::from_secs(5);
@@ -194,7 +202,15 @@ fn configure(w: &mut World, node: usize, c: Config, client: IpAddr, server: IpAd
                 Some(json!({"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]})),
             ));
         }
-        Config::Moat(backend, n) => {
+        Config::Moat(backend, n) | Config::Tiers(backend, n) => {
+            if let Config::Tiers(..) = c {
+                // Peers: pods of z, never the client (x/a).
+                objects.extend(policies::admin_tiers(100, |i| {
+                    let pod = ["a", "b", "c"][i % 3];
+                    json!([{"pods": {"namespaceSelector": {"matchLabels": {"ns": "z"}},
+                                      "podSelector": {"matchLabels": {"pod": pod}}}}])
+                }));
+            }
             if w.moat.enforcer_pid(node)?.is_none() || w.moat.backend_of(node) != backend {
                 w.moat.kill_enforcer(node)?;
                 w.moat.node_backends.insert(node, backend.to_string());

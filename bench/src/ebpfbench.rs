@@ -25,6 +25,8 @@ use moat_policy::model::K8sObject;
 use crate::nftapply::{median, ms, objects, snapshot, spread};
 
 const REPEAT: u32 = 1_000_000;
+/// Admin ClusterNetworkPolicies over the measured node in the tiers comparison.
+const ADMINS: usize = 100;
 
 /// Packets come in on an uplink (7), whose ingress program marks them as from elsewhere, and
 /// leave on the server pod's interface: test runs run on loopback (1), a pod interface here.
@@ -218,6 +220,18 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     let c = snapshot(&objects(rules, true));
     let small = snapshot(&objects(10, true));
     let size = a.size();
+    // The same node under 100 Admin ClusterNetworkPolicies (issue #16): its ruleset tiered,
+    // with deny entries, the measured flows still decided by the NetworkPolicy.
+    let tiered = |with_client: bool| {
+        let mut o = objects(rules, with_client);
+        o.extend(crate::policies::filler_pods(ADMINS, "n1", "app"));
+        o.extend(crate::policies::admin_tiers(
+            ADMINS,
+            crate::policies::filler_peer,
+        ));
+        snapshot(&o)
+    };
+    let (ta, tc) = (tiered(false), tiered(true));
 
     // Per packet, 10 rules then `rules` rules, with the client allowed.
     b.apply_full(&small, &pods)?;
@@ -225,6 +239,16 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
     b.apply_full(&c, &pods)?;
     let many = packet_costs(&mut b, rounds, 1)?;
     let _ = b.dataplane().test_run(INGRESS, &arp(), 0, 7)?;
+    // NetworkPolicy alone and under the admin tiers, alternating, so both meet the same
+    // stretch of this shared machine.
+    let (mut np_runs, mut tier_runs) = (Vec::new(), Vec::new());
+    for round in 0..2u16 {
+        b.apply_full(&c, &pods)?;
+        np_runs.push(packet_costs(&mut b, rounds, 2 + 2 * round)?);
+        let applied = b.apply_full(&tc, &pods)?;
+        anyhow::ensure!(applied.degraded.is_empty(), "the tiered snapshot must fit");
+        tier_runs.push(packet_costs(&mut b, rounds, 3 + 2 * round)?);
+    }
 
     // Apply: from a node without policy to the big snapshot, again and again.
     // Timed: receipt to "in force" (when the enforcer ACKs). The replay onto the unused
@@ -256,6 +280,29 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
         deltas_bg.push(t.elapsed());
     }
     let entries = b.counters().get("entries").copied().unwrap_or_default();
+    // Applying the tiered snapshot, and a one-pod delta on it (the in-place patch does not
+    // take snapshots with cluster rules: such a delta is planned whole).
+    let (mut tfull, mut tdeltas) = (Vec::new(), Vec::new());
+    for _ in 0..full_runs {
+        b.apply_full(&empty, &pods)?;
+        b.settle();
+        let t = Instant::now();
+        b.apply_full(&ta, &pods)?;
+        tfull.push(t.elapsed());
+        b.settle();
+    }
+    let tiered_entries = b.counters().get("entries").copied().unwrap_or_default();
+    let (tac, tca) = (delta::diff(&ta, &tc), delta::diff(&tc, &ta));
+    for i in 0..delta_runs {
+        let t = Instant::now();
+        if i % 2 == 0 {
+            b.apply_delta(&ta, &tac, &tc, &pods)?;
+        } else {
+            b.apply_delta(&tc, &tca, &ta, &pods)?;
+        }
+        tdeltas.push(t.elapsed());
+        b.settle();
+    }
     b.remove_all()?;
 
     let mut md = String::new();
@@ -322,6 +369,15 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
         many.fresh,
         many.fresh - many.floor_once
     )?;
+    write_tiers(
+        &mut md,
+        rules,
+        &np_runs,
+        &tier_runs,
+        tiered_entries,
+        &tfull,
+        &tdeltas,
+    )?;
     let (f, d) = (median(full.clone()), median(deltas.clone()));
     writeln!(md)?;
     writeln!(md, "| apply | median | spread | target |")?;
@@ -351,4 +407,80 @@ pub fn run(rules: usize, full_runs: usize, delta_runs: usize, rounds: usize) -> 
         spread(&deltas_bg)
     )?;
     Ok(md)
+}
+
+/// The tiers comparison: per packet under 100 Admin policies against NetworkPolicy alone,
+/// each the median over runs alternating the two; applying the tiered snapshot.
+#[allow(clippy::too_many_arguments)]
+fn write_tiers(
+    md: &mut String,
+    rules: usize,
+    np: &[PacketCosts],
+    tiers: &[PacketCosts],
+    entries: u64,
+    full: &[std::time::Duration],
+    deltas: &[std::time::Duration],
+) -> Result<()> {
+    let med = |v: Vec<f64>| spread_f64(v).0;
+    let over = |runs: &[PacketCosts], f: fn(&PacketCosts) -> Timed| {
+        med(runs.iter().map(|c| f(c).over).collect())
+    };
+    let fresh = |runs: &[PacketCosts]| med(runs.iter().map(|c| c.fresh - c.floor_once).collect());
+    writeln!(
+        md,
+        "With {ADMINS} Admin ClusterNetworkPolicies over the node ({rules} NetworkPolicy rules; the measured flows still decided by NetworkPolicy; {entries} map entries per slot), over the floor, median of {} runs alternating with NetworkPolicy alone:\n",
+        np.len()
+    )?;
+    writeln!(
+        md,
+        "| path | NetworkPolicy alone | with {ADMINS} admin policies | difference | target |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for (name, f, target) in [
+        (
+            "established flow",
+            (|c: &PacketCosts| c.established) as fn(&PacketCosts) -> Timed,
+            "≤ 60 ns over the floor",
+        ),
+        (
+            "new flow, allowed (SYN)",
+            |c| c.new_flow,
+            "≤ 250 ns over the floor",
+        ),
+        ("new flow, denied", |c| c.denied, "—"),
+    ] {
+        let (a, b) = (over(np, f), over(tiers, f));
+        writeln!(
+            md,
+            "| {name} | {a:.0} ns | {b:.0} ns | {:+.0} ns | {target} |",
+            b - a
+        )?;
+    }
+    let (a, b) = (fresh(np), fresh(tiers));
+    writeln!(
+        md,
+        "| new flow, a fresh tuple's SYN, each run once | {a:.0} ns | {b:.0} ns | {:+.0} ns | ≤ NetworkPolicy alone + 60 ns |",
+        b - a
+    )?;
+    writeln!(md)?;
+    writeln!(
+        md,
+        "| apply, with {ADMINS} admin policies | median | spread | target |"
+    )?;
+    writeln!(md, "|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| the tiered snapshot onto a node without policy ({} runs) | {:.1} ms | {} | ≤ 100 ms |",
+        full.len(),
+        ms(median(full.to_vec())),
+        spread(full)
+    )?;
+    writeln!(
+        md,
+        "| one-pod delta, planned whole ({} runs) | {:.2} ms | {} | ≤ 1 ms |\n",
+        deltas.len(),
+        ms(median(deltas.to_vec())),
+        spread(deltas)
+    )?;
+    Ok(())
 }

@@ -53,3 +53,53 @@ pub fn big(
         "spec": {"podSelector": selector, "policyTypes": ["Ingress"], "ingress": ingress},
     })))
 }
+
+/// `n` filler pods on node `node` in namespace `ns` (`role: filler-<i>`, 10.2.1.0/24 and
+/// up): peers of [`admin_tiers`]' rules, never a measured flow's end.
+pub fn filler_pods(n: usize, node: &str, ns: &str) -> Vec<K8sObject> {
+    (0..n)
+        .map(|i| {
+            let ip = Ipv4Addr::from(0x0a02_0100 + i as u32);
+            K8sObject::Pod(k8s(json!({
+                "metadata": {"name": format!("filler-{i}"), "namespace": ns,
+                             "labels": {"role": format!("filler-{i}")}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+                "status": {"phase": "Running", "podIPs": [{"ip": ip.to_string()}]},
+            })))
+        })
+        .collect()
+}
+
+/// `n` Admin ClusterNetworkPolicies selecting every namespace, policy `i` with a Deny and a
+/// Pass ingress rule from `peer(i)` and `peer(i + 1)` (peers JSON) on ports no measured flow
+/// uses: they give the measured pod a tiered ruleset with deny entries (every class it
+/// names resolved through all three tiers) without deciding its traffic.
+pub fn admin_tiers(n: usize, peer: impl Fn(usize) -> Value) -> Vec<K8sObject> {
+    (0..n)
+        .map(|i| {
+            let port = |proto: &str, p: usize| json!([{proto: {"destinationPort": {"number": p}}}]);
+            K8sObject::ClusterNetworkPolicy(k8s(json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": format!("admin-{i}")},
+                "spec": {
+                    "tier": "Admin",
+                    "priority": i % 1000,
+                    "subject": {"namespaces": {}},
+                    "ingress": [
+                        {"name": "deny", "action": "Deny", "from": peer(i),
+                         "protocols": port("tcp", 2000 + i)},
+                        {"name": "pass", "action": "Pass", "from": peer((i + 1) % n),
+                         "protocols": port("udp", 3000 + i)},
+                    ],
+                },
+            })))
+        })
+        .collect()
+}
+
+/// [`admin_tiers`]' peer `i` as the filler pod `i` of [`filler_pods`].
+pub fn filler_peer(i: usize) -> Value {
+    json!([{"pods": {"namespaceSelector": {},
+                      "podSelector": {"matchLabels": {"role": format!("filler-{i}")}}}}])
+}

@@ -47,6 +47,23 @@ impl Enc {
         self
     }
 
+    /// The same bytes as `u64` for each of `vs`, handed to the hasher in blocks: one update
+    /// per value cost a tenth of a full compile (an endpoint carries hundreds of rule IDs).
+    pub fn u64s(&mut self, vs: impl IntoIterator<Item = u64>) -> &mut Self {
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        for v in vs {
+            buf[n..n + 8].copy_from_slice(&v.to_le_bytes());
+            n += 8;
+            if n == buf.len() {
+                self.0.update(&buf);
+                n = 0;
+            }
+        }
+        self.0.update(&buf[..n]);
+        self
+    }
+
     pub fn bytes32(&mut self, v: &[u8; 32]) -> &mut Self {
         self.0.update(v);
         self
@@ -175,6 +192,18 @@ impl fmt::Debug for Digest {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_block_of_u64s_hashes_as_the_values_one_by_one() {
+        for len in [0u64, 1, 63, 64, 65, 200] {
+            let (mut a, mut b) = (Enc::new("t"), Enc::new("t"));
+            for v in 0..len {
+                a.u64(v * 0x9e37_79b9);
+            }
+            b.u64s((0..len).map(|v| v * 0x9e37_79b9));
+            assert_eq!(a.finish(), b.finish(), "{len} values");
+        }
+    }
+
     use super::*;
 
     #[test]

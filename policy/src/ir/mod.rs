@@ -294,10 +294,9 @@ pub fn node_item(addrs: &[IpAddr]) -> [u8; 32] {
 }
 
 fn direction_rules(e: &mut Enc, isolated: bool, rules: &[RuleId]) {
-    e.u8(u8::from(isolated)).u32(rules.len() as u32);
-    for r in rules {
-        e.u64(r.0);
-    }
+    e.u8(u8::from(isolated))
+        .u32(rules.len() as u32)
+        .u64s(rules.iter().map(|r| r.0));
 }
 
 pub fn endpoint_item(ep: &Endpoint) -> [u8; 32] {
