@@ -345,8 +345,14 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
                 json!({"node": n.node, "enforced": n.enforced, "applied_version": n.applied_version, "needed_version": n.needed_version, "last_error": n.last_error, "degraded": degraded, "estimated_elements": cost})
             })
             .collect();
+        // null from a server that predates acceptance: unknown, not accepted.
+        let acceptance = r.acceptance.as_ref().map(|a| {
+            json!({"accepted": a.accepted, "reason": a.reason, "message": a.message,
+                "last_valid_in_force": a.last_valid_in_force, "warnings": a.warnings})
+        });
         let mut v = json!({"cluster": r.cluster, "namespace": r.namespace, "name": r.name,
-            "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes});
+            "generation": r.generation, "enforced": enforced, "needed": r.nodes.len(), "nodes": nodes,
+            "acceptance": acceptance});
         if let (Some(v), serde_json::Value::Object(extra)) =
             (v.as_object_mut(), crate::degraded::policy_json(r))
         {
@@ -360,11 +366,22 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
     } else {
         format!("NetworkPolicy {}/{}", r.namespace, r.name)
     };
-    println!(
-        "{what} (generation {}): enforced on {enforced} of {} nodes",
-        r.generation,
-        r.nodes.len()
-    );
+    let never_valid = r
+        .acceptance
+        .as_ref()
+        .is_some_and(|a| !a.accepted && !a.last_valid_in_force);
+    if never_valid && r.nodes.is_empty() {
+        println!("{what}: no valid version, enforced nowhere");
+    } else {
+        println!(
+            "{what} (generation {}): enforced on {enforced} of {} nodes",
+            r.generation,
+            r.nodes.len()
+        );
+    }
+    if let Some(a) = &r.acceptance {
+        print_acceptance(a);
+    }
     for n in r.nodes.iter().filter(|n| !n.enforced) {
         let why = if n.last_error.is_empty() {
             "not applied yet".to_string()
@@ -379,6 +396,28 @@ fn print_policy(r: &v1::PolicyStatusResponse, output: &str) {
         );
     }
     crate::degraded::print_policy(r);
+}
+
+/// Whether the source's current version is what the nodes above enforce. The message and
+/// warnings quote the policy's own text (names, fields), so they are escaped like a node's.
+fn print_acceptance(a: &v1::PolicyAcceptance) {
+    if a.accepted {
+        println!("accepted");
+    } else {
+        let kept = if a.last_valid_in_force {
+            "last valid version in force"
+        } else {
+            "nothing enforced"
+        };
+        println!(
+            "REFUSED ({}): {} — {kept}",
+            or_dash(&escape(&a.reason)),
+            escape(&a.message)
+        );
+    }
+    for w in &a.warnings {
+        println!("  warning: {}", escape(w));
+    }
 }
 
 /// `moatctl explain --server …`: the server's live state instead of a directory.

@@ -806,6 +806,79 @@ fn live_explain_answers_from_the_servers_state() {
     assert!(err.contains("admin certificate"), "{err}");
 }
 
+/// The file source judges every policy of the directory: an invalid ClusterNetworkPolicy is
+/// refused, and `moatctl status --policy` names its file, object and field and says what
+/// stays enforced; a valid one is accepted.
+#[test]
+fn a_refused_manifest_policy_says_why_in_its_status() {
+    let nodes = ["n1"];
+    let mut bed = Bed::new(&nodes);
+    let cnp = |name: &str, priority: u32| {
+        format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: {priority}\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n"
+        )
+    };
+    let write = |bed: &Bed, name: &str, priority: u32| {
+        std::fs::write(
+            bed.manifests().join(format!("{name}.yaml")),
+            cnp(name, priority),
+        )
+        .unwrap()
+    };
+    write(&bed, "guard", 3);
+    write(&bed, "bad", 5000);
+    bed.start_server();
+    bed.start_enforcer("n1");
+    bed.wait_in_sync(&nodes);
+    let status = |name: &str| {
+        let (code, out, err) = bed.moatctl_admin(&["status"], &["--policy", name]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let refused = |out: &str, kept: &str| {
+        out.lines().any(|l| {
+            l.starts_with("REFUSED (Invalid): ")
+                && l.contains("ClusterNetworkPolicy bad: spec.priority: ")
+                && l.ends_with(kept)
+        })
+    };
+
+    let out = status("guard");
+    assert!(out.lines().any(|l| l == "accepted"), "{out}");
+    let out = status("bad");
+    assert!(
+        out.starts_with("ClusterNetworkPolicy bad: no valid version, enforced nowhere\n")
+            && refused(&out, " — nothing enforced")
+            && out.contains("bad.yaml: "),
+        "{out}"
+    );
+    let (_, out, _) = bed.moatctl_admin(&["status"], &["--policy", "bad", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["acceptance"]["reason"], "Invalid", "{v}");
+    let (_, out, _) = bed.moatctl_admin(&["status"], &[]);
+    assert!(
+        out.contains("warning: 1 refused policy") && out.contains("ClusterNetworkPolicy bad"),
+        "{out}"
+    );
+
+    // Valid again: accepted and enforced.
+    write(&bed, "bad", 4);
+    wait_until("bad accepted", WAIT, || {
+        status("bad").lines().any(|l| l == "accepted")
+    });
+    bed.wait_in_sync(&nodes);
+    let enforced = bed.applied("n1");
+    // Invalid after being valid: the last valid version stays, and the status says so.
+    write(&bed, "bad", 5000);
+    wait_until("bad refused again", WAIT, || {
+        refused(&status("bad"), " — last valid version in force")
+    });
+    // Not `wait_in_sync`: the manifests now compile without the version the server keeps.
+    bed.wait_served_in_sync(&nodes);
+    assert_eq!(bed.applied("n1"), enforced);
+    assert!(status("bad").contains("enforced on 1 of 1 nodes"));
+}
+
 /// `moatctl status --policy NAME` for a ClusterNetworkPolicy: needed where its subject's pods
 /// run, enforced once those nodes hold a version compiled since its content.
 #[test]

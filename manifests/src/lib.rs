@@ -73,6 +73,9 @@ pub struct Reload {
     /// Events turning the previous state into the new one (empty if nothing changed).
     pub events: Vec<Event>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Objects whose current text is invalid (what stays of them is their last valid
+    /// version, if any): the file source's refused policies.
+    pub rejected: Vec<ObjectKey>,
 }
 
 impl Reload {
@@ -121,6 +124,7 @@ impl ManifestSet {
                         object: None,
                         field: None,
                         message: format!("cannot read: {e}"),
+                        key: None,
                     });
                     r
                 }
@@ -154,6 +158,7 @@ impl ManifestSet {
                             "also defined in {}; using that one",
                             first.file.display()
                         ),
+                        key: Some(key.clone()),
                     });
                     continue;
                 }
@@ -166,6 +171,10 @@ impl ManifestSet {
                 );
             }
         }
+        // A key refused in one file but valid in another is enforced from the valid one.
+        rejected.retain(|k| !next.contains_key(k));
+        rejected.sort();
+        rejected.dedup();
         // Never fail open: invalid updates and unparseable files keep the last valid objects.
         for (key, old) in &self.objects {
             if next.contains_key(key) {
@@ -180,6 +189,7 @@ impl ManifestSet {
                         object: Some(key.to_string()),
                         field: None,
                         message: "keeping its last valid version".into(),
+                        key: Some(key.clone()),
                     });
                 }
                 next.insert(key.clone(), old.clone());
@@ -200,6 +210,7 @@ impl ManifestSet {
         Reload {
             events,
             diagnostics,
+            rejected,
         }
     }
 

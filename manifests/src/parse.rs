@@ -23,6 +23,8 @@ pub struct Diagnostic {
     pub object: Option<String>,
     pub field: Option<String>,
     pub message: String,
+    /// The object, when it could be identified: what a per-policy verdict is keyed by.
+    pub key: Option<model::ObjectKey>,
 }
 
 impl fmt::Display for Diagnostic {
@@ -31,14 +33,21 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{sev}: {}", self.file.display())?;
-        if let Some(o) = &self.object {
-            write!(f, ": {o}")?;
+        write!(f, "{sev}: {}", self.located())
+    }
+}
+
+impl Diagnostic {
+    /// File, object, field and message, without the severity.
+    pub fn located(&self) -> String {
+        let mut s = self.file.display().to_string();
+        for part in [&self.object, &self.field].into_iter().flatten() {
+            s.push_str(": ");
+            s.push_str(part);
         }
-        if let Some(fl) = &self.field {
-            write!(f, ": {fl}")?;
-        }
-        write!(f, ": {}", self.message)
+        s.push_str(": ");
+        s.push_str(&self.message);
+        s
     }
 }
 
@@ -75,7 +84,21 @@ impl FileResult {
             object,
             field,
             message: message.into(),
+            key: None,
         });
+    }
+
+    /// Ties the last diagnostic to the object it is about.
+    fn about(&mut self, key: Option<&model::ObjectKey>) {
+        if let (Some(d), Some(k)) = (self.diagnostics.last_mut(), key) {
+            d.key = Some(k.clone());
+        }
+    }
+
+    /// The object is identified but invalid: its last valid version should stay.
+    fn reject(&mut self, key: Option<model::ObjectKey>) {
+        self.about(key.as_ref());
+        self.rejected.extend(key);
     }
 }
 
@@ -155,6 +178,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         "Namespace" | "Node" | "ClusterNetworkPolicy" => format!("{kind} {name}"),
         _ => format!("{kind} {ns}/{name}"),
     };
+    let key = key_of(&kind, ns, name);
     let k8s = match (api.as_str(), kind.as_str()) {
         ("v1", "Namespace") => typed(doc).map(K8sObject::Namespace),
         ("v1", "Pod") => typed(doc).map(K8sObject::Pod),
@@ -167,6 +191,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
                 Some("apiVersion".into()),
                 format!("{api} is not supported (use networking.k8s.io/v1)"),
             );
+            out.about(key.as_ref());
             return;
         }
         (moat_policy::model::cnp_api::API_VERSION, "ClusterNetworkPolicy") => {
@@ -183,9 +208,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
                     moat_policy::model::cnp_api::API_VERSION
                 ),
             );
-            if let Some(key) = key_of(&kind, ns, name) {
-                out.rejected.push(key);
-            }
+            out.reject(key.clone());
             return;
         }
         _ => return,
@@ -194,9 +217,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         Ok(k) => k,
         Err((field, message)) => {
             out.error(file, Some(label), Some(field), message);
-            if let Some(key) = key_of(&kind, ns, name) {
-                out.rejected.push(key);
-            }
+            out.reject(key.clone());
             return;
         }
     };
@@ -209,6 +230,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
                     object: Some(w.object),
                     field: Some(w.field),
                     message: w.message,
+                    key: key.clone(),
                 });
             }
             out.objects.push(Loaded {
@@ -218,9 +240,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
         }
         Err(e) => {
             out.error(file, Some(e.object), Some(e.field), e.message);
-            if let Some(key) = key_of(&kind, ns, name) {
-                out.rejected.push(key);
-            }
+            out.reject(key.clone());
         }
     }
 }

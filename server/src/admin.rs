@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use moat_policy::eval::{self, Flow};
-use moat_policy::model::{lookup, render};
+use moat_policy::model::{ObjectKey, lookup, render};
 use moat_proto::{Identity, v1};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::hub::{ClusterState, Hub};
+use crate::source::acceptance::{Acceptance, Verdict};
 use crate::sync::{PeerAuth, peer_addr, peer_identity};
 use crate::tls::Anchor;
 
@@ -91,8 +92,12 @@ impl v1::admin_server::Admin for AdminService {
                     last_error: h.last_error,
                     generation: c.read(|i| i.generation()),
                     last_event_unix_micros: micros(h.last_event),
-                    warnings: c
-                        .read(|i| i.priority_ties().iter().map(ToString::to_string).collect()),
+                    warnings: {
+                        let mut w: Vec<String> =
+                            c.read(|i| i.priority_ties().iter().map(ToString::to_string).collect());
+                        w.extend(refused_warning(&c.health.acceptance()));
+                        w
+                    },
                 }
             })
             .collect();
@@ -114,21 +119,34 @@ impl v1::admin_server::Admin for AdminService {
         self.authorize(&req)?;
         let r = req.into_inner();
         let cluster = self.cluster(&r.cluster)?;
-        let span = cluster
-            .read(|i| i.policy_span(&r.namespace, &r.name))
-            .ok_or_else(|| {
-                Status::not_found(if r.namespace.is_empty() {
-                    format!("no ClusterNetworkPolicy {}", r.name)
-                } else {
-                    format!("no NetworkPolicy {}/{}", r.namespace, r.name)
-                })
-            })?;
+        let key = if r.namespace.is_empty() {
+            ObjectKey::ClusterPolicy(r.name.clone())
+        } else {
+            ObjectKey::Policy {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+            }
+        };
+        let verdict = cluster.health.acceptance().get(&key);
+        let span = cluster.read(|i| i.policy_span(&r.namespace, &r.name));
+        // A policy refused since its first version is in the source, just not enforced:
+        // NOT_FOUND would send the operator looking for a typo in its name.
+        if span.is_none() && verdict.as_ref().is_none_or(Verdict::accepted) {
+            return Err(Status::not_found(if r.namespace.is_empty() {
+                format!("no ClusterNetworkPolicy {}", r.name)
+            } else {
+                format!("no NetworkPolicy {}/{}", r.namespace, r.name)
+            }));
+        }
         let mut resp = v1::PolicyStatusResponse {
             cluster: cluster.name.to_string(),
             namespace: r.namespace,
             name: r.name,
-            generation: span.generation,
-            nodes: self.hub.fleet.policy(&cluster.name, &span),
+            generation: span.as_ref().map_or(0, |s| s.generation),
+            nodes: span
+                .map(|s| self.hub.fleet.policy(&cluster.name, &s))
+                .unwrap_or_default(),
+            acceptance: verdict.map(acceptance),
             ..Default::default()
         };
         crate::degraded::annotate_policy(&self.hub, cluster, &mut resp);
@@ -174,6 +192,51 @@ impl v1::admin_server::Admin for AdminService {
                 .map_err(|e| Status::internal(e.to_string()))?,
         }))
     }
+}
+
+fn acceptance(v: Verdict) -> v1::PolicyAcceptance {
+    match v {
+        Verdict::Accepted { warnings } => v1::PolicyAcceptance {
+            accepted: true,
+            warnings,
+            ..Default::default()
+        },
+        Verdict::Refused {
+            why,
+            message,
+            last_valid_in_force,
+        } => v1::PolicyAcceptance {
+            accepted: false,
+            reason: why.reason().into(),
+            message,
+            last_valid_in_force,
+            warnings: Vec::new(),
+        },
+    }
+}
+
+/// Refused policies change nothing enforced, so the overview is the only place an operator
+/// who did not ask about one by name learns of it.
+fn refused_warning(a: &Acceptance) -> Option<String> {
+    const SHOWN: usize = 5;
+    let refused = a.refused();
+    if refused.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = refused
+        .iter()
+        .take(SHOWN)
+        .map(|(k, _)| k.to_string())
+        .collect();
+    if refused.len() > SHOWN {
+        names.push(format!("and {} more", refused.len() - SHOWN));
+    }
+    Some(format!(
+        "{} refused polic{} (`moatctl status --policy NAME` says why): {}",
+        refused.len(),
+        if refused.len() == 1 { "y" } else { "ies" },
+        names.join(", ")
+    ))
 }
 
 fn micros(t: Option<std::time::SystemTime>) -> u64 {

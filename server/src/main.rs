@@ -292,11 +292,12 @@ async fn main() -> Result<()> {
         let health = Arc::new(Health::new(metrics.source_up(&name)));
         match &spec {
             SourceSpec::Dir(dir) => {
-                source::file::spawn(
+                source::file::spawn_judged(
                     dir.clone(),
                     tx,
                     Duration::from_secs(args.poll_seconds.max(1)),
                     metrics.source_reloads.clone(),
+                    health.acceptance(),
                 )
                 .await
                 .with_context(|| format!("starting the file source on {}", dir.display()))?;
