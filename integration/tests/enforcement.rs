@@ -594,27 +594,15 @@ spec:
 /// platform's ClusterNetworkPolicies decide as the README says.
 #[test]
 fn the_platform_example_runs_and_matches_the_evaluator() {
-    let out = std::process::Command::new(moat_integration::binary("moatctl"))
-        .args([
-            "demo",
-            "--backend",
-            "mixed",
-            "--cluster",
-            "examples/cluster.yaml",
-        ])
-        .args(["examples/platform/tenants.yaml", "--policies"])
-        .arg("examples/platform/platform.yaml")
-        .current_dir(moat_integration::repo())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("every probed cell matches the reference evaluator"));
-    assert!(text.contains("3 of 3 nodes in sync"), "{text}");
+    let text = demo(&[
+        "--backend",
+        "mixed",
+        "--cluster",
+        "examples/cluster.yaml",
+        "examples/platform/tenants.yaml",
+        "--policies",
+        "examples/platform/platform.yaml",
+    ]);
     let (_, after) = text.split_once("\napplied ").unwrap();
     // Columns: DNS (UDP, TCP), ledger-0:5432, web-0:80, api-0:8080.
     let row = |pod: &str| -> String {
@@ -712,16 +700,16 @@ fn nft_child(pid: u32) -> bool {
     })
 }
 
-/// The README's main command: the example cluster on namespaces, probed before and after the
-/// example policies, every cell checked against the reference evaluator.
-#[test]
-fn the_demo_runs_the_examples_and_matches_the_evaluator() {
+/// `moatctl demo ARGS` from the repository: its output, once it passed with every probed cell
+/// as the reference evaluator says and every node in sync.
+fn demo(args: &[&str]) -> String {
     let out = std::process::Command::new(moat_integration::binary("moatctl"))
         .arg("demo")
+        .args(args)
         .current_dir(moat_integration::repo())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}{}",
@@ -729,6 +717,14 @@ fn the_demo_runs_the_examples_and_matches_the_evaluator() {
     );
     assert!(text.contains("every probed cell matches the reference evaluator"));
     assert!(text.contains("3 of 3 nodes in sync"), "{text}");
+    text
+}
+
+/// The README's main command: the example cluster on namespaces, probed before and after the
+/// example policies, every cell checked against the reference evaluator.
+#[test]
+fn the_demo_runs_the_examples_and_matches_the_evaluator() {
+    let text = demo(&[]);
     // The policies really changed packets: denied cells appear only after them.
     let (before, after) = text.split_once("\napplied ").unwrap();
     let denied = |s: &str| {
