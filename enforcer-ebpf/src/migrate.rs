@@ -275,6 +275,16 @@ fn unpin(pin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes the directory `dir` if it is there.
+fn unpin_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(DataplaneError::Bpffs(dir.into(), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether pins `a` and `b` name one map.
 fn same_map(a: &Path, b: &Path) -> bool {
     matches!((crate::sys::map_id(a), crate::sys::map_id(b)), (Ok(x), Ok(y)) if x == y)
@@ -283,6 +293,10 @@ fn same_map(a: &Path, b: &Path) -> bool {
 /// `v<n>-gone` beside `v<n>`: layout n is migrated and being deleted (see [`layouts`]; bpffs
 /// refuses dots in names).
 const GONE: &str = "-gone";
+
+/// `v<n>-copied` beside `v<n>`: the older layout's policy maps were copied into layout n's,
+/// which a retried migration must not repeat (see [`Dataplane::migrate`]).
+const COPIED: &str = "-copied";
 
 /// Deletes what a run stopped while deleting a migrated layout left.
 fn sweep_gone(root: &Path) {
@@ -452,7 +466,9 @@ impl Dataplane {
         }
         sweep_gone(&self.root);
         let older = older_layouts(&self.root);
+        let copied = self.root.join(format!("v{LAYOUT_VERSION}{COPIED}"));
         let Some((n, from)) = older.last().cloned() else {
+            unpin_dir(&copied)?;
             return Ok(None);
         };
         if !(1..=5).contains(&n) || older.len() > 1 {
@@ -465,18 +481,28 @@ impl Dataplane {
         // before this runs, 5 → 6 made the port maps' values verdicts (an older layout's 1 is
         // an allow) and flags endpoints whose ruleset has named ports: every other map copies
         // as it is.
+        //
+        // Once only: a migration that failed after its copy (an interface refusing the
+        // program, say) is retried before every version, and versions of this layout, under
+        // this binary's ruleset and class numbers, may have been written since. Old entries
+        // copied over them again would be read as theirs, in the slot in force too: a stale
+        // allow under another ruleset's number. The marker outlives a restart.
         let mut rules = 0;
-        rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
-        rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
-        rules += copy_lpm::<RangeKey, u32>(&from, &to, MapNames::RANGES)?;
-        rules += copy_ports(&from, &to)?;
-        if from.join(MapNames::PORT_EXACT).exists() {
-            rules += copy_hash::<PortKey, u8>(&from, &to, MapNames::PORT_EXACT)?;
+        if !copied.exists() {
+            rules += copy_hash::<EndpointKey, u32>(&from, &to, MapNames::ENDPOINTS)?;
+            rules += copy_hash::<AddrKey, u32>(&from, &to, MapNames::ADDRS)?;
+            rules += copy_lpm::<RangeKey, u32>(&from, &to, MapNames::RANGES)?;
+            rules += copy_ports(&from, &to)?;
+            if from.join(MapNames::PORT_EXACT).exists() {
+                rules += copy_hash::<PortKey, u8>(&from, &to, MapNames::PORT_EXACT)?;
+            }
+            rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
+            flag_named(&to)?;
+            copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
+            copy_array::<Meta>(&from, &to, MapNames::META)?;
+            std::fs::create_dir_all(&copied)
+                .map_err(|e| DataplaneError::Bpffs(copied.clone(), e))?;
         }
-        rules += copy_hash::<NamedKey, u8>(&from, &to, MapNames::NAMED)?;
-        flag_named(&to)?;
-        copy_array::<u32>(&from, &to, MapNames::SELECTOR)?;
-        copy_array::<Meta>(&from, &to, MapNames::META)?;
         let shared = same_map(&from.join(MapNames::FLOWS), &to.join(MapNames::FLOWS));
         let flows = if shared { 0 } else { copy_flows(&from, &to)? };
         // The links run this program from here on, egress links first: the old egress
@@ -517,6 +543,7 @@ impl Dataplane {
         std::fs::create_dir_all(&gone).map_err(|e| DataplaneError::Bpffs(gone.clone(), e))?;
         std::fs::remove_dir_all(&from).map_err(|e| DataplaneError::Bpffs(from.clone(), e))?;
         std::fs::remove_dir(&gone).map_err(|e| DataplaneError::Bpffs(gone.clone(), e))?;
+        unpin_dir(&copied)?;
         info!(
             from = n,
             to = LAYOUT_VERSION,

@@ -149,6 +149,31 @@ fn the_previous_layouts_flows_are_the_new_programs_at_once() {
         "an endpoint whose ruleset has named entries looks them up"
     );
     assert_eq!(new.read_slot(0).named.values().collect::<Vec<_>>(), [&1]);
+    assert!(
+        !root.join("v6-copied").exists(),
+        "the copy's marker goes with the old layout"
+    );
+
+    // A migration retried after its copy (it failed later, and versions of this layout
+    // were written since) copies nothing again: old entries over the new ones would be
+    // read under this binary's ruleset numbers, in the slot in force too.
+    let retry = format!("migrate-retry-{}", std::process::id());
+    let retry_root = bpffs.join("moat").join(&retry);
+    let _sweep_retry = Sweep(&retry_root);
+    let mut old = open_layout(bpffs, &retry, 5);
+    for slot in [0, 1] {
+        old.write(slot, &diff).unwrap();
+    }
+    std::fs::create_dir_all(retry_root.join("v6-copied")).unwrap();
+    let mut again = Dataplane::open(bpffs, &retry).expect("load this layout");
+    assert_eq!(again.migrate(&mode).unwrap(), Some(5));
+    drop(old);
+    assert!(
+        again.read_slot(0).is_empty() && again.read_slot(1).is_empty(),
+        "nothing copied on a retry"
+    );
+    assert!(!retry_root.join("v5").exists() && !retry_root.join("v6-copied").exists());
+    drop(again);
 
     // A previous layout whose flow table has another shape than this one's (here: a hash
     // key where the table should be) is not taken over; the migration copies what it can.
