@@ -414,6 +414,14 @@ impl Bed {
         e
     }
 
+    /// The operations of [`events`](Self::events), in order (`adopt`, `full`, `delta`…).
+    pub fn ops(&self, node: &str) -> Vec<String> {
+        self.events(node)
+            .iter()
+            .map(|e| e["op"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
     /// Every operation the node's recording backend recorded, `set_local` included.
     pub fn all_events(&self, node: &str) -> Vec<Value> {
         let text = std::fs::read_to_string(self.path(&format!("rec/{node}/events.jsonl")))

@@ -64,12 +64,7 @@ fn first_full_sync_is_atomic_and_nothing_is_served_before_it() {
         "{log:#?}"
     );
     // One version for the whole initial state, not one per object.
-    let ops: Vec<String> = bed
-        .events("n1")
-        .iter()
-        .map(|e| e["op"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ops, ["adopt", "full"]);
+    assert_eq!(bed.ops("n1"), ["adopt", "full"]);
 }
 
 #[test]

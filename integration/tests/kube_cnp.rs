@@ -158,12 +158,7 @@ fn the_first_sync_waits_for_a_present_crds_policies() {
     api.release_lists();
     // The first version a node gets already holds the admin tier.
     bed.wait_in_sync(&nodes);
-    let ops: Vec<String> = bed
-        .events("n1")
-        .iter()
-        .map(|e| e["op"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ops, ["adopt", "full"]);
+    assert_eq!(bed.ops("n1"), ["adopt", "full"]);
 }
 
 #[test]
