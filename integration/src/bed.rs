@@ -194,6 +194,25 @@ impl Bed {
         std::fs::write(self.manifests().join(format!("policy-{target}.yaml")), y).unwrap();
     }
 
+    /// A bed whose cluster lives in a test API server (`prepare`d before the server starts),
+    /// the server on the kube source with `extra` flags, an enforcer per node, all in sync.
+    pub fn served_from_kube(
+        nodes: &[&str],
+        extra: &[&str],
+        prepare: impl FnOnce(&Bed, &ApiServer),
+    ) -> (Bed, ApiServer) {
+        let mut bed = Bed::new(nodes);
+        let api = ApiServer::start(crate::kubeapi::Options::default());
+        prepare(&bed, &api);
+        let src = bed.kube_source(&api, "prod");
+        bed.start_server_from(&src, extra, Some("synced "));
+        for n in nodes {
+            bed.start_enforcer(n);
+        }
+        bed.wait_in_sync(nodes);
+        (bed, api)
+    }
+
     /// Serves the bed's cluster from a test API server instead of the directory: applies
     /// every manifest there (the files stay the truth expectations are compiled from) and
     /// returns the server's source arguments for it.

@@ -22,18 +22,9 @@ fn lists(api: &ApiServer, path: &str) -> usize {
         .count()
 }
 
-/// A bed whose cluster lives in a test API server, the server on the kube source (with
-/// `extra` flags), an enforcer per node, all in sync.
+/// [`Bed::served_from_kube`] with nothing prepared.
 fn served(nodes: &[&str], extra: &[&str]) -> (Bed, ApiServer) {
-    let mut bed = Bed::new(nodes);
-    let api = ApiServer::start(Options::default());
-    let src = bed.kube_source(&api, "prod");
-    bed.start_server_from(&src, extra, Some("synced "));
-    for n in nodes {
-        bed.start_enforcer(n);
-    }
-    bed.wait_in_sync(nodes);
-    (bed, api)
+    Bed::served_from_kube(nodes, extra, |_, _| {})
 }
 
 #[test]

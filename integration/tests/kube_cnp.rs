@@ -30,23 +30,6 @@ fn write_cnp(bed: &Bed, api: &ApiServer, file: &str, yaml: &str) {
     api.apply_yaml(yaml);
 }
 
-fn served(
-    nodes: &[&str],
-    extra: &[&str],
-    prepare: impl FnOnce(&Bed, &ApiServer),
-) -> (Bed, ApiServer) {
-    let mut bed = Bed::new(nodes);
-    let api = ApiServer::start(Options::default());
-    prepare(&bed, &api);
-    let src = bed.kube_source(&api, "prod");
-    bed.start_server_from(&src, extra, Some("synced "));
-    for n in nodes {
-        bed.start_enforcer(n);
-    }
-    bed.wait_in_sync(nodes);
-    (bed, api)
-}
-
 /// Moat's condition on the object, if any.
 fn condition(api: &ApiServer, name: &str) -> Option<Value> {
     let o = api.get(Kind::ClusterNetworkPolicy, "", name)?;
@@ -78,7 +61,7 @@ fn versions(bed: &Bed, node: &str) -> usize {
 #[test]
 fn an_absent_crd_is_no_error_and_one_installed_later_arrives_whole() {
     let nodes = ["n1", "n2"];
-    let (bed, api) = served(&nodes, &["--kube-crd-recheck", "1s"], |_, _| {});
+    let (bed, api) = Bed::served_from_kube(&nodes, &["--kube-crd-recheck", "1s"], |_, _| {});
     let log = api.requests();
     assert!(
         log.iter().any(
@@ -164,7 +147,7 @@ fn the_first_sync_waits_for_a_present_crds_policies() {
 #[test]
 fn a_refused_policy_keeps_its_last_valid_version_and_its_status_says_why() {
     let nodes = ["n1", "n2"];
-    let (bed, api) = served(&nodes, &["--write-cnp-status"], |bed, api| {
+    let (bed, api) = Bed::served_from_kube(&nodes, &["--write-cnp-status"], |bed, api| {
         api.install_cnp_crd();
         std::fs::write(
             bed.manifests().join("cnp-guard.yaml"),
@@ -295,7 +278,7 @@ fn a_refused_policy_keeps_its_last_valid_version_and_its_status_says_why() {
 #[test]
 fn status_writes_are_opt_in_and_never_repeated() {
     let nodes = ["n1"];
-    let (mut bed, api) = served(&nodes, &[], |bed, api| {
+    let (mut bed, api) = Bed::served_from_kube(&nodes, &[], |bed, api| {
         api.install_cnp_crd();
         std::fs::write(bed.manifests().join("cnp-a.yaml"), cnp("a", 1, 8080)).unwrap();
         std::fs::write(bed.manifests().join("cnp-b.yaml"), cnp("b", 2, 8081)).unwrap();
