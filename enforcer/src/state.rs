@@ -278,6 +278,24 @@ impl LocalState {
     }
 }
 
+/// sled's writer threads can hold the directory's lock for a moment after the last handle
+/// is dropped (a test reopening in the same process sees `WouldBlock`; a restarted
+/// enforcer is a new process and never does), so tests wait for the lock before reopening.
+#[cfg(test)]
+pub(crate) fn released(dir: &Path) {
+    use rustix::fs::{FlockOperation, flock};
+    let file = std::fs::File::open(dir.join("db")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sled still holds {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use moat_policy::Index;
@@ -343,6 +361,7 @@ mod tests {
             let st = LocalState::open(dir.path()).unwrap();
             st.save(&a_snapshot()).unwrap();
         }
+        released(dir.path());
         std::fs::write(dir.path().join("node.pem"), "kept").unwrap();
         // Garbage over sled's files, as a damaged disk leaves them.
         for f in ["conf", "db"] {
@@ -358,6 +377,7 @@ mod tests {
             .collect();
         assert_eq!(moved.len(), 1, "the damaged files are kept aside");
         drop(st);
+        released(dir.path());
         // A lock another enforcer holds is no damage: nothing is moved.
         let held = LocalState::open(dir.path()).unwrap();
         assert!(matches!(

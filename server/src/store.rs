@@ -606,6 +606,7 @@ mod tests {
             store.reserve(5).await.unwrap();
             assert!(store.reserved() >= 5);
         }
+        released(dir.path());
         let store = Store::open(dir.path(), 2).unwrap();
         assert!(
             store.reserved() >= 5,

@@ -243,23 +243,6 @@ fn adopting_binds_against_the_last_snapshot_and_the_persisted_bindings() {
     );
 }
 
-/// sled's writer threads can hold the directory's lock for a moment after the last handle
-/// is dropped, so a fixture written through its own handle waits for the lock before the
-/// code under test opens the directory.
-fn released(dir: &std::path::Path) {
-    use rustix::fs::{FlockOperation, flock};
-    let file = std::fs::File::open(dir.join("db")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sled still holds {}",
-            dir.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn bindings_from_another_boot_name_no_interface() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,7 +255,7 @@ fn bindings_from_another_boot_name_no_interface() {
         .unwrap();
         db.flush().unwrap();
     }
-    released(dir.path());
+    crate::state::released(dir.path());
     let state = LocalState::open(dir.path()).unwrap();
     let b = state.load_bindings().unwrap();
     assert_eq!(
@@ -282,6 +265,7 @@ fn bindings_from_another_boot_name_no_interface() {
     );
     state.save_bindings(&b).unwrap();
     drop(state);
+    crate::state::released(dir.path());
     let state = LocalState::open(dir.path()).unwrap();
     assert_eq!(state.load_bindings().unwrap(), b, "this boot's round-trip");
 }
