@@ -4,6 +4,11 @@
 //! addresses that changed (plus, for a class that appears or disappears, the rules of the
 //! rulesets that mention its groups), not to the size of the table.
 //!
+//! Lists with ClusterNetworkPolicy rules are patched the same way: a class coming to life
+//! gets the entries [`tiers`](super::tiers) would resolve for it (allow and deny), a class
+//! dying loses both, and a named-port entry at an address whose groups changed is resolved
+//! again (its verdict folds in the rules of the address's class).
+//!
 //! The result equals a full [`desired`](super::desired) up to class numbering
 //! (the tests compare both on random clusters); every other delta takes the full path.
 
@@ -14,7 +19,9 @@ use std::sync::Arc;
 use moat_policy::ir::delta::{Delta, GroupPatch};
 use moat_policy::ir::{GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId};
 
-use super::{Classes, Desired, Ruleset, chain_name, merge, spans, v4, v6};
+use super::budget::{Budget, Overflow};
+use super::tiers::{self, Entry, Resolver};
+use super::{Classes, Desired, Ruleset, list_name, merge, spans, v4, v6};
 
 /// What the in-place update needs to know beyond the table itself.
 #[derive(Default)]
@@ -23,10 +30,22 @@ pub struct Cache {
     singles: HashMap<IpAddr, Vec<GroupId>>,
     /// Class → how many class-map and address-map entries use it.
     refs: HashMap<u32, usize>,
-    /// Ruleset chain → its rules, in order.
-    rules: HashMap<String, Vec<Arc<Rule>>>,
+    /// Ruleset chain → its rule list.
+    rules: HashMap<String, List>,
+    /// Rulesets with cluster rules and named-port rules (their named entries' verdicts
+    /// depend on the classes of their addresses).
+    tiered_named: BTreeSet<String>,
     /// Group → the rulesets with a rule naming it as a peer.
     users: HashMap<GroupId, Vec<String>>,
+}
+
+/// One rule list with a ruleset.
+struct List {
+    /// In the snapshot's order.
+    rules: Vec<Arc<Rule>>,
+    isolated: bool,
+    /// It holds cluster rules: resolved by [`tiers`].
+    tiered: bool,
 }
 
 /// Builds the cache for `d`, the full desired table of `snap`.
@@ -53,13 +72,15 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
         *c.refs.entry(*id).or_default() += 1;
     }
     let by_id: HashMap<RuleId, &Arc<Rule>> = snap.rules.iter().map(|r| (r.id, r)).collect();
+    let by_ref: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for e in &snap.endpoints {
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
-            if !dir.isolated {
+            let tiered = tiers::tiered(&dir.rules, &by_ref);
+            if !dir.isolated && !tiered {
                 continue;
             }
-            let name = chain_name(egress, &dir.rules);
+            let name = list_name(egress, dir.isolated, &dir.rules);
             if !seen.insert(name.clone()) {
                 continue;
             }
@@ -77,7 +98,21 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
             for g in groups {
                 c.users.entry(g).or_default().push(name.clone());
             }
-            c.rules.insert(name, rules);
+            if tiered
+                && rules
+                    .iter()
+                    .any(|r| matches!((&r.peers, &r.ports), (Peers::Groups(_), Ports::FromGroups)))
+            {
+                c.tiered_named.insert(name.clone());
+            }
+            c.rules.insert(
+                name,
+                List {
+                    rules,
+                    isolated: dir.isolated,
+                    tiered,
+                },
+            );
         }
     }
     c
@@ -94,12 +129,7 @@ fn old_group(old: &NodeSnapshot, id: GroupId) -> Option<&Members> {
 /// budget, else it is recomputed whole.
 pub fn applies(old: &NodeSnapshot, delta: &Delta) -> bool {
     let addrs = |m: Option<&Members>| matches!(m, None | Some(Members::Addrs(_)));
-    // Lists with cluster rules are resolved whole (`tiers`): a class appearing there changes
-    // verdicts at many keys, which the patch below does not know how to fold.
-    old.rules
-        .iter()
-        .all(|r| r.tier == moat_policy::ir::Tier::NetworkPolicy)
-        && delta.node_addrs.is_none()
+    delta.node_addrs.is_none()
         && delta.upsert_endpoints.is_empty()
         && delta.remove_endpoints.is_empty()
         && delta.add_rules.is_empty()
@@ -191,9 +221,18 @@ impl RulesetChange {
                 b.remove(&x);
             }
         }
-        both(&mut self.removed.aa, &mut self.added.aa);
-        both(&mut self.removed.gx, &mut self.added.gx);
-        both(&mut self.removed.gp, &mut self.added.gp);
+        let (r, a) = (&mut self.removed, &mut self.added);
+        both(&mut r.aa, &mut a.aa);
+        both(&mut r.gx, &mut a.gx);
+        both(&mut r.gp, &mut a.gp);
+        both(&mut r.n4, &mut a.n4);
+        both(&mut r.n6, &mut a.n6);
+        let (r, a) = (&mut r.deny, &mut a.deny);
+        both(&mut r.aa, &mut a.aa);
+        both(&mut r.gx, &mut a.gx);
+        both(&mut r.gp, &mut a.gp);
+        both(&mut r.n4, &mut a.n4);
+        both(&mut r.n6, &mut a.n6);
     }
 }
 
@@ -238,6 +277,8 @@ pub fn patch_in_place(
         }
         e.1 = *r;
     };
+    // Touched address → its groups now (its class), for named entries resolved again.
+    let mut groups_now: Vec<(IpAddr, Vec<GroupId>)> = Vec::new();
     for a in touched {
         let singles = cache.singles.get(&a).cloned().unwrap_or_default();
         if singles.is_empty() {
@@ -266,6 +307,12 @@ pub fn patch_in_place(
         }
         if singles.is_empty() {
             log.addrs.insert(a, (old, None));
+            if !cache.tiered_named.is_empty() {
+                let set = range_class
+                    .and_then(|rc| classes.groups(rc))
+                    .unwrap_or_default();
+                groups_now.push((a, set.to_vec()));
+            }
             continue;
         }
         let mut set = singles;
@@ -273,6 +320,9 @@ pub fn patch_in_place(
             set.extend_from_slice(classes.groups(rc).unwrap_or_default());
             set.sort_unstable();
             set.dedup();
+        }
+        if !cache.tiered_named.is_empty() {
+            groups_now.push((a, set.clone()));
         }
         let id = classes.id(&set);
         match a {
@@ -289,58 +339,177 @@ pub fn patch_in_place(
             for name in users(cache, &groups) {
                 if let Some(rs) = d.rulesets.get_mut(&name) {
                     let removed = &mut log.rulesets.entry(name).or_default().removed;
-                    if rs.aa.remove(id) {
-                        removed.aa.insert(*id);
-                    }
-                    // Entries are ordered by class first: the class's are one range.
-                    let gx: Vec<_> = rs
-                        .gx
-                        .range((*id, 0, 0)..=(*id, u8::MAX, u16::MAX))
-                        .copied()
-                        .collect();
-                    for e in gx {
-                        rs.gx.remove(&e);
-                        removed.gx.insert(e);
-                    }
-                    let gp: Vec<_> = rs
-                        .gp
-                        .range((*id, 0, 0, 0)..=(*id, u8::MAX, u16::MAX, u16::MAX))
-                        .copied()
-                        .collect();
-                    for e in gp {
-                        rs.gp.remove(&e);
-                        removed.gp.insert(e);
-                    }
+                    drop_class(rs, *id, removed);
                 }
             }
             cache.refs.remove(id);
             classes.release(*id);
         }
     }
+    // Class entries resolve without members (only named entries read them).
+    let no_members = HashMap::new();
+    let mut resolvers: HashMap<String, Resolver<'_>> = HashMap::new();
     for (id, (was, now)) in &changed {
         if *was == 0 && *now > 0 {
             let groups = classes.groups(*id).unwrap_or_default().to_vec();
             for name in users(cache, &groups) {
-                if let (Some(rs), Some(rules)) = (d.rulesets.get_mut(&name), cache.rules.get(&name))
-                {
-                    let mut added = Ruleset::default();
-                    add_class(&mut added, rules, *id, &groups);
-                    rs.aa.extend(added.aa.iter().copied());
-                    rs.gx.extend(added.gx.iter().copied());
-                    rs.gp.extend(added.gp.iter().copied());
-                    let change = &mut log.rulesets.entry(name).or_default().added;
-                    change.aa.extend(added.aa);
-                    change.gx.extend(added.gx);
-                    change.gp.extend(added.gp);
+                let (Some(rs), Some(list)) = (d.rulesets.get_mut(&name), cache.rules.get(&name))
+                else {
+                    continue;
+                };
+                let mut added = Ruleset::default();
+                if list.tiered {
+                    let r = resolvers.entry(name.clone()).or_insert_with(|| {
+                        Resolver::new(
+                            list.rules.iter().map(|r| &**r).collect(),
+                            list.isolated,
+                            &no_members,
+                        )
+                    });
+                    if r.names(&groups) {
+                        r.class(*id, &groups, &mut |allow, e| put(&mut added, allow, e))
+                            .expect("unmetered");
+                    }
+                } else {
+                    add_class(&mut added, &list.rules, *id, &groups);
                 }
+                merge_into(rs, &added);
+                merge_into(&mut log.rulesets.entry(name).or_default().added, &added);
             }
         }
+    }
+    drop(resolvers);
+    if !groups_now.is_empty() {
+        renamed(d, cache, new, &groups_now, &mut log);
     }
     log.addrs.retain(|_, (was, now)| was != now);
     for c in log.rulesets.values_mut() {
         c.net();
     }
     log
+}
+
+/// Unmetered: a patched table is checked against the budget whole afterwards.
+fn put(rs: &mut Ruleset, allow: bool, e: Entry) -> Result<(), Overflow> {
+    tiers::insert(rs, allow, e, &Budget::UNLIMITED);
+    Ok(())
+}
+
+/// Adds every entry of `from` to `to`, on its side.
+fn merge_into(to: &mut Ruleset, from: &Ruleset) {
+    to.aa.extend(&from.aa);
+    to.gx.extend(&from.gx);
+    to.gp.extend(&from.gp);
+    to.n4.extend(&from.n4);
+    to.n6.extend(&from.n6);
+    let (t, f) = (&mut to.deny, &from.deny);
+    t.aa.extend(&f.aa);
+    t.gx.extend(&f.gx);
+    t.gp.extend(&f.gp);
+    t.n4.extend(&f.n4);
+    t.n6.extend(&f.n6);
+}
+
+/// Removes class `id`'s entries, allow and deny, from `rs`, noting them in `removed`.
+fn drop_class(rs: &mut Ruleset, id: u32, removed: &mut Ruleset) {
+    // Entries are ordered by class first: the class's are one range.
+    fn take<T: Ord + Copy>(
+        set: &mut BTreeSet<T>,
+        range: std::ops::RangeInclusive<T>,
+        out: &mut BTreeSet<T>,
+    ) {
+        let found: Vec<T> = set.range(range).copied().collect();
+        for e in found {
+            set.remove(&e);
+            out.insert(e);
+        }
+    }
+    let gx = (id, 0, 0)..=(id, u8::MAX, u16::MAX);
+    let gp = (id, 0, 0, 0)..=(id, u8::MAX, u16::MAX, u16::MAX);
+    take(&mut rs.aa, id..=id, &mut removed.aa);
+    take(&mut rs.gx, gx.clone(), &mut removed.gx);
+    take(&mut rs.gp, gp.clone(), &mut removed.gp);
+    take(&mut rs.deny.aa, id..=id, &mut removed.deny.aa);
+    take(&mut rs.deny.gx, gx, &mut removed.deny.gx);
+    take(&mut rs.deny.gp, gp, &mut removed.deny.gp);
+}
+
+/// Resolves again the named entries at addresses whose class changed, in the rulesets with
+/// cluster rules (elsewhere a named entry allows whatever the address's class).
+fn renamed(
+    d: &mut Desired,
+    cache: &Cache,
+    new: &NodeSnapshot,
+    groups_now: &[(IpAddr, Vec<GroupId>)],
+    log: &mut Patched,
+) {
+    let members: HashMap<GroupId, &Members> =
+        new.groups.iter().map(|g| (g.id, &g.members)).collect();
+    for name in &cache.tiered_named {
+        let (Some(rs), Some(list)) = (d.rulesets.get_mut(name), cache.rules.get(name)) else {
+            continue;
+        };
+        let mut r = None;
+        for (a, groups) in groups_now {
+            let keys: Vec<(u8, u16, bool)> = match a {
+                IpAddr::V4(x) => {
+                    let at = (*x, 0, 0)..=(*x, u8::MAX, u16::MAX);
+                    rs.n4
+                        .range(at.clone())
+                        .map(|k| (k.1, k.2, true))
+                        .chain(rs.deny.n4.range(at).map(|k| (k.1, k.2, false)))
+                        .collect()
+                }
+                IpAddr::V6(x) => {
+                    let at = (*x, 0, 0)..=(*x, u8::MAX, u16::MAX);
+                    rs.n6
+                        .range(at.clone())
+                        .map(|k| (k.1, k.2, true))
+                        .chain(rs.deny.n6.range(at).map(|k| (k.1, k.2, false)))
+                        .collect()
+                }
+            };
+            if keys.is_empty() {
+                continue;
+            }
+            let r = r.get_or_insert_with(|| {
+                Resolver::new(
+                    list.rules.iter().map(|r| &**r).collect(),
+                    list.isolated,
+                    &members,
+                )
+            });
+            for (p, port, was) in keys {
+                let now = r.named(*a, groups, p, port);
+                if now == was {
+                    continue;
+                }
+                let change = log.rulesets.entry(name.clone()).or_default();
+                let (mut gone, mut came) = (Ruleset::default(), Ruleset::default());
+                tiers::insert(
+                    &mut gone,
+                    was,
+                    Entry::Named(*a, p, port),
+                    &Budget::UNLIMITED,
+                );
+                tiers::insert(
+                    &mut came,
+                    now,
+                    Entry::Named(*a, p, port),
+                    &Budget::UNLIMITED,
+                );
+                match (a, was) {
+                    (IpAddr::V4(x), true) => rs.n4.remove(&(*x, p, port)),
+                    (IpAddr::V4(x), false) => rs.deny.n4.remove(&(*x, p, port)),
+                    (IpAddr::V6(x), true) => rs.n6.remove(&(*x, p, port)),
+                    (IpAddr::V6(x), false) => rs.deny.n6.remove(&(*x, p, port)),
+                };
+                merge_into(rs, &came);
+                merge_into(&mut change.removed, &gone);
+                merge_into(&mut change.added, &came);
+            }
+        }
+    }
 }
 
 fn users(cache: &Cache, groups: &[GroupId]) -> BTreeSet<String> {

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use moat_policy::ir::{Action, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
 
-use super::budget::{Kind, Meter, Overflow};
+use super::budget::{Budget, Kind, Meter, Overflow};
 use super::{Classes, Ruleset};
 
 /// The three protocols with ports; anything else (ICMP…) only meets port-less rules.
@@ -137,166 +137,109 @@ fn segments(rules: &[&Rule]) -> BTreeMap<u8, Vec<(u16, u16)>> {
         .collect()
 }
 
-/// The resolved ruleset of one rule list holding cluster rules, counted against `meter`.
-#[allow(clippy::too_many_arguments)]
-pub fn ruleset<'a>(
-    egress: bool,
+/// One rule list holding cluster rules, indexed to resolve the entries of any class or
+/// named address on its own: the full plan resolves every class, an in-place patch only
+/// the classes a membership change brings to life.
+pub struct Resolver<'a> {
+    /// The rules by rank: (tier, priority, content ID).
+    list: Vec<&'a Rule>,
     isolated: bool,
-    ids: &[RuleId],
-    rules: &HashMap<RuleId, &'a Rule>,
     members: &'a HashMap<GroupId, &'a Members>,
-    classes_of: &HashMap<GroupId, BTreeSet<u32>>,
-    classes: &Classes,
-    meter: &mut Meter,
-) -> Result<Ruleset, Overflow> {
-    let mut list: Vec<&Rule> = ids.iter().filter_map(|id| rules.get(id).copied()).collect();
-    list.sort_by_key(|r| (r.tier, r.priority, r.id));
-    // A peer's verdict depends only on the rules that can match it: the any-peer rules and
-    // those naming one of its groups. Resolving each class over its own rules (and its own
-    // port cuts) keeps the work near the list's size; over the whole list it is classes ×
-    // segments × rules, which at 10,000 single-peer rules never ends.
-    let (mut any_peer, mut by_group, mut from_groups) = (Vec::new(), HashMap::new(), Vec::new());
-    for (i, r) in list.iter().enumerate() {
-        match &r.peers {
-            Peers::Any => any_peer.push(i),
-            Peers::Groups(gs) => {
-                for g in gs {
-                    by_group.entry(*g).or_insert_with(Vec::new).push(i);
-                }
-                if matches!(r.ports, Ports::FromGroups) {
-                    from_groups.push(i);
+    any_peer: Vec<usize>,
+    by_group: HashMap<GroupId, Vec<usize>>,
+    from_groups: Vec<usize>,
+    /// Groups a rule with ports of its own names: a class containing one gets entries.
+    named_groups: BTreeSet<GroupId>,
+    /// The any-peer rules' verdicts, for a peer in no class the list names.
+    anyone: Lists<'a>,
+    /// The verdict of a peer in no class, on a protocol without ports.
+    pub default: bool,
+}
+
+impl<'a> Resolver<'a> {
+    /// `members` is read only for named ports (an empty map serves a caller that resolves
+    /// classes only).
+    pub fn new(
+        mut list: Vec<&'a Rule>,
+        isolated: bool,
+        members: &'a HashMap<GroupId, &'a Members>,
+    ) -> Self {
+        list.sort_by_key(|r| (r.tier, r.priority, r.id));
+        // A peer's verdict depends only on the rules that can match it: the any-peer rules
+        // and those naming one of its groups. Resolving each class over its own rules (and
+        // its own port cuts) keeps the work near the list's size; over the whole list it is
+        // classes × segments × rules, which at 10,000 single-peer rules never ends.
+        let (mut any_peer, mut by_group, mut from_groups) =
+            (Vec::new(), HashMap::new(), Vec::new());
+        let mut named_groups = BTreeSet::new();
+        for (i, r) in list.iter().enumerate() {
+            match &r.peers {
+                Peers::Any => any_peer.push(i),
+                Peers::Groups(gs) => {
+                    for g in gs {
+                        by_group.entry(*g).or_insert_with(Vec::new).push(i);
+                    }
+                    if matches!(r.ports, Ports::FromGroups) {
+                        from_groups.push(i);
+                    } else {
+                        named_groups.extend(gs.iter().copied());
+                    }
                 }
             }
         }
+        let anyone: Vec<&'a Rule> = any_peer.iter().map(|i| list[*i]).collect();
+        let anyone = lists(&anyone, isolated, members, false);
+        let default = anyone.allows(&NOWHERE, None, 0);
+        Resolver {
+            list,
+            isolated,
+            members,
+            any_peer,
+            by_group,
+            from_groups,
+            named_groups,
+            anyone,
+            default,
+        }
     }
-    let relevant = |groups: &[GroupId], named: bool| -> Vec<&Rule> {
-        let mut idx = any_peer.clone();
+
+    fn relevant(&self, groups: &[GroupId], named: bool) -> Vec<&'a Rule> {
+        let mut idx = self.any_peer.clone();
         for g in groups {
-            idx.extend(by_group.get(g).into_iter().flatten());
+            idx.extend(self.by_group.get(g).into_iter().flatten());
         }
         if named {
-            idx.extend(&from_groups);
+            idx.extend(&self.from_groups);
         }
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| list[i]).collect()
-    };
-    // What the tests plant to show they catch it: class entries that ignore the any-peer
-    // rules ranked before them.
-    let folded = !plant::on(plant::Plant::AnyPeerNotFolded);
-    let tiers = |rules: &[&'a Rule], for_class: bool| {
-        let tier = |t: Tier| -> Vec<&'a Rule> {
-            rules
-                .iter()
-                .copied()
-                .filter(|r| r.tier == t)
-                .filter(|r| {
-                    t == Tier::NetworkPolicy || folded || !for_class || r.peers != Peers::Any
-                })
-                .collect()
-        };
-        Lists {
-            admin: tier(Tier::Admin),
-            np: tier(Tier::NetworkPolicy),
-            baseline: tier(Tier::Baseline),
-            isolated,
-            members,
-        }
-    };
-    let mut rs = Ruleset {
-        egress,
-        ..Default::default()
-    };
-    let mut put = |allow: bool, rs: &mut Ruleset, entry: Entry| -> Result<(), Overflow> {
-        let (kind, n) = match entry {
-            Entry::Ap(p, a, b) => {
-                let w = meter.budget.port_range(a, b);
-                if allow {
-                    rs.ap.insert((p, a, b))
-                } else {
-                    rs.deny.ap.insert((p, a, b))
-                };
-                (Kind::PortsRanged, w)
-            }
-            Entry::Aa(c) => {
-                if allow {
-                    rs.aa.insert(c)
-                } else {
-                    rs.deny.aa.insert(c)
-                };
-                (Kind::PortsRanged, 1)
-            }
-            Entry::Gx(c, p, port) => {
-                if allow {
-                    rs.gx.insert((c, p, port))
-                } else {
-                    rs.deny.gx.insert((c, p, port))
-                };
-                (Kind::PortsExact, 1)
-            }
-            Entry::Gp(c, p, a, b) => {
-                let w = meter.budget.port_range(a, b);
-                if allow {
-                    rs.gp.insert((c, p, a, b))
-                } else {
-                    rs.deny.gp.insert((c, p, a, b))
-                };
-                (Kind::PortsRanged, w)
-            }
-            Entry::Named(a, p, port) => {
-                let new = match (a, allow) {
-                    (IpAddr::V4(a), true) => rs.n4.insert((a, p, port)),
-                    (IpAddr::V6(a), true) => rs.n6.insert((a, p, port)),
-                    (IpAddr::V4(a), false) => rs.deny.n4.insert((a, p, port)),
-                    (IpAddr::V6(a), false) => rs.deny.n6.insert((a, p, port)),
-                };
-                (Kind::Named, usize::from(new))
-            }
-        };
-        meter.take(kind, n)
-    };
-    // Peers in no class this list names: only any-peer rules meet them.
-    let nowhere = At {
-        groups: &[],
-        addr: None,
-    };
-    let anyone = relevant(&[], false);
-    let anyone_lists = tiers(&anyone, false);
-    let default = anyone_lists.allows(&nowhere, None, 0);
-    rs.any = default;
-    for (p, v) in &segments(&anyone) {
-        for (a, b, allow) in merged(v, |port| anyone_lists.allows(&nowhere, Some(*p), port)) {
-            if allow != default {
-                put(allow, &mut rs, Entry::Ap(*p, a, b))?;
-            }
-        }
+        idx.into_iter().map(|i| self.list[i]).collect()
     }
-    // Every class a rule names: its whole-class verdict, and the ports where it differs.
-    let named_classes: BTreeSet<u32> = list
-        .iter()
-        .filter(|r| !matches!(r.ports, Ports::FromGroups))
-        .filter_map(|r| match &r.peers {
-            Peers::Groups(gs) => Some(gs.iter()),
-            Peers::Any => None,
-        })
-        .flatten()
-        .filter_map(|g| classes_of.get(g))
-        .flatten()
-        .copied()
-        .collect();
-    // What the tests plant to show they catch it: a class read as one group only (the
-    // mistake of taking a longest-prefix match for the whole answer).
-    for c in named_classes {
-        let Some(groups) = classes.groups(c) else {
-            continue;
-        };
-        let groups = if plant::on(plant::Plant::OneGroupPerClass) {
-            &groups[groups.len().saturating_sub(1)..]
-        } else {
-            groups
-        };
-        let own = relevant(groups, false);
-        let lists = &tiers(&own, true);
+
+    /// Whether a class of `groups` gets entries of its own.
+    pub fn names(&self, groups: &[GroupId]) -> bool {
+        groups.iter().any(|g| self.named_groups.contains(g))
+    }
+
+    /// The entries of a peer in no class: protocol and port ranges where the any-peer rules
+    /// decide otherwise than [`default`](Self::default).
+    pub fn anyone(&self, put: &mut Put<'_>) -> Result<(), Overflow> {
+        let any: Vec<&Rule> = self.relevant(&[], false);
+        for (p, v) in &segments(&any) {
+            for (a, b, allow) in merged(v, |port| self.anyone.allows(&NOWHERE, Some(*p), port)) {
+                if allow != self.default {
+                    put(allow, Entry::Ap(*p, a, b))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of class `c`, made of `groups`: its whole-class verdict, and the ports
+    /// where it differs.
+    pub fn class(&self, c: u32, groups: &[GroupId], put: &mut Put<'_>) -> Result<(), Overflow> {
+        let own = self.relevant(groups, false);
+        let lists = &lists(&own, self.isolated, self.members, true);
         let at = At { groups, addr: None };
         let whole = lists.allows(&at, None, 0);
         // A class whose whole verdict is the default needs no whole-class entry: where its
@@ -304,14 +247,14 @@ pub fn ruleset<'a>(
         // decides otherwise than a peer in no class need entries (each of `own`'s segments
         // has one any-peer verdict: its cuts include the any-peer rules'). Most classes of
         // a big NetworkPolicy list are then one entry, as without tiers.
-        let fall_through = whole == default;
+        let fall_through = whole == self.default;
         if !fall_through {
-            put(whole, &mut rs, Entry::Aa(c))?;
+            put(whole, Entry::Aa(c))?;
         }
         for (p, v) in &segments(&own) {
             let base = |port| {
                 if fall_through {
-                    anyone_lists.allows(&nowhere, Some(*p), port)
+                    self.anyone.allows(&NOWHERE, Some(*p), port)
                 } else {
                     whole
                 }
@@ -343,39 +286,177 @@ pub fn ruleset<'a>(
                 } else {
                     Entry::Gp(c, *p, a, b)
                 };
-                put(allow, &mut rs, e)?;
+                put(allow, e)?;
             }
         }
+        Ok(())
     }
-    // Named ports: an entry per resolved (address, protocol, port), with everything that
-    // also matches there folded in.
-    let mut named: BTreeSet<(IpAddr, u8, u16)> = BTreeSet::new();
-    for r in &list {
-        if let (Ports::FromGroups, Peers::Groups(gs)) = (&r.ports, &r.peers) {
-            for g in gs {
-                if let Some(Members::AddrPorts(m)) = members.get(g) {
-                    named.extend(m.iter().map(|m| (m.addr, m.proto.number(), m.port)));
+
+    /// Every resolved named port of the list: (address, protocol, port).
+    pub fn named_keys(&self) -> BTreeSet<(IpAddr, u8, u16)> {
+        let mut named = BTreeSet::new();
+        for i in &self.from_groups {
+            if let Peers::Groups(gs) = &self.list[*i].peers {
+                for g in gs {
+                    if let Some(Members::AddrPorts(m)) = self.members.get(g) {
+                        named.extend(m.iter().map(|m| (m.addr, m.proto.number(), m.port)));
+                    }
                 }
             }
         }
+        named
     }
-    for (addr, p, port) in named {
-        let groups = groups_of(addr, members);
+
+    /// The verdict at a named entry: everything that also matches there folded in. `groups`
+    /// is the class of `addr`.
+    pub fn named(&self, addr: IpAddr, groups: &[GroupId], proto: u8, port: u16) -> bool {
         let at = At {
-            groups: &groups,
+            groups,
             addr: Some(addr),
         };
-        let own = relevant(&groups, true);
-        put(
-            tiers(&own, false).allows(&at, Some(p), port),
-            &mut rs,
-            Entry::Named(addr, p, port),
-        )?;
+        let own = self.relevant(groups, true);
+        lists(&own, self.isolated, self.members, false).allows(&at, Some(proto), port)
+    }
+}
+
+/// Where a resolver puts an entry (allow or deny).
+pub type Put<'p> = dyn FnMut(bool, Entry) -> Result<(), Overflow> + 'p;
+
+const NOWHERE: At<'static> = At {
+    groups: &[],
+    addr: None,
+};
+
+/// The three tiers of `rules` (sorted by rank).
+fn lists<'a>(
+    rules: &[&'a Rule],
+    isolated: bool,
+    members: &'a HashMap<GroupId, &'a Members>,
+    for_class: bool,
+) -> Lists<'a> {
+    // What the tests plant to show they catch it: class entries that ignore the any-peer
+    // rules ranked before them.
+    let folded = !plant::on(plant::Plant::AnyPeerNotFolded);
+    let tier = |t: Tier| -> Vec<&'a Rule> {
+        rules
+            .iter()
+            .copied()
+            .filter(|r| r.tier == t)
+            .filter(|r| t == Tier::NetworkPolicy || folded || !for_class || r.peers != Peers::Any)
+            .collect()
+    };
+    Lists {
+        admin: tier(Tier::Admin),
+        np: tier(Tier::NetworkPolicy),
+        baseline: tier(Tier::Baseline),
+        isolated,
+        members,
+    }
+}
+
+/// Puts `e` into `rs` on the allow or the deny side; the entries it costs, by kind.
+pub fn insert(rs: &mut Ruleset, allow: bool, e: Entry, budget: &Budget) -> (Kind, usize) {
+    match e {
+        Entry::Ap(p, a, b) => {
+            if allow {
+                rs.ap.insert((p, a, b))
+            } else {
+                rs.deny.ap.insert((p, a, b))
+            };
+            (Kind::PortsRanged, budget.port_range(a, b))
+        }
+        Entry::Aa(c) => {
+            if allow {
+                rs.aa.insert(c)
+            } else {
+                rs.deny.aa.insert(c)
+            };
+            (Kind::PortsRanged, 1)
+        }
+        Entry::Gx(c, p, port) => {
+            if allow {
+                rs.gx.insert((c, p, port))
+            } else {
+                rs.deny.gx.insert((c, p, port))
+            };
+            (Kind::PortsExact, 1)
+        }
+        Entry::Gp(c, p, a, b) => {
+            if allow {
+                rs.gp.insert((c, p, a, b))
+            } else {
+                rs.deny.gp.insert((c, p, a, b))
+            };
+            (Kind::PortsRanged, budget.port_range(a, b))
+        }
+        Entry::Named(a, p, port) => {
+            let new = match (a, allow) {
+                (IpAddr::V4(a), true) => rs.n4.insert((a, p, port)),
+                (IpAddr::V6(a), true) => rs.n6.insert((a, p, port)),
+                (IpAddr::V4(a), false) => rs.deny.n4.insert((a, p, port)),
+                (IpAddr::V6(a), false) => rs.deny.n6.insert((a, p, port)),
+            };
+            (Kind::Named, usize::from(new))
+        }
+    }
+}
+
+/// The resolved ruleset of one rule list holding cluster rules, counted against `meter`.
+#[allow(clippy::too_many_arguments)]
+pub fn ruleset<'a>(
+    egress: bool,
+    isolated: bool,
+    ids: &[RuleId],
+    rules: &HashMap<RuleId, &'a Rule>,
+    members: &'a HashMap<GroupId, &'a Members>,
+    classes_of: &HashMap<GroupId, BTreeSet<u32>>,
+    classes: &Classes,
+    meter: &mut Meter,
+) -> Result<Ruleset, Overflow> {
+    let list: Vec<&Rule> = ids.iter().filter_map(|id| rules.get(id).copied()).collect();
+    let r = Resolver::new(list, isolated, members);
+    let mut rs = Ruleset {
+        egress,
+        any: r.default,
+        ..Default::default()
+    };
+    let budget = meter.budget;
+    let into = &mut rs;
+    let mut put = |allow: bool, e: Entry| -> Result<(), Overflow> {
+        let (kind, n) = insert(into, allow, e, &budget);
+        meter.take(kind, n)
+    };
+    r.anyone(&mut put)?;
+    // Every class a rule names.
+    let named_classes: BTreeSet<u32> = r
+        .named_groups
+        .iter()
+        .filter_map(|g| classes_of.get(g))
+        .flatten()
+        .copied()
+        .collect();
+    for c in named_classes {
+        let Some(groups) = classes.groups(c) else {
+            continue;
+        };
+        // What the tests plant to show they catch it: a class read as one group only (the
+        // mistake of taking a longest-prefix match for the whole answer).
+        let groups = if plant::on(plant::Plant::OneGroupPerClass) {
+            &groups[groups.len().saturating_sub(1)..]
+        } else {
+            groups
+        };
+        r.class(c, groups, &mut put)?;
+    }
+    // Named ports: an entry per resolved (address, protocol, port).
+    for (addr, p, port) in r.named_keys() {
+        let groups = groups_of(addr, members);
+        put(r.named(addr, &groups, p, port), Entry::Named(addr, p, port))?;
     }
     Ok(rs)
 }
 
-enum Entry {
+pub enum Entry {
     Ap(u8, u16, u16),
     Aa(u32),
     Gx(u32, u8, u16),
