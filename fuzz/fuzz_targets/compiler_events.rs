@@ -240,6 +240,7 @@ fn event(op: &Op) -> Event {
         Op::Node { n, addr } => Event::Apply(Object::Node(Node {
             name: format!("node{}", n % 3),
             addrs: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, addr % 4))],
+            labels: Default::default(),
         })),
         Op::DeleteNode { n } => Event::Delete(ObjectKey::Node(format!("node{}", n % 3))),
         Op::Policy {

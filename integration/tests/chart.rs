@@ -538,15 +538,31 @@ fn the_cnp_crd_is_optional_and_status_writes_are_granted_only_when_enabled() {
         item(&c["env"], "name", "MOAT_WRITE_CNP_STATUS")["value"],
         "true"
     );
+    assert_eq!(
+        item(&c["env"], "name", "MOAT_EXPERIMENTAL_CNP_NODE_PEERS")["value"],
+        "true"
+    );
     env_understood(c, "moat-server");
-    // By default the flag is not set at all.
+    // Nodes peers need no more than the Node list/watch the server always has.
+    let granted_nodes = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| strs(&r["resources"]).contains("nodes"))
+        .flat_map(|r| strs(&r["verbs"]))
+        .collect::<BTreeSet<_>>();
+    assert_eq!(
+        granted_nodes,
+        BTreeSet::from(["list".into(), "watch".into()])
+    );
+    // By default neither flag is set at all.
     let objs = render(None);
     let sts = find(&objs, "StatefulSet", "moat-server");
     let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
-    assert!(
-        !env.as_sequence()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "MOAT_WRITE_CNP_STATUS")
-    );
+    for flag in ["MOAT_WRITE_CNP_STATUS", "MOAT_EXPERIMENTAL_CNP_NODE_PEERS"] {
+        assert!(
+            !env.as_sequence().unwrap().iter().any(|e| e["name"] == flag),
+            "{flag} set by default"
+        );
+    }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use moat_policy::Event;
 use moat_policy::model::{K8sObject, Object, ObjectKey};
 
-pub use parse::{Diagnostic, FileResult, Loaded, Severity, parse_file};
+pub use parse::{Diagnostic, FileResult, Loaded, Severity, parse_file, parse_file_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -90,13 +90,24 @@ impl Reload {
 pub struct ManifestSet {
     root: PathBuf,
     objects: BTreeMap<ObjectKey, Entry>,
+    parse: moat_policy::model::parse::Options,
 }
 
 impl ManifestSet {
+    /// With every experimental feature off.
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_options(root, moat_policy::model::parse::Options::default())
+    }
+
+    /// Accepting what `parse` enables (experimental ClusterNetworkPolicy peers).
+    pub fn with_options(
+        root: impl Into<PathBuf>,
+        parse: moat_policy::model::parse::Options,
+    ) -> Self {
         Self {
             root: root.into(),
             objects: BTreeMap::new(),
+            parse,
         }
     }
 
@@ -110,7 +121,7 @@ impl ManifestSet {
         let mut results = Vec::new();
         for f in files {
             let r = match std::fs::read_to_string(&f) {
-                Ok(text) => parse_file(&f, &text),
+                Ok(text) => parse_file_with(&f, &text, &self.parse),
                 Err(e) => {
                     // Vanished between listing and reading (an editor's rename) or unreadable:
                     // treat like a file we can't parse, keeping its objects until next time.

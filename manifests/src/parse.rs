@@ -104,7 +104,13 @@ impl FileResult {
 
 /// Parses a (multi-document) YAML or JSON file. Kinds Moat doesn't use (Deployments,
 /// Services, …) are skipped silently: a manifests directory usually holds a whole app.
+/// Experimental features are off; see [`parse_file_with`].
 pub fn parse_file(file: &Path, text: &str) -> FileResult {
+    parse_file_with(file, text, &model::parse::Options::default())
+}
+
+/// [`parse_file`], accepting what `opts` enables.
+pub fn parse_file_with(file: &Path, text: &str, opts: &model::parse::Options) -> FileResult {
     let mut out = FileResult::default();
     let mut docs = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -123,12 +129,12 @@ pub fn parse_file(file: &Path, text: &str) -> FileResult {
         }
     }
     for (n, doc) in docs {
-        document(file, n, doc, &mut out);
+        document(file, n, doc, opts, &mut out);
     }
     out
 }
 
-fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
+fn document(file: &Path, n: usize, doc: Value, opts: &model::parse::Options, out: &mut FileResult) {
     if doc.is_null() {
         return;
     }
@@ -158,7 +164,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
             .cloned()
             .unwrap_or_default();
         for item in items {
-            document(file, n, item, out);
+            document(file, n, item, opts, out);
         }
         return;
     }
@@ -221,7 +227,7 @@ fn document(file: &Path, n: usize, doc: Value, out: &mut FileResult) {
             return;
         }
     };
-    match model::parse::object(&k8s) {
+    match model::parse::object_with(&k8s, opts) {
         Ok(parsed) => {
             for w in parsed.warnings {
                 out.diagnostics.push(Diagnostic {

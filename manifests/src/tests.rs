@@ -246,3 +246,40 @@ fn cluster_network_policies_load_and_an_invalid_update_keeps_the_last_valid_vers
     assert_eq!(r.errors().count(), 0, "{:?}", r.diagnostics);
     assert_eq!(keys(&r.events), vec!["delete ClusterNetworkPolicy guard"]);
 }
+
+#[test]
+fn nodes_peers_load_only_with_the_experimental_option_and_nodes_keep_their_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("cluster.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {pool: infra}}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.1}]}\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - name: no-infra\n    action: Deny\n    to: [{nodes: {matchLabels: {pool: infra}}}]\n",
+    )
+    .unwrap();
+    let mut off = ManifestSet::new(dir.path());
+    let r = off.reload().unwrap();
+    let e: Vec<_> = r.errors().collect();
+    assert_eq!(e.len(), 1, "{:?}", r.diagnostics);
+    assert_eq!(e[0].field.as_deref(), Some("spec.egress[0].to[0].nodes"));
+    assert!(
+        e[0].message.contains("--experimental-cnp-node-peers"),
+        "{e:?}"
+    );
+    assert_eq!(r.rejected, vec![ObjectKey::ClusterPolicy("guard".into())]);
+
+    let opts = moat_policy::model::parse::Options {
+        experimental_cnp_node_peers: true,
+    };
+    let mut on = ManifestSet::with_options(dir.path(), opts);
+    let r = on.reload().unwrap();
+    assert_eq!(r.errors().count(), 0, "{:?}", r.diagnostics);
+    let node = on
+        .objects()
+        .find_map(|o| match o {
+            Object::Node(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(node.labels.get("pool").map(String::as_str), Some("infra"));
+    assert!(on.objects().any(|o| matches!(o, Object::ClusterPolicy(p)
+        if matches!(p.egress[0].rule.as_ref().unwrap().peers[..], [moat_policy::model::Peer::Nodes(_)]))));
+}

@@ -34,10 +34,13 @@ pub enum Fault {
     CnpTieKeyInverted,
     /// A rule without `protocols` matches TCP, UDP and SCTP only (it must match ICMP too).
     CnpNoProtocolsExcludesIcmp,
+    /// A `nodes` peer also matches the pods running on the Nodes it selects (it must match
+    /// the Nodes' own addresses only).
+    CnpNodesPeerMatchesTheirPods,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::NotInAbsentKey,
         Fault::IgnoreExcept,
         Fault::NamedPortIgnoresProtocol,
@@ -52,6 +55,7 @@ impl Fault {
         Fault::CnpNamedPortIgnoresProtocol,
         Fault::CnpTieKeyInverted,
         Fault::CnpNoProtocolsExcludesIcmp,
+        Fault::CnpNodesPeerMatchesTheirPods,
     ];
 
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]

@@ -13,8 +13,8 @@ use moat_policy::faults::{self, Fault};
 use moat_policy::ir::digest::Digest;
 use moat_policy::ir::sim::{Fleet, Packet};
 use moat_policy::model::{self, K8sObject, ObjectKey};
-use moat_policy::testkit::parse_all;
 use moat_policy::testkit::random::{Features, PROBES, World};
+use moat_policy::testkit::{PARSE, parse_all};
 use moat_policy::{Event, Index};
 use rand::rngs::SmallRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -43,7 +43,7 @@ fn full_run(n: u64, default: u64) -> bool {
 /// What decided flows, as counted by [`World::attribution`]; each must be non-zero after a
 /// default run, so that a generator drifting away from a semantic fails the test instead of
 /// silently testing less.
-const DECIDERS: [&str; 14] = [
+const DECIDERS: [&str; 15] = [
     "decided: Admin Accept",
     "decided: Admin Deny",
     "decided: Admin Pass",
@@ -56,6 +56,7 @@ const DECIDERS: [&str; 14] = [
     "peer: namespaces",
     "peer: pods",
     "peer: networks",
+    "peer: nodes",
     "peer: unknown kind (fail closed)",
     "port: named port resolved",
 ];
@@ -168,6 +169,7 @@ fn compiled_snapshots_agree_with_the_evaluator() {
         "cnp subject: pods",
         "cnp peer: networks covering a pod address",
         "cnp peer: networks covering no pod address",
+        "cnp peer: nodes",
         "cnp peer: unknown kind (fail closed)",
         "cnp protocol: destinationNamedPort",
         "cnp protocol: port range",
@@ -271,7 +273,7 @@ fn keyed(objects: Vec<K8sObject>) -> BTreeMap<ObjectKey, K8sObject> {
     objects
         .into_iter()
         .map(|o| {
-            let m = model::parse::object(&o).expect("valid").value;
+            let m = model::parse::object_with(&o, &PARSE).expect("valid").value;
             (m.key(), o)
         })
         .collect()
@@ -286,7 +288,9 @@ fn diff(
     let mut events: Vec<Event> = Vec::new();
     for (k, o) in to {
         if from.get(k) != Some(o) {
-            events.push(Event::Apply(model::parse::object(o).expect("valid").value));
+            events.push(Event::Apply(
+                model::parse::object_with(o, &PARSE).expect("valid").value,
+            ));
         }
     }
     for k in from.keys() {
@@ -434,6 +438,8 @@ fn incremental_compile_matches_full_compile_in_any_order() {
         "mutation: cnp tier changed",
         "mutation: cnp rewritten",
         "mutation: relabel changed a cnp subject's pods",
+        "mutation: node relabelled",
+        "mutation: node address changed",
     ];
     for must in must.iter().filter(|_| full_run(n, 300)) {
         assert!(

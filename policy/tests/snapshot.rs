@@ -51,6 +51,7 @@ fn cluster(pods: u32, nodes: u32, policies: u16) -> Vec<Object> {
             Object::Node(Node {
                 name: format!("n{n}"),
                 addrs: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, n as u8 + 1))],
+                labels: Default::default(),
             })
         })
         .collect();

@@ -60,6 +60,11 @@ struct Args {
     /// to policy objects, and needs `patch` on `clusternetworkpolicies/status`.
     #[arg(long, env = "MOAT_WRITE_CNP_STATUS")]
     write_cnp_status: bool,
+    /// Enforce ClusterNetworkPolicy egress `nodes` peers (experimental upstream): the
+    /// addresses of the Nodes a label selector picks. Without it a policy with one is
+    /// refused, naming the policy and the rule, and its last valid version stays in force.
+    #[arg(long, env = "MOAT_EXPERIMENTAL_CNP_NODE_PEERS")]
+    experimental_cnp_node_peers: bool,
     /// Seconds between full rescans of a directory source (changes are also watched).
     #[arg(long, env = "MOAT_POLL_SECONDS", default_value_t = 5)]
     poll_seconds: u64,
@@ -277,11 +282,18 @@ async fn main() -> Result<()> {
     )?;
     let several = wanted.len() > 1;
     let metrics = Arc::new(Metrics::default());
+    let parse_opts = moat_policy::model::parse::Options {
+        experimental_cnp_node_peers: args.experimental_cnp_node_peers,
+    };
+    if args.experimental_cnp_node_peers {
+        info!("experimental: ClusterNetworkPolicy nodes peers are enforced");
+    }
     let kube_opts = moat_server::source::kube::Options {
         streaming_list: args.kube_streaming_list,
         page_size: args.kube_page_size.max(1),
         crd_recheck: args.kube_crd_recheck,
         write_cnp_status: args.write_cnp_status,
+        parse: parse_opts,
     };
 
     // One source and one channel per cluster: an outage of one never stalls another.
@@ -298,6 +310,7 @@ async fn main() -> Result<()> {
                     Duration::from_secs(args.poll_seconds.max(1)),
                     metrics.source_reloads.clone(),
                     health.acceptance(),
+                    parse_opts,
                 )
                 .await
                 .with_context(|| format!("starting the file source on {}", dir.display()))?;

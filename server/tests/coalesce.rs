@@ -74,6 +74,7 @@ async fn setup() -> Setup {
         Object::Node(Node {
             name: "n1".into(),
             addrs: vec![],
+            labels: Default::default(),
         }),
         Object::Namespace(Namespace {
             name: "ns".into(),
@@ -304,6 +305,7 @@ fn snapshot_messages_round_trip() {
         Object::Node(Node {
             name: "n1".into(),
             addrs: vec![],
+            labels: Default::default(),
         }),
         pod("a", "x", 1),
         policy(),

@@ -7,7 +7,8 @@ use smallvec::SmallVec;
 
 use crate::faults::{self, Fault};
 use crate::index::{
-    GroupDef, GroupIdx, GroupState, Index, Member, NsIdx, NsSelEntry, PeerDef, PodIdx, Scope,
+    GroupDef, GroupIdx, GroupState, Index, Member, NodeIdx, NsIdx, NsSelEntry, PeerDef, PodIdx,
+    Scope,
 };
 use crate::ir::digest::{Acc, Enc};
 use crate::ir::{self, AddrPort, GroupId, Members};
@@ -40,6 +41,9 @@ impl Index {
                     b.except.clear();
                 }
                 PeerDef::Block(b)
+            }
+            model::Peer::Nodes(sel) => {
+                PeerDef::Nodes(self.selectors.intern(&mut self.strings, sel))
             }
         }
     }
@@ -109,6 +113,7 @@ impl Index {
                     self.block_named_groups.push(g);
                 }
             }
+            PeerDef::Nodes(_) => self.node_groups.push(g),
         }
         self.populate(g);
         let gs = &mut self.groups[g.get()];
@@ -156,16 +161,21 @@ impl Index {
                 }
             }
             PeerDef::Block(_) => self.block_named_groups.retain(|x| *x != g),
+            PeerDef::Nodes(_) => self.node_groups.retain(|x| *x != g),
         }
         self.release_def(&gs.def);
     }
 
     fn release_def(&mut self, def: &GroupDef) {
-        if let PeerDef::Pods { scope, pods } = def.peer() {
-            self.selectors.release(&mut self.strings, *pods);
-            if let Scope::Sel(s) = scope {
-                self.selectors.release(&mut self.strings, *s);
+        match def.peer() {
+            PeerDef::Pods { scope, pods } => {
+                self.selectors.release(&mut self.strings, *pods);
+                if let Scope::Sel(s) = scope {
+                    self.selectors.release(&mut self.strings, *s);
+                }
             }
+            PeerDef::Nodes(sel) => self.selectors.release(&mut self.strings, *sel),
+            PeerDef::Block(_) => {}
         }
         if let GroupDef::Named { name, .. } = def {
             self.strings.release(*name);
@@ -201,6 +211,9 @@ impl Index {
                     e.ip(x.addr()).u8(x.prefix_len());
                 }
             }
+            PeerDef::Nodes(sel) => {
+                e.u8(3).bytes32(self.selectors.content(*sel));
+            }
         };
         match def {
             GroupDef::Peer(p) => {
@@ -221,11 +234,41 @@ impl Index {
     }
 
     /// Fills a new group by scanning: label-set classes for pod peers, the address index for
-    /// named ports behind an ipBlock.
+    /// named ports behind an ipBlock, the known Nodes for `nodes` peers.
     fn populate(&mut self, g: GroupIdx) {
         let def = self.groups[g.get()].def.clone();
         let mut pods: Vec<PodIdx> = Vec::new();
         match def.peer() {
+            PeerDef::Nodes(_) => {
+                // A named port never resolves on a Node: such a group stays empty.
+                if matches!(def, GroupDef::Named { .. }) {
+                    return;
+                }
+                let nodes: Vec<NodeIdx> = self
+                    .nodes
+                    .iter()
+                    .map(|(i, _)| NodeIdx::new(i))
+                    .filter(|n| self.node_selected(g, *n))
+                    .collect();
+                for n in nodes {
+                    self.node_members(g, n, true);
+                    if faults::active(Fault::CnpNodesPeerMatchesTheirPods) {
+                        pods.extend(self.nodes[n.get()].pods.iter().copied());
+                    }
+                }
+                pods.retain(|p| self.pods[p.get()].selectable());
+                for p in pods {
+                    for (ip, h) in self.pods[p.get()]
+                        .ips
+                        .clone()
+                        .into_iter()
+                        .zip(self.pods[p.get()].addr_members.clone())
+                    {
+                        self.member_delta(g, Member::Addr(ip), h, true);
+                    }
+                }
+                return;
+            }
             PeerDef::Pods { scope, pods: sel } => {
                 let namespaces = match scope {
                     Scope::Ns(ns) => vec![*ns],
@@ -268,7 +311,11 @@ impl Index {
                 .zip(&pod.addr_members)
                 .map(|(ip, h)| (Member::Addr(*ip), *h))
                 .collect(),
-            GroupDef::Peer(PeerDef::Block(_)) => SmallVec::new(),
+            GroupDef::Peer(PeerDef::Block(_) | PeerDef::Nodes(_)) => SmallVec::new(),
+            GroupDef::Named {
+                peer: PeerDef::Nodes(_),
+                ..
+            } => SmallVec::new(),
             GroupDef::Named { peer, name, proto } => {
                 let mut out = SmallVec::new();
                 for port in pod.ports.iter() {
@@ -304,7 +351,7 @@ impl Index {
         let mut hits: SmallVec<[GroupIdx; 16]> = SmallVec::new();
         let selected = |g: &GroupIdx| match self.groups[g.get()].def.peer() {
             PeerDef::Pods { pods, .. } => self.selectors.matches(*pods, labels),
-            PeerDef::Block(_) => false,
+            PeerDef::Block(_) | PeerDef::Nodes(_) => false,
         };
         hits.extend(ns.scoped_groups.iter().copied().filter(selected));
         for s in &ns.matching_nssels {
@@ -315,6 +362,36 @@ impl Index {
             let def = self.groups[g.get()].def.clone();
             for (m, h) in self.pod_members(&def, p) {
                 self.member_delta(g, m, h, add);
+            }
+        }
+    }
+
+    /// Whether `nodes` group `g` selects node `n` (a known Node whose labels match).
+    fn node_selected(&self, g: GroupIdx, n: NodeIdx) -> bool {
+        let PeerDef::Nodes(sel) = self.groups[g.get()].def.peer() else {
+            return false;
+        };
+        match self.nodes[n.get()].labels {
+            Some(ls) if self.nodes[n.get()].known => {
+                self.selectors.matches(*sel, self.labels.get(ls))
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds (or removes) node `n`'s addresses to (from) group `g`.
+    fn node_members(&mut self, g: GroupIdx, n: NodeIdx, add: bool) {
+        for ip in self.nodes[n.get()].addrs.clone() {
+            self.member_delta(g, Member::Addr(ip), ir::addr_member(ip), add);
+        }
+    }
+
+    /// Adds (or removes) a Node, as it is now, to (from) every `nodes` group selecting it.
+    /// Called around every change of a Node's labels or addresses.
+    pub(crate) fn node_membership(&mut self, n: NodeIdx, add: bool) {
+        for g in self.node_groups.clone() {
+            if matches!(self.groups[g.get()].def, GroupDef::Peer(_)) && self.node_selected(g, n) {
+                self.node_members(g, n, add);
             }
         }
     }
@@ -404,7 +481,7 @@ impl Index {
                         cidr: b.cidr,
                         except: b.except.clone(),
                     },
-                    GroupDef::Peer(PeerDef::Pods { .. }) => {
+                    GroupDef::Peer(PeerDef::Pods { .. } | PeerDef::Nodes(_)) => {
                         let mut v: Vec<_> = gs
                             .members
                             .keys()

@@ -8,6 +8,9 @@ mod endpoints;
 mod groups;
 mod rules;
 
+#[cfg(test)]
+mod node_groups_tests;
+
 use crate::index::{Changes, Index, NodeIdx, NodeVersion, NsIdx};
 use crate::ir::{self, DirectionRules, NodeSnapshot};
 

@@ -5,9 +5,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 use super::{
     Cluster, ClusterRuleRef, Dir, Flow, Owner, destination_pod, has_named_port, namespace_labels,
-    ns_of, owner, proto_name, selector_matches,
+    node_ips, ns_of, owner, proto_name, selector_matches,
 };
 use crate::model::cnp_api as cnp;
 
@@ -150,30 +152,55 @@ enum PeerView<'a> {
     Egress(&'a cnp::EgressPeer),
 }
 
+/// What one peer names, whichever direction it is.
+struct PeerParts<'a> {
+    namespaces: Option<&'a LabelSelector>,
+    pods: Option<&'a cnp::NamespacedPod>,
+    nodes: Option<&'a LabelSelector>,
+    networks: Option<&'a Vec<String>>,
+}
+
 impl PeerView<'_> {
-    fn parts(
-        &self,
-    ) -> (
-        Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
-        Option<&cnp::NamespacedPod>,
-        Option<&Vec<String>>,
-    ) {
+    fn parts(&self) -> PeerParts<'_> {
         match self {
-            PeerView::Ingress(p) => (p.namespaces.as_ref(), p.pods.as_ref(), None),
-            PeerView::Egress(p) => (p.namespaces.as_ref(), p.pods.as_ref(), p.networks.as_ref()),
+            PeerView::Ingress(p) => PeerParts {
+                namespaces: p.namespaces.as_ref(),
+                pods: p.pods.as_ref(),
+                nodes: None,
+                networks: None,
+            },
+            PeerView::Egress(p) => PeerParts {
+                namespaces: p.namespaces.as_ref(),
+                pods: p.pods.as_ref(),
+                nodes: p.nodes.as_ref(),
+                networks: p.networks.as_ref(),
+            },
         }
     }
 
     fn unknown(&self) -> bool {
-        matches!(self.parts(), (None, None, None))
+        let p = self.parts();
+        p.namespaces.is_none() && p.pods.is_none() && p.nodes.is_none() && p.networks.is_none()
     }
 
     fn matches(&self, c: &Cluster, ip: IpAddr) -> bool {
-        let (namespaces, pods, networks) = self.parts();
+        let PeerParts {
+            namespaces,
+            pods,
+            nodes,
+            networks,
+        } = self.parts();
         if let Some(nets) = networks {
             return nets
                 .iter()
                 .any(|n| n.parse::<IpNet>().is_ok_and(|n| n.contains(&ip)));
+        }
+        // The selected Nodes' own addresses: never a pod's, whatever node it runs on.
+        if let Some(sel) = nodes {
+            return c.nodes.iter().any(|n| {
+                selector_matches(sel, &n.metadata.labels.clone().unwrap_or_default())
+                    && node_ips(n).contains(&ip)
+            });
         }
         let Owner::Pod(q) = owner(c, ip) else {
             return false;

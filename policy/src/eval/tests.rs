@@ -231,3 +231,55 @@ fn explains_which_rules_decide() {
     assert_eq!(v.ingress.reason, Reason::NodeLocal);
     assert_eq!(v.egress.reason, Reason::NotAPod);
 }
+
+fn node(name: &str, labels: serde_json::Value, ip: &str) -> core::Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_nodes_peer_matches_the_selected_nodes_addresses_only() {
+    let deny = cnp(
+        "no-infra-nodes",
+        "Admin",
+        1,
+        json!({
+            "subject": {"namespaces": {}},
+            "egress": [{"name": "infra", "action": "Deny",
+                        "to": [{"nodes": {"matchLabels": {"pool": "infra"}}}]}],
+        }),
+    );
+    let mut c = with_cluster(cluster(vec![]), vec![deny]);
+    c.nodes = vec![
+        node("n1", json!({"pool": "infra"}), "192.168.0.1"),
+        node("n2", json!({"pool": "web"}), "192.168.0.2"),
+        node("n3", json!({"pool": "web"}), "192.168.0.3"),
+    ];
+    // b runs on n2: the selected n1 is denied, by that rule.
+    let v = verdict(&c, &flow("10.0.0.2", "192.168.0.1", 10250));
+    assert!(!v.allowed);
+    let Reason::Cluster(r) = &v.egress.reason else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        (r.policy.as_str(), r.name.as_str()),
+        ("no-infra-nodes", "infra")
+    );
+    // A Node the selector does not take stays reachable.
+    assert!(verdict(&c, &flow("10.0.0.2", "192.168.0.3", 10250)).allowed);
+    // A pod running on the selected Node is not the Node.
+    assert!(verdict(&c, &flow("10.0.0.2", "10.0.0.1", 80)).allowed);
+    // A pod's own node stays reachable (node-local traffic is always allowed).
+    let v = verdict(&c, &flow("10.0.0.1", "192.168.0.1", 10250));
+    assert!(v.allowed);
+    assert_eq!(v.egress.reason, Reason::NodeLocal);
+    // Relabelled out of the pool: reachable.
+    c.nodes[0] = node("n1", json!({"pool": "web"}), "192.168.0.1");
+    assert!(verdict(&c, &flow("10.0.0.2", "192.168.0.1", 10250)).allowed);
+    // An empty selector takes every Node.
+    c.cluster_policies[0].spec.as_mut().unwrap().egress[0].to[0].nodes = Some(Default::default());
+    assert!(!verdict(&c, &flow("10.0.0.2", "192.168.0.3", 10250)).allowed);
+}

@@ -5,7 +5,8 @@
 //!          │                                       │ built fresh, swapped in whole
 //!          ▼                                       ▼
 //!   index::objects ── raw state: namespaces ─ pods (grouped by label set) ─ nodes ─ policies
-//!          │  eager: group membership (a pod joins/leaves the groups whose selectors match)
+//!          │  eager: group membership (a pod joins/leaves the groups whose selectors match;
+//!          │         a Node's addresses join/leave the groups of `nodes` peers)
 //!          │  lazy:  mark endpoints dirty (pods whose applicable policies may have changed)
 //!          ▼
 //!   compile::flush ── recompute dirty endpoints ─► rules (interned by content, refcounted)
@@ -112,6 +113,8 @@ pub struct Index {
     pub(crate) nssel: rustc_hash::FxHashMap<crate::selector::SelId, NsSelEntry>,
     /// Named-port groups behind an ipBlock (rare; checked for every pod).
     pub(crate) block_named_groups: Vec<GroupIdx>,
+    /// Groups of `nodes` peers (few; checked on every Node event).
+    pub(crate) node_groups: Vec<GroupIdx>,
     pub(crate) rules: Slab<RuleState>,
     pub(crate) rule_by_key: rustc_hash::FxHashMap<RuleKey, RuleIdx>,
     /// Cluster rule lists in use, shared by every endpoint with the same key.
@@ -155,6 +158,7 @@ impl Index {
             group_by_def: Default::default(),
             nssel: Default::default(),
             block_named_groups: Vec::new(),
+            node_groups: Vec::new(),
             rules: Slab::new(),
             rule_by_key: Default::default(),
             cluster_rules: Default::default(),

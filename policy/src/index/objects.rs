@@ -173,6 +173,7 @@ impl Index {
             name: name.clone(),
             known: false,
             addrs: Vec::new(),
+            labels: None,
             pods: Vec::new(),
             rule_refs: Default::default(),
             cluster_refs: Default::default(),
@@ -189,10 +190,17 @@ impl Index {
 
     fn upsert_node(&mut self, n: Node) {
         let idx = self.node_idx(&n.name);
-        let node = &mut self.nodes[idx.get()];
-        if node.known && node.addrs == n.addrs {
+        let labels = self.labels.intern(&mut self.strings, &n.labels);
+        let node = &self.nodes[idx.get()];
+        if node.known && node.addrs == n.addrs && node.labels == Some(labels) {
+            self.labels.release(&mut self.strings, labels);
             return;
         }
+        // Out of the `nodes` groups as it was, back in as it is: a relabel or a new address
+        // changes group membership only (rules stay; nodes holding the group get a new
+        // version through the group's digest).
+        self.node_membership(idx, false);
+        let node = &mut self.nodes[idx.get()];
         let was_known = node.known;
         if was_known {
             node.acc.sub(&ir::node_item(&node.addrs));
@@ -200,6 +208,11 @@ impl Index {
         node.acc.add(&ir::node_item(&n.addrs));
         node.addrs = n.addrs;
         node.known = true;
+        let old = node.labels.replace(labels);
+        if let Some(old) = old {
+            self.labels.release(&mut self.strings, old);
+        }
+        self.node_membership(idx, true);
         self.touch(idx);
         if !was_known {
             for p in self.nodes[idx.get()].pods.clone() {
@@ -212,13 +225,17 @@ impl Index {
         let Some(&idx) = self.node_by_name.get(name) else {
             return;
         };
-        let node = &mut self.nodes[idx.get()];
-        if !node.known {
+        if !self.nodes[idx.get()].known {
             return;
         }
+        self.node_membership(idx, false);
+        let node = &mut self.nodes[idx.get()];
         node.acc.sub(&ir::node_item(&node.addrs));
         node.addrs.clear();
         node.known = false;
+        if let Some(old) = node.labels.take() {
+            self.labels.release(&mut self.strings, old);
+        }
         self.touch(idx);
         for p in self.nodes[idx.get()].pods.clone() {
             self.mark_dirty(p);

@@ -87,12 +87,6 @@ impl Index {
     /// policy never reads).
     pub fn objects(&self) -> Vec<Object> {
         let mut out = Vec::new();
-        for (_, n) in self.nodes.iter().filter(|(_, n)| n.known) {
-            out.push(Object::Node(Node {
-                name: n.name.to_string(),
-                addrs: n.addrs.clone(),
-            }));
-        }
         let labels = |ls| {
             self.labels
                 .get(ls)
@@ -105,6 +99,13 @@ impl Index {
                 })
                 .collect()
         };
+        for (_, n) in self.nodes.iter().filter(|(_, n)| n.known) {
+            out.push(Object::Node(Node {
+                name: n.name.to_string(),
+                addrs: n.addrs.clone(),
+                labels: n.labels.map(labels).unwrap_or_default(),
+            }));
+        }
         for (_, ns) in self.namespaces.iter().filter(|(_, ns)| ns.known) {
             out.push(Object::Namespace(Namespace {
                 name: ns.name.to_string(),

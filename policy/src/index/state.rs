@@ -179,6 +179,8 @@ pub(crate) struct NodeState {
     /// A Node object exists: only known nodes get snapshots.
     pub known: bool,
     pub addrs: Vec<IpAddr>,
+    /// The Node object's labels, while it is known: `nodes` peers select by them.
+    pub labels: Option<LabelSetId>,
     /// Pods whose `nodeName` is this node.
     pub pods: Vec<PodIdx>,
     pub rule_refs: FxHashMap<RuleIdx, u32>,
@@ -259,8 +261,13 @@ pub(crate) enum Scope {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum PeerDef {
-    Pods { scope: Scope, pods: SelId },
+    Pods {
+        scope: Scope,
+        pods: SelId,
+    },
     Block(IpBlock),
+    /// The addresses of the Nodes this selects.
+    Nodes(SelId),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

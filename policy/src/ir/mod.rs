@@ -133,7 +133,7 @@ pub struct AddrPort {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Members {
-    /// Pod addresses, sorted.
+    /// Pod addresses (or, for a ClusterNetworkPolicy `nodes` peer, Node addresses), sorted.
     Addrs(Vec<IpAddr>),
     /// An ipBlock: `cidr` minus every `except` (sorted).
     Block { cidr: Cidr, except: Vec<Cidr> },

@@ -133,6 +133,11 @@ pub enum Peer {
         pods: Selector,
     },
     Block(IpBlock),
+    /// Every address of the Nodes this selects (`status.addresses`, InternalIP and
+    /// ExternalIP): a ClusterNetworkPolicy egress `nodes` peer, accepted only with
+    /// [`parse::Options::experimental_cnp_node_peers`]. Never a pod's address, whichever node
+    /// the pod runs on.
+    Nodes(Selector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -295,6 +300,9 @@ pub struct Node {
     pub name: String,
     /// Sorted and unique.
     pub addrs: Vec<IpAddr>,
+    /// What ClusterNetworkPolicy `nodes` peers select by. Nodes never receive them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,9 +49,29 @@ pub struct Parsed<T> {
 
 type Result<T, E = ValidationError> = std::result::Result<T, E>;
 
+/// What a source accepts beyond the standard API: experimental features, off unless the
+/// server is started with them. Sources pass it to [`object_with`] and
+/// [`cluster_network_policy_with`]; the plain functions use the default (everything off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// ClusterNetworkPolicy egress `nodes` peers (experimental upstream): refused unless set
+    /// (`moat-server --experimental-cnp-node-peers`).
+    pub experimental_cnp_node_peers: bool,
+}
+
+impl Options {
+    /// Every experimental feature on (tests and generators).
+    pub fn experimental() -> Self {
+        Options {
+            experimental_cnp_node_peers: true,
+        }
+    }
+}
+
 struct Ctx {
     object: String,
     warnings: Vec<Warning>,
+    opts: Options,
 }
 
 impl Ctx {
@@ -94,6 +114,7 @@ fn namespaced_name(kind: &str, meta: &ObjectMeta) -> (Ctx, Result<(String, Strin
             if name.is_empty() { "<unnamed>" } else { &name }
         ),
         warnings: Vec::new(),
+        opts: Options::default(),
     };
     let r = check_name(&ctx, "metadata.name", &name)
         .and_then(|_| check_name(&ctx, "metadata.namespace", &ns))
@@ -109,6 +130,7 @@ fn cluster_name(kind: &str, meta: &ObjectMeta) -> (Ctx, Result<String>) {
             if name.is_empty() { "<unnamed>" } else { &name }
         ),
         warnings: Vec::new(),
+        opts: Options::default(),
     };
     let r = check_name(&ctx, "metadata.name", &name).map(|_| name);
     (ctx, r)
@@ -150,6 +172,7 @@ pub fn namespace(ns: &core::Namespace) -> Result<Parsed<Namespace>> {
 pub fn node(node: &core::Node) -> Result<Parsed<Node>> {
     let (ctx, name) = cluster_name("Node", &node.metadata);
     let name = name?;
+    let labels = labels(&ctx, "metadata.labels", node.metadata.labels.as_ref())?;
     let mut addrs = Vec::new();
     let list = node
         .status
@@ -171,7 +194,11 @@ pub fn node(node: &core::Node) -> Result<Parsed<Node>> {
     }
     addrs.sort();
     addrs.dedup();
-    Ok(ctx.done(Node { name, addrs }))
+    Ok(ctx.done(Node {
+        name,
+        addrs,
+        labels,
+    }))
 }
 
 pub fn pod(pod: &core::Pod) -> Result<Parsed<Pod>> {
@@ -638,8 +665,13 @@ pub enum K8sObject {
     ClusterNetworkPolicy(super::cnp_api::ClusterNetworkPolicy),
 }
 
-/// Validates and converts any supported object.
+/// Validates and converts any supported object, with every experimental feature off.
 pub fn object(o: &K8sObject) -> Result<Parsed<Object>> {
+    object_with(o, &Options::default())
+}
+
+/// Validates and converts any supported object, accepting what `opts` enables.
+pub fn object_with(o: &K8sObject, opts: &Options) -> Result<Parsed<Object>> {
     fn wrap<T>(p: Parsed<T>, f: impl FnOnce(T) -> Object) -> Parsed<Object> {
         Parsed {
             value: f(p.value),
@@ -651,14 +683,15 @@ pub fn object(o: &K8sObject) -> Result<Parsed<Object>> {
         K8sObject::Pod(p) => wrap(pod(p)?, Object::Pod),
         K8sObject::Node(n) => wrap(node(n)?, Object::Node),
         K8sObject::NetworkPolicy(p) => wrap(network_policy(p)?, Object::Policy),
-        K8sObject::ClusterNetworkPolicy(p) => {
-            wrap(cnp::cluster_network_policy(p)?, Object::ClusterPolicy)
-        }
+        K8sObject::ClusterNetworkPolicy(p) => wrap(
+            cnp::cluster_network_policy_with(p, opts)?,
+            Object::ClusterPolicy,
+        ),
     })
 }
 
 mod cnp;
-pub use cnp::{MAX_PRIORITY, cluster_network_policy};
+pub use cnp::{MAX_PRIORITY, cluster_network_policy, cluster_network_policy_with};
 
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ pub fn to_k8s(o: &Object) -> K8sObject {
         Object::Node(n) => K8sObject::Node(core::Node {
             metadata: ObjectMeta {
                 name: Some(n.name.clone()),
+                labels: (!n.labels.is_empty()).then(|| n.labels.clone()),
                 ..Default::default()
             },
             status: Some(core::NodeStatus {
@@ -166,9 +167,28 @@ fn peers(r: &Rule) -> Option<Vec<net::NetworkPolicyPeer>> {
                     }),
                     ..Default::default()
                 },
+                // Only a ClusterNetworkPolicy has these (a NetworkPolicy peer never parses to
+                // one): rendered as a peer that selects nothing, never as one that opens.
+                Peer::Nodes(_) => net::NetworkPolicyPeer {
+                    pod_selector: Some(nothing()),
+                    ..Default::default()
+                },
             })
             .collect(),
     )
+}
+
+/// A selector no label set matches (a key both present and absent).
+fn nothing() -> LabelSelector {
+    let req = |operator: &str| LabelSelectorRequirement {
+        key: "moat.io/never".into(),
+        operator: operator.into(),
+        values: None,
+    };
+    LabelSelector {
+        match_labels: None,
+        match_expressions: Some(vec![req("Exists"), req("DoesNotExist")]),
+    }
 }
 
 fn ports(r: &Rule) -> Option<Vec<net::NetworkPolicyPort>> {
@@ -277,6 +297,10 @@ fn cluster_rule(r: &CnpRule) -> (Vec<cnp::EgressPeer>, Option<Vec<cnp::ProtocolM
             },
             Peer::Block(b) => cnp::EgressPeer {
                 networks: Some(vec![b.cidr.to_string()]),
+                ..Default::default()
+            },
+            Peer::Nodes(n) => cnp::EgressPeer {
+                nodes: Some(selector(n)),
                 ..Default::default()
             },
         })

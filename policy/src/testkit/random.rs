@@ -22,6 +22,7 @@ use crate::model::{
 
 const POD_KEYS: [&str; 3] = ["app", "tier", "env"];
 const NS_KEYS: [&str; 2] = ["env", "team"];
+const NODE_KEYS: [&str; 2] = ["pool", "role"];
 const VALUES: [&str; 3] = ["a", "b", "c"];
 const PORT_NAMES: [&str; 3] = ["http", "dns", "metrics"];
 const PORTS: [u16; 5] = [53, 80, 81, 8080, 9090];
@@ -88,6 +89,8 @@ pub struct GenNamespace {
 pub struct GenNode {
     pub name: String,
     pub ips: Vec<IpAddr>,
+    /// What `nodes` peers select by.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +137,7 @@ impl World {
                     IpAddr::V4(Ipv4Addr::new(192, 168, 0, i + 1)),
                     IpAddr::V6(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, u16::from(i) + 1)),
                 ],
+                labels: random_labels(rng, &NODE_KEYS),
             });
         }
         for i in 0..rng.random_range(2..=4) {
@@ -474,8 +478,11 @@ impl World {
         if peers.len() > 1 {
             f.hit("cnp rule: several peers");
         }
-        // The API refuses a named port beside a `networks` peer (no pod, no port names).
-        let named_ok = !peers.iter().any(|p| p.get("networks").is_some());
+        // The API refuses a named port beside a `networks` or `nodes` peer (no pod, no port
+        // names).
+        let named_ok = !peers
+            .iter()
+            .any(|p| p.get("networks").is_some() || p.get("nodes").is_some());
         rule.insert(
             (if egress { "to" } else { "from" }).into(),
             Value::Array(peers),
@@ -503,6 +510,10 @@ impl World {
                 json!({"namespaces": self.cnp_ns_selector(rng, f)})
             }
             35..65 if egress => self.random_networks(rng, f),
+            65..77 if egress => {
+                f.hit("cnp peer: nodes");
+                json!({"nodes": selector(rng, f, &NODE_KEYS)})
+            }
             _ => {
                 f.hit("cnp peer: pods");
                 json!({"pods": {
@@ -547,11 +558,12 @@ impl World {
         json!({ "networks": cidrs })
     }
 
-    /// Random edits: labels, ports, pods and policies of both kinds come and go. Nodes stay
-    /// unless `nodes` is set (the evaluator judges policy, not whether a node enforces it).
+    /// Random edits: labels, ports, pods and policies of both kinds come and go. Nodes may be
+    /// relabelled; they stay, with their addresses, unless `nodes` is set (the evaluator judges
+    /// policy, not whether a node enforces it).
     pub fn mutate(&mut self, rng: &mut SmallRng, f: &mut Features, nodes: bool) {
         for _ in 0..rng.random_range(1..=4) {
-            let op = rng.random_range(0..17);
+            let op = rng.random_range(0..18);
             // Relabels are what moves pods in and out of cluster policy subjects.
             let relabel = matches!(op, 0 | 1 | 9 | 10);
             let before = relabel.then(|| self.subject_selection());
@@ -687,6 +699,12 @@ impl World {
                 self.add_cluster_policy(rng, f);
                 f.hit("mutation: cnp added");
             }
+            // Moves the Node in or out of `nodes` peers; it enforces the same either way.
+            17 => {
+                let n = self.nodes.choose_mut(rng).expect("nodes");
+                n.labels = random_labels(rng, &NODE_KEYS);
+                f.hit("mutation: node relabelled");
+            }
             _ => {}
         }
     }
@@ -723,7 +741,7 @@ impl World {
             .iter()
             .map(|v| {
                 let o = K8sObject::ClusterNetworkPolicy(k8s(v.clone()));
-                match crate::model::parse::object(&o)
+                match crate::model::parse::object_with(&o, &super::PARSE)
                     .expect("generated object is valid")
                     .value
                 {
@@ -783,7 +801,7 @@ impl World {
                 .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
                 .collect();
             out.push(K8sObject::Node(k8s(json!({
-                "metadata": {"name": n.name},
+                "metadata": {"name": n.name, "labels": n.labels},
                 "status": {"addresses": addrs},
             }))));
         }
@@ -841,6 +859,7 @@ enum PeerKind {
     Namespaces,
     Pods,
     Networks,
+    Nodes,
 }
 
 /// One cluster policy rule: Moat's reading, and what its JSON says the parser cannot show.
@@ -895,6 +914,8 @@ fn rule_view(written: &Value, model: &crate::model::CnpRule, egress: bool) -> Ru
             kinds.push(PeerKind::Namespaces);
         } else if p.get("pods").is_some() {
             kinds.push(PeerKind::Pods);
+        } else if p.get("nodes").is_some() {
+            kinds.push(PeerKind::Nodes);
         } else if let Some(nets) = p.get("networks").and_then(Value::as_array) {
             kinds.extend(nets.iter().map(|_| PeerKind::Networks));
         } else {
@@ -978,6 +999,7 @@ impl Attribution<'_> {
                 PeerKind::Namespaces => "peer: namespaces",
                 PeerKind::Pods => "peer: pods",
                 PeerKind::Networks => "peer: networks",
+                PeerKind::Nodes => "peer: nodes",
             });
         }
         if self.named_port_resolves(&rule.ports, flow) {
@@ -988,6 +1010,11 @@ impl Attribution<'_> {
     fn peer_matches(&self, p: &Peer, ip: IpAddr) -> bool {
         match p {
             Peer::Block(b) => b.contains(ip),
+            Peer::Nodes(sel) => self
+                .world
+                .nodes
+                .iter()
+                .any(|n| sel.matches(&n.labels) && n.ips.contains(&ip)),
             Peer::Pods { namespaces, pods } => self.world.endpoint_at(ip).is_some_and(|q| {
                 namespaces
                     .as_ref()
@@ -1293,6 +1320,7 @@ mod tests {
             nodes: vec![GenNode {
                 name: "node-0".into(),
                 ips: vec!["192.168.0.1".parse().expect("literal")],
+                labels: BTreeMap::new(),
             }],
             pods: vec![
                 pod("pod0", "a", "10.0.0.1", vec![("http".into(), "UDP", 80)]),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use moat_manifests::{Diagnostic, ManifestSet, Reload, Severity};
 use moat_policy::model::ObjectKey;
-use moat_policy::model::parse::ValidationError;
+use moat_policy::model::parse::{self, ValidationError};
 use notify::{RecursiveMode, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -35,19 +35,29 @@ pub async fn spawn(
     poll: Duration,
     reloads: Counter,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    spawn_judged(dir, tx, poll, reloads, Arc::default()).await
+    spawn_judged(
+        dir,
+        tx,
+        poll,
+        reloads,
+        Arc::default(),
+        parse::Options::default(),
+    )
+    .await
 }
 
 /// Loads `dir` once (failing if it can't be read at all), sends the full state as a
 /// `Reset`, then keeps sending changes until the receiver goes away. After every load,
 /// `acceptance` holds a verdict on each policy the directory names (the cluster's
-/// `Health::acceptance`, read by `moatctl status --policy`).
+/// `Health::acceptance`, read by `moatctl status --policy`). Objects are validated with
+/// `parse` (experimental ClusterNetworkPolicy peers).
 pub async fn spawn_judged(
     dir: PathBuf,
     tx: mpsc::Sender<SourceEvent>,
     poll: Duration,
     reloads: Counter,
     acceptance: Arc<Acceptance>,
+    parse: parse::Options,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     // Watch before the first load: a change landing between the load and the watch would
     // otherwise wait for the slow poll.
@@ -67,7 +77,7 @@ pub async fn spawn_judged(
             None
         }
     };
-    let mut set = ManifestSet::new(dir.clone());
+    let mut set = ManifestSet::with_options(dir.clone(), parse);
     let first = set.reload()?;
     let mut shown = report(&first, &BTreeSet::new());
     judge(&set, &first, &acceptance);
@@ -274,6 +284,40 @@ mod tests {
             None,
             "a removed file's policy keeps a verdict"
         );
+    }
+
+    #[test]
+    fn nodes_peers_are_refused_as_unsupported_unless_the_flag_is_on() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("guard.yaml"),
+            cnp("guard", 5, "{nodes: {matchLabels: {pool: infra}}}"),
+        )
+        .unwrap();
+        let guard = ObjectKey::ClusterPolicy("guard".into());
+        let a = Acceptance::default();
+        let mut off = ManifestSet::new(dir.path());
+        let r = off.reload().unwrap();
+        judge(&off, &r, &a);
+        match a.get(&guard).unwrap() {
+            Verdict::Refused {
+                why: Refusal::Unsupported,
+                message,
+                last_valid_in_force: false,
+            } => assert!(
+                message.contains("spec.egress[0].to[0].nodes")
+                    && message.contains("--experimental-cnp-node-peers"),
+                "{message}"
+            ),
+            v => panic!("{v:?}"),
+        }
+        let on = parse::Options {
+            experimental_cnp_node_peers: true,
+        };
+        let mut set = ManifestSet::with_options(dir.path(), on);
+        let r = set.reload().unwrap();
+        judge(&set, &r, &a);
+        assert_eq!(a.get(&guard), Some(Verdict::Accepted { warnings: vec![] }));
     }
 
     #[tokio::test]

@@ -106,6 +106,8 @@ pub struct Options {
     pub crd_recheck: Duration,
     /// Write each ClusterNetworkPolicy's acceptance to its `status.conditions`.
     pub write_cnp_status: bool,
+    /// What objects are validated with (experimental ClusterNetworkPolicy peers).
+    pub parse: parse::Options,
 }
 
 impl Default for Options {
@@ -115,6 +117,7 @@ impl Default for Options {
             page_size: 500,
             crd_recheck: Duration::from_secs(30),
             write_cnp_status: false,
+            parse: parse::Options::default(),
         }
     }
 }
@@ -124,7 +127,7 @@ trait Convert:
 {
     const KIND: Kind;
     fn key(&self) -> ObjectKey;
-    fn convert(&self) -> Converted;
+    fn convert(&self, opts: &parse::Options) -> Converted;
 }
 
 macro_rules! convert {
@@ -135,7 +138,7 @@ macro_rules! convert {
                 let $o = self;
                 $key
             }
-            fn convert(&self) -> Converted {
+            fn convert(&self, _: &parse::Options) -> Converted {
                 Converted {
                     key: self.key(),
                     result: $parse(self).map(|p| {
@@ -181,9 +184,9 @@ impl Convert for Cnp {
     fn key(&self) -> ObjectKey {
         ObjectKey::ClusterPolicy(self.name_any())
     }
-    fn convert(&self) -> Converted {
+    fn convert(&self, opts: &parse::Options) -> Converted {
         let result = match &self.object {
-            Ok(o) => parse::cluster_network_policy(o).map(|p| {
+            Ok(o) => parse::cluster_network_policy_with(o, opts).map(|p| {
                 let w = p.warnings.iter().map(ToString::to_string).collect();
                 (Object::ClusterPolicy(p.value), w)
             }),
@@ -209,14 +212,15 @@ fn watch<K: Convert>(client: &Client, opts: Options) -> Stream {
     if opts.streaming_list {
         cfg = cfg.streaming_lists();
     }
+    let parse = opts.parse;
     watcher::watcher(api, cfg)
         .default_backoff()
         .map(move |r| {
             let item = r.map(|e| match e {
                 W::Init => Item::Init,
-                W::InitApply(o) => Item::InitApply(o.convert()),
+                W::InitApply(o) => Item::InitApply(o.convert(&parse)),
                 W::InitDone => Item::InitDone,
-                W::Apply(o) => Item::Apply(o.convert()),
+                W::Apply(o) => Item::Apply(o.convert(&parse)),
                 W::Delete(o) => Item::Delete(o.key()),
             });
             (K::KIND, item)
@@ -403,4 +407,47 @@ async fn lists<K: Convert>(client: &Client) -> bool {
         .list(&ListParams::default().limit(1))
         .await
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// What the watchers convert: Nodes with their labels, and a `nodes` peer only with the
+    /// experimental option.
+    #[test]
+    fn conversion_follows_the_parse_options() {
+        let off = parse::Options::default();
+        let on = parse::Options {
+            experimental_cnp_node_peers: true,
+        };
+        let node: core::Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "labels": {"pool": "infra"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
+        }))
+        .unwrap();
+        match node.convert(&off).result.unwrap().0 {
+            Object::Node(n) => assert_eq!(n.labels.get("pool").map(String::as_str), Some("infra")),
+            o => panic!("{o:?}"),
+        }
+        let cnp: Cnp = serde_json::from_value(json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard"},
+            "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                     "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"pool": "infra"}}}]}]},
+        }))
+        .unwrap();
+        let e = cnp
+            .convert(&off)
+            .result
+            .expect_err("refused without the flag");
+        assert_eq!(e.field, "spec.egress[0].to[0].nodes");
+        assert!(matches!(
+            cnp.convert(&on).result.unwrap().0,
+            Object::ClusterPolicy(_)
+        ));
+    }
 }

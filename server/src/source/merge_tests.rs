@@ -5,6 +5,7 @@ fn node(n: &str, addr: &str) -> Object {
     Object::Node(Node {
         name: n.into(),
         addrs: vec![addr.parse().unwrap()],
+        labels: Default::default(),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use super::{Ctx, Result, check_port_name, cluster_name, parse_cidr, selector};
+use super::{Ctx, Options, Result, check_port_name, cluster_name, parse_cidr, selector};
 use crate::faults::{self, Fault};
 use crate::model::cnp_api as api;
 use crate::model::{
@@ -19,10 +19,19 @@ const MAX_PROTOCOLS: usize = 25;
 const MAX_NETWORKS: usize = 25;
 const MAX_RULE_NAME: usize = 100;
 
+/// With every experimental feature off.
 pub fn cluster_network_policy(
     p: &api::ClusterNetworkPolicy,
 ) -> Result<super::Parsed<ClusterPolicy>> {
+    cluster_network_policy_with(p, &Options::default())
+}
+
+pub fn cluster_network_policy_with(
+    p: &api::ClusterNetworkPolicy,
+    opts: &Options,
+) -> Result<super::Parsed<ClusterPolicy>> {
     let (mut ctx, name) = cluster_name("ClusterNetworkPolicy", &p.metadata);
+    ctx.opts = *opts;
     let name = name?;
     let spec = p.spec.as_ref().ok_or_else(|| ctx.err("spec", "required"))?;
     let tier = match spec.tier.as_str() {
@@ -172,13 +181,14 @@ fn rule(
     }
     let mut out = Vec::new();
     let mut unknown = false;
-    let mut networks = false;
+    // Peers without named ports: a named port beside one is refused, as the CRD does.
+    let mut portless = false;
     for (j, p) in peers.iter().enumerate() {
         let ppath = format!("{field}[{j}]");
         let got = match p {
             PeerIn::Ingress(p) => ingress_peer(ctx, &ppath, p)?,
             PeerIn::Egress(p) => {
-                networks |= p.networks.is_some();
+                portless |= p.networks.is_some() || p.nodes.is_some();
                 egress_peer(ctx, &ppath, p)?
             }
         };
@@ -189,7 +199,7 @@ fn rule(
     }
     let ports = match protocols {
         None => Some(Vec::new()),
-        Some(list) => ports(ctx, path, list, networks)?,
+        Some(list) => ports(ctx, path, list, portless)?,
     };
     let ports = if faults::active(Fault::CnpNoProtocolsExcludesIcmp) && protocols.is_none() {
         Some(Protocol::ALL.into_iter().map(PortSpec::All).collect())
@@ -299,11 +309,15 @@ fn egress_peer(ctx: &mut Ctx, path: &str, p: &api::EgressPeer) -> Result<PeerOut
             "domainNames peers are not supported by Moat: the policy is refused rather than enforced without them",
         ));
     }
-    if p.nodes.is_some() {
-        return Err(ctx.err(
-            format!("{path}.nodes"),
-            "nodes peers (experimental upstream) are not supported by this version of Moat: the policy is refused rather than enforced without them",
-        ));
+    if let Some(n) = &p.nodes {
+        let field = format!("{path}.nodes");
+        if !ctx.opts.experimental_cnp_node_peers {
+            return Err(ctx.err(
+                field,
+                "nodes peers (experimental upstream) are not supported unless the server runs with --experimental-cnp-node-peers (MOAT_EXPERIMENTAL_CNP_NODE_PEERS=true): the policy is refused rather than enforced without them",
+            ));
+        }
+        return Ok(PeerOut::Peers(vec![Peer::Nodes(selector(ctx, &field, n)?)]));
     }
     if let Some(n) = &p.namespaces {
         return Ok(PeerOut::Peers(vec![namespaces(
@@ -348,7 +362,7 @@ fn ports(
     ctx: &Ctx,
     path: &str,
     list: &[api::ProtocolMatch],
-    networks: bool,
+    portless: bool,
 ) -> Result<Option<Vec<PortSpec>>> {
     let field = format!("{path}.protocols");
     if list.is_empty() {
@@ -379,7 +393,7 @@ fn ports(
         }
         if let Some(name) = &m.destination_named_port {
             let npath = format!("{ipath}.destinationNamedPort");
-            if networks {
+            if portless {
                 return Err(ctx.err(
                     npath,
                     "networks/nodes/domainNames peer cannot be set with namedPorts since there are no namedPorts for networks/nodes/domainNames",

@@ -245,3 +245,109 @@ fn namespace_name_label_is_authoritative() {
     let unnamed: core::Namespace = serde_json::from_value(json!({"metadata": {}})).unwrap();
     assert_eq!(namespace(&unnamed).unwrap_err().field, "metadata.name");
 }
+
+fn node_peer_policy(rule: serde_json::Value) -> super::super::cnp_api::ClusterNetworkPolicy {
+    serde_json::from_value(json!({
+        "metadata": {"name": "guard"},
+        "spec": {"tier": "Admin", "priority": 3, "subject": {"namespaces": {}},
+                 "egress": [rule]},
+    }))
+    .expect("test policy deserialises")
+}
+
+#[test]
+fn node_labels_are_parsed_and_validated() {
+    let n: core::Node = serde_json::from_value(json!({
+        "metadata": {"name": "n1", "labels": {"pool": "infra", "kubernetes.io/hostname": "n1"}},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": "n1"},
+            {"type": "InternalIP", "address": "10.0.0.9"},
+        ]},
+    }))
+    .unwrap();
+    let p = node(&n).unwrap().value;
+    assert_eq!(
+        p.labels,
+        BTreeMap::from([
+            ("kubernetes.io/hostname".to_string(), "n1".to_string()),
+            ("pool".to_string(), "infra".to_string()),
+        ])
+    );
+    assert_eq!(p.addrs, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+
+    let bad: core::Node = serde_json::from_value(json!({
+        "metadata": {"name": "n1", "labels": {"pool": "not a value"}},
+    }))
+    .unwrap();
+    let e = node(&bad).expect_err("an invalid label value is refused");
+    assert_eq!(e.field, "metadata.labels[pool]");
+}
+
+#[test]
+fn a_nodes_peer_needs_the_experimental_option() {
+    let p = node_peer_policy(json!({"name": "no-infra", "action": "Deny",
+        "to": [{"nodes": {"matchLabels": {"pool": "infra"}}}]}));
+    // Off (the default): refused whole, naming policy, rule and the flag that enables it.
+    for e in [
+        cluster_network_policy(&p).expect_err("refused by default"),
+        object(&K8sObject::ClusterNetworkPolicy(p.clone())).expect_err("refused by default"),
+    ] {
+        assert_eq!(e.object, "ClusterNetworkPolicy guard");
+        assert_eq!(e.field, "spec.egress[0].to[0].nodes");
+        assert!(e.message.contains("not supported"), "{e}");
+        assert!(e.message.contains("--experimental-cnp-node-peers"), "{e}");
+    }
+    // On: a real peer over Node labels.
+    let on = Options::experimental();
+    let got = cluster_network_policy_with(&p, &on).unwrap().value;
+    let rule = got.egress[0].rule.as_ref().expect("matches something");
+    assert_eq!(
+        rule.peers,
+        vec![Peer::Nodes(Selector {
+            reqs: vec![Requirement {
+                key: "pool".into(),
+                op: Op::In,
+                values: vec!["infra".into()],
+            }],
+        })]
+    );
+    assert!(rule.ports.is_empty());
+    let Object::ClusterPolicy(via_object) = object_with(&K8sObject::ClusterNetworkPolicy(p), &on)
+        .unwrap()
+        .value
+    else {
+        panic!("a ClusterNetworkPolicy parses to a cluster policy");
+    };
+    assert_eq!(via_object, got);
+}
+
+#[test]
+fn a_nodes_peer_is_still_validated() {
+    let on = Options::experimental();
+    // An empty selector selects every Node.
+    let p = node_peer_policy(json!({"action": "Accept", "to": [{"nodes": {}}],
+        "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}]}));
+    let got = cluster_network_policy_with(&p, &on).unwrap().value;
+    assert_eq!(
+        got.egress[0].rule.as_ref().unwrap().peers,
+        vec![Peer::Nodes(Selector::everything())]
+    );
+    // Nodes have no named ports, as the CRD says.
+    let p = node_peer_policy(json!({"action": "Accept", "to": [{"nodes": {}}],
+        "protocols": [{"destinationNamedPort": "http"}]}));
+    let e = cluster_network_policy_with(&p, &on).expect_err("named port beside nodes");
+    assert_eq!(e.field, "spec.egress[0].protocols[0].destinationNamedPort");
+    // One field per peer.
+    let p = node_peer_policy(json!({"action": "Deny",
+        "to": [{"nodes": {}, "networks": ["10.0.0.0/8"]}]}));
+    let e = cluster_network_policy_with(&p, &on).expect_err("two fields");
+    assert_eq!(e.field, "spec.egress[0].to[0]");
+    // Its selector is checked like any other.
+    let p = node_peer_policy(json!({"action": "Deny",
+        "to": [{"nodes": {"matchExpressions": [{"key": "pool", "operator": "In"}]}}]}));
+    let e = cluster_network_policy_with(&p, &on).expect_err("In without values");
+    assert_eq!(
+        e.field,
+        "spec.egress[0].to[0].nodes.matchExpressions[0].values"
+    );
+}

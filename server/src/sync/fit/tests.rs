@@ -157,6 +157,7 @@ fn only_the_biggest_list_is_denied_and_only_in_its_direction() {
         Object::Node(Node {
             name: "n1".into(),
             addrs: vec![],
+            labels: Default::default(),
         }),
         Object::Namespace(Namespace {
             name: "app".into(),
