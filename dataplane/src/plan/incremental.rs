@@ -20,7 +20,7 @@ use moat_policy::ir::delta::{Delta, GroupPatch};
 use moat_policy::ir::{GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId};
 
 use super::budget::{Budget, Overflow};
-use super::tiers::{self, Entry, Resolver};
+use super::tiers::{self, Entry, Ranked, Resolver};
 use super::{Classes, Desired, Ruleset, list_name, merge, spans, v4, v6};
 
 /// What the in-place update needs to know beyond the table itself.
@@ -44,8 +44,9 @@ struct List {
     /// In the snapshot's order.
     rules: Vec<Arc<Rule>>,
     isolated: bool,
-    /// It holds cluster rules: resolved by [`tiers`].
-    tiered: bool,
+    /// A list with cluster rules (resolved by [`tiers`]), indexed once: a patch only ever
+    /// resolves a few classes of it.
+    ranked: Option<Ranked<Arc<Rule>>>,
 }
 
 /// Builds the cache for `d`, the full desired table of `snap`.
@@ -105,12 +106,13 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
             {
                 c.tiered_named.insert(name.clone());
             }
+            let ranked = tiered.then(|| Ranked::new(rules.clone()));
             c.rules.insert(
                 name,
                 List {
                     rules,
                     isolated: dir.isolated,
-                    tiered,
+                    ranked,
                 },
             );
         }
@@ -348,7 +350,7 @@ pub fn patch_in_place(
     }
     // Class entries resolve without members (only named entries read them).
     let no_members = HashMap::new();
-    let mut resolvers: HashMap<String, Resolver<'_>> = HashMap::new();
+    let mut resolvers: HashMap<String, Resolver<'_, Arc<Rule>>> = HashMap::new();
     for (id, (was, now)) in &changed {
         if *was == 0 && *now > 0 {
             let groups = classes.groups(*id).unwrap_or_default().to_vec();
@@ -358,14 +360,10 @@ pub fn patch_in_place(
                     continue;
                 };
                 let mut added = Ruleset::default();
-                if list.tiered {
-                    let r = resolvers.entry(name.clone()).or_insert_with(|| {
-                        Resolver::new(
-                            list.rules.iter().map(|r| &**r).collect(),
-                            list.isolated,
-                            &no_members,
-                        )
-                    });
+                if let Some(ranked) = &list.ranked {
+                    let r = resolvers
+                        .entry(name.clone())
+                        .or_insert_with(|| Resolver::new(ranked, list.isolated, &no_members));
                     if r.names(&groups) {
                         r.class(*id, &groups, &mut |allow, e| put(&mut added, allow, e))
                             .expect("unmetered");
@@ -443,72 +441,72 @@ fn renamed(
     groups_now: &[(IpAddr, Vec<GroupId>)],
     log: &mut Patched,
 ) {
-    let members: HashMap<GroupId, &Members> =
-        new.groups.iter().map(|g| (g.id, &g.members)).collect();
+    // The named entries at those addresses: (ruleset, address's index, protocol, port,
+    // allowed). Most patches find none and stop here.
+    let mut found: Vec<(&String, usize, u8, u16, bool)> = Vec::new();
     for name in &cache.tiered_named {
-        let (Some(rs), Some(list)) = (d.rulesets.get_mut(name), cache.rules.get(name)) else {
+        let Some(rs) = d.rulesets.get(name) else {
             continue;
         };
-        let mut r = None;
-        for (a, groups) in groups_now {
-            let keys: Vec<(u8, u16, bool)> = match a {
+        for (i, (a, _)) in groups_now.iter().enumerate() {
+            let mut note =
+                |p: u8, port: u16, allowed: bool| found.push((name, i, p, port, allowed));
+            match a {
                 IpAddr::V4(x) => {
                     let at = (*x, 0, 0)..=(*x, u8::MAX, u16::MAX);
-                    rs.n4
-                        .range(at.clone())
-                        .map(|k| (k.1, k.2, true))
-                        .chain(rs.deny.n4.range(at).map(|k| (k.1, k.2, false)))
-                        .collect()
+                    rs.n4.range(at.clone()).for_each(|k| note(k.1, k.2, true));
+                    rs.deny.n4.range(at).for_each(|k| note(k.1, k.2, false));
                 }
                 IpAddr::V6(x) => {
                     let at = (*x, 0, 0)..=(*x, u8::MAX, u16::MAX);
-                    rs.n6
-                        .range(at.clone())
-                        .map(|k| (k.1, k.2, true))
-                        .chain(rs.deny.n6.range(at).map(|k| (k.1, k.2, false)))
-                        .collect()
+                    rs.n6.range(at.clone()).for_each(|k| note(k.1, k.2, true));
+                    rs.deny.n6.range(at).for_each(|k| note(k.1, k.2, false));
                 }
-            };
-            if keys.is_empty() {
-                continue;
-            }
-            let r = r.get_or_insert_with(|| {
-                Resolver::new(
-                    list.rules.iter().map(|r| &**r).collect(),
-                    list.isolated,
-                    &members,
-                )
-            });
-            for (p, port, was) in keys {
-                let now = r.named(*a, groups, p, port);
-                if now == was {
-                    continue;
-                }
-                let change = log.rulesets.entry(name.clone()).or_default();
-                let (mut gone, mut came) = (Ruleset::default(), Ruleset::default());
-                tiers::insert(
-                    &mut gone,
-                    was,
-                    Entry::Named(*a, p, port),
-                    &Budget::UNLIMITED,
-                );
-                tiers::insert(
-                    &mut came,
-                    now,
-                    Entry::Named(*a, p, port),
-                    &Budget::UNLIMITED,
-                );
-                match (a, was) {
-                    (IpAddr::V4(x), true) => rs.n4.remove(&(*x, p, port)),
-                    (IpAddr::V4(x), false) => rs.deny.n4.remove(&(*x, p, port)),
-                    (IpAddr::V6(x), true) => rs.n6.remove(&(*x, p, port)),
-                    (IpAddr::V6(x), false) => rs.deny.n6.remove(&(*x, p, port)),
-                };
-                merge_into(rs, &came);
-                merge_into(&mut change.removed, &gone);
-                merge_into(&mut change.added, &came);
             }
         }
+    }
+    if found.is_empty() {
+        return;
+    }
+    let members: HashMap<GroupId, &Members> =
+        new.groups.iter().map(|g| (g.id, &g.members)).collect();
+    let mut resolvers: HashMap<&String, Resolver<'_, Arc<Rule>>> = HashMap::new();
+    for (name, i, p, port, was) in found {
+        let (Some(list), Some(rs)) = (cache.rules.get(name), d.rulesets.get_mut(name)) else {
+            continue;
+        };
+        let Some(ranked) = &list.ranked else { continue };
+        let r = resolvers
+            .entry(name)
+            .or_insert_with(|| Resolver::new(ranked, list.isolated, &members));
+        let (a, groups) = &groups_now[i];
+        let now = r.named(*a, groups, p, port);
+        if now == was {
+            continue;
+        }
+        let (mut gone, mut came) = (Ruleset::default(), Ruleset::default());
+        tiers::insert(
+            &mut gone,
+            was,
+            Entry::Named(*a, p, port),
+            &Budget::UNLIMITED,
+        );
+        tiers::insert(
+            &mut came,
+            now,
+            Entry::Named(*a, p, port),
+            &Budget::UNLIMITED,
+        );
+        match (a, was) {
+            (IpAddr::V4(x), true) => rs.n4.remove(&(*x, p, port)),
+            (IpAddr::V4(x), false) => rs.deny.n4.remove(&(*x, p, port)),
+            (IpAddr::V6(x), true) => rs.n6.remove(&(*x, p, port)),
+            (IpAddr::V6(x), false) => rs.deny.n6.remove(&(*x, p, port)),
+        };
+        merge_into(rs, &came);
+        let change = log.rulesets.entry(name.clone()).or_default();
+        merge_into(&mut change.removed, &gone);
+        merge_into(&mut change.added, &came);
     }
 }
 

@@ -13,7 +13,8 @@
 //! The work is proportional to (classes the list names + 1) × (port segments its rules cut)
 //! × rules: fine for cluster policies' sizes; NetworkPolicy-only lists never come here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use moat_policy::ir::{Action, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
@@ -137,42 +138,34 @@ fn segments(rules: &[&Rule]) -> BTreeMap<u8, Vec<(u16, u16)>> {
         .collect()
 }
 
-/// One rule list holding cluster rules, indexed to resolve the entries of any class or
-/// named address on its own: the full plan resolves every class, an in-place patch only
-/// the classes a membership change brings to life.
-pub struct Resolver<'a> {
+/// One rule list holding cluster rules, by rank and indexed by the peers its rules can
+/// match: built once per list (an in-place patch keeps it across versions, since a list's
+/// rules never change under a patch).
+pub struct Ranked<R> {
     /// The rules by rank: (tier, priority, content ID).
-    list: Vec<&'a Rule>,
-    isolated: bool,
-    members: &'a HashMap<GroupId, &'a Members>,
+    list: Vec<R>,
     any_peer: Vec<usize>,
     by_group: HashMap<GroupId, Vec<usize>>,
     from_groups: Vec<usize>,
     /// Groups a rule with ports of its own names: a class containing one gets entries.
-    named_groups: BTreeSet<GroupId>,
-    /// The any-peer rules' verdicts, for a peer in no class the list names.
-    anyone: Lists<'a>,
-    /// The verdict of a peer in no class, on a protocol without ports.
-    pub default: bool,
+    named_groups: HashSet<GroupId>,
 }
 
-impl<'a> Resolver<'a> {
-    /// `members` is read only for named ports (an empty map serves a caller that resolves
-    /// classes only).
-    pub fn new(
-        mut list: Vec<&'a Rule>,
-        isolated: bool,
-        members: &'a HashMap<GroupId, &'a Members>,
-    ) -> Self {
-        list.sort_by_key(|r| (r.tier, r.priority, r.id));
+impl<R: Borrow<Rule>> Ranked<R> {
+    pub fn new(mut list: Vec<R>) -> Self {
+        list.sort_by_key(|r| {
+            let r = r.borrow();
+            (r.tier, r.priority, r.id)
+        });
         // A peer's verdict depends only on the rules that can match it: the any-peer rules
         // and those naming one of its groups. Resolving each class over its own rules (and
         // its own port cuts) keeps the work near the list's size; over the whole list it is
         // classes × segments × rules, which at 10,000 single-peer rules never ends.
         let (mut any_peer, mut by_group, mut from_groups) =
             (Vec::new(), HashMap::new(), Vec::new());
-        let mut named_groups = BTreeSet::new();
+        let mut named_groups = HashSet::new();
         for (i, r) in list.iter().enumerate() {
+            let r = r.borrow();
             match &r.peers {
                 Peers::Any => any_peer.push(i),
                 Peers::Groups(gs) => {
@@ -187,38 +180,70 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
-        let anyone: Vec<&'a Rule> = any_peer.iter().map(|i| list[*i]).collect();
-        let anyone = lists(&anyone, isolated, members, false);
-        let default = anyone.allows(&NOWHERE, None, 0);
-        Resolver {
+        Ranked {
             list,
-            isolated,
-            members,
             any_peer,
             by_group,
             from_groups,
             named_groups,
+        }
+    }
+
+    fn rule(&self, i: usize) -> &Rule {
+        self.list[i].borrow()
+    }
+}
+
+/// Resolves the entries of any class or named address of one [`Ranked`] list on its own:
+/// the full plan resolves every class, an in-place patch only the classes a membership
+/// change brings to life.
+pub struct Resolver<'a, R> {
+    ranked: &'a Ranked<R>,
+    isolated: bool,
+    members: &'a HashMap<GroupId, &'a Members>,
+    /// The any-peer rules' verdicts, for a peer in no class the list names.
+    anyone: Lists<'a>,
+    /// The verdict of a peer in no class, on a protocol without ports.
+    pub default: bool,
+}
+
+impl<'a, R: Borrow<Rule>> Resolver<'a, R> {
+    /// `members` is read only for named ports (an empty map serves a caller that resolves
+    /// classes only).
+    pub fn new(
+        ranked: &'a Ranked<R>,
+        isolated: bool,
+        members: &'a HashMap<GroupId, &'a Members>,
+    ) -> Self {
+        let anyone: Vec<&'a Rule> = ranked.any_peer.iter().map(|i| ranked.rule(*i)).collect();
+        let anyone = lists(&anyone, isolated, members, false);
+        let default = anyone.allows(&NOWHERE, None, 0);
+        Resolver {
+            ranked,
+            isolated,
+            members,
             anyone,
             default,
         }
     }
 
     fn relevant(&self, groups: &[GroupId], named: bool) -> Vec<&'a Rule> {
-        let mut idx = self.any_peer.clone();
+        let r = self.ranked;
+        let mut idx = r.any_peer.clone();
         for g in groups {
-            idx.extend(self.by_group.get(g).into_iter().flatten());
+            idx.extend(r.by_group.get(g).into_iter().flatten());
         }
         if named {
-            idx.extend(&self.from_groups);
+            idx.extend(&r.from_groups);
         }
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.list[i]).collect()
+        idx.into_iter().map(|i| r.rule(i)).collect()
     }
 
     /// Whether a class of `groups` gets entries of its own.
     pub fn names(&self, groups: &[GroupId]) -> bool {
-        groups.iter().any(|g| self.named_groups.contains(g))
+        groups.iter().any(|g| self.ranked.named_groups.contains(g))
     }
 
     /// The entries of a peer in no class: protocol and port ranges where the any-peer rules
@@ -295,8 +320,8 @@ impl<'a> Resolver<'a> {
     /// Every resolved named port of the list: (address, protocol, port).
     pub fn named_keys(&self) -> BTreeSet<(IpAddr, u8, u16)> {
         let mut named = BTreeSet::new();
-        for i in &self.from_groups {
-            if let Peers::Groups(gs) = &self.list[*i].peers {
+        for i in &self.ranked.from_groups {
+            if let Peers::Groups(gs) = &self.ranked.rule(*i).peers {
                 for g in gs {
                     if let Some(Members::AddrPorts(m)) = self.members.get(g) {
                         named.extend(m.iter().map(|m| (m.addr, m.proto.number(), m.port)));
@@ -413,8 +438,12 @@ pub fn ruleset<'a>(
     classes: &Classes,
     meter: &mut Meter,
 ) -> Result<Ruleset, Overflow> {
-    let list: Vec<&Rule> = ids.iter().filter_map(|id| rules.get(id).copied()).collect();
-    let r = Resolver::new(list, isolated, members);
+    let ranked = Ranked::new(
+        ids.iter()
+            .filter_map(|id| rules.get(id).copied())
+            .collect::<Vec<&Rule>>(),
+    );
+    let r = Resolver::new(&ranked, isolated, members);
     let mut rs = Ruleset {
         egress,
         any: r.default,
@@ -428,7 +457,7 @@ pub fn ruleset<'a>(
     };
     r.anyone(&mut put)?;
     // Every class a rule names.
-    let named_classes: BTreeSet<u32> = r
+    let named_classes: BTreeSet<u32> = ranked
         .named_groups
         .iter()
         .filter_map(|g| classes_of.get(g))
