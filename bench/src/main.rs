@@ -7,6 +7,7 @@
 
 mod alloc;
 mod cnp;
+mod cnpnode;
 mod compiler;
 mod datapath;
 mod ebpfbench;
@@ -90,6 +91,16 @@ enum Command {
         event_rounds: usize,
         #[arg(long, default_value_t = 500)]
         iterations: usize,
+    },
+    /// The Antrea scale's largest node under the admin and baseline policies: fit, full
+    /// apply and one-pod deltas on both dataplanes (root; private netns).
+    CnpNode {
+        /// Full applies timed per backend and snapshot.
+        #[arg(long, default_value_t = 5)]
+        full_runs: usize,
+        /// One-pod deltas timed per backend and event.
+        #[arg(long, default_value_t = 21)]
+        delta_runs: usize,
     },
     /// The sync plane: simulated enforcers against a real server process.
     Sync {
@@ -329,6 +340,14 @@ fn main() -> Result<()> {
             cluster,
             kubeconfig,
         } => kube::serve(&cluster, &kubeconfig),
+        Command::CnpNode {
+            full_runs,
+            delta_runs,
+        } => {
+            if netns::inside()? {
+                print!("{}", cnpnode::run(full_runs, delta_runs)?);
+            }
+        }
         Command::NftApply(a) => {
             if netns::inside()? {
                 print!("{}", nftapply::run(a.rules, a.full_runs, a.delta_runs)?);

@@ -1,0 +1,326 @@
+//! The Antrea scale's largest node under 100 Admin and 20 Baseline ClusterNetworkPolicies
+//! (issue #16): does its snapshot fit each dataplane's default sizes, and how long do a
+//! full apply and one-pod deltas take, through the backends' own `Backend` calls, in a
+//! private network namespace.
+//!
+//! The synthetic admin policies have `namespaces: {}` peers (every pod of the cluster): the
+//! largest node's table holds every pod address. The node is the one whose snapshot has the
+//! most entries of all 5,000. One-pod deltas: a pod appearing on another node and going
+//! again, without container ports (only address groups change: patched in place), and with a
+//! named port the admin policies name (a named-port group changes: planned whole).
+//! Baseline, same run: each backend applying the 10,000-rule NetworkPolicy snapshot of
+//! `nft-apply`/`ebpf-apply` (the targets' reference size) and its one-pod delta.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use moat_dataplane::Backend;
+use moat_dataplane::local::LocalPods;
+use moat_enforcer_ebpf::EbpfBackend;
+use moat_enforcer_nft::NftBackend;
+use moat_policy::Index;
+use moat_policy::ir::{NodeSnapshot, delta};
+use moat_policy::model::{self, Object};
+use moat_policy::testkit::synthetic::{self, Scale};
+
+use crate::compiler::{Cnps, input, pod};
+use crate::nftapply::{local_pods, median, ms, objects, snapshot, spread};
+
+/// A node's snapshot before and after a pod elsewhere appears.
+struct Pair {
+    what: &'static str,
+    without: NodeSnapshot,
+    with: NodeSnapshot,
+}
+
+struct Node {
+    name: String,
+    base: NodeSnapshot,
+    pairs: Vec<Pair>,
+}
+
+/// Compiles the world and picks its largest node, with the snapshots of two pod events.
+fn largest_node() -> Result<Node> {
+    let scale = Scale::ANTREA;
+    let mut index = Index::build(
+        input(
+            scale,
+            Cnps {
+                admin: 100,
+                baseline: 20,
+            },
+        )
+        .objects,
+    );
+    let (mut name, mut largest) = (String::new(), 0);
+    for n in index.nodes() {
+        let size = index.snapshot(&n.node).expect("listed").size().total();
+        if size > largest {
+            (name, largest) = (n.node.to_string(), size);
+        }
+    }
+    let base = index.snapshot(&name).expect("the largest node");
+    let elsewhere = (0..scale.nodes)
+        .map(synthetic::node_name)
+        .find(|n| *n != name)
+        .expect("another node");
+    let at = |o: Object| -> Object {
+        let Object::Pod(mut p) = o else {
+            unreachable!("a pod")
+        };
+        p.node = Some(elsewhere.clone());
+        Object::Pod(p)
+    };
+    let plain = {
+        let Object::Pod(mut p) = at(pod("ns-00000", "bench-plain", "app-1", 0, 3_000_000)) else {
+            unreachable!("a pod")
+        };
+        p.ports.clear();
+        Object::Pod(p)
+    };
+    let named = at(pod("ns-00000", "bench-named", "app-1", 0, 3_000_001));
+    let mut pairs = Vec::new();
+    for (what, o) in [
+        ("a pod without ports, on another node", plain),
+        ("a pod with a named port the admin policies name", named),
+    ] {
+        let key = o.key();
+        index.apply(o);
+        let with = index.snapshot(&name).expect("still listed");
+        index.delete(&key);
+        let without = index.snapshot(&name).expect("still listed");
+        ensure!(without.digest == base.digest, "the event undone");
+        ensure!(with.digest != base.digest, "{what}: the node's snapshot changes");
+        pairs.push(Pair {
+            what,
+            without,
+            with,
+        });
+    }
+    Ok(Node { name, base, pairs })
+}
+
+/// Times full applies (from `empty`) and one-pod deltas on `b`.
+struct Times {
+    full: Vec<Duration>,
+    deltas: Vec<Vec<Duration>>,
+    degraded: usize,
+    entries: Option<u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_backend<B: Backend>(
+    b: &mut B,
+    settle: impl Fn(&mut B),
+    empty: &NodeSnapshot,
+    snap: &NodeSnapshot,
+    pairs: &[(&NodeSnapshot, &NodeSnapshot)],
+    local: &LocalPods,
+    full_runs: usize,
+    delta_runs: usize,
+) -> Result<Times> {
+    let mut full = Vec::new();
+    let mut degraded = 0;
+    for _ in 0..full_runs {
+        b.apply_full(empty, local)?;
+        settle(b);
+        let t = Instant::now();
+        let applied = b.apply_full(snap, local)?;
+        full.push(t.elapsed());
+        degraded = applied.degraded.len();
+        settle(b);
+    }
+    // eBPF counts map entries, nft set elements.
+    let c = b.counters();
+    let entries = c.get("entries").or_else(|| c.get("elements")).copied();
+    let mut deltas = Vec::new();
+    for (without, with) in pairs {
+        b.apply_full(without, local)?;
+        settle(b);
+        let (there, back) = (delta::diff(without, with), delta::diff(with, without));
+        let mut v = Vec::new();
+        for i in 0..delta_runs {
+            let t = Instant::now();
+            if i % 2 == 0 {
+                b.apply_delta(without, &there, with, local)?;
+            } else {
+                b.apply_delta(with, &back, without, local)?;
+            }
+            v.push(t.elapsed());
+            settle(b);
+        }
+        deltas.push(v);
+    }
+    Ok(Times {
+        full,
+        deltas,
+        degraded,
+        entries,
+    })
+}
+
+pub fn run(full_runs: usize, delta_runs: usize) -> Result<String> {
+    let t = Instant::now();
+    let node = largest_node()?;
+    let compiled = t.elapsed();
+    let size = node.base.size();
+    // The reference: the 10,000-rule NetworkPolicy node of `nft-apply`/`ebpf-apply`.
+    let (ref_a, ref_b) = (
+        snapshot(&objects(10_000, false)),
+        snapshot(&objects(10_000, true)),
+    );
+    let ref_empty = snapshot(
+        &objects(0, false)
+            .into_iter()
+            .filter(|o| !matches!(o, model::K8sObject::NetworkPolicy(_)))
+            .collect::<Vec<_>>(),
+    );
+    let local = local_pods(&node.base, 0);
+    let ref_local = local_pods(&ref_a, 0);
+    let pairs: Vec<(&NodeSnapshot, &NodeSnapshot)> =
+        node.pairs.iter().map(|p| (&p.without, &p.with)).collect();
+    // Its own empty version: the node's pods, no policy at all.
+    let empty = {
+        let mut e = node.base.clone();
+        for ep in &mut e.endpoints {
+            ep.ingress = Default::default();
+            ep.egress = Default::default();
+        }
+        e.rules.clear();
+        e.groups.clear();
+        e.version += 1;
+        e.digest = e.content_digest();
+        e
+    };
+
+    let mut out = String::new();
+    writeln!(
+        out,
+        "Node `{}` of 5,000 (Antrea scale, 100 Admin + 20 Baseline ClusterNetworkPolicies; compiled and chosen in {:.1} s): {} endpoints, {} rules, {} groups, {} group members.\n",
+        node.name,
+        compiled.as_secs_f64(),
+        size.endpoints,
+        size.rules,
+        size.groups,
+        size.members
+    )?;
+    writeln!(
+        out,
+        "| backend | what | the largest node | baseline: 10,000-rule NetworkPolicy node | ratio | target |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+
+    // nft.
+    let dir = tempfile::tempdir()?;
+    let mut nft = NftBackend::open(
+        moat_enforcer_nft::DEFAULT_MAX_ELEMENTS,
+        &dir.path().join("lock"),
+    )?;
+    nft.adopt(None, &LocalPods::default())?;
+    let no_settle = |_: &mut NftBackend| {};
+    let big = time_backend(
+        &mut nft,
+        no_settle,
+        &empty,
+        &node.base,
+        &pairs,
+        &local,
+        full_runs,
+        delta_runs,
+    )?;
+    let reference = time_backend(
+        &mut nft,
+        no_settle,
+        &ref_empty,
+        &ref_a,
+        &[(&ref_a, &ref_b)],
+        &ref_local,
+        full_runs,
+        delta_runs,
+    )?;
+    nft.remove_all()?;
+    rows(&mut out, "nft", &big, &reference, &node, 300.0, 10.0)?;
+
+    // eBPF.
+    let mut ebpf = EbpfBackend::open(
+        PathBuf::from("/sys/fs/bpf"),
+        "bench-node",
+        moat_dataplane::local::PodInterfaces::Auto,
+        Default::default(),
+    )?;
+    ebpf.adopt(None, &LocalPods::default())?;
+    // The replay onto the unused slot runs after the timed apply: settled before the next.
+    let settle = EbpfBackend::settle;
+    let big = time_backend(
+        &mut ebpf,
+        settle,
+        &empty,
+        &node.base,
+        &pairs,
+        &local,
+        full_runs,
+        delta_runs,
+    )?;
+    let reference = time_backend(
+        &mut ebpf,
+        settle,
+        &ref_empty,
+        &ref_a,
+        &[(&ref_a, &ref_b)],
+        &ref_local,
+        full_runs,
+        delta_runs,
+    )?;
+    ebpf.remove_all()?;
+    rows(&mut out, "eBPF", &big, &reference, &node, 100.0, 1.0)?;
+    Ok(out)
+}
+
+fn rows(
+    out: &mut String,
+    backend: &str,
+    big: &Times,
+    reference: &Times,
+    node: &Node,
+    full_target: f64,
+    delta_target: f64,
+) -> Result<()> {
+    let cell = |v: &[Duration]| format!("{:.2} ms ({})", ms(median(v.to_vec())), spread(v));
+    let ratio = |a: &[Duration], b: &[Duration]| {
+        ms(median(a.to_vec())) / ms(median(b.to_vec())).max(f64::MIN_POSITIVE)
+    };
+    writeln!(
+        out,
+        "| {backend} | fits the default sizes | {} ({} entries) | {} entries | — | fits |",
+        if big.degraded == 0 {
+            "yes".to_string()
+        } else {
+            format!("**no**: {} rule lists degraded", big.degraded)
+        },
+        big.entries
+            .map_or_else(|| "?".to_string(), |e| e.to_string()),
+        reference
+            .entries
+            .map_or_else(|| "?".to_string(), |e| e.to_string()),
+    )?;
+    writeln!(
+        out,
+        "| {backend} | full apply, onto the node without policy | {} | {} | {:.2}× | ≤ {full_target} ms |",
+        cell(&big.full),
+        cell(&reference.full),
+        ratio(&big.full, &reference.full)
+    )?;
+    for (pair, d) in node.pairs.iter().zip(&big.deltas) {
+        writeln!(
+            out,
+            "| {backend} | one-pod delta: {} | {} | {} | {:.2}× | ≤ {delta_target} ms |",
+            pair.what,
+            cell(d),
+            cell(&reference.deltas[0]),
+            ratio(d, &reference.deltas[0])
+        )?;
+    }
+    Ok(())
+}
