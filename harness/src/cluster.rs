@@ -555,6 +555,26 @@ impl Cluster {
         AgentHandle::spawn(&self.node(i), &[], &[], &[])
     }
 
+    /// An agent in node `i`'s namespace serving these ports on the node's own addresses (as a
+    /// node's daemon or host-network pod would), for as long as the handle lives.
+    ///
+    /// The node's routes to its own pods get the node's address as their preferred source
+    /// (as on a CNI whose node holds no address on the pods' veths): else a UDP reply from
+    /// the agent's wildcard socket to one of them would leave from the veth's 169.254.1.1,
+    /// which the pod's client does not take for the node's answer.
+    pub fn node_server(&self, i: usize, tcp: &[u16], udp: &[u16]) -> Result<AgentHandle> {
+        let n = self.node(i);
+        let src = self.spec.node_v4(i).to_string();
+        for p in self.spec.pods.iter().filter(|p| p.node == i) {
+            let (_, host_if) = self.pods.get(&p.key).context("wired pod")?;
+            let dst = format!("{}/32", p.v4);
+            ip(&[
+                "-n", &n, "route", "replace", &dst, "dev", host_if, "src", &src,
+            ])?;
+        }
+        AgentHandle::spawn(&n, tcp, udp, &[])
+    }
+
     /// Starts a process inside a namespace, its stdout and stderr appended to `log`; it is
     /// killed when the cluster is dropped.
     pub fn spawn_in(

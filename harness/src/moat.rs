@@ -39,6 +39,9 @@ pub struct Moat {
     pub enforcer_args: Vec<String>,
     /// Node index → more arguments for that node's enforcer's next starts.
     pub node_args: std::collections::BTreeMap<usize, Vec<String>>,
+    /// What the server accepts (its experimental flags, e.g. `--experimental-cnp-node-peers`),
+    /// from its next start on; [`apply`](Self::apply) expects the digests of what it accepts.
+    pub parse_options: model::parse::Options,
     /// Where enforcers reach the server: a virtual address each node translates to the
     /// server's current one (kube-proxy's ClusterIP, so the server can move), else the
     /// server's own address.
@@ -183,6 +186,7 @@ impl Moat {
             node_backends: Default::default(),
             enforcer_args: Vec::new(),
             node_args: Default::default(),
+            parse_options: Default::default(),
             server_vip: None,
             server_addr,
             containers,
@@ -312,12 +316,25 @@ impl Moat {
             .args(tls_args(&c, "server"))
             .arg("--state-dir")
             .arg(self.path("state/server"))
+            .args(self.server_flags())
             .env("MOAT_LOG", log_level())
             .env("NO_COLOR", "1");
         let fab = self.cluster.fabric();
         let log = self.log("server");
         self.cluster.spawn_in(&fab, &mut cmd, &log)?;
         Ok(())
+    }
+
+    /// The server's flags for [`parse_options`](Self::parse_options).
+    fn server_flags(&self) -> Vec<&'static str> {
+        let model::parse::Options {
+            experimental_cnp_node_peers,
+        } = self.parse_options;
+        let mut out = Vec::new();
+        if experimental_cnp_node_peers {
+            out.push("--experimental-cnp-node-peers");
+        }
+        out
     }
 
     /// Starts (or restarts) node `i`'s enforcer.
@@ -529,7 +546,7 @@ impl Moat {
 
     /// Makes the cluster hold exactly `objects` and waits until every node enforces them.
     pub fn apply(&self, objects: &[K8sObject], timeout: Duration) -> Result<()> {
-        let expected = Self::expected(objects)?;
+        let expected = Self::expected_with(objects, &self.parse_options)?;
         self.write_manifests(objects)?;
         self.wait_applied(&expected, timeout)
     }
@@ -571,11 +588,19 @@ impl Moat {
         Ok(())
     }
 
-    /// The digest every node must end up enforcing for `objects`.
+    /// The digest every node must end up enforcing for `objects` (no experimental feature).
     pub fn expected(objects: &[K8sObject]) -> Result<BTreeMap<String, Digest>> {
+        Self::expected_with(objects, &model::parse::Options::default())
+    }
+
+    /// Same, for a server accepting what `opts` enables.
+    pub fn expected_with(
+        objects: &[K8sObject],
+        opts: &model::parse::Options,
+    ) -> Result<BTreeMap<String, Digest>> {
         let parsed: Vec<_> = objects
             .iter()
-            .map(|o| model::parse::object(o).map(|p| p.value))
+            .map(|o| model::parse::object_with(o, opts).map(|p| p.value))
             .collect::<Result<_, _>>()?;
         let index = Index::build(parsed);
         Ok(index

@@ -26,6 +26,8 @@ pub struct World {
     /// [`base`](Self::base) only once [`announce`](Self::announce)d, so a test decides
     /// when the server learns of them.
     pub extra: std::collections::BTreeMap<String, ExtraPod>,
+    /// Node index → its Node's labels in [`base`](Self::base) (none when absent).
+    pub node_labels: std::collections::BTreeMap<usize, serde_json::Value>,
     _slot: Slot,
 }
 
@@ -74,6 +76,7 @@ impl World {
             moat,
             spec,
             extra: Default::default(),
+            node_labels: Default::default(),
             _slot: s,
         };
         w.apply(&[]);
@@ -84,8 +87,12 @@ impl World {
     pub fn base(&self) -> Vec<K8sObject> {
         let mut out = Vec::new();
         for i in 0..self.spec.nodes {
+            let mut metadata = json!({"name": node_name(i)});
+            if let Some(labels) = self.node_labels.get(&i) {
+                metadata["labels"] = labels.clone();
+            }
             out.push(K8sObject::Node(k8s(json!({
-                "metadata": {"name": node_name(i)},
+                "metadata": metadata,
                 "status": {"addresses": [
                     {"type": "InternalIP", "address": self.spec.node_v4(i).to_string()},
                     {"type": "InternalIP", "address": self.spec.node_v6(i).to_string()},

@@ -110,7 +110,7 @@ impl Moat {
         let at = |v: &str, file: &str| -> Result<String> {
             Ok(c.server_mount(v)?.join(file).display().to_string())
         };
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--source".into(),
             format!("dir:{MANIFESTS}"),
             "--poll-seconds".into(),
@@ -130,6 +130,7 @@ impl Moat {
             "--state-dir".into(),
             c.server_mount("state")?.display().to_string(),
         ];
+        args.extend(self.server_flags().into_iter().map(String::from));
         let fab = self.cluster.fabric();
         let name = self.server_container();
         let run = Run {

@@ -105,6 +105,7 @@ impl Moat {
             .args(["--ha-cluster", "default", "--ha-namespace", "moat-system"])
             .args(["--replica", &format!("r{i}")])
             .args(["--ha-stale-after", "3s", "--ha-drain", "2s"])
+            .args(self.server_flags())
             .env("MOAT_LOG", log_level())
             .env("NO_COLOR", "1");
         let fab = self.cluster.fabric();
