@@ -169,6 +169,27 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// The class of a peer address, as the dataplane finds it: its exact entry, else the
+    /// range holding it (`None`: in no class).
+    pub fn class_at(&self, a: IpAddr) -> Option<u32> {
+        match a {
+            IpAddr::V4(x) => self.addr4.get(&x).copied().or_else(|| {
+                self.class4
+                    .range(..=(x, Ipv4Addr::from(u32::MAX)))
+                    .next_back()
+                    .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
+                    .map(|(_, c)| *c)
+            }),
+            IpAddr::V6(x) => self.addr6.get(&x).copied().or_else(|| {
+                self.class6
+                    .range(..=(x, Ipv6Addr::from(u128::MAX)))
+                    .next_back()
+                    .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
+                    .map(|(_, c)| *c)
+            }),
+        }
+    }
+
     /// Elements the table holds (for capacity checks and reports).
     pub fn elements(&self) -> usize {
         self.class4.len()
@@ -734,6 +755,7 @@ pub fn desired_within(
                 &groups,
                 &classes_of,
                 classes,
+                &d,
                 &mut trial,
             )
         } else {

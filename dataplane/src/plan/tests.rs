@@ -649,3 +649,60 @@ fn a_list_naming_a_missing_rule_is_denied_whole() {
         d.degraded
     );
 }
+
+/// Named entries whose addresses share a class still resolve per named-port rule: two
+/// Admin rules on the same named port, one denying one pod set, one accepting another,
+/// with nothing else telling those pods apart.
+#[test]
+fn named_entries_of_one_class_follow_their_own_rules() {
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+
+    let pod = |name: &str, node: &str, ip: &str, app: &str| {
+        K8sObject::Pod(k8s(json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "main",
+                "ports": [{"name": "http", "protocol": "TCP", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        })))
+    };
+    let cnp = |name: &str, priority: u32, action: &str, app: &str| {
+        K8sObject::ClusterNetworkPolicy(k8s(json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"tier": "Admin", "priority": priority,
+                "subject": {"pods": {"namespaceSelector": {},
+                    "podSelector": {"matchLabels": {"app": "c"}}}},
+                "egress": [{"action": action,
+                    "to": [{"pods": {"namespaceSelector": {},
+                        "podSelector": {"matchLabels": {"app": app}}}}],
+                    "protocols": [{"destinationNamedPort": "http"}]}]},
+        })))
+    };
+    let objects = vec![
+        K8sObject::Node(k8s(json!({"metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))),
+        K8sObject::Node(k8s(json!({"metadata": {"name": "n2"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}}))),
+        K8sObject::Namespace(k8s(json!({"metadata": {"name": "ns"}}))),
+        pod("client", "n1", "10.0.0.1", "c"),
+        pod("denied", "n2", "10.0.1.1", "x"),
+        pod("accepted", "n2", "10.0.1.2", "y"),
+        cnp("deny-x", 1, "Deny", "x"),
+        cnp("accept-y", 2, "Accept", "y"),
+    ];
+    let snap = Index::build(parse_all(&objects))
+        .snapshot("n1")
+        .expect("n1's snapshot");
+    let d = desired(&snap, &mut Classes::default());
+    let rs = d
+        .rulesets
+        .values()
+        .find(|rs| rs.named_ports)
+        .expect("the client's egress ruleset");
+    let key = |ip: &str| (ip.parse().unwrap(), 6u8, 8080u16);
+    assert!(rs.deny.n4.contains(&key("10.0.1.1")), "{rs:?}");
+    assert!(rs.n4.contains(&key("10.0.1.2")), "{rs:?}");
+}

@@ -17,10 +17,11 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use moat_policy::ir::{Action, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
+use moat_policy::ir::{Action, AddrPort, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
+use moat_policy::model::Protocol;
 
 use super::budget::{Budget, Kind, Meter, Overflow};
-use super::{Classes, Ruleset};
+use super::{Classes, Desired, Ruleset};
 
 /// The three protocols with ports; anything else (ICMP…) only meets port-less rules.
 const PORTED: [u8; 3] = [6, 17, 132];
@@ -73,10 +74,14 @@ impl Lists<'_> {
                 else {
                     return false;
                 };
+                let Some(proto) = Protocol::ALL.into_iter().find(|p| p.number() == proto) else {
+                    return false;
+                };
+                let key = AddrPort { addr, proto, port };
+                // Members are sorted (the IR's invariant, restored on decoding): a broad
+                // named-port peer holds every pod of the cluster.
                 gs.iter().any(|g| match self.members.get(g) {
-                    Some(Members::AddrPorts(m)) => m
-                        .iter()
-                        .any(|m| m.addr == addr && m.proto.number() == proto && m.port == port),
+                    Some(Members::AddrPorts(m)) => m.binary_search(&key).is_ok(),
                     _ => false,
                 })
             }
@@ -332,6 +337,22 @@ impl<'a, R: Borrow<Rule>> Resolver<'a, R> {
         named
     }
 
+    /// The named-port rules holding (`addr`, `proto`, `port`): with the class of `addr`,
+    /// all that [`named`](Self::named)'s verdict depends on.
+    pub fn named_hits(&self, addr: IpAddr, proto: u8, port: u16) -> Vec<usize> {
+        let lists = lists(&[], self.isolated, self.members, false);
+        let at = At {
+            groups: &[],
+            addr: Some(addr),
+        };
+        self.ranked
+            .from_groups
+            .iter()
+            .copied()
+            .filter(|i| lists.matches(self.ranked.rule(*i), &at, Some(proto), port))
+            .collect()
+    }
+
     /// The verdict at a named entry: everything that also matches there folded in. `groups`
     /// is the class of `addr`.
     pub fn named(&self, addr: IpAddr, groups: &[GroupId], proto: u8, port: u16) -> bool {
@@ -436,6 +457,7 @@ pub fn ruleset<'a>(
     members: &'a HashMap<GroupId, &'a Members>,
     classes_of: &HashMap<GroupId, BTreeSet<u32>>,
     classes: &Classes,
+    table: &Desired,
     meter: &mut Meter,
 ) -> Result<Ruleset, Overflow> {
     let ranked = Ranked::new(
@@ -478,9 +500,18 @@ pub fn ruleset<'a>(
         r.class(c, groups, &mut put)?;
     }
     // Named ports: an entry per resolved (address, protocol, port).
+    // The class of each address comes from the table's address maps, already laid out. A
+    // broad named-port peer names every pod of the cluster, most of them alike: the verdict
+    // is resolved once per (class, protocol, port, named-port rules holding the key).
+    let mut memo: HashMap<(Option<u32>, u8, u16, Vec<usize>), bool> = HashMap::new();
     for (addr, p, port) in r.named_keys() {
-        let groups = groups_of(addr, members);
-        put(r.named(addr, &groups, p, port), Entry::Named(addr, p, port))?;
+        let class = table.class_at(addr);
+        let hits = r.named_hits(addr, p, port);
+        let allow = *memo.entry((class, p, port, hits)).or_insert_with(|| {
+            let groups = class.and_then(|c| classes.groups(c)).unwrap_or_default();
+            r.named(addr, groups, p, port)
+        });
+        put(allow, Entry::Named(addr, p, port))?;
     }
     Ok(rs)
 }
@@ -504,23 +535,6 @@ fn merged(segs: &[(u16, u16)], allows: impl Fn(u16) -> bool) -> Vec<(u16, u16, b
         }
     }
     out
-}
-
-/// The class of a single address: every address group containing it (sorted).
-fn groups_of(addr: IpAddr, members: &HashMap<GroupId, &Members>) -> Vec<GroupId> {
-    let mut v: Vec<GroupId> = members
-        .iter()
-        .filter(|(_, m)| match m {
-            Members::Addrs(a) => a.binary_search(&addr).is_ok(),
-            Members::Block { cidr, except } => {
-                cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
-            }
-            Members::AddrPorts(_) => false,
-        })
-        .map(|(g, _)| *g)
-        .collect();
-    v.sort_unstable();
-    v
 }
 
 /// Layout mistakes the tests plant to show that they catch them; never on outside tests.
