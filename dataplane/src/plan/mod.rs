@@ -17,6 +17,8 @@
 //!   isolates are in no map and cost one failed lookup.
 
 pub mod budget;
+#[cfg(test)]
+mod fixtures;
 pub mod incremental;
 pub mod tiers;
 

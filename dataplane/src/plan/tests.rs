@@ -655,47 +655,29 @@ fn a_list_naming_a_missing_rule_is_denied_whole() {
 /// with nothing else telling those pods apart.
 #[test]
 fn named_entries_of_one_class_follow_their_own_rules() {
-    use moat_policy::model::K8sObject;
-    use moat_policy::testkit::k8s;
+    use crate::plan::fixtures::{admin_egress, base, client_node, pod};
     use serde_json::json;
 
-    let pod = |name: &str, node: &str, ip: &str, app: &str| {
-        K8sObject::Pod(k8s(json!({
-            "metadata": {"name": name, "namespace": "ns", "labels": {"app": app}},
-            "spec": {"nodeName": node, "containers": [{"name": "main",
-                "ports": [{"name": "http", "protocol": "TCP", "containerPort": 8080}]}]},
-            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
-        })))
-    };
-    let cnp = |name: &str, priority: u32, action: &str, app: &str| {
-        K8sObject::ClusterNetworkPolicy(k8s(json!({
-            "apiVersion": "policy.networking.k8s.io/v1alpha2",
-            "kind": "ClusterNetworkPolicy",
-            "metadata": {"name": name},
-            "spec": {"tier": "Admin", "priority": priority,
-                "subject": {"pods": {"namespaceSelector": {},
-                    "podSelector": {"matchLabels": {"app": "c"}}}},
-                "egress": [{"action": action,
-                    "to": [{"pods": {"namespaceSelector": {},
-                        "podSelector": {"matchLabels": {"app": app}}}}],
-                    "protocols": [{"destinationNamedPort": "http"}]}]},
-        })))
-    };
-    let objects = vec![
-        K8sObject::Node(k8s(json!({"metadata": {"name": "n1"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))),
-        K8sObject::Node(k8s(json!({"metadata": {"name": "n2"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}}))),
-        K8sObject::Namespace(k8s(json!({"metadata": {"name": "ns"}}))),
-        pod("client", "n1", "10.0.0.1", "c"),
-        pod("denied", "n2", "10.0.1.1", "x"),
-        pod("accepted", "n2", "10.0.1.2", "y"),
-        cnp("deny-x", 1, "Deny", "x"),
-        cnp("accept-y", 2, "Accept", "y"),
-    ];
-    let snap = Index::build(parse_all(&objects))
-        .snapshot("n1")
-        .expect("n1's snapshot");
+    let mut objects = base();
+    objects.extend([
+        pod("denied", "n2", "10.0.1.1", json!({"app": "x"})),
+        pod("accepted", "n2", "10.0.1.2", json!({"app": "y"})),
+        admin_egress(
+            "deny-x",
+            1,
+            "Deny",
+            json!({"matchLabels": {"app": "x"}}),
+            true,
+        ),
+        admin_egress(
+            "accept-y",
+            2,
+            "Accept",
+            json!({"matchLabels": {"app": "y"}}),
+            true,
+        ),
+    ]);
+    let snap = client_node(&objects);
     let d = desired(&snap, &mut Classes::default());
     let rs = d
         .rulesets

@@ -109,68 +109,33 @@ fn patching_in_place_equals_recomputing() {
 /// to deny, in a delta that changes only a group's members (the named group stays).
 #[test]
 fn a_relabel_under_cluster_rules_resolves_named_entries_again() {
-    use moat_policy::model::K8sObject;
-    use moat_policy::testkit::k8s;
+    use crate::plan::fixtures::{admin_egress, base, client_node, pod};
     use serde_json::json;
 
-    let world = |blocked: bool| -> Vec<K8sObject> {
+    let snap = |blocked: bool| {
         let mut server_labels = json!({"app": "s"});
         if blocked {
             server_labels["blocked"] = json!("yes");
         }
-        let pod = |name: &str, node: &str, ip: &str, labels: serde_json::Value| {
-            K8sObject::Pod(k8s(json!({
-                "metadata": {"name": name, "namespace": "ns", "labels": labels},
-                "spec": {"nodeName": node, "containers": [{"name": "main",
-                    "ports": [{"name": "http", "protocol": "TCP", "containerPort": 8080}]}]},
-                "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
-            })))
-        };
-        let rule = |action: &str, peer: serde_json::Value, named: bool| {
-            let mut r = json!({"action": action, "to": [{"pods": {
-                "namespaceSelector": {}, "podSelector": peer}}]});
-            if named {
-                r["protocols"] = json!([{"destinationNamedPort": "http"}]);
-            }
-            r
-        };
-        let cnp = |name: &str, priority: u32, r: serde_json::Value| {
-            K8sObject::ClusterNetworkPolicy(k8s(json!({
-                "apiVersion": "policy.networking.k8s.io/v1alpha2",
-                "kind": "ClusterNetworkPolicy",
-                "metadata": {"name": name},
-                "spec": {"tier": "Admin", "priority": priority,
-                    "subject": {"pods": {"namespaceSelector": {},
-                        "podSelector": {"matchLabels": {"app": "c"}}}},
-                    "egress": [r]},
-            })))
-        };
-        vec![
-            K8sObject::Node(k8s(json!({"metadata": {"name": "n1"},
-                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))),
-            K8sObject::Node(k8s(json!({"metadata": {"name": "n2"},
-                "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}}))),
-            K8sObject::Namespace(k8s(json!({"metadata": {"name": "ns"}}))),
-            pod("client", "n1", "10.0.0.1", json!({"app": "c"})),
+        let mut o = base();
+        o.extend([
             pod("server", "n2", "10.0.1.1", server_labels),
-            cnp(
+            admin_egress(
                 "deny-blocked",
                 1,
-                rule("Deny", json!({"matchLabels": {"blocked": "yes"}}), false),
+                "Deny",
+                json!({"matchLabels": {"blocked": "yes"}}),
+                false,
             ),
-            cnp(
+            admin_egress(
                 "accept-http",
                 2,
-                rule("Accept", json!({"matchLabels": {"app": "s"}}), true),
+                "Accept",
+                json!({"matchLabels": {"app": "s"}}),
+                true,
             ),
-        ]
-    };
-    let snap = |blocked| {
-        Index::build(parse_all(&world(blocked)))
-            .snapshots()
-            .into_iter()
-            .find(|s| s.node == "n1")
-            .expect("n1's snapshot")
+        ]);
+        client_node(&o)
     };
     let (old, new) = (snap(false), snap(true));
     let dl = delta::diff(&old, &new);
