@@ -92,7 +92,10 @@ fn largest_node() -> Result<Node> {
         index.delete(&key);
         let without = index.snapshot(&name).expect("still listed");
         ensure!(without.digest == base.digest, "the event undone");
-        ensure!(with.digest != base.digest, "{what}: the node's snapshot changes");
+        ensure!(
+            with.digest != base.digest,
+            "{what}: the node's snapshot changes"
+        );
         pairs.push(Pair {
             what,
             without,
@@ -212,70 +215,80 @@ pub fn run(full_runs: usize, delta_runs: usize) -> Result<String> {
     )?;
     writeln!(out, "|---|---|---|---|---|---|")?;
 
-    // nft.
+    let work = Work {
+        empty: &empty,
+        base: &node.base,
+        pairs: &pairs,
+        local: &local,
+        ref_empty: &ref_empty,
+        ref_a: &ref_a,
+        ref_b: &ref_b,
+        ref_local: &ref_local,
+        full_runs,
+        delta_runs,
+    };
     let dir = tempfile::tempdir()?;
     let mut nft = NftBackend::open(
         moat_enforcer_nft::DEFAULT_MAX_ELEMENTS,
         &dir.path().join("lock"),
     )?;
-    nft.adopt(None, &LocalPods::default())?;
-    let no_settle = |_: &mut NftBackend| {};
-    let big = time_backend(
-        &mut nft,
-        no_settle,
-        &empty,
-        &node.base,
-        &pairs,
-        &local,
-        full_runs,
-        delta_runs,
-    )?;
-    let reference = time_backend(
-        &mut nft,
-        no_settle,
-        &ref_empty,
-        &ref_a,
-        &[(&ref_a, &ref_b)],
-        &ref_local,
-        full_runs,
-        delta_runs,
-    )?;
-    nft.remove_all()?;
+    let (big, reference) = measure(&mut nft, |_| {}, &work)?;
     rows(&mut out, "nft", &big, &reference, &node, 300.0, 10.0)?;
-
-    // eBPF.
     let mut ebpf = EbpfBackend::open(
         PathBuf::from("/sys/fs/bpf"),
         "bench-node",
         moat_dataplane::local::PodInterfaces::Auto,
         Default::default(),
     )?;
-    ebpf.adopt(None, &LocalPods::default())?;
     // The replay onto the unused slot runs after the timed apply: settled before the next.
-    let settle = EbpfBackend::settle;
-    let big = time_backend(
-        &mut ebpf,
-        settle,
-        &empty,
-        &node.base,
-        &pairs,
-        &local,
-        full_runs,
-        delta_runs,
-    )?;
-    let reference = time_backend(
-        &mut ebpf,
-        settle,
-        &ref_empty,
-        &ref_a,
-        &[(&ref_a, &ref_b)],
-        &ref_local,
-        full_runs,
-        delta_runs,
-    )?;
-    ebpf.remove_all()?;
+    let (big, reference) = measure(&mut ebpf, EbpfBackend::settle, &work)?;
     rows(&mut out, "eBPF", &big, &reference, &node, 100.0, 1.0)?;
     Ok(out)
+}
+
+/// The snapshots both backends are timed on.
+struct Work<'a> {
+    empty: &'a NodeSnapshot,
+    base: &'a NodeSnapshot,
+    pairs: &'a [(&'a NodeSnapshot, &'a NodeSnapshot)],
+    local: &'a LocalPods,
+    ref_empty: &'a NodeSnapshot,
+    ref_a: &'a NodeSnapshot,
+    ref_b: &'a NodeSnapshot,
+    ref_local: &'a LocalPods,
+    full_runs: usize,
+    delta_runs: usize,
+}
+
+/// The largest node, then the reference node, on one backend (left empty afterwards).
+fn measure<B: Backend>(
+    b: &mut B,
+    settle: impl Fn(&mut B) + Copy,
+    w: &Work<'_>,
+) -> Result<(Times, Times)> {
+    b.adopt(None, &LocalPods::default())?;
+    let big = time_backend(
+        b,
+        settle,
+        w.empty,
+        w.base,
+        w.pairs,
+        w.local,
+        w.full_runs,
+        w.delta_runs,
+    )?;
+    let reference = time_backend(
+        b,
+        settle,
+        w.ref_empty,
+        w.ref_a,
+        &[(w.ref_a, w.ref_b)],
+        w.ref_local,
+        w.full_runs,
+        w.delta_runs,
+    )?;
+    b.remove_all()?;
+    Ok((big, reference))
 }
 
 fn rows(
