@@ -164,11 +164,45 @@ fn time_backend<B: Backend>(
     })
 }
 
-pub fn run(full_runs: usize, delta_runs: usize) -> Result<String> {
+/// The plan of the largest node alone (no backend): how long, and what it holds.
+fn plan_only(node: &Node) -> String {
+    use moat_dataplane::plan::{Classes, desired};
+    let t = Instant::now();
+    let d = desired(&node.base, &mut Classes::default());
+    let took = t.elapsed();
+    let tiered = d.rulesets.values().filter(|r| r.ordered()).count();
+    let named: usize = d
+        .rulesets
+        .values()
+        .map(|r| r.n4.len() + r.n6.len() + r.deny.n4.len() + r.deny.n6.len())
+        .sum();
+    let classed: usize = d
+        .rulesets
+        .values()
+        .map(|r| r.aa.len() + r.gx.len() + r.gp.len() + r.deny.len())
+        .sum();
+    format!(
+        "The plan alone (`plan::desired`, unlimited budget): {:.2} s; {} rulesets ({tiered} with deny entries), {} address entries, {} range entries, {classed} class and port entries, {named} named-port entries.\n\n",
+        took.as_secs_f64(),
+        d.rulesets.len(),
+        d.addr4.len() + d.addr6.len(),
+        d.class4.len() + d.class6.len(),
+    )
+}
+
+pub fn run(full_runs: usize, delta_runs: usize, plan: bool) -> Result<String> {
     let t = Instant::now();
     let node = largest_node()?;
     let compiled = t.elapsed();
     let size = node.base.size();
+    eprintln!(
+        "node {} chosen in {:.1} s: {size:?}",
+        node.name,
+        compiled.as_secs_f64()
+    );
+    if plan {
+        return Ok(plan_only(&node));
+    }
     // The reference: the 10,000-rule NetworkPolicy node of `nft-apply`/`ebpf-apply`.
     let (ref_a, ref_b) = (
         snapshot(&objects(10_000, false)),

@@ -101,6 +101,9 @@ enum Command {
         /// One-pod deltas timed per backend and event.
         #[arg(long, default_value_t = 21)]
         delta_runs: usize,
+        /// Only the plan of the node (no backend), with its table's sizes.
+        #[arg(long)]
+        plan_only: bool,
     },
     /// The sync plane: simulated enforcers against a real server process.
     Sync {
@@ -343,9 +346,10 @@ fn main() -> Result<()> {
         Command::CnpNode {
             full_runs,
             delta_runs,
+            plan_only,
         } => {
             if netns::inside()? {
-                print!("{}", cnpnode::run(full_runs, delta_runs)?);
+                print!("{}", cnpnode::run(full_runs, delta_runs, plan_only)?);
             }
         }
         Command::NftApply(a) => {
