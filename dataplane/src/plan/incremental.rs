@@ -131,7 +131,21 @@ fn old_group(old: &NodeSnapshot, id: GroupId) -> Option<&Members> {
 /// budget, else it is recomputed whole.
 pub fn applies(old: &NodeSnapshot, delta: &Delta) -> bool {
     let addrs = |m: Option<&Members>| matches!(m, None | Some(Members::Addrs(_)));
-    delta.node_addrs.is_none()
+    // Each group changed at most once: the patch reads every change against the old group,
+    // while applying a delta takes removals, then upserts, then patches in turn. The server
+    // never repeats a group; a delta that does (a bug, or crafted) is planned whole, never
+    // patched into a table that lost a Deny's members.
+    let mut seen = std::collections::HashSet::new();
+    let once = delta
+        .patch_groups
+        .iter()
+        .map(|p| match p {
+            GroupPatch::Addrs { id, .. } | GroupPatch::AddrPorts { id, .. } => *id,
+        })
+        .chain(delta.upsert_groups.iter().map(|g| g.id))
+        .chain(delta.remove_groups.iter().copied())
+        .all(|id| seen.insert(id));
+    once && delta.node_addrs.is_none()
         && delta.upsert_endpoints.is_empty()
         && delta.remove_endpoints.is_empty()
         && delta.add_rules.is_empty()

@@ -158,3 +158,47 @@ fn a_relabel_under_cluster_rules_resolves_named_entries_again() {
     assert_eq!(named(&want), (0, 1), "denied after it");
     assert_eq!(canon(&got, &classes), canon(&want, &fresh));
 }
+
+/// A delta naming one group twice (removed and upserted: `delta::apply` takes it, the server
+/// never sends it) is planned whole: the patch would read both changes against the old group
+/// and drop members the new snapshot keeps, here an Admin Deny's.
+#[test]
+fn a_delta_changing_a_group_twice_is_not_patched() {
+    use crate::plan::fixtures::{admin_egress, base, client_node, pod};
+    use serde_json::json;
+
+    let mut o = base();
+    o.extend([
+        pod("a", "n2", "10.0.1.1", json!({"app": "x"})),
+        pod("b", "n2", "10.0.1.2", json!({"app": "x"})),
+        admin_egress(
+            "deny-x",
+            1,
+            "Deny",
+            json!({"matchLabels": {"app": "x"}}),
+            false,
+        ),
+    ]);
+    let old = client_node(&o);
+    o.pop();
+    o.pop();
+    o.push(admin_egress(
+        "deny-x",
+        1,
+        "Deny",
+        json!({"matchLabels": {"app": "x"}}),
+        false,
+    ));
+    let new = client_node(&o);
+    let mut dl = delta::diff(&old, &new);
+    assert!(applies(&old, &dl), "one pod gone: a plain membership delta");
+    let g = new
+        .groups
+        .iter()
+        .find(|g| matches!(&g.members, Members::Addrs(a) if a.len() == 1))
+        .expect("the Deny's group, one member left");
+    dl.patch_groups.clear();
+    dl.remove_groups.push(g.id);
+    dl.upsert_groups.push(std::sync::Arc::clone(g));
+    assert!(!applies(&old, &dl));
+}
