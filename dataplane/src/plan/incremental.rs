@@ -21,7 +21,7 @@ use moat_policy::ir::{GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId
 
 use super::budget::{Budget, Overflow};
 use super::tiers::{self, Entry, Ranked, Resolver};
-use super::{Classes, Desired, Ruleset, list_name, merge, spans, v4, v6};
+use super::{Classes, Desired, Ruleset, list_name, merge, spans, takes_named_ports, v4, v6};
 
 /// What the in-place update needs to know beyond the table itself.
 #[derive(Default)]
@@ -72,12 +72,12 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
     {
         *c.refs.entry(*id).or_default() += 1;
     }
-    let by_id: HashMap<RuleId, &Arc<Rule>> = snap.rules.iter().map(|r| (r.id, r)).collect();
-    let by_ref: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    let by_id: HashMap<RuleId, Arc<Rule>> =
+        snap.rules.iter().map(|r| (r.id, Arc::clone(r))).collect();
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for e in &snap.endpoints {
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
-            let tiered = tiers::tiered(&dir.rules, &by_ref);
+            let tiered = tiers::tiered(&dir.rules, &by_id);
             if !dir.isolated && !tiered {
                 continue;
             }
@@ -88,7 +88,7 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
             let rules: Vec<Arc<Rule>> = dir
                 .rules
                 .iter()
-                .filter_map(|id| by_id.get(id).map(|r| Arc::clone(r)))
+                .filter_map(|id| by_id.get(id).cloned())
                 .collect();
             let mut groups: BTreeSet<GroupId> = BTreeSet::new();
             for r in &rules {
@@ -99,11 +99,7 @@ pub fn cache(snap: &NodeSnapshot, d: &Desired) -> Cache {
             for g in groups {
                 c.users.entry(g).or_default().push(name.clone());
             }
-            if tiered
-                && rules
-                    .iter()
-                    .any(|r| matches!((&r.peers, &r.ports), (Peers::Groups(_), Ports::FromGroups)))
-            {
+            if tiered && rules.iter().any(|r| takes_named_ports(r)) {
                 c.tiered_named.insert(name.clone());
             }
             let ranked = tiered.then(|| Ranked::new(rules.clone()));
@@ -300,20 +296,7 @@ pub fn patch_in_place(
         if singles.is_empty() {
             cache.singles.remove(&a);
         }
-        let range_class = match a {
-            IpAddr::V4(x) => d
-                .class4
-                .range(..=(x, Ipv4Addr::from(u32::MAX)))
-                .next_back()
-                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                .map(|(_, c)| *c),
-            IpAddr::V6(x) => d
-                .class6
-                .range(..=(x, Ipv6Addr::from(u128::MAX)))
-                .next_back()
-                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                .map(|(_, c)| *c),
-        };
+        let range_class = d.range_class_at(a);
         let old = match a {
             IpAddr::V4(x) => d.addr4.remove(&x),
             IpAddr::V6(x) => d.addr6.remove(&x),

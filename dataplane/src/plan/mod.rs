@@ -174,21 +174,28 @@ impl Desired {
     /// The class of a peer address, as the dataplane finds it: its exact entry, else the
     /// range holding it (`None`: in no class).
     pub fn class_at(&self, a: IpAddr) -> Option<u32> {
+        let exact = match a {
+            IpAddr::V4(x) => self.addr4.get(&x),
+            IpAddr::V6(x) => self.addr6.get(&x),
+        };
+        exact.copied().or_else(|| self.range_class_at(a))
+    }
+
+    /// The class of the address range holding `a`, ignoring exact address entries.
+    pub fn range_class_at(&self, a: IpAddr) -> Option<u32> {
         match a {
-            IpAddr::V4(x) => self.addr4.get(&x).copied().or_else(|| {
-                self.class4
-                    .range(..=(x, Ipv4Addr::from(u32::MAX)))
-                    .next_back()
-                    .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                    .map(|(_, c)| *c)
-            }),
-            IpAddr::V6(x) => self.addr6.get(&x).copied().or_else(|| {
-                self.class6
-                    .range(..=(x, Ipv6Addr::from(u128::MAX)))
-                    .next_back()
-                    .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                    .map(|(_, c)| *c)
-            }),
+            IpAddr::V4(x) => self
+                .class4
+                .range(..=(x, Ipv4Addr::from(u32::MAX)))
+                .next_back()
+                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
+                .map(|(_, c)| *c),
+            IpAddr::V6(x) => self
+                .class6
+                .range(..=(x, Ipv6Addr::from(u128::MAX)))
+                .next_back()
+                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
+                .map(|(_, c)| *c),
         }
     }
 
@@ -765,11 +772,10 @@ pub fn desired_within(
         };
         match built {
             Ok(mut rs) => {
-                rs.named_ports = l.rules.iter().any(|id| {
-                    rules.get(id).is_some_and(|r| {
-                        matches!((&r.peers, &r.ports), (Peers::Groups(_), Ports::FromGroups))
-                    })
-                });
+                rs.named_ports = l
+                    .rules
+                    .iter()
+                    .any(|id| rules.get(id).is_some_and(|r| takes_named_ports(r)));
                 meter = trial;
                 d.rulesets.insert(name.clone(), rs);
             }
@@ -811,6 +817,12 @@ pub fn desired_within(
         }
     }
     d
+}
+
+/// Whether a rule takes its ports from its peers' named ports (its ruleset then needs named
+/// lookups, even while no entry resolves).
+pub fn takes_named_ports(r: &Rule) -> bool {
+    matches!((&r.peers, &r.ports), (Peers::Groups(_), Ports::FromGroups))
 }
 
 /// Whether a direction gets entries: a NetworkPolicy isolates it, or a cluster policy has

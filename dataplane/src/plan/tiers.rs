@@ -106,9 +106,12 @@ impl Lists<'_> {
 
 /// Whether any rule of `ids` belongs to a cluster tier, or is not in `rules` (its tier
 /// unknown: the list is then enforced, and denied whole, never skipped).
-pub fn tiered(ids: &[RuleId], rules: &HashMap<RuleId, &Rule>) -> bool {
-    ids.iter()
-        .any(|id| rules.get(id).is_none_or(|r| r.tier != Tier::NetworkPolicy))
+pub fn tiered<R: Borrow<Rule>>(ids: &[RuleId], rules: &HashMap<RuleId, R>) -> bool {
+    ids.iter().any(|id| {
+        rules
+            .get(id)
+            .is_none_or(|r| r.borrow().tier != Tier::NetworkPolicy)
+    })
 }
 
 /// The segments `[lo, hi]` of 0..=65535 within which no rule's port range starts or ends,
