@@ -606,8 +606,8 @@ fn a_restart_keeps_the_table_and_reconciles_the_local_pods() {
     same(&kept, &dump(), "an unknown table is kept");
 }
 
-/// A namespace of its own for one end of the forwarding lab, deleted on drop.
-struct Peer(String);
+/// A namespace of its own for one end of the forwarding lab, deleted on drop with its link.
+struct Peer(String, String);
 
 impl Peer {
     /// A namespace linked to this one (the router) by a veth: `here` on this side, `addr` on
@@ -627,7 +627,7 @@ impl Peer {
             );
         };
         ip(&["netns", "add", &ns]);
-        let peer = Peer(ns.clone());
+        let peer = Peer(ns.clone(), here.to_string());
         let (mac_here, mac_there) = (
             format!("02:00:00:00:{n:02x}:01"),
             format!("02:00:00:00:{n:02x}:02"),
@@ -687,6 +687,11 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        // Explicitly: a namespace's links go away some time after the namespace does, and
+        // the next lab reuses the name.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.1])
+            .status();
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.0])
             .status();
@@ -779,112 +784,310 @@ fn forwarding_snapshot(k: u32) -> NodeSnapshot {
         .unwrap()
 }
 
+/// The forwarding lab: this namespace routes between a remote client (`vc`, 10.0.1.2, pod
+/// y/b) and this node's pod x/a (`vs`, 10.0.2.2), which accepts UDP 9 from it; the `lab`
+/// table counts UDP 9 before conntrack (`pre`) and after everything else (`post`).
+struct Lab {
+    client: std::sync::Arc<Peer>,
+    server: Peer,
+    versions: [NodeSnapshot; 2],
+    local: LocalPods,
+    lock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// `confirm`: whether the lab lets the flood's flows be confirmed by conntrack. When not
+    /// (dropped after Moat's hook, before conntrack confirms), every packet is a flow's first
+    /// and Moat's rulesets judge each one.
+    fn new(confirm: bool) -> Lab {
+        Lab::with(
+            [forwarding_snapshot(0), forwarding_snapshot(1)],
+            confirm,
+            false,
+        )
+    }
+
+    /// `notrack`: the lab exempts the flood from conntrack (as a `notrack` rule of another
+    /// component would), so Moat's hook sees it untracked.
+    fn with(versions: [NodeSnapshot; 2], confirm: bool, notrack: bool) -> Lab {
+        use moat_dataplane::local::{Bindings, Interfaces};
+        let client = Peer::new("c", "vc", "10.0.1.2", "10.0.1.1", 1);
+        let server = Peer::new("s", "vs", "10.0.2.2", "10.0.2.1", 2);
+        let index = |dev: &str| -> u32 {
+            std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let mut ifaces = Interfaces::default();
+        ifaces
+            .pods
+            .insert(index("vs"), ["10.0.2.2".parse().unwrap()].into());
+        ifaces.other.insert(index("vc"));
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let post = if confirm {
+            "udp dport 9 counter name \"post\""
+        } else {
+            "udp dport 9 counter name \"post\" drop"
+        };
+        let raw = if notrack { "udp dport 9 notrack" } else { "" };
+        nft_run(&format!(
+            "table ip lab {{
+               counter pre {{}}
+               counter post {{}}
+               chain pre {{
+                 type filter hook prerouting priority -400;
+                 udp dport 9 counter name \"pre\"
+               }}
+               chain raw {{
+                 type filter hook prerouting priority -300;
+                 {raw}
+               }}
+               chain post {{
+                 type filter hook postrouting priority 400;
+                 {post}
+               }}
+             }}"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let local = Bindings::default().reconcile(&ifaces, Some(&versions[0]), Default::default());
+        assert_eq!(local.counts(), (1, 0), "the server pod is known");
+        Lab {
+            client: std::sync::Arc::new(client),
+            server,
+            versions,
+            local,
+            lock: dir.path().join("lock"),
+            _dir: dir,
+        }
+    }
+
+    fn open(&self) -> moat_enforcer_nft::NftBackend {
+        moat_enforcer_nft::NftBackend::open(moat_enforcer_nft::DEFAULT_MAX_ELEMENTS, &self.lock)
+            .unwrap()
+    }
+
+    /// One UDP flow (10.0.1.2:5000 → 10.0.2.2:9) that never sees a reply, sent from
+    /// `threads` threads sharing its socket, each pinned to a core of its own where there
+    /// are enough, until `stop`.
+    fn flood(
+        &self,
+        threads: usize,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let socket = {
+            let client = self.client.clone();
+            std::thread::spawn(move || {
+                client.enter();
+                std::net::UdpSocket::bind("10.0.1.2:5000").unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        (0..threads)
+            .map(|i| {
+                let (stop, client) = (stop.clone(), self.client.clone());
+                let s = socket.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    client.enter();
+                    if threads > 1 {
+                        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                        unsafe { libc::CPU_SET(i % cores, &mut set) };
+                        unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+                    }
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = s.send_to(b"moat", "10.0.2.2:9");
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// (packets that reached the router, packets that left it), once the flood stopped.
+    fn counted(&self) -> (u64, u64) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        (lab_counter("pre"), lab_counter("post"))
+    }
+
+    fn assert_none_dropped(&self, (pre, post): (u64, u64), what: &str) {
+        assert!(
+            pre > 100_000,
+            "too few packets for the test to mean anything"
+        );
+        assert_eq!(
+            pre - post,
+            0,
+            "allowed packets dropped {what}; Moat's counters {:?}; conntrack {:?}; {}",
+            nft::counters(),
+            conntrack_stats(),
+            ip_stats()
+        );
+        let _ = &self.server;
+    }
+}
+
 /// An enforcer restarting and adopting its table, or taking a full snapshot, replaces the
 /// table in force while an allowed flow's packets cross the forward hook as fast as one core
 /// sends them: not one may be dropped. (Replaced in one transaction that deletes the old
 /// table, some were: a packet in the old rules as it committed found their maps empty.)
+/// Each packet is its flow's first (the lab never lets conntrack confirm one), so the
+/// rulesets judge every one of them.
 #[test]
 fn full_replacements_never_drop_an_allowed_packet_in_flight() {
     use moat_dataplane::Backend;
-    use moat_dataplane::local::{Bindings, Interfaces};
     if !netns::inside("full_replacements_never_drop_an_allowed_packet_in_flight") {
         return;
     }
-    let client = Peer::new("c", "vc", "10.0.1.2", "10.0.1.1", 1);
-    let server = Peer::new("s", "vs", "10.0.2.2", "10.0.2.1", 2);
-    // The server is this node's pod x/a on `vs`; the client is remote, behind `vc`.
-    let index = |dev: &str| -> u32 {
-        std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let mut ifaces = Interfaces::default();
-    ifaces
-        .pods
-        .insert(index("vs"), ["10.0.2.2".parse().unwrap()].into());
-    ifaces.other.insert(index("vc"));
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-    // Counted before conntrack and after everything else in this namespace: the difference
-    // is what the forward path dropped.
-    nft_run(
-        "table ip lab {
-           counter pre {}
-           counter post {}
-           chain pre {
-             type filter hook prerouting priority -400;
-             udp dport 9 counter name \"pre\"
-           }
-           chain post {
-             type filter hook postrouting priority 400;
-             udp dport 9 counter name \"post\"
-           }
-         }",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let lock = dir.path().join("lock");
-    let versions = [forwarding_snapshot(0), forwarding_snapshot(1)];
-    let local = Bindings::default().reconcile(&ifaces, Some(&versions[0]), Default::default());
-    assert_eq!(local.counts(), (1, 0), "the server pod is known");
-    let open = || {
-        moat_enforcer_nft::NftBackend::open(moat_enforcer_nft::DEFAULT_MAX_ELEMENTS, &lock).unwrap()
-    };
-    let mut backend = open();
-    backend.adopt(None, &local).unwrap();
-    backend.apply_full(&versions[0], &local).unwrap();
+    let lab = Lab::new(false);
+    let mut backend = lab.open();
+    backend.adopt(None, &lab.local).unwrap();
+    backend.apply_full(&lab.versions[0], &lab.local).unwrap();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            client.enter();
-            // One flow that never sees a reply stays NEW to conntrack: every packet of it is
-            // judged by the rulesets, like the first packet of a new connection.
-            let s = std::net::UdpSocket::bind("10.0.1.2:5000").unwrap();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = s.send_to(b"moat", "10.0.2.2:9");
-            }
-            drop(client);
-        })
-    };
+    let flood = lab.flood(1, &stop);
     let rounds = 500;
     let t = std::time::Instant::now();
     for i in 0..rounds {
-        let (last, next) = (&versions[i % 2], &versions[(i + 1) % 2]);
+        let (last, next) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
         // A restart: the next enforcer adopts the table (replacing it with the same content),
         // then takes a full snapshot of the other version.
         drop(backend);
-        backend = open();
+        backend = lab.open();
         assert_eq!(
-            backend.adopt(Some(last), &local).unwrap(),
+            backend.adopt(Some(last), &lab.local).unwrap(),
             moat_dataplane::Adopted::Enforcing
         );
-        backend.apply_full(next, &local).unwrap();
+        backend.apply_full(next, &lab.local).unwrap();
     }
     let took = t.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.join().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let (pre, post) = (lab_counter("pre"), lab_counter("post"));
+    flood.into_iter().for_each(|t| t.join().unwrap());
+    let counted = lab.counted();
     eprintln!(
-        "{} replacements in {took:?}; {pre} packets reached the router, {post} left it",
-        2 * rounds
+        "{} replacements in {took:?}; {} packets reached the router, {} left it",
+        2 * rounds,
+        counted.0,
+        counted.1
     );
-    assert!(
-        pre > 100_000,
-        "too few packets for the test to mean anything"
+    lab.assert_none_dropped(counted, "while the table was replaced");
+}
+
+/// Packets of one allowed flow crossing the forward hook on two cores at once, before any
+/// reply: they share one conntrack entry, and a ruleset that kept the peer's class in that
+/// entry's mark let one packet read the mark while another rewrote it (and drop it as
+/// denied; with cluster tiers, a class's Deny could read as "no class"). Only a flow's first
+/// packet, whose entry no other packet can see yet, may be judged that way.
+#[test]
+fn one_flow_on_two_cores_is_never_judged_on_another_packets_class() {
+    use moat_dataplane::Backend;
+    if !netns::inside("one_flow_on_two_cores_is_never_judged_on_another_packets_class") {
+        return;
+    }
+    let lab = Lab::new(true);
+    let mut backend = lab.open();
+    backend.adopt(None, &lab.local).unwrap();
+    backend.apply_full(&lab.versions[0], &lab.local).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = lab.flood(2, &stop);
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.into_iter().for_each(|t| t.join().unwrap());
+    let counted = lab.counted();
+    eprintln!(
+        "{} packets of one flow from two cores reached the router, {} left it",
+        counted.0, counted.1
     );
-    assert_eq!(
-        pre - post,
-        0,
-        "allowed packets dropped while the table was replaced; Moat's counters {:?}; \
-         conntrack {:?}; {}",
-        nft::counters(),
-        conntrack_stats(),
-        ip_stats()
-    );
-    drop(server);
+    lab.assert_none_dropped(counted, "between two cores");
+    drop(backend);
+}
+
+/// Node n0's snapshot with no NetworkPolicy and one Admin ClusterNetworkPolicy: pod x/a
+/// denies ingress from namespace y (the client's), and everything else is allowed. Its
+/// ingress ruleset is ordered: a Deny for the client's class, then "any peer" allowed.
+fn admin_deny_snapshot() -> NodeSnapshot {
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+    let base = forwarding_snapshot(0);
+    let mut objects = Vec::new();
+    for (i, addr) in [(0, "10.0.3.1"), (1, "10.0.3.2")] {
+        objects.push(K8sObject::Node(k8s(json!({
+            "metadata": {"name": format!("n{i}")},
+            "status": {"addresses": [{"type": "InternalIP", "address": addr}]},
+        }))));
+    }
+    for ns in ["x", "y"] {
+        objects.push(K8sObject::Namespace(k8s(json!({"metadata": {
+            "name": ns, "labels": {"ns": ns, "kubernetes.io/metadata.name": ns},
+        }}))));
+    }
+    for (ns, pod, node, ip) in [("x", "a", "n0", "10.0.2.2"), ("y", "b", "n1", "10.0.1.2")] {
+        objects.push(K8sObject::Pod(k8s(json!({
+            "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))));
+    }
+    objects.push(K8sObject::ClusterNetworkPolicy(
+        serde_json::from_value(json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "keep-y-off-x"},
+            "spec": {
+                "tier": "Admin", "priority": 10,
+                "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+                "ingress": [{"name": "no-y", "action": "Deny",
+                             "from": [{"namespaces": {"matchLabels": {"ns": "y"}}}]}],
+            },
+        }))
+        .unwrap(),
+    ));
+    let snap = Index::build(parse_all(&objects))
+        .snapshots()
+        .into_iter()
+        .find(|s| s.node == "n0")
+        .unwrap();
+    assert_ne!(snap, base);
+    snap
+}
+
+/// A packet conntrack does not track (another component's `notrack`) has no conntrack mark
+/// for its peer's class: the ordered ruleset's class lookups all miss, which read as "no
+/// class" and let the "any peer" allow pass what the Admin Deny denies. It must be denied.
+#[test]
+fn an_untracked_packet_never_skips_its_class_deny() {
+    use moat_dataplane::Backend;
+    if !netns::inside("an_untracked_packet_never_skips_its_class_deny") {
+        return;
+    }
+    let snap = admin_deny_snapshot();
+    for notrack in [false, true] {
+        let lab = Lab::with([snap.clone(), snap.clone()], true, notrack);
+        let mut backend = lab.open();
+        backend.adopt(None, &lab.local).unwrap();
+        backend.apply_full(&snap, &lab.local).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = lab.flood(1, &stop);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flood.into_iter().for_each(|t| t.join().unwrap());
+        let (pre, post) = lab.counted();
+        eprintln!("notrack {notrack}: {pre} packets reached the router, {post} left it");
+        assert!(
+            pre > 10_000,
+            "too few packets for the test to mean anything"
+        );
+        assert_eq!(
+            post, 0,
+            "packets the Admin Deny denies passed (notrack {notrack})"
+        );
+        drop(backend);
+        drop(lab);
+        nft_run("delete table ip lab");
+    }
 }
 
 /// This namespace's conntrack statistics summed over CPUs (`/proc/net/stat/nf_conntrack`,

@@ -299,8 +299,12 @@ impl Table {
                     let right = &body["right"];
                     let hit = match right {
                         Value::String(s) if s.starts_with('@') => self.lookup(s, &left).is_some(),
-                        // `ct state`: a new flow is never established, related or invalid.
-                        _ if body["left"].get("ct").is_some_and(|c| c["key"] == "state") => false,
+                        // `ct state`/`ct status`: the model's packets are new flows' first
+                        // packets, tracked and not yet confirmed.
+                        _ if body["left"].get("ct").is_some_and(|c| c["key"] == "state") => {
+                            ct_has(right, "new")
+                        }
+                        _ if body["left"].get("ct").is_some_and(|c| c["key"] == "status") => false,
                         r => panic!("unmodelled match {r}"),
                     };
                     if !hit {
@@ -329,6 +333,15 @@ impl Table {
             }
         }
         None
+    }
+}
+
+/// Whether a `ct` match's right side (one name or a list) names `what`.
+fn ct_has(right: &Value, what: &str) -> bool {
+    match right {
+        Value::String(s) => s == what,
+        Value::Array(v) => v.iter().any(|x| x == what),
+        other => panic!("unmodelled ct value {other}"),
     }
 }
 
@@ -391,7 +404,10 @@ fn value(e: &Value, p: &Packet, mark: u128) -> Option<Vec<u128>> {
         }
     } else if e.get("ct").is_some_and(|c| c["key"] == "mark") {
         mark
-    } else if e.get("ct").is_some_and(|c| c["key"] == "state") {
+    } else if e
+        .get("ct")
+        .is_some_and(|c| c["key"] == "state" || c["key"] == "status")
+    {
         0
     } else {
         panic!("unmodelled expression {e}")

@@ -63,7 +63,7 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     let ok = if rs.egress { "return" } else { "accept" };
     let verdict = json!({ ok: null });
     let peer = if rs.egress { "daddr" } else { "saddr" };
-    let mut r = Vec::new();
+    let mut r = vec![inherited(name, &verdict)];
     if rs.any {
         r.push(rule(name, vec![verdict.clone()]));
     }
@@ -127,12 +127,39 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     r
 }
 
+/// The first rule of every ruleset: a packet of a flow conntrack has confirmed (its first
+/// packet was allowed, but no reply came yet) inherits that verdict, as the eBPF program's
+/// flow table lets it, and is not judged again. Judging it would be wrong, not just slow:
+/// the class below is kept in the flow's conntrack mark, which every packet of a confirmed
+/// flow shares — two cores judging two of its packets at once read each other's marks. A
+/// first packet's entry is its own until it is confirmed, after this hook.
+fn inherited(name: &str, ok: &Value) -> Value {
+    rule(
+        name,
+        vec![
+            json!({"match": {"op": "in", "left": ct("status"), "right": "confirmed"}}),
+            ok.clone(),
+        ],
+    )
+}
+
 /// Rules that set the peer's class into the conntrack mark (ranges first, then single
 /// addresses: a hit in the second overrides the first, and a failed map lookup ends the rule
-/// and leaves the mark as it was).
+/// and leaves the mark as it was). A packet without a conntrack entry (`notrack`) has no
+/// mark to keep it in: every lookup on it would miss, which in an ordered ruleset reads as
+/// "no class" and skips the class's Deny, so such a packet is denied where its class
+/// decides.
 fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    let mut r = vec![rule(name, vec![clear])];
+    let untracked = rule(
+        name,
+        vec![
+            json!({"match": {"op": "in", "left": ct("state"), "right": "untracked"}}),
+            json!({"counter": "denied"}),
+            json!({"drop": null}),
+        ],
+    );
+    let mut r = vec![untracked, rule(name, vec![clear])];
     for (fam, map) in [
         ("ip", "class4"),
         ("ip6", "class6"),
@@ -170,7 +197,7 @@ fn ordered_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
             r.push(rule(name, e));
         }
     };
-    let mut r = Vec::new();
+    let mut r = vec![inherited(name, &json!({ ok: null }))];
     if rs.egress {
         for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
             let key = concat(vec![
