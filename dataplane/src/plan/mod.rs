@@ -566,6 +566,17 @@ pub fn desired_within(
     local: &LocalPods,
     budget: &Budget,
 ) -> Desired {
+    desired_named(snap, classes, local, budget, list_name)
+}
+
+/// [`desired_within`] with the rule lists named by `namer` (a test forces collisions).
+fn desired_named(
+    snap: &NodeSnapshot,
+    classes: &mut Classes,
+    local: &LocalPods,
+    budget: &Budget,
+    namer: fn(bool, bool, &[RuleId]) -> String,
+) -> Desired {
     let mut d = Desired {
         version: snap.version,
         digest: Some(snap.digest),
@@ -590,6 +601,9 @@ pub fn desired_within(
     let mut names: HashMap<ListKey, Vec<(&[RuleId], String)>> = HashMap::new();
     let mut lists: BTreeMap<String, List<'_>> = BTreeMap::new();
     let mut chain_of: Vec<[Option<String>; 2]> = Vec::with_capacity(snap.endpoints.len());
+    // Names two different lists hash to: sharing a chain would give one list's endpoints
+    // the other's rules.
+    let mut collided: BTreeSet<String> = BTreeSet::new();
     for e in &snap.endpoints {
         let mut both = [None, None];
         for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
@@ -607,21 +621,21 @@ pub fn desired_within(
             let name = match known.iter().find(|(r, _)| *r == dir.rules.as_slice()) {
                 Some((_, n)) => n.clone(),
                 None => {
-                    let n = list_name(egress, dir.isolated, &dir.rules);
+                    let n = namer(egress, dir.isolated, &dir.rules);
                     known.push((&dir.rules, n.clone()));
                     n
                 }
             };
-            lists
-                .entry(name.clone())
-                .or_insert_with(|| List {
-                    egress,
-                    isolated: dir.isolated,
-                    rules: &dir.rules,
-                    endpoints: Vec::new(),
-                })
-                .endpoints
-                .push(e.id);
+            let l = lists.entry(name.clone()).or_insert_with(|| List {
+                egress,
+                isolated: dir.isolated,
+                rules: &dir.rules,
+                endpoints: Vec::new(),
+            });
+            if (l.egress, l.isolated, l.rules) != (egress, dir.isolated, dir.rules.as_slice()) {
+                collided.insert(name.clone());
+            }
+            l.endpoints.push(e.id);
             both[usize::from(egress)] = Some(name);
         }
         chain_of.push(both);
@@ -638,6 +652,13 @@ pub fn desired_within(
     };
     // Rule lists denied, with why.
     let mut denied: BTreeMap<String, String> = BTreeMap::new();
+    for name in collided {
+        denied.insert(
+            name,
+            "two different rule lists hash to its chain name; both are denied (fail closed)"
+                .to_string(),
+        );
+    }
     // A list naming a rule the snapshot does not hold (only a server bug makes one) is
     // denied whole: the missing rule could have been a Deny.
     for (name, l) in &lists {

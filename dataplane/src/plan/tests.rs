@@ -688,3 +688,46 @@ fn named_entries_of_one_class_follow_their_own_rules() {
     assert!(rs.deny.n4.contains(&key("10.0.1.1")), "{rs:?}");
     assert!(rs.n4.contains(&key("10.0.1.2")), "{rs:?}");
 }
+
+/// Two different rule lists whose names collide (48 bits of a hash: not expected, but a
+/// shared chain would give one list's endpoints the other's rules) are both denied.
+#[test]
+fn colliding_list_names_deny_both_lists() {
+    use super::fixtures::{admin_egress, base, client_node, pod};
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+    let mut objects = base();
+    objects.push(pod("server", "n2", "10.0.0.2", json!({"app": "s"})));
+    objects.push(pod("other", "n1", "10.0.0.3", json!({"app": "d"})));
+    objects.push(admin_egress(
+        "a",
+        1,
+        "Deny",
+        json!({"matchLabels": {"app": "s"}}),
+        false,
+    ));
+    objects.push(K8sObject::NetworkPolicy(k8s(json!({
+        "metadata": {"name": "d-out", "namespace": "ns"},
+        "spec": {"podSelector": {"matchLabels": {"app": "d"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "s"}}}]}]},
+    }))));
+    let snap = client_node(&objects);
+    let a = |s: &str| -> std::net::Ipv4Addr { s.parse().unwrap() };
+    let honest = desired(&snap, &mut Classes::default());
+    assert!(honest.degraded.is_empty(), "{:?}", honest.degraded);
+    assert_ne!(honest.eg4[&a("10.0.0.1")], honest.eg4[&a("10.0.0.3")]);
+    let colliding =
+        |egress: bool, _: bool, _: &[RuleId]| if egress { "e_same" } else { "i_same" }.to_string();
+    let d = super::desired_named(
+        &snap,
+        &mut Classes::default(),
+        &LocalPods::default(),
+        &Budget::UNLIMITED,
+        colliding,
+    );
+    assert_eq!(d.eg4[&a("10.0.0.1")], DENY_EGRESS);
+    assert_eq!(d.eg4[&a("10.0.0.3")], DENY_EGRESS);
+    assert_eq!(d.degraded.len(), 1, "{:?}", d.degraded);
+    assert!(d.degraded[0].reason.contains("hash to its chain name"));
+}

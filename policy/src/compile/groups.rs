@@ -463,7 +463,7 @@ impl Index {
                 continue;
             }
             let new = gs.item;
-            for n in gs.nodes.iter().copied().collect::<SmallVec<[_; 16]>>() {
+            for n in gs.nodes.iter().collect::<SmallVec<[_; 16]>>() {
                 let node = &mut self.nodes[n.get()];
                 node.acc.sub(&old);
                 node.acc.add(&new);

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use crate::intern::Sym;
@@ -304,10 +304,169 @@ pub(crate) struct GroupState {
     pub item: [u8; 32],
     /// References from templates and rules.
     pub refs: u32,
-    pub nodes: FxHashSet<NodeIdx>,
+    pub nodes: NodeSet,
     /// Queued for digest propagation, with the item nodes currently hold.
     pub pending: Option<[u8; 32]>,
     pub cache: OnceLock<Arc<ir::Group>>,
+}
+
+/// The nodes holding a group. A broad group (a `namespaces: {}` peer of a cluster policy) is
+/// held by every node: as a hash set it grew through a dozen rehashes per group during a full
+/// load and cost 40 KiB at 5,000 nodes; as a bitset it costs a bit per node and an insert is
+/// a store. Groups held by a few nodes stay a short list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum NodeSet {
+    #[default]
+    Empty,
+    Few(SmallVec<[NodeIdx; 6]>),
+    Bits {
+        words: Vec<u64>,
+        len: usize,
+    },
+}
+
+impl NodeSet {
+    const FEW: usize = 6;
+
+    /// Adds `n`; whether it was new.
+    pub fn insert(&mut self, n: NodeIdx) -> bool {
+        match self {
+            NodeSet::Empty => {
+                *self = NodeSet::Few(SmallVec::from_slice(&[n]));
+                true
+            }
+            NodeSet::Few(v) => {
+                if v.contains(&n) {
+                    return false;
+                }
+                if v.len() < Self::FEW {
+                    v.push(n);
+                    return true;
+                }
+                let mut bits = NodeSet::Bits {
+                    words: Vec::new(),
+                    len: 0,
+                };
+                for m in v.iter().copied().chain([n]) {
+                    bits.insert(m);
+                }
+                *self = bits;
+                true
+            }
+            NodeSet::Bits { words, len } => {
+                let (w, b) = (n.get() / 64, n.get() % 64);
+                if w >= words.len() {
+                    words.resize(w + 1, 0);
+                }
+                let new = words[w] & (1 << b) == 0;
+                words[w] |= 1 << b;
+                *len += usize::from(new);
+                new
+            }
+        }
+    }
+
+    /// Removes `n`; whether it was there.
+    pub fn remove(&mut self, n: &NodeIdx) -> bool {
+        let removed = match self {
+            NodeSet::Empty => false,
+            NodeSet::Few(v) => match v.iter().position(|m| m == n) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    true
+                }
+                None => false,
+            },
+            NodeSet::Bits { words, len } => {
+                let (w, b) = (n.get() / 64, n.get() % 64);
+                let had = words.get(w).is_some_and(|x| x & (1 << b) != 0);
+                if had {
+                    words[w] &= !(1 << b);
+                    *len -= 1;
+                }
+                had
+            }
+        };
+        if self.is_empty() {
+            *self = NodeSet::Empty;
+        }
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            NodeSet::Empty => 0,
+            NodeSet::Few(v) => v.len(),
+            NodeSet::Bits { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = NodeIdx> + '_ {
+        let few = match self {
+            NodeSet::Few(v) => v.as_slice(),
+            _ => &[],
+        };
+        let words = match self {
+            NodeSet::Bits { words, .. } => words.as_slice(),
+            _ => &[],
+        };
+        few.iter()
+            .copied()
+            .chain(words.iter().enumerate().flat_map(|(w, x)| {
+                let mut x = *x;
+                std::iter::from_fn(move || {
+                    if x == 0 {
+                        return None;
+                    }
+                    let b = x.trailing_zeros() as usize;
+                    x &= x - 1;
+                    Some(NodeIdx::new(w * 64 + b))
+                })
+            }))
+    }
+}
+
+#[cfg(test)]
+mod node_set_tests {
+    use super::{NodeIdx, NodeSet};
+    use std::collections::BTreeSet;
+
+    /// Against a `BTreeSet`, through the small list, the switch to bits and back to empty.
+    #[test]
+    fn node_set_is_a_set() {
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        for round in 0..200 {
+            let (mut s, mut model) = (NodeSet::default(), BTreeSet::new());
+            let span = [8, 64, 300, 5000][round % 4];
+            for _ in 0..400 {
+                let n = NodeIdx::new(next(span) as usize);
+                if next(3) == 0 {
+                    assert_eq!(s.remove(&n), model.remove(&n));
+                } else {
+                    assert_eq!(s.insert(n), model.insert(n));
+                }
+                assert_eq!(s.len(), model.len());
+                assert_eq!(s.is_empty(), model.is_empty());
+            }
+            let mut got: Vec<NodeIdx> = s.iter().collect();
+            got.sort();
+            assert_eq!(got, model.iter().copied().collect::<Vec<_>>());
+            for n in model {
+                assert!(s.remove(&n));
+            }
+            assert_eq!(s, NodeSet::Empty);
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
