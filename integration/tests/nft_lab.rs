@@ -728,9 +728,9 @@ fn lab_counter(name: &str) -> u64 {
         .unwrap()
 }
 
-/// Node n0's snapshot: pod x/a (10.0.2.2) on it accepts UDP/TCP 9 from pod y/b (10.0.1.2, on
-/// n1) and port 81 from 20 /32 blocks (offset by `k`, so two versions differ).
-fn forwarding_snapshot(k: u32) -> NodeSnapshot {
+/// The lab's cluster: nodes n0 and n1, namespaces x and y, pod x/a (10.0.2.2) on n0 and
+/// pod y/b (10.0.1.2) on n1.
+fn lab_cluster() -> Vec<moat_policy::model::K8sObject> {
     use moat_policy::model::K8sObject;
     use moat_policy::testkit::k8s;
     use serde_json::json;
@@ -753,6 +753,16 @@ fn forwarding_snapshot(k: u32) -> NodeSnapshot {
             "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
         }))));
     }
+    objects
+}
+
+/// Node n0's snapshot: pod x/a (10.0.2.2) on it accepts UDP/TCP 9 from pod y/b (10.0.1.2, on
+/// n1) and port 81 from 20 /32 blocks (offset by `k`, so two versions differ).
+fn forwarding_snapshot(k: u32) -> NodeSnapshot {
+    use moat_policy::model::K8sObject;
+    use moat_policy::testkit::k8s;
+    use serde_json::json;
+    let mut objects = lab_cluster();
     let blocks: Vec<_> = (0..20u32)
         .map(|i| json!({"ipBlock": {"cidr": format!("{}/32", std::net::Ipv4Addr::from(0x0af0_0000 + k * 0x10000 + i))}}))
         .collect();
@@ -896,7 +906,10 @@ impl Lab {
                     if threads > 1 {
                         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
                         unsafe { libc::CPU_SET(i % cores, &mut set) };
-                        unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+                        let pinned = unsafe {
+                            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set)
+                        };
+                        assert_eq!(pinned, 0, "pinning a sender to core {}", i % cores);
                     }
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let _ = s.send_to(b"moat", "10.0.2.2:9");
@@ -986,6 +999,11 @@ fn one_flow_on_two_cores_is_never_judged_on_another_packets_class() {
     if !netns::inside("one_flow_on_two_cores_is_never_judged_on_another_packets_class") {
         return;
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cores >= 2,
+        "this test needs two cores to race two packets ({cores})"
+    );
     let lab = Lab::new(true);
     let mut backend = lab.open();
     backend.adopt(None, &lab.local).unwrap();
@@ -1009,28 +1027,9 @@ fn one_flow_on_two_cores_is_never_judged_on_another_packets_class() {
 /// ingress ruleset is ordered: a Deny for the client's class, then "any peer" allowed.
 fn admin_deny_snapshot() -> NodeSnapshot {
     use moat_policy::model::K8sObject;
-    use moat_policy::testkit::k8s;
     use serde_json::json;
     let base = forwarding_snapshot(0);
-    let mut objects = Vec::new();
-    for (i, addr) in [(0, "10.0.3.1"), (1, "10.0.3.2")] {
-        objects.push(K8sObject::Node(k8s(json!({
-            "metadata": {"name": format!("n{i}")},
-            "status": {"addresses": [{"type": "InternalIP", "address": addr}]},
-        }))));
-    }
-    for ns in ["x", "y"] {
-        objects.push(K8sObject::Namespace(k8s(json!({"metadata": {
-            "name": ns, "labels": {"ns": ns, "kubernetes.io/metadata.name": ns},
-        }}))));
-    }
-    for (ns, pod, node, ip) in [("x", "a", "n0", "10.0.2.2"), ("y", "b", "n1", "10.0.1.2")] {
-        objects.push(K8sObject::Pod(k8s(json!({
-            "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
-            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
-        }))));
-    }
+    let mut objects = lab_cluster();
     objects.push(K8sObject::ClusterNetworkPolicy(
         serde_json::from_value(json!({
             "apiVersion": "policy.networking.k8s.io/v1alpha2",
@@ -1069,13 +1068,18 @@ fn an_untracked_packet_never_skips_its_class_deny() {
         let mut backend = lab.open();
         backend.adopt(None, &lab.local).unwrap();
         backend.apply_full(&snap, &lab.local).unwrap();
+        let denied = nft::counters()["denied"];
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flood = lab.flood(1, &stop);
         std::thread::sleep(std::time::Duration::from_secs(2));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         flood.into_iter().for_each(|t| t.join().unwrap());
         let (pre, post) = lab.counted();
-        eprintln!("notrack {notrack}: {pre} packets reached the router, {post} left it");
+        let denied = nft::counters()["denied"] - denied;
+        eprintln!(
+            "notrack {notrack}: {pre} packets reached the router, {post} left it, {denied} \
+             denied by Moat"
+        );
         assert!(
             pre > 10_000,
             "too few packets for the test to mean anything"
@@ -1084,10 +1088,79 @@ fn an_untracked_packet_never_skips_its_class_deny() {
             post, 0,
             "packets the Admin Deny denies passed (notrack {notrack})"
         );
+        assert_eq!(
+            denied, pre,
+            "every packet denied by the ruleset, not elsewhere"
+        );
+        if notrack {
+            assert_eq!(tracked_flows(), 0, "the `notrack` did not take");
+        }
         drop(backend);
         drop(lab);
         nft_run("delete table ip lab");
     }
+}
+
+/// Conntrack entries in this namespace (the lab's flood is its only traffic).
+fn tracked_flows() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A flow conntrack confirmed without Moat allowing it (started before Moat's table, as one
+/// a previous dataplane dropped after conntrack would be) is judged, never inherited: only
+/// a flow whose first packet a ruleset allowed carries the stamp that lets its later packets
+/// pass unjudged.
+#[test]
+fn a_flow_confirmed_without_moat_is_still_judged() {
+    use moat_dataplane::Backend;
+    if !netns::inside("a_flow_confirmed_without_moat_is_still_judged") {
+        return;
+    }
+    let snap = admin_deny_snapshot();
+    let lab = Lab::with([snap.clone(), snap.clone()], true, false);
+    // Conntrack runs in a namespace only while some rule needs it: another component's.
+    nft_run(
+        "table ip other {
+           chain c {
+             type filter hook forward priority 10;
+             ct state new counter
+           }
+         }",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = lab.flood(1, &stop);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (pre0, post0) = (lab_counter("pre"), lab_counter("post"));
+    assert!(post0 > 1_000, "without Moat the flow passes: {post0}");
+    assert!(tracked_flows() > 0, "the flow is confirmed");
+    let mut backend = lab.open();
+    backend.adopt(None, &lab.local).unwrap();
+    backend.apply_full(&snap, &lab.local).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (pre1, post1) = (lab_counter("pre"), lab_counter("post"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.into_iter().for_each(|t| t.join().unwrap());
+    let (pre, post) = lab.counted();
+    eprintln!(
+        "before Moat {post0} of {pre0} passed; under Moat {} of {} passed",
+        post - post1,
+        pre - pre1
+    );
+    assert!(
+        pre - pre1 > 10_000,
+        "too few packets for the test to mean anything"
+    );
+    assert_eq!(
+        post - post1,
+        0,
+        "a denied flow confirmed before Moat inherited an allow"
+    );
+    drop(backend);
 }
 
 /// This namespace's conntrack statistics summed over CPUs (`/proc/net/stat/nf_conntrack`,

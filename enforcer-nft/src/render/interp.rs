@@ -304,7 +304,13 @@ impl Table {
                         _ if body["left"].get("ct").is_some_and(|c| c["key"] == "state") => {
                             ct_has(right, "new")
                         }
-                        _ if body["left"].get("ct").is_some_and(|c| c["key"] == "status") => false,
+                        // A first packet's entry is neither confirmed nor stamped.
+                        _ if body["left"]
+                            .get("ct")
+                            .is_some_and(|c| c["key"] == "status" || c["key"] == "label") =>
+                        {
+                            false
+                        }
                         r => panic!("unmodelled match {r}"),
                     };
                     if !hit {
@@ -316,6 +322,8 @@ impl Table {
                     let data = self.lookup(body["data"].as_str().unwrap(), &k)?.clone()?;
                     return Some(verdict(&data));
                 }
+                // The stamp of an allowed flow: nothing a first packet's verdict reads.
+                "mangle" if body["key"]["ct"]["key"] == "label" => {}
                 "mangle" => {
                     assert_eq!(body["key"]["ct"]["key"], "mark", "{e}");
                     let v = &body["value"];
@@ -406,7 +414,7 @@ fn value(e: &Value, p: &Packet, mark: u128) -> Option<Vec<u128>> {
         mark
     } else if e
         .get("ct")
-        .is_some_and(|c| c["key"] == "state" || c["key"] == "status")
+        .is_some_and(|c| ["state", "status", "label"].contains(&c["key"].as_str().unwrap_or("")))
     {
         0
     } else {

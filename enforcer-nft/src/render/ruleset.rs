@@ -60,65 +60,63 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
         return ordered_rules(name, rs, epoch);
     }
     // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
+    // Every allow stamps the flow (see [`inherited`]).
     let ok = if rs.egress { "return" } else { "accept" };
-    let verdict = json!({ ok: null });
+    let verdict = || vec![stamp(rs.egress), json!({ ok: null })];
+    let with = |mut e: Vec<Value>, then: Vec<Value>| {
+        e.extend(then);
+        e
+    };
     let peer = if rs.egress { "daddr" } else { "saddr" };
-    let mut r = vec![inherited(name, &verdict)];
+    let mut r = vec![inherited(name, rs.egress)];
     if rs.any {
-        r.push(rule(name, vec![verdict.clone()]));
+        r.push(rule(name, verdict()));
     }
     r.push(rule(
         name,
-        vec![
-            lookup(
+        with(
+            vec![lookup(
                 concat(vec![l4proto(), payload("th", "dport")]),
                 &format!("{name}_ap"),
-            ),
-            verdict.clone(),
-        ],
+            )],
+            verdict(),
+        ),
     ));
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    // Named ports before the class: keyed by address, they need no conntrack mark (an
+    // untracked packet they allow is allowed, as in an ordered ruleset).
+    if rs.egress {
+        for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
+            let key = named_key(fam);
+            r.push(rule(
+                name,
+                with(vec![lookup(key, &format!("{name}_{set}"))], verdict()),
+            ));
+        }
+    }
     r.extend(classify(name, peer, epoch));
     r.push(rule(
         name,
-        vec![
-            lookup(ct("mark"), &format!("{name}_aa")),
-            clear.clone(),
-            verdict.clone(),
-        ],
+        with(
+            vec![lookup(ct("mark"), &format!("{name}_aa")), clear.clone()],
+            verdict(),
+        ),
     ));
     // Peer groups by exact port, then by port range.
     for set in ["gp", "gx"] {
         r.push(rule(
             name,
-            vec![
-                lookup(
-                    concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
-                    &format!("{name}_{set}"),
-                ),
-                clear.clone(),
-                verdict.clone(),
-            ],
-        ));
-    }
-    if rs.egress {
-        for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
-            r.push(rule(
-                name,
+            with(
                 vec![
                     lookup(
-                        concat(vec![
-                            payload(fam, "daddr"),
-                            l4proto(),
-                            payload("th", "dport"),
-                        ]),
+                        concat(vec![ct("mark"), l4proto(), payload("th", "dport")]),
                         &format!("{name}_{set}"),
                     ),
                     clear.clone(),
-                    verdict.clone(),
                 ],
-            ));
-        }
+                verdict(),
+            ),
+        ));
     }
     r.push(rule(
         name,
@@ -127,18 +125,46 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     r
 }
 
-/// The first rule of every ruleset: a packet of a flow conntrack has confirmed (its first
-/// packet was allowed, but no reply came yet) inherits that verdict, as the eBPF program's
-/// flow table lets it, and is not judged again. Judging it would be wrong, not just slow:
-/// the class below is kept in the flow's conntrack mark, which every packet of a confirmed
-/// flow shares — two cores judging two of its packets at once read each other's marks. A
-/// first packet's entry is its own until it is confirmed, after this hook.
-fn inherited(name: &str, ok: &Value) -> Value {
+/// An egress named-port entry's key: destination address, protocol, port.
+fn named_key(fam: &str) -> Value {
+    concat(vec![
+        payload(fam, "daddr"),
+        l4proto(),
+        payload("th", "dport"),
+    ])
+}
+
+/// The conntrack label bits Moat sets on a flow whose first packet a ruleset allowed, per
+/// direction (its own bits: labels are a 128-bit set shared with other components).
+pub const STAMP_EGRESS: u32 = 126;
+pub const STAMP_INGRESS: u32 = 127;
+
+fn stamp(egress: bool) -> Value {
+    let bit = if egress { STAMP_EGRESS } else { STAMP_INGRESS };
+    json!({"mangle": {"key": ct("label"), "value": bit}})
+}
+
+/// The first rule of every ruleset: a packet of a flow whose first packet this direction's
+/// ruleset allowed (conntrack confirmed the flow, and it carries the ruleset's stamp, but no
+/// reply came yet) inherits that verdict, as the eBPF program's flow table lets it, and is
+/// not judged again. Judging it would be wrong, not just slow: the class below is kept in
+/// the flow's conntrack mark, which every packet of a confirmed flow shares — two cores
+/// judging two of its packets at once read each other's marks. A first packet's entry is its
+/// own until it is confirmed, after this hook, so stamping it is race-free too. Confirmed
+/// alone is not enough: a flow can be confirmed without Moat allowing it (one a previous
+/// dataplane dropped after conntrack, one older than the table); such a flow is judged.
+fn inherited(name: &str, egress: bool) -> Value {
+    let (bit, ok) = if egress {
+        (STAMP_EGRESS, "return")
+    } else {
+        (STAMP_INGRESS, "accept")
+    };
     rule(
         name,
         vec![
             json!({"match": {"op": "in", "left": ct("status"), "right": "confirmed"}}),
-            ok.clone(),
+            json!({"match": {"op": "in", "left": ct("label"), "right": bit}}),
+            json!({ ok: null }),
         ],
     )
 }
@@ -181,7 +207,7 @@ fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
 fn ordered_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     let ok = if rs.egress { "return" } else { "accept" };
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    let allow = || vec![clear.clone(), json!({ ok: null })];
+    let allow = || vec![clear.clone(), stamp(rs.egress), json!({ ok: null })];
     let deny = || {
         vec![
             clear.clone(),
@@ -197,14 +223,10 @@ fn ordered_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
             r.push(rule(name, e));
         }
     };
-    let mut r = vec![inherited(name, &json!({ ok: null }))];
+    let mut r = vec![inherited(name, rs.egress)];
     if rs.egress {
         for (fam, set) in [("ip", "n4"), ("ip6", "n6")] {
-            let key = concat(vec![
-                payload(fam, "daddr"),
-                l4proto(),
-                payload("th", "dport"),
-            ]);
+            let key = named_key(fam);
             level(&mut r, key, set);
         }
     }
