@@ -879,6 +879,24 @@ impl Lab {
             .unwrap()
     }
 
+    /// A backend enforcing `snap` on a table of its own making.
+    fn enforcing(&self, snap: &NodeSnapshot) -> moat_enforcer_nft::NftBackend {
+        use moat_dataplane::Backend;
+        let mut backend = self.open();
+        backend.adopt(None, &self.local).unwrap();
+        backend.apply_full(snap, &self.local).unwrap();
+        backend
+    }
+
+    /// [`flood`](Self::flood) for `secs`, then stopped.
+    fn flood_for(&self, threads: usize, secs: u64) {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = self.flood(threads, &stop);
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flood.into_iter().for_each(|t| t.join().unwrap());
+    }
+
     /// One UDP flow (10.0.1.2:5000 → 10.0.2.2:9) that never sees a reply, sent from
     /// `threads` threads sharing its socket, each pinned to a core of its own where there
     /// are enough, until `stop`.
@@ -955,10 +973,7 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
         return;
     }
     let lab = Lab::new(false);
-    let mut backend = lab.open();
-    backend.adopt(None, &lab.local).unwrap();
-    backend.apply_full(&lab.versions[0], &lab.local).unwrap();
-
+    let mut backend = lab.enforcing(&lab.versions[0]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = lab.flood(1, &stop);
     let rounds = 500;
@@ -995,7 +1010,6 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
 /// packet, whose entry no other packet can see yet, may be judged that way.
 #[test]
 fn one_flow_on_two_cores_is_never_judged_on_another_packets_class() {
-    use moat_dataplane::Backend;
     if !netns::inside("one_flow_on_two_cores_is_never_judged_on_another_packets_class") {
         return;
     }
@@ -1005,14 +1019,8 @@ fn one_flow_on_two_cores_is_never_judged_on_another_packets_class() {
         "this test needs two cores to race two packets ({cores})"
     );
     let lab = Lab::new(true);
-    let mut backend = lab.open();
-    backend.adopt(None, &lab.local).unwrap();
-    backend.apply_full(&lab.versions[0], &lab.local).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = lab.flood(2, &stop);
-    std::thread::sleep(std::time::Duration::from_secs(8));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.into_iter().for_each(|t| t.join().unwrap());
+    let backend = lab.enforcing(&lab.versions[0]);
+    lab.flood_for(2, 8);
     let counted = lab.counted();
     eprintln!(
         "{} packets of one flow from two cores reached the router, {} left it",
@@ -1058,22 +1066,15 @@ fn admin_deny_snapshot() -> NodeSnapshot {
 /// class" and let the "any peer" allow pass what the Admin Deny denies. It must be denied.
 #[test]
 fn an_untracked_packet_never_skips_its_class_deny() {
-    use moat_dataplane::Backend;
     if !netns::inside("an_untracked_packet_never_skips_its_class_deny") {
         return;
     }
     let snap = admin_deny_snapshot();
     for notrack in [false, true] {
         let lab = Lab::with([snap.clone(), snap.clone()], true, notrack);
-        let mut backend = lab.open();
-        backend.adopt(None, &lab.local).unwrap();
-        backend.apply_full(&snap, &lab.local).unwrap();
+        let backend = lab.enforcing(&snap);
         let denied = nft::counters()["denied"];
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flood = lab.flood(1, &stop);
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        flood.into_iter().for_each(|t| t.join().unwrap());
+        lab.flood_for(1, 2);
         let (pre, post) = lab.counted();
         let denied = nft::counters()["denied"] - denied;
         eprintln!(
@@ -1116,7 +1117,6 @@ fn tracked_flows() -> u64 {
 /// pass unjudged.
 #[test]
 fn a_flow_confirmed_without_moat_is_still_judged() {
-    use moat_dataplane::Backend;
     if !netns::inside("a_flow_confirmed_without_moat_is_still_judged") {
         return;
     }
@@ -1137,9 +1137,7 @@ fn a_flow_confirmed_without_moat_is_still_judged() {
     let (pre0, post0) = (lab_counter("pre"), lab_counter("post"));
     assert!(post0 > 1_000, "without Moat the flow passes: {post0}");
     assert!(tracked_flows() > 0, "the flow is confirmed");
-    let mut backend = lab.open();
-    backend.adopt(None, &lab.local).unwrap();
-    backend.apply_full(&snap, &lab.local).unwrap();
+    let backend = lab.enforcing(&snap);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (pre1, post1) = (lab_counter("pre"), lab_counter("post"));
     std::thread::sleep(std::time::Duration::from_secs(2));

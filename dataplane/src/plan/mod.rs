@@ -183,19 +183,15 @@ impl Desired {
 
     /// The class of the address range holding `a`, ignoring exact address entries.
     pub fn range_class_at(&self, a: IpAddr) -> Option<u32> {
+        fn holding<A: Ord + Copy>(m: &BTreeMap<(A, A), u32>, x: A, top: A) -> Option<u32> {
+            m.range(..=(x, top))
+                .next_back()
+                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
+                .map(|(_, c)| *c)
+        }
         match a {
-            IpAddr::V4(x) => self
-                .class4
-                .range(..=(x, Ipv4Addr::from(u32::MAX)))
-                .next_back()
-                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                .map(|(_, c)| *c),
-            IpAddr::V6(x) => self
-                .class6
-                .range(..=(x, Ipv6Addr::from(u128::MAX)))
-                .next_back()
-                .filter(|((lo, hi), _)| *lo <= x && x <= *hi)
-                .map(|(_, c)| *c),
+            IpAddr::V4(x) => holding(&self.class4, x, Ipv4Addr::from(u32::MAX)),
+            IpAddr::V6(x) => holding(&self.class6, x, Ipv6Addr::from(u128::MAX)),
         }
     }
 

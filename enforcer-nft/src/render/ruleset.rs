@@ -61,8 +61,7 @@ fn chain_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
     }
     // Ingress: allowed means accepted. Egress: allowed means "go on to the ingress check".
     // Every allow stamps the flow (see [`inherited`]).
-    let ok = if rs.egress { "return" } else { "accept" };
-    let verdict = || vec![stamp(rs.egress), json!({ ok: null })];
+    let verdict = || vec![stamp(rs.egress), ok(rs.egress)];
     let with = |mut e: Vec<Value>, then: Vec<Value>| {
         e.extend(then);
         e
@@ -139,6 +138,16 @@ fn named_key(fam: &str) -> Value {
 pub const STAMP_EGRESS: u32 = 126;
 pub const STAMP_INGRESS: u32 = 127;
 
+/// A ruleset's allow. Ingress: accepted. Egress: "go on to the ingress check" (back to
+/// `forward`, after `jump sender`).
+fn ok(egress: bool) -> Value {
+    if egress {
+        json!({"return": null})
+    } else {
+        json!({"accept": null})
+    }
+}
+
 fn stamp(egress: bool) -> Value {
     let bit = if egress { STAMP_EGRESS } else { STAMP_INGRESS };
     json!({"mangle": {"key": ct("label"), "value": bit}})
@@ -154,17 +163,13 @@ fn stamp(egress: bool) -> Value {
 /// alone is not enough: a flow can be confirmed without Moat allowing it (one a previous
 /// dataplane dropped after conntrack, one older than the table); such a flow is judged.
 fn inherited(name: &str, egress: bool) -> Value {
-    let (bit, ok) = if egress {
-        (STAMP_EGRESS, "return")
-    } else {
-        (STAMP_INGRESS, "accept")
-    };
+    let bit = if egress { STAMP_EGRESS } else { STAMP_INGRESS };
     rule(
         name,
         vec![
             json!({"match": {"op": "in", "left": ct("status"), "right": "confirmed"}}),
             json!({"match": {"op": "in", "left": ct("label"), "right": bit}}),
-            json!({ ok: null }),
+            ok(egress),
         ],
     )
 }
@@ -205,9 +210,8 @@ fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
 /// port, any peer × port, then the default. Each level is a deny set and an allow set with
 /// disjoint keys, so their order within a level does not matter.
 fn ordered_rules(name: &str, rs: &Ruleset, epoch: u32) -> Vec<Value> {
-    let ok = if rs.egress { "return" } else { "accept" };
     let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    let allow = || vec![clear.clone(), stamp(rs.egress), json!({ ok: null })];
+    let allow = || vec![clear.clone(), stamp(rs.egress), ok(rs.egress)];
     let deny = || {
         vec![
             clear.clone(),
