@@ -164,6 +164,49 @@ fn time_backend<B: Backend>(
     })
 }
 
+/// Layout 7's tier plan of the largest node (not yet taken by a dataplane): how long, and
+/// what it holds, as the layout-6 plan below it.
+fn tier_plan_only(node: &Node) -> String {
+    use moat_dataplane::plan::tier_tables::tier_plan;
+    use moat_dataplane::plan::{Budget, Classes, addresses};
+    let t = Instant::now();
+    let mut classes = Classes::default();
+    let d = addresses(&node.base, &mut classes);
+    let laid = t.elapsed();
+    let tp = tier_plan(&node.base, &d, &classes);
+    let took = t.elapsed();
+    let b = Budget::UNLIMITED;
+    let prefixes: usize = tp
+        .tables
+        .values()
+        .map(|t| {
+            t.whole.len()
+                + t.ports
+                    .keys()
+                    .map(|k| b.port_range(k.2, k.3))
+                    .sum::<usize>()
+        })
+        .sum();
+    let np: usize = tp.np.values().map(|r| r.elements()).sum();
+    let extra = tp
+        .of_addr
+        .keys()
+        .filter(|a| d.class_at(**a).is_none())
+        .count();
+    format!(
+        "Layout 7's tier plan (`plan::addresses` + `plan::tier_tables::tier_plan`, not yet taken by a dataplane): {:.2} s ({:.2} s of it the address maps); {} cluster classes ({} addresses with named ports of their own, {extra} of them in no address class), {} tier tables holding {} entries ({prefixes} as port prefixes), {} NetworkPolicy rulesets holding {np} entries, {} address entries, {} range entries.\n\n",
+        took.as_secs_f64(),
+        laid.as_secs_f64(),
+        tp.cclasses.len(),
+        tp.of_addr.len(),
+        tp.tables.len(),
+        tp.table_entries(),
+        tp.np.len(),
+        d.addr4.len() + d.addr6.len(),
+        d.class4.len() + d.class6.len(),
+    )
+}
+
 /// The plan of the largest node alone (no backend): how long, and what it holds.
 fn plan_only(node: &Node) -> String {
     use moat_dataplane::plan::{Classes, desired};
@@ -201,7 +244,7 @@ pub fn run(full_runs: usize, delta_runs: usize, plan: bool) -> Result<String> {
         compiled.as_secs_f64()
     );
     if plan {
-        return Ok(plan_only(&node));
+        return Ok(tier_plan_only(&node) + &plan_only(&node));
     }
     // The reference: the 10,000-rule NetworkPolicy node of `nft-apply`/`ebpf-apply`.
     let (ref_a, ref_b) = (

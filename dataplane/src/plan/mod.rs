@@ -20,6 +20,7 @@ pub mod budget;
 #[cfg(test)]
 mod fixtures;
 pub mod incremental;
+pub mod tier_tables;
 pub mod tiers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -725,42 +726,7 @@ fn desired_named(
         };
         denied.insert(n, format!("its peer groups: {over}"));
     }
-    let (segs4, segs6, pts4, pts6) = lay;
-    let live: std::collections::HashSet<&[GroupId]> = segs4
-        .iter()
-        .chain(&segs6)
-        .map(|s| s.2.as_slice())
-        .chain(pts4.iter().chain(&pts6).map(|p| p.1.as_slice()))
-        .collect();
-    classes.retain(&live);
-    let mut classes_of: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
-    let mut note = |set: &[GroupId], id: u32| {
-        for g in set {
-            classes_of.entry(*g).or_default().insert(id);
-        }
-    };
-    for (a, b, set) in &segs4 {
-        let id = classes.id(set);
-        d.class4
-            .insert((Ipv4Addr::from(*a as u32), Ipv4Addr::from(*b as u32)), id);
-        note(set, id);
-    }
-    for (a, b, set) in &segs6 {
-        let id = classes.id(set);
-        d.class6
-            .insert((Ipv6Addr::from(*a), Ipv6Addr::from(*b)), id);
-        note(set, id);
-    }
-    for (a, set) in &pts4 {
-        let id = classes.id(set);
-        d.addr4.insert(Ipv4Addr::from(*a as u32), id);
-        note(set, id);
-    }
-    for (a, set) in &pts6 {
-        let id = classes.id(set);
-        d.addr6.insert(Ipv6Addr::from(*a), id);
-        note(set, id);
-    }
+    let classes_of = place(&mut d, lay, classes);
     // Cheapest lists first (by an upper bound that costs nothing to compute), so what a
     // budget cuts is the few biggest lists, not many small ones.
     let mut order: Vec<(usize, &String)> = lists
@@ -833,6 +799,64 @@ fn desired_named(
             }
         }
     }
+    d
+}
+
+/// Numbers the classes of `lay` (freeing those no longer used) and puts them into `d`'s
+/// address maps; which classes hold each group.
+fn place(
+    d: &mut Desired,
+    lay: ClassLayout,
+    classes: &mut Classes,
+) -> HashMap<GroupId, BTreeSet<u32>> {
+    let (segs4, segs6, pts4, pts6) = lay;
+    let live: std::collections::HashSet<&[GroupId]> = segs4
+        .iter()
+        .chain(&segs6)
+        .map(|s| s.2.as_slice())
+        .chain(pts4.iter().chain(&pts6).map(|p| p.1.as_slice()))
+        .collect();
+    classes.retain(&live);
+    let mut classes_of: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
+    let mut note = |set: &[GroupId], id: u32| {
+        for g in set {
+            classes_of.entry(*g).or_default().insert(id);
+        }
+    };
+    for (a, b, set) in &segs4 {
+        let id = classes.id(set);
+        d.class4
+            .insert((Ipv4Addr::from(*a as u32), Ipv4Addr::from(*b as u32)), id);
+        note(set, id);
+    }
+    for (a, b, set) in &segs6 {
+        let id = classes.id(set);
+        d.class6
+            .insert((Ipv6Addr::from(*a), Ipv6Addr::from(*b)), id);
+        note(set, id);
+    }
+    for (a, set) in &pts4 {
+        let id = classes.id(set);
+        d.addr4.insert(Ipv4Addr::from(*a as u32), id);
+        note(set, id);
+    }
+    for (a, set) in &pts6 {
+        let id = classes.id(set);
+        d.addr6.insert(Ipv6Addr::from(*a), id);
+        note(set, id);
+    }
+    classes_of
+}
+
+/// The address maps alone, of every group of `snap` (no ruleset, no budget): what layout
+/// 7's tier plan ([`tier_tables`]) is laid over.
+pub fn addresses(snap: &NodeSnapshot, classes: &mut Classes) -> Desired {
+    let mut d = Desired {
+        version: snap.version,
+        digest: Some(snap.digest),
+        ..Default::default()
+    };
+    place(&mut d, layout(snap, &BTreeSet::new()), classes);
     d
 }
 

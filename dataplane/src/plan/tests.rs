@@ -731,3 +731,140 @@ fn colliding_list_names_deny_both_lists() {
     assert_eq!(d.degraded.len(), 1, "{:?}", d.degraded);
     assert!(d.degraded[0].reason.contains("hash to its chain name"));
 }
+
+/// Layout 7's tier plan decides a direction: the Admin table, then the NetworkPolicy
+/// ruleset (isolated) or the Baseline table. Also says whether a tier table decided.
+fn tier_decides(
+    tp: &tier_tables::TierPlan,
+    d: &Desired,
+    local: IpAddr,
+    egress: bool,
+    peer: IpAddr,
+    p: &Packet,
+) -> Option<(bool, bool)> {
+    use moat_policy::ir::Action;
+    let t = tp.endpoints.get(&(local, egress))?;
+    if t.denied {
+        return Some((false, false));
+    }
+    let cc = tp.cclass_at(d, peer);
+    let look = |name: &Option<String>| {
+        name.as_ref()
+            .and_then(|n| tp.tables[n].lookup(cc, p.proto, p.port))
+    };
+    match look(&t.admin) {
+        Some(Action::Allow) => return Some((true, true)),
+        Some(Action::Deny) => return Some((false, true)),
+        _ => {}
+    }
+    if let Some(np) = &t.np {
+        let mut dd = d.clone();
+        dd.rulesets.insert(np.clone(), tp.np[np].clone());
+        return Some((chain(&dd, np, peer, p), false));
+    }
+    match look(&t.baseline) {
+        Some(Action::Deny) => Some((false, true)),
+        Some(_) => Some((true, true)),
+        None => Some((true, false)),
+    }
+}
+
+/// [`first_mismatch`] for layout 7's tier plan: the first disagreement with the IR, the
+/// verdicts compared, and how many of them a tier table decided.
+fn first_tier_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize, usize) {
+    let mut f = Features::default();
+    let (mut checked, mut by_table) = (0, 0);
+    for case in cases {
+        let mut rng = SmallRng::seed_from_u64(case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let mut classes = Classes::default();
+        for round in 0..3 {
+            if round > 0 {
+                world.mutate(&mut rng, &mut f, false);
+            }
+            let snaps = Index::build(parse_all(&world.objects())).snapshots();
+            let fleet = Fleet::new(&snaps);
+            let plans: Vec<_> = snaps
+                .iter()
+                .map(|s| {
+                    let d = desired(s, &mut classes);
+                    let tp = tier_tables::tier_plan(s, &d, &classes);
+                    (s, d, tp)
+                })
+                .collect();
+            let addrs = world.addresses();
+            for _ in 0..300 {
+                let src = *addrs.choose(&mut rng).unwrap();
+                let same: Vec<_> = addrs
+                    .iter()
+                    .copied()
+                    .filter(|a| a.is_ipv4() == src.is_ipv4())
+                    .collect();
+                let dst = *same.choose(&mut rng).unwrap();
+                let (proto, port) = *PROBES.choose(&mut rng).unwrap();
+                let p = Packet {
+                    src,
+                    dst,
+                    proto,
+                    port,
+                };
+                for (snap, d, tp) in &plans {
+                    if snap.node_addrs.contains(&src) || snap.node_addrs.contains(&dst) {
+                        continue;
+                    }
+                    let sides = [
+                        (
+                            "egress",
+                            tier_decides(tp, d, src, true, dst, &p),
+                            fleet.egress_allows(&p),
+                        ),
+                        (
+                            "ingress",
+                            tier_decides(tp, d, dst, false, src, &p),
+                            fleet.ingress_allows(&p),
+                        ),
+                    ];
+                    for (side, got, want) in sides {
+                        let Some((got, table)) = got else { continue };
+                        if got != want {
+                            let at = format!(
+                                "case {case}: {side} {p:?} on {}: tier plan {got}, IR {want}",
+                                snap.node
+                            );
+                            return (Some(at), checked, by_table);
+                        }
+                        checked += 1;
+                        by_table += usize::from(table);
+                    }
+                }
+            }
+        }
+    }
+    (None, checked, by_table)
+}
+
+#[test]
+fn tier_tables_decide_like_the_ir() {
+    let (wrong, checked, by_table) = first_tier_mismatch(0..400);
+    assert_eq!(wrong, None);
+    assert!(checked > 10_000, "{checked}");
+    eprintln!("{checked} verdicts, {by_table} decided by a tier table");
+    assert!(
+        by_table > 2_000,
+        "{by_table} of {checked} decided by a tier table"
+    );
+}
+
+#[test]
+fn planted_tier_table_mistakes_are_caught() {
+    use super::tier_tables::plant::{self, Plant};
+    for p in [
+        Plant::AnyPeerNotFolded,
+        Plant::NamedPortsNotInClusterClass,
+        Plant::RowsComparedByWholeOnly,
+    ] {
+        let (wrong, _, _) = plant::with(p, || first_tier_mismatch(0..400));
+        assert!(wrong.is_some(), "{p:?} was not caught");
+        eprintln!("{p:?} caught: {}", wrong.unwrap());
+    }
+}

@@ -1,0 +1,459 @@
+//! The cluster tiers as tables of their own (map layout 7's plan; the design is
+//! `docs/design/cluster-tiers.md`, "Next"). Not yet taken by a dataplane: the dataplanes
+//! still enforce [`super::tiers`]' resolved rulesets. This is the plan's half, checked
+//! against the IR on random clusters and measured by `moat-bench cnp-node`.
+//!
+//! Why: resolving the tiers into every rule list copies each Admin rule into each list
+//! holding it, and a broad Admin peer then names every class of the node, so the largest
+//! node at the Antrea scale needs millions of entries. The Admin and Baseline tiers only
+//! see the cluster rules' groups, so:
+//!
+//! * every peer address gets a **cluster class**: the cluster-rule groups of its class
+//!   and, for the groups of cluster rules with named ports, the (protocol, port) each
+//!   resolves to at that address. Addresses alike to the cluster rules share one, whatever
+//!   their NetworkPolicy groups;
+//! * every distinct Admin or Baseline rule list is one **table** keyed by (cluster class,
+//!   protocol, port segment), each entry the first matching rule's action, any-peer rules
+//!   folded in. A class the table holds nothing for is judged as class 0 (no cluster
+//!   group), and a miss there passes: two longest-prefix lookups at most decide a tier;
+//! * an endpoint direction points at its Admin table, its NetworkPolicy ruleset (exactly
+//!   a NetworkPolicy-only ruleset: allows, ORed) when a NetworkPolicy isolates it, and
+//!   else its Baseline table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use moat_policy::ir::{Action, GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId, Tier};
+
+use super::budget::{Budget, Meter};
+use super::{Classes, Desired, Ruleset, list_name};
+
+/// The protocols with ports; any other only meets rules without ports.
+const PORTED: [u8; 3] = [6, 17, 132];
+
+/// What a peer address is to the cluster rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterClass {
+    /// The cluster-rule groups of its address class, sorted.
+    pub groups: Vec<GroupId>,
+    /// Its resolved named ports in the named-port groups of cluster rules: (group,
+    /// protocol, port), sorted.
+    pub named: Vec<(GroupId, u8, u16)>,
+}
+
+/// One Admin or Baseline rule list as a table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierTable {
+    /// Cluster class → its action wherever none of its port entries holds (protocols
+    /// without ports included). A class not here is judged as class 0; class 0 not here:
+    /// the tier passes.
+    pub whole: BTreeMap<u32, Action>,
+    /// (cluster class, protocol, first, last) → action: disjoint per (class, protocol),
+    /// each differing from the class's whole action.
+    pub ports: BTreeMap<(u32, u8, u16, u16), Action>,
+}
+
+impl TierTable {
+    /// The tier's action for a peer of cluster class `cc` (`None`: a miss, which passes).
+    pub fn lookup(&self, cc: u32, proto: u8, port: u16) -> Option<Action> {
+        let c = if self.whole.contains_key(&cc) { cc } else { 0 };
+        let whole = *self.whole.get(&c)?;
+        if PORTED.contains(&proto)
+            && let Some((&(kc, kp, lo, hi), a)) =
+                self.ports.range(..=(c, proto, port, u16::MAX)).next_back()
+            && (kc, kp) == (c, proto)
+            && lo <= port
+            && port <= hi
+        {
+            return Some(*a);
+        }
+        Some(whole)
+    }
+
+    pub fn entries(&self) -> usize {
+        self.whole.len() + self.ports.len()
+    }
+}
+
+/// An endpoint direction's tiers, by table and ruleset name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tiers {
+    pub admin: Option<String>,
+    /// Its NetworkPolicy ruleset, when a NetworkPolicy isolates it.
+    pub np: Option<String>,
+    /// Its Baseline table, when no NetworkPolicy isolates it.
+    pub baseline: Option<String>,
+    /// Its rule list names a rule the snapshot does not hold: denied whole (fail closed).
+    pub denied: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierPlan {
+    /// Cluster class → number (class 0, no cluster group and no named port, is not here).
+    pub cclasses: BTreeMap<ClusterClass, u32>,
+    /// Address class → cluster class, for every address without named ports of its own.
+    pub of_class: BTreeMap<u32, u32>,
+    /// Addresses in named-port groups of cluster rules → cluster class (over `of_class`).
+    pub of_addr: BTreeMap<IpAddr, u32>,
+    pub tables: BTreeMap<String, TierTable>,
+    /// NetworkPolicy-only rulesets, as [`super::desired`] lays them out.
+    pub np: BTreeMap<String, Ruleset>,
+    /// (local endpoint address, egress) → its tiers; only enforced directions.
+    pub endpoints: BTreeMap<(IpAddr, bool), Tiers>,
+}
+
+impl TierPlan {
+    /// The cluster class of a peer address, as the dataplane finds it.
+    pub fn cclass_at(&self, d: &Desired, a: IpAddr) -> u32 {
+        if let Some(c) = self.of_addr.get(&a) {
+            return *c;
+        }
+        d.class_at(a)
+            .and_then(|c| self.of_class.get(&c))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every table entry (the measure of fit).
+    pub fn table_entries(&self) -> usize {
+        self.tables.values().map(TierTable::entries).sum()
+    }
+}
+
+/// Layout 7's tier plan of `snap`, over the address classes of `d` (planned from `snap`
+/// with `classes`).
+pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
+    let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
+    let members: HashMap<GroupId, &Members> =
+        snap.groups.iter().map(|g| (g.id, &g.members)).collect();
+    // The groups the cluster rules name, by how they name them.
+    let (mut plain, mut named) = (BTreeSet::new(), BTreeSet::new());
+    for r in rules.values().filter(|r| r.tier != Tier::NetworkPolicy) {
+        if let Peers::Groups(gs) = &r.peers {
+            let to = if matches!(r.ports, Ports::FromGroups) {
+                &mut named
+            } else {
+                &mut plain
+            };
+            to.extend(gs.iter().copied());
+        }
+    }
+    let mut tp = TierPlan::default();
+    let number = |tp: &mut TierPlan, cc: ClusterClass| -> u32 {
+        if cc == ClusterClass::default() {
+            return 0;
+        }
+        let next = tp.cclasses.len() as u32 + 1;
+        *tp.cclasses.entry(cc).or_insert(next)
+    };
+    let cluster_groups = |class: Option<u32>| -> Vec<GroupId> {
+        class
+            .and_then(|c| classes.groups(c))
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(|g| plain.contains(g))
+            .collect()
+    };
+    let live: BTreeSet<u32> = d
+        .class4
+        .values()
+        .chain(d.class6.values())
+        .chain(d.addr4.values())
+        .chain(d.addr6.values())
+        .copied()
+        .collect();
+    for c in live {
+        let cc = number(
+            &mut tp,
+            ClusterClass {
+                groups: cluster_groups(Some(c)),
+                named: Vec::new(),
+            },
+        );
+        if cc != 0 {
+            tp.of_class.insert(c, cc);
+        }
+    }
+    let mut sig: BTreeMap<IpAddr, Vec<(GroupId, u8, u16)>> = BTreeMap::new();
+    for g in &named {
+        if let Some(Members::AddrPorts(m)) = members.get(g) {
+            for k in m {
+                sig.entry(k.addr)
+                    .or_default()
+                    .push((*g, k.proto.number(), k.port));
+            }
+        }
+    }
+    for (addr, mut n) in sig {
+        n.sort_unstable();
+        n.dedup();
+        if plant::on(plant::Plant::NamedPortsNotInClusterClass) {
+            n.clear();
+        }
+        let cc = ClusterClass {
+            groups: cluster_groups(d.class_at(addr)),
+            named: n,
+        };
+        let cc = number(&mut tp, cc);
+        tp.of_addr.insert(addr, cc);
+    }
+    // Every enforced endpoint direction's tiers, each distinct list built once.
+    let classes_of = classes_of(d, classes);
+    for e in &snap.endpoints {
+        for (egress, dir) in [(false, &e.ingress), (true, &e.egress)] {
+            if !super::enforced(dir, &rules) {
+                continue;
+            }
+            let mut t = Tiers {
+                denied: dir.rules.iter().any(|id| !rules.contains_key(id)),
+                ..Default::default()
+            };
+            let of = |tier: Tier| -> Vec<RuleId> {
+                let mut v: Vec<&Rule> = dir
+                    .rules
+                    .iter()
+                    .filter_map(|id| rules.get(id).copied())
+                    .filter(|r| r.tier == tier)
+                    .collect();
+                v.sort_by_key(|r| (r.priority, r.id));
+                v.into_iter().map(|r| r.id).collect()
+            };
+            let table = |tier: Tier, tp: &mut TierPlan| -> Option<String> {
+                let ids = of(tier);
+                if ids.is_empty() {
+                    return None;
+                }
+                let name = format!(
+                    "{}{}",
+                    if tier == Tier::Admin { "A" } else { "B" },
+                    list_name(egress, true, &ids)
+                );
+                if !tp.tables.contains_key(&name) {
+                    let list: Vec<&Rule> = ids.iter().map(|id| rules[id]).collect();
+                    let t = table_of(&list, &tp.cclasses);
+                    tp.tables.insert(name.clone(), t);
+                }
+                Some(name)
+            };
+            t.admin = table(Tier::Admin, &mut tp);
+            if dir.isolated {
+                let ids = of(Tier::NetworkPolicy);
+                let name = list_name(egress, true, &ids);
+                if !tp.np.contains_key(&name) {
+                    let mut m = Meter::new(Budget::UNLIMITED);
+                    if let Ok(rs) =
+                        super::ruleset(egress, &ids, &rules, &members, &classes_of, &mut m)
+                    {
+                        tp.np.insert(name.clone(), rs);
+                    }
+                }
+                t.np = Some(name);
+            } else {
+                t.baseline = table(Tier::Baseline, &mut tp);
+            }
+            for a in &e.addrs {
+                tp.endpoints.insert((*a, egress), t.clone());
+            }
+        }
+    }
+    tp
+}
+
+/// Group → the address classes holding it, from the plan's address maps.
+fn classes_of(d: &Desired, classes: &Classes) -> HashMap<GroupId, BTreeSet<u32>> {
+    let mut out: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
+    let live: BTreeSet<u32> = d
+        .class4
+        .values()
+        .chain(d.class6.values())
+        .chain(d.addr4.values())
+        .chain(d.addr6.values())
+        .copied()
+        .collect();
+    for c in live {
+        for g in classes.groups(c).unwrap_or_default() {
+            out.entry(*g).or_default().insert(c);
+        }
+    }
+    out
+}
+
+/// One tier's rule list (ranked) as a table over every cluster class.
+fn table_of(list: &[&Rule], cclasses: &BTreeMap<ClusterClass, u32>) -> TierTable {
+    let mut any_peer = Vec::new();
+    let mut by_group: HashMap<GroupId, Vec<usize>> = HashMap::new();
+    for (i, r) in list.iter().enumerate() {
+        match &r.peers {
+            Peers::Any => any_peer.push(i),
+            Peers::Groups(gs) => {
+                for g in gs {
+                    by_group.entry(*g).or_default().push(i);
+                }
+            }
+        }
+    }
+    let mut t = TierTable::default();
+    let zero = ClusterClass::default();
+    let row0 = rows(list, &any_peer, &zero);
+    put(&mut t, 0, &row0);
+    for (cc, id) in cclasses {
+        let mut own: Vec<usize> = cc
+            .groups
+            .iter()
+            .chain(cc.named.iter().map(|(g, _, _)| g))
+            .flat_map(|g| by_group.get(g).into_iter().flatten().copied())
+            .collect();
+        // A class no rule names is judged as class 0.
+        if own.is_empty() {
+            continue;
+        }
+        // Any-peer rules ranked before the class's own: folded in, never shadowed.
+        if !plant::on(plant::Plant::AnyPeerNotFolded) {
+            own.extend(&any_peer);
+        }
+        own.sort_unstable();
+        own.dedup();
+        let row = rows(list, &own, cc);
+        let same = if plant::on(plant::Plant::RowsComparedByWholeOnly) {
+            row.0 == row0.0
+        } else {
+            row == row0
+        };
+        if !same {
+            put(&mut t, *id, &row);
+        }
+    }
+    t
+}
+
+/// A class's whole action and its port runs that differ from it.
+type Rows = (Action, Vec<(u8, u16, u16, Action)>);
+
+fn put(t: &mut TierTable, c: u32, (whole, ports): &Rows) {
+    if c == 0 && *whole == Action::Pass && ports.is_empty() {
+        return;
+    }
+    t.whole.insert(c, *whole);
+    for (p, a, b, act) in ports {
+        t.ports.insert((c, *p, *a, *b), *act);
+    }
+}
+
+/// The rows of cluster class `cc` over the rules `own` (indexes into the ranked `list`:
+/// every rule that can match it).
+fn rows(list: &[&Rule], own: &[usize], cc: &ClusterClass) -> Rows {
+    let first = |proto: Option<u8>, port: u16| -> Action {
+        own.iter()
+            .map(|i| list[*i])
+            .find(|r| matches(r, cc, proto, port))
+            .map_or(Action::Pass, |r| r.action)
+    };
+    let whole = first(None, 0);
+    let mut ports = Vec::new();
+    for p in PORTED {
+        let mut cuts = BTreeSet::from([0u32]);
+        for r in own.iter().map(|i| list[*i]) {
+            match &r.ports {
+                Ports::Ranges(v) => {
+                    for x in v.iter().filter(|x| x.proto.number() == p) {
+                        cuts.insert(u32::from(x.first));
+                        cuts.insert(u32::from(x.last) + 1);
+                    }
+                }
+                Ports::FromGroups => {
+                    for (_, _, port) in cc.named.iter().filter(|n| n.1 == p) {
+                        cuts.insert(u32::from(*port));
+                        cuts.insert(u32::from(*port) + 1);
+                    }
+                }
+                Ports::Any => {}
+            }
+        }
+        let cuts: Vec<u32> = cuts.into_iter().filter(|x| *x <= 65535).collect();
+        let mut runs: Vec<(u16, u16, Action)> = Vec::new();
+        for (i, lo) in cuts.iter().enumerate() {
+            let hi = cuts.get(i + 1).map_or(65535, |n| n - 1) as u16;
+            let lo = *lo as u16;
+            let a = first(Some(p), lo);
+            match runs.last_mut() {
+                Some(l) if l.2 == a => l.1 = hi,
+                _ => runs.push((lo, hi, a)),
+            }
+        }
+        ports.extend(
+            runs.into_iter()
+                .filter(|r| r.2 != whole)
+                .map(|(a, b, act)| (p, a, b, act)),
+        );
+    }
+    (whole, ports)
+}
+
+/// Whether rule `r` matches a peer of cluster class `cc` (`proto` `None`: a protocol
+/// without ports).
+fn matches(r: &Rule, cc: &ClusterClass, proto: Option<u8>, port: u16) -> bool {
+    match (&r.ports, &r.peers) {
+        (Ports::FromGroups, Peers::Groups(gs)) => proto.is_some_and(|p| {
+            gs.iter()
+                .any(|g| cc.named.binary_search(&(*g, p, port)).is_ok())
+        }),
+        (Ports::FromGroups, Peers::Any) => false,
+        (ports, peers) => {
+            let ports_ok = match ports {
+                Ports::Any => true,
+                Ports::Ranges(v) => proto.is_some_and(|p| {
+                    v.iter()
+                        .any(|x| x.proto.number() == p && x.first <= port && port <= x.last)
+                }),
+                Ports::FromGroups => false,
+            };
+            ports_ok
+                && match peers {
+                    Peers::Any => true,
+                    Peers::Groups(gs) => gs.iter().any(|g| cc.groups.binary_search(g).is_ok()),
+                }
+        }
+    }
+}
+
+/// Mistakes the tests plant to show that they catch them; never on outside tests.
+pub(crate) mod plant {
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Plant {
+        /// A class's rows ignore the any-peer rules: an any-peer rule ranked first is
+        /// shadowed by the class's own.
+        AnyPeerNotFolded,
+        /// A cluster class ignores the address's named ports.
+        NamedPortsNotInClusterClass,
+        /// A class's rows are left out when its whole action equals class 0's, whatever
+        /// its ports say.
+        RowsComparedByWholeOnly,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static ON: std::cell::Cell<Option<Plant>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[inline(always)]
+    pub fn on(p: Plant) -> bool {
+        #[cfg(test)]
+        {
+            ON.with(|c| c.get() == Some(p))
+        }
+        #[cfg(not(test))]
+        {
+            let _ = p;
+            false
+        }
+    }
+
+    #[cfg(test)]
+    pub fn with<T>(p: Plant, body: impl FnOnce() -> T) -> T {
+        ON.with(|c| c.set(Some(p)));
+        let out = body();
+        ON.with(|c| c.set(None));
+        out
+    }
+}
