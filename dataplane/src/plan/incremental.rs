@@ -215,6 +215,9 @@ pub struct Patched {
     /// Rulesets that changed: the elements they lost and gained (class entries only: a
     /// patch never touches the rest).
     pub rulesets: BTreeMap<String, RulesetChange>,
+    /// Classes that came to life, and that died (their numbers freed).
+    pub born: BTreeSet<u32>,
+    pub died: BTreeSet<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -343,6 +346,7 @@ pub fn patch_in_place(
             }
             cache.refs.remove(id);
             classes.release(*id);
+            log.died.insert(*id);
         }
     }
     // Class entries resolve without members (only named entries read them).
@@ -350,6 +354,7 @@ pub fn patch_in_place(
     let mut resolvers: HashMap<String, Resolver<'_, Arc<Rule>>> = HashMap::new();
     for (id, (was, now)) in &changed {
         if *was == 0 && *now > 0 {
+            log.born.insert(*id);
             let groups = classes.groups(*id).unwrap_or_default().to_vec();
             for name in users(cache, &groups) {
                 let (Some(rs), Some(list)) = (d.rulesets.get_mut(&name), cache.rules.get(&name))
@@ -406,7 +411,7 @@ fn merge_into(to: &mut Ruleset, from: &Ruleset) {
 }
 
 /// Removes class `id`'s entries, allow and deny, from `rs`, noting them in `removed`.
-fn drop_class(rs: &mut Ruleset, id: u32, removed: &mut Ruleset) {
+pub(super) fn drop_class(rs: &mut Ruleset, id: u32, removed: &mut Ruleset) {
     // Entries are ordered by class first: the class's are one range.
     fn take<T: Ord + Copy>(
         set: &mut BTreeSet<T>,
@@ -517,10 +522,16 @@ fn users(cache: &Cache, groups: &[GroupId]) -> BTreeSet<String> {
 }
 
 /// Adds class `id` (made of `groups`) to a ruleset, as `desired::ruleset` would have.
-fn add_class(rs: &mut Ruleset, rules: &[Arc<Rule>], id: u32, groups: &[GroupId]) {
+pub(super) fn add_class<R: std::borrow::Borrow<Rule>>(
+    rs: &mut Ruleset,
+    rules: &[R],
+    id: u32,
+    groups: &[GroupId],
+) {
     let mut any = false;
     let mut ports: BTreeMap<u8, Vec<(u16, u16)>> = BTreeMap::new();
     for r in rules {
+        let r = r.borrow();
         let Peers::Groups(gs) = &r.peers else {
             continue;
         };

@@ -25,6 +25,10 @@ use std::net::IpAddr;
 
 use moat_policy::ir::{Action, GroupId, Members, NodeSnapshot, Peers, Ports, Rule, RuleId, Tier};
 
+mod patch;
+
+pub use patch::{TiersPatched, patch};
+
 use super::budget::{Budget, Meter};
 use super::{Classes, Desired, Ruleset, list_name};
 
@@ -91,6 +95,17 @@ pub struct Tiers {
 pub struct TierPlan {
     /// Cluster class → number (class 0, no cluster group and no named port, is not here).
     pub cclasses: BTreeMap<ClusterClass, u32>,
+    /// Number → cluster class, and how many entries of `of_class` and `of_addr` use it
+    /// (its rows go with the last).
+    defs: HashMap<u32, (ClusterClass, usize)>,
+    free: Vec<u32>,
+    next: u32,
+    /// The groups cluster rules name with ports of their own, and with named ports.
+    plain: BTreeSet<GroupId>,
+    named: BTreeSet<GroupId>,
+    /// Each table's rules, ranked, and each NetworkPolicy ruleset's.
+    pub lists: BTreeMap<String, Vec<RuleId>>,
+    pub np_lists: BTreeMap<String, Vec<RuleId>>,
     /// Address class → cluster class, for every address without named ports of its own.
     pub of_class: BTreeMap<u32, u32>,
     /// Addresses in named-port groups of cluster rules → cluster class (over `of_class`).
@@ -118,6 +133,71 @@ impl TierPlan {
     pub fn table_entries(&self) -> usize {
         self.tables.values().map(TierTable::entries).sum()
     }
+
+    /// Whether every number's use count is what `of_class` and `of_addr` hold, and the
+    /// numbering is one to one (for the tests).
+    #[cfg(test)]
+    pub(crate) fn numbering_consistent(&self) -> bool {
+        let mut uses: HashMap<u32, usize> = HashMap::new();
+        for id in self.of_class.values().chain(self.of_addr.values()) {
+            *uses.entry(*id).or_default() += 1;
+        }
+        uses.remove(&0);
+        uses.len() == self.defs.len()
+            && self.cclasses.len() == self.defs.len()
+            && self
+                .defs
+                .iter()
+                .all(|(id, (cc, n))| uses.get(id) == Some(n) && self.cclasses.get(cc) == Some(id))
+    }
+
+    /// The cluster class numbered `id`.
+    pub fn def(&self, id: u32) -> Option<&ClusterClass> {
+        self.defs.get(&id).map(|d| &d.0)
+    }
+
+    /// One more use of `cc`: its number, and whether it is new (0, class 0, is never).
+    fn take(&mut self, cc: ClusterClass) -> (u32, bool) {
+        if cc == ClusterClass::default() {
+            return (0, false);
+        }
+        if let Some(id) = self.cclasses.get(&cc) {
+            self.defs.get_mut(id).expect("numbered").1 += 1;
+            return (*id, false);
+        }
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        });
+        self.cclasses.insert(cc.clone(), id);
+        self.defs.insert(id, (cc, 1));
+        (id, true)
+    }
+
+    /// One use of `id` less; whether it was the last (its number is then free).
+    fn give_back(&mut self, id: u32) -> bool {
+        let Some(d) = self.defs.get_mut(&id) else {
+            return false;
+        };
+        d.1 -= 1;
+        if d.1 > 0 {
+            return false;
+        }
+        let (cc, _) = self.defs.remove(&id).expect("present");
+        self.cclasses.remove(&cc);
+        self.free.push(id);
+        true
+    }
+
+    /// The cluster class of addresses of address class `class` (without named ports).
+    fn of_groups(&self, groups: Option<&[GroupId]>) -> Vec<GroupId> {
+        groups
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(|g| self.plain.contains(g))
+            .collect()
+    }
 }
 
 /// Layout 7's tier plan of `snap`, over the address classes of `d` (planned from `snap`
@@ -138,14 +218,13 @@ pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPla
             to.extend(gs.iter().copied());
         }
     }
-    let mut tp = TierPlan::default();
-    let number = |tp: &mut TierPlan, cc: ClusterClass| -> u32 {
-        if cc == ClusterClass::default() {
-            return 0;
-        }
-        let next = tp.cclasses.len() as u32 + 1;
-        *tp.cclasses.entry(cc).or_insert(next)
+    let mut tp = TierPlan {
+        plain,
+        named,
+        ..Default::default()
     };
+    let (plain, named) = (&tp.plain.clone(), &tp.named.clone());
+    let number = |tp: &mut TierPlan, cc: ClusterClass| -> u32 { tp.take(cc).0 };
     let cluster_groups = |class: Option<u32>| -> Vec<GroupId> {
         class
             .and_then(|c| classes.groups(c))
@@ -176,7 +255,7 @@ pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPla
         }
     }
     let mut sig: BTreeMap<IpAddr, Vec<(GroupId, u8, u16)>> = BTreeMap::new();
-    for g in &named {
+    for g in named {
         if let Some(Members::AddrPorts(m)) = members.get(g) {
             for k in m {
                 sig.entry(k.addr)
@@ -233,6 +312,7 @@ pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPla
                     let list: Vec<&Rule> = ids.iter().map(|id| rules[id]).collect();
                     let t = table_of(&list, &tp.cclasses);
                     tp.tables.insert(name.clone(), t);
+                    tp.lists.insert(name.clone(), ids);
                 }
                 Some(name)
             };
@@ -246,6 +326,7 @@ pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPla
                         super::ruleset(egress, &ids, &rules, &members, &classes_of, &mut m)
                     {
                         tp.np.insert(name.clone(), rs);
+                        tp.np_lists.insert(name.clone(), ids);
                     }
                 }
                 t.np = Some(name);
@@ -281,50 +362,75 @@ fn classes_of(d: &Desired, classes: &Classes) -> HashMap<GroupId, BTreeSet<u32>>
 
 /// One tier's rule list (ranked) as a table over every cluster class.
 fn table_of(list: &[&Rule], cclasses: &BTreeMap<ClusterClass, u32>) -> TierTable {
-    let mut any_peer = Vec::new();
-    let mut by_group: HashMap<GroupId, Vec<usize>> = HashMap::new();
-    for (i, r) in list.iter().enumerate() {
-        match &r.peers {
-            Peers::Any => any_peer.push(i),
-            Peers::Groups(gs) => {
-                for g in gs {
-                    by_group.entry(*g).or_default().push(i);
-                }
-            }
-        }
-    }
+    let ix = Indexed::new(list);
     let mut t = TierTable::default();
-    let zero = ClusterClass::default();
-    let row0 = rows(list, &any_peer, &zero);
-    put(&mut t, 0, &row0);
+    put(&mut t, 0, &ix.row0);
     for (cc, id) in cclasses {
-        let mut own: Vec<usize> = cc
-            .groups
-            .iter()
-            .chain(cc.named.iter().map(|(g, _, _)| g))
-            .flat_map(|g| by_group.get(g).into_iter().flatten().copied())
-            .collect();
-        // A class no rule names is judged as class 0.
-        if own.is_empty() {
-            continue;
-        }
-        // Any-peer rules ranked before the class's own: folded in, never shadowed.
-        if !plant::on(plant::Plant::AnyPeerNotFolded) {
-            own.extend(&any_peer);
-        }
-        own.sort_unstable();
-        own.dedup();
-        let row = rows(list, &own, cc);
-        let same = if plant::on(plant::Plant::RowsComparedByWholeOnly) {
-            row.0 == row0.0
-        } else {
-            row == row0
-        };
-        if !same {
+        if let Some(row) = ix.rows_of(cc) {
             put(&mut t, *id, &row);
         }
     }
     t
+}
+
+/// A ranked rule list indexed by the peers its rules can match.
+struct Indexed<'a> {
+    list: &'a [&'a Rule],
+    any_peer: Vec<usize>,
+    by_group: HashMap<GroupId, Vec<usize>>,
+    /// The rows of class 0.
+    row0: Rows,
+}
+
+impl<'a> Indexed<'a> {
+    fn new(list: &'a [&'a Rule]) -> Self {
+        let mut any_peer = Vec::new();
+        let mut by_group: HashMap<GroupId, Vec<usize>> = HashMap::new();
+        for (i, r) in list.iter().enumerate() {
+            match &r.peers {
+                Peers::Any => any_peer.push(i),
+                Peers::Groups(gs) => {
+                    for g in gs {
+                        by_group.entry(*g).or_default().push(i);
+                    }
+                }
+            }
+        }
+        let row0 = rows(list, &any_peer, &ClusterClass::default());
+        Indexed {
+            list,
+            any_peer,
+            by_group,
+            row0,
+        }
+    }
+
+    /// The rows of `cc`, unless it is judged as class 0.
+    fn rows_of(&self, cc: &ClusterClass) -> Option<Rows> {
+        let mut own: Vec<usize> = cc
+            .groups
+            .iter()
+            .chain(cc.named.iter().map(|(g, _, _)| g))
+            .flat_map(|g| self.by_group.get(g).into_iter().flatten().copied())
+            .collect();
+        // A class no rule names is judged as class 0.
+        if own.is_empty() {
+            return None;
+        }
+        // Any-peer rules ranked before the class's own: folded in, never shadowed.
+        if !plant::on(plant::Plant::AnyPeerNotFolded) {
+            own.extend(&self.any_peer);
+        }
+        own.sort_unstable();
+        own.dedup();
+        let row = rows(self.list, &own, cc);
+        let same = if plant::on(plant::Plant::RowsComparedByWholeOnly) {
+            row.0 == self.row0.0
+        } else {
+            row == self.row0
+        };
+        (!same).then_some(row)
+    }
 }
 
 /// A class's whole action and its port runs that differ from it.

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::*;
-use crate::plan::desired;
+use crate::plan::{desired, tier_tables};
 
 /// The table with every class number replaced by the groups it stands for.
 fn canon(d: &Desired, c: &Classes) -> String {
@@ -201,4 +201,115 @@ fn a_delta_changing_a_group_twice_is_not_patched() {
     dl.remove_groups.push(g.id);
     dl.upsert_groups.push(std::sync::Arc::clone(g));
     assert!(!applies(&old, &dl));
+}
+
+/// A tier plan with every cluster class and address class replaced by what it stands for.
+fn canon_tiers(tp: &tier_tables::TierPlan, d: &Desired, c: &Classes) -> String {
+    use std::fmt::Write as _;
+    let def = |id: u32| tp.def(id).cloned().unwrap_or_default();
+    let g = |id: &u32| c.groups(*id).expect("live class").to_vec();
+    let mut out = String::new();
+    let addrs: BTreeSet<IpAddr> = d
+        .addr4
+        .keys()
+        .map(|a| IpAddr::V4(*a))
+        .chain(d.addr6.keys().map(|a| IpAddr::V6(*a)))
+        .chain(tp.of_addr.keys().copied())
+        .collect();
+    for a in addrs {
+        writeln!(out, "{a} {:?}", def(tp.cclass_at(d, a))).unwrap();
+    }
+    for (k, class) in &d.class4 {
+        writeln!(
+            out,
+            "{k:?} {:?}",
+            def(tp.of_class.get(class).copied().unwrap_or(0))
+        )
+        .unwrap();
+    }
+    for (k, class) in &d.class6 {
+        writeln!(
+            out,
+            "{k:?} {:?}",
+            def(tp.of_class.get(class).copied().unwrap_or(0))
+        )
+        .unwrap();
+    }
+    for (name, t) in &tp.tables {
+        let whole: BTreeSet<_> = t.whole.iter().map(|(k, a)| (def(*k), *a)).collect();
+        let ports: BTreeSet<_> = t
+            .ports
+            .iter()
+            .map(|((k, p, x, y), a)| (def(*k), *p, *x, *y, *a))
+            .collect();
+        writeln!(out, "{name} {:?} {whole:?} {ports:?}", tp.lists[name]).unwrap();
+    }
+    writeln!(out, "{:?}", tp.endpoints).unwrap();
+    for (name, rs) in &tp.np {
+        let aa: BTreeSet<_> = rs.aa.iter().map(g).collect();
+        let gx: BTreeSet<_> = rs.gx.iter().map(|(c, p, x)| (g(c), p, x)).collect();
+        let gp: BTreeSet<_> = rs.gp.iter().map(|(c, p, a, b)| (g(c), p, a, b)).collect();
+        writeln!(
+            out,
+            "{name} {} {:?} {aa:?} {gx:?} {gp:?} {:?} {:?}",
+            rs.any, rs.ap, rs.n4, rs.n6
+        )
+        .unwrap();
+    }
+    out
+}
+
+/// Layout 7's tier plan moved along with the address maps equals the tier plan of the new
+/// snapshot, up to numbering, and its numbering stays one to one.
+#[test]
+fn tier_plans_patched_in_place_equal_recomputing() {
+    use crate::plan::tier_tables::{patch as patch_tiers, tier_plan};
+    let mut f = Features::default();
+    let (mut patched, mut born) = (0, 0);
+    for case in 0..150u64 {
+        let mut rng = SmallRng::seed_from_u64(0x7_1e25 + case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let snaps = |w: &World| Index::build(parse_all(&w.objects())).snapshots();
+        let mut old = snaps(&world)[0].clone();
+        let mut classes = Classes::default();
+        let mut cur = desired(&old, &mut classes);
+        let mut cache = cache(&old, &cur);
+        let mut tp = tier_plan(&old, &cur, &classes);
+        for step in 0..20 {
+            world.mutate(&mut rng, &mut f, false);
+            let Some(new) = snaps(&world).into_iter().find(|s| s.node == old.node) else {
+                break;
+            };
+            let dl = delta::diff(&old, &new);
+            if applies(&old, &dl) && new.rules.iter().any(|r| r.tier != Tier::NetworkPolicy) {
+                let log = patch_in_place(&mut cur, &mut cache, &mut classes, &old, &new, &dl);
+                let moved = patch_tiers(&mut tp, &new, &cur, &classes, &log);
+                let mut fresh = Classes::default();
+                let want_d = desired(&new, &mut fresh);
+                let want = tier_plan(&new, &want_d, &fresh);
+                assert_eq!(
+                    canon_tiers(&tp, &cur, &classes),
+                    canon_tiers(&want, &want_d, &fresh),
+                    "case {case} step {step}: {dl:?}"
+                );
+                assert!(tp.numbering_consistent(), "case {case} step {step}");
+                patched += 1;
+                born += moved.born.len();
+            } else {
+                cur = desired(&new, &mut classes);
+                cache = super::cache(&new, &cur);
+                tp = tier_plan(&new, &cur, &classes);
+            }
+            old = new;
+        }
+    }
+    eprintln!("{patched} tier plans patched in place, {born} cluster classes born");
+    assert!(
+        patched >= 50,
+        "membership deltas under cluster rules ({patched})"
+    );
+    assert!(
+        born >= 20,
+        "deltas that bring cluster classes to life ({born})"
+    );
 }
