@@ -39,6 +39,44 @@ pub fn builtin_object() -> &'static [u8] {
     PROGRAM
 }
 
+/// The map layout a datapath object declares (its `MOAT_LAYOUT`), `None` for an object
+/// built before objects declared it (layouts 1 to 6). `Err`: not an object.
+pub fn declared_layout(object: &[u8]) -> std::result::Result<Option<u32>, String> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let file = object::File::parse(object).map_err(|e| format!("not an ELF object: {e}"))?;
+    let Some(sym) = file.symbols().find(|s| s.name() == Ok("MOAT_LAYOUT")) else {
+        return Ok(None);
+    };
+    let bad = || "a MOAT_LAYOUT that cannot be read".to_string();
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .ok_or_else(bad)?;
+    let data = section.data().map_err(|_| bad())?;
+    // In a relocatable object a symbol's value is its offset in its section.
+    let at = usize::try_from(sym.address()).map_err(|_| bad())?;
+    let bytes = data.get(at..at + 4).ok_or_else(bad)?;
+    Ok(Some(u32::from_le_bytes(
+        bytes.try_into().expect("four bytes"),
+    )))
+}
+
+/// Whether an object given in [`OBJECT_ENV`] may run as map layout `layout`: it must declare
+/// that layout. An object declaring none predates the declaration and is refused, but for a
+/// test running an older layout's fixture ([`TEST_LAYOUT_ENV`]). `Err`: what it is.
+fn check_object_layout(
+    object: &[u8],
+    layout: u32,
+    testing: bool,
+) -> std::result::Result<(), String> {
+    match declared_layout(object)? {
+        Some(n) if n == layout => Ok(()),
+        Some(n) => Err(format!("layout {n}")),
+        None if testing => Ok(()),
+        None => Err("no declared layout (built before objects declared theirs)".to_string()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("bpffs at {0}: {1}")]
@@ -65,6 +103,10 @@ pub enum DataplaneError {
     OlderLayout(u32),
     #[error("{TEST_LAYOUT_ENV}: {0}")]
     TestLayout(String),
+    #[error(
+        "{OBJECT_ENV} names {0}, a datapath of {1}, but this run writes map layout {2}: a program of another layout would misread its entries (a deny as an allow); build it from this source, or use the built-in object"
+    )]
+    ObjectLayout(PathBuf, String, u32),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -179,6 +221,19 @@ impl Dataplane {
         {
             return Err(DataplaneError::NewerLayout(path, n, layout));
         }
+        // Checked before anything is pinned or moved.
+        let object = match std::env::var_os(OBJECT_ENV) {
+            Some(path) => {
+                info!(path = %path.to_string_lossy(), "loading the datapath from {OBJECT_ENV}");
+                let object = std::fs::read(&path)
+                    .map_err(|e| DataplaneError::Sys("reading MOAT_EBPF_OBJECT", e))?;
+                let testing = std::env::var_os(TEST_LAYOUT_ENV).is_some();
+                check_object_layout(&object, layout, testing)
+                    .map_err(|what| DataplaneError::ObjectLayout(path.into(), what, layout))?;
+                object
+            }
+            None => PROGRAM.to_vec(),
+        };
         let dir = root.join(format!("v{layout}"));
         let links = root.join("links");
         for d in [&dir, &links] {
@@ -190,14 +245,6 @@ impl Dataplane {
             (crate::migrate::share_legacy_flows(&root, &dir)?, marks)
         } else {
             (false, false)
-        };
-        let object = match std::env::var_os(OBJECT_ENV) {
-            Some(path) => {
-                info!(path = %path.to_string_lossy(), "loading the datapath from {OBJECT_ENV}");
-                std::fs::read(&path)
-                    .map_err(|e| DataplaneError::Sys("reading MOAT_EBPF_OBJECT", e))?
-            }
-            None => PROGRAM.to_vec(),
         };
         let legacy = u32::from(legacy);
         let legacy_marks = u32::from(legacy_marks);

@@ -52,6 +52,11 @@ static NAMED: HashMap<NamedKey, u8> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC
 /// one this program knows at once (looked up only on a miss, and only when `LEGACY_FLOWS`).
 #[map]
 static LEGACY_CT: HashMap<FlowKey, FlowVal> = HashMap::pinned(1, 0);
+/// The map layout this program reads, for the loader to check an object it is given
+/// (`MOAT_EBPF_OBJECT`) before writing entries a program of another layout would misread.
+#[unsafe(no_mangle)]
+#[used]
+static MOAT_LAYOUT: u32 = moat_ebpf_common::LAYOUT_VERSION;
 /// Set at load (read-only to the program: the verifier prunes the lookup when it is 0).
 #[unsafe(no_mangle)]
 static LEGACY_FLOWS: u32 = 0;
