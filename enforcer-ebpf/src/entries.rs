@@ -36,6 +36,8 @@ pub fn budget(total: Option<usize>, layout: u32) -> moat_dataplane::plan::Budget
         ports_exact: MAX_PORTS / 2,
         ports_ranged: MAX_PORTS / 2,
         named: MAX_NAMED / 2,
+        // No tier table map before layout 7: no layout-6 plan holds tier entries.
+        tier_entries: 0,
         prefixes: true,
         tiers: layout >= 6,
     }

@@ -29,6 +29,8 @@ pub struct Budget {
     pub ports_ranged: usize,
     /// Egress named ports (`n4`, `n6`).
     pub named: usize,
+    /// Layout 7's tier table entries ([`super::tier_tables`]).
+    pub tier_entries: usize,
     /// Count an interval or a port range as the LPM prefixes it becomes (eBPF), not as one
     /// element (nft intervals).
     pub prefixes: bool,
@@ -46,6 +48,7 @@ impl Budget {
         ports_exact: usize::MAX,
         ports_ranged: usize::MAX,
         named: usize::MAX,
+        tier_entries: usize::MAX,
         prefixes: false,
         tiers: true,
     };
@@ -116,6 +119,7 @@ pub struct Counts {
     pub ports_exact: usize,
     pub ports_ranged: usize,
     pub named: usize,
+    pub tier_entries: usize,
 }
 
 /// Which limit a version ran into.
@@ -127,6 +131,7 @@ pub enum Kind {
     PortsExact,
     PortsRanged,
     Named,
+    TierEntries,
 }
 
 impl std::fmt::Display for Kind {
@@ -138,6 +143,7 @@ impl std::fmt::Display for Kind {
             Kind::PortsExact => "single-port entries",
             Kind::PortsRanged => "port-range entries",
             Kind::Named => "named-port entries",
+            Kind::TierEntries => "tier table entries",
         })
     }
 }
@@ -160,6 +166,7 @@ impl Counts {
             Kind::PortsExact => self.ports_exact,
             Kind::PortsRanged => self.ports_ranged,
             Kind::Named => self.named,
+            Kind::TierEntries => self.tier_entries,
         }
     }
 
@@ -171,6 +178,7 @@ impl Counts {
             Kind::PortsExact => &mut self.ports_exact,
             Kind::PortsRanged => &mut self.ports_ranged,
             Kind::Named => &mut self.named,
+            Kind::TierEntries => &mut self.tier_entries,
         }
     }
 }
@@ -183,6 +191,7 @@ fn limit(b: &Budget, k: Kind) -> usize {
         Kind::PortsExact => b.ports_exact,
         Kind::PortsRanged => b.ports_ranged,
         Kind::Named => b.named,
+        Kind::TierEntries => b.tier_entries,
     }
 }
 

@@ -749,8 +749,10 @@ fn tier_decides(
     }
     let cc = tp.cclass_at(d, peer);
     let look = |name: &Option<String>| {
+        // A table left out reads as a dataplane would read it: a miss.
         name.as_ref()
-            .and_then(|n| tp.tables[n].lookup(cc, p.proto, p.port))
+            .and_then(|n| tp.tables.get(n))
+            .and_then(|t| t.lookup(cc, p.proto, p.port))
     };
     match look(&t.admin) {
         Some(Action::Allow) => return Some((true, true)),
@@ -759,7 +761,8 @@ fn tier_decides(
     }
     if let Some(np) = &t.np {
         let mut dd = d.clone();
-        dd.rulesets.insert(np.clone(), tp.np[np].clone());
+        let rs = tp.np.get(np).cloned().unwrap_or_default();
+        dd.rulesets.insert(np.clone(), rs);
         return Some((chain(&dd, np, peer, p), false));
     }
     match look(&t.baseline) {
@@ -769,11 +772,15 @@ fn tier_decides(
     }
 }
 
-/// [`first_mismatch`] for layout 7's tier plan: the first disagreement with the IR, the
-/// verdicts compared, and how many of them a tier table decided.
-fn first_tier_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize, usize) {
+/// [`first_mismatch`] for layout 7's tier plan within `budget`: the first disagreement
+/// with the IR, the verdicts compared, how many of them a tier table decided, and how many
+/// fell on a direction the budget denied (those must deny; the rest must be exact).
+fn first_tier_mismatch(
+    cases: std::ops::Range<u64>,
+    budget: &Budget,
+) -> (Option<String>, usize, usize, usize) {
     let mut f = Features::default();
-    let (mut checked, mut by_table) = (0, 0);
+    let (mut checked, mut by_table, mut degraded) = (0, 0, 0);
     for case in cases {
         let mut rng = SmallRng::seed_from_u64(case);
         let mut world = World::generate(&mut rng, &mut f);
@@ -788,7 +795,8 @@ fn first_tier_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize, u
                 .iter()
                 .map(|s| {
                     let d = desired(s, &mut classes);
-                    let tp = tier_tables::tier_plan(s, &d, &classes);
+                    let tp = tier_tables::tier_plan_within(s, &d, &classes, budget);
+                    assert_eq!(tp.check(budget), Ok(()), "a plan within its budget");
                     (s, d, tp)
                 })
                 .collect();
@@ -817,22 +825,28 @@ fn first_tier_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize, u
                             "egress",
                             tier_decides(tp, d, src, true, dst, &p),
                             fleet.egress_allows(&p),
+                            (src, true),
                         ),
                         (
                             "ingress",
                             tier_decides(tp, d, dst, false, src, &p),
                             fleet.ingress_allows(&p),
+                            (dst, false),
                         ),
                     ];
-                    for (side, got, want) in sides {
+                    for (side, got, want, at) in sides {
                         let Some((got, table)) = got else { continue };
-                        if got != want {
+                        let denied = tp.endpoints[&at].denied;
+                        // A denied direction must deny; the rest must be exact.
+                        let ok = if denied { !got } else { got == want };
+                        if !ok {
                             let at = format!(
                                 "case {case}: {side} {p:?} on {}: tier plan {got}, IR {want}",
                                 snap.node
                             );
-                            return (Some(at), checked, by_table);
+                            return (Some(at), checked, by_table, degraded);
                         }
+                        degraded += usize::from(denied);
                         checked += 1;
                         by_table += usize::from(table);
                     }
@@ -840,12 +854,12 @@ fn first_tier_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize, u
             }
         }
     }
-    (None, checked, by_table)
+    (None, checked, by_table, degraded)
 }
 
 #[test]
 fn tier_tables_decide_like_the_ir() {
-    let (wrong, checked, by_table) = first_tier_mismatch(0..400);
+    let (wrong, checked, by_table, _) = first_tier_mismatch(0..400, &Budget::UNLIMITED);
     assert_eq!(wrong, None);
     assert!(checked > 10_000, "{checked}");
     eprintln!("{checked} verdicts, {by_table} decided by a tier table");
@@ -863,8 +877,32 @@ fn planted_tier_table_mistakes_are_caught() {
         Plant::NamedPortsNotInClusterClass,
         Plant::RowsComparedByWholeOnly,
     ] {
-        let (wrong, _, _) = plant::with(p, || first_tier_mismatch(0..400));
+        let (wrong, _, _, _) = plant::with(p, || first_tier_mismatch(0..400, &Budget::UNLIMITED));
         assert!(wrong.is_some(), "{p:?} was not caught");
         eprintln!("{p:?} caught: {}", wrong.unwrap());
     }
+}
+
+/// Within a budget too small for some tables and rulesets, layout 7's tier plan denies the
+/// directions that use what it left out and stays exact everywhere else: never an allow the
+/// IR denies.
+#[test]
+fn tier_tables_over_budget_deny_and_the_rest_stay_exact() {
+    let tight = Budget {
+        tier_entries: 6,
+        ports_exact: 4,
+        prefixes: true,
+        ..Budget::UNLIMITED
+    };
+    let (wrong, checked, _, degraded) = first_tier_mismatch(0..400, &tight);
+    assert_eq!(wrong, None);
+    eprintln!("{checked} verdicts, {degraded} on denied directions");
+    assert!(
+        degraded > 1_000,
+        "the budget bites ({degraded} of {checked})"
+    );
+    assert!(
+        checked - degraded > 10_000,
+        "and leaves most exact ({checked})"
+    );
 }

@@ -29,7 +29,7 @@ mod patch;
 
 pub use patch::{TiersPatched, patch};
 
-use super::budget::{Budget, Meter};
+use super::budget::{Budget, Kind, Meter, Overflow};
 use super::{Classes, Desired, Ruleset, list_name};
 
 /// The protocols with ports; any other only meets rules without ports.
@@ -115,6 +115,9 @@ pub struct TierPlan {
     pub np: BTreeMap<String, Ruleset>,
     /// (local endpoint address, egress) → its tiers; only enforced directions.
     pub endpoints: BTreeMap<(IpAddr, bool), Tiers>,
+    /// Tables and NetworkPolicy rulesets the budget could not hold, with why: the endpoint
+    /// directions using one are denied.
+    pub degraded: BTreeMap<String, String>,
 }
 
 impl TierPlan {
@@ -132,6 +135,66 @@ impl TierPlan {
     /// Every table entry (the measure of fit).
     pub fn table_entries(&self) -> usize {
         self.tables.values().map(TierTable::entries).sum()
+    }
+
+    /// Whether the plan fits `budget`, counted as [`tier_plan_within`] counts it. A plan
+    /// patched in place that no longer fits must be planned again whole.
+    pub fn check(&self, budget: &Budget) -> Result<(), Overflow> {
+        let mut m = Meter::new(*budget);
+        for t in self.tables.values() {
+            m.take(Kind::TierEntries, table_cost(t, budget))?;
+        }
+        for rs in self.np.values() {
+            take_ruleset(&mut m, rs)?;
+        }
+        Ok(())
+    }
+
+    /// Leaves out what does not fit `budget`, cheapest kept first, and denies its users.
+    fn fit(&mut self, budget: &Budget) {
+        let mut order: Vec<(usize, bool, String)> = self
+            .tables
+            .iter()
+            .map(|(n, t)| (table_cost(t, budget), true, n.clone()))
+            .chain(
+                self.np
+                    .iter()
+                    .map(|(n, rs)| (rs.elements(), false, n.clone())),
+            )
+            .collect();
+        order.sort();
+        let mut m = Meter::new(*budget);
+        for (cost, table, name) in order {
+            let mut trial = m;
+            let fits = if table {
+                trial.take(Kind::TierEntries, cost)
+            } else {
+                take_ruleset(&mut trial, &self.np[&name])
+            };
+            match fits {
+                Ok(()) => m = trial,
+                Err(over) => {
+                    if table {
+                        self.tables.remove(&name);
+                        self.lists.remove(&name);
+                    } else {
+                        self.np.remove(&name);
+                        self.np_lists.remove(&name);
+                    }
+                    self.degraded.insert(name, over.to_string());
+                }
+            }
+        }
+        if self.degraded.is_empty() {
+            return;
+        }
+        for t in self.endpoints.values_mut() {
+            let gone = [&t.admin, &t.np, &t.baseline]
+                .into_iter()
+                .flatten()
+                .any(|n| self.degraded.contains_key(n));
+            t.denied |= gone;
+        }
     }
 
     /// Whether every number's use count is what `of_class` and `of_addr` hold, and the
@@ -201,8 +264,26 @@ impl TierPlan {
 }
 
 /// Layout 7's tier plan of `snap`, over the address classes of `d` (planned from `snap`
-/// with `classes`).
+/// with `classes`), without limits.
 pub fn tier_plan(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
+    tier_plan_within(snap, d, classes, &Budget::UNLIMITED)
+}
+
+/// [`tier_plan`] within `budget`: the tables and NetworkPolicy rulesets that do not fit,
+/// biggest first, are left out and their endpoint directions denied (fail closed), never
+/// opened. (The address maps are `d`'s, counted by their own plan.)
+pub fn tier_plan_within(
+    snap: &NodeSnapshot,
+    d: &Desired,
+    classes: &Classes,
+    budget: &Budget,
+) -> TierPlan {
+    let mut tp = build(snap, d, classes);
+    tp.fit(budget);
+    tp
+}
+
+fn build(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
     let rules: HashMap<RuleId, &Rule> = snap.rules.iter().map(|r| (r.id, &**r)).collect();
     let members: HashMap<GroupId, &Members> =
         snap.groups.iter().map(|g| (g.id, &g.members)).collect();
@@ -521,6 +602,30 @@ fn matches(r: &Rule, cc: &ClusterClass, proto: Option<u8>, port: u16) -> bool {
                 }
         }
     }
+}
+
+/// What a table costs: an entry per class's whole verdict, its port runs as the prefixes
+/// an LPM trie needs where the budget counts prefixes.
+fn table_cost(t: &TierTable, b: &Budget) -> usize {
+    t.whole.len()
+        + t.ports
+            .keys()
+            .map(|k| b.port_range(k.2, k.3))
+            .fold(0usize, usize::saturating_add)
+}
+
+/// Counts a NetworkPolicy ruleset as [`Desired::check`] does.
+fn take_ruleset(m: &mut Meter, rs: &Ruleset) -> Result<(), Overflow> {
+    let b = m.budget;
+    m.take(Kind::PortsExact, rs.gx.len())?;
+    let ranged = rs.aa.len()
+        + rs.ap
+            .iter()
+            .map(|(_, a, z)| b.port_range(*a, *z))
+            .chain(rs.gp.iter().map(|(_, _, a, z)| b.port_range(*a, *z)))
+            .sum::<usize>();
+    m.take(Kind::PortsRanged, ranged)?;
+    m.take(Kind::Named, rs.n4.len() + rs.n6.len())
 }
 
 /// Mistakes the tests plant to show that they catch them; never on outside tests.
