@@ -20,6 +20,7 @@ pub mod budget;
 #[cfg(test)]
 mod fixtures;
 pub mod incremental;
+pub(crate) mod plant;
 pub mod tier_tables;
 pub mod tiers;
 
@@ -194,6 +195,17 @@ impl Desired {
             IpAddr::V4(x) => holding(&self.class4, x, Ipv4Addr::from(u32::MAX)),
             IpAddr::V6(x) => holding(&self.class6, x, Ipv6Addr::from(u128::MAX)),
         }
+    }
+
+    /// Every class an address or a range has.
+    pub fn live_classes(&self) -> BTreeSet<u32> {
+        self.class4
+            .values()
+            .chain(self.class6.values())
+            .chain(self.addr4.values())
+            .chain(self.addr6.values())
+            .copied()
+            .collect()
     }
 
     /// Elements the table holds (for capacity checks and reports).

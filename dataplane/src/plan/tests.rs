@@ -143,11 +143,15 @@ fn ingress(d: &Desired, p: &Packet) -> Option<bool> {
     Some(chain(d, name, p.src, p))
 }
 
-/// Compares the table with the IR on random clusters (NetworkPolicies and cluster policies
-/// together): the first disagreement, and how many verdicts were compared.
-fn first_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize) {
+/// Random clusters of both kinds (NetworkPolicies and cluster policies together), three
+/// rounds each with 300 random packets: `plan` plans every node, `judge` compares one node's
+/// plan with the IR on one packet (`Err`: the first disagreement, which ends the run).
+fn on_random_clusters<P>(
+    cases: std::ops::Range<u64>,
+    mut plan: impl FnMut(&NodeSnapshot, &mut Classes) -> P,
+    mut judge: impl FnMut(&NodeSnapshot, &P, &Fleet<'_>, &Packet) -> Result<(), String>,
+) -> Option<String> {
     let mut f = Features::default();
-    let mut checked = 0;
     for case in cases {
         let mut rng = SmallRng::seed_from_u64(case);
         let mut world = World::generate(&mut rng, &mut f);
@@ -158,10 +162,7 @@ fn first_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize) {
             }
             let snaps = Index::build(parse_all(&world.objects())).snapshots();
             let fleet = Fleet::new(&snaps);
-            let desired: Vec<_> = snaps
-                .iter()
-                .map(|s| (s, desired(s, &mut classes)))
-                .collect();
+            let plans: Vec<_> = snaps.iter().map(|s| (s, plan(s, &mut classes))).collect();
             let addrs = world.addresses();
             for _ in 0..300 {
                 let src = *addrs.choose(&mut rng).unwrap();
@@ -178,31 +179,43 @@ fn first_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize) {
                     proto,
                     port,
                 };
-                for (snap, d) in &desired {
+                for (snap, planned) in &plans {
                     // Traffic between a node and its own pods never reaches the forward hook.
                     if snap.node_addrs.contains(&src) || snap.node_addrs.contains(&dst) {
                         continue;
                     }
-                    let sides = [
-                        ("egress", egress(d, &p), fleet.egress_allows(&p)),
-                        ("ingress", ingress(d, &p), fleet.ingress_allows(&p)),
-                    ];
-                    for (side, got, want) in sides {
-                        let Some(got) = got else { continue };
-                        if got != want {
-                            let at = format!(
-                                "case {case}: {side} {p:?} on {}: table {got}, IR {want}",
-                                snap.node
-                            );
-                            return (Some(at), checked);
-                        }
-                        checked += 1;
+                    if let Err(e) = judge(snap, planned, &fleet, &p) {
+                        return Some(format!("case {case}: {e}"));
                     }
                 }
             }
         }
     }
-    (None, checked)
+    None
+}
+
+/// Compares the table with the IR on random clusters: the first disagreement, and how many
+/// verdicts were compared.
+fn first_mismatch(cases: std::ops::Range<u64>) -> (Option<String>, usize) {
+    let mut checked = 0;
+    let wrong = on_random_clusters(cases, desired, |snap, d, fleet, p| {
+        let sides = [
+            ("egress", egress(d, p), fleet.egress_allows(p)),
+            ("ingress", ingress(d, p), fleet.ingress_allows(p)),
+        ];
+        for (side, got, want) in sides {
+            let Some(got) = got else { continue };
+            if got != want {
+                return Err(format!(
+                    "{side} {p:?} on {}: table {got}, IR {want}",
+                    snap.node
+                ));
+            }
+            checked += 1;
+        }
+        Ok(())
+    });
+    (wrong, checked)
 }
 
 #[test]
@@ -216,7 +229,7 @@ fn the_table_decides_like_the_ir() {
 /// the random comparison above catches each.
 #[test]
 fn planted_tier_layout_mistakes_are_caught() {
-    use super::tiers::plant::{self, Plant};
+    use super::plant::{self, Plant};
     for p in [Plant::AnyPeerNotFolded, Plant::OneGroupPerClass] {
         let (wrong, _) = plant::with(p, || first_mismatch(0..400));
         assert!(wrong.is_some(), "{p:?} was not caught");
@@ -779,82 +792,38 @@ fn first_tier_mismatch(
     cases: std::ops::Range<u64>,
     budget: &Budget,
 ) -> (Option<String>, usize, usize, usize) {
-    let mut f = Features::default();
     let (mut checked, mut by_table, mut degraded) = (0, 0, 0);
-    for case in cases {
-        let mut rng = SmallRng::seed_from_u64(case);
-        let mut world = World::generate(&mut rng, &mut f);
-        let mut classes = Classes::default();
-        for round in 0..3 {
-            if round > 0 {
-                world.mutate(&mut rng, &mut f, false);
+    let plan = |s: &NodeSnapshot, classes: &mut Classes| {
+        let d = desired(s, classes);
+        let tp = tier_tables::tier_plan_within(s, &d, classes, budget);
+        assert_eq!(tp.check(budget), Ok(()), "a plan within its budget");
+        (d, tp)
+    };
+    let wrong = on_random_clusters(cases, plan, |snap, (d, tp), fleet, p| {
+        let sides = [
+            ("egress", (p.src, true), p.dst, fleet.egress_allows(p)),
+            ("ingress", (p.dst, false), p.src, fleet.ingress_allows(p)),
+        ];
+        for (side, at, peer, want) in sides {
+            let Some((got, table)) = tier_decides(tp, d, at.0, at.1, peer, p) else {
+                continue;
+            };
+            // A denied direction must deny; the rest must be exact.
+            let denied = tp.endpoints[&at].denied;
+            let ok = if denied { !got } else { got == want };
+            if !ok {
+                return Err(format!(
+                    "{side} {p:?} on {}: tier plan {got}, IR {want}",
+                    snap.node
+                ));
             }
-            let snaps = Index::build(parse_all(&world.objects())).snapshots();
-            let fleet = Fleet::new(&snaps);
-            let plans: Vec<_> = snaps
-                .iter()
-                .map(|s| {
-                    let d = desired(s, &mut classes);
-                    let tp = tier_tables::tier_plan_within(s, &d, &classes, budget);
-                    assert_eq!(tp.check(budget), Ok(()), "a plan within its budget");
-                    (s, d, tp)
-                })
-                .collect();
-            let addrs = world.addresses();
-            for _ in 0..300 {
-                let src = *addrs.choose(&mut rng).unwrap();
-                let same: Vec<_> = addrs
-                    .iter()
-                    .copied()
-                    .filter(|a| a.is_ipv4() == src.is_ipv4())
-                    .collect();
-                let dst = *same.choose(&mut rng).unwrap();
-                let (proto, port) = *PROBES.choose(&mut rng).unwrap();
-                let p = Packet {
-                    src,
-                    dst,
-                    proto,
-                    port,
-                };
-                for (snap, d, tp) in &plans {
-                    if snap.node_addrs.contains(&src) || snap.node_addrs.contains(&dst) {
-                        continue;
-                    }
-                    let sides = [
-                        (
-                            "egress",
-                            tier_decides(tp, d, src, true, dst, &p),
-                            fleet.egress_allows(&p),
-                            (src, true),
-                        ),
-                        (
-                            "ingress",
-                            tier_decides(tp, d, dst, false, src, &p),
-                            fleet.ingress_allows(&p),
-                            (dst, false),
-                        ),
-                    ];
-                    for (side, got, want, at) in sides {
-                        let Some((got, table)) = got else { continue };
-                        let denied = tp.endpoints[&at].denied;
-                        // A denied direction must deny; the rest must be exact.
-                        let ok = if denied { !got } else { got == want };
-                        if !ok {
-                            let at = format!(
-                                "case {case}: {side} {p:?} on {}: tier plan {got}, IR {want}",
-                                snap.node
-                            );
-                            return (Some(at), checked, by_table, degraded);
-                        }
-                        degraded += usize::from(denied);
-                        checked += 1;
-                        by_table += usize::from(table);
-                    }
-                }
-            }
+            degraded += usize::from(denied);
+            checked += 1;
+            by_table += usize::from(table);
         }
-    }
-    (None, checked, by_table, degraded)
+        Ok(())
+    });
+    (wrong, checked, by_table, degraded)
 }
 
 #[test]
@@ -871,9 +840,9 @@ fn tier_tables_decide_like_the_ir() {
 
 #[test]
 fn planted_tier_table_mistakes_are_caught() {
-    use super::tier_tables::plant::{self, Plant};
+    use super::plant::{self, Plant};
     for p in [
-        Plant::AnyPeerNotFolded,
+        Plant::TierAnyPeerNotFolded,
         Plant::NamedPortsNotInClusterClass,
         Plant::RowsComparedByWholeOnly,
     ] {

@@ -30,6 +30,7 @@ mod patch;
 pub use patch::{TiersPatched, patch};
 
 use super::budget::{Budget, Kind, Meter, Overflow};
+use super::plant;
 use super::{Classes, Desired, Ruleset, list_name};
 
 /// The protocols with ports; any other only meets rules without ports.
@@ -315,14 +316,7 @@ fn build(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
             .filter(|g| plain.contains(g))
             .collect()
     };
-    let live: BTreeSet<u32> = d
-        .class4
-        .values()
-        .chain(d.class6.values())
-        .chain(d.addr4.values())
-        .chain(d.addr6.values())
-        .copied()
-        .collect();
+    let live = d.live_classes();
     for c in live {
         let cc = number(
             &mut tp,
@@ -425,14 +419,7 @@ fn build(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
 /// Group → the address classes holding it, from the plan's address maps.
 fn classes_of(d: &Desired, classes: &Classes) -> HashMap<GroupId, BTreeSet<u32>> {
     let mut out: HashMap<GroupId, BTreeSet<u32>> = HashMap::new();
-    let live: BTreeSet<u32> = d
-        .class4
-        .values()
-        .chain(d.class6.values())
-        .chain(d.addr4.values())
-        .chain(d.addr6.values())
-        .copied()
-        .collect();
+    let live = d.live_classes();
     for c in live {
         for g in classes.groups(c).unwrap_or_default() {
             out.entry(*g).or_default().insert(c);
@@ -499,7 +486,7 @@ impl<'a> Indexed<'a> {
             return None;
         }
         // Any-peer rules ranked before the class's own: folded in, never shadowed.
-        if !plant::on(plant::Plant::AnyPeerNotFolded) {
+        if !plant::on(plant::Plant::TierAnyPeerNotFolded) {
             own.extend(&self.any_peer);
         }
         own.sort_unstable();
@@ -626,45 +613,4 @@ fn take_ruleset(m: &mut Meter, rs: &Ruleset) -> Result<(), Overflow> {
             .sum::<usize>();
     m.take(Kind::PortsRanged, ranged)?;
     m.take(Kind::Named, rs.n4.len() + rs.n6.len())
-}
-
-/// Mistakes the tests plant to show that they catch them; never on outside tests.
-pub(crate) mod plant {
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Plant {
-        /// A class's rows ignore the any-peer rules: an any-peer rule ranked first is
-        /// shadowed by the class's own.
-        AnyPeerNotFolded,
-        /// A cluster class ignores the address's named ports.
-        NamedPortsNotInClusterClass,
-        /// A class's rows are left out when its whole action equals class 0's, whatever
-        /// its ports say.
-        RowsComparedByWholeOnly,
-    }
-
-    #[cfg(test)]
-    thread_local! {
-        static ON: std::cell::Cell<Option<Plant>> = const { std::cell::Cell::new(None) };
-    }
-
-    #[inline(always)]
-    pub fn on(p: Plant) -> bool {
-        #[cfg(test)]
-        {
-            ON.with(|c| c.get() == Some(p))
-        }
-        #[cfg(not(test))]
-        {
-            let _ = p;
-            false
-        }
-    }
-
-    #[cfg(test)]
-    pub fn with<T>(p: Plant, body: impl FnOnce() -> T) -> T {
-        ON.with(|c| c.set(Some(p)));
-        let out = body();
-        ON.with(|c| c.set(None));
-        out
-    }
 }

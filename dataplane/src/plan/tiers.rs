@@ -21,6 +21,7 @@ use moat_policy::ir::{Action, AddrPort, GroupId, Members, Peers, Ports, Rule, Ru
 use moat_policy::model::Protocol;
 
 use super::budget::{Budget, Kind, Meter, Overflow};
+use super::plant;
 use super::{Classes, Desired, Ruleset};
 
 /// The three protocols with ports; anything else (ICMP…) only meets port-less rules.
@@ -538,44 +539,4 @@ fn merged(segs: &[(u16, u16)], allows: impl Fn(u16) -> bool) -> Vec<(u16, u16, b
         }
     }
     out
-}
-
-/// Layout mistakes the tests plant to show that they catch them; never on outside tests.
-pub(crate) mod plant {
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Plant {
-        /// An any-peer rule ranked before a class's rules is not folded into the class's
-        /// entries: the class entry shadows it.
-        AnyPeerNotFolded,
-        /// A class is judged by one of its groups only (as if a longest-prefix match were
-        /// the whole answer): a shorter prefix's rule is lost under a longer one's.
-        OneGroupPerClass,
-    }
-
-    #[cfg(test)]
-    thread_local! {
-        static ON: std::cell::Cell<Option<Plant>> = const { std::cell::Cell::new(None) };
-    }
-
-    #[inline(always)]
-    pub fn on(p: Plant) -> bool {
-        #[cfg(test)]
-        {
-            ON.with(|c| c.get() == Some(p))
-        }
-        #[cfg(not(test))]
-        {
-            let _ = p;
-            false
-        }
-    }
-
-    /// Runs `body` with `p` planted on this thread.
-    #[cfg(test)]
-    pub fn with<T>(p: Plant, body: impl FnOnce() -> T) -> T {
-        ON.with(|c| c.set(Some(p)));
-        let out = body();
-        ON.with(|c| c.set(None));
-        out
-    }
 }

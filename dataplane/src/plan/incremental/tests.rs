@@ -219,21 +219,12 @@ fn canon_tiers(tp: &tier_tables::TierPlan, d: &Desired, c: &Classes) -> String {
     for a in addrs {
         writeln!(out, "{a} {:?}", def(tp.cclass_at(d, a))).unwrap();
     }
+    let of_class = |class: &u32| def(tp.of_class.get(class).copied().unwrap_or(0));
     for (k, class) in &d.class4 {
-        writeln!(
-            out,
-            "{k:?} {:?}",
-            def(tp.of_class.get(class).copied().unwrap_or(0))
-        )
-        .unwrap();
+        writeln!(out, "{k:?} {:?}", of_class(class)).unwrap();
     }
     for (k, class) in &d.class6 {
-        writeln!(
-            out,
-            "{k:?} {:?}",
-            def(tp.of_class.get(class).copied().unwrap_or(0))
-        )
-        .unwrap();
+        writeln!(out, "{k:?} {:?}", of_class(class)).unwrap();
     }
     for (name, t) in &tp.tables {
         let whole: BTreeSet<_> = t.whole.iter().map(|(k, a)| (def(*k), *a)).collect();
