@@ -175,18 +175,11 @@ fn tier_plan_only(node: &Node) -> String {
     let laid = t.elapsed();
     let tp = tier_plan(&node.base, &d, &classes);
     let took = t.elapsed();
-    let b = Budget::UNLIMITED;
-    let prefixes: usize = tp
-        .tables
-        .values()
-        .map(|t| {
-            t.whole.len()
-                + t.ports
-                    .keys()
-                    .map(|k| b.port_range(k.2, k.3))
-                    .sum::<usize>()
-        })
-        .sum();
+    let lpm = Budget {
+        prefixes: true,
+        ..Budget::UNLIMITED
+    };
+    let prefixes: usize = tp.tables.values().map(|t| t.cost(&lpm)).sum();
     let np: usize = tp.np.values().map(|r| r.elements()).sum();
     // One-pod deltas patched in place: the address maps, then the tier plan.
     let (mut d, mut tp) = (d, tp);

@@ -249,29 +249,36 @@ impl Desired {
             .fold(0usize, usize::saturating_add);
         m.take(Kind::Ranges, ranges)?;
         for rs in self.rulesets.values() {
-            let (d, b) = (&rs.deny, budget);
-            m.take(Kind::PortsExact, rs.gx.len() + d.gx.len())?;
-            let ranged = rs.aa.len()
-                + d.aa.len()
-                + rs.ap
-                    .iter()
-                    .chain(&d.ap)
-                    .map(|(_, a, z)| b.port_range(*a, *z))
-                    .chain(
-                        rs.gp
-                            .iter()
-                            .chain(&d.gp)
-                            .map(|(_, _, a, z)| b.port_range(*a, *z)),
-                    )
-                    .sum::<usize>();
-            m.take(Kind::PortsRanged, ranged)?;
-            m.take(
-                Kind::Named,
-                rs.n4.len() + rs.n6.len() + d.n4.len() + d.n6.len(),
-            )?;
+            take_ruleset(&mut m, rs)?;
         }
         Ok(())
     }
+}
+
+/// Counts a ruleset's entries, allow and deny, by kind (as [`Desired::check`] and the tier
+/// plan's budget count them).
+pub(super) fn take_ruleset(m: &mut Meter, rs: &Ruleset) -> Result<(), Overflow> {
+    use budget::Kind;
+    let (d, b) = (&rs.deny, m.budget);
+    m.take(Kind::PortsExact, rs.gx.len() + d.gx.len())?;
+    let ranged = rs.aa.len()
+        + d.aa.len()
+        + rs.ap
+            .iter()
+            .chain(&d.ap)
+            .map(|(_, a, z)| b.port_range(*a, *z))
+            .chain(
+                rs.gp
+                    .iter()
+                    .chain(&d.gp)
+                    .map(|(_, _, a, z)| b.port_range(*a, *z)),
+            )
+            .sum::<usize>();
+    m.take(Kind::PortsRanged, ranged)?;
+    m.take(
+        Kind::Named,
+        rs.n4.len() + rs.n6.len() + d.n4.len() + d.n6.len(),
+    )
 }
 
 /// Stable class numbers across applies, so a small change is a small diff.

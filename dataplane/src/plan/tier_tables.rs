@@ -31,10 +31,8 @@ pub use patch::{TiersPatched, patch};
 
 use super::budget::{Budget, Kind, Meter, Overflow};
 use super::plant;
-use super::{Classes, Desired, Ruleset, list_name};
-
-/// The protocols with ports; any other only meets rules without ports.
-const PORTED: [u8; 3] = [6, 17, 132];
+use super::tiers::{PORTED, in_ranges, merged, segments};
+use super::{Classes, Desired, Ruleset, list_name, take_ruleset};
 
 /// What a peer address is to the cluster rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -77,6 +75,17 @@ impl TierTable {
 
     pub fn entries(&self) -> usize {
         self.whole.len() + self.ports.len()
+    }
+
+    /// What it costs within `b`: an entry per class's whole verdict, its port runs as the
+    /// prefixes an LPM trie needs where the budget counts prefixes.
+    pub fn cost(&self, b: &Budget) -> usize {
+        self.whole.len()
+            + self
+                .ports
+                .keys()
+                .map(|k| b.port_range(k.2, k.3))
+                .fold(0usize, usize::saturating_add)
     }
 }
 
@@ -143,7 +152,7 @@ impl TierPlan {
     pub fn check(&self, budget: &Budget) -> Result<(), Overflow> {
         let mut m = Meter::new(*budget);
         for t in self.tables.values() {
-            m.take(Kind::TierEntries, table_cost(t, budget))?;
+            m.take(Kind::TierEntries, t.cost(budget))?;
         }
         for rs in self.np.values() {
             take_ruleset(&mut m, rs)?;
@@ -156,7 +165,7 @@ impl TierPlan {
         let mut order: Vec<(usize, bool, String)> = self
             .tables
             .iter()
-            .map(|(n, t)| (table_cost(t, budget), true, n.clone()))
+            .map(|(n, t)| (t.cost(budget), true, n.clone()))
             .chain(
                 self.np
                     .iter()
@@ -253,7 +262,8 @@ impl TierPlan {
         true
     }
 
-    /// The cluster class of addresses of address class `class` (without named ports).
+    /// The cluster-rule groups among `groups` (an address class's): the cluster class of
+    /// its addresses without named ports of their own.
     fn of_groups(&self, groups: Option<&[GroupId]>) -> Vec<GroupId> {
         groups
             .unwrap_or_default()
@@ -305,32 +315,18 @@ fn build(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
         named,
         ..Default::default()
     };
-    let (plain, named) = (&tp.plain.clone(), &tp.named.clone());
-    let number = |tp: &mut TierPlan, cc: ClusterClass| -> u32 { tp.take(cc).0 };
-    let cluster_groups = |class: Option<u32>| -> Vec<GroupId> {
-        class
-            .and_then(|c| classes.groups(c))
-            .unwrap_or_default()
-            .iter()
-            .copied()
-            .filter(|g| plain.contains(g))
-            .collect()
-    };
-    let live = d.live_classes();
-    for c in live {
-        let cc = number(
-            &mut tp,
-            ClusterClass {
-                groups: cluster_groups(Some(c)),
-                named: Vec::new(),
-            },
-        );
+    for c in d.live_classes() {
+        let cc = ClusterClass {
+            groups: tp.of_groups(classes.groups(c)),
+            named: Vec::new(),
+        };
+        let (cc, _) = tp.take(cc);
         if cc != 0 {
             tp.of_class.insert(c, cc);
         }
     }
     let mut sig: BTreeMap<IpAddr, Vec<(GroupId, u8, u16)>> = BTreeMap::new();
-    for g in named {
+    for g in &tp.named {
         if let Some(Members::AddrPorts(m)) = members.get(g) {
             for k in m {
                 sig.entry(k.addr)
@@ -346,10 +342,10 @@ fn build(snap: &NodeSnapshot, d: &Desired, classes: &Classes) -> TierPlan {
             n.clear();
         }
         let cc = ClusterClass {
-            groups: cluster_groups(d.class_at(addr)),
+            groups: tp.of_groups(d.class_at(addr).and_then(|c| classes.groups(c))),
             named: n,
         };
-        let cc = number(&mut tp, cc);
+        let (cc, _) = tp.take(cc);
         tp.of_addr.insert(addr, cc);
     }
     // Every enforced endpoint direction's tiers, each distinct list built once.
@@ -524,42 +520,20 @@ fn rows(list: &[&Rule], own: &[usize], cc: &ClusterClass) -> Rows {
             .map_or(Action::Pass, |r| r.action)
     };
     let whole = first(None, 0);
+    let rules: Vec<&Rule> = own.iter().map(|i| list[*i]).collect();
+    // Its named ports cut the port space only where a named-port rule can match them.
+    let named: Vec<(u8, u16)> = if rules.iter().any(|r| matches!(r.ports, Ports::FromGroups)) {
+        cc.named.iter().map(|(_, p, port)| (*p, *port)).collect()
+    } else {
+        Vec::new()
+    };
     let mut ports = Vec::new();
-    for p in PORTED {
-        let mut cuts = BTreeSet::from([0u32]);
-        for r in own.iter().map(|i| list[*i]) {
-            match &r.ports {
-                Ports::Ranges(v) => {
-                    for x in v.iter().filter(|x| x.proto.number() == p) {
-                        cuts.insert(u32::from(x.first));
-                        cuts.insert(u32::from(x.last) + 1);
-                    }
-                }
-                Ports::FromGroups => {
-                    for (_, _, port) in cc.named.iter().filter(|n| n.1 == p) {
-                        cuts.insert(u32::from(*port));
-                        cuts.insert(u32::from(*port) + 1);
-                    }
-                }
-                Ports::Any => {}
+    for (p, segs) in &segments(&rules, &named) {
+        for (a, b, act) in merged(segs, |port| first(Some(*p), port)) {
+            if act != whole {
+                ports.push((*p, a, b, act));
             }
         }
-        let cuts: Vec<u32> = cuts.into_iter().filter(|x| *x <= 65535).collect();
-        let mut runs: Vec<(u16, u16, Action)> = Vec::new();
-        for (i, lo) in cuts.iter().enumerate() {
-            let hi = cuts.get(i + 1).map_or(65535, |n| n - 1) as u16;
-            let lo = *lo as u16;
-            let a = first(Some(p), lo);
-            match runs.last_mut() {
-                Some(l) if l.2 == a => l.1 = hi,
-                _ => runs.push((lo, hi, a)),
-            }
-        }
-        ports.extend(
-            runs.into_iter()
-                .filter(|r| r.2 != whole)
-                .map(|(a, b, act)| (p, a, b, act)),
-        );
     }
     (whole, ports)
 }
@@ -576,10 +550,7 @@ fn matches(r: &Rule, cc: &ClusterClass, proto: Option<u8>, port: u16) -> bool {
         (ports, peers) => {
             let ports_ok = match ports {
                 Ports::Any => true,
-                Ports::Ranges(v) => proto.is_some_and(|p| {
-                    v.iter()
-                        .any(|x| x.proto.number() == p && x.first <= port && port <= x.last)
-                }),
+                Ports::Ranges(v) => in_ranges(v, proto, port),
                 Ports::FromGroups => false,
             };
             ports_ok
@@ -589,28 +560,4 @@ fn matches(r: &Rule, cc: &ClusterClass, proto: Option<u8>, port: u16) -> bool {
                 }
         }
     }
-}
-
-/// What a table costs: an entry per class's whole verdict, its port runs as the prefixes
-/// an LPM trie needs where the budget counts prefixes.
-fn table_cost(t: &TierTable, b: &Budget) -> usize {
-    t.whole.len()
-        + t.ports
-            .keys()
-            .map(|k| b.port_range(k.2, k.3))
-            .fold(0usize, usize::saturating_add)
-}
-
-/// Counts a NetworkPolicy ruleset as [`Desired::check`] does.
-fn take_ruleset(m: &mut Meter, rs: &Ruleset) -> Result<(), Overflow> {
-    let b = m.budget;
-    m.take(Kind::PortsExact, rs.gx.len())?;
-    let ranged = rs.aa.len()
-        + rs.ap
-            .iter()
-            .map(|(_, a, z)| b.port_range(*a, *z))
-            .chain(rs.gp.iter().map(|(_, _, a, z)| b.port_range(*a, *z)))
-            .sum::<usize>();
-    m.take(Kind::PortsRanged, ranged)?;
-    m.take(Kind::Named, rs.n4.len() + rs.n6.len())
 }

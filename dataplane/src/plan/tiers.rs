@@ -17,7 +17,9 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use moat_policy::ir::{Action, AddrPort, GroupId, Members, Peers, Ports, Rule, RuleId, Tier};
+use moat_policy::ir::{
+    Action, AddrPort, GroupId, Members, Peers, PortRange, Ports, Rule, RuleId, Tier,
+};
 use moat_policy::model::Protocol;
 
 use super::budget::{Budget, Kind, Meter, Overflow};
@@ -25,7 +27,7 @@ use super::plant;
 use super::{Classes, Desired, Ruleset};
 
 /// The three protocols with ports; anything else (ICMP…) only meets port-less rules.
-const PORTED: [u8; 3] = [6, 17, 132];
+pub(super) const PORTED: [u8; 3] = [6, 17, 132];
 
 /// Where a flow's peer stands: the groups of its class, and (for named ports) its address.
 struct At<'a> {
@@ -89,10 +91,7 @@ impl Lists<'_> {
             ports => {
                 let ports_ok = match ports {
                     Ports::Any => true,
-                    Ports::Ranges(v) => proto.is_some_and(|p| {
-                        v.iter()
-                            .any(|x| x.proto.number() == p && x.first <= port && port <= x.last)
-                    }),
+                    Ports::Ranges(v) => in_ranges(v, proto, port),
                     Ports::FromGroups => unreachable!(),
                 };
                 ports_ok
@@ -103,6 +102,16 @@ impl Lists<'_> {
             }
         }
     }
+}
+
+/// Whether `proto`/`port` is in one of `ranges` (`proto` `None`: a protocol without ports,
+/// in none).
+pub(super) fn in_ranges(ranges: &[PortRange], proto: Option<u8>, port: u16) -> bool {
+    proto.is_some_and(|p| {
+        ranges
+            .iter()
+            .any(|x| x.proto.number() == p && x.first <= port && port <= x.last)
+    })
 }
 
 /// Whether any rule of `ids` belongs to a cluster tier, or is not in `rules` (its tier
@@ -116,12 +125,17 @@ pub fn tiered<R: Borrow<Rule>>(ids: &[RuleId], rules: &HashMap<RuleId, R>) -> bo
 }
 
 /// The segments `[lo, hi]` of 0..=65535 within which no rule's port range starts or ends,
-/// per protocol with ports.
-fn segments(rules: &[&Rule]) -> BTreeMap<u8, Vec<(u16, u16)>> {
+/// nor a single port of `singles` (protocol, port), per protocol with ports.
+pub(super) fn segments(rules: &[&Rule], singles: &[(u8, u16)]) -> BTreeMap<u8, Vec<(u16, u16)>> {
     let mut cuts: BTreeMap<u8, BTreeSet<u32>> = PORTED
         .iter()
         .map(|p| (*p, BTreeSet::from([0u32])))
         .collect();
+    for (p, port) in singles {
+        let c = cuts.entry(*p).or_default();
+        c.insert(u32::from(*port));
+        c.insert(u32::from(*port) + 1);
+    }
     for r in rules {
         if let Ports::Ranges(v) = &r.ports {
             for x in v {
@@ -259,7 +273,7 @@ impl<'a, R: Borrow<Rule>> Resolver<'a, R> {
     /// decide otherwise than [`default`](Self::default).
     pub fn anyone(&self, put: &mut Put<'_>) -> Result<(), Overflow> {
         let any: Vec<&Rule> = self.relevant(&[], false);
-        for (p, v) in &segments(&any) {
+        for (p, v) in &segments(&any, &[]) {
             for (a, b, allow) in merged(v, |port| self.anyone.allows(&NOWHERE, Some(*p), port)) {
                 if allow != self.default {
                     put(allow, Entry::Ap(*p, a, b))?;
@@ -285,7 +299,7 @@ impl<'a, R: Borrow<Rule>> Resolver<'a, R> {
         if !fall_through {
             put(whole, Entry::Aa(c))?;
         }
-        for (p, v) in &segments(&own) {
+        for (p, v) in &segments(&own, &[]) {
             let base = |port| {
                 if fall_through {
                     self.anyone.allows(&NOWHERE, Some(*p), port)
@@ -529,10 +543,13 @@ pub enum Entry {
 }
 
 /// `segs` with their verdicts, neighbours of equal verdict merged.
-fn merged(segs: &[(u16, u16)], allows: impl Fn(u16) -> bool) -> Vec<(u16, u16, bool)> {
-    let mut out: Vec<(u16, u16, bool)> = Vec::new();
+pub(super) fn merged<V: PartialEq + Copy>(
+    segs: &[(u16, u16)],
+    verdict: impl Fn(u16) -> V,
+) -> Vec<(u16, u16, V)> {
+    let mut out: Vec<(u16, u16, V)> = Vec::new();
     for (a, b) in segs {
-        let v = allows(*a);
+        let v = verdict(*a);
         match out.last_mut() {
             Some(l) if l.2 == v && u32::from(l.1) + 1 == u32::from(*a) => l.1 = *b,
             _ => out.push((*a, *b, v)),
