@@ -234,7 +234,8 @@ impl NftBackend {
     /// in the new generation, where a deleted map is empty, and would be dropped however
     /// both versions judge it. So `d`'s objects are added under a new epoch, the local pod
     /// table (the base chains' verdict maps) switched to them, and the old objects deleted
-    /// only after that.
+    /// only after that, and after every packet the old rules were judging has left them
+    /// ([`nft::grace_period`]).
     fn swap(&mut self, d: &mut Desired, held: nft::Objects) -> Result<(), BackendError> {
         let names: Vec<&str> = held
             .chains
@@ -257,6 +258,9 @@ impl NftBackend {
             warn!(error = %e, "could not replace the table beside its rules; replacing it in one transaction");
             return nft::apply(&self.lock, render::full(d)).map_err(failed);
         }
+        // A packet the old local pod table sent into the old rulesets before the switch
+        // committed may still be in them, about to look up their maps.
+        nft::grace_period();
         let chains: Vec<String> = held
             .chains
             .into_iter()

@@ -224,3 +224,24 @@ pub fn delete_table(lock: &TxLock) -> Result<(), Error> {
         ],
     )
 }
+
+/// Returns once every packet that was inside the table's rules when it was called has left
+/// them. The kernel keeps replaced rules alive for such a packet but not the objects it will
+/// still look up: it looks them up in the generation in force *now*, where a deleted map
+/// holds nothing. The forward hook runs a packet's whole traversal in one RCU read-side
+/// section, and `MEMBARRIER_CMD_GLOBAL` is `synchronize_rcu()`: after it, no packet that
+/// could reach an object of an earlier generation's rules is still on its way.
+///
+/// Where the kernel refuses the command (`nohz_full` CPUs, no `membarrier`), waits
+/// [`GRACE_FALLBACK`] instead: longer than any packet's traversal short of a stalled CPU,
+/// and what that costs is an allowed packet dropped, never a denied one passed.
+pub fn grace_period() {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    if let Err(e) = membarrier(MembarrierCommand::Global) {
+        tracing::debug!(error = %e, "membarrier(GLOBAL) refused; waiting instead");
+        std::thread::sleep(GRACE_FALLBACK);
+    }
+}
+
+/// See [`grace_period`].
+pub const GRACE_FALLBACK: Duration = Duration::from_millis(100);

@@ -9,8 +9,9 @@
 //! class numbering (`epoch`), and a table that exists is replaced without deleting anything
 //! the rules in force use: [`stage`] adds the new epoch's objects beside the old ones,
 //! [`switch`] points the local pod table (the base chains' verdict maps, shared by every
-//! epoch) at them, and [`sweep`] deletes the old ones once no rule reaches them. Deltas keep
-//! the epoch and change elements in place.
+//! epoch) at them, and [`sweep`] deletes the old ones once no rule reaches them and no
+//! packet is still in the rules that did (`crate::nft::grace_period`). Deltas keep the epoch
+//! and change elements in place.
 
 mod base;
 mod ruleset;
