@@ -304,7 +304,9 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             c.extend(ruleset::change(name, o, rs, e));
         }
     }
-    // Last: nothing may still point at a ruleset when it goes.
+    // Last: nothing may still point at a ruleset when it goes. In this same commit: a packet
+    // still in its rules keeps finding its sets' elements (the kernel deactivates a deleted
+    // *map*'s elements at once, a plain set's never; a ruleset holds plain sets only).
     for (name, rs) in &old.rulesets {
         if !new.rulesets.contains_key(name) {
             c.extend(ruleset::delete_ruleset(name, rs, e));

@@ -1003,6 +1003,55 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
     lab.assert_none_dropped(counted, "while the table was replaced");
 }
 
+/// A delta between the lab's two versions moves the pod to another ruleset (the `blocks`
+/// rule changed) and retires the one it leaves, in the delta's own transaction, while an
+/// allowed flow's packets cross the forward hook as fast as one core sends them: not one
+/// may be dropped. A packet the old local pod table had just sent into the retired ruleset
+/// is still in its rules as the delta commits; it is safe only because a ruleset's objects
+/// are plain sets, whose elements a deletion leaves in place until the kernel frees them
+/// after a grace period. A deleted *map* has its elements deactivated at once (the class
+/// maps a full replacement sweeps, which is why it waits; see
+/// `full_replacements_never_drop_an_allowed_packet_in_flight`): a ruleset that came to
+/// look up a map of its own would drop packets here.
+#[test]
+fn deltas_that_retire_a_ruleset_never_drop_an_allowed_packet_in_flight() {
+    use moat_dataplane::Backend;
+    if !netns::inside("deltas_that_retire_a_ruleset_never_drop_an_allowed_packet_in_flight") {
+        return;
+    }
+    let lab = Lab::new(false);
+    let mut backend = lab.enforcing(&lab.versions[0]);
+    let rulesets = |b: &moat_enforcer_nft::NftBackend| b.counters()["rulesets"];
+    let chains = || nft::objects().unwrap().expect("the table").chains.len();
+    let before = (rulesets(&backend), chains());
+    let deltas =
+        [0, 1].map(|i| moat_policy::ir::delta::diff(&lab.versions[i], &lab.versions[1 - i]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = lab.flood(1, &stop);
+    let rounds = 300;
+    let t = std::time::Instant::now();
+    for i in 0..rounds {
+        let (old, new) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
+        backend
+            .apply_delta(old, &deltas[i % 2], new, &lab.local)
+            .unwrap();
+    }
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.into_iter().for_each(|t| t.join().unwrap());
+    let counted = lab.counted();
+    eprintln!(
+        "{rounds} deltas in {took:?}; {} packets reached the router, {} left it",
+        counted.0, counted.1
+    );
+    assert_eq!(
+        (rulesets(&backend), chains()),
+        before,
+        "each delta retires as many rulesets as it adds, and deletes them"
+    );
+    lab.assert_none_dropped(counted, "while deltas retired rulesets");
+}
+
 /// Packets of one allowed flow crossing the forward hook on two cores at once, before any
 /// reply: they share one conntrack entry, and a ruleset that kept the peer's class in that
 /// entry's mark let one packet read the mark while another rewrote it (and drop it as
