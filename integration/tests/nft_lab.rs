@@ -888,6 +888,19 @@ impl Lab {
         backend
     }
 
+    /// Runs `changes` under a one-core [`flood`](Self::flood), then stops it: (packets that
+    /// reached the router, packets that left it), and how long `changes` took.
+    fn flooded(&self, changes: impl FnOnce()) -> ((u64, u64), std::time::Duration) {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = self.flood(1, &stop);
+        let t = std::time::Instant::now();
+        changes();
+        let took = t.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flood.into_iter().for_each(|t| t.join().unwrap());
+        (self.counted(), took)
+    }
+
     /// [`flood`](Self::flood) for `secs`, then stopped.
     fn flood_for(&self, threads: usize, secs: u64) {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -973,27 +986,23 @@ fn full_replacements_never_drop_an_allowed_packet_in_flight() {
         return;
     }
     let lab = Lab::new(false);
-    let mut backend = lab.enforcing(&lab.versions[0]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = lab.flood(1, &stop);
+    let backend = lab.enforcing(&lab.versions[0]);
     let rounds = 500;
-    let t = std::time::Instant::now();
-    for i in 0..rounds {
-        let (last, next) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
-        // A restart: the next enforcer adopts the table (replacing it with the same content),
-        // then takes a full snapshot of the other version.
-        drop(backend);
-        backend = lab.open();
-        assert_eq!(
-            backend.adopt(Some(last), &lab.local).unwrap(),
-            moat_dataplane::Adopted::Enforcing
-        );
-        backend.apply_full(next, &lab.local).unwrap();
-    }
-    let took = t.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.into_iter().for_each(|t| t.join().unwrap());
-    let counted = lab.counted();
+    let (counted, took) = lab.flooded(|| {
+        let mut backend = backend;
+        for i in 0..rounds {
+            let (last, next) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
+            // A restart: the next enforcer adopts the table (replacing it with the same
+            // content), then takes a full snapshot of the other version.
+            drop(backend);
+            backend = lab.open();
+            assert_eq!(
+                backend.adopt(Some(last), &lab.local).unwrap(),
+                moat_dataplane::Adopted::Enforcing
+            );
+            backend.apply_full(next, &lab.local).unwrap();
+        }
+    });
     eprintln!(
         "{} replacements in {took:?}; {} packets reached the router, {} left it",
         2 * rounds,
@@ -1026,20 +1035,15 @@ fn deltas_that_retire_a_ruleset_never_drop_an_allowed_packet_in_flight() {
     let before = (rulesets(&backend), chains());
     let deltas =
         [0, 1].map(|i| moat_policy::ir::delta::diff(&lab.versions[i], &lab.versions[1 - i]));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = lab.flood(1, &stop);
     let rounds = 300;
-    let t = std::time::Instant::now();
-    for i in 0..rounds {
-        let (old, new) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
-        backend
-            .apply_delta(old, &deltas[i % 2], new, &lab.local)
-            .unwrap();
-    }
-    let took = t.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.into_iter().for_each(|t| t.join().unwrap());
-    let counted = lab.counted();
+    let (counted, took) = lab.flooded(|| {
+        for i in 0..rounds {
+            let (old, new) = (&lab.versions[i % 2], &lab.versions[(i + 1) % 2]);
+            backend
+                .apply_delta(old, &deltas[i % 2], new, &lab.local)
+                .unwrap();
+        }
+    });
     eprintln!(
         "{rounds} deltas in {took:?}; {} packets reached the router, {} left it",
         counted.0, counted.1
