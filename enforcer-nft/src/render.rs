@@ -15,6 +15,7 @@
 
 mod base;
 mod ruleset;
+pub mod tier;
 
 use std::collections::BTreeMap;
 

@@ -299,6 +299,10 @@ impl Table {
                     let right = &body["right"];
                     let hit = match right {
                         Value::String(s) if s.starts_with('@') => self.lookup(s, &left).is_some(),
+                        Value::Object(o) if o.contains_key("set") => {
+                            let items = o["set"].as_array().expect("an anonymous set's items");
+                            items.iter().any(|x| left == [num(x)])
+                        }
                         // `ct state`/`ct status`: the model's packets are new flows' first
                         // packets, tracked and not yet confirmed.
                         _ if body["left"].get("ct").is_some_and(|c| c["key"] == "state") => {
@@ -313,7 +317,8 @@ impl Table {
                         }
                         r => panic!("unmodelled match {r}"),
                     };
-                    if !hit {
+                    // `!=`: the lookup inverted (a miss matches).
+                    if hit == (body["op"] == "!=") {
                         return None;
                     }
                 }

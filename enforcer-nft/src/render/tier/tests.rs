@@ -1,0 +1,196 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use rand::rngs::SmallRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use moat_dataplane::plan::tier_tables::TierTable;
+use moat_policy::ir::Action;
+
+use super::super::interp::{Packet, Table};
+use super::super::{cmd, map_decl, payload, rule};
+use super::*;
+
+const ACTIONS: [Action; 3] = [Action::Allow, Action::Deny, Action::Pass];
+
+/// A table over cluster classes 0..=5 as the plan shapes one: a whole action per class
+/// present, and disjoint port runs that differ from it.
+fn random_table(rng: &mut SmallRng) -> TierTable {
+    let mut t = TierTable::default();
+    for c in 0..=5u32 {
+        if !rng.random_bool(0.7) {
+            continue;
+        }
+        let whole = *ACTIONS.choose(rng).unwrap();
+        t.whole.insert(c, whole);
+        for p in PORTED {
+            let mut at = 0u32;
+            for _ in 0..rng.random_range(0..4) {
+                let lo = at + rng.random_range(0..3000);
+                let hi = lo + rng.random_range(0..3000);
+                if hi > u32::from(u16::MAX) {
+                    break;
+                }
+                let a = *ACTIONS
+                    .iter()
+                    .filter(|a| **a != whole)
+                    .collect::<Vec<_>>()
+                    .choose(rng)
+                    .unwrap();
+                t.ports.insert((c, p, lo as u16, hi as u16), *a);
+                at = hi + 1;
+            }
+            // Now and then a run at the top of the port space, ending at its last port or
+            // just before it.
+            if rng.random_bool(0.3) && at < 60_000 {
+                let hi = u16::MAX - rng.random_range(0..2);
+                let a = if whole == Action::Deny {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                };
+                t.ports.insert((c, p, 60_000, hi), a);
+            }
+        }
+    }
+    t
+}
+
+/// Counters naming how a packet ended.
+const ENDS: [&str; 4] = ["a_acc", "a_deny", "b_deny", "through"];
+
+fn ends(allow: &str, deny: &str) -> Ends {
+    Ends {
+        allow: vec![json!({"counter": allow}), json!({"accept": null})],
+        deny: vec![json!({"counter": deny}), json!({"drop": null})],
+    }
+}
+
+/// A table model holding an Admin and a Baseline table, and a `forward` chain that puts the
+/// peer's cluster class into the mark (10.0.0.c is class c for 1 ≤ c ≤ 6; 6 has no rows
+/// anywhere; other addresses are class 0) and decides both tiers.
+fn rendered(admin: &TierTable, baseline: &TierTable) -> Vec<Value> {
+    let mut c = vec![json!({"add": {"table": {"family": "inet", "name": super::super::TABLE}}})];
+    c.extend(ENDS.map(|n| cmd("add", "counter", json!({"name": n}))));
+    c.push(map_decl("cc4", json!("ipv4_addr"), "mark", false));
+    c.extend(elements(
+        "add",
+        "cc4",
+        (1..=6u32)
+            .map(|i| json!([Ipv4Addr::new(10, 0, 0, i as u8).to_string(), i]))
+            .collect(),
+    ));
+    c.extend(add_table("A", admin));
+    c.extend(add_table("B", baseline));
+    c.push(cmd(
+        "add",
+        "chain",
+        json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
+    ));
+    c.push(rule(
+        "forward",
+        vec![json!({"mangle": {"key": ct("mark"), "value": 0}})],
+    ));
+    c.push(rule(
+        "forward",
+        vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload("ip", "daddr"), "data": "@cc4"}}}})],
+    ));
+    c.extend(block("forward", "A", &ends("a_acc", "a_deny"), false));
+    c.extend(block("forward", "B", &ends("unused", "b_deny"), true));
+    c.push(rule(
+        "forward",
+        vec![json!({"counter": "through"}), json!({"accept": null})],
+    ));
+    c
+}
+
+/// What the tiers decide, read from the tables' own lookup.
+fn expected(
+    admin: &TierTable,
+    baseline: &TierTable,
+    cc: u32,
+    proto: u8,
+    port: u16,
+) -> &'static str {
+    match admin.lookup(cc, proto, port) {
+        Some(Action::Allow) => "a_acc",
+        Some(Action::Deny) => "a_deny",
+        _ => match baseline.lookup(cc, proto, port) {
+            Some(Action::Deny) => "b_deny",
+            _ => "through",
+        },
+    }
+}
+
+fn ended(t: &mut Table, p: &Packet) -> String {
+    let before = t.counters.clone();
+    t.run(p);
+    let moved: Vec<&String> = t
+        .counters
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(moved.len(), 1, "{p:?}: {moved:?}");
+    moved[0].clone()
+}
+
+/// Ports worth probing: every run's edges and their neighbours, the ends, a random one.
+fn ports(rng: &mut SmallRng, t: &[&TierTable]) -> Vec<u16> {
+    let mut v = vec![0, 1, u16::MAX, rng.random()];
+    for (_, _, lo, hi) in t.iter().flat_map(|t| t.ports.keys()) {
+        v.extend([*lo, *hi, lo.saturating_sub(1), hi.saturating_add(1)]);
+    }
+    v
+}
+
+/// The rendered tier blocks decide like [`TierTable::lookup`]: Admin Accept and Deny final,
+/// Pass and a miss on to Baseline, whose Deny alone denies; a class with rows never judged
+/// by class 0's; protocols without ports by the class's whole action.
+#[test]
+fn tier_blocks_decide_like_the_tables() {
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for case in 0..300u64 {
+        let mut rng = SmallRng::seed_from_u64(case);
+        let (admin, baseline) = (random_table(&mut rng), random_table(&mut rng));
+        let mut table = Table::default();
+        table
+            .apply(&rendered(&admin, &baseline))
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        for host in 0..=7u8 {
+            let cc = if (1..=6).contains(&host) {
+                u32::from(host)
+            } else {
+                0
+            };
+            for proto in [6, 17, 132, 1, 58, 47, 0, 255] {
+                let ps = if PORTED.contains(&proto) {
+                    ports(&mut rng, &[&admin, &baseline])
+                } else {
+                    vec![rng.random()]
+                };
+                for port in ps {
+                    let p = Packet {
+                        iif: 1,
+                        oif: 2,
+                        src: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)),
+                        dst: IpAddr::V4(Ipv4Addr::new(10, 0, 0, host)),
+                        proto,
+                        port,
+                    };
+                    let want = expected(&admin, &baseline, cc, proto, port);
+                    assert_eq!(ended(&mut table, &p), want, "case {case}: {p:?} class {cc}");
+                    *seen.entry(want.to_string()).or_default() += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{seen:?}");
+    for e in ENDS {
+        assert!(
+            seen.get(e).is_some_and(|n| *n > 1000),
+            "too few {e}: {seen:?}"
+        );
+    }
+}
