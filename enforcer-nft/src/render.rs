@@ -126,8 +126,9 @@ fn range(a: impl Into<Value>, b: impl Into<Value>) -> Value {
     json!({"range": [a.into(), b.into()]})
 }
 
-fn port(a: u16, b: u16) -> Value {
-    if a == b { json!(a) } else { range(a, b) }
+/// One value, or the range between two (a port or protocol run, inclusive).
+fn port<T: Into<Value> + PartialEq + Copy>(a: T, b: T) -> Value {
+    if a == b { a.into() } else { range(a, b) }
 }
 
 fn rule(chain: &str, expr: Vec<Value>) -> Value {

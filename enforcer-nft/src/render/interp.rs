@@ -257,6 +257,11 @@ impl Table {
 
     /// Decides `p` from the `forward` chain; counts in `self.counters`.
     pub fn run(&mut self, p: &Packet) -> bool {
+        self.run_marked(p).0
+    }
+
+    /// [`run`](Self::run), and the conntrack mark the packet left.
+    pub fn run_marked(&mut self, p: &Packet) -> (bool, u128) {
         let mut mark: u128 = 0;
         let mut stack: Vec<(String, usize)> = Vec::new();
         let (mut chain, mut at) = ("forward".to_string(), 0usize);
@@ -265,7 +270,7 @@ impl Table {
             let Some(rule) = rules.get(at).cloned() else {
                 match stack.pop() {
                     Some((c, i)) => (chain, at) = (c, i),
-                    None => return self.policies["forward"],
+                    None => return (self.policies["forward"], mark),
                 }
                 continue;
             };
@@ -273,11 +278,11 @@ impl Table {
             match self.rule(&rule, p, &mut mark) {
                 None => {}
                 Some(v) => match v {
-                    Verdict::Accept => return true,
-                    Verdict::Drop => return false,
+                    Verdict::Accept => return (true, mark),
+                    Verdict::Drop => return (false, mark),
                     Verdict::Return => match stack.pop() {
                         Some((c, i)) => (chain, at) = (c, i),
-                        None => return self.policies["forward"],
+                        None => return (self.policies["forward"], mark),
                     },
                     Verdict::Jump(t) => {
                         stack.push((chain, at));

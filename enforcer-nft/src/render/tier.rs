@@ -10,12 +10,19 @@
 //! 0's rows are looked up only for the others. Each class with rows covers every (protocol,
 //! port): its whole action fills the gaps between its port runs.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use serde_json::{Value, json};
 
-use moat_dataplane::plan::tier_tables::TierTable;
+use moat_dataplane::plan::Desired;
+use moat_dataplane::plan::tier_tables::{TierPlan, TierTable};
 use moat_policy::ir::Action;
 
-use super::{concat, ct, elements, l4proto, lookup, payload, range, rule, set_decl};
+use super::{
+    addr_class_elems, class_elems, concat, ct, elements, in_epoch, l4proto, lookup, map_decl,
+    payload, port, rule, set_decl,
+};
 
 /// Protocols with ports (TCP, UDP, SCTP). Every other protocol is keyed by the protocol
 /// alone: `th dport` on a packet too short to hold it ends the rule, which would read a
@@ -64,10 +71,6 @@ fn covered(runs: &[(u16, u16, Action)], whole: Action) -> Vec<(u16, u16, Action)
     out
 }
 
-fn span<T: Into<Value> + PartialEq + Copy>(a: T, b: T) -> Value {
-    if a == b { a.into() } else { range(a, b) }
-}
-
 /// The elements of table `t`'s sets, by set suffix.
 fn table_elements(t: &TierTable) -> Vec<(&'static str, Vec<Value>)> {
     let (mut acc, mut deny, mut accp, mut denyp, mut rows) =
@@ -85,7 +88,7 @@ fn table_elements(t: &TierTable) -> Vec<(&'static str, Vec<Value>)> {
                 .collect();
             for (lo, hi, a) in covered(&runs, whole) {
                 let key = |with_class: bool| {
-                    let mut k = vec![json!(p), span(lo, hi)];
+                    let mut k = vec![json!(p), port(lo, hi)];
                     if with_class {
                         k.insert(0, json!(c));
                     }
@@ -102,10 +105,10 @@ fn table_elements(t: &TierTable) -> Vec<(&'static str, Vec<Value>)> {
         }
         for (lo, hi) in UNPORTED {
             match (whole, c) {
-                (Action::Allow, 0) => accp0.push(span(lo, hi)),
-                (Action::Deny, 0) => denyp0.push(span(lo, hi)),
-                (Action::Allow, _) => accp.push(json!({"concat": [c, span(lo, hi)]})),
-                (Action::Deny, _) => denyp.push(json!({"concat": [c, span(lo, hi)]})),
+                (Action::Allow, 0) => accp0.push(port(lo, hi)),
+                (Action::Deny, 0) => denyp0.push(port(lo, hi)),
+                (Action::Allow, _) => accp.push(json!({"concat": [c, port(lo, hi)]})),
+                (Action::Deny, _) => denyp.push(json!({"concat": [c, port(lo, hi)]})),
                 (Action::Pass, _) => {}
             }
         }
@@ -183,6 +186,106 @@ pub fn block(chain: &str, table: &str, ends: &Ends, deny_only: bool) -> Vec<Valu
         head.push(lookup(key, &set(s)));
         head.extend(if deny { &ends.deny } else { &ends.allow }.iter().cloned());
         r.push(rule(chain, head));
+    }
+    r
+}
+
+/// Where the tiers find a peer's cluster class: as the class maps, intervals first, then
+/// single addresses overriding them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterClassMaps {
+    /// The class maps' intervals whose class has a cluster class (a miss is class 0).
+    pub cc4: BTreeMap<(Ipv4Addr, Ipv4Addr), u32>,
+    pub cc6: BTreeMap<(Ipv6Addr, Ipv6Addr), u32>,
+    /// Every single address (of the class maps, or with named ports of its own) whose
+    /// cluster class is not its interval's, whatever it is (a single's groups include its
+    /// range's, so today a 0 never lies over another class; the map would carry it).
+    pub ccaddr4: BTreeMap<Ipv4Addr, u32>,
+    pub ccaddr6: BTreeMap<Ipv6Addr, u32>,
+}
+
+impl ClusterClassMaps {
+    /// `tp`'s cluster classes laid over `d`'s address maps.
+    pub fn of(d: &Desired, tp: &TierPlan) -> Self {
+        let of = |c: &u32| tp.of_class.get(c).copied().unwrap_or(0);
+        let mut m = ClusterClassMaps {
+            cc4: d
+                .class4
+                .iter()
+                .map(|(k, c)| (*k, of(c)))
+                .filter(|e| e.1 != 0)
+                .collect(),
+            cc6: d
+                .class6
+                .iter()
+                .map(|(k, c)| (*k, of(c)))
+                .filter(|e| e.1 != 0)
+                .collect(),
+            ..Default::default()
+        };
+        let singles = d
+            .addr4
+            .keys()
+            .map(|a| IpAddr::V4(*a))
+            .chain(d.addr6.keys().map(|a| IpAddr::V6(*a)))
+            .chain(tp.of_addr.keys().copied());
+        for a in singles {
+            let cc = tp.cclass_at(d, a);
+            if cc == d.range_class_at(a).map_or(0, |c| of(&c)) {
+                continue;
+            }
+            match a {
+                IpAddr::V4(x) => m.ccaddr4.insert(x, cc),
+                IpAddr::V6(x) => m.ccaddr6.insert(x, cc),
+            };
+        }
+        m
+    }
+
+    /// Declares the maps (in `epoch`) and fills them.
+    pub fn add(&self, epoch: u32) -> Vec<Value> {
+        let name = |n: &str| in_epoch(n, epoch);
+        let mut c = vec![
+            map_decl(&name("cc4"), json!("ipv4_addr"), "mark", true),
+            map_decl(&name("cc6"), json!("ipv6_addr"), "mark", true),
+            map_decl(&name("ccaddr4"), json!("ipv4_addr"), "mark", false),
+            map_decl(&name("ccaddr6"), json!("ipv6_addr"), "mark", false),
+        ];
+        c.extend(elements("add", &name("cc4"), class_elems(self.cc4.iter())));
+        c.extend(elements("add", &name("cc6"), class_elems(self.cc6.iter())));
+        c.extend(elements(
+            "add",
+            &name("ccaddr4"),
+            addr_class_elems(self.ccaddr4.iter()),
+        ));
+        c.extend(elements(
+            "add",
+            &name("ccaddr6"),
+            addr_class_elems(self.ccaddr6.iter()),
+        ));
+        c
+    }
+}
+
+/// The rules, in `chain`, that put the cluster class of the peer (`saddr` for ingress,
+/// `daddr` for egress) into the conntrack mark: cleared, then the intervals, then the
+/// single addresses (a failed lookup ends its rule and leaves the mark as it was).
+pub fn classify(chain: &str, peer: &str, epoch: u32) -> Vec<Value> {
+    let mut r = vec![rule(
+        chain,
+        vec![json!({"mangle": {"key": ct("mark"), "value": 0}})],
+    )];
+    for (fam, map) in [
+        ("ip", "cc4"),
+        ("ip6", "cc6"),
+        ("ip", "ccaddr4"),
+        ("ip6", "ccaddr6"),
+    ] {
+        let data = format!("@{}", in_epoch(map, epoch));
+        r.push(rule(
+            chain,
+            vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": data}}}})],
+        ));
     }
     r
 }

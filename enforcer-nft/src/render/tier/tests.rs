@@ -194,3 +194,69 @@ fn tier_blocks_decide_like_the_tables() {
         );
     }
 }
+
+/// The cluster class maps and their classify rules give every peer address the cluster
+/// class [`TierPlan::cclass_at`] gives it, on random clusters of both kinds (single
+/// addresses overriding their ranges, to class 0 too).
+#[test]
+fn cluster_class_maps_classify_like_the_plan() {
+    use moat_dataplane::plan::tier_tables::tier_plan;
+    use moat_dataplane::plan::{Classes, addresses};
+    use moat_policy::Index;
+    use moat_policy::testkit::parse_all;
+    use moat_policy::testkit::random::{Features, World};
+    let mut f = Features::default();
+    let (mut checked, mut nonzero, mut overridden) = (0usize, 0usize, 0usize);
+    for case in 0..80u64 {
+        let mut rng = SmallRng::seed_from_u64(case);
+        let world = World::generate(&mut rng, &mut f);
+        let snaps = Index::build(parse_all(&world.objects())).snapshots();
+        for snap in &snaps {
+            let mut classes = Classes::default();
+            let d = addresses(snap, &mut classes);
+            let tp = tier_plan(snap, &d, &classes);
+            let maps = ClusterClassMaps::of(&d, &tp);
+            let epoch = 7;
+            let mut c =
+                vec![json!({"add": {"table": {"family": "inet", "name": super::super::TABLE}}})];
+            c.extend(maps.add(epoch));
+            c.push(cmd(
+                "add",
+                "chain",
+                json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
+            ));
+            c.extend(classify("forward", "saddr", epoch));
+            let mut table = Table::default();
+            table
+                .apply(&c)
+                .unwrap_or_else(|e| panic!("case {case}: {e}"));
+            for a in world.addresses() {
+                let p = Packet {
+                    iif: 1,
+                    oif: 2,
+                    src: a,
+                    dst: a,
+                    proto: 6,
+                    port: 80,
+                };
+                let want = tp.cclass_at(&d, a);
+                let (_, got) = table.run_marked(&p);
+                assert_eq!(got, u128::from(want), "case {case} node {}: {a}", snap.node);
+                checked += 1;
+                nonzero += usize::from(want != 0);
+                let single = match a {
+                    IpAddr::V4(x) => maps.ccaddr4.contains_key(&x),
+                    IpAddr::V6(x) => maps.ccaddr6.contains_key(&x),
+                };
+                overridden += usize::from(single && d.range_class_at(a).is_some());
+            }
+        }
+    }
+    eprintln!(
+        "{checked} addresses, {nonzero} in a cluster class, {overridden} singles over a range"
+    );
+    assert!(
+        nonzero > 1000 && overridden > 100,
+        "{checked} {nonzero} {overridden}"
+    );
+}
