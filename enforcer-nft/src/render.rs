@@ -181,6 +181,20 @@ fn addr_class_elems<'a, A: ToString + 'a>(
 /// and is dropped (see the module docs; [`stage`], [`switch`] and [`sweep`] replace a table
 /// in force).
 pub fn full(d: &Desired) -> Vec<Value> {
+    full_staged(d, stage(d))
+}
+
+/// [`full`] for layout 7: `d`'s address maps (`plan::addresses`) pointed at the tier plan
+/// `tp` (see [`tier`]). Not yet used by the backend.
+pub fn full_tiers(d: &Desired, tp: &moat_dataplane::plan::tier_tables::TierPlan) -> Vec<Value> {
+    let (d, chains) = tier::with_tiers(d, tp);
+    let mut staged = stage(&d);
+    staged.extend(tier::stage(&d, tp, &chains));
+    full_staged(&d, staged)
+}
+
+/// A full replacement holding `staged` (the epoch objects of `d`).
+fn full_staged(d: &Desired, staged: Vec<Value>) -> Vec<Value> {
     let mut c = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
@@ -188,7 +202,7 @@ pub fn full(d: &Desired) -> Vec<Value> {
         set_decl(RECORD, json!(["mark", "mark", "mark"]), false),
     ];
     c.extend(base::declarations());
-    c.extend(stage(d));
+    c.extend(staged);
     c.extend(base::add_local(&LocalTable::of(d)));
     c.extend(base::chains());
     c.push(record_elem("add", d));

@@ -140,7 +140,7 @@ pub const STAMP_INGRESS: u32 = 127;
 
 /// A ruleset's allow. Ingress: accepted. Egress: "go on to the ingress check" (back to
 /// `forward`, after `jump sender`).
-fn ok(egress: bool) -> Value {
+pub(super) fn ok(egress: bool) -> Value {
     if egress {
         json!({"return": null})
     } else {
@@ -148,7 +148,7 @@ fn ok(egress: bool) -> Value {
     }
 }
 
-fn stamp(egress: bool) -> Value {
+pub(super) fn stamp(egress: bool) -> Value {
     let bit = if egress { STAMP_EGRESS } else { STAMP_INGRESS };
     json!({"mangle": {"key": ct("label"), "value": bit}})
 }
@@ -162,7 +162,7 @@ fn stamp(egress: bool) -> Value {
 /// own until it is confirmed, after this hook, so stamping it is race-free too. Confirmed
 /// alone is not enough: a flow can be confirmed without Moat allowing it (one a previous
 /// dataplane dropped after conntrack, one older than the table); such a flow is judged.
-fn inherited(name: &str, egress: bool) -> Value {
+pub(super) fn inherited(name: &str, egress: bool) -> Value {
     let bit = if egress { STAMP_EGRESS } else { STAMP_INGRESS };
     rule(
         name,
@@ -180,17 +180,21 @@ fn inherited(name: &str, egress: bool) -> Value {
 /// mark to keep it in: every lookup on it would miss, which in an ordered ruleset reads as
 /// "no class" and skips the class's Deny, so such a packet is denied where its class
 /// decides.
-fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
-    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
-    let untracked = rule(
+/// Denies a packet without a conntrack entry (see [`classify`]).
+pub(super) fn untracked(name: &str) -> Value {
+    rule(
         name,
         vec![
             json!({"match": {"op": "in", "left": ct("state"), "right": "untracked"}}),
             json!({"counter": "denied"}),
             json!({"drop": null}),
         ],
-    );
-    let mut r = vec![untracked, rule(name, vec![clear])];
+    )
+}
+
+fn classify(name: &str, peer: &str, epoch: u32) -> Vec<Value> {
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    let mut r = vec![untracked(name), rule(name, vec![clear])];
     for (fam, map) in [
         ("ip", "class4"),
         ("ip6", "class6"),

@@ -80,7 +80,7 @@ const UNCLASSIFIED_IF: u32 = 99;
 /// A node's pods as the agent could find them: most of the snapshot's endpoint addresses
 /// known on some pod interface, some unknown (moved, not named yet), some not routed here
 /// yet, addresses no snapshot names, an address on two interfaces, either mode.
-fn random_local(rng: &mut SmallRng, snap: &NodeSnapshot) -> LocalPods {
+pub(super) fn random_local(rng: &mut SmallRng, snap: &NodeSnapshot) -> LocalPods {
     let mut l = LocalPods {
         unknown: if rng.random_bool(0.3) {
             UnknownPods::Allow
@@ -124,7 +124,7 @@ fn random_local(rng: &mut SmallRng, snap: &NodeSnapshot) -> LocalPods {
 
 /// Why the spec drops a packet, or that it passes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     Pass,
     Denied,
     Spoofed,
@@ -133,7 +133,7 @@ enum Outcome {
 }
 
 /// docs/design/fail-closed.md, "What each forwarded packet must pass", read directly.
-fn spec(fleet: &Fleet<'_>, snap: &NodeSnapshot, d: &Desired, p: &Packet) -> Outcome {
+pub(super) fn spec(fleet: &Fleet<'_>, snap: &NodeSnapshot, d: &Desired, p: &Packet) -> Outcome {
     let l = &d.local;
     let named = moat_dataplane::local::named(Some(snap));
     // A rule list the budget cut denies everything in its direction.
@@ -192,7 +192,7 @@ fn spec(fleet: &Fleet<'_>, snap: &NodeSnapshot, d: &Desired, p: &Packet) -> Outc
 }
 
 /// What the table did with the packet, by the counter it moved.
-fn outcome(t: &mut Table, p: &Packet) -> Outcome {
+pub(super) fn outcome(t: &mut Table, p: &Packet) -> Outcome {
     let before = t.counters.clone();
     let pass = t.run(p);
     let moved: Vec<&String> = t
@@ -215,7 +215,7 @@ fn outcome(t: &mut Table, p: &Packet) -> Outcome {
 
 /// A packet aimed at the interesting cases: a pod's own address on its own interface (or
 /// another), peers' and remote addresses, link-local sources, unclassified interfaces.
-fn random_packet(rng: &mut SmallRng, l: &LocalPods, addrs: &[IpAddr]) -> Packet {
+pub(super) fn random_packet(rng: &mut SmallRng, l: &LocalPods, addrs: &[IpAddr]) -> Packet {
     let local: Vec<(u32, IpAddr)> = l.addrs.keys().copied().collect();
     let pods: Vec<u32> = l.pod_ifaces.iter().copied().collect();
     let end = |rng: &mut SmallRng, v4: Option<bool>| -> (u32, IpAddr) {

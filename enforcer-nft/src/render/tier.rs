@@ -15,8 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
-use moat_dataplane::plan::Desired;
-use moat_dataplane::plan::tier_tables::{TierPlan, TierTable};
+use moat_dataplane::plan::tier_tables::{TierPlan, TierTable, Tiers};
+use moat_dataplane::plan::{DENY_EGRESS, DENY_INGRESS, Desired, Ruleset};
 use moat_policy::ir::Action;
 
 use super::{
@@ -287,6 +287,129 @@ pub fn classify(chain: &str, peer: &str, epoch: u32) -> Vec<Value> {
             vec![json!({"mangle": {"key": ct("mark"), "value": {"map": {"key": payload(fam, peer), "data": data}}}})],
         ));
     }
+    r
+}
+
+/// The chain of an endpoint direction with an Admin or a Baseline table: content-named, as
+/// rulesets are (`T` keeps it apart from them and from the tables).
+fn tiers_name(egress: bool, t: &Tiers) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [&t.admin, &t.np, &t.baseline] {
+        h.update(part.as_deref().unwrap_or("-").as_bytes());
+        h.update(&[0]);
+    }
+    let hex: String = h.finalize().as_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("T{}{hex}", if egress { "e_" } else { "i_" })
+}
+
+/// Tier chain name → (egress, its tiers).
+pub type TierChains = BTreeMap<String, (bool, Tiers)>;
+
+/// `d` (address maps alone) pointed at `tp`: its rulesets are the NetworkPolicy rulesets
+/// (and a direction's deny where it is denied), and each enforced endpoint address leads to
+/// its tier chain, or straight to its NetworkPolicy ruleset when it has no table. A
+/// direction whose table or ruleset the plan does not hold is denied (fail closed).
+pub fn with_tiers(d: &Desired, tp: &TierPlan) -> (Desired, TierChains) {
+    let mut out = Desired {
+        rulesets: tp.np.clone(),
+        ing4: BTreeMap::new(),
+        ing6: BTreeMap::new(),
+        eg4: BTreeMap::new(),
+        eg6: BTreeMap::new(),
+        ..d.clone()
+    };
+    let mut chains = TierChains::new();
+    for (&(a, egress), t) in &tp.endpoints {
+        let held = t.np.iter().all(|n| tp.np.contains_key(n))
+            && [&t.admin, &t.baseline]
+                .into_iter()
+                .flatten()
+                .all(|n| tp.tables.contains_key(n));
+        let name = if t.denied || !held {
+            let deny = if egress { DENY_EGRESS } else { DENY_INGRESS };
+            out.rulesets.entry(deny.into()).or_insert(Ruleset {
+                egress,
+                ..Default::default()
+            });
+            deny.to_string()
+        } else if t.admin.is_none() && t.baseline.is_none() {
+            match &t.np {
+                Some(np) => np.clone(),
+                None => continue,
+            }
+        } else {
+            let n = tiers_name(egress, t);
+            chains.entry(n.clone()).or_insert((egress, t.clone()));
+            n
+        };
+        match (a, egress) {
+            (IpAddr::V4(x), false) => out.ing4.insert(x, name),
+            (IpAddr::V6(x), false) => out.ing6.insert(x, name),
+            (IpAddr::V4(x), true) => out.eg4.insert(x, name),
+            (IpAddr::V6(x), true) => out.eg6.insert(x, name),
+        };
+    }
+    (out, chains)
+}
+
+/// The tier objects in `d`'s epoch: the cluster class maps, the tables the chains use,
+/// then the chains (after the NetworkPolicy rulesets they go to, staged before them).
+pub fn stage(d: &Desired, tp: &TierPlan, chains: &TierChains) -> Vec<Value> {
+    let e = d.epoch;
+    let mut c = ClusterClassMaps::of(d, tp).add(e);
+    let used: std::collections::BTreeSet<&String> = chains
+        .values()
+        .flat_map(|(_, t)| [&t.admin, &t.baseline])
+        .flatten()
+        .collect();
+    for name in used {
+        c.extend(add_table(&in_epoch(name, e), &tp.tables[name]));
+    }
+    for (name, (egress, t)) in chains {
+        let chain = in_epoch(name, e);
+        c.push(super::cmd("add", "chain", json!({"name": chain})));
+        c.extend(chain_rules(&chain, *egress, t, e));
+    }
+    c
+}
+
+/// A tier chain: the Admin table; then the NetworkPolicy ruleset when one isolates the
+/// endpoint, else the Baseline table; then allow. A flow whose first packet a tier chain
+/// allowed inherits the verdict, as in a ruleset (the mark is shared once it is confirmed).
+fn chain_rules(chain: &str, egress: bool, t: &Tiers, epoch: u32) -> Vec<Value> {
+    use super::ruleset::{inherited, ok, stamp, untracked};
+    let clear = json!({"mangle": {"key": ct("mark"), "value": 0}});
+    let ends = Ends {
+        allow: vec![clear.clone(), stamp(egress), ok(egress)],
+        deny: vec![
+            clear,
+            json!({"counter": super::DENIED}),
+            json!({"drop": null}),
+        ],
+    };
+    let mut r = vec![inherited(chain, egress), untracked(chain)];
+    r.extend(classify(
+        chain,
+        if egress { "daddr" } else { "saddr" },
+        epoch,
+    ));
+    if let Some(a) = &t.admin {
+        r.extend(block(chain, &in_epoch(a, epoch), &ends, false));
+    }
+    if let Some(np) = &t.np {
+        r.push(rule(
+            chain,
+            vec![json!({"goto": {"target": in_epoch(np, epoch)}})],
+        ));
+        return r;
+    }
+    if let Some(b) = &t.baseline {
+        r.extend(block(chain, &in_epoch(b, epoch), &ends, true));
+    }
+    r.push(rule(chain, ends.allow));
     r
 }
 

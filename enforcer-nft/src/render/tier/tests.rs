@@ -260,3 +260,75 @@ fn cluster_class_maps_classify_like_the_plan() {
         "{checked} {nonzero} {overridden}"
     );
 }
+
+/// Layout 7 rendered whole — address maps, cluster class maps, tier tables, tier chains,
+/// NetworkPolicy rulesets and the local pod table — decides every packet as the fail-closed
+/// spec does with the IR of both kinds (`render::tests::spec`): Admin Accept and Deny
+/// final, Pass on to the NetworkPolicy ruleset where one isolates, else to Baseline.
+#[test]
+fn the_tier_layout_decides_like_the_spec() {
+    use super::super::full_tiers;
+    use super::super::tests::{Outcome, outcome, random_local, random_packet, spec};
+    use moat_dataplane::plan::tier_tables::tier_plan;
+    use moat_dataplane::plan::{Classes, addresses};
+    use moat_policy::Index;
+    use moat_policy::ir::Tier;
+    use moat_policy::ir::sim::Fleet;
+    use moat_policy::testkit::parse_all;
+    use moat_policy::testkit::random::{Features, World};
+    let mut f = Features::default();
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut checked = 0usize;
+    for case in 0..120u64 {
+        let mut rng = SmallRng::seed_from_u64(case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let mut classes = Classes::default();
+        for round in 0..2 {
+            if round > 0 {
+                world.mutate(&mut rng, &mut f, false);
+            }
+            let snaps = Index::build(parse_all(&world.objects())).snapshots();
+            let fleet = Fleet::new(&snaps);
+            let snap = &snaps[0];
+            let mut owners: std::collections::HashMap<IpAddr, usize> = Default::default();
+            for e in snaps.iter().flat_map(|s| &s.endpoints) {
+                for a in &e.addrs {
+                    *owners.entry(*a).or_default() += 1;
+                }
+            }
+            let unambiguous = |a: IpAddr| owners.get(&a).is_none_or(|n| *n == 1);
+            let mut d = addresses(snap, &mut classes);
+            d.local = random_local(&mut rng, snap);
+            d.epoch = rng.random();
+            let tp = tier_plan(snap, &d, &classes);
+            let tiered = snap.rules.iter().any(|r| r.tier != Tier::NetworkPolicy);
+            let mut table = Table::default();
+            table
+                .apply(&full_tiers(&d, &tp))
+                .unwrap_or_else(|e| panic!("case {case}: {e}"));
+            let addrs = world.addresses();
+            for _ in 0..400 {
+                let p = random_packet(&mut rng, &d.local, &addrs);
+                if snap.node_addrs.contains(&p.src) || snap.node_addrs.contains(&p.dst) {
+                    continue;
+                }
+                if !unambiguous(p.src) || !unambiguous(p.dst) {
+                    continue;
+                }
+                let want = spec(&fleet, snap, &d, &p);
+                let got = outcome(&mut table, &p);
+                assert_eq!(got, want, "case {case} round {round}: {p:?}");
+                let kind = if tiered { "tiered" } else { "np" };
+                *seen.entry(format!("{kind} {want:?}")).or_default() += 1;
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("{checked} packets; {seen:?}");
+    for o in [Outcome::Pass, Outcome::Denied] {
+        for kind in ["tiered", "np"] {
+            let n = seen.get(&format!("{kind} {o:?}")).copied().unwrap_or(0);
+            assert!(n > 1000, "too few {kind} {o:?}: {seen:?}");
+        }
+    }
+}
