@@ -283,6 +283,30 @@ fn map_diff<'a, K: Ord, V: PartialEq>(
 
 /// The commands that turn `old` (what the table holds) into `new`, as one transaction.
 pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
+    delta_spliced(old, new, Vec::new(), Vec::new())
+}
+
+/// [`delta`] for layout 7 (see [`full_tiers`]): the tier objects change beside the rest, new
+/// ones before the local pod table may point at them, old ones after it no longer does.
+pub fn delta_tiers(
+    (old, old_tp): (&Desired, &moat_dataplane::plan::tier_tables::TierPlan),
+    (new, new_tp): (&Desired, &moat_dataplane::plan::tier_tables::TierPlan),
+) -> Vec<Value> {
+    let (od, oc) = tier::with_tiers(old, old_tp);
+    let (nd, nc) = tier::with_tiers(new, new_tp);
+    let (added, removed) = tier::change((&od, old_tp, &oc), (&nd, new_tp, &nc));
+    delta_spliced(&od, &nd, added, removed)
+}
+
+/// [`delta`], with `added` (objects the new local pod table and rulesets may name) before
+/// the local pod table changes and `removed` (objects only the old ones named) after the
+/// rulesets have changed, before old rulesets go.
+fn delta_spliced(
+    old: &Desired,
+    new: &Desired,
+    added: Vec<Value>,
+    removed: Vec<Value>,
+) -> Vec<Value> {
     // A delta keeps the class numbering, and with it the epoch and the objects' names.
     let e = new.epoch;
     debug_assert_eq!(old.epoch, e, "a delta never changes the epoch");
@@ -311,6 +335,7 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     c.extend(elements("delete", &addr6, addr_class_elems(r6.into_iter())));
     c.extend(elements("add", &addr4, addr_class_elems(a4.into_iter())));
     c.extend(elements("add", &addr6, addr_class_elems(a6.into_iter())));
+    c.extend(added);
     c.extend(base::change_local(
         &LocalTable::of(old),
         &LocalTable::of(new),
@@ -320,6 +345,7 @@ pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
             c.extend(ruleset::change(name, o, rs, e));
         }
     }
+    c.extend(removed);
     // Last: nothing may still point at a ruleset when it goes. In this same commit: a packet
     // still in its rules keeps finding its sets' elements (the kernel deactivates a deleted
     // *map*'s elements at once, a plain set's never; a ruleset holds plain sets only).

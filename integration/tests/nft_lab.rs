@@ -198,6 +198,57 @@ fn deltas_leave_exactly_what_a_full_replace_leaves() {
     assert!(by_netlink < deltas, "both paths are exercised");
 }
 
+/// Layout 7 (rendered, not yet the backend's): its deltas, committed by the kernel, leave
+/// exactly what its full replacement leaves. The kernel, not only the table model, takes
+/// every batch: nft 1.0.6 cannot delete a single value from a concatenated interval set
+/// (ENOENT), so the tier tables write `[p, p]`.
+#[test]
+fn tier_layout_deltas_leave_exactly_what_a_full_replace_leaves() {
+    use moat_dataplane::plan::addresses;
+    use moat_dataplane::plan::tier_tables::{TierPlan, tier_plan};
+    if !netns::inside("tier_layout_deltas_leave_exactly_what_a_full_replace_leaves") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lock = TxLock::acquire(&dir.path().join("lock"), nft::LOCK_WAIT_DEFAULT).unwrap();
+    let mut rng = SmallRng::seed_from_u64(0x5eed_7137);
+    let mut f = Features::default();
+    let (mut deltas, mut tiered) = (0, 0);
+    for _world in 0..12 {
+        let mut world = World::generate(&mut rng, &mut f);
+        let mut classes = Classes::default();
+        let first = node_snapshots(&world)[0].clone();
+        let node = first.node.clone();
+        let epoch = rand::random();
+        let plan = |snap: &NodeSnapshot, classes: &mut Classes, rng: &mut SmallRng| {
+            let mut d = addresses(snap, classes);
+            d.local = random_local(rng, snap);
+            d.epoch = epoch;
+            let tp: TierPlan = tier_plan(snap, &d, classes);
+            (d, tp)
+        };
+        let mut cur = plan(&first, &mut classes, &mut rng);
+        nft::apply(&lock, render::full_tiers(&cur.0, &cur.1)).unwrap();
+        for _step in 0..10 {
+            world.mutate(&mut rng, &mut f, false);
+            let Some(next) = node_snapshots(&world).into_iter().find(|s| s.node == node) else {
+                break;
+            };
+            let new = plan(&next, &mut classes, &mut rng);
+            let batch = render::delta_tiers((&cur.0, &cur.1), (&new.0, &new.1));
+            nft::apply(&lock, batch).unwrap();
+            let after = dump();
+            nft::apply(&lock, render::full_tiers(&new.0, &new.1)).unwrap();
+            same(&after, &dump(), &format!("tier delta to {}", new.0.version));
+            deltas += 1;
+            tiered += usize::from(!new.1.tables.is_empty());
+            cur = new;
+        }
+    }
+    eprintln!("{deltas} layout-7 deltas checked, {tiered} with tier tables");
+    assert!(deltas >= 80 && tiered >= 20, "{deltas} {tiered}");
+}
+
 #[test]
 fn a_replacement_beside_the_table_leaves_exactly_what_a_full_one_does() {
     if !netns::inside("a_replacement_beside_the_table_leaves_exactly_what_a_full_one_does") {

@@ -260,6 +260,19 @@ impl Table {
         self.run_marked(p).0
     }
 
+    /// [`run`](Self::run), and the counters it moved.
+    pub fn run_counted(&mut self, p: &Packet) -> (bool, Vec<String>) {
+        let before = self.counters.clone();
+        let pass = self.run(p);
+        let moved = self
+            .counters
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        (pass, moved)
+    }
+
     /// [`run`](Self::run), and the conntrack mark the packet left.
     pub fn run_marked(&mut self, p: &Packet) -> (bool, u128) {
         let mut mark: u128 = 0;

@@ -193,14 +193,7 @@ pub(super) fn spec(fleet: &Fleet<'_>, snap: &NodeSnapshot, d: &Desired, p: &Pack
 
 /// What the table did with the packet, by the counter it moved.
 pub(super) fn outcome(t: &mut Table, p: &Packet) -> Outcome {
-    let before = t.counters.clone();
-    let pass = t.run(p);
-    let moved: Vec<&String> = t
-        .counters
-        .iter()
-        .filter(|(k, v)| before.get(*k) != Some(*v))
-        .map(|(k, _)| k)
-        .collect();
+    let (pass, moved) = t.run_counted(p);
     let got = match moved.as_slice() {
         [] => Outcome::Pass,
         [c] if c.as_str() == DENIED => Outcome::Denied,
@@ -211,6 +204,68 @@ pub(super) fn outcome(t: &mut Table, p: &Packet) -> Outcome {
     };
     assert_eq!(pass, got == Outcome::Pass, "{p:?}: a drop is counted");
     got
+}
+
+/// Runs `each` on `cases` random clusters of both kinds, `rounds` versions of each (the
+/// world mutated between them; one class numbering per cluster): (case, round, rng, world,
+/// its snapshots, the numbering).
+pub(super) fn on_random_worlds(
+    cases: u64,
+    rounds: usize,
+    mut each: impl FnMut(u64, usize, &mut SmallRng, &World, &[NodeSnapshot], &mut Classes),
+) {
+    let mut f = Features::default();
+    for case in 0..cases {
+        let mut rng = SmallRng::seed_from_u64(case);
+        let mut world = World::generate(&mut rng, &mut f);
+        let mut classes = Classes::default();
+        for round in 0..rounds {
+            if round > 0 {
+                world.mutate(&mut rng, &mut f, false);
+            }
+            let snaps = Index::build(parse_all(&world.objects())).snapshots();
+            each(case, round, &mut rng, &world, &snaps, &mut classes);
+        }
+    }
+}
+
+/// 400 random packets through `table` (planned as `d` for the node of `snaps[0]`), each
+/// decided as the spec decides it with the IR of `snaps`: what the spec said of each. Skips
+/// the node's own traffic (it never reaches the forward hook) and addresses two endpoints
+/// hold, on any nodes (no single owner to judge them).
+pub(super) fn judged(
+    rng: &mut SmallRng,
+    world: &World,
+    snaps: &[NodeSnapshot],
+    d: &Desired,
+    table: &mut Table,
+    what: &str,
+) -> Vec<Outcome> {
+    let fleet = Fleet::new(snaps);
+    let snap = &snaps[0];
+    let mut owners: std::collections::HashMap<IpAddr, usize> = Default::default();
+    for e in snaps.iter().flat_map(|s| &s.endpoints) {
+        for a in &e.addrs {
+            *owners.entry(*a).or_default() += 1;
+        }
+    }
+    let unambiguous = |a: IpAddr| owners.get(&a).is_none_or(|n| *n == 1);
+    let addrs = world.addresses();
+    let mut out = Vec::new();
+    for _ in 0..400 {
+        let p = random_packet(rng, &d.local, &addrs);
+        if snap.node_addrs.contains(&p.src) || snap.node_addrs.contains(&p.dst) {
+            continue;
+        }
+        if !unambiguous(p.src) || !unambiguous(p.dst) {
+            continue;
+        }
+        let want = spec(&fleet, snap, d, &p);
+        let got = outcome(table, &p);
+        assert_eq!(got, want, "{what}: {p:?}\nlocal: {:?}", d.local);
+        out.push(want);
+    }
+    out
 }
 
 /// A packet aimed at the interesting cases: a pod's own address on its own interface (or
@@ -291,94 +346,63 @@ fn replaced_beside(held: &Table, d: &Desired, epoch: u32, case: u64) {
 /// local pod table's alone) leaves the table a full replacement leaves.
 #[test]
 fn the_table_decides_like_the_spec() {
-    let mut f = Features::default();
     let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
     let mut checked = 0usize;
-    for case in 0..150u64 {
-        let mut rng = SmallRng::seed_from_u64(case);
-        let mut world = World::generate(&mut rng, &mut f);
-        let mut classes = Classes::default();
-        let mut prev: Option<(Desired, Table)> = None;
-        for round in 0..3 {
-            if round > 0 {
-                world.mutate(&mut rng, &mut f, false);
-            }
-            let snaps = Index::build(parse_all(&world.objects())).snapshots();
-            let fleet = Fleet::new(&snaps);
-            let snap = &snaps[0];
-            let mut owners: std::collections::HashMap<IpAddr, usize> = Default::default();
-            for e in snaps.iter().flat_map(|s| &s.endpoints) {
-                for a in &e.addrs {
-                    *owners.entry(*a).or_default() += 1;
-                }
-            }
-            let unambiguous = |a: IpAddr| owners.get(&a).is_none_or(|n| *n == 1);
-            let local = random_local(&mut rng, snap);
-            let budget = if rng.random_bool(0.2) {
-                let whole = desired(snap, &mut Classes::default()).elements();
-                Budget::total(rng.random_range(whole / 2..=whole.max(1)))
-            } else {
-                Budget::UNLIMITED
-            };
-            let d = desired_within(snap, &mut classes, &local, &budget);
-            let mut table = Table::default();
-            table.apply(&full(&d)).expect("a full replacement applies");
-            if let Some((pd, mut pt)) = prev.take() {
-                replaced_beside(&pt, &d, pd.epoch.wrapping_add(1), case);
-                let d2 = Desired {
-                    epoch: pd.epoch,
-                    ..d.clone()
-                };
-                pt.apply(&delta(&pd, &d2)).expect("the delta applies");
-                let mut whole = Table::default();
-                whole.apply(&full(&d2)).unwrap();
-                let diff = pt.differences(&whole);
-                assert!(
-                    diff.is_empty(),
-                    "case {case}: delta {} -> {}: {diff:#?}",
-                    pd.version,
-                    d.version
-                );
-                // The local pod table alone, as `set_local` changes it.
-                let mut moved = d2.clone();
-                moved.local = random_local(&mut rng, snap);
-                pt.apply(&relocal(&moved, &d2.local))
-                    .expect("relocal applies");
-                let mut whole = Table::default();
-                whole.apply(&full(&moved)).unwrap();
-                let diff = pt.differences(&whole);
-                assert!(
-                    diff.is_empty(),
-                    "case {case}: local pod table changed: {diff:#?}"
-                );
-            }
-            let addrs = world.addresses();
-            for _ in 0..400 {
-                let p = random_packet(&mut rng, &d.local, &addrs);
-                // Traffic of the node itself never reaches the forward hook.
-                if snap.node_addrs.contains(&p.src) || snap.node_addrs.contains(&p.dst) {
-                    continue;
-                }
-                // An address two endpoints (on any nodes) hold has no single owner to judge.
-                if !unambiguous(p.src) || !unambiguous(p.dst) {
-                    continue;
-                }
-                let want = spec(&fleet, snap, &d, &p);
-                let got = outcome(&mut table, &p);
-                assert_eq!(
-                    got, want,
-                    "case {case} round {round}: {p:?}\nlocal: {:?}",
-                    d.local
-                );
-                *seen.entry(format!("{want:?}")).or_default() += 1;
-                checked += 1;
-            }
-            if !d.degraded.is_empty() {
-                *seen.entry("degraded".into()).or_default() += 1;
-            }
-            prev = Some((d, table));
+    let mut prev: Option<(Desired, Table)> = None;
+    on_random_worlds(150, 3, |case, round, rng, world, snaps, classes| {
+        if round == 0 {
+            prev = None;
         }
-    }
+        let snap = &snaps[0];
+        let local = random_local(rng, snap);
+        let budget = if rng.random_bool(0.2) {
+            let whole = desired(snap, &mut Classes::default()).elements();
+            Budget::total(rng.random_range(whole / 2..=whole.max(1)))
+        } else {
+            Budget::UNLIMITED
+        };
+        let d = desired_within(snap, classes, &local, &budget);
+        let mut table = Table::default();
+        table.apply(&full(&d)).expect("a full replacement applies");
+        if let Some((pd, mut pt)) = prev.take() {
+            replaced_beside(&pt, &d, pd.epoch.wrapping_add(1), case);
+            let d2 = Desired {
+                epoch: pd.epoch,
+                ..d.clone()
+            };
+            pt.apply(&delta(&pd, &d2)).expect("the delta applies");
+            let mut whole = Table::default();
+            whole.apply(&full(&d2)).unwrap();
+            let diff = pt.differences(&whole);
+            assert!(
+                diff.is_empty(),
+                "case {case}: delta {} -> {}: {diff:#?}",
+                pd.version,
+                d.version
+            );
+            // The local pod table alone, as `set_local` changes it.
+            let mut moved = d2.clone();
+            moved.local = random_local(rng, snap);
+            pt.apply(&relocal(&moved, &d2.local))
+                .expect("relocal applies");
+            let mut whole = Table::default();
+            whole.apply(&full(&moved)).unwrap();
+            let diff = pt.differences(&whole);
+            assert!(
+                diff.is_empty(),
+                "case {case}: local pod table changed: {diff:#?}"
+            );
+        }
+        let what = format!("case {case} round {round}");
+        for want in judged(rng, world, snaps, &d, &mut table, &what) {
+            *seen.entry(format!("{want:?}")).or_default() += 1;
+            checked += 1;
+        }
+        if !d.degraded.is_empty() {
+            *seen.entry("degraded".into()).or_default() += 1;
+        }
+        prev = Some((d, table));
+    });
     eprintln!("{checked} packets; outcomes {seen:?}");
     // Packets per outcome, and rounds (of 450) whose budget cut a rule list.
     for (o, least) in [

@@ -21,7 +21,7 @@ use moat_policy::ir::Action;
 
 use super::{
     addr_class_elems, class_elems, concat, ct, elements, in_epoch, l4proto, lookup, map_decl,
-    payload, port, rule, set_decl,
+    payload, port, range, rule, set_decl,
 };
 
 /// Protocols with ports (TCP, UDP, SCTP). Every other protocol is keyed by the protocol
@@ -87,8 +87,10 @@ fn table_elements(t: &TierTable) -> Vec<(&'static str, Vec<Value>)> {
                 .map(|(k, a)| (k.2, k.3, *a))
                 .collect();
             for (lo, hi, a) in covered(&runs, whole) {
+                // Always a range, one port too: nft 1.0.6 cannot delete a single value from
+                // a concatenated interval set (ENOENT), but deletes `[p, p]`.
                 let key = |with_class: bool| {
-                    let mut k = vec![json!(p), port(lo, hi)];
+                    let mut k = vec![json!(p), range(lo, hi)];
                     if with_class {
                         k.insert(0, json!(c));
                     }
@@ -360,12 +362,7 @@ pub fn with_tiers(d: &Desired, tp: &TierPlan) -> (Desired, TierChains) {
 pub fn stage(d: &Desired, tp: &TierPlan, chains: &TierChains) -> Vec<Value> {
     let e = d.epoch;
     let mut c = ClusterClassMaps::of(d, tp).add(e);
-    let used: std::collections::BTreeSet<&String> = chains
-        .values()
-        .flat_map(|(_, t)| [&t.admin, &t.baseline])
-        .flatten()
-        .collect();
-    for name in used {
+    for name in used_tables(chains) {
         c.extend(add_table(&in_epoch(name, e), &tp.tables[name]));
     }
     for (name, (egress, t)) in chains {
@@ -411,6 +408,113 @@ fn chain_rules(chain: &str, egress: bool, t: &Tiers, epoch: u32) -> Vec<Value> {
     }
     r.push(rule(chain, ends.allow));
     r
+}
+
+/// The tier objects' changes from `old` to `new` (one epoch): (what goes before the local
+/// pod table changes — cluster class map elements, tables added or refilled, tier chains
+/// added — and what goes after it — tier chains, then tables, no longer named).
+pub fn change(
+    (old, old_tp, old_chains): (&Desired, &TierPlan, &TierChains),
+    (new, new_tp, new_chains): (&Desired, &TierPlan, &TierChains),
+) -> (Vec<Value>, Vec<Value>) {
+    use super::map_diff;
+    let e = new.epoch;
+    let name = |n: &str| in_epoch(n, e);
+    let (om, nm) = (
+        ClusterClassMaps::of(old, old_tp),
+        ClusterClassMaps::of(new, new_tp),
+    );
+    let mut added = Vec::new();
+    // Deletions before additions, so intervals never overlap.
+    let (r4, a4) = map_diff(&om.cc4, &nm.cc4);
+    let (r6, a6) = map_diff(&om.cc6, &nm.cc6);
+    added.extend(elements(
+        "delete",
+        &name("cc4"),
+        class_elems(r4.into_iter()),
+    ));
+    added.extend(elements(
+        "delete",
+        &name("cc6"),
+        class_elems(r6.into_iter()),
+    ));
+    added.extend(elements("add", &name("cc4"), class_elems(a4.into_iter())));
+    added.extend(elements("add", &name("cc6"), class_elems(a6.into_iter())));
+    let (r4, a4) = map_diff(&om.ccaddr4, &nm.ccaddr4);
+    let (r6, a6) = map_diff(&om.ccaddr6, &nm.ccaddr6);
+    added.extend(elements(
+        "delete",
+        &name("ccaddr4"),
+        addr_class_elems(r4.into_iter()),
+    ));
+    added.extend(elements(
+        "delete",
+        &name("ccaddr6"),
+        addr_class_elems(r6.into_iter()),
+    ));
+    added.extend(elements(
+        "add",
+        &name("ccaddr4"),
+        addr_class_elems(a4.into_iter()),
+    ));
+    added.extend(elements(
+        "add",
+        &name("ccaddr6"),
+        addr_class_elems(a6.into_iter()),
+    ));
+    let (old_tables, new_tables) = (used_tables(old_chains), used_tables(new_chains));
+    for t in &new_tables {
+        let table = &name(t);
+        match old_tables.contains(t) {
+            false => added.extend(add_table(table, &new_tp.tables[*t])),
+            true => {
+                let (was, now) = (
+                    table_elements(&old_tp.tables[*t]),
+                    table_elements(&new_tp.tables[*t]),
+                );
+                let mut adds = Vec::new();
+                for ((suffix, o), (_, n)) in was.into_iter().zip(now) {
+                    let set = format!("{table}_{suffix}");
+                    let gone: Vec<Value> = o.iter().filter(|x| !n.contains(x)).cloned().collect();
+                    let new: Vec<Value> = n.into_iter().filter(|x| !o.contains(x)).collect();
+                    added.extend(elements("delete", &set, gone));
+                    adds.extend(elements("add", &set, new));
+                }
+                added.extend(adds);
+            }
+        }
+    }
+    for (n, (egress, t)) in new_chains {
+        if !old_chains.contains_key(n) {
+            let chain = name(n);
+            added.push(super::cmd("add", "chain", json!({"name": chain})));
+            added.extend(chain_rules(&chain, *egress, t, e));
+        }
+    }
+    let mut removed: Vec<Value> = old_chains
+        .keys()
+        .filter(|n| !new_chains.contains_key(*n))
+        .map(|n| super::cmd("delete", "chain", json!({"name": name(n)})))
+        .collect();
+    for t in old_tables.difference(&new_tables) {
+        for (set, ty, _) in sets(&name(t)) {
+            removed.push(super::cmd(
+                "delete",
+                "set",
+                json!({"name": set, "type": ty}),
+            ));
+        }
+    }
+    (added, removed)
+}
+
+/// The tables some tier chain uses.
+fn used_tables(chains: &TierChains) -> std::collections::BTreeSet<&String> {
+    chains
+        .values()
+        .flat_map(|(_, t)| [&t.admin, &t.baseline])
+        .flatten()
+        .collect()
 }
 
 #[cfg(test)]

@@ -8,8 +8,13 @@ use serde_json::{Value, json};
 use moat_dataplane::plan::tier_tables::TierTable;
 use moat_policy::ir::Action;
 
+use moat_dataplane::plan::tier_tables::tier_plan;
+use moat_dataplane::plan::{Classes, addresses};
+use moat_policy::ir::Tier;
+
 use super::super::interp::{Packet, Table};
-use super::super::{cmd, map_decl, payload, rule};
+use super::super::tests::{Outcome, judged, on_random_worlds, random_local};
+use super::super::{cmd, delta_tiers, full_tiers, map_decl, payload, rule};
 use super::*;
 
 const ACTIONS: [Action; 3] = [Action::Allow, Action::Deny, Action::Pass];
@@ -124,14 +129,7 @@ fn expected(
 }
 
 fn ended(t: &mut Table, p: &Packet) -> String {
-    let before = t.counters.clone();
-    t.run(p);
-    let moved: Vec<&String> = t
-        .counters
-        .iter()
-        .filter(|(k, v)| before.get(*k) != Some(*v))
-        .map(|(k, _)| k)
-        .collect();
+    let (_, moved) = t.run_counted(p);
     assert_eq!(moved.len(), 1, "{p:?}: {moved:?}");
     moved[0].clone()
 }
@@ -200,18 +198,9 @@ fn tier_blocks_decide_like_the_tables() {
 /// addresses overriding their ranges, to class 0 too).
 #[test]
 fn cluster_class_maps_classify_like_the_plan() {
-    use moat_dataplane::plan::tier_tables::tier_plan;
-    use moat_dataplane::plan::{Classes, addresses};
-    use moat_policy::Index;
-    use moat_policy::testkit::parse_all;
-    use moat_policy::testkit::random::{Features, World};
-    let mut f = Features::default();
     let (mut checked, mut nonzero, mut overridden) = (0usize, 0usize, 0usize);
-    for case in 0..80u64 {
-        let mut rng = SmallRng::seed_from_u64(case);
-        let world = World::generate(&mut rng, &mut f);
-        let snaps = Index::build(parse_all(&world.objects())).snapshots();
-        for snap in &snaps {
+    on_random_worlds(80, 1, |case, _, _, world, snaps, _| {
+        for snap in snaps {
             let mut classes = Classes::default();
             let d = addresses(snap, &mut classes);
             let tp = tier_plan(snap, &d, &classes);
@@ -251,7 +240,7 @@ fn cluster_class_maps_classify_like_the_plan() {
                 overridden += usize::from(single && d.range_class_at(a).is_some());
             }
         }
-    }
+    });
     eprintln!(
         "{checked} addresses, {nonzero} in a cluster class, {overridden} singles over a range"
     );
@@ -267,63 +256,29 @@ fn cluster_class_maps_classify_like_the_plan() {
 /// final, Pass on to the NetworkPolicy ruleset where one isolates, else to Baseline.
 #[test]
 fn the_tier_layout_decides_like_the_spec() {
-    use super::super::full_tiers;
-    use super::super::tests::{Outcome, outcome, random_local, random_packet, spec};
-    use moat_dataplane::plan::tier_tables::tier_plan;
-    use moat_dataplane::plan::{Classes, addresses};
-    use moat_policy::Index;
-    use moat_policy::ir::Tier;
-    use moat_policy::ir::sim::Fleet;
-    use moat_policy::testkit::parse_all;
-    use moat_policy::testkit::random::{Features, World};
-    let mut f = Features::default();
     let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
     let mut checked = 0usize;
-    for case in 0..120u64 {
-        let mut rng = SmallRng::seed_from_u64(case);
-        let mut world = World::generate(&mut rng, &mut f);
-        let mut classes = Classes::default();
-        for round in 0..2 {
-            if round > 0 {
-                world.mutate(&mut rng, &mut f, false);
-            }
-            let snaps = Index::build(parse_all(&world.objects())).snapshots();
-            let fleet = Fleet::new(&snaps);
-            let snap = &snaps[0];
-            let mut owners: std::collections::HashMap<IpAddr, usize> = Default::default();
-            for e in snaps.iter().flat_map(|s| &s.endpoints) {
-                for a in &e.addrs {
-                    *owners.entry(*a).or_default() += 1;
-                }
-            }
-            let unambiguous = |a: IpAddr| owners.get(&a).is_none_or(|n| *n == 1);
-            let mut d = addresses(snap, &mut classes);
-            d.local = random_local(&mut rng, snap);
-            d.epoch = rng.random();
-            let tp = tier_plan(snap, &d, &classes);
-            let tiered = snap.rules.iter().any(|r| r.tier != Tier::NetworkPolicy);
-            let mut table = Table::default();
-            table
-                .apply(&full_tiers(&d, &tp))
-                .unwrap_or_else(|e| panic!("case {case}: {e}"));
-            let addrs = world.addresses();
-            for _ in 0..400 {
-                let p = random_packet(&mut rng, &d.local, &addrs);
-                if snap.node_addrs.contains(&p.src) || snap.node_addrs.contains(&p.dst) {
-                    continue;
-                }
-                if !unambiguous(p.src) || !unambiguous(p.dst) {
-                    continue;
-                }
-                let want = spec(&fleet, snap, &d, &p);
-                let got = outcome(&mut table, &p);
-                assert_eq!(got, want, "case {case} round {round}: {p:?}");
-                let kind = if tiered { "tiered" } else { "np" };
-                *seen.entry(format!("{kind} {want:?}")).or_default() += 1;
-                checked += 1;
-            }
+    on_random_worlds(120, 2, |case, round, rng, world, snaps, classes| {
+        let snap = &snaps[0];
+        let mut d = addresses(snap, classes);
+        d.local = random_local(rng, snap);
+        d.epoch = rng.random();
+        let tp = tier_plan(snap, &d, classes);
+        let kind = if snap.rules.iter().any(|r| r.tier != Tier::NetworkPolicy) {
+            "tiered"
+        } else {
+            "np"
+        };
+        let mut table = Table::default();
+        table
+            .apply(&full_tiers(&d, &tp))
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        let what = format!("case {case} round {round}");
+        for want in judged(rng, world, snaps, &d, &mut table, &what) {
+            *seen.entry(format!("{kind} {want:?}")).or_default() += 1;
+            checked += 1;
         }
-    }
+    });
     eprintln!("{checked} packets; {seen:?}");
     for o in [Outcome::Pass, Outcome::Denied] {
         for kind in ["tiered", "np"] {
@@ -331,4 +286,50 @@ fn the_tier_layout_decides_like_the_spec() {
             assert!(n > 1000, "too few {kind} {o:?}: {seen:?}");
         }
     }
+}
+
+/// A layout-7 delta turns the table of one version into exactly the full table of the next
+/// (one epoch), in an order the kernel takes: nothing deleted while a rule or the local pod
+/// table still names it, nothing named before it exists.
+#[test]
+fn tier_deltas_equal_full_tables() {
+    let (mut deltas, mut chains_moved, mut tables_refilled) = (0usize, 0usize, 0usize);
+    let (mut prev, mut epoch) = (None, 0u32);
+    on_random_worlds(120, 4, |case, round, rng, _, snaps, classes| {
+        if round == 0 {
+            (prev, epoch) = (None, rng.random());
+        }
+        let snap = &snaps[0];
+        let mut d = addresses(snap, classes);
+        d.local = random_local(rng, snap);
+        d.epoch = epoch;
+        let tp = tier_plan(snap, &d, classes);
+        let mut whole = Table::default();
+        whole
+            .apply(&full_tiers(&d, &tp))
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        if let Some((pd, ptp, mut table)) = prev.take() {
+            let batch = delta_tiers((&pd, &ptp), (&d, &tp));
+            let touched = |verb: &str, kind: &str, table_set: bool| {
+                batch.iter().any(|c| {
+                    c[verb][kind]["name"]
+                        .as_str()
+                        .is_some_and(|n| !table_set || n.starts_with('A') || n.starts_with('B'))
+                })
+            };
+            chains_moved += usize::from(touched("delete", "chain", false));
+            tables_refilled +=
+                usize::from(touched("delete", "element", true) || touched("add", "element", true));
+            Table::apply(&mut table, &batch)
+                .unwrap_or_else(|e| panic!("case {case} round {round}: {e}"));
+            let diff = table.differences(&whole);
+            assert!(diff.is_empty(), "case {case} round {round}: {diff:#?}");
+            deltas += 1;
+        }
+        prev = Some((d, tp, whole));
+    });
+    eprintln!(
+        "{deltas} deltas; {chains_moved} deleted a chain, {tables_refilled} named a table's sets"
+    );
+    assert!(deltas > 300 && chains_moved > 30 && tables_refilled > 30);
 }
