@@ -729,11 +729,90 @@ impl Peer {
     }
 
     /// Moves the calling thread into this namespace.
+    /// Moves the calling thread into this namespace.
     fn enter(&self) {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter_ns(&self.0);
     }
+
+    /// Runs `f` on a thread inside this namespace.
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.0.clone();
+        std::thread::spawn(move || {
+            enter_ns(&ns);
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn listen_tcp(&self, port: u16) -> std::net::TcpListener {
+        self.within(move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())
+    }
+
+    fn bind_udp(&self, port: u16) -> std::net::UdpSocket {
+        self.within(move || {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .unwrap();
+            s
+        })
+    }
+
+    /// Whether a TCP connection from here to `dst:port` is set up within a second.
+    fn tcp_connects(&self, dst: IpAddr, port: u16) -> bool {
+        self.within(move || {
+            let to = std::net::SocketAddr::new(dst, port);
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(1)).is_ok()
+        })
+    }
+
+    /// Whether a datagram from here to `dst:port` reaches `at` (bound there) within a second.
+    fn udp_arrives(&self, dst: IpAddr, port: u16, at: &std::net::UdpSocket) -> bool {
+        let token: [u8; 8] = rand::random();
+        self.within(move || {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+            s.send_to(&token, (dst, port)).unwrap();
+        });
+        let mut buf = [0u8; 64];
+        matches!(at.recv_from(&mut buf), Ok((8, _)) if buf[..8] == token)
+    }
+
+    /// Whether an ICMP echo request from here to `dst` is answered within a second.
+    fn echo_answered(&self, dst: IpAddr) -> bool {
+        use socket2::{Domain, Protocol, Socket, Type};
+        self.within(move || {
+            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .unwrap();
+            let (id, seq): (u16, u16) = (rand::random(), 1);
+            let req = moat_harness::icmp::echo_request(false, id, seq);
+            s.send_to(&req, &std::net::SocketAddr::new(dst, 0).into())
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+            while std::time::Instant::now() < deadline {
+                let Ok(n) = s.recv(&mut buf) else {
+                    return false;
+                };
+                // SAFETY: `recv` initialised the first `n` bytes.
+                let p: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let ihl = usize::from(p[0] & 0x0f) * 4;
+                if moat_harness::icmp::parse_reply(false, &p[ihl..]) == Some((id, seq)) {
+                    return true;
+                }
+            }
+            false
+        })
+    }
+}
+
+fn enter_ns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
 }
 
 impl Drop for Peer {
@@ -1204,6 +1283,124 @@ fn an_untracked_packet_never_skips_its_class_deny() {
         drop(lab);
         nft_run("delete table ip lab");
     }
+}
+
+/// Layout 7 (rendered by `render::full_tiers`, not yet the backend's) on real packets: pod
+/// x/a's ingress from pod y/b under an Admin policy (Pass TCP 8080, Pass TCP 9090, Accept
+/// UDP 53, Deny TCP 8000-8100, Deny everything else) and a Baseline one (Deny TCP
+/// 9000-9999). Pass to a Baseline that denies nothing there allows; Pass to its Deny
+/// denies; the Accept holds over the last Deny; the range Deny, the port-less Deny (UDP,
+/// ICMP) deny — each as the IR decides.
+#[test]
+fn the_tier_layout_decides_on_packets() {
+    use moat_dataplane::plan::tier_tables::tier_plan;
+    use moat_dataplane::plan::{Classes, addresses};
+    use moat_policy::ir::sim::{Fleet, Packet as SimPacket};
+    use moat_policy::model::K8sObject;
+    use serde_json::json;
+    if !netns::inside("the_tier_layout_decides_on_packets") {
+        return;
+    }
+    let mut objects = lab_cluster();
+    let from_y = json!([{"namespaces": {"matchLabels": {"ns": "y"}}}]);
+    let tcp =
+        |a: u16, b: u16| json!([{"tcp": {"destinationPort": {"range": {"start": a, "end": b}}}}]);
+    let one = |proto: &str, p: u16| json!([{ proto: {"destinationPort": {"number": p}} }]);
+    for (name, tier, rules) in [
+        (
+            "tiers-lab",
+            "Admin",
+            json!([
+                {"name": "pass-8080", "action": "Pass", "from": from_y, "protocols": one("tcp", 8080)},
+                {"name": "pass-9090", "action": "Pass", "from": from_y, "protocols": one("tcp", 9090)},
+                {"name": "dns", "action": "Accept", "from": from_y, "protocols": one("udp", 53)},
+                {"name": "range", "action": "Deny", "from": from_y, "protocols": tcp(8000, 8100)},
+                {"name": "rest", "action": "Deny", "from": from_y},
+            ]),
+        ),
+        (
+            "tiers-lab-base",
+            "Baseline",
+            json!([{"name": "nines", "action": "Deny", "from": [{"namespaces": {}}], "protocols": tcp(9000, 9999)}]),
+        ),
+    ] {
+        objects.push(K8sObject::ClusterNetworkPolicy(
+            serde_json::from_value(json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": name},
+                "spec": {"tier": tier, "priority": 10,
+                         "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+                         "ingress": rules},
+            }))
+            .unwrap(),
+        ));
+    }
+    let snaps = Index::build(parse_all(&objects)).snapshots();
+    let fleet = Fleet::new(&snaps);
+    let snap = snaps.iter().find(|s| s.node == "n0").unwrap().clone();
+    let lab = Lab::with([snap.clone(), snap.clone()], true, false);
+    let mut classes = Classes::default();
+    let mut d = addresses(&snap, &mut classes);
+    d.local = lab.local.clone();
+    d.epoch = rand::random();
+    let tp = tier_plan(&snap, &d, &classes);
+    assert_eq!(tp.tables.len(), 2, "an Admin and a Baseline table");
+    let lock = TxLock::acquire(&lab.lock, nft::LOCK_WAIT_DEFAULT).unwrap();
+    nft::apply(&lock, render::full_tiers(&d, &tp)).unwrap();
+
+    let (client, server): (IpAddr, IpAddr) =
+        ("10.0.1.2".parse().unwrap(), "10.0.2.2".parse().unwrap());
+    let probes: [(u8, u16, bool); 7] = [
+        (6, 8080, true),
+        (6, 9090, false),
+        (17, 53, true),
+        (6, 8081, false),
+        (6, 7000, false),
+        (17, 5000, false),
+        (1, 0, false),
+    ];
+    let listeners: Vec<std::thread::JoinHandle<()>> = probes
+        .iter()
+        .filter(|(proto, ..)| *proto == 6)
+        .map(|&(_, port, _)| {
+            let l = lab.server.listen_tcp(port);
+            std::thread::spawn(move || while l.accept().is_ok() {})
+        })
+        .collect();
+    let udp: Vec<(u16, std::net::UdpSocket)> = probes
+        .iter()
+        .filter(|(proto, ..)| *proto == 17)
+        .map(|&(_, port, _)| (port, lab.server.bind_udp(port)))
+        .collect();
+    let denied = nft::counters()["denied"];
+    for (proto, port, allowed) in probes {
+        let ir = fleet.ingress_allows(&SimPacket {
+            src: client,
+            dst: server,
+            proto,
+            port,
+        });
+        assert_eq!(
+            ir, allowed,
+            "the IR decides {proto}/{port} otherwise than the test says"
+        );
+        let got = match proto {
+            6 => lab.client.tcp_connects(server, port),
+            17 => {
+                let s = &udp.iter().find(|(p, _)| *p == port).unwrap().1;
+                lab.client.udp_arrives(server, port, s)
+            }
+            _ => lab.client.echo_answered(server),
+        };
+        assert_eq!(got, allowed, "protocol {proto} port {port} on packets");
+    }
+    let dropped = nft::counters()["denied"] - denied;
+    assert!(
+        dropped >= 5,
+        "the denied probes were Moat's drops ({dropped})"
+    );
+    drop(listeners);
 }
 
 /// Conntrack entries in this namespace (the lab's flood is its only traffic).
