@@ -214,7 +214,11 @@ fn tier_plan_only(node: &Node) -> String {
         .keys()
         .filter(|a| d.class_at(**a).is_none())
         .count();
-    format!(
+    let nft = match nft_layout7(node, &mut classes) {
+        Ok(line) => line,
+        Err(e) => format!("nft's rendering of it could not be measured: {e:#}\n\n"),
+    };
+    nft + &format!(
         "Layout 7's tier plan (`plan::addresses` + `plan::tier_tables::tier_plan`, not yet taken by a dataplane): {:.2} s ({:.2} s of it the address maps); {} cluster classes ({} addresses with named ports of their own, {extra} of them in no address class), {} tier tables holding {} entries ({prefixes} as port prefixes), {} NetworkPolicy rulesets holding {np} entries, {} address entries, {} range entries. One-pod delta ({}), address maps and tier plan patched in place: {:.3} ms median of {} ({born} cluster classes born).\n\n",
         took.as_secs_f64(),
         laid.as_secs_f64(),
@@ -229,6 +233,87 @@ fn tier_plan_only(node: &Node) -> String {
         ms(median(took_delta.clone())),
         took_delta.len(),
     )
+}
+
+/// Layout 7 rendered for nft (`render::full_tiers`, `render::delta_tiers`; not yet the
+/// backend's) and committed in this namespace's kernel: the full table, then one-pod
+/// deltas (planned whole each time, as the backend does not patch this layout yet), against
+/// the floor of one `nft` transaction adding as many elements to one plain set.
+fn nft_layout7(node: &Node, classes: &mut moat_dataplane::plan::Classes) -> Result<String> {
+    use moat_dataplane::plan::addresses;
+    use moat_dataplane::plan::tier_tables::tier_plan;
+    use moat_enforcer_nft::{nft, render};
+    let dir = tempfile::tempdir()?;
+    let lock = nft::TxLock::acquire(&dir.path().join("lock"), nft::LOCK_WAIT_DEFAULT)?;
+    let local = local_pods(&node.base, 0);
+    let epoch = 7;
+    let plan = |snap: &NodeSnapshot, classes: &mut moat_dataplane::plan::Classes| {
+        let mut d = addresses(snap, classes);
+        d.local = local.clone();
+        d.epoch = epoch;
+        let tp = tier_plan(snap, &d, classes);
+        (d, tp)
+    };
+    let count = |cmds: &[serde_json::Value]| -> usize {
+        cmds.iter()
+            .filter_map(|c| c["add"]["element"]["elem"].as_array())
+            .map(Vec::len)
+            .sum()
+    };
+    let (d, tp) = plan(&node.base, classes);
+    let t = Instant::now();
+    let full = render::full_tiers(&d, &tp);
+    let rendered = t.elapsed();
+    let elements = count(&full);
+    let t = Instant::now();
+    nft::apply(&lock, full)?;
+    let applied = t.elapsed();
+    // The floor: as many elements into one plain set, one transaction.
+    let floor = {
+        let elems: Vec<u32> = (1..=elements as u32).collect();
+        let batch = serde_json::json!([
+            {"add": {"table": {"family": "inet", "name": "floor"}}},
+            {"add": {"set": {"family": "inet", "table": "floor", "name": "s", "type": "mark"}}},
+            {"add": {"element": {"family": "inet", "table": "floor", "name": "s", "elem": elems}}},
+        ]);
+        let t = Instant::now();
+        nft::apply(&lock, batch.as_array().expect("a batch").clone())?;
+        let took = t.elapsed();
+        nft::apply(
+            &lock,
+            vec![serde_json::json!({"delete": {"table": {"family": "inet", "name": "floor"}}})],
+        )?;
+        took
+    };
+    let pair = &node.pairs[0];
+    let (mut cur, mut deltas, mut sizes) = ((d, tp), Vec::new(), Vec::new());
+    for i in 0..10 {
+        let to = if i % 2 == 0 {
+            &pair.with
+        } else {
+            &pair.without
+        };
+        let t = Instant::now();
+        let next = plan(to, classes);
+        let batch = render::delta_tiers((&cur.0, &cur.1), (&next.0, &next.1));
+        sizes.push(batch.len());
+        nft::apply(&lock, batch)?;
+        deltas.push(t.elapsed());
+        cur = next;
+    }
+    nft::delete_table(&lock)?;
+    Ok(format!(
+        "nft, layout 7 rendered (`render::full_tiers`, not yet the backend's) and committed: {elements} elements rendered in {:.1} ms, applied in {:.0} ms against {:.0} ms for as many elements in one plain set ({:.2}×); one-pod delta ({}), planned whole, rendered and committed: {:.1} ms median of {} ({}–{} commands).\n\n",
+        rendered.as_secs_f64() * 1e3,
+        applied.as_secs_f64() * 1e3,
+        floor.as_secs_f64() * 1e3,
+        applied.as_secs_f64() / floor.as_secs_f64(),
+        pair.what,
+        ms(median(deltas.clone())),
+        deltas.len(),
+        sizes.iter().min().unwrap_or(&0),
+        sizes.iter().max().unwrap_or(&0),
+    ))
 }
 
 /// The plan of the largest node alone (no backend): how long, and what it holds.
