@@ -281,6 +281,40 @@ fn map_diff<'a, K: Ord, V: PartialEq>(
     (removed, added)
 }
 
+/// One set of address maps of an epoch: intervals (v4, v6) and single addresses (v4, v6)
+/// → a class number.
+type AddressMaps<'a> = (
+    &'a BTreeMap<(std::net::Ipv4Addr, std::net::Ipv4Addr), u32>,
+    &'a BTreeMap<(std::net::Ipv6Addr, std::net::Ipv6Addr), u32>,
+    &'a BTreeMap<std::net::Ipv4Addr, u32>,
+    &'a BTreeMap<std::net::Ipv6Addr, u32>,
+);
+
+/// The element changes from `old` to `new` of the address maps named `names` (in `epoch`;
+/// the order of [`AddressMaps`]): the class maps' and the cluster class maps' alike.
+fn address_maps_change(
+    names: [&str; 4],
+    epoch: u32,
+    old: AddressMaps<'_>,
+    new: AddressMaps<'_>,
+) -> Vec<Value> {
+    let [i4, i6, s4, s6] = names.map(|n| in_epoch(n, epoch));
+    let mut c = Vec::new();
+    let (r4, a4) = map_diff(old.0, new.0);
+    let (r6, a6) = map_diff(old.1, new.1);
+    c.extend(elements("delete", &i4, class_elems(r4.into_iter())));
+    c.extend(elements("delete", &i6, class_elems(r6.into_iter())));
+    c.extend(elements("add", &i4, class_elems(a4.into_iter())));
+    c.extend(elements("add", &i6, class_elems(a6.into_iter())));
+    let (r4, a4) = map_diff(old.2, new.2);
+    let (r6, a6) = map_diff(old.3, new.3);
+    c.extend(elements("delete", &s4, addr_class_elems(r4.into_iter())));
+    c.extend(elements("delete", &s6, addr_class_elems(r6.into_iter())));
+    c.extend(elements("add", &s4, addr_class_elems(a4.into_iter())));
+    c.extend(elements("add", &s6, addr_class_elems(a6.into_iter())));
+    c
+}
+
 /// The commands that turn `old` (what the table holds) into `new`, as one transaction.
 pub fn delta(old: &Desired, new: &Desired) -> Vec<Value> {
     delta_spliced(old, new, Vec::new(), Vec::new())
@@ -321,20 +355,12 @@ fn delta_spliced(
         }
     }
     // Deletions before additions everywhere, so intervals never overlap transiently.
-    let (r4, a4) = map_diff(&old.class4, &new.class4);
-    let (r6, a6) = map_diff(&old.class6, &new.class6);
-    let (class4, class6) = (in_epoch("class4", e), in_epoch("class6", e));
-    c.extend(elements("delete", &class4, class_elems(r4.into_iter())));
-    c.extend(elements("delete", &class6, class_elems(r6.into_iter())));
-    c.extend(elements("add", &class4, class_elems(a4.into_iter())));
-    c.extend(elements("add", &class6, class_elems(a6.into_iter())));
-    let (r4, a4) = map_diff(&old.addr4, &new.addr4);
-    let (r6, a6) = map_diff(&old.addr6, &new.addr6);
-    let (addr4, addr6) = (in_epoch("addr4", e), in_epoch("addr6", e));
-    c.extend(elements("delete", &addr4, addr_class_elems(r4.into_iter())));
-    c.extend(elements("delete", &addr6, addr_class_elems(r6.into_iter())));
-    c.extend(elements("add", &addr4, addr_class_elems(a4.into_iter())));
-    c.extend(elements("add", &addr6, addr_class_elems(a6.into_iter())));
+    c.extend(address_maps_change(
+        ["class4", "class6", "addr4", "addr6"],
+        e,
+        (&old.class4, &old.class6, &old.addr4, &old.addr6),
+        (&new.class4, &new.class6, &new.addr4, &new.addr6),
+    ));
     c.extend(added);
     c.extend(base::change_local(
         &LocalTable::of(old),

@@ -417,51 +417,19 @@ pub fn change(
     (old, old_tp, old_chains): (&Desired, &TierPlan, &TierChains),
     (new, new_tp, new_chains): (&Desired, &TierPlan, &TierChains),
 ) -> (Vec<Value>, Vec<Value>) {
-    use super::map_diff;
     let e = new.epoch;
     let name = |n: &str| in_epoch(n, e);
     let (om, nm) = (
         ClusterClassMaps::of(old, old_tp),
         ClusterClassMaps::of(new, new_tp),
     );
-    let mut added = Vec::new();
     // Deletions before additions, so intervals never overlap.
-    let (r4, a4) = map_diff(&om.cc4, &nm.cc4);
-    let (r6, a6) = map_diff(&om.cc6, &nm.cc6);
-    added.extend(elements(
-        "delete",
-        &name("cc4"),
-        class_elems(r4.into_iter()),
-    ));
-    added.extend(elements(
-        "delete",
-        &name("cc6"),
-        class_elems(r6.into_iter()),
-    ));
-    added.extend(elements("add", &name("cc4"), class_elems(a4.into_iter())));
-    added.extend(elements("add", &name("cc6"), class_elems(a6.into_iter())));
-    let (r4, a4) = map_diff(&om.ccaddr4, &nm.ccaddr4);
-    let (r6, a6) = map_diff(&om.ccaddr6, &nm.ccaddr6);
-    added.extend(elements(
-        "delete",
-        &name("ccaddr4"),
-        addr_class_elems(r4.into_iter()),
-    ));
-    added.extend(elements(
-        "delete",
-        &name("ccaddr6"),
-        addr_class_elems(r6.into_iter()),
-    ));
-    added.extend(elements(
-        "add",
-        &name("ccaddr4"),
-        addr_class_elems(a4.into_iter()),
-    ));
-    added.extend(elements(
-        "add",
-        &name("ccaddr6"),
-        addr_class_elems(a6.into_iter()),
-    ));
+    let mut added = super::address_maps_change(
+        ["cc4", "cc6", "ccaddr4", "ccaddr6"],
+        e,
+        (&om.cc4, &om.cc6, &om.ccaddr4, &om.ccaddr6),
+        (&nm.cc4, &nm.cc6, &nm.ccaddr4, &nm.ccaddr6),
+    );
     let (old_tables, new_tables) = (used_tables(old_chains), used_tables(new_chains));
     for t in &new_tables {
         let table = &name(t);
